@@ -1,0 +1,31 @@
+//! patina-core: the sans-IO heart of Patina.
+//!
+//! Everything here is deterministic and free of I/O: no sockets, no SQLite, no clock, no global
+//! randomness. The engine drives it with real I/O; the simulator and the model checker drive the
+//! same code in memory.
+//!
+//! Modules:
+//! - [`ids`]: newtypes for site ids, db versions, column versions, causal lengths, sequence numbers.
+//! - [`value`]: SQLite values and their total order (the merge tie-break).
+//! - [`pk`]: canonical packing of primary-key tuples into bytes.
+//! - [`change`]: changes and changesets, identified by (author site, author db_version).
+//! - [`merge`]: the merge rule ([`merge::decide`]) and the per-row clock it updates.
+//! - [`versions`]: per-site bookkeeping of applied versions as compact range sets; needs, heads.
+//! - [`wire`]: compact binary encoding of changesets and a bounded decoder for untrusted bytes.
+//! - [`validate`]: structural checks of a remote changeset before it reaches a store.
+
+pub mod change;
+pub mod ids;
+pub mod merge;
+pub mod pk;
+pub mod validate;
+pub mod value;
+pub mod versions;
+pub mod wire;
+
+pub use change::{Change, Changeset, ChangesetId, Column};
+pub use ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
+pub use merge::{decide, CellClock, Incoming, LocalRow, MergeDecision, Origin, RowClock};
+pub use pk::PackedPk;
+pub use value::Value;
+pub use versions::{Bookkeeping, RangeSet, SiteVersions};

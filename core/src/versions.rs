@@ -1,0 +1,301 @@
+//! Per-site version bookkeeping: which changesets of each site this replica has applied, the
+//! highest it has heard of, and which are known to be cleared. Needs are the gaps.
+//!
+//! Versions are kept as compact range sets: after convergence a site's applied set is a single
+//! range `1..=head`, however many versions it wrote.
+
+use std::collections::BTreeMap;
+
+use crate::change::ChangesetId;
+use crate::ids::{DbVersion, SiteId};
+
+/// A set of u64 stored as disjoint, non-adjacent inclusive ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct RangeSet {
+    /// start -> end (inclusive). Invariant: ranges are disjoint and never touch.
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// The empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True if `v` is in the set.
+    pub fn contains(&self, v: u64) -> bool {
+        self.ranges
+            .range(..=v)
+            .next_back()
+            .is_some_and(|(_, &end)| end >= v)
+    }
+
+    /// Adds one value. Returns false if it was already present.
+    pub fn insert(&mut self, v: u64) -> bool {
+        if self.contains(v) {
+            return false;
+        }
+        self.insert_range(v, v);
+        true
+    }
+
+    /// Adds every value of `start..=end` (nothing if start > end).
+    pub fn insert_range(&mut self, mut start: u64, mut end: u64) {
+        if start > end {
+            return;
+        }
+        // Absorb a range that starts before us and reaches us (or touches us).
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
+            if e.saturating_add(1) >= start {
+                start = s;
+                end = end.max(e);
+                self.ranges.remove(&s);
+            }
+        }
+        // Absorb every range that starts inside us or right after us.
+        loop {
+            let next = self
+                .ranges
+                .range(start..)
+                .next()
+                .map(|(&s, &e)| (s, e))
+                .filter(|&(s, _)| s <= end.saturating_add(1));
+            match next {
+                Some((s, e)) => {
+                    end = end.max(e);
+                    self.ranges.remove(&s);
+                }
+                None => break,
+            }
+        }
+        self.ranges.insert(start, end);
+    }
+
+    /// The ranges, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&s, &e)| (s, e))
+    }
+
+    /// Number of ranges (a measure of fragmentation, not of values).
+    pub fn range_count(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// True if empty.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Largest value, if any.
+    pub fn max(&self) -> Option<u64> {
+        self.ranges.values().next_back().copied()
+    }
+
+    /// Number of values.
+    pub fn count(&self) -> u64 {
+        self.iter().map(|(s, e)| e - s + 1).sum()
+    }
+
+    /// The ranges of `start..=end` that are NOT in the set.
+    pub fn gaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        if start > end {
+            return gaps;
+        }
+        let mut cursor = start;
+        // A range that starts before `start` may cover its beginning.
+        let first = self
+            .ranges
+            .range(..start)
+            .next_back()
+            .map(|(&s, &e)| (s, e));
+        for (s, e) in first
+            .into_iter()
+            .chain(self.iter().filter(|&(s, _)| s >= start))
+        {
+            if s > end {
+                break;
+            }
+            if s > cursor {
+                gaps.push((cursor, s - 1));
+            }
+            if e >= cursor {
+                match e.checked_add(1) {
+                    Some(next) => cursor = next,
+                    None => return gaps,
+                }
+            }
+            if cursor > end {
+                return gaps;
+            }
+        }
+        if cursor <= end {
+            gaps.push((cursor, end));
+        }
+        gaps
+    }
+}
+
+/// What one replica knows of one site's changesets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct SiteVersions {
+    /// Versions applied here (their changes merged, or known cleared).
+    pub applied: RangeSet,
+    /// Applied versions known to hold no live change (all overwritten). Subset of `applied`.
+    pub cleared: RangeSet,
+    /// Highest version of this site heard of (applied or announced). At least `applied.max()`.
+    pub head: DbVersion,
+}
+
+impl SiteVersions {
+    /// Versions in `1..=head` not applied yet.
+    pub fn needs(&self) -> Vec<(u64, u64)> {
+        self.applied.gaps(1, self.head.get())
+    }
+}
+
+/// Version bookkeeping for every site this replica knows, its own included.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Bookkeeping {
+    sites: BTreeMap<SiteId, SiteVersions>,
+}
+
+impl Bookkeeping {
+    /// Empty bookkeeping.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True if the changeset was applied here.
+    pub fn contains(&self, id: ChangesetId) -> bool {
+        self.sites
+            .get(&id.site)
+            .is_some_and(|s| s.applied.contains(id.version.get()))
+    }
+
+    /// Records that a changeset was applied. Returns false if it already was.
+    pub fn mark_applied(&mut self, id: ChangesetId) -> bool {
+        let site = self.sites.entry(id.site).or_default();
+        site.head = site.head.max(id.version);
+        site.applied.insert(id.version.get())
+    }
+
+    /// Records that a changeset was applied and holds no live change.
+    pub fn mark_cleared(&mut self, id: ChangesetId) {
+        self.mark_applied(id);
+        if let Some(site) = self.sites.get_mut(&id.site) {
+            site.cleared.insert(id.version.get());
+        }
+    }
+
+    /// Records that `site` has reached at least `version` (e.g. from a peer's heads).
+    pub fn heard(&mut self, site: SiteId, version: DbVersion) {
+        let entry = self.sites.entry(site).or_default();
+        entry.head = entry.head.max(version);
+    }
+
+    /// One site's state.
+    pub fn site(&self, site: &SiteId) -> Option<&SiteVersions> {
+        self.sites.get(site)
+    }
+
+    /// Replaces one site's state (used when loading from disk).
+    pub fn set_site(&mut self, site: SiteId, versions: SiteVersions) {
+        self.sites.insert(site, versions);
+    }
+
+    /// Every site, in site order.
+    pub fn iter(&self) -> impl Iterator<Item = (&SiteId, &SiteVersions)> {
+        self.sites.iter()
+    }
+
+    /// Every site's head.
+    pub fn heads(&self) -> BTreeMap<SiteId, DbVersion> {
+        self.sites.iter().map(|(s, v)| (*s, v.head)).collect()
+    }
+
+    /// Every site's needs, sites without needs left out.
+    pub fn needs(&self) -> BTreeMap<SiteId, Vec<(u64, u64)>> {
+        self.sites
+            .iter()
+            .map(|(s, v)| (*s, v.needs()))
+            .filter(|(_, n)| !n.is_empty())
+            .collect()
+    }
+
+    /// Number of versions missing over all sites.
+    pub fn gap_count(&self) -> u64 {
+        self.sites
+            .values()
+            .flat_map(|v| v.needs())
+            .map(|(s, e)| e - s + 1)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn ranges_merge_and_gaps() {
+        let mut set = RangeSet::new();
+        set.insert(5);
+        set.insert(3);
+        set.insert(4);
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![(3, 5)]);
+        set.insert_range(8, 10);
+        assert_eq!(set.gaps(1, 12), vec![(1, 2), (6, 7), (11, 12)]);
+        set.insert_range(1, 20);
+        assert_eq!(set.range_count(), 1);
+        assert!(set.gaps(1, 20).is_empty());
+        assert!(!set.insert(7));
+        set.insert(u64::MAX);
+        assert!(set.contains(u64::MAX));
+        assert_eq!(set.gaps(19, u64::MAX), vec![(21, u64::MAX - 1)]);
+    }
+
+    #[test]
+    fn needs_are_gaps_below_head() {
+        let site = SiteId([9; 16]);
+        let mut book = Bookkeeping::new();
+        let id = |v| ChangesetId {
+            site,
+            version: DbVersion(v),
+        };
+        book.mark_applied(id(1));
+        book.mark_applied(id(4));
+        book.heard(site, DbVersion(6));
+        assert_eq!(book.site(&site).unwrap().needs(), vec![(2, 3), (5, 6)]);
+        assert_eq!(book.gap_count(), 4);
+        book.mark_cleared(id(2));
+        assert!(book.contains(id(2)));
+        assert!(book.site(&site).unwrap().cleared.contains(2));
+    }
+
+    proptest! {
+        // The range set behaves exactly like a set of integers, and stays canonical.
+        #[test]
+        fn range_set_matches_btreeset(ops in proptest::collection::vec((0u64..64, 0u64..4), 0..40)) {
+            let mut set = RangeSet::new();
+            let mut model = BTreeSet::new();
+            for (start, len) in ops {
+                set.insert_range(start, start + len);
+                model.extend(start..=start + len);
+            }
+            for v in 0..72 {
+                prop_assert_eq!(set.contains(v), model.contains(&v));
+            }
+            prop_assert_eq!(set.count(), model.len() as u64);
+            let ranges: Vec<_> = set.iter().collect();
+            for w in ranges.windows(2) {
+                prop_assert!(w[0].1 + 1 < w[1].0, "ranges touch: {:?}", w);
+            }
+            let gaps: BTreeSet<u64> = set.gaps(0, 71).into_iter().flat_map(|(s, e)| s..=e).collect();
+            let expected: BTreeSet<u64> = (0..72).filter(|v| !model.contains(v)).collect();
+            prop_assert_eq!(gaps, expected);
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! Compact binary encoding of changesets, and a decoder for untrusted bytes.
+//!
+//! Layout (format 1), integers as LEB128 varints unless noted:
+//! ```text
+//! format: u8 = 1 | site: 16 bytes | version
+//! n_tables, then per table: len, UTF-8 bytes
+//! n_columns, then per column name: len, UTF-8 bytes
+//! n_changes, then per change:
+//!   table index | pk len, packed pk | column (0 = sentinel, i + 1 = column name i)
+//!   value tag u8 (0 null, 1 integer, 2 real, 3 text, 4 blob) and payload
+//!     (integer: zigzag varint; real: 8 bytes little-endian; text, blob: len, bytes)
+//!   col_version | cl | seq
+//! ```
+//! Table and column names are written once per changeset, so a changeset of many rows of one
+//! table costs a few bytes per cell beyond the values themselves.
+//!
+//! The decoder never panics and never allocates more than the input justifies: every length is
+//! checked against the bytes that remain and against [`Limits`] before anything is allocated.
+
+use std::collections::BTreeMap;
+
+use crate::change::{Change, Changeset, ChangesetId, Column};
+use crate::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};
+use crate::pk::{PackedPk, PkError};
+use crate::value::Value;
+
+/// The only format this code writes and reads.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Bounds on what a decoder accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest encoded changeset, in bytes.
+    pub changeset_bytes_max: usize,
+    /// Most changes in one changeset.
+    pub changes_max: usize,
+    /// Largest single value (text or blob) or packed primary key, in bytes.
+    pub value_bytes_max: usize,
+    /// Longest table or column name, in bytes.
+    pub name_bytes_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            changeset_bytes_max: 16 * 1024 * 1024,
+            changes_max: 250_000,
+            value_bytes_max: 4 * 1024 * 1024,
+            name_bytes_max: 1024,
+        }
+    }
+}
+
+/// Why bytes could not be decoded. Always the peer's fault (or corruption); nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The input ends in the middle of a field.
+    #[error("truncated input: {0}")]
+    Truncated(&'static str),
+    /// A size is over its limit.
+    #[error("{what} is {got}, over the limit of {limit}")]
+    TooLarge {
+        /// Which size.
+        what: &'static str,
+        /// The size found.
+        got: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Unknown format version byte.
+    #[error("unknown changeset format {0}")]
+    UnknownFormat(u8),
+    /// A varint longer than 10 bytes or over u64.
+    #[error("malformed varint")]
+    Varint,
+    /// A name or text value is not UTF-8.
+    #[error("invalid UTF-8 in {0}")]
+    InvalidUtf8(&'static str),
+    /// Unknown value tag.
+    #[error("unknown value tag {0}")]
+    ValueTag(u8),
+    /// A table or column index points past the name table.
+    #[error("{0} index out of range")]
+    Index(&'static str),
+    /// A number does not fit its field.
+    #[error("{0} out of range")]
+    Range(&'static str),
+    /// A malformed primary key.
+    #[error("primary key: {0}")]
+    Pk(#[from] PkError),
+    /// Bytes left after the changeset.
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+}
+
+/// Appends the encoding of `changeset` to `out`.
+pub fn encode_changeset(changeset: &Changeset, out: &mut Vec<u8>) {
+    let mut tables: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut columns: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut table_order = Vec::new();
+    let mut column_order = Vec::new();
+    for change in &changeset.changes {
+        if !tables.contains_key(change.table.as_str()) {
+            tables.insert(&change.table, table_order.len() as u64);
+            table_order.push(change.table.as_str());
+        }
+        if let Column::Name(name) = &change.column {
+            if !columns.contains_key(name.as_str()) {
+                columns.insert(name, column_order.len() as u64);
+                column_order.push(name.as_str());
+            }
+        }
+    }
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&changeset.id.site.0);
+    put_varint(out, changeset.id.version.get());
+    for names in [&table_order, &column_order] {
+        put_varint(out, names.len() as u64);
+        for name in names.iter() {
+            put_bytes(out, name.as_bytes());
+        }
+    }
+    put_varint(out, changeset.changes.len() as u64);
+    for change in &changeset.changes {
+        put_varint(out, tables[change.table.as_str()]);
+        put_bytes(out, change.pk.as_bytes());
+        put_varint(
+            out,
+            match &change.column {
+                Column::Sentinel => 0,
+                Column::Name(n) => columns[n.as_str()] + 1,
+            },
+        );
+        put_value(out, &change.value);
+        put_varint(out, change.col_version.get());
+        put_varint(out, change.cl.get());
+        put_varint(out, u64::from(change.seq.get()));
+    }
+}
+
+/// Encodes `changeset` into a new buffer.
+pub fn changeset_to_bytes(changeset: &Changeset) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + changeset.changes.len() * 24);
+    encode_changeset(changeset, &mut out);
+    out
+}
+
+/// Decodes one changeset that must fill `bytes` exactly.
+pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, DecodeError> {
+    if bytes.len() > limits.changeset_bytes_max {
+        return Err(DecodeError::TooLarge {
+            what: "changeset size",
+            got: bytes.len() as u64,
+            limit: limits.changeset_bytes_max as u64,
+        });
+    }
+    let mut r = Reader { bytes, limits };
+    let format = r.u8("format")?;
+    if format != FORMAT_VERSION {
+        return Err(DecodeError::UnknownFormat(format));
+    }
+    let site = SiteId::from_slice(r.take(SITE_ID_LEN, "site id")?)
+        .map_err(|_| DecodeError::Truncated("site id"))?;
+    let version = DbVersion(r.varint()?);
+    let tables = r.names("table")?;
+    let columns = r.names("column")?;
+    let count = r.count("change count", limits.changes_max, 9)?;
+    let mut changes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let table = tables
+            .get(usize::try_from(r.varint()?).unwrap_or(usize::MAX))
+            .ok_or(DecodeError::Index("table"))?
+            .clone();
+        let pk_len = r.len("primary key", limits.value_bytes_max)?;
+        let pk = PackedPk::from_bytes(r.take(pk_len, "primary key")?.to_vec())?;
+        let column = match r.varint()? {
+            0 => Column::Sentinel,
+            i => Column::Name(
+                columns
+                    .get(usize::try_from(i - 1).unwrap_or(usize::MAX))
+                    .ok_or(DecodeError::Index("column"))?
+                    .clone(),
+            ),
+        };
+        let value = r.value()?;
+        let col_version = ColVersion(r.varint()?);
+        let cl = CausalLength(r.varint()?);
+        let seq = Seq(u32::try_from(r.varint()?).map_err(|_| DecodeError::Range("seq"))?);
+        changes.push(Change {
+            table,
+            pk,
+            column,
+            value,
+            col_version,
+            cl,
+            seq,
+        });
+    }
+    if !r.bytes.is_empty() {
+        return Err(DecodeError::Trailing(r.bytes.len()));
+    }
+    Ok(Changeset {
+        id: ChangesetId { site, version },
+        changes,
+    })
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn put_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Null => out.push(0),
+        Value::Integer(i) => {
+            out.push(1);
+            put_varint(out, ((i << 1) ^ (i >> 63)) as u64);
+        }
+        Value::Real(r) => {
+            out.push(2);
+            out.extend_from_slice(&r.to_le_bytes());
+        }
+        Value::Text(s) => {
+            out.push(3);
+            put_bytes(out, s.as_bytes());
+        }
+        Value::Blob(b) => {
+            out.push(4);
+            put_bytes(out, b);
+        }
+    }
+}
+
+/// A cursor over untrusted bytes.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    limits: &'a Limits,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
+        if self.bytes.len() < n {
+            return Err(DecodeError::Truncated(what));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut n: u64 = 0;
+        for i in 0..10 {
+            let b = self.u8("varint")?;
+            let bits = u64::from(b & 0x7f);
+            if i == 9 && b > 1 {
+                return Err(DecodeError::Varint);
+            }
+            n |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err(DecodeError::Varint)
+    }
+
+    /// A length, checked against `limit` and against the bytes left.
+    fn len(&mut self, what: &'static str, limit: usize) -> Result<usize, DecodeError> {
+        let n = self.varint()?;
+        if n > limit as u64 {
+            return Err(DecodeError::TooLarge {
+                what,
+                got: n,
+                limit: limit as u64,
+            });
+        }
+        if n > self.bytes.len() as u64 {
+            return Err(DecodeError::Truncated(what));
+        }
+        Ok(n as usize)
+    }
+
+    /// A count of items each taking at least `min_item_bytes`, so a forged count cannot make us
+    /// preallocate more than the input could hold.
+    fn count(
+        &mut self,
+        what: &'static str,
+        limit: usize,
+        min_item_bytes: usize,
+    ) -> Result<usize, DecodeError> {
+        let n = self.varint()?;
+        if n > limit as u64 {
+            return Err(DecodeError::TooLarge {
+                what,
+                got: n,
+                limit: limit as u64,
+            });
+        }
+        if n.saturating_mul(min_item_bytes as u64) > self.bytes.len() as u64 {
+            return Err(DecodeError::Truncated(what));
+        }
+        Ok(n as usize)
+    }
+
+    fn utf8(&mut self, what: &'static str, limit: usize) -> Result<String, DecodeError> {
+        let len = self.len(what, limit)?;
+        let bytes = self.take(len, what)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::InvalidUtf8(what))
+    }
+
+    fn names(&mut self, what: &'static str) -> Result<Vec<String>, DecodeError> {
+        let count = self.count("name count", self.limits.changes_max, 1)?;
+        (0..count)
+            .map(|_| self.utf8(what, self.limits.name_bytes_max))
+            .collect()
+    }
+
+    fn value(&mut self) -> Result<Value, DecodeError> {
+        Ok(match self.u8("value tag")? {
+            0 => Value::Null,
+            1 => {
+                let z = self.varint()?;
+                Value::Integer(((z >> 1) as i64) ^ -((z & 1) as i64))
+            }
+            2 => {
+                let raw: [u8; 8] = self.take(8, "real")?.try_into().expect("took 8 bytes");
+                Value::Real(f64::from_le_bytes(raw))
+            }
+            3 => Value::Text(self.utf8("text value", self.limits.value_bytes_max)?),
+            4 => {
+                let len = self.len("blob value", self.limits.value_bytes_max)?;
+                Value::Blob(self.take(len, "blob value")?.to_vec())
+            }
+            tag => return Err(DecodeError::ValueTag(tag)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Changeset {
+        let pk = PackedPk::pack(&[Value::Integer(7)]).unwrap();
+        let change = |column: Column, value: Value, seq: u32| Change {
+            table: "hosts".into(),
+            pk: pk.clone(),
+            column,
+            value,
+            col_version: ColVersion(3),
+            cl: CausalLength(1),
+            seq: Seq(seq),
+        };
+        Changeset {
+            id: ChangesetId {
+                site: SiteId([5; 16]),
+                version: DbVersion(300),
+            },
+            changes: vec![
+                change(Column::Sentinel, Value::Null, 0),
+                change(Column::Name("name".into()), Value::from("web-1"), 1),
+                change(Column::Name("cpu".into()), Value::Real(0.5), 2),
+                change(Column::Name("port".into()), Value::Integer(-8080), 3),
+                change(Column::Name("cert".into()), Value::Blob(vec![1, 2]), 4),
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let cs = sample();
+        let bytes = changeset_to_bytes(&cs);
+        assert_eq!(decode_changeset(&bytes, &Limits::default()).unwrap(), cs);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = changeset_to_bytes(&sample());
+        for len in 0..bytes.len() {
+            assert!(
+                decode_changeset(&bytes[..len], &Limits::default()).is_err(),
+                "prefix {len} decoded"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(
+            decode_changeset(&longer, &Limits::default()),
+            Err(DecodeError::Trailing(1))
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let bytes = changeset_to_bytes(&sample());
+        let tight = Limits {
+            changeset_bytes_max: 10,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            decode_changeset(&bytes, &tight),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        let few = Limits {
+            changes_max: 2,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            decode_changeset(&bytes, &few),
+            Err(DecodeError::TooLarge {
+                what: "change count",
+                ..
+            })
+        ));
+        let short_values = Limits {
+            value_bytes_max: 2,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            decode_changeset(&bytes, &short_values),
+            Err(DecodeError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn forged_counts_do_not_allocate() {
+        // Claims 2^40 changes in a few bytes: refused before any allocation.
+        let mut bytes = vec![FORMAT_VERSION];
+        bytes.extend_from_slice(&[0; 16]);
+        put_varint(&mut bytes, 1);
+        put_varint(&mut bytes, 0);
+        put_varint(&mut bytes, 0);
+        put_varint(&mut bytes, 1 << 40);
+        let no_limit = Limits {
+            changes_max: usize::MAX,
+            ..Limits::default()
+        };
+        assert_eq!(
+            decode_changeset(&bytes, &no_limit),
+            Err(DecodeError::Truncated("change count"))
+        );
+    }
+
+    #[test]
+    fn bad_fields() {
+        assert_eq!(
+            decode_changeset(&[9], &Limits::default()),
+            Err(DecodeError::UnknownFormat(9))
+        );
+        let mut bytes = changeset_to_bytes(&sample());
+        // Corrupt the first table name into invalid UTF-8 (after format, site, 2-byte version, table count, name length).
+        let at = 1 + 16 + 2 + 1 + 1;
+        assert_eq!(bytes[at], b'h');
+        bytes[at] = 0xff;
+        assert_eq!(
+            decode_changeset(&bytes, &Limits::default()),
+            Err(DecodeError::InvalidUtf8("table"))
+        );
+        let mut overlong = vec![FORMAT_VERSION];
+        overlong.extend_from_slice(&[0; 16]);
+        overlong.extend_from_slice(&[0xff; 11]);
+        assert_eq!(
+            decode_changeset(&overlong, &Limits::default()),
+            Err(DecodeError::Varint)
+        );
+    }
+
+    proptest! {
+        // Arbitrary bytes never panic the decoder.
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_changeset(&bytes, &Limits::default());
+        }
+
+        // Flipping any byte of a valid encoding never panics either.
+        #[test]
+        fn corrupted_encoding_never_panics(at in 0usize..200, byte in any::<u8>()) {
+            let mut bytes = changeset_to_bytes(&sample());
+            let at = at % bytes.len();
+            bytes[at] = byte;
+            let _ = decode_changeset(&bytes, &Limits::default());
+        }
+
+        #[test]
+        fn integers_round_trip(n in any::<i64>(), ver in any::<u64>()) {
+            let mut cs = sample();
+            cs.changes[3].value = Value::Integer(n);
+            cs.changes[3].col_version = ColVersion(ver);
+            let bytes = changeset_to_bytes(&cs);
+            prop_assert_eq!(decode_changeset(&bytes, &Limits::default()).unwrap(), cs);
+        }
+    }
+}
