@@ -417,7 +417,7 @@ mod tests {
             Err(DecodeError::TooLarge { .. })
         ));
         let few = Limits {
-            changes_max: 2,
+            changes_max: 4,
             ..Limits::default()
         };
         assert!(matches!(
