@@ -36,6 +36,12 @@ pub enum InvalidChange {
         /// The seq.
         seq: u32,
     },
+    /// Two changes of one changeset to the same cell (or sentinel) of the same row.
+    #[error("change {seq}: second change to the same cell")]
+    DuplicateCell {
+        /// The seq of the second change.
+        seq: u32,
+    },
 }
 
 /// Checks the rules every change of every honest changeset follows.
@@ -44,10 +50,14 @@ pub fn validate_changeset(changeset: &Changeset) -> Result<(), InvalidChange> {
         return Err(InvalidChange::ZeroVersion);
     }
     let mut seqs = std::collections::BTreeSet::new();
+    let mut cells = std::collections::BTreeSet::new();
     for change in &changeset.changes {
         let seq = change.seq.get();
         if !seqs.insert(seq) {
             return Err(InvalidChange::DuplicateSeq { seq });
+        }
+        if !cells.insert((&change.table, &change.pk, &change.column)) {
+            return Err(InvalidChange::DuplicateCell { seq });
         }
         if change.cl.get() == 0 {
             return Err(InvalidChange::ZeroCausalLength { seq });

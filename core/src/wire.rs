@@ -205,12 +205,31 @@ pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, Deco
     })
 }
 
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+/// Appends `n` as an LEB128 varint (1 to 10 bytes).
+pub fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
         n >>= 7;
     }
     out.push(n as u8);
+}
+
+/// Reads an LEB128 varint from the front of `input`, advancing it. None if truncated or over
+/// u64.
+pub fn take_varint(input: &mut &[u8]) -> Option<u64> {
+    let mut n: u64 = 0;
+    for i in 0..10 {
+        let (&b, rest) = input.split_first()?;
+        *input = rest;
+        if i == 9 && b > 1 {
+            return None;
+        }
+        n |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(n);
+        }
+    }
+    None
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -261,19 +280,12 @@ impl<'a> Reader<'a> {
     }
 
     fn varint(&mut self) -> Result<u64, DecodeError> {
-        let mut n: u64 = 0;
-        for i in 0..10 {
-            let b = self.u8("varint")?;
-            let bits = u64::from(b & 0x7f);
-            if i == 9 && b > 1 {
-                return Err(DecodeError::Varint);
-            }
-            n |= bits << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(n);
-            }
-        }
-        Err(DecodeError::Varint)
+        let before = self.bytes;
+        take_varint(&mut self.bytes).ok_or(if before.len() >= 10 {
+            DecodeError::Varint
+        } else {
+            DecodeError::Truncated("varint")
+        })
     }
 
     /// A length, checked against `limit` and against the bytes left.

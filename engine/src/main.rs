@@ -1,1 +1,5 @@
-fn main() {}
+//! The `patina` binary.
+
+fn main() -> std::process::ExitCode {
+    patina::cli::main()
+}

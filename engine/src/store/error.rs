@@ -1,0 +1,124 @@
+//! Errors of the store. Each says whether the input was at fault (bad SQL, bad schema, a bad
+//! remote change) or the database (I/O, corruption); in every case nothing was committed.
+
+use patina_core::validate::InvalidChange;
+
+/// Why a schema file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// A schema file or folder could not be read.
+    #[error("cannot read schema {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The schema SQL itself does not run.
+    #[error("schema SQL error: {0}")]
+    Sql(String),
+    /// A table breaks one of the rules a replicated table must follow.
+    #[error("table {table}: {rule}")]
+    Rule {
+        /// The table.
+        table: String,
+        /// The rule broken, in words.
+        rule: String,
+    },
+    /// A schema object other than a table or an index.
+    #[error("{kind} {name}: schema files may only create tables and indexes")]
+    Unsupported {
+        /// "view", "trigger", ...
+        kind: String,
+        /// Its name.
+        name: String,
+    },
+    /// A change that is not additive (dropped or changed column, changed index, dropped table).
+    #[error("table {table}: non-additive schema change: {detail}")]
+    NotAdditive {
+        /// The table.
+        table: String,
+        /// What changed.
+        detail: String,
+    },
+}
+
+/// Why a remote change was refused. The whole changeset it belongs to is refused with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// A rule every honest changeset follows is broken.
+    #[error(transparent)]
+    Invalid(#[from] InvalidChange),
+    /// The table is not in this node's schema.
+    #[error("unknown table {0:?}")]
+    UnknownTable(String),
+    /// The column is not in the table (or is a primary-key column).
+    #[error("unknown column {column:?} in table {table}")]
+    UnknownColumn {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// The primary key has the wrong number of columns.
+    #[error("table {table}: primary key has {got} columns, expected {expected}")]
+    PkArity {
+        /// The table.
+        table: String,
+        /// Columns received.
+        got: usize,
+        /// Columns of the table's key.
+        expected: usize,
+    },
+    /// The value's type does not fit the column (SQLite would convert or refuse it).
+    #[error("table {table}, column {column}: {detail}")]
+    WrongType {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// Any error of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed (I/O, full disk, corruption, busy).
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A schema was refused.
+    #[error("schema: {0}")]
+    Schema(#[from] SchemaError),
+    /// A statement of a transaction failed; nothing of the transaction was committed.
+    #[error("statement {index}: {message}")]
+    Statement {
+        /// Index of the failing statement in the transaction.
+        index: usize,
+        /// SQLite's message.
+        message: String,
+    },
+    /// A transaction with no statements.
+    #[error("empty transaction")]
+    EmptyTransaction,
+    /// A query that would write.
+    #[error("statement is not read-only")]
+    NotReadOnly,
+    /// A query that failed to prepare or run.
+    #[error("query: {0}")]
+    Query(String),
+    /// A remote changeset was refused; nothing of it was applied.
+    #[error("changeset from {site} version {version}: {source}")]
+    Change {
+        /// Author site (hex).
+        site: String,
+        /// Author version.
+        version: u64,
+        /// Why.
+        source: ChangeError,
+    },
+    /// The store's own metadata is unreadable (corruption or a foreign database).
+    #[error("corrupt metadata: {0}")]
+    Corrupt(String),
+}

@@ -1,0 +1,1423 @@
+//! The CRDT store: the only code that opens SQLite.
+//!
+//! One writer connection runs local transactions (capturing their writes into clocks before
+//! COMMIT) and applies remote changesets through core's merge rule in batched transactions; one
+//! read-only connection serves queries and changeset extraction. WAL mode, so readers never
+//! block the writer.
+//!
+//! Internal tables (all `__patina_*`):
+//! - `sites`: site id per local ordinal (0 = this replica), with each site's head and its
+//!   applied and cleared version ranges;
+//! - `tables`, `columns`: local ordinals of replicated tables and their non-key columns;
+//! - `rows`: one clock per row ever seen (tombstones included): causal length, sentinel origin,
+//!   cell clocks;
+//! - `changes`: which rows hold clocks of which changeset (site, version), the index that makes
+//!   extraction by version range cheap. Kept exact: an origin is removed from it as soon as no
+//!   clock of the row refers to it any more, so a version with no entry left is cleared.
+
+mod capture;
+mod clock;
+pub mod error;
+pub mod schema;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use patina_core::change::{Change, Changeset, ChangesetId, Column};
+use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};
+use patina_core::merge::{decide, Incoming, MergeDecision, Origin, RowClock};
+use patina_core::pk::PackedPk;
+use patina_core::validate::validate_changeset;
+use patina_core::value::Value;
+use patina_core::versions::{Bookkeeping, SiteVersions};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, ToSql};
+
+use capture::{trigger_sql, Capture, RowWrite};
+use clock::{ColOrd, SiteOrd, SiteTable};
+pub use error::{ChangeError, SchemaError, StoreError};
+use schema::{quote_ident, Affinity, TableDef};
+
+/// Parameters of one statement.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Params {
+    /// No parameters.
+    #[default]
+    None,
+    /// `?`, `?1` ... in order.
+    Positional(Vec<Value>),
+    /// `:name`, `@name`, `$name`; a name given without its prefix matches any of them.
+    Named(Vec<(String, Value)>),
+}
+
+/// One SQL statement with its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    /// The SQL text (one statement).
+    pub sql: String,
+    /// Its parameters.
+    pub params: Params,
+}
+
+impl Statement {
+    /// A statement without parameters.
+    pub fn new(sql: impl Into<String>) -> Self {
+        Statement {
+            sql: sql.into(),
+            params: Params::None,
+        }
+    }
+
+    /// A statement with positional parameters.
+    pub fn with_params(sql: impl Into<String>, params: Vec<Value>) -> Self {
+        Statement {
+            sql: sql.into(),
+            params: Params::Positional(params),
+        }
+    }
+}
+
+/// What a committed local transaction did.
+#[derive(Debug, Clone)]
+pub struct TxOutcome {
+    /// The db_version it was given; None if it changed no replicated row.
+    pub version: Option<DbVersion>,
+    /// Rows affected, per statement.
+    pub rows_affected: Vec<usize>,
+    /// The changeset to broadcast; None if it changed nothing.
+    pub changeset: Option<Changeset>,
+}
+
+/// What applying one remote changeset did.
+#[derive(Debug)]
+pub enum ApplyOutcome {
+    /// Merged: `changes_won` changes won (changed a clock), `rows_changed` rows changed data.
+    Applied {
+        /// Changes that won the merge.
+        changes_won: usize,
+        /// Rows whose data changed.
+        rows_changed: usize,
+    },
+    /// Already applied here (or our own): nothing done.
+    AlreadyApplied,
+    /// Refused; nothing of it was applied, the rest of the batch was.
+    Rejected(StoreError),
+}
+
+/// Result rows of a read-only query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryRows {
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Rows, each a value per column.
+    pub rows: Vec<Vec<Value>>,
+}
+
+/// Where a store lives and what it holds.
+#[derive(Debug, Clone, Default)]
+pub struct StoreConfig {
+    /// Database file.
+    pub path: PathBuf,
+    /// Schema files or folders of `.sql` files.
+    pub schema_paths: Vec<PathBuf>,
+    /// Cap on the database size in bytes (SQLite's max_page_count); writes past it fail cleanly.
+    pub max_db_bytes: Option<u64>,
+}
+
+/// A replicated table as the store uses it.
+#[derive(Debug, Clone)]
+struct Table {
+    def: TableDef,
+    ord: u32,
+    /// Column indexes of the primary key, in key order.
+    pk: Vec<usize>,
+    /// Ordinal of each column (None for key columns).
+    col_ords: Vec<Option<ColOrd>>,
+    col_by_name: HashMap<String, usize>,
+    col_by_ord: HashMap<ColOrd, usize>,
+    affinities: Vec<Affinity>,
+}
+
+impl Table {
+    fn pack_pk(&self, row: &[Value]) -> Result<PackedPk, StoreError> {
+        let values: Vec<Value> = self.pk.iter().map(|&i| row[i].clone()).collect();
+        PackedPk::pack(&values)
+            .map_err(|e| StoreError::Corrupt(format!("table {}: {e}", self.def.name)))
+    }
+
+    fn non_pk_ords(&self) -> impl Iterator<Item = ColOrd> + '_ {
+        self.col_ords.iter().flatten().copied()
+    }
+
+    fn pk_where(&self, first_param: usize) -> String {
+        self.pk
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| {
+                format!(
+                    "{} = ?{}",
+                    quote_ident(&self.def.columns[i].name),
+                    first_param + n
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// Checks that SQLite would store `value` in column `idx` exactly as given: no conversion
+    /// by affinity (which would make replicas compare different values), no STRICT refusal.
+    fn check_type(&self, idx: usize, value: &Value) -> Result<(), ChangeError> {
+        let col = &self.def.columns[idx];
+        let wrong = |detail: String| ChangeError::WrongType {
+            table: self.def.name.clone(),
+            column: col.name.clone(),
+            detail,
+        };
+        let numeric_text = |s: &str| {
+            let t = s.trim();
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b))
+                && t.parse::<f64>().is_ok()
+        };
+        let integral_real = |r: f64| r.fract() == 0.0 && r.abs() < 9.2e18;
+        let ok = match (&value, self.affinities[idx]) {
+            (Value::Null, _) => !col.not_null,
+            (_, Affinity::Blob) => true,
+            (Value::Blob(_), _) => !self.def.strict,
+            (Value::Text(_), Affinity::Text) => true,
+            (Value::Text(s), _) => !self.def.strict && !numeric_text(s),
+            (Value::Integer(_) | Value::Real(_), Affinity::Text) => false,
+            (Value::Integer(_), Affinity::Integer | Affinity::Numeric) => true,
+            (Value::Integer(_), Affinity::Real) => false,
+            (Value::Real(r), Affinity::Integer | Affinity::Numeric) => {
+                !integral_real(*r) && !self.def.strict
+            }
+            (Value::Real(_), Affinity::Real) => true,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(wrong(format!(
+                "{} value does not fit declared type {:?}{}",
+                value.type_name(),
+                col.decl_type,
+                if col.not_null { " NOT NULL" } else { "" }
+            )))
+        }
+    }
+}
+
+/// A row touched by a local transaction.
+struct LocalRow {
+    clock: RowClock<ColOrd>,
+    before: RowClock<ColOrd>,
+    /// The row's values after the transaction (None once deleted).
+    values: Option<Vec<Value>>,
+}
+
+/// Binds a core value as an SQLite value without copying.
+struct SqlValue<'a>(&'a Value);
+
+impl ToSql for SqlValue<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self.0 {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(r) => ValueRef::Real(*r),
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+const INTERNAL_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS __patina_sites (
+  ord INTEGER PRIMARY KEY,
+  site_id BLOB NOT NULL UNIQUE,
+  head INTEGER NOT NULL DEFAULT 0,
+  applied BLOB NOT NULL DEFAULT x'',
+  cleared BLOB NOT NULL DEFAULT x''
+);
+CREATE TABLE IF NOT EXISTS __patina_tables (ord INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS __patina_columns (
+  tbl INTEGER NOT NULL, ord INTEGER NOT NULL, name TEXT NOT NULL, PRIMARY KEY (tbl, ord)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __patina_rows (
+  tbl INTEGER NOT NULL, pk BLOB NOT NULL, cl INTEGER NOT NULL, sentinel BLOB, cells BLOB NOT NULL,
+  PRIMARY KEY (tbl, pk)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __patina_changes (
+  site INTEGER NOT NULL, version INTEGER NOT NULL, tbl INTEGER NOT NULL, pk BLOB NOT NULL,
+  PRIMARY KEY (site, version, tbl, pk)
+) WITHOUT ROWID;
+";
+
+/// A replica's database.
+#[derive(Debug)]
+pub struct Store {
+    writer: Connection,
+    reader: Connection,
+    capture: Capture,
+    site: SiteId,
+    db_version: DbVersion,
+    sites: SiteTable,
+    book: Bookkeeping,
+    tables: BTreeMap<String, Arc<Table>>,
+    table_names: HashMap<u32, String>,
+}
+
+impl Store {
+    /// Opens (or creates) a store and brings its schema up to the schema files.
+    pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        let mut writer = Connection::open(&config.path)?;
+        writer.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
+             PRAGMA recursive_triggers = ON; PRAGMA foreign_keys = OFF;",
+        )?;
+        if let Some(bytes) = config.max_db_bytes {
+            let page_size: i64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let page_size = page_size.max(512) as u64;
+            writer.execute_batch(&format!(
+                "PRAGMA max_page_count = {}",
+                (bytes / page_size).max(1)
+            ))?;
+        }
+        writer.set_prepared_statement_cache_capacity(256);
+        writer.execute_batch(INTERNAL_SCHEMA)?;
+        let site_row: Option<Vec<u8>> = writer
+            .query_row(
+                "SELECT site_id FROM __patina_sites WHERE ord = 0",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if site_row.is_none() {
+            // SQLite's randomness is seeded from the OS: no RNG crate needed for 16 bytes.
+            writer.execute(
+                "INSERT INTO __patina_sites (ord, site_id) VALUES (0, randomblob(?1))",
+                [SITE_ID_LEN as i64],
+            )?;
+        }
+        let capture = Capture::default();
+        capture.install(&mut writer)?;
+        let reader = Connection::open_with_flags(
+            &config.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
+        reader.set_prepared_statement_cache_capacity(64);
+        let mut store = Store {
+            writer,
+            reader,
+            capture,
+            site: SiteId::default(),
+            db_version: DbVersion(0),
+            sites: SiteTable::default(),
+            book: Bookkeeping::new(),
+            tables: BTreeMap::new(),
+            table_names: HashMap::new(),
+        };
+        store.load_state()?;
+        store.apply_schema_files(&config.schema_paths)?;
+        Ok(store)
+    }
+
+    /// This replica's site id.
+    pub fn site_id(&self) -> SiteId {
+        self.site
+    }
+
+    /// The db_version of this replica's last local write.
+    pub fn db_version(&self) -> DbVersion {
+        self.db_version
+    }
+
+    /// Version bookkeeping of every known site.
+    pub fn bookkeeping(&self) -> &Bookkeeping {
+        &self.book
+    }
+
+    /// Names of the replicated tables.
+    pub fn table_names(&self) -> Vec<String> {
+        self.tables.keys().cloned().collect()
+    }
+
+    /// Reloads sites, bookkeeping and tables from the database (after open, or a rollback).
+    fn load_state(&mut self) -> Result<(), StoreError> {
+        let mut sites = SiteTable::default();
+        let mut book = Bookkeeping::new();
+        {
+            let mut stmt = self.writer.prepare(
+                "SELECT ord, site_id, head, applied, cleared FROM __patina_sites ORDER BY ord",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let ord: i64 = row.get(0)?;
+                if ord != sites.len() as i64 {
+                    return Err(StoreError::Corrupt(format!(
+                        "site ordinals not dense at {ord}"
+                    )));
+                }
+                let id = SiteId::from_slice(&row.get::<_, Vec<u8>>(1)?)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                sites.push(id);
+                let head = DbVersion(row.get::<_, i64>(2)? as u64);
+                let mut versions = SiteVersions {
+                    applied: clock::decode_ranges(&row.get::<_, Vec<u8>>(3)?)?,
+                    cleared: clock::decode_ranges(&row.get::<_, Vec<u8>>(4)?)?,
+                    head,
+                };
+                if ord == 0 {
+                    // Our own versions are always all applied: 1..=head.
+                    versions.applied.insert_range(1, head.get());
+                    self.db_version = head;
+                }
+                book.set_site(id, versions);
+            }
+        }
+        self.site = sites.site(0)?;
+        self.sites = sites;
+        self.book = book;
+        self.tables.clear();
+        self.table_names.clear();
+        let registered: Vec<(u32, String)> = {
+            let mut stmt = self
+                .writer
+                .prepare("SELECT ord, name FROM __patina_tables ORDER BY ord")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (ord, name) in registered {
+            let sql: String = self.writer.query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                [&name],
+                |r| r.get(0),
+            )?;
+            let def = schema::introspect_table(&self.writer, &name, &sql)?;
+            let table = self.build_table(def, ord)?;
+            self.table_names.insert(ord, name.clone());
+            self.tables.insert(name, Arc::new(table));
+        }
+        Ok(())
+    }
+
+    fn build_table(&self, def: TableDef, ord: u32) -> Result<Table, StoreError> {
+        let mut stmt = self
+            .writer
+            .prepare("SELECT ord, name FROM __patina_columns WHERE tbl = ?1")?;
+        let known: HashMap<String, ColOrd> = stmt
+            .query_map([ord], |r| Ok((r.get(1)?, r.get(0)?)))?
+            .collect::<Result<_, _>>()?;
+        let pk = def.pk_columns();
+        let mut col_ords = Vec::new();
+        let mut col_by_ord = HashMap::new();
+        for (i, col) in def.columns.iter().enumerate() {
+            if col.pk_position > 0 {
+                col_ords.push(None);
+                continue;
+            }
+            let ord = *known.get(&col.name).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "table {}: column {} has no ordinal",
+                    def.name, col.name
+                ))
+            })?;
+            col_ords.push(Some(ord));
+            col_by_ord.insert(ord, i);
+        }
+        Ok(Table {
+            col_by_name: def
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.clone(), i))
+                .collect(),
+            affinities: def
+                .columns
+                .iter()
+                .map(|c| Affinity::of(&c.decl_type, def.strict))
+                .collect(),
+            def,
+            ord,
+            pk,
+            col_ords,
+            col_by_ord,
+        })
+    }
+
+    /// Reads the schema files and applies them: new tables, new columns, new indexes. Anything
+    /// else is refused with nothing changed. Tables already replicated but absent from the files
+    /// stay replicated (schema changes are additive only).
+    pub fn apply_schema_files(&mut self, paths: &[PathBuf]) -> Result<(), StoreError> {
+        let files = schema::read_schema_files(paths)?;
+        let sql: String = files
+            .iter()
+            .map(|(_, s)| s.as_str())
+            .collect::<Vec<_>>()
+            .join(";\n");
+        self.apply_schema_sql(&sql)
+    }
+
+    /// [`Store::apply_schema_files`] from SQL text.
+    pub fn apply_schema_sql(&mut self, sql: &str) -> Result<(), StoreError> {
+        let desired = schema::parse_schema(sql)?;
+        self.writer.execute_batch("BEGIN IMMEDIATE")?;
+        let result = self.migrate(&desired);
+        let result = result.and_then(|backfill| {
+            self.writer.execute_batch("COMMIT")?;
+            Ok(backfill)
+        });
+        match result {
+            Ok(backfill) => {
+                self.load_state()?;
+                self.install_triggers()?;
+                if !backfill.is_empty() {
+                    self.backfill(&backfill)?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.writer.execute_batch("ROLLBACK");
+                self.load_state()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies the schema inside the open transaction; returns tables whose pre-existing rows
+    /// need clocks.
+    fn migrate(&mut self, desired: &BTreeMap<String, TableDef>) -> Result<Vec<String>, StoreError> {
+        let mut backfill = Vec::new();
+        for (name, def) in desired {
+            let existing_sql: Option<String> = self
+                .writer
+                .query_row(
+                    "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let registered = self.tables.contains_key(name);
+            let table_ord = match &existing_sql {
+                Some(sql) => {
+                    let existing = schema::introspect_table(&self.writer, name, sql)?;
+                    let plan = schema::migration(&existing, def)?;
+                    for (_, alter) in &plan.add_columns {
+                        self.writer.execute_batch(alter)?;
+                    }
+                    for index in &plan.add_indexes {
+                        self.writer.execute_batch(index)?;
+                    }
+                    if !registered {
+                        backfill.push(name.clone());
+                    }
+                    self.register_table(name)?
+                }
+                None => {
+                    self.writer.execute_batch(&def.sql)?;
+                    for index in def.indexes.values() {
+                        self.writer.execute_batch(index)?;
+                    }
+                    self.register_table(name)?
+                }
+            };
+            // Column ordinals are assigned once and never reused, in declaration order.
+            for col in def.columns.iter().filter(|c| c.pk_position == 0) {
+                self.writer.execute(
+                    "INSERT INTO __patina_columns (tbl, ord, name)
+                     SELECT ?1, coalesce(max(ord) + 1, 0), ?2 FROM __patina_columns WHERE tbl = ?1
+                     AND NOT EXISTS (SELECT 1 FROM __patina_columns WHERE tbl = ?1 AND name = ?2)",
+                    params![table_ord, col.name],
+                )?;
+            }
+        }
+        Ok(backfill)
+    }
+
+    fn register_table(&mut self, name: &str) -> Result<u32, StoreError> {
+        self.writer.execute(
+            "INSERT OR IGNORE INTO __patina_tables (name) VALUES (?1)",
+            [name],
+        )?;
+        Ok(self.writer.query_row(
+            "SELECT ord FROM __patina_tables WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn install_triggers(&mut self) -> Result<(), StoreError> {
+        for table in self.tables.values() {
+            let cols: Vec<String> = table.def.columns.iter().map(|c| c.name.clone()).collect();
+            self.writer
+                .execute_batch(&trigger_sql(&table.def.name, table.ord, &cols))?;
+        }
+        let mut st = self.capture.lock();
+        st.writable_tables = self.tables.keys().cloned().collect();
+        Ok(())
+    }
+
+    /// Gives clocks to rows that existed before their table became replicated, as one local
+    /// transaction of this replica.
+    fn backfill(&mut self, tables: &[String]) -> Result<(), StoreError> {
+        self.local_transaction(|store| {
+            let mut writes = Vec::new();
+            for name in tables {
+                let table = &store.tables[name];
+                let mut stmt = store
+                    .writer
+                    .prepare(&format!("SELECT * FROM main.{}", quote_ident(name)))?;
+                let ncols = table.def.columns.len();
+                let mut rows = stmt.query([])?;
+                while let Some(row) = rows.next()? {
+                    let new = (0..ncols)
+                        .map(|i| row.get_ref(i).map(capture::to_value))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    writes.push(capture::CapturedWrite {
+                        table_ord: table.ord,
+                        write: RowWrite::Insert { new },
+                    });
+                }
+            }
+            store.capture.lock().writes = writes;
+            Ok(Vec::new())
+        })
+        .map(|_| ())
+    }
+
+    /// Runs statements as one local transaction, all or nothing, and records the clocks of
+    /// every row they changed in the same SQLite transaction.
+    pub fn transact(&mut self, statements: &[Statement]) -> Result<TxOutcome, StoreError> {
+        if statements.is_empty() {
+            return Err(StoreError::EmptyTransaction);
+        }
+        self.local_transaction(|store| {
+            let mut rows_affected = Vec::with_capacity(statements.len());
+            for (index, statement) in statements.iter().enumerate() {
+                let n = store
+                    .execute_user(statement)
+                    .map_err(|message| StoreError::Statement { index, message })?;
+                rows_affected.push(n);
+            }
+            Ok(rows_affected)
+        })
+    }
+
+    /// Wraps `body` in BEGIN IMMEDIATE ... COMMIT with capture on; turns what it captured into
+    /// clocks and a changeset before COMMIT. Rolls everything back on any error.
+    fn local_transaction(
+        &mut self,
+        body: impl FnOnce(&mut Store) -> Result<Vec<usize>, StoreError>,
+    ) -> Result<TxOutcome, StoreError> {
+        self.writer.execute_batch("BEGIN IMMEDIATE")?;
+        {
+            let mut st = self.capture.lock();
+            st.user_mode = true;
+            st.writes.clear();
+            st.error = None;
+        }
+        let result = body(self);
+        let (writes, capture_error) = {
+            let mut st = self.capture.lock();
+            st.user_mode = false;
+            (std::mem::take(&mut st.writes), st.error.take())
+        };
+        let result = result.and_then(|rows_affected| {
+            if let Some(e) = capture_error {
+                return Err(StoreError::Corrupt(e));
+            }
+            let changeset = self.record_local_writes(writes)?;
+            self.writer.execute_batch("COMMIT")?;
+            Ok((rows_affected, changeset))
+        });
+        match result {
+            Ok((rows_affected, changeset)) => {
+                if let Some(cs) = &changeset {
+                    self.db_version = cs.id.version;
+                    self.book.mark_applied(cs.id);
+                }
+                Ok(TxOutcome {
+                    version: changeset.as_ref().map(|c| c.id.version),
+                    rows_affected,
+                    changeset,
+                })
+            }
+            Err(e) => {
+                let _ = self.writer.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    fn execute_user(&mut self, statement: &Statement) -> Result<usize, String> {
+        let mut stmt = self
+            .writer
+            .prepare_cached(&statement.sql)
+            .map_err(|e| e.to_string())?;
+        bind(&mut stmt, &statement.params)?;
+        stmt.raw_execute().map_err(|e| e.to_string())
+    }
+
+    /// Turns captured writes into clock rows and the changeset of this transaction.
+    fn record_local_writes(
+        &mut self,
+        writes: Vec<capture::CapturedWrite>,
+    ) -> Result<Option<Changeset>, StoreError> {
+        if writes.is_empty() {
+            return Ok(None);
+        }
+        let version = self.db_version.next();
+        let origin = Origin {
+            site: self.site,
+            version,
+            seq: Seq(0),
+        };
+        let mut rows: BTreeMap<(u32, PackedPk), LocalRow> = BTreeMap::new();
+        for w in writes {
+            let table = self.table_by_ord(w.table_ord)?.clone();
+            match w.write {
+                RowWrite::Insert { new } => {
+                    let row = self.touch(&mut rows, &table, table.pack_pk(&new)?)?;
+                    row.clock.local_insert(table.non_pk_ords(), origin);
+                    row.values = Some(new);
+                }
+                RowWrite::Delete { old } => {
+                    let row = self.touch(&mut rows, &table, table.pack_pk(&old)?)?;
+                    delete_local(row, origin);
+                }
+                RowWrite::Update { old, new } => {
+                    let old_pk = table.pack_pk(&old)?;
+                    let new_pk = table.pack_pk(&new)?;
+                    if old_pk != new_pk {
+                        // A key change is a delete of the old key and an insert of the new one,
+                        // with fresh clocks for every cell (crdt-spec.md section 7).
+                        delete_local(self.touch(&mut rows, &table, old_pk)?, origin);
+                        let row = self.touch(&mut rows, &table, new_pk)?;
+                        row.clock.local_insert(table.non_pk_ords(), origin);
+                        row.values = Some(new);
+                        continue;
+                    }
+                    let row = self.touch(&mut rows, &table, new_pk)?;
+                    if !row.clock.cl.is_live() {
+                        // Data without a clock (written behind our back): adopt it as an insert.
+                        row.clock.local_insert(table.non_pk_ords(), origin);
+                    } else {
+                        for (i, ord) in table.col_ords.iter().enumerate() {
+                            if let Some(ord) = ord {
+                                if old[i] != new[i] {
+                                    row.clock.local_update(*ord, origin);
+                                }
+                            }
+                        }
+                    }
+                    row.values = Some(new);
+                }
+            }
+        }
+        rows.retain(|_, row| row.clock != row.before);
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        // Number the changes in (table, key, column) order, so a changeset is 0..n-1.
+        let mut seq = 0u32;
+        let mut changes = Vec::new();
+        let mine = |o: &Origin| o.site == origin.site && o.version == version;
+        for ((table_ord, pk), row) in rows.iter_mut() {
+            let table = self.table_by_ord(*table_ord)?;
+            let cl = row.clock.cl;
+            if let Some(s) = row.clock.sentinel.as_mut().filter(|s| mine(s)) {
+                s.seq = Seq(seq);
+                changes.push(Change {
+                    table: table.def.name.clone(),
+                    pk: pk.clone(),
+                    column: Column::Sentinel,
+                    value: Value::Null,
+                    col_version: ColVersion(cl.get()),
+                    cl,
+                    seq: Seq(seq),
+                });
+                seq += 1;
+            }
+            for (ord, cell) in row.clock.cells.iter_mut().filter(|(_, c)| mine(&c.origin)) {
+                cell.origin.seq = Seq(seq);
+                let idx = table.col_by_ord[ord];
+                let value = row
+                    .values
+                    .as_ref()
+                    .map(|v| v[idx].clone())
+                    .unwrap_or(Value::Null);
+                changes.push(Change {
+                    table: table.def.name.clone(),
+                    pk: pk.clone(),
+                    column: Column::Name(table.def.columns[idx].name.clone()),
+                    value,
+                    col_version: cell.col_version,
+                    cl,
+                    seq: Seq(seq),
+                });
+                seq += 1;
+            }
+        }
+        for ((table_ord, pk), row) in &rows {
+            self.write_row_clock(*table_ord, pk, &row.clock, &row.before)?;
+        }
+        self.writer
+            .prepare_cached("UPDATE __patina_sites SET head = ?1 WHERE ord = 0")?
+            .execute([version.get() as i64])?;
+        Ok(Some(Changeset {
+            id: ChangesetId {
+                site: self.site,
+                version,
+            },
+            changes,
+        }))
+    }
+
+    fn touch<'r>(
+        &self,
+        rows: &'r mut BTreeMap<(u32, PackedPk), LocalRow>,
+        table: &Table,
+        pk: PackedPk,
+    ) -> Result<&'r mut LocalRow, StoreError> {
+        use std::collections::btree_map::Entry;
+        Ok(match rows.entry((table.ord, pk)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let clock = load_row_clock(&self.writer, &self.sites, table.ord, &e.key().1)?;
+                e.insert(LocalRow {
+                    before: clock.clone(),
+                    clock,
+                    values: None,
+                })
+            }
+        })
+    }
+
+    fn table_by_ord(&self, ord: u32) -> Result<&Arc<Table>, StoreError> {
+        self.table_names
+            .get(&ord)
+            .and_then(|n| self.tables.get(n))
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown table ordinal {ord}")))
+    }
+
+    /// Persists a row clock and keeps the changes index exact.
+    fn write_row_clock(
+        &self,
+        table_ord: u32,
+        pk: &PackedPk,
+        clock: &RowClock<ColOrd>,
+        before: &RowClock<ColOrd>,
+    ) -> Result<(), StoreError> {
+        let sentinel = clock::encode_sentinel(&clock.sentinel, &self.sites);
+        let cells = clock::encode_cells(&clock.cells, &self.sites);
+        self.writer
+            .prepare_cached(
+                "INSERT INTO __patina_rows (tbl, pk, cl, sentinel, cells) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, sentinel = excluded.sentinel,
+                 cells = excluded.cells",
+            )?
+            .execute(params![table_ord, pk.as_bytes(), clock.cl.get() as i64, sentinel, cells])?;
+        let old = before.origins();
+        let new = clock.origins();
+        for (site, version) in old.difference(&new) {
+            let ord = self.site_ord(site)?;
+            self.writer
+                .prepare_cached(
+                    "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
+                )?
+                .execute(params![ord, version.get() as i64, table_ord, pk.as_bytes()])?;
+        }
+        for (site, version) in new.difference(&old) {
+            let ord = self.site_ord(site)?;
+            self.writer
+                .prepare_cached("INSERT OR IGNORE INTO __patina_changes (site, version, tbl, pk) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![ord, version.get() as i64, table_ord, pk.as_bytes()])?;
+        }
+        Ok(())
+    }
+
+    fn site_ord(&self, site: &SiteId) -> Result<SiteOrd, StoreError> {
+        self.sites
+            .ord(site)
+            .ok_or_else(|| StoreError::Corrupt(format!("site {site} not registered")))
+    }
+
+    /// Registers a site inside the open transaction (a rollback is followed by a reload).
+    fn ensure_site(&mut self, site: SiteId) -> Result<SiteOrd, StoreError> {
+        if let Some(ord) = self.sites.ord(&site) {
+            return Ok(ord);
+        }
+        let ord = self.sites.len() as SiteOrd;
+        self.writer
+            .prepare_cached("INSERT INTO __patina_sites (ord, site_id) VALUES (?1, ?2)")?
+            .execute(params![ord, &site.0[..]])?;
+        Ok(self.sites.push(site))
+    }
+
+    /// Applies remote changesets in one SQLite transaction, each through the merge rule and each
+    /// all-or-nothing (a savepoint per changeset): a bad changeset is refused alone. Returns one
+    /// outcome per changeset, in order.
+    pub fn apply_changesets(
+        &mut self,
+        batch: &[Changeset],
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        self.writer.execute_batch("BEGIN IMMEDIATE")?;
+        let mut book = self.book.clone();
+        let mut touched_sites = BTreeSet::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let result = (|| {
+            for changeset in batch {
+                if changeset.id.site == self.site || book.contains(changeset.id) {
+                    outcomes.push(ApplyOutcome::AlreadyApplied);
+                    continue;
+                }
+                self.writer.execute_batch("SAVEPOINT changeset")?;
+                match self.apply_one(changeset) {
+                    Ok((changes_won, rows_changed)) => {
+                        self.writer.execute_batch("RELEASE changeset")?;
+                        if changeset.is_cleared() {
+                            book.mark_cleared(changeset.id);
+                        } else {
+                            book.mark_applied(changeset.id);
+                        }
+                        touched_sites.insert(changeset.id.site);
+                        outcomes.push(ApplyOutcome::Applied {
+                            changes_won,
+                            rows_changed,
+                        });
+                    }
+                    Err(e @ StoreError::Change { .. }) => {
+                        self.writer
+                            .execute_batch("ROLLBACK TO changeset; RELEASE changeset")?;
+                        outcomes.push(ApplyOutcome::Rejected(e));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            for site in &touched_sites {
+                let versions = book.site(site).cloned().unwrap_or_default();
+                let ord = self.ensure_site(*site)?;
+                self.writer
+                    .prepare_cached("UPDATE __patina_sites SET head = ?1, applied = ?2, cleared = ?3 WHERE ord = ?4")?
+                    .execute(params![
+                        versions.head.get() as i64,
+                        clock::encode_ranges(&versions.applied),
+                        clock::encode_ranges(&versions.cleared),
+                        ord
+                    ])?;
+            }
+            self.writer.execute_batch("COMMIT")?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                self.book = book;
+                Ok(outcomes)
+            }
+            Err(e) => {
+                let _ = self.writer.execute_batch("ROLLBACK");
+                self.load_state()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Merges one changeset inside the open savepoint; returns (changes won, rows changed).
+    fn apply_one(&mut self, changeset: &Changeset) -> Result<(usize, usize), StoreError> {
+        let reject = |source: ChangeError| StoreError::Change {
+            site: changeset.id.site.to_hex(),
+            version: changeset.id.version.get(),
+            source,
+        };
+        validate_changeset(changeset).map_err(|e| reject(e.into()))?;
+        // Check everything against the schema before writing anything.
+        let mut groups: BTreeMap<(&str, &PackedPk), Vec<(&Change, Option<ColOrd>)>> =
+            BTreeMap::new();
+        for change in &changeset.changes {
+            let table = self
+                .tables
+                .get(&change.table)
+                .ok_or_else(|| reject(ChangeError::UnknownTable(change.table.clone())))?;
+            let pk_values = change.pk.values();
+            if pk_values.len() != table.pk.len() {
+                return Err(reject(ChangeError::PkArity {
+                    table: table.def.name.clone(),
+                    got: pk_values.len(),
+                    expected: table.pk.len(),
+                }));
+            }
+            for (value, &idx) in pk_values.iter().zip(&table.pk) {
+                table.check_type(idx, value).map_err(reject)?;
+            }
+            let col_ord = match &change.column {
+                Column::Sentinel => None,
+                Column::Name(name) => {
+                    let unknown = || {
+                        reject(ChangeError::UnknownColumn {
+                            table: table.def.name.clone(),
+                            column: name.clone(),
+                        })
+                    };
+                    let idx = *table.col_by_name.get(name).ok_or_else(unknown)?;
+                    let ord = table.col_ords[idx].ok_or_else(unknown)?;
+                    table.check_type(idx, &change.value).map_err(reject)?;
+                    Some(ord)
+                }
+            };
+            groups
+                .entry((change.table.as_str(), &change.pk))
+                .or_default()
+                .push((change, col_ord));
+        }
+        self.ensure_site(changeset.id.site)?;
+        let mut changes_won = 0;
+        let mut rows_changed = 0;
+        for ((table_name, pk), changes) in groups {
+            let table = self.tables[table_name].clone();
+            let before = load_row_clock(&self.writer, &self.sites, table.ord, pk)?;
+            let mut clock = before.clone();
+            let mut writes: BTreeMap<usize, &Value> = BTreeMap::new();
+            let mut deleted = false;
+            let mut ensure_row = false;
+            let mut data_changed = false;
+            let pk_values = pk.values();
+            for (change, col_ord) in changes {
+                let incoming = Incoming {
+                    cl: change.cl,
+                    is_sentinel: col_ord.is_none(),
+                    col_version: change.col_version,
+                    value: &change.value,
+                    site: changeset.id.site,
+                };
+                let local = clock.local_row(col_ord.as_ref());
+                let idx = col_ord.map(|o| table.col_by_ord[&o]);
+                let decision = decide(&local, &incoming, || {
+                    read_cell(&self.writer, &table, idx.unwrap_or(0), &pk_values)
+                })?;
+                clock.apply(
+                    decision,
+                    col_ord.as_ref(),
+                    change.cl,
+                    change.col_version,
+                    Origin {
+                        site: changeset.id.site,
+                        version: changeset.id.version,
+                        seq: change.seq,
+                    },
+                );
+                if decision != MergeDecision::Noop {
+                    changes_won += 1;
+                }
+                data_changed |= decision.changes_data();
+                match decision {
+                    MergeDecision::Delete => {
+                        deleted = true;
+                        ensure_row = false;
+                        writes.clear();
+                    }
+                    MergeDecision::Resurrect => ensure_row = true,
+                    MergeDecision::ResurrectWithCell | MergeDecision::Cell => {
+                        ensure_row |= decision == MergeDecision::ResurrectWithCell;
+                        if let Some(i) = idx {
+                            writes.insert(i, &change.value);
+                        }
+                    }
+                    MergeDecision::Noop | MergeDecision::SentinelClock => {}
+                }
+            }
+            if clock == before {
+                continue;
+            }
+            if data_changed {
+                rows_changed += 1;
+                if deleted || !clock.cl.is_live() {
+                    let sql = format!(
+                        "DELETE FROM main.{} WHERE {}",
+                        quote_ident(&table.def.name),
+                        table.pk_where(1)
+                    );
+                    let mut stmt = self.writer.prepare_cached(&sql)?;
+                    let binds: Vec<SqlValue<'_>> = pk_values.iter().map(SqlValue).collect();
+                    stmt.execute(rusqlite::params_from_iter(binds))?;
+                }
+                if clock.cl.is_live() && (ensure_row || !writes.is_empty()) {
+                    upsert_row(&self.writer, &table, &pk_values, &writes)?;
+                }
+            }
+            self.write_row_clock(table.ord, pk, &clock, &before)?;
+        }
+        Ok((changes_won, rows_changed))
+    }
+
+    /// Reads back the changesets of `site` with versions in `start..=end`, at most `limit` of
+    /// them, from the read connection. Versions applied here whose changes were all overwritten
+    /// come back as cleared (empty) changesets; versions not applied here are skipped.
+    pub fn changesets(
+        &self,
+        site: SiteId,
+        start: DbVersion,
+        end: DbVersion,
+        limit: usize,
+    ) -> Result<Vec<Changeset>, StoreError> {
+        let (Some(site_ord), Some(versions)) = (self.sites.ord(&site), self.book.site(&site))
+        else {
+            return Ok(Vec::new());
+        };
+        let mut by_version: BTreeMap<u64, Vec<(u32, Vec<u8>)>> = BTreeMap::new();
+        {
+            let mut stmt = self.reader.prepare_cached(
+                "SELECT version, tbl, pk FROM __patina_changes WHERE site = ?1 AND version BETWEEN ?2 AND ?3
+                 ORDER BY version, tbl, pk",
+            )?;
+            let mut rows = stmt.query(params![
+                site_ord,
+                start.get() as i64,
+                end.get().min(i64::MAX as u64) as i64
+            ])?;
+            while let Some(row) = rows.next()? {
+                let version = row.get::<_, i64>(0)? as u64;
+                if !by_version.contains_key(&version) && by_version.len() >= limit {
+                    break;
+                }
+                by_version
+                    .entry(version)
+                    .or_default()
+                    .push((row.get(1)?, row.get(2)?));
+            }
+        }
+        let mut out = Vec::new();
+        // Walk the applied versions in range, up to the limit, filling in cleared ones.
+        'ranges: for (a, b) in versions.applied.iter() {
+            let (a, b) = (a.max(start.get()), b.min(end.get()));
+            if a > b {
+                continue;
+            }
+            let mut v = a;
+            loop {
+                if out.len() >= limit {
+                    break 'ranges;
+                }
+                // Skip quickly over a long run of cleared versions is not needed: the limit bounds it.
+                let changes = match by_version.remove(&v) {
+                    Some(rows) => self.read_changes(site, v, &rows)?,
+                    None => Vec::new(),
+                };
+                out.push(Changeset {
+                    id: ChangesetId {
+                        site,
+                        version: DbVersion(v),
+                    },
+                    changes,
+                });
+                if v == b {
+                    break;
+                }
+                v += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_changes(
+        &self,
+        site: SiteId,
+        version: u64,
+        rows: &[(u32, Vec<u8>)],
+    ) -> Result<Vec<Change>, StoreError> {
+        let mut changes = Vec::new();
+        let mine = |o: &Origin| o.site == site && o.version.get() == version;
+        for (table_ord, pk_bytes) in rows {
+            let table = self.table_by_ord(*table_ord)?;
+            let pk = PackedPk::from_bytes(pk_bytes.clone())
+                .map_err(|e| StoreError::Corrupt(format!("stored primary key: {e}")))?;
+            let clock = load_row_clock(&self.reader, &self.sites, table.ord, &pk)?;
+            if let Some(s) = clock.sentinel.filter(|s| mine(s)) {
+                changes.push(Change {
+                    table: table.def.name.clone(),
+                    pk: pk.clone(),
+                    column: Column::Sentinel,
+                    value: Value::Null,
+                    col_version: ColVersion(clock.cl.get()),
+                    cl: clock.cl,
+                    seq: s.seq,
+                });
+            }
+            let cells: Vec<_> = clock
+                .cells
+                .iter()
+                .filter(|(_, c)| mine(&c.origin))
+                .collect();
+            if cells.is_empty() {
+                continue;
+            }
+            let values = read_row(&self.reader, table, &pk.values())?;
+            for (ord, cell) in cells {
+                let idx = table.col_by_ord[ord];
+                changes.push(Change {
+                    table: table.def.name.clone(),
+                    pk: pk.clone(),
+                    column: Column::Name(table.def.columns[idx].name.clone()),
+                    value: values
+                        .as_ref()
+                        .map(|v| v[idx].clone())
+                        .unwrap_or(Value::Null),
+                    col_version: cell.col_version,
+                    cl: clock.cl,
+                    seq: cell.origin.seq,
+                });
+            }
+        }
+        changes.sort_by_key(|c| c.seq);
+        Ok(changes)
+    }
+
+    /// Runs one read-only statement on the read connection.
+    pub fn query(&self, statement: &Statement) -> Result<QueryRows, StoreError> {
+        let mut stmt = self
+            .reader
+            .prepare(&statement.sql)
+            .map_err(|e| StoreError::Query(e.to_string()))?;
+        if !stmt.readonly() {
+            return Err(StoreError::NotReadOnly);
+        }
+        bind(&mut stmt, &statement.params).map_err(StoreError::Query)?;
+        let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+        let mut rows = stmt.raw_query();
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| StoreError::Query(e.to_string()))? {
+            out.push(
+                (0..columns.len())
+                    .map(|i| row.get_ref(i).map(capture::to_value))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+        }
+        Ok(QueryRows { columns, rows: out })
+    }
+
+    /// Every row clock of every replicated table, in a form that is equal on two replicas
+    /// exactly when their clock metadata has converged: (table, pk) -> (cl, sentinel author,
+    /// cells by name -> (version, author)). Local db_versions and ordinals are left out.
+    pub fn clock_snapshot(
+        &self,
+    ) -> Result<BTreeMap<(String, PackedPk), ClockSnapshot>, StoreError> {
+        let mut out = BTreeMap::new();
+        let mut stmt = self
+            .reader
+            .prepare("SELECT tbl, pk, cl, sentinel, cells FROM __patina_rows")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let table = self.table_by_ord(row.get(0)?)?;
+            let pk = PackedPk::from_bytes(row.get(1)?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let sentinel: Option<Vec<u8>> = row.get(3)?;
+            let cells: Vec<u8> = row.get(4)?;
+            let clock = clock::decode_row_clock(
+                row.get::<_, i64>(2)? as u64,
+                sentinel.as_deref(),
+                &cells,
+                &self.sites,
+            )?;
+            out.insert(
+                (table.def.name.clone(), pk),
+                ClockSnapshot {
+                    cl: clock.cl,
+                    sentinel: clock.sentinel.map(|o| (o.site, o.version, o.seq)),
+                    cells: clock
+                        .cells
+                        .iter()
+                        .map(|(ord, c)| {
+                            (
+                                table.def.columns[table.col_by_ord[ord]].name.clone(),
+                                (c.col_version, c.origin.site, c.origin.version, c.origin.seq),
+                            )
+                        })
+                        .collect(),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Path-independent description of the database file, for logs.
+    pub fn path(&self) -> Option<&Path> {
+        self.writer.path().map(Path::new)
+    }
+}
+
+/// A row's clock in comparable form (see [`Store::clock_snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClockSnapshot {
+    /// Causal length.
+    pub cl: CausalLength,
+    /// Origin of the sentinel: (site, version, seq).
+    pub sentinel: Option<(SiteId, DbVersion, Seq)>,
+    /// Cells by column name: (version, origin site, origin version, origin seq).
+    pub cells: BTreeMap<String, (ColVersion, SiteId, DbVersion, Seq)>,
+}
+
+fn delete_local(row: &mut LocalRow, origin: Origin) {
+    if !row.clock.cl.is_live() {
+        // Data without a clock (written behind our back): it was live, so its delete is even.
+        row.clock.cl = CausalLength(row.clock.cl.get() + 1);
+    }
+    row.clock.local_delete(origin);
+    row.values = None;
+}
+
+fn bind(stmt: &mut rusqlite::Statement<'_>, params: &Params) -> Result<(), String> {
+    match params {
+        Params::None => {
+            if stmt.parameter_count() > 0 {
+                return Err(format!(
+                    "statement expects {} parameters, got none",
+                    stmt.parameter_count()
+                ));
+            }
+        }
+        Params::Positional(values) => {
+            if stmt.parameter_count() != values.len() {
+                return Err(format!(
+                    "statement expects {} parameters, got {}",
+                    stmt.parameter_count(),
+                    values.len()
+                ));
+            }
+            for (i, v) in values.iter().enumerate() {
+                stmt.raw_bind_parameter(i + 1, SqlValue(v))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Params::Named(values) => {
+            for (name, v) in values {
+                let index = if name.starts_with([':', '@', '$']) {
+                    stmt.parameter_index(name).map_err(|e| e.to_string())?
+                } else {
+                    [":", "@", "$"]
+                        .iter()
+                        .find_map(|p| stmt.parameter_index(&format!("{p}{name}")).ok().flatten())
+                };
+                let index = index.ok_or_else(|| format!("no parameter named {name}"))?;
+                stmt.raw_bind_parameter(index, SqlValue(v))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn load_row_clock(
+    conn: &Connection,
+    sites: &SiteTable,
+    table_ord: u32,
+    pk: &PackedPk,
+) -> Result<RowClock<ColOrd>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT cl, sentinel, cells FROM __patina_rows WHERE tbl = ?1 AND pk = ?2",
+    )?;
+    let row: Option<(i64, Option<Vec<u8>>, Vec<u8>)> = stmt
+        .query_row(params![table_ord, pk.as_bytes()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    match row {
+        None => Ok(RowClock::default()),
+        Some((cl, sentinel, cells)) => {
+            clock::decode_row_clock(cl as u64, sentinel.as_deref(), &cells, sites)
+        }
+    }
+}
+
+/// Reads every column of one row, None if absent.
+fn read_row(
+    conn: &Connection,
+    table: &Table,
+    pk: &[Value],
+) -> Result<Option<Vec<Value>>, StoreError> {
+    let sql = format!(
+        "SELECT * FROM main.{} WHERE {}",
+        quote_ident(&table.def.name),
+        table.pk_where(1)
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let binds: Vec<SqlValue<'_>> = pk.iter().map(SqlValue).collect();
+    let n = table.def.columns.len();
+    Ok(stmt
+        .query_row(rusqlite::params_from_iter(binds), |r| {
+            (0..n)
+                .map(|i| r.get_ref(i).map(capture::to_value))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .optional()?)
+}
+
+/// Reads one cell (the merge rule asks only when versions tie).
+fn read_cell(
+    conn: &Connection,
+    table: &Table,
+    idx: usize,
+    pk: &[Value],
+) -> Result<Value, StoreError> {
+    let sql = format!(
+        "SELECT {} FROM main.{} WHERE {}",
+        quote_ident(&table.def.columns[idx].name),
+        quote_ident(&table.def.name),
+        table.pk_where(1)
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let binds: Vec<SqlValue<'_>> = pk.iter().map(SqlValue).collect();
+    Ok(stmt
+        .query_row(rusqlite::params_from_iter(binds), |r| {
+            r.get_ref(0).map(capture::to_value)
+        })
+        .optional()?
+        .unwrap_or(Value::Null))
+}
+
+/// Inserts the row if absent (key + defaults + `writes`), else sets the `writes` columns.
+fn upsert_row(
+    conn: &Connection,
+    table: &Table,
+    pk: &[Value],
+    writes: &BTreeMap<usize, &Value>,
+) -> Result<(), StoreError> {
+    let cols: Vec<String> = table
+        .pk
+        .iter()
+        .chain(writes.keys())
+        .map(|&i| quote_ident(&table.def.columns[i].name))
+        .collect();
+    let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+    let conflict: Vec<&str> = cols[..table.pk.len()].iter().map(String::as_str).collect();
+    let action = if writes.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        format!(
+            "UPDATE SET {}",
+            cols[table.pk.len()..]
+                .iter()
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let sql = format!(
+        "INSERT INTO main.{} ({}) VALUES ({}) ON CONFLICT ({}) DO {}",
+        quote_ident(&table.def.name),
+        cols.join(", "),
+        placeholders.join(", "),
+        conflict.join(", "),
+        action
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let binds: Vec<SqlValue<'_>> = pk
+        .iter()
+        .chain(writes.values().copied())
+        .map(SqlValue)
+        .collect();
+    stmt.execute(rusqlite::params_from_iter(binds))?;
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! The store on real SQLite: local transactions, capture, extraction and remote apply between
+//! two replicas, and the bad-input paths.
+
+use patina::store::{ApplyOutcome, Params, Statement, Store, StoreConfig, StoreError};
+use patina_core::{DbVersion, Value};
+
+const SCHEMA: &str = "
+CREATE TABLE hosts (id INTEGER PRIMARY KEY, name TEXT NOT NULL DEFAULT '', cpu REAL, tags BLOB);
+CREATE TABLE kv (k TEXT NOT NULL, n INTEGER NOT NULL, v ANY, PRIMARY KEY (k, n)) STRICT, WITHOUT ROWID;
+";
+
+fn open(dir: &tempfile::TempDir, name: &str) -> Store {
+    let schema = dir.path().join("schema.sql");
+    std::fs::write(&schema, SCHEMA).unwrap();
+    Store::open(&StoreConfig {
+        path: dir.path().join(name),
+        schema_paths: vec![schema],
+        max_db_bytes: None,
+    })
+    .unwrap()
+}
+
+fn rows(store: &Store, sql: &str) -> Vec<Vec<Value>> {
+    store.query(&Statement::new(sql)).unwrap().rows
+}
+
+/// Everything `from` has, sent to `to`.
+fn sync(from: &Store, to: &mut Store) {
+    let mut all = Vec::new();
+    for (site, versions) in from.bookkeeping().iter() {
+        all.extend(
+            from.changesets(*site, DbVersion(1), versions.head, usize::MAX)
+                .unwrap(),
+        );
+    }
+    for outcome in to.apply_changesets(&all).unwrap() {
+        assert!(!matches!(outcome, ApplyOutcome::Rejected(_)), "{outcome:?}");
+    }
+}
+
+#[test]
+fn local_write_replicates_and_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let mut b = open(&dir, "b.db");
+    let out = a
+        .transact(&[
+            Statement::with_params(
+                "INSERT INTO hosts (id, name, cpu) VALUES (?, ?, ?)",
+                vec![1.into(), "web".into(), 0.5.into()],
+            ),
+            Statement::new("INSERT INTO kv (k, n, v) VALUES ('x', 1, 'hello'), ('x', 2, 42)"),
+        ])
+        .unwrap();
+    assert_eq!(out.version, Some(DbVersion(1)));
+    assert_eq!(out.rows_affected, vec![1, 2]);
+    let cs = out.changeset.unwrap();
+    // 1 sentinel + 3 cells for hosts, 2 * (1 sentinel + 1 cell) for kv.
+    assert_eq!(cs.changes.len(), 8);
+    let seqs: Vec<u32> = cs.changes.iter().map(|c| c.seq.get()).collect();
+    assert_eq!(seqs, (0..8).collect::<Vec<_>>());
+    // Extraction gives back exactly what the transaction produced.
+    let extracted = a
+        .changesets(a.site_id(), DbVersion(1), DbVersion(1), 10)
+        .unwrap();
+    assert_eq!(extracted, vec![cs.clone()]);
+
+    sync(&a, &mut b);
+    assert_eq!(
+        rows(&b, "SELECT * FROM hosts"),
+        rows(&a, "SELECT * FROM hosts")
+    );
+    assert_eq!(
+        rows(&b, "SELECT * FROM kv ORDER BY n"),
+        rows(&a, "SELECT * FROM kv ORDER BY n")
+    );
+
+    // Conflicting updates on both sides, then exchange both ways.
+    a.transact(&[Statement::new(
+        "UPDATE hosts SET name = 'from-a' WHERE id = 1",
+    )])
+    .unwrap();
+    b.transact(&[Statement::new(
+        "UPDATE hosts SET name = 'from-b', cpu = 2.0 WHERE id = 1",
+    )])
+    .unwrap();
+    sync(&a, &mut b);
+    sync(&b, &mut a);
+    assert_eq!(
+        rows(&a, "SELECT * FROM hosts"),
+        rows(&b, "SELECT * FROM hosts")
+    );
+    assert_eq!(a.clock_snapshot().unwrap(), b.clock_snapshot().unwrap());
+    // Equal versions: the greater value wins ('from-b' > 'from-a').
+    assert_eq!(
+        rows(&a, "SELECT name, cpu FROM hosts"),
+        vec![vec!["from-b".into(), 2.0.into()]]
+    );
+
+    // Delete on one side, update on the other: the delete wins (higher causal length).
+    a.transact(&[Statement::new("DELETE FROM hosts WHERE id = 1")])
+        .unwrap();
+    b.transact(&[Statement::new("UPDATE hosts SET cpu = 9.0 WHERE id = 1")])
+        .unwrap();
+    sync(&a, &mut b);
+    sync(&b, &mut a);
+    assert!(rows(&a, "SELECT * FROM hosts").is_empty());
+    assert!(rows(&b, "SELECT * FROM hosts").is_empty());
+    assert_eq!(a.clock_snapshot().unwrap(), b.clock_snapshot().unwrap());
+
+    // Re-insert resurrects with causal length 3.
+    b.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (1, 'back')",
+    )])
+    .unwrap();
+    sync(&b, &mut a);
+    assert_eq!(
+        rows(&a, "SELECT id, name FROM hosts"),
+        vec![vec![1.into(), "back".into()]]
+    );
+    assert_eq!(a.clock_snapshot().unwrap(), b.clock_snapshot().unwrap());
+}
+
+#[test]
+fn reapplying_own_or_known_changesets_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let mut b = open(&dir, "b.db");
+    let cs = a
+        .transact(&[Statement::new(
+            "INSERT INTO hosts (id, name) VALUES (1, 'x')",
+        )])
+        .unwrap()
+        .changeset
+        .unwrap();
+    assert!(matches!(
+        a.apply_changesets(&[cs.clone()]).unwrap()[0],
+        ApplyOutcome::AlreadyApplied
+    ));
+    assert!(matches!(
+        b.apply_changesets(&[cs.clone()]).unwrap()[0],
+        ApplyOutcome::Applied { .. }
+    ));
+    let snapshot = b.clock_snapshot().unwrap();
+    assert!(matches!(
+        b.apply_changesets(&[cs]).unwrap()[0],
+        ApplyOutcome::AlreadyApplied
+    ));
+    assert_eq!(b.clock_snapshot().unwrap(), snapshot);
+    assert_eq!(b.db_version(), DbVersion(0));
+}
+
+#[test]
+fn failed_statement_rolls_back_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let err = a
+        .transact(&[
+            Statement::new("INSERT INTO hosts (id, name) VALUES (1, 'x')"),
+            Statement::new("INSERT INTO nope VALUES (1)"),
+        ])
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Statement { index: 1, .. }),
+        "{err}"
+    );
+    assert!(rows(&a, "SELECT * FROM hosts").is_empty());
+    assert!(a.clock_snapshot().unwrap().is_empty());
+    assert_eq!(a.db_version(), DbVersion(0));
+    // The next transaction starts clean, at version 1 and seq 0.
+    let out = a
+        .transact(&[Statement::new("INSERT INTO hosts (id) VALUES (2)")])
+        .unwrap();
+    assert_eq!(out.version, Some(DbVersion(1)));
+    assert_eq!(out.changeset.unwrap().changes[0].seq.get(), 0);
+}
+
+#[test]
+fn named_params_and_statement_guards() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    a.transact(&[Statement {
+        sql: "INSERT INTO hosts (id, name) VALUES (:id, :name)".into(),
+        params: Params::Named(vec![("id".into(), 5.into()), (":name".into(), "n".into())]),
+    }])
+    .unwrap();
+    assert_eq!(
+        rows(&a, "SELECT id, name FROM hosts"),
+        vec![vec![5.into(), "n".into()]]
+    );
+    for bad in [
+        "CREATE TABLE x (id INTEGER PRIMARY KEY)",
+        "DROP TABLE hosts",
+        "PRAGMA synchronous = OFF",
+        "COMMIT",
+        "DELETE FROM __patina_rows",
+        "SELECT patina_capture(1, 1, 1)",
+        "ATTACH DATABASE ':memory:' AS x",
+    ] {
+        assert!(
+            a.transact(&[Statement::new(bad)]).is_err(),
+            "{bad} was accepted"
+        );
+    }
+    assert_eq!(rows(&a, "SELECT count(*) FROM hosts"), vec![vec![1.into()]]);
+    assert!(matches!(
+        a.query(&Statement::new("DELETE FROM hosts")),
+        Err(StoreError::NotReadOnly)
+    ));
+    assert!(matches!(
+        a.query(&Statement::new("SELEC 1")),
+        Err(StoreError::Query(_))
+    ));
+    assert!(matches!(a.transact(&[]), Err(StoreError::EmptyTransaction)));
+}
