@@ -10,12 +10,14 @@
 //! - [`pk`]: canonical packing of primary-key tuples into bytes.
 //! - [`change`]: changes and changesets, identified by (author site, author db_version).
 //! - [`merge`]: the merge rule ([`merge::decide`]) and the per-row clock it updates.
+//! - [`mem`]: an in-memory replica over the merge rule (the model's and the tests' reference).
 //! - [`versions`]: per-site bookkeeping of applied versions as compact range sets; needs, heads.
 //! - [`wire`]: compact binary encoding of changesets and a bounded decoder for untrusted bytes.
 //! - [`validate`]: structural checks of a remote changeset before it reaches a store.
 
 pub mod change;
 pub mod ids;
+pub mod mem;
 pub mod merge;
 pub mod pk;
 pub mod validate;
@@ -25,7 +27,7 @@ pub mod wire;
 
 pub use change::{Change, Changeset, ChangesetId, Column};
 pub use ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
-pub use merge::{decide, CellClock, Incoming, LocalRow, MergeDecision, Origin, RowClock};
+pub use merge::{decide, CellClock, Incoming, LocalRow, MergeDecision, MergeFaults, Origin, RowClock};
 pub use pk::PackedPk;
 pub use value::Value;
 pub use versions::{Bookkeeping, RangeSet, SiteVersions};

@@ -5,10 +5,19 @@
 //! pure function that says what an incoming change does to such a row; [`RowClock::apply`]
 //! performs it. The SQLite store, the simulator and the model all go through these two.
 //!
-//! Each cell's effective version is the tuple `(cl, col_version, value, site)`, compared
-//! lexicographically with the value order of [`crate::value`]. It is a total order, so merging is
-//! "keep the max", which is commutative, associative and idempotent, and because the site id is
-//! always the last tie-break the clock metadata converges as well as the visible data.
+//! Each cell's effective version is the tuple `(cl, col_version, value, origin)`, compared
+//! lexicographically with the value order of [`crate::value`]; the origin starts with the author
+//! site id, so ties break on the site as crdt-spec.md asks, and then on the author's version and
+//! seq, which makes the order strict on any two distinct changes. Merging is "keep the max",
+//! which is commutative, associative and idempotent, and the clock metadata converges as well as
+//! the visible data.
+//!
+//! Deliberate deviation from cr-sqlite: when a row comes back to life at a higher causal length,
+//! the cells of its earlier incarnation are dropped, not kept at version 0 ("zeroed"). Keeping
+//! them made the result depend on whether a replica saw the tombstone in between (dropped) or
+//! not (zeroed), and zeroed clocks needed a new local version to propagate through relays.
+//! Every incarnation starts with a local insert that writes every column, so nothing the
+//! current incarnation wrote is lost.
 
 use std::collections::BTreeMap;
 
@@ -41,10 +50,10 @@ pub struct CellClock {
 pub struct LocalRow {
     /// The row's causal length here (0 if never seen).
     pub cl: CausalLength,
-    /// Author of the sentinel that set `cl`; None when `cl` was inferred from a cell change.
-    pub sentinel_site: Option<SiteId>,
+    /// Origin of the sentinel that set `cl`; None when `cl` was inferred from a cell change.
+    pub sentinel: Option<Origin>,
     /// For a cell change: the clock of that cell here, if any.
-    pub cell: Option<(ColVersion, SiteId)>,
+    pub cell: Option<(ColVersion, Origin)>,
 }
 
 /// The parts of an incoming change that [`decide`] looks at.
@@ -58,8 +67,8 @@ pub struct Incoming<'a> {
     pub col_version: ColVersion,
     /// The cell's value (ignored for the sentinel).
     pub value: &'a Value,
-    /// Author site.
-    pub site: SiteId,
+    /// The changeset that wrote it, and the position in it.
+    pub origin: Origin,
 }
 
 /// What an incoming change does to a row.
@@ -69,10 +78,10 @@ pub enum MergeDecision {
     Noop,
     /// A higher even causal length: the row is deleted and its cells dropped.
     Delete,
-    /// A sentinel at the current causal length from a greater site: only the row clock changes.
+    /// A sentinel at the current causal length with a greater origin: only the row clock changes.
     SentinelClock,
-    /// A sentinel with a higher odd causal length: the row comes (back) to life, cells held from
-    /// an earlier incarnation are demoted to version 0.
+    /// A sentinel with a higher odd causal length: the row comes (back) to life with no cells;
+    /// cells of an earlier incarnation are dropped and its columns read as their defaults.
     Resurrect,
     /// A cell with a higher odd causal length: as [`MergeDecision::Resurrect`], then the cell is
     /// written.
@@ -86,19 +95,33 @@ impl MergeDecision {
     pub fn changes_data(self) -> bool {
         !matches!(self, MergeDecision::Noop | MergeDecision::SentinelClock)
     }
+
+    /// True when the row's data must be rebuilt from defaults (a new incarnation).
+    pub fn resurrects(self) -> bool {
+        matches!(self, MergeDecision::Resurrect | MergeDecision::ResurrectWithCell)
+    }
 }
 
-/// Switches that break the merge rule on purpose, so tests can show that the proofs catch it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// Switches that break the merge rule on purpose, so tests (and the model) can show that the
+/// proofs catch each of them. All off in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct MergeFaults {
-    /// Do not compare site ids when versions and values tie (cr-sqlite's default).
+    /// When versions and values tie, keep the local cell instead of comparing origins
+    /// (cr-sqlite's default without its site tie-break).
     pub no_site_tiebreak: bool,
-    /// Do not compare values when versions tie.
-    pub no_value_tiebreak: bool,
+    /// On a resurrect, keep the cells of the earlier incarnation at version 0 instead of
+    /// dropping them (cr-sqlite's "zeroed clocks").
+    pub demote_on_resurrect: bool,
 }
 
-/// The merge rule. `local_value` is asked for the local value of the cell only when the versions
-/// tie; it is the only way the rule reads row data, so the store loads values lazily.
+/// The merge rule. `local_value` is asked for the local value of the cell only when the
+/// versions tie; it is the only way the rule reads row data, so the store loads values lazily.
+///
+/// A row is an epoch (its causal length) and, for the current epoch only, a register per
+/// column. Epochs compare first; within an epoch each register keeps the max of
+/// `(col_version, value, origin)`, and the sentinel the max origin. That is a lexicographic
+/// product of total orders and a pointwise max: merge is a join, so it is commutative,
+/// associative and idempotent for any changes, and metadata converges with the data.
 pub fn decide<E>(
     local: &LocalRow,
     incoming: &Incoming<'_>,
@@ -107,7 +130,7 @@ pub fn decide<E>(
     decide_with_faults(local, incoming, local_value, MergeFaults::default())
 }
 
-/// [`decide`] with deliberate faults, for tests that show a broken rule is caught.
+/// [`decide`] with deliberate faults.
 pub fn decide_with_faults<E>(
     local: &LocalRow,
     incoming: &Incoming<'_>,
@@ -115,19 +138,20 @@ pub fn decide_with_faults<E>(
     faults: MergeFaults,
 ) -> Result<MergeDecision, E> {
     use std::cmp::Ordering::*;
-    // A sentinel inferred from a cell (None) always yields to the real one.
-    let sentinel_wins = || match local.sentinel_site {
-        None => true,
-        Some(site) => !faults.no_site_tiebreak && incoming.site > site,
-    };
     Ok(match incoming.cl.cmp(&local.cl) {
+        // A change to an older incarnation: that incarnation's cells are gone everywhere.
         Less => MergeDecision::Noop,
         _ if incoming.cl.get() == 0 => MergeDecision::Noop,
         Greater if !incoming.cl.is_live() => MergeDecision::Delete,
         Greater if incoming.is_sentinel => MergeDecision::Resurrect,
         Greater => MergeDecision::ResurrectWithCell,
         Equal if incoming.is_sentinel => {
-            if sentinel_wins() {
+            // A sentinel inferred from a cell (None) always yields to the real one.
+            let wins = match local.sentinel {
+                None => true,
+                Some(o) => !faults.no_site_tiebreak && incoming.origin > o,
+            };
+            if wins {
                 MergeDecision::SentinelClock
             } else {
                 MergeDecision::Noop
@@ -137,18 +161,14 @@ pub fn decide_with_faults<E>(
         Equal if !incoming.cl.is_live() => MergeDecision::Noop,
         Equal => match local.cell {
             None => MergeDecision::Cell,
-            Some((version, site)) => {
-                let by_version = incoming.col_version.cmp(&version);
-                let ord = if by_version != Equal || faults.no_value_tiebreak {
-                    by_version
-                } else {
-                    incoming.value.cmp(&local_value()?)
-                };
-                let ord = if ord == Equal && !faults.no_site_tiebreak {
-                    incoming.site.cmp(&site)
-                } else {
-                    ord
-                };
+            Some((version, origin)) => {
+                let mut ord = incoming.col_version.cmp(&version);
+                if ord == Equal {
+                    ord = incoming.value.cmp(&local_value()?);
+                }
+                if ord == Equal && !faults.no_site_tiebreak {
+                    ord = incoming.origin.cmp(&origin);
+                }
                 if ord == Greater {
                     MergeDecision::Cell
                 } else {
@@ -168,7 +188,7 @@ pub struct RowClock<C: Ord> {
     /// The changeset whose sentinel set `cl`; None when `cl` came from a cell change (the
     /// sentinel of that incarnation has not arrived yet) or `cl` is 0.
     pub sentinel: Option<Origin>,
-    /// Cell clocks. Empty whenever `cl` is even.
+    /// Cell clocks of the current incarnation. Empty whenever `cl` is even.
     pub cells: BTreeMap<C, CellClock>,
 }
 
@@ -187,52 +207,67 @@ impl<C: Ord + Clone> RowClock<C> {
     pub fn local_row(&self, column: Option<&C>) -> LocalRow {
         LocalRow {
             cl: self.cl,
-            sentinel_site: self.sentinel.map(|o| o.site),
+            sentinel: self.sentinel,
             cell: column
                 .and_then(|c| self.cells.get(c))
-                .map(|clk| (clk.col_version, clk.origin.site)),
+                .map(|clk| (clk.col_version, clk.origin)),
         }
     }
 
-    /// Applies a decision of [`decide`] for a change to `column` (None: the sentinel) with the
-    /// given causal length, version and origin.
+    /// Merges one incoming change to `column` (None: the sentinel): decides, then applies.
+    pub fn merge<E>(
+        &mut self,
+        column: Option<&C>,
+        incoming: &Incoming<'_>,
+        local_value: impl FnOnce() -> Result<Value, E>,
+        faults: MergeFaults,
+    ) -> Result<MergeDecision, E> {
+        let decision = decide_with_faults(&self.local_row(column), incoming, local_value, faults)?;
+        self.apply(decision, column, incoming, faults);
+        Ok(decision)
+    }
+
+    /// Applies a decision of [`decide`] for `incoming`, a change to `column`.
     pub fn apply(
         &mut self,
         decision: MergeDecision,
         column: Option<&C>,
-        cl: CausalLength,
-        col_version: ColVersion,
-        origin: Origin,
+        incoming: &Incoming<'_>,
+        faults: MergeFaults,
     ) {
         match decision {
             MergeDecision::Noop => {}
             MergeDecision::Delete => {
-                self.cl = cl;
-                self.sentinel = Some(origin);
+                self.cl = incoming.cl;
+                self.sentinel = Some(incoming.origin);
                 self.cells.clear();
             }
-            MergeDecision::SentinelClock => self.sentinel = Some(origin),
+            MergeDecision::SentinelClock => self.sentinel = Some(incoming.origin),
             MergeDecision::Resurrect | MergeDecision::ResurrectWithCell => {
-                self.cl = cl;
-                self.sentinel = (decision == MergeDecision::Resurrect).then_some(origin);
-                for clock in self.cells.values_mut() {
-                    clock.col_version = ColVersion(0);
+                self.cl = incoming.cl;
+                self.sentinel = (decision == MergeDecision::Resurrect).then_some(incoming.origin);
+                if faults.demote_on_resurrect {
+                    for clock in self.cells.values_mut() {
+                        clock.col_version = ColVersion(0);
+                    }
+                } else {
+                    self.cells.clear();
                 }
                 if decision == MergeDecision::ResurrectWithCell {
-                    self.set_cell(column, col_version, origin);
+                    self.set_cell(column, incoming);
                 }
             }
-            MergeDecision::Cell => self.set_cell(column, col_version, origin),
+            MergeDecision::Cell => self.set_cell(column, incoming),
         }
     }
 
-    fn set_cell(&mut self, column: Option<&C>, col_version: ColVersion, origin: Origin) {
+    fn set_cell(&mut self, column: Option<&C>, incoming: &Incoming<'_>) {
         if let Some(c) = column {
             self.cells.insert(
                 c.clone(),
                 CellClock {
-                    col_version,
-                    origin,
+                    col_version: incoming.col_version,
+                    origin: incoming.origin,
                 },
             );
         }
@@ -240,10 +275,8 @@ impl<C: Ord + Clone> RowClock<C> {
 
     /// A local insert of the row with the given non-primary-key columns.
     pub fn local_insert(&mut self, columns: impl IntoIterator<Item = C>, origin: Origin) {
-        if self.cl.is_live() {
-            // Replace over a live row: the old incarnation's cells are gone.
-            self.cells.clear();
-        }
+        // A new incarnation starts with no cells (replace over a live row included).
+        self.cells.clear();
         self.cl = self.cl.after_local_insert();
         self.sentinel = Some(origin);
         for c in columns {
@@ -298,13 +331,13 @@ mod tests {
         }
     }
 
-    fn cell<'a>(cl: u64, ver: u64, value: &'a Value, site: SiteId) -> Incoming<'a> {
+    fn cell(cl: u64, ver: u64, value: &Value, site: SiteId) -> Incoming<'_> {
         Incoming {
             cl: CausalLength(cl),
             is_sentinel: false,
             col_version: ColVersion(ver),
             value,
-            site,
+            origin: origin(site),
         }
     }
 
@@ -314,7 +347,7 @@ mod tests {
             is_sentinel: true,
             col_version: ColVersion(cl),
             value: &Value::Null,
-            site,
+            origin: origin(site),
         }
     }
 
@@ -325,137 +358,71 @@ mod tests {
     fn live(cl: u64, cell: Option<(u64, SiteId)>) -> LocalRow {
         LocalRow {
             cl: CausalLength(cl),
-            sentinel_site: Some(A),
-            cell: cell.map(|(v, s)| (ColVersion(v), s)),
+            sentinel: Some(origin(A)),
+            cell: cell.map(|(v, s)| (ColVersion(v), origin(s))),
         }
     }
 
     #[test]
     fn higher_version_wins_lower_loses() {
         let v = Value::from(1);
-        assert_eq!(
-            run(live(1, Some((1, A))), cell(1, 2, &v, A), Value::Null),
-            MergeDecision::Cell
-        );
-        assert_eq!(
-            run(live(1, Some((3, A))), cell(1, 2, &v, B), Value::Null),
-            MergeDecision::Noop
-        );
+        assert_eq!(run(live(1, Some((1, A))), cell(1, 2, &v, A), Value::Null), MergeDecision::Cell);
+        assert_eq!(run(live(1, Some((3, A))), cell(1, 2, &v, B), Value::Null), MergeDecision::Noop);
     }
 
     #[test]
     fn ties_break_on_value_then_site() {
         let big = Value::from(9);
         let small = Value::from(1);
-        assert_eq!(
-            run(live(1, Some((2, B))), cell(1, 2, &big, A), small.clone()),
-            MergeDecision::Cell
-        );
-        assert_eq!(
-            run(live(1, Some((2, A))), cell(1, 2, &small, B), big),
-            MergeDecision::Noop
-        );
+        assert_eq!(run(live(1, Some((2, B))), cell(1, 2, &big, A), small.clone()), MergeDecision::Cell);
+        assert_eq!(run(live(1, Some((2, A))), cell(1, 2, &small, B), big), MergeDecision::Noop);
         // Same version, same value: the greater site wins, so metadata converges too.
-        assert_eq!(
-            run(live(1, Some((2, A))), cell(1, 2, &small, B), small.clone()),
-            MergeDecision::Cell
-        );
-        assert_eq!(
-            run(live(1, Some((2, B))), cell(1, 2, &small, A), small.clone()),
-            MergeDecision::Noop
-        );
+        assert_eq!(run(live(1, Some((2, A))), cell(1, 2, &small, B), small.clone()), MergeDecision::Cell);
+        assert_eq!(run(live(1, Some((2, B))), cell(1, 2, &small, A), small.clone()), MergeDecision::Noop);
         // The identical change again is a no-op (idempotence).
-        assert_eq!(
-            run(live(1, Some((2, B))), cell(1, 2, &small, B), small.clone()),
-            MergeDecision::Noop
-        );
+        assert_eq!(run(live(1, Some((2, B))), cell(1, 2, &small, B), small.clone()), MergeDecision::Noop);
     }
 
     #[test]
     fn causal_length_rules() {
         let v = Value::from(1);
         // Lower cl loses whatever the version.
-        assert_eq!(
-            run(live(3, None), cell(1, 99, &v, B), Value::Null),
-            MergeDecision::Noop
-        );
+        assert_eq!(run(live(3, None), cell(1, 99, &v, B), Value::Null), MergeDecision::Noop);
         // Higher even cl deletes.
-        assert_eq!(
-            run(live(1, Some((5, A))), sentinel(2, A), Value::Null),
-            MergeDecision::Delete
-        );
+        assert_eq!(run(live(1, Some((5, A))), sentinel(2, A), Value::Null), MergeDecision::Delete);
         // Higher odd cl resurrects.
-        assert_eq!(
-            run(live(2, None), sentinel(3, A), Value::Null),
-            MergeDecision::Resurrect
-        );
-        assert_eq!(
-            run(live(2, None), cell(3, 1, &v, A), Value::Null),
-            MergeDecision::ResurrectWithCell
-        );
+        assert_eq!(run(live(2, None), sentinel(3, A), Value::Null), MergeDecision::Resurrect);
+        assert_eq!(run(live(2, None), cell(3, 1, &v, A), Value::Null), MergeDecision::ResurrectWithCell);
         // First sight of a row is a resurrect from cl 0.
-        assert_eq!(
-            run(
-                LocalRow {
-                    cl: CausalLength(0),
-                    sentinel_site: None,
-                    cell: None
-                },
-                cell(1, 1, &v, A),
-                Value::Null
-            ),
-            MergeDecision::ResurrectWithCell
-        );
+        let unknown = LocalRow { cl: CausalLength(0), sentinel: None, cell: None };
+        assert_eq!(run(unknown, cell(1, 1, &v, A), Value::Null), MergeDecision::ResurrectWithCell);
         // A cell at a tombstone's cl does nothing.
-        assert_eq!(
-            run(live(2, None), cell(2, 1, &v, B), Value::Null),
-            MergeDecision::Noop
-        );
+        assert_eq!(run(live(2, None), cell(2, 1, &v, B), Value::Null), MergeDecision::Noop);
         // cl 0 is never valid and never applies.
-        assert_eq!(
-            run(live(0, None), sentinel(0, B), Value::Null),
-            MergeDecision::Noop
-        );
+        assert_eq!(run(unknown, sentinel(0, B), Value::Null), MergeDecision::Noop);
     }
 
     #[test]
-    fn equal_sentinels_tie_break_on_site() {
-        assert_eq!(
-            run(live(2, None), sentinel(2, B), Value::Null),
-            MergeDecision::SentinelClock
-        );
-        assert_eq!(
-            run(live(2, None), sentinel(2, A), Value::Null),
-            MergeDecision::Noop
-        );
-        let inferred = LocalRow {
-            cl: CausalLength(1),
-            sentinel_site: None,
-            cell: None,
-        };
-        assert_eq!(
-            run(inferred, sentinel(1, A), Value::Null),
-            MergeDecision::SentinelClock
-        );
+    fn equal_sentinels_tie_break_on_origin() {
+        assert_eq!(run(live(2, None), sentinel(2, B), Value::Null), MergeDecision::SentinelClock);
+        assert_eq!(run(live(2, None), sentinel(2, A), Value::Null), MergeDecision::Noop);
+        let inferred = LocalRow { cl: CausalLength(1), sentinel: None, cell: None };
+        assert_eq!(run(inferred, sentinel(1, A), Value::Null), MergeDecision::SentinelClock);
     }
 
     #[test]
-    fn resurrect_demotes_cells_and_delete_clears_them() {
+    fn resurrect_drops_cells_and_delete_clears_them() {
         let mut row: RowClock<&str> = RowClock::default();
         row.local_insert(["a", "b"], origin(A));
         assert_eq!(row.cl, CausalLength(1));
         row.local_update("a", origin(A));
         assert_eq!(row.cells["a"].col_version, ColVersion(2));
-        row.apply(
-            MergeDecision::ResurrectWithCell,
-            Some(&"b"),
-            CausalLength(3),
-            ColVersion(1),
-            origin(B),
-        );
+        let v = Value::from(1);
+        let d = row.merge::<Infallible>(Some(&"b"), &cell(3, 1, &v, B), || Ok(Value::Null), MergeFaults::default());
+        assert_eq!(d, Ok(MergeDecision::ResurrectWithCell));
         assert_eq!(row.cl, CausalLength(3));
         assert_eq!(row.sentinel, None);
-        assert_eq!(row.cells["a"].col_version, ColVersion(0));
+        assert!(!row.cells.contains_key("a"));
         assert_eq!(row.cells["b"].col_version, ColVersion(1));
         row.local_delete(origin(A));
         assert_eq!(row.cl, CausalLength(4));

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use patina_core::change::{Change, Changeset, ChangesetId, Column};
 use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};
-use patina_core::merge::{decide, Incoming, MergeDecision, Origin, RowClock};
+use patina_core::merge::{Incoming, MergeDecision, MergeFaults, Origin, RowClock};
 use patina_core::pk::PackedPk;
 use patina_core::validate::validate_changeset;
 use patina_core::value::Value;
@@ -991,42 +991,34 @@ impl Store {
                     is_sentinel: col_ord.is_none(),
                     col_version: change.col_version,
                     value: &change.value,
-                    site: changeset.id.site,
-                };
-                let local = clock.local_row(col_ord.as_ref());
-                let idx = col_ord.map(|o| table.col_by_ord[&o]);
-                let decision = decide(&local, &incoming, || {
-                    read_cell(&self.writer, &table, idx.unwrap_or(0), &pk_values)
-                })?;
-                clock.apply(
-                    decision,
-                    col_ord.as_ref(),
-                    change.cl,
-                    change.col_version,
-                    Origin {
+                    origin: Origin {
                         site: changeset.id.site,
                         version: changeset.id.version,
                         seq: change.seq,
                     },
-                );
+                };
+                let idx = col_ord.map(|o| table.col_by_ord[&o]);
+                let was_live = clock.cl.is_live();
+                let decision = clock.merge(
+                    col_ord.as_ref(),
+                    &incoming,
+                    || read_cell(&self.writer, &table, idx.unwrap_or(0), &pk_values),
+                    MergeFaults::default(),
+                )?;
                 if decision != MergeDecision::Noop {
                     changes_won += 1;
                 }
                 data_changed |= decision.changes_data();
-                match decision {
-                    MergeDecision::Delete => {
-                        deleted = true;
-                        ensure_row = false;
-                        writes.clear();
+                if decision == MergeDecision::Delete || (decision.resurrects() && was_live) {
+                    // A new incarnation (or none): the old row's data goes, defaults come back.
+                    deleted = true;
+                    writes.clear();
+                }
+                ensure_row |= decision.resurrects();
+                if matches!(decision, MergeDecision::ResurrectWithCell | MergeDecision::Cell) {
+                    if let Some(i) = idx {
+                        writes.insert(i, &change.value);
                     }
-                    MergeDecision::Resurrect => ensure_row = true,
-                    MergeDecision::ResurrectWithCell | MergeDecision::Cell => {
-                        ensure_row |= decision == MergeDecision::ResurrectWithCell;
-                        if let Some(i) = idx {
-                            writes.insert(i, &change.value);
-                        }
-                    }
-                    MergeDecision::Noop | MergeDecision::SentinelClock => {}
                 }
             }
             if clock == before {
