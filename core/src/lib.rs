@@ -27,7 +27,9 @@ pub mod wire;
 
 pub use change::{Change, Changeset, ChangesetId, Column};
 pub use ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
-pub use merge::{decide, CellClock, Incoming, LocalRow, MergeDecision, MergeFaults, Origin, RowClock};
+pub use merge::{
+    decide, CellClock, Incoming, LocalRow, MergeDecision, MergeFaults, Origin, RowClock,
+};
 pub use pk::PackedPk;
 pub use value::Value;
 pub use versions::{Bookkeeping, RangeSet, SiteVersions};

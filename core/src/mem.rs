@@ -70,14 +70,25 @@ impl MemReplica {
             .merge::<std::convert::Infallible>(
                 column.as_ref(),
                 &incoming,
-                || Ok(column.as_ref().and_then(|c| values.get(c)).cloned().unwrap_or(Value::Null)),
+                || {
+                    Ok(column
+                        .as_ref()
+                        .and_then(|c| values.get(c))
+                        .cloned()
+                        .unwrap_or(Value::Null))
+                },
                 self.faults,
             )
             .unwrap_or_else(|never| match never {});
-        if decision == MergeDecision::Delete || (decision.resurrects() && !self.faults.demote_on_resurrect) {
+        if decision == MergeDecision::Delete
+            || (decision.resurrects() && !self.faults.demote_on_resurrect)
+        {
             row.values.clear();
         }
-        if matches!(decision, MergeDecision::Cell | MergeDecision::ResurrectWithCell) {
+        if matches!(
+            decision,
+            MergeDecision::Cell | MergeDecision::ResurrectWithCell
+        ) {
             if let Some(c) = column {
                 row.values.insert(c, change.value.clone());
             }
@@ -103,7 +114,12 @@ impl MemReplica {
     }
 
     /// Inserts (or replaces) a row; `values` are its non-key columns.
-    pub fn insert(&mut self, table: &str, pk: PackedPk, values: BTreeMap<String, Value>) -> Changeset {
+    pub fn insert(
+        &mut self,
+        table: &str,
+        pk: PackedPk,
+        values: BTreeMap<String, Value>,
+    ) -> Changeset {
         let origin = self.local_origin();
         let row = self.rows.entry((table.to_owned(), pk.clone())).or_default();
         row.clock.local_insert(values.keys().cloned(), origin);
@@ -112,7 +128,13 @@ impl MemReplica {
     }
 
     /// Sets one column of a live row; None if the row is not live or the value is unchanged.
-    pub fn update(&mut self, table: &str, pk: PackedPk, column: &str, value: Value) -> Option<Changeset> {
+    pub fn update(
+        &mut self,
+        table: &str,
+        pk: PackedPk,
+        column: &str,
+        value: Value,
+    ) -> Option<Changeset> {
         let origin = self.local_origin();
         let row = self.rows.get_mut(&(table.to_owned(), pk.clone()))?;
         if !row.clock.cl.is_live() || row.values.get(column) == Some(&value) {
@@ -142,7 +164,10 @@ impl MemReplica {
         keys.dedup();
         let version = self.db_version.next();
         self.db_version = version;
-        let id = ChangesetId { site: self.site, version };
+        let id = ChangesetId {
+            site: self.site,
+            version,
+        };
         let mut seq = 0;
         for key in &keys {
             if let Some(row) = self.rows.get_mut(key) {

@@ -98,7 +98,10 @@ impl MergeDecision {
 
     /// True when the row's data must be rebuilt from defaults (a new incarnation).
     pub fn resurrects(self) -> bool {
-        matches!(self, MergeDecision::Resurrect | MergeDecision::ResurrectWithCell)
+        matches!(
+            self,
+            MergeDecision::Resurrect | MergeDecision::ResurrectWithCell
+        )
     }
 }
 
@@ -366,48 +369,107 @@ mod tests {
     #[test]
     fn higher_version_wins_lower_loses() {
         let v = Value::from(1);
-        assert_eq!(run(live(1, Some((1, A))), cell(1, 2, &v, A), Value::Null), MergeDecision::Cell);
-        assert_eq!(run(live(1, Some((3, A))), cell(1, 2, &v, B), Value::Null), MergeDecision::Noop);
+        assert_eq!(
+            run(live(1, Some((1, A))), cell(1, 2, &v, A), Value::Null),
+            MergeDecision::Cell
+        );
+        assert_eq!(
+            run(live(1, Some((3, A))), cell(1, 2, &v, B), Value::Null),
+            MergeDecision::Noop
+        );
     }
 
     #[test]
     fn ties_break_on_value_then_site() {
         let big = Value::from(9);
         let small = Value::from(1);
-        assert_eq!(run(live(1, Some((2, B))), cell(1, 2, &big, A), small.clone()), MergeDecision::Cell);
-        assert_eq!(run(live(1, Some((2, A))), cell(1, 2, &small, B), big), MergeDecision::Noop);
+        assert_eq!(
+            run(live(1, Some((2, B))), cell(1, 2, &big, A), small.clone()),
+            MergeDecision::Cell
+        );
+        assert_eq!(
+            run(live(1, Some((2, A))), cell(1, 2, &small, B), big),
+            MergeDecision::Noop
+        );
         // Same version, same value: the greater site wins, so metadata converges too.
-        assert_eq!(run(live(1, Some((2, A))), cell(1, 2, &small, B), small.clone()), MergeDecision::Cell);
-        assert_eq!(run(live(1, Some((2, B))), cell(1, 2, &small, A), small.clone()), MergeDecision::Noop);
+        assert_eq!(
+            run(live(1, Some((2, A))), cell(1, 2, &small, B), small.clone()),
+            MergeDecision::Cell
+        );
+        assert_eq!(
+            run(live(1, Some((2, B))), cell(1, 2, &small, A), small.clone()),
+            MergeDecision::Noop
+        );
         // The identical change again is a no-op (idempotence).
-        assert_eq!(run(live(1, Some((2, B))), cell(1, 2, &small, B), small.clone()), MergeDecision::Noop);
+        assert_eq!(
+            run(live(1, Some((2, B))), cell(1, 2, &small, B), small.clone()),
+            MergeDecision::Noop
+        );
     }
 
     #[test]
     fn causal_length_rules() {
         let v = Value::from(1);
         // Lower cl loses whatever the version.
-        assert_eq!(run(live(3, None), cell(1, 99, &v, B), Value::Null), MergeDecision::Noop);
+        assert_eq!(
+            run(live(3, None), cell(1, 99, &v, B), Value::Null),
+            MergeDecision::Noop
+        );
         // Higher even cl deletes.
-        assert_eq!(run(live(1, Some((5, A))), sentinel(2, A), Value::Null), MergeDecision::Delete);
+        assert_eq!(
+            run(live(1, Some((5, A))), sentinel(2, A), Value::Null),
+            MergeDecision::Delete
+        );
         // Higher odd cl resurrects.
-        assert_eq!(run(live(2, None), sentinel(3, A), Value::Null), MergeDecision::Resurrect);
-        assert_eq!(run(live(2, None), cell(3, 1, &v, A), Value::Null), MergeDecision::ResurrectWithCell);
+        assert_eq!(
+            run(live(2, None), sentinel(3, A), Value::Null),
+            MergeDecision::Resurrect
+        );
+        assert_eq!(
+            run(live(2, None), cell(3, 1, &v, A), Value::Null),
+            MergeDecision::ResurrectWithCell
+        );
         // First sight of a row is a resurrect from cl 0.
-        let unknown = LocalRow { cl: CausalLength(0), sentinel: None, cell: None };
-        assert_eq!(run(unknown, cell(1, 1, &v, A), Value::Null), MergeDecision::ResurrectWithCell);
+        let unknown = LocalRow {
+            cl: CausalLength(0),
+            sentinel: None,
+            cell: None,
+        };
+        assert_eq!(
+            run(unknown, cell(1, 1, &v, A), Value::Null),
+            MergeDecision::ResurrectWithCell
+        );
         // A cell at a tombstone's cl does nothing.
-        assert_eq!(run(live(2, None), cell(2, 1, &v, B), Value::Null), MergeDecision::Noop);
+        assert_eq!(
+            run(live(2, None), cell(2, 1, &v, B), Value::Null),
+            MergeDecision::Noop
+        );
         // cl 0 is never valid and never applies.
-        assert_eq!(run(unknown, sentinel(0, B), Value::Null), MergeDecision::Noop);
+        assert_eq!(
+            run(unknown, sentinel(0, B), Value::Null),
+            MergeDecision::Noop
+        );
     }
 
     #[test]
     fn equal_sentinels_tie_break_on_origin() {
-        assert_eq!(run(live(2, None), sentinel(2, B), Value::Null), MergeDecision::SentinelClock);
-        assert_eq!(run(live(2, None), sentinel(2, A), Value::Null), MergeDecision::Noop);
-        let inferred = LocalRow { cl: CausalLength(1), sentinel: None, cell: None };
-        assert_eq!(run(inferred, sentinel(1, A), Value::Null), MergeDecision::SentinelClock);
+        assert_eq!(
+            run(live(2, None), sentinel(2, B), Value::Null),
+            MergeDecision::SentinelClock
+        );
+        assert_eq!(
+            run(live(2, None), sentinel(2, A), Value::Null),
+            MergeDecision::Noop
+        );
+        let inferred = LocalRow {
+            cl: CausalLength(1),
+            sentinel: None,
+            cell: None,
+        };
+        assert_eq!(
+            run(inferred, sentinel(1, A), Value::Null),
+            MergeDecision::SentinelClock
+        );
     }
 
     #[test]
@@ -418,7 +480,12 @@ mod tests {
         row.local_update("a", origin(A));
         assert_eq!(row.cells["a"].col_version, ColVersion(2));
         let v = Value::from(1);
-        let d = row.merge::<Infallible>(Some(&"b"), &cell(3, 1, &v, B), || Ok(Value::Null), MergeFaults::default());
+        let d = row.merge::<Infallible>(
+            Some(&"b"),
+            &cell(3, 1, &v, B),
+            || Ok(Value::Null),
+            MergeFaults::default(),
+        );
         assert_eq!(d, Ok(MergeDecision::ResurrectWithCell));
         assert_eq!(row.cl, CausalLength(3));
         assert_eq!(row.sentinel, None);

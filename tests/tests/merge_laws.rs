@@ -19,8 +19,17 @@ type Op = (ChangesetId, Change);
 /// Any valid change to one of two rows of one table with two columns: small ranges, so that
 /// equal versions, equal values, equal causal lengths and equal sites all happen often.
 fn arb_change() -> impl Strategy<Value = Op> {
-    (0u8..3, 1u64..4, 0i64..2, 0u8..3, 1u64..6, 0u64..3, 0u8..4, 0u32..3).prop_map(
-        |(site, version, key, column, cl, ver, value, seq)| {
+    (
+        0u8..3,
+        1u64..4,
+        0i64..2,
+        0u8..3,
+        1u64..6,
+        0u64..3,
+        0u8..4,
+        0u32..3,
+    )
+        .prop_map(|(site, version, key, column, cl, ver, value, seq)| {
             let column = match column {
                 0 => Column::Sentinel,
                 1 => Column::Name("a".into()),
@@ -31,7 +40,13 @@ fn arb_change() -> impl Strategy<Value = Op> {
                 Column::Sentinel => (cl, Value::Null),
                 Column::Name(_) => (
                     cl | 1,
-                    [Value::Null, Value::Integer(1), Value::Integer(2), Value::from("x")][value as usize].clone(),
+                    [
+                        Value::Null,
+                        Value::Integer(1),
+                        Value::Integer(2),
+                        Value::from("x"),
+                    ][value as usize]
+                        .clone(),
                 ),
             };
             let id = ChangesetId {
@@ -48,8 +63,7 @@ fn arb_change() -> impl Strategy<Value = Op> {
                 seq: Seq(seq),
             };
             (id, change)
-        },
-    )
+        })
 }
 
 fn arb_ops(max: usize) -> impl Strategy<Value = Vec<Op>> {
@@ -101,7 +115,11 @@ fn commutative(faults: MergeFaults, cases: u32) -> Result<(), String> {
 fn associative(faults: MergeFaults, cases: u32) -> Result<(), String> {
     runner(cases)
         .run(&(arb_ops(6), arb_ops(6), arb_ops(6)), |(x, y, z)| {
-            let (x, y, z) = (replica(&x, faults), replica(&y, faults), replica(&z, faults));
+            let (x, y, z) = (
+                replica(&x, faults),
+                replica(&y, faults),
+                replica(&z, faults),
+            );
             let left = join(&join(&x, &y), &z);
             let right = join(&x, &join(&y, &z));
             prop_assert_eq!(&left.rows, &right.rows);

@@ -1015,7 +1015,10 @@ impl Store {
                     writes.clear();
                 }
                 ensure_row |= decision.resurrects();
-                if matches!(decision, MergeDecision::ResurrectWithCell | MergeDecision::Cell) {
+                if matches!(
+                    decision,
+                    MergeDecision::ResurrectWithCell | MergeDecision::Cell
+                ) {
                     if let Some(i) = idx {
                         writes.insert(i, &change.value);
                     }
