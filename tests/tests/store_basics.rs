@@ -134,11 +134,11 @@ fn reapplying_own_or_known_changesets_changes_nothing() {
         .changeset
         .unwrap();
     assert!(matches!(
-        a.apply_changesets(&[cs.clone()]).unwrap()[0],
+        a.apply_changesets(std::slice::from_ref(&cs)).unwrap()[0],
         ApplyOutcome::AlreadyApplied
     ));
     assert!(matches!(
-        b.apply_changesets(&[cs.clone()]).unwrap()[0],
+        b.apply_changesets(std::slice::from_ref(&cs)).unwrap()[0],
         ApplyOutcome::Applied { .. }
     ));
     let snapshot = b.clock_snapshot().unwrap();
@@ -212,4 +212,112 @@ fn named_params_and_statement_guards() {
         Err(StoreError::Query(_))
     ));
     assert!(matches!(a.transact(&[]), Err(StoreError::EmptyTransaction)));
+}
+
+fn cl_of(store: &Store, table: &str, id: i64) -> u64 {
+    let pk = patina_core::PackedPk::pack(&[Value::Integer(id)]).unwrap();
+    store.clock_snapshot().unwrap()[&(table.to_string(), pk)]
+        .cl
+        .get()
+}
+
+/// crdt-spec.md section 8: the clocks local writes leave.
+#[test]
+fn local_write_semantics() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name, cpu) VALUES (1, 'a', 1.0)",
+    )])
+    .unwrap();
+    // An update to an equal value writes no clock and takes no version.
+    let same = a
+        .transact(&[Statement::new("UPDATE hosts SET name = 'a' WHERE id = 1")])
+        .unwrap();
+    assert_eq!((same.version, same.rows_affected.clone()), (None, vec![1]));
+    // An update bumps only the changed columns.
+    let cs = a
+        .transact(&[Statement::new(
+            "UPDATE hosts SET name = 'b', cpu = 1.0 WHERE id = 1",
+        )])
+        .unwrap()
+        .changeset
+        .unwrap();
+    assert_eq!(cs.changes.len(), 1);
+    assert_eq!(
+        (cs.changes[0].column.name(), cs.changes[0].col_version.get()),
+        (Some("name"), 2)
+    );
+    // delete -> insert -> delete: cl 2 -> 3 -> 4.
+    a.transact(&[Statement::new("DELETE FROM hosts WHERE id = 1")])
+        .unwrap();
+    assert_eq!(cl_of(&a, "hosts", 1), 2);
+    a.transact(&[Statement::new("INSERT INTO hosts (id) VALUES (1)")])
+        .unwrap();
+    assert_eq!(cl_of(&a, "hosts", 1), 3);
+    a.transact(&[Statement::new("DELETE FROM hosts WHERE id = 1")])
+        .unwrap();
+    assert_eq!(cl_of(&a, "hosts", 1), 4);
+    // A key change: a tombstone for the old key, a live row with fresh clocks for the new one.
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (2, 'k')",
+    )])
+    .unwrap();
+    let cs = a
+        .transact(&[Statement::new("UPDATE hosts SET id = 3 WHERE id = 2")])
+        .unwrap()
+        .changeset
+        .unwrap();
+    assert_eq!(cl_of(&a, "hosts", 2), 2);
+    assert_eq!(cl_of(&a, "hosts", 3), 1);
+    assert!(cs
+        .changes
+        .iter()
+        .any(|c| c.column.name() == Some("name") && c.value == Value::from("k")));
+    // REPLACE over a live row is delete + insert: cl + 2, fresh cells.
+    a.transact(&[Statement::new(
+        "INSERT OR REPLACE INTO hosts (id, name) VALUES (3, 'r')",
+    )])
+    .unwrap();
+    assert_eq!(cl_of(&a, "hosts", 3), 3);
+    // An upsert that updates is an update.
+    let cs = a
+        .transact(&[Statement::new("INSERT INTO hosts (id, name) VALUES (3, 'u') ON CONFLICT (id) DO UPDATE SET name = excluded.name")])
+        .unwrap()
+        .changeset
+        .unwrap();
+    assert_eq!(cs.changes.len(), 1);
+    // DELETE without WHERE (SQLite's truncate optimisation) is captured row by row.
+    a.transact(&[Statement::new("INSERT INTO hosts (id) VALUES (10), (11)")])
+        .unwrap();
+    let out = a.transact(&[Statement::new("DELETE FROM hosts")]).unwrap();
+    assert_eq!(out.rows_affected, vec![3]);
+    assert_eq!(out.changeset.unwrap().changes.len(), 3);
+    // All writes of one transaction share its version, with seq 0..k-1.
+    let cs = a
+        .transact(&[
+            Statement::new("INSERT INTO hosts (id, name) VALUES (20, 'x')"),
+            Statement::new("INSERT INTO kv (k, n, v) VALUES ('a', 1, x'00')"),
+            Statement::new("UPDATE hosts SET cpu = 3.5 WHERE id = 20"),
+        ])
+        .unwrap()
+        .changeset
+        .unwrap();
+    let seqs: Vec<u32> = cs.changes.iter().map(|c| c.seq.get()).collect();
+    assert_eq!(seqs, (0..cs.changes.len() as u32).collect::<Vec<_>>());
+    // Re-applying a replica's own changesets to itself changes nothing.
+    let before = a.clock_snapshot().unwrap();
+    let version = a.db_version();
+    let own = a
+        .changesets(a.site_id(), DbVersion(1), version, usize::MAX)
+        .unwrap();
+    assert!(a
+        .apply_changesets(&own)
+        .unwrap()
+        .iter()
+        .all(|o| matches!(o, ApplyOutcome::AlreadyApplied)));
+    assert_eq!(
+        (a.clock_snapshot().unwrap(), a.db_version()),
+        (before, version)
+    );
 }

@@ -105,7 +105,7 @@ impl Capture {
                     let write = match op {
                         1 => RowWrite::Insert { new: values },
                         2 => RowWrite::Delete { old: values },
-                        3 if values.len() % 2 == 0 => {
+                        3 if values.len().is_multiple_of(2) => {
                             let mut old = values;
                             let new = old.split_off(old.len() / 2);
                             RowWrite::Update { old, new }

@@ -209,6 +209,9 @@ impl Table {
     }
 }
 
+/// The changes of one changeset to one row, each with its column ordinal (None: sentinel).
+type RowChanges<'a> = Vec<(&'a Change, Option<ColOrd>)>;
+
 /// A row touched by a local transaction.
 struct LocalRow {
     clock: RowClock<ColOrd>,
@@ -527,12 +530,21 @@ impl Store {
             };
             // Column ordinals are assigned once and never reused, in declaration order.
             for col in def.columns.iter().filter(|c| c.pk_position == 0) {
-                self.writer.execute(
-                    "INSERT INTO __patina_columns (tbl, ord, name)
-                     SELECT ?1, coalesce(max(ord) + 1, 0), ?2 FROM __patina_columns WHERE tbl = ?1
-                     AND NOT EXISTS (SELECT 1 FROM __patina_columns WHERE tbl = ?1 AND name = ?2)",
-                    params![table_ord, col.name],
-                )?;
+                let known: Option<i64> = self
+                    .writer
+                    .query_row(
+                        "SELECT ord FROM __patina_columns WHERE tbl = ?1 AND name = ?2",
+                        params![table_ord, col.name],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if known.is_none() {
+                    self.writer.execute(
+                        "INSERT INTO __patina_columns (tbl, ord, name)
+                         SELECT ?1, coalesce(max(ord) + 1, 0), ?2 FROM __patina_columns WHERE tbl = ?1",
+                        params![table_ord, col.name],
+                    )?;
+                }
             }
         }
         Ok(backfill)
@@ -935,8 +947,7 @@ impl Store {
         };
         validate_changeset(changeset).map_err(|e| reject(e.into()))?;
         // Check everything against the schema before writing anything.
-        let mut groups: BTreeMap<(&str, &PackedPk), Vec<(&Change, Option<ColOrd>)>> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<(&str, &PackedPk), RowChanges<'_>> = BTreeMap::new();
         for change in &changeset.changes {
             let table = self
                 .tables
@@ -1180,7 +1191,7 @@ impl Store {
             return Err(StoreError::NotReadOnly);
         }
         bind(&mut stmt, &statement.params).map_err(StoreError::Query)?;
-        let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         let mut rows = stmt.raw_query();
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(|e| StoreError::Query(e.to_string()))? {

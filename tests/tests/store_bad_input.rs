@@ -1,0 +1,501 @@
+//! Bad input gets a typed error and loses nothing: schemas that break a rule, non-additive
+//! schema changes, remote changes for unknown tables or columns, wrong types, malformed bytes,
+//! a full database. Also: durability across reopen and additive schema evolution.
+
+use patina::store::{
+    ApplyOutcome, ChangeError, SchemaError, Statement, Store, StoreConfig, StoreError,
+};
+use patina_core::change::{Change, Changeset, ChangesetId, Column};
+use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
+use patina_core::pk::PackedPk;
+use patina_core::validate::InvalidChange;
+use patina_core::value::Value;
+use patina_core::wire::{changeset_to_bytes, decode_changeset, DecodeError, Limits};
+
+const SCHEMA: &str = "
+CREATE TABLE hosts (id INTEGER PRIMARY KEY, name TEXT NOT NULL DEFAULT '', port INTEGER, load REAL);
+CREATE TABLE strict_kv (k TEXT NOT NULL PRIMARY KEY, n INTEGER) STRICT;
+";
+
+fn config(dir: &tempfile::TempDir, schema: &str) -> StoreConfig {
+    let path = dir.path().join("schema.sql");
+    std::fs::write(&path, schema).unwrap();
+    StoreConfig {
+        path: dir.path().join("db.sqlite"),
+        schema_paths: vec![path],
+        max_db_bytes: None,
+    }
+}
+
+fn rows(store: &Store, sql: &str) -> Vec<Vec<Value>> {
+    store.query(&Statement::new(sql)).unwrap().rows
+}
+
+fn change(table: &str, pk: i64, column: Option<&str>, value: Value, cl: u64, seq: u32) -> Change {
+    Change {
+        table: table.into(),
+        pk: PackedPk::pack(&[Value::Integer(pk)]).unwrap(),
+        column: column.map_or(Column::Sentinel, |c| Column::Name(c.into())),
+        value,
+        col_version: ColVersion(1),
+        cl: CausalLength(cl),
+        seq: Seq(seq),
+    }
+}
+
+fn remote(version: u64, changes: Vec<Change>) -> Changeset {
+    Changeset {
+        id: ChangesetId {
+            site: SiteId([7; 16]),
+            version: DbVersion(version),
+        },
+        changes,
+    }
+}
+
+fn rejected(outcome: &ApplyOutcome) -> &ChangeError {
+    match outcome {
+        ApplyOutcome::Rejected(StoreError::Change { source, .. }) => source,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn schema_rule_violations_name_table_and_rule_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &dir,
+        "CREATE TABLE ok (id INTEGER PRIMARY KEY); CREATE TABLE bad (id INTEGER PRIMARY KEY, email TEXT UNIQUE);",
+    );
+    match Store::open(&cfg) {
+        Err(StoreError::Schema(SchemaError::Rule { table, rule })) => {
+            assert_eq!(table, "bad");
+            assert!(rule.contains("UNIQUE"), "{rule}");
+        }
+        other => panic!("expected a rule error, got {other:?}"),
+    }
+    // A good schema opens the same file afterwards; the refused one created no table.
+    let store = Store::open(&config(&dir, SCHEMA)).unwrap();
+    assert_eq!(
+        store.table_names(),
+        vec!["hosts".to_string(), "strict_kv".to_string()]
+    );
+    assert!(Store::open(&StoreConfig {
+        schema_paths: vec![dir.path().join("missing.sql")],
+        ..cfg
+    })
+    .is_err_and(|e| matches!(e, StoreError::Schema(SchemaError::Read { .. }))));
+}
+
+#[test]
+fn non_additive_schema_change_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&config(&dir, SCHEMA)).unwrap();
+    store
+        .transact(&[Statement::new(
+            "INSERT INTO hosts (id, name) VALUES (1, 'a')",
+        )])
+        .unwrap();
+    let err = store
+        .apply_schema_sql(
+            "CREATE TABLE hosts (id INTEGER PRIMARY KEY, name BLOB, port INTEGER, load REAL);",
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Schema(SchemaError::NotAdditive { .. })),
+        "{err}"
+    );
+    assert_eq!(
+        rows(&store, "SELECT id, name FROM hosts"),
+        vec![vec![1.into(), "a".into()]]
+    );
+    // A partly good change (new table + a bad one) is refused whole.
+    let err = store
+        .apply_schema_sql(&format!(
+            "{SCHEMA} CREATE TABLE extra (id INTEGER PRIMARY KEY); CREATE TABLE worse (x TEXT);"
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Schema(SchemaError::Rule { .. })),
+        "{err}"
+    );
+    assert_eq!(store.table_names().len(), 2);
+    store
+        .transact(&[Statement::new("UPDATE hosts SET name = 'b'")])
+        .unwrap();
+}
+
+#[test]
+fn remote_changes_for_unknown_tables_columns_and_wrong_types_are_rejected_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&config(&dir, SCHEMA)).unwrap();
+    let good = remote(
+        1,
+        vec![
+            change("hosts", 1, None, Value::Null, 1, 0),
+            change("hosts", 1, Some("name"), "web".into(), 1, 1),
+        ],
+    );
+    let batch = vec![
+        remote(2, vec![change("nope", 1, None, Value::Null, 1, 0)]),
+        remote(3, vec![change("hosts", 2, Some("nope"), 1.into(), 1, 0)]),
+        remote(4, vec![change("hosts", 2, Some("id"), 1.into(), 1, 0)]),
+        remote(5, vec![change("strict_kv", 2, Some("n"), 1.into(), 1, 0)]),
+        remote(6, vec![change("hosts", 2, Some("port"), "80".into(), 1, 0)]),
+        remote(7, vec![change("hosts", 2, Some("name"), 5.into(), 1, 0)]),
+        remote(8, vec![change("hosts", 2, Some("name"), Value::Null, 1, 0)]),
+        remote(9, vec![change("hosts", 2, Some("load"), 3.into(), 1, 0)]),
+        remote(10, vec![change("hosts", 2, Some("name"), "x".into(), 2, 0)]),
+        remote(11, vec![change("hosts", 2, None, 1.into(), 1, 0)]),
+        remote(12, vec![change("hosts", 2, None, Value::Null, 0, 0)]),
+        remote(
+            13,
+            vec![
+                change("hosts", 2, None, Value::Null, 1, 0),
+                change("hosts", 3, None, Value::Null, 1, 0),
+            ],
+        ),
+        // A valid change followed by an invalid one in the same changeset: nothing of it lands.
+        remote(
+            14,
+            vec![
+                change("hosts", 9, None, Value::Null, 1, 0),
+                change("hosts", 9, Some("port"), " 8.5e1 ".into(), 1, 1),
+            ],
+        ),
+        good.clone(),
+    ];
+    let before = store.clock_snapshot().unwrap();
+    let outcomes = store.apply_changesets(&batch).unwrap();
+    assert!(matches!(rejected(&outcomes[0]), ChangeError::UnknownTable(t) if t == "nope"));
+    assert!(
+        matches!(rejected(&outcomes[1]), ChangeError::UnknownColumn { column, .. } if column == "nope")
+    );
+    assert!(
+        matches!(rejected(&outcomes[2]), ChangeError::UnknownColumn { column, .. } if column == "id")
+    );
+    // strict_kv's key is TEXT: an integer key is the wrong type.
+    assert!(
+        matches!(rejected(&outcomes[3]), ChangeError::WrongType { column, .. } if column == "k")
+    );
+    // Text that SQLite would turn into a number, a number into text, NULL into NOT NULL, an
+    // integer into a REAL column: each would store something other than what was sent.
+    for (i, outcome) in outcomes.iter().enumerate().take(8).skip(4) {
+        assert!(
+            matches!(rejected(outcome), ChangeError::WrongType { .. }),
+            "{i}: {outcome:?}"
+        );
+    }
+    assert!(matches!(
+        rejected(&outcomes[8]),
+        ChangeError::Invalid(InvalidChange::CellOnDeletedRow { .. })
+    ));
+    assert!(matches!(
+        rejected(&outcomes[9]),
+        ChangeError::Invalid(InvalidChange::SentinelWithValue { .. })
+    ));
+    assert!(matches!(
+        rejected(&outcomes[10]),
+        ChangeError::Invalid(InvalidChange::ZeroCausalLength { .. })
+    ));
+    assert!(matches!(
+        rejected(&outcomes[11]),
+        ChangeError::Invalid(InvalidChange::DuplicateSeq { .. })
+    ));
+    assert!(matches!(
+        rejected(&outcomes[12]),
+        ChangeError::WrongType { .. }
+    ));
+    // Text that is not a number stays text in an INTEGER column, so it is accepted as sent.
+    let kept = remote(
+        15,
+        vec![
+            change("hosts", 4, None, Value::Null, 1, 0),
+            change("hosts", 4, Some("port"), "eighty".into(), 1, 1),
+        ],
+    );
+    assert!(matches!(
+        store.apply_changesets(&[kept]).unwrap()[0],
+        ApplyOutcome::Applied { .. }
+    ));
+    assert_eq!(
+        rows(&store, "SELECT typeof(port) FROM hosts WHERE id = 4"),
+        vec![vec!["text".into()]]
+    );
+    assert!(matches!(
+        outcomes[13],
+        ApplyOutcome::Applied {
+            changes_won: 2,
+            rows_changed: 1
+        }
+    ));
+    // Only the good changeset left a trace.
+    assert_eq!(
+        rows(&store, "SELECT id, name FROM hosts WHERE id != 4"),
+        vec![vec![1.into(), "web".into()]]
+    );
+    assert_eq!(store.clock_snapshot().unwrap().len(), before.len() + 2);
+    let book = store.bookkeeping().site(&SiteId([7; 16])).unwrap();
+    assert!(book.applied.contains(1));
+    assert!(!book.applied.contains(2) && !book.applied.contains(14));
+    // Refused changesets can come back corrected later.
+    let fixed = remote(
+        14,
+        vec![
+            change("hosts", 9, None, Value::Null, 1, 0),
+            change("hosts", 9, Some("port"), 80.into(), 1, 1),
+        ],
+    );
+    assert!(matches!(
+        store.apply_changesets(&[fixed]).unwrap()[0],
+        ApplyOutcome::Applied { .. }
+    ));
+}
+
+#[test]
+fn primary_key_arity_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&config(&dir, SCHEMA)).unwrap();
+    let mut bad = change("hosts", 1, None, Value::Null, 1, 0);
+    bad.pk = PackedPk::pack(&[Value::Integer(1), Value::Integer(2)]).unwrap();
+    let outcomes = store.apply_changesets(&[remote(1, vec![bad])]).unwrap();
+    assert!(matches!(
+        rejected(&outcomes[0]),
+        ChangeError::PkArity {
+            got: 2,
+            expected: 1,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn malformed_bytes_are_decode_errors() {
+    let cs = remote(
+        1,
+        vec![change("hosts", 1, Some("name"), "héllo".into(), 1, 0)],
+    );
+    let bytes = changeset_to_bytes(&cs);
+    let limits = Limits::default();
+    assert_eq!(decode_changeset(&bytes, &limits).unwrap(), cs);
+    // Truncated anywhere.
+    assert!(decode_changeset(&bytes[..bytes.len() - 1], &limits).is_err());
+    // A short site id: the input ends inside it.
+    assert_eq!(
+        decode_changeset(&bytes[..10], &limits),
+        Err(DecodeError::Truncated("site id"))
+    );
+    // Invalid UTF-8 in a text value.
+    let mut bad = bytes.clone();
+    let at = bad.windows(2).position(|w| w == "é".as_bytes()).unwrap();
+    bad[at] = 0xff;
+    assert_eq!(
+        decode_changeset(&bad, &limits),
+        Err(DecodeError::InvalidUtf8("text value"))
+    );
+    // Oversized.
+    let big = remote(
+        1,
+        vec![change(
+            "hosts",
+            1,
+            Some("name"),
+            "x".repeat(100).into(),
+            1,
+            0,
+        )],
+    );
+    let small = Limits {
+        value_bytes_max: 64,
+        ..Limits::default()
+    };
+    assert!(matches!(
+        decode_changeset(&changeset_to_bytes(&big), &small),
+        Err(DecodeError::TooLarge { .. })
+    ));
+    assert!(SiteId::from_slice(&[1; 8]).is_err());
+}
+
+#[test]
+fn a_full_database_fails_cleanly_and_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        max_db_bytes: Some(256 * 1024),
+        ..config(&dir, SCHEMA)
+    };
+    let mut store = Store::open(&cfg).unwrap();
+    let blob = "x".repeat(4000);
+    let mut full = None;
+    for i in 0..200 {
+        let stmt = Statement::with_params(
+            "INSERT INTO hosts (id, name) VALUES (?, ?)",
+            vec![i.into(), blob.clone().into()],
+        );
+        match store.transact(&[stmt]) {
+            Ok(_) => {}
+            Err(e) => {
+                full = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (written, err) = full.expect("the size cap was never hit");
+    assert!(err.to_string().contains("full"), "{err}");
+    // Nothing of the failed transaction: exactly `written` rows and versions.
+    assert_eq!(store.db_version(), DbVersion(written as u64));
+    assert_eq!(
+        rows(&store, "SELECT count(*) FROM hosts"),
+        vec![vec![written.into()]]
+    );
+    // Remote changesets fail the same way, as an error for the batch, with nothing applied.
+    let big: Vec<Changeset> = (0..50)
+        .map(|v| {
+            remote(
+                v + 1,
+                vec![
+                    change("hosts", 1000 + v as i64, None, Value::Null, 1, 0),
+                    change(
+                        "hosts",
+                        1000 + v as i64,
+                        Some("name"),
+                        blob.clone().into(),
+                        1,
+                        1,
+                    ),
+                ],
+            )
+        })
+        .collect();
+    assert!(store.apply_changesets(&big).is_err());
+    assert!(store.bookkeeping().site(&SiteId([7; 16])).is_none());
+    // Freeing space makes it usable again.
+    store
+        .transact(&[Statement::new("DELETE FROM hosts WHERE id < 10")])
+        .unwrap();
+    store
+        .transact(&[Statement::new("INSERT INTO hosts (id) VALUES (5000)")])
+        .unwrap();
+}
+
+#[test]
+fn reopen_keeps_rows_clocks_versions_and_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir, SCHEMA);
+    let (site, clocks) = {
+        let mut store = Store::open(&cfg).unwrap();
+        store
+            .transact(&[Statement::new(
+                "INSERT INTO hosts (id, name) VALUES (1, 'a'), (2, 'b')",
+            )])
+            .unwrap();
+        store
+            .transact(&[Statement::new("DELETE FROM hosts WHERE id = 2")])
+            .unwrap();
+        store
+            .apply_changesets(&[remote(3, vec![change("hosts", 7, None, Value::Null, 1, 0)])])
+            .unwrap();
+        (store.site_id(), store.clock_snapshot().unwrap())
+    };
+    let mut store = Store::open(&cfg).unwrap();
+    assert_eq!(store.site_id(), site);
+    assert_eq!(store.db_version(), DbVersion(2));
+    assert_eq!(store.clock_snapshot().unwrap(), clocks);
+    let remote_site = store.bookkeeping().site(&SiteId([7; 16])).unwrap();
+    assert_eq!(remote_site.needs(), vec![(1, 2)]);
+    let out = store
+        .transact(&[Statement::new("UPDATE hosts SET name = 'c' WHERE id = 1")])
+        .unwrap();
+    assert_eq!(out.version, Some(DbVersion(3)));
+}
+
+#[test]
+fn additive_schema_changes_and_backfill() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir, SCHEMA);
+    // A plain table with rows, in the file before Patina manages it.
+    rusqlite::Connection::open(&cfg.path)
+        .unwrap()
+        .execute_batch("CREATE TABLE legacy (id INTEGER PRIMARY KEY, v TEXT); INSERT INTO legacy VALUES (1, 'a'), (2, 'b');")
+        .unwrap();
+    let mut store = Store::open(&cfg).unwrap();
+    store
+        .transact(&[Statement::new(
+            "INSERT INTO hosts (id, name) VALUES (1, 'a')",
+        )])
+        .unwrap();
+    // Reloading the same schema changes nothing.
+    store.apply_schema_sql(SCHEMA).unwrap();
+    assert_eq!(store.db_version(), DbVersion(1));
+
+    let v2 = format!(
+        "{}
+         CREATE TABLE strict_kv (k TEXT NOT NULL PRIMARY KEY, n INTEGER) STRICT;
+         CREATE TABLE legacy (id INTEGER PRIMARY KEY, v TEXT);
+         CREATE INDEX hosts_zone ON hosts (zone);",
+        "CREATE TABLE hosts (id INTEGER PRIMARY KEY, name TEXT NOT NULL DEFAULT '', port INTEGER, load REAL,
+                             zone TEXT NOT NULL DEFAULT 'eu');"
+    );
+    store.apply_schema_sql(&v2).unwrap();
+    // Existing rows read the new column's default; the legacy rows got clocks as version 2.
+    assert_eq!(
+        rows(&store, "SELECT id, zone FROM hosts"),
+        vec![vec![1.into(), "eu".into()]]
+    );
+    assert_eq!(store.db_version(), DbVersion(2));
+    let backfill = store
+        .changesets(store.site_id(), DbVersion(2), DbVersion(2), 1)
+        .unwrap();
+    assert_eq!(
+        backfill[0].changes.len(),
+        4,
+        "2 legacy rows: a sentinel and a cell each"
+    );
+    let zone_write = store
+        .transact(&[Statement::new("UPDATE hosts SET zone = 'us' WHERE id = 1")])
+        .unwrap()
+        .changeset
+        .unwrap();
+
+    // A replica on the new schema converges; one still on the old schema refuses the new column
+    // and accepts it after its own reload.
+    let new_dir = tempfile::tempdir().unwrap();
+    let mut new_replica = Store::open(&config(&new_dir, &v2)).unwrap();
+    let all = store
+        .changesets(store.site_id(), DbVersion(1), DbVersion(3), 10)
+        .unwrap();
+    for outcome in new_replica.apply_changesets(&all).unwrap() {
+        assert!(
+            matches!(outcome, ApplyOutcome::Applied { .. }),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(
+        new_replica.clock_snapshot().unwrap(),
+        store.clock_snapshot().unwrap()
+    );
+    assert_eq!(
+        rows(&new_replica, "SELECT * FROM legacy ORDER BY id"),
+        rows(&store, "SELECT * FROM legacy ORDER BY id")
+    );
+
+    let old_dir = tempfile::tempdir().unwrap();
+    let mut old_replica = Store::open(&config(&old_dir, SCHEMA)).unwrap();
+    let outcomes = old_replica
+        .apply_changesets(std::slice::from_ref(&zone_write))
+        .unwrap();
+    assert!(
+        matches!(rejected(&outcomes[0]), ChangeError::UnknownColumn { column, .. } if column == "zone")
+    );
+    old_replica.apply_schema_sql(&v2).unwrap();
+    let outcomes = old_replica.apply_changesets(&all).unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, ApplyOutcome::Applied { .. })),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        rows(&old_replica, "SELECT id, zone FROM hosts"),
+        vec![vec![1.into(), "us".into()]]
+    );
+}
