@@ -1,1 +1,295 @@
-fn main() {}
+//! Hot paths of the store: a local write against the same write on a plain SQLite table,
+//! remote changeset apply at several batch sizes, changeset extraction, and the wire codec.
+//!
+//! Run: `cargo bench -p patina-bench` (figures go to docs/BENCHMARKS.md).
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use patina::store::{Statement, Store, StoreConfig};
+use patina_core::change::{Change, Changeset, ChangesetId, Column};
+use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
+use patina_core::pk::PackedPk;
+use patina_core::value::Value;
+use patina_core::wire::{changeset_to_bytes, decode_changeset, Limits};
+
+const SCHEMA: &str =
+    "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER NOT NULL DEFAULT 0, price REAL);";
+
+fn store(dir: &tempfile::TempDir, name: &str) -> Store {
+    let schema = dir.path().join("schema.sql");
+    std::fs::write(&schema, SCHEMA).unwrap();
+    Store::open(&StoreConfig {
+        path: dir.path().join(name),
+        schema_paths: vec![schema],
+        max_db_bytes: None,
+    })
+    .unwrap()
+}
+
+fn plain_sqlite(dir: &tempfile::TempDir) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(dir.path().join("plain.db")).unwrap();
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+        .unwrap();
+    conn.execute_batch(SCHEMA).unwrap();
+    conn
+}
+
+const INSERT: &str = "INSERT INTO items (id, name, qty, price) VALUES (?1, ?2, ?3, ?4)";
+
+fn row(id: i64) -> Vec<Value> {
+    vec![
+        id.into(),
+        format!("item-{id}").into(),
+        (id % 100).into(),
+        (id as f64 * 0.25).into(),
+    ]
+}
+
+/// One transaction inserting `rows_per_tx` new rows (or updating one column of existing ones).
+fn local_write(c: &mut Criterion) {
+    let mut group = c.benchmark_group("local_write");
+    group
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(30);
+    for rows_per_tx in [1usize, 10] {
+        group.throughput(Throughput::Elements(rows_per_tx as u64));
+        group.bench_with_input(
+            BenchmarkId::new("plain_sqlite_insert", rows_per_tx),
+            &rows_per_tx,
+            |b, &n| {
+                let dir = tempfile::tempdir().unwrap();
+                let conn = plain_sqlite(&dir);
+                let mut next = 0i64;
+                b.iter(|| {
+                    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                    {
+                        let mut stmt = conn.prepare_cached(INSERT).unwrap();
+                        for _ in 0..n {
+                            next += 1;
+                            stmt.execute(rusqlite::params_from_iter(row(next).iter().map(to_sql)))
+                                .unwrap();
+                        }
+                    }
+                    conn.execute_batch("COMMIT").unwrap();
+                });
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("store_insert", rows_per_tx),
+            &rows_per_tx,
+            |b, &n| {
+                let dir = tempfile::tempdir().unwrap();
+                let mut store = store(&dir, "store.db");
+                let mut next = 0i64;
+                b.iter(|| {
+                    let statements: Vec<Statement> = (0..n)
+                        .map(|_| {
+                            next += 1;
+                            Statement::with_params(INSERT, row(next))
+                        })
+                        .collect();
+                    store.transact(&statements).unwrap();
+                });
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("plain_sqlite_update", rows_per_tx),
+            &rows_per_tx,
+            |b, &n| {
+                let dir = tempfile::tempdir().unwrap();
+                let conn = plain_sqlite(&dir);
+                for id in 1..=1000 {
+                    conn.execute(
+                        INSERT,
+                        rusqlite::params_from_iter(row(id).iter().map(to_sql)),
+                    )
+                    .unwrap();
+                }
+                let mut tick = 0i64;
+                b.iter(|| {
+                    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                    {
+                        let mut stmt = conn
+                            .prepare_cached("UPDATE items SET qty = ?1 WHERE id = ?2")
+                            .unwrap();
+                        for _ in 0..n {
+                            tick += 1;
+                            stmt.execute((tick, tick % 1000 + 1)).unwrap();
+                        }
+                    }
+                    conn.execute_batch("COMMIT").unwrap();
+                });
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("store_update", rows_per_tx),
+            &rows_per_tx,
+            |b, &n| {
+                let dir = tempfile::tempdir().unwrap();
+                let mut store = store(&dir, "store.db");
+                let seed: Vec<Statement> = (1..=1000)
+                    .map(|id| Statement::with_params(INSERT, row(id)))
+                    .collect();
+                store.transact(&seed).unwrap();
+                let mut tick = 0i64;
+                b.iter(|| {
+                    let statements: Vec<Statement> = (0..n)
+                        .map(|_| {
+                            tick += 1;
+                            Statement::with_params(
+                                "UPDATE items SET qty = ?1 WHERE id = ?2",
+                                vec![tick.into(), (tick % 1000 + 1).into()],
+                            )
+                        })
+                        .collect();
+                    store.transact(&statements).unwrap();
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+fn to_sql(v: &Value) -> rusqlite::types::Value {
+    match v {
+        Value::Null => rusqlite::types::Value::Null,
+        Value::Integer(i) => rusqlite::types::Value::Integer(*i),
+        Value::Real(r) => rusqlite::types::Value::Real(*r),
+        Value::Text(s) => rusqlite::types::Value::Text(s.clone()),
+        Value::Blob(b) => rusqlite::types::Value::Blob(b.clone()),
+    }
+}
+
+/// A remote changeset inserting one row: its sentinel and three cells (4 changes).
+fn remote_insert(site: SiteId, version: u64) -> Changeset {
+    let id = version as i64;
+    let pk = PackedPk::pack(&[Value::Integer(id)]).unwrap();
+    let cell = |seq: u32, column: Option<&str>, value: Value| Change {
+        table: "items".into(),
+        pk: pk.clone(),
+        column: column.map_or(Column::Sentinel, |c| Column::Name(c.into())),
+        value,
+        col_version: ColVersion(1),
+        cl: CausalLength(1),
+        seq: Seq(seq),
+    };
+    let values = row(id);
+    Changeset {
+        id: ChangesetId {
+            site,
+            version: DbVersion(version),
+        },
+        changes: vec![
+            cell(0, None, Value::Null),
+            cell(1, Some("name"), values[1].clone()),
+            cell(2, Some("qty"), values[2].clone()),
+            cell(3, Some("price"), values[3].clone()),
+        ],
+    }
+}
+
+/// Remote apply: batches of 1, 100 and 10,000 changes (single-row inserts of 4 changes, and
+/// for batch 1 a single-cell update), throughput in changes per second.
+fn remote_apply(c: &mut Criterion) {
+    let mut group = c.benchmark_group("remote_apply");
+    group
+        .measurement_time(Duration::from_secs(5))
+        .sample_size(10);
+    let site = SiteId([9; 16]);
+    for changes_per_batch in [1usize, 100, 10_000] {
+        group.throughput(Throughput::Elements(changes_per_batch as u64));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(changes_per_batch),
+            &changes_per_batch,
+            |b, &n| {
+                b.iter_custom(|iters| {
+                    let dir = tempfile::tempdir().unwrap();
+                    let mut target = store(&dir, "target.db");
+                    let mut version = 0u64;
+                    let batches: Vec<Vec<Changeset>> = (0..iters)
+                        .map(|_| {
+                            if n == 1 {
+                                // A single change: one cell of a new row, which it creates.
+                                version += 1;
+                                let mut cs = remote_insert(site, version);
+                                cs.changes.retain(|c| c.seq == Seq(1));
+                                vec![cs]
+                            } else {
+                                (0..n / 4)
+                                    .map(|_| {
+                                        version += 1;
+                                        remote_insert(site, version)
+                                    })
+                                    .collect()
+                            }
+                        })
+                        .collect();
+                    let start = Instant::now();
+                    for batch in &batches {
+                        target.apply_changesets(batch).unwrap();
+                    }
+                    start.elapsed()
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+/// Extraction of 100 one-row changesets from a store holding 10,000.
+fn extraction(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut source = store(&dir, "source.db");
+    let site = SiteId([9; 16]);
+    let all: Vec<Changeset> = (1..=10_000).map(|v| remote_insert(site, v)).collect();
+    source.apply_changesets(&all).unwrap();
+    let mut group = c.benchmark_group("extract");
+    group
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(20);
+    group.throughput(Throughput::Elements(400));
+    group.bench_function("100_changesets_of_4_changes", |b| {
+        let mut start = 1u64;
+        b.iter(|| {
+            let out = source
+                .changesets(site, DbVersion(start), DbVersion(start + 99), 100)
+                .unwrap();
+            assert_eq!(out.len(), 100);
+            start = (start + 100) % 9_900 + 1;
+        });
+    });
+    group.finish();
+}
+
+/// Wire encoding and decoding of a 100-row changeset (400 changes).
+fn wire(c: &mut Criterion) {
+    let site = SiteId([9; 16]);
+    let mut big = remote_insert(site, 1);
+    big.changes = (1..=100)
+        .flat_map(|v| remote_insert(site, v).changes)
+        .enumerate()
+        .map(|(i, mut ch)| {
+            ch.seq = Seq(i as u32);
+            ch
+        })
+        .collect();
+    let bytes = changeset_to_bytes(&big);
+    let mut group = c.benchmark_group("wire");
+    group.throughput(Throughput::Elements(big.changes.len() as u64));
+    group.bench_function("encode_400_changes", |b| {
+        b.iter(|| changeset_to_bytes(&big))
+    });
+    group.bench_function("decode_400_changes", |b| {
+        b.iter_batched(
+            || bytes.clone(),
+            |bytes| decode_changeset(&bytes, &Limits::default()).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+    println!("wire: 400 changes encode to {} bytes", bytes.len());
+}
+
+criterion_group!(benches, local_write, remote_apply, extraction, wire);
+criterion_main!(benches);

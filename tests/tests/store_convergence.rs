@@ -565,7 +565,7 @@ fn run(cluster: &mut Cluster, op: &Op) {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 64, rng_seed: RngSeed::Fixed(0xc0ffee), failure_persistence: None, ..Config::default() })]
+    #![proptest_config(Config { cases: 256, rng_seed: RngSeed::Fixed(0xc0ffee), failure_persistence: None, ..Config::default() })]
 
     // Strong eventual consistency on SQLite: after any history and a full exchange, every
     // replica holds identical rows and identical clocks, equal to the reference replica.
