@@ -1,3 +1,200 @@
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The `patina` command line.
+//!
+//! `patina db ...` works directly on a node's database file, with no agent running: run a
+//! transaction, a query, print the replication state or the changesets of a site. The agent
+//! and the commands that talk to it (`agent`, `exec`, `query`, `reload`, `cluster`, `tls`) come
+//! with the agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use patina_core::ids::{DbVersion, SiteId};
+use patina_core::value::Value;
+
+use crate::store::{Statement, Store, StoreConfig};
+
+/// Patina: SQLite replicated to every node, with no leader.
+#[derive(Debug, Parser)]
+#[command(name = "patina", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work directly on a node's database file (no agent needed).
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+#[derive(Debug, Args)]
+struct DbArgs {
+    /// The database file (created if missing).
+    #[arg(long, default_value = "patina-data/state.db")]
+    db: PathBuf,
+    /// Schema files or folders of .sql files, applied (additively) on open.
+    #[arg(long = "schema")]
+    schema: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Run statements as one transaction and print its version and rows affected.
+    Exec {
+        #[command(flatten)]
+        args: DbArgs,
+        /// SQL statements, each one argument, all in one transaction.
+        #[arg(required = true)]
+        sql: Vec<String>,
+    },
+    /// Run one read-only statement and print the rows, tab-separated.
+    Query {
+        #[command(flatten)]
+        args: DbArgs,
+        /// The SQL.
+        sql: String,
+    },
+    /// Print this replica's site id, db_version, and per-site heads and needs.
+    State {
+        #[command(flatten)]
+        args: DbArgs,
+    },
+    /// Print the changesets of a site (default: this replica) in a version range.
+    Changes {
+        #[command(flatten)]
+        args: DbArgs,
+        /// Site id, 32 hex digits.
+        #[arg(long)]
+        site: Option<String>,
+        /// First version.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Last version (default: the site's head).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Most changesets to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open(args: &DbArgs) -> Result<Store, Box<dyn std::error::Error>> {
+    if let Some(parent) = args.db.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    Ok(Store::open(&StoreConfig {
+        path: args.db.clone(),
+        schema_paths: args.schema.clone(),
+        max_db_bytes: None,
+    })?)
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Db(DbCommand::Exec { args, sql }) => {
+            let mut store = open(&args)?;
+            let statements: Vec<Statement> = sql.into_iter().map(Statement::new).collect();
+            let out = store.transact(&statements)?;
+            match out.version {
+                Some(v) => println!("version {v}"),
+                None => println!("no change"),
+            }
+            for (i, n) in out.rows_affected.iter().enumerate() {
+                println!("statement {i}: {n} rows affected");
+            }
+        }
+        Command::Db(DbCommand::Query { args, sql }) => {
+            let store = open(&args)?;
+            let rows = store.query(&Statement::new(sql))?;
+            println!("{}", rows.columns.join("\t"));
+            for row in rows.rows {
+                println!("{}", row.iter().map(render).collect::<Vec<_>>().join("\t"));
+            }
+        }
+        Command::Db(DbCommand::State { args }) => {
+            let store = open(&args)?;
+            println!("site {}", store.site_id());
+            println!("db_version {}", store.db_version());
+            for (site, versions) in store.bookkeeping().iter() {
+                let needs: Vec<String> = versions
+                    .needs()
+                    .iter()
+                    .map(|(a, b)| format!("{a}..={b}"))
+                    .collect();
+                println!(
+                    "{site} head {} applied_ranges {} needs [{}]",
+                    versions.head,
+                    versions.applied.range_count(),
+                    needs.join(", ")
+                );
+            }
+        }
+        Command::Db(DbCommand::Changes {
+            args,
+            site,
+            from,
+            to,
+            limit,
+        }) => {
+            let store = open(&args)?;
+            let site = match site {
+                Some(hex) => SiteId::from_hex(&hex)?,
+                None => store.site_id(),
+            };
+            let head = store
+                .bookkeeping()
+                .site(&site)
+                .map(|s| s.head)
+                .unwrap_or_default();
+            let to = DbVersion(to.unwrap_or(head.get()));
+            for cs in store.changesets(site, DbVersion(from), to, limit)? {
+                println!(
+                    "changeset {} v{} ({} changes)",
+                    cs.id.site,
+                    cs.id.version,
+                    cs.changes.len()
+                );
+                for c in &cs.changes {
+                    println!(
+                        "  #{} {} {:?} {} = {} (col_version {}, cl {})",
+                        c.seq,
+                        c.table,
+                        c.pk,
+                        c.column.name().unwrap_or("<row>"),
+                        render(&c.value),
+                        c.col_version,
+                        c.cl
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn render(v: &Value) -> String {
+    match v {
+        Value::Null => "NULL".into(),
+        Value::Integer(i) => i.to_string(),
+        Value::Real(r) => r.to_string(),
+        Value::Text(s) => s.clone(),
+        Value::Blob(b) => format!(
+            "x'{}'",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        ),
+    }
 }

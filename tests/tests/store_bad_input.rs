@@ -499,3 +499,43 @@ fn additive_schema_changes_and_backfill() {
         vec![vec![1.into(), "us".into()]]
     );
 }
+
+/// The head is not stored on every transaction: a reopen finds it from the changes index. When a
+/// remote merge overwrites everything the newest local version wrote, the head must have been
+/// stored, or a reopened node would hand out that version again.
+#[test]
+fn reopen_never_reuses_a_version_after_a_remote_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir, SCHEMA);
+    {
+        let mut store = Store::open(&cfg).unwrap();
+        store
+            .transact(&[Statement::new(
+                "INSERT INTO hosts (id, name) VALUES (1, 'a')",
+            )])
+            .unwrap();
+        store
+            .transact(&[Statement::new("UPDATE hosts SET port = 80 WHERE id = 1")])
+            .unwrap();
+        // A remote write of the same cell at a higher version: version 2 no longer holds a clock.
+        let mut overwrite = change("hosts", 1, Some("port"), 8080.into(), 1, 0);
+        overwrite.col_version = ColVersion(5);
+        let outcomes = store
+            .apply_changesets(&[remote(1, vec![overwrite])])
+            .unwrap();
+        assert!(matches!(
+            outcomes[0],
+            ApplyOutcome::Applied { changes_won: 1, .. }
+        ));
+        let v2 = store
+            .changesets(store.site_id(), DbVersion(2), DbVersion(2), 1)
+            .unwrap();
+        assert!(v2[0].is_cleared());
+    }
+    let mut store = Store::open(&cfg).unwrap();
+    assert_eq!(store.db_version(), DbVersion(2));
+    let out = store
+        .transact(&[Statement::new("UPDATE hosts SET name = 'b' WHERE id = 1")])
+        .unwrap();
+    assert_eq!(out.version, Some(DbVersion(3)));
+}

@@ -209,6 +209,14 @@ impl Table {
     }
 }
 
+/// A row clock to store, with the clock it replaces.
+struct ClockWrite<'a> {
+    table_ord: u32,
+    pk: &'a PackedPk,
+    clock: &'a RowClock<ColOrd>,
+    before: &'a RowClock<ColOrd>,
+}
+
 /// The changes of one changeset to one row, each with its column ordinal (None: sentinel).
 type RowChanges<'a> = Vec<(&'a Change, Option<ColOrd>)>;
 
@@ -265,6 +273,8 @@ pub struct Store {
     capture: Capture,
     site: SiteId,
     db_version: DbVersion,
+    /// The head stored in `__patina_sites` (see [`Store::persist_head`]).
+    head_persisted: DbVersion,
     sites: SiteTable,
     book: Bookkeeping,
     tables: BTreeMap<String, Arc<Table>>,
@@ -319,6 +329,7 @@ impl Store {
             capture,
             site: SiteId::default(),
             db_version: DbVersion(0),
+            head_persisted: DbVersion(0),
             sites: SiteTable::default(),
             book: Bookkeeping::new(),
             tables: BTreeMap::new(),
@@ -375,8 +386,16 @@ impl Store {
                     head,
                 };
                 if ord == 0 {
+                    let indexed: Option<i64> = self.writer.query_row(
+                        "SELECT max(version) FROM __patina_changes WHERE site = 0",
+                        [],
+                        |r| r.get(0),
+                    )?;
+                    self.head_persisted = head;
+                    let head = head.max(DbVersion(indexed.unwrap_or(0) as u64));
                     // Our own versions are always all applied: 1..=head.
                     versions.applied.insert_range(1, head.get());
+                    versions.head = head;
                     self.db_version = head;
                 }
                 book.set_site(id, versions);
@@ -774,12 +793,17 @@ impl Store {
                 seq += 1;
             }
         }
-        for ((table_ord, pk), row) in &rows {
-            self.write_row_clock(*table_ord, pk, &row.clock, &row.before)?;
-        }
-        self.writer
-            .prepare_cached("UPDATE __patina_sites SET head = ?1 WHERE ord = 0")?
-            .execute([version.get() as i64])?;
+        let writes: Vec<ClockWrite<'_>> = rows
+            .iter()
+            .map(|((table_ord, pk), row)| ClockWrite {
+                table_ord: *table_ord,
+                pk,
+                clock: &row.clock,
+                before: &row.before,
+            })
+            .collect();
+        // Local writes only remove own entries of versions they supersede: no head to persist.
+        self.write_row_clocks(&writes)?;
         Ok(Some(Changeset {
             id: ChangesetId {
                 site: self.site,
@@ -816,38 +840,81 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt(format!("unknown table ordinal {ord}")))
     }
 
-    /// Persists a row clock and keeps the changes index exact.
-    fn write_row_clock(
-        &self,
-        table_ord: u32,
-        pk: &PackedPk,
-        clock: &RowClock<ColOrd>,
-        before: &RowClock<ColOrd>,
-    ) -> Result<(), StoreError> {
-        let sentinel = clock::encode_sentinel(&clock.sentinel, &self.sites);
-        let cells = clock::encode_cells(&clock.cells, &self.sites);
-        self.writer
-            .prepare_cached(
-                "INSERT INTO __patina_rows (tbl, pk, cl, sentinel, cells) VALUES (?1, ?2, ?3, ?4, ?5)
+    /// Persists row clocks and keeps the changes index exact, with multi-row statements.
+    /// Returns true if an index entry of this replica's own changesets was removed (the caller
+    /// must then make sure the head is persisted, see [`Store::persist_head`]).
+    fn write_row_clocks(&self, rows: &[ClockWrite<'_>]) -> Result<bool, StoreError> {
+        const ROWS_PER_STATEMENT: usize = 64;
+        let mut removed_own = false;
+        let mut index_inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = Vec::new();
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO __patina_rows (tbl, pk, cl, sentinel, cells) VALUES {}
                  ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, sentinel = excluded.sentinel,
                  cells = excluded.cells",
-            )?
-            .execute(params![table_ord, pk.as_bytes(), clock.cl.get() as i64, sentinel, cells])?;
-        let old = before.origins();
-        let new = clock.origins();
-        for (site, version) in old.difference(&new) {
-            let ord = self.site_ord(site)?;
-            self.writer
-                .prepare_cached(
-                    "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
-                )?
-                .execute(params![ord, version.get() as i64, table_ord, pk.as_bytes()])?;
+                vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+            );
+            let mut stmt = self.writer.prepare_cached(&sql)?;
+            for (n, row) in chunk.iter().enumerate() {
+                let at = n * 5;
+                stmt.raw_bind_parameter(at + 1, row.table_ord)?;
+                stmt.raw_bind_parameter(at + 2, row.pk.as_bytes())?;
+                stmt.raw_bind_parameter(at + 3, row.clock.cl.get() as i64)?;
+                stmt.raw_bind_parameter(
+                    at + 4,
+                    clock::encode_sentinel(&row.clock.sentinel, &self.sites),
+                )?;
+                stmt.raw_bind_parameter(
+                    at + 5,
+                    clock::encode_cells(&row.clock.cells, &self.sites),
+                )?;
+            }
+            stmt.raw_execute()?;
         }
-        for (site, version) in new.difference(&old) {
-            let ord = self.site_ord(site)?;
+        for row in rows {
+            let old = row.before.origins();
+            let new = row.clock.origins();
+            for (site, version) in old.difference(&new) {
+                removed_own |= *site == self.site;
+                self.writer
+                    .prepare_cached(
+                        "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
+                    )?
+                    .execute(params![self.site_ord(site)?, version.get() as i64, row.table_ord, row.pk.as_bytes()])?;
+            }
+            for (site, version) in new.difference(&old) {
+                index_inserts.push((self.site_ord(site)?, version.get(), row.table_ord, row.pk));
+            }
+        }
+        for chunk in index_inserts.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT OR IGNORE INTO __patina_changes (site, version, tbl, pk) VALUES {}",
+                vec!["(?, ?, ?, ?)"; chunk.len()].join(", ")
+            );
+            let mut stmt = self.writer.prepare_cached(&sql)?;
+            for (n, (site, version, table_ord, pk)) in chunk.iter().enumerate() {
+                let at = n * 4;
+                stmt.raw_bind_parameter(at + 1, site)?;
+                stmt.raw_bind_parameter(at + 2, *version as i64)?;
+                stmt.raw_bind_parameter(at + 3, table_ord)?;
+                stmt.raw_bind_parameter(at + 4, pk.as_bytes())?;
+            }
+            stmt.raw_execute()?;
+        }
+        Ok(removed_own)
+    }
+
+    /// Stores this replica's head. Not done per transaction: at open the head is the larger of
+    /// the stored one and the highest own version in the changes index, which holds every local
+    /// version until a later local write supersedes it. Only a remote merge can remove the
+    /// entries of the newest local version without adding a newer one, so merges call this
+    /// before such a removal commits; versions are never reused.
+    fn persist_head(&mut self) -> Result<(), StoreError> {
+        if self.head_persisted < self.db_version {
             self.writer
-                .prepare_cached("INSERT OR IGNORE INTO __patina_changes (site, version, tbl, pk) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![ord, version.get() as i64, table_ord, pk.as_bytes()])?;
+                .prepare_cached("UPDATE __patina_sites SET head = ?1 WHERE ord = 0")?
+                .execute([self.db_version.get() as i64])?;
+            self.head_persisted = self.db_version;
         }
         Ok(())
     }
@@ -987,6 +1054,8 @@ impl Store {
         self.ensure_site(changeset.id.site)?;
         let mut changes_won = 0;
         let mut rows_changed = 0;
+        let mut clock_writes: Vec<(u32, &PackedPk, RowClock<ColOrd>, RowClock<ColOrd>)> =
+            Vec::new();
         for ((table_name, pk), changes) in groups {
             let table = self.tables[table_name].clone();
             let before = load_row_clock(&self.writer, &self.sites, table.ord, pk)?;
@@ -1054,7 +1123,19 @@ impl Store {
                     upsert_row(&self.writer, &table, &pk_values, &writes)?;
                 }
             }
-            self.write_row_clock(table.ord, pk, &clock, &before)?;
+            clock_writes.push((table.ord, pk, clock, before));
+        }
+        let writes: Vec<ClockWrite<'_>> = clock_writes
+            .iter()
+            .map(|(table_ord, pk, clock, before)| ClockWrite {
+                table_ord: *table_ord,
+                pk,
+                clock,
+                before,
+            })
+            .collect();
+        if self.write_row_clocks(&writes)? {
+            self.persist_head()?;
         }
         Ok((changes_won, rows_changed))
     }
