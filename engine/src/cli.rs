@@ -1,9 +1,8 @@
 //! The `patina` command line.
 //!
-//! `patina db ...` works directly on a node's database file, with no agent running: run a
-//! transaction, a query, print the replication state or the changesets of a site. The agent
-//! and the commands that talk to it (`agent`, `exec`, `query`, `reload`, `cluster`, `tls`) come
-//! with the agent.
+//! `patina agent` runs a node. `exec`, `query` talk to a running node's HTTP API, `reload` to
+//! its admin socket. `patina db ...` works directly on a node's database file with no agent
+//! running: a transaction, a query, the replication state, the changesets of a site.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use patina_core::ids::{DbVersion, SiteId};
 use patina_core::value::Value;
 
+use hyper::Method;
+
+use crate::client::{self, Target};
+use crate::config::Config;
 use crate::store::{Statement, Store, StoreConfig};
 
 /// Patina: SQLite replicated to every node, with no leader.
@@ -24,9 +27,46 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a node (built-in defaults without a config file).
+    Agent {
+        /// Config file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Run SQL statements as one transaction through a node's API.
+    Exec {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// SQL statements, each one argument.
+        #[arg(required = true)]
+        sql: Vec<String>,
+    },
+    /// Run one read-only statement through a node's API; prints rows tab-separated.
+    Query {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The SQL.
+        sql: String,
+    },
+    /// Make a running node re-read its schema files (additive changes only).
+    Reload {
+        /// The node's admin socket.
+        #[arg(long, default_value = "patina-data/admin.sock")]
+        admin: PathBuf,
+    },
     /// Work directly on a node's database file (no agent needed).
     #[command(subcommand)]
     Db(DbCommand),
+}
+
+#[derive(Debug, Args)]
+struct ApiArgs {
+    /// The node's API address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    api: std::net::SocketAddr,
+    /// Bearer token, if the node requires one.
+    #[arg(long, env = "PATINA_TOKEN")]
+    token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -103,8 +143,106 @@ fn open(args: &DbArgs) -> Result<Store, Box<dyn std::error::Error>> {
     })?)
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Prints an API response: pretty JSON on success, the error on stderr and failure otherwise.
+fn api_call(
+    target: Target,
+    path: &str,
+    token: Option<&str>,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let (status, bytes) = runtime()?.block_on(client::request(
+        &target,
+        Method::POST,
+        path,
+        token,
+        serde_json::to_vec(&body)?,
+    ))?;
+    if !status.is_success() {
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()).into());
+    }
+    Ok(if path == "/v1/queries" {
+        serde_json::Value::Array(
+            bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(serde_json::from_slice)
+                .collect::<Result<_, _>>()?,
+        )
+    } else {
+        serde_json::from_slice(&bytes)?
+    })
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
+        Command::Agent { config } => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::default(),
+            };
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            runtime()?.block_on(crate::agent::run(config))?;
+        }
+        Command::Exec { api, sql } => {
+            let out = api_call(
+                Target::Tcp(api.api),
+                "/v1/transactions",
+                api.token.as_deref(),
+                serde_json::json!(sql),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::Query { api, sql } => {
+            let lines = api_call(
+                Target::Tcp(api.api),
+                "/v1/queries",
+                api.token.as_deref(),
+                serde_json::json!(sql),
+            )?;
+            for line in lines.as_array().into_iter().flatten() {
+                if let Some(columns) = line.get("columns").and_then(|c| c.as_array()) {
+                    println!(
+                        "{}",
+                        columns
+                            .iter()
+                            .map(|c| c.as_str().unwrap_or_default().to_owned())
+                            .collect::<Vec<_>>()
+                            .join("\t")
+                    );
+                } else if let Some(row) = line
+                    .get("row")
+                    .and_then(|r| r.get(1))
+                    .and_then(|r| r.as_array())
+                {
+                    println!(
+                        "{}",
+                        row.iter().map(render_json).collect::<Vec<_>>().join("\t")
+                    );
+                } else if let Some(e) = line.get("error") {
+                    return Err(format!("query failed: {e}").into());
+                }
+            }
+        }
+        Command::Reload { admin } => {
+            api_call(
+                Target::Unix(admin),
+                "/reload",
+                None,
+                serde_json::Value::Null,
+            )?;
+            println!("schema reloaded");
+        }
         Command::Db(DbCommand::Exec { args, sql }) => {
             let mut store = open(&args)?;
             let statements: Vec<Statement> = sql.into_iter().map(Statement::new).collect();
@@ -184,6 +322,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+fn render_json(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "NULL".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 fn render(v: &Value) -> String {

@@ -4,10 +4,18 @@
 //! - [`store`]: the CRDT store over SQLite, the only code that opens a database. Local
 //!   transactions with change capture, remote changeset apply through core's merge rule,
 //!   changeset extraction, read-only queries, schema files.
+//! - [`config`]: the agent's TOML configuration, with built-in defaults.
+//! - [`agent`]: the running node: the store thread, the reader pool, the API and admin servers.
+//! - [`api`]: the HTTP API (Corrosion-compatible v1) and the admin routes.
+//! - [`client`]: a small HTTP client for the CLI (TCP or the admin unix socket).
 //! - [`cli`]: the `patina` command line.
 //!
 //! The protocol itself (merge rule, changesets, version bookkeeping, wire format) lives in
 //! `patina-core`; this crate only does I/O around it.
 
+pub mod agent;
+pub mod api;
 pub mod cli;
+pub mod client;
+pub mod config;
 pub mod store;

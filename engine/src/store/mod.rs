@@ -85,6 +85,8 @@ pub struct TxOutcome {
     pub version: Option<DbVersion>,
     /// Rows affected, per statement.
     pub rows_affected: Vec<usize>,
+    /// Time each statement took.
+    pub statement_times: Vec<std::time::Duration>,
     /// The changeset to broadcast; None if it changed nothing.
     pub changeset: Option<Changeset>,
 }
@@ -626,16 +628,21 @@ impl Store {
         if statements.is_empty() {
             return Err(StoreError::EmptyTransaction);
         }
-        self.local_transaction(|store| {
+        let mut statement_times = Vec::with_capacity(statements.len());
+        let mut out = self.local_transaction(|store| {
             let mut rows_affected = Vec::with_capacity(statements.len());
             for (index, statement) in statements.iter().enumerate() {
+                let start = std::time::Instant::now();
                 let n = store
                     .execute_user(statement)
                     .map_err(|message| StoreError::Statement { index, message })?;
+                statement_times.push(start.elapsed());
                 rows_affected.push(n);
             }
             Ok(rows_affected)
-        })
+        })?;
+        out.statement_times = statement_times;
+        Ok(out)
     }
 
     /// Wraps `body` in BEGIN IMMEDIATE ... COMMIT with capture on; turns what it captured into
@@ -674,6 +681,7 @@ impl Store {
                 Ok(TxOutcome {
                     version: changeset.as_ref().map(|c| c.id.version),
                     rows_affected,
+                    statement_times: Vec::new(),
                     changeset,
                 })
             }
@@ -1264,25 +1272,7 @@ impl Store {
 
     /// Runs one read-only statement on the read connection.
     pub fn query(&self, statement: &Statement) -> Result<QueryRows, StoreError> {
-        let mut stmt = self
-            .reader
-            .prepare(&statement.sql)
-            .map_err(|e| StoreError::Query(e.to_string()))?;
-        if !stmt.readonly() {
-            return Err(StoreError::NotReadOnly);
-        }
-        bind(&mut stmt, &statement.params).map_err(StoreError::Query)?;
-        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
-        let mut rows = stmt.raw_query();
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(|e| StoreError::Query(e.to_string()))? {
-            out.push(
-                (0..columns.len())
-                    .map(|i| row.get_ref(i).map(capture::to_value))
-                    .collect::<Result<Vec<_>, _>>()?,
-            );
-        }
-        Ok(QueryRows { columns, rows: out })
+        collect_query(&self.reader, statement)
     }
 
     /// Every row clock of every replicated table, in a form that is equal on two replicas
@@ -1333,6 +1323,86 @@ impl Store {
     pub fn path(&self) -> Option<&Path> {
         self.writer.path().map(Path::new)
     }
+}
+
+/// A read-only connection for queries; the API keeps a few, so reads never wait for writes.
+#[derive(Debug)]
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    /// Opens a read-only connection to a store's database file.
+    pub fn open(path: &Path) -> Result<Reader, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(Reader { conn })
+    }
+
+    /// Runs one read-only statement, calling `on_columns` once and `on_row` per row until it
+    /// returns false. Errors before the first row (bad SQL, a write) come back as `Err`.
+    pub fn query_each(
+        &self,
+        statement: &Statement,
+        on_columns: impl FnOnce(&[String]),
+        on_row: impl FnMut(Vec<Value>) -> bool,
+    ) -> Result<(), StoreError> {
+        query_each(&self.conn, statement, on_columns, on_row)
+    }
+
+    /// Number of rows of a table.
+    pub fn count_rows(&self, table: &str) -> Result<u64, StoreError> {
+        let sql = format!("SELECT count(*) FROM main.{}", quote_ident(table));
+        Ok(self.conn.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64)
+    }
+}
+
+fn query_each(
+    conn: &Connection,
+    statement: &Statement,
+    on_columns: impl FnOnce(&[String]),
+    mut on_row: impl FnMut(Vec<Value>) -> bool,
+) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare(&statement.sql)
+        .map_err(|e| StoreError::Query(e.to_string()))?;
+    if !stmt.readonly() {
+        return Err(StoreError::NotReadOnly);
+    }
+    bind(&mut stmt, &statement.params).map_err(StoreError::Query)?;
+    let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+    on_columns(&columns);
+    let mut rows = stmt.raw_query();
+    while let Some(row) = rows.next().map_err(|e| StoreError::Query(e.to_string()))? {
+        let values = (0..columns.len())
+            .map(|i| row.get_ref(i).map(capture::to_value))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !on_row(values) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn collect_query(conn: &Connection, statement: &Statement) -> Result<QueryRows, StoreError> {
+    let mut columns = Vec::new();
+    let mut rows = Vec::new();
+    query_each(
+        conn,
+        statement,
+        |c| columns = c.to_vec(),
+        |r| {
+            rows.push(r);
+            true
+        },
+    )?;
+    Ok(QueryRows { columns, rows })
 }
 
 /// A row's clock in comparable form (see [`Store::clock_snapshot`]).

@@ -1,0 +1,91 @@
+//! A small HTTP/1.1 client for the CLI: one request per connection, to the API over TCP or to
+//! the admin API over its unix socket.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+pub use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+
+/// Where to send a request.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The HTTP API.
+    Tcp(SocketAddr),
+    /// The admin unix socket.
+    Unix(PathBuf),
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not connect.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// Where.
+        target: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// HTTP failed.
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    /// The request could not be built.
+    #[error("request: {0}")]
+    Request(#[from] hyper::http::Error),
+}
+
+/// Sends one request and returns the status and the whole body.
+pub async fn request(
+    target: &Target,
+    method: Method,
+    path: &str,
+    bearer_token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(token) = bearer_token {
+        builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = builder.body(Full::new(Bytes::from(body)))?;
+    let connect_err = |source| ClientError::Connect {
+        target: format!("{target:?}"),
+        source,
+    };
+    let response = match target {
+        Target::Tcp(addr) => {
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(connect_err)?;
+            send(TokioIo::new(stream), request).await?
+        }
+        Target::Unix(path) => {
+            let stream = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(connect_err)?;
+            send(TokioIo::new(stream), request).await?
+        }
+    };
+    Ok(response)
+}
+
+async fn send<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), ClientError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    let driver = tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    drop(sender);
+    let _ = driver.await;
+    Ok((status, body))
+}

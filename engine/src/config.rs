@@ -1,0 +1,233 @@
+//! The agent's configuration: a TOML file whose every key has a built-in default, so a plain
+//! `patina agent` starts a working single node in `./patina-data` with the API on 127.0.0.1.
+//!
+//! Unknown keys are refused (a typo must not be silently ignored) and every bounded knob is
+//! checked; errors name the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type (the message
+    /// names the key and the line).
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The path.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is outside its bounds.
+    #[error("config key {key}: {message}")]
+    Invalid {
+        /// The key, dotted.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[db]`: where the data lives.
+    pub db: DbConfig,
+    /// `[api]`: the HTTP API.
+    pub api: ApiConfig,
+    /// `[admin]`: the local admin socket.
+    pub admin: AdminConfig,
+}
+
+/// `[db]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbConfig {
+    /// Database file.
+    pub path: PathBuf,
+    /// Schema files or folders of `.sql` files.
+    pub schema_paths: Vec<PathBuf>,
+    /// Cap on the database size in bytes; writes past it fail cleanly. None: no cap.
+    pub max_db_bytes: Option<u64>,
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        DbConfig {
+            path: PathBuf::from("patina-data/state.db"),
+            schema_paths: vec![PathBuf::from("patina-data/schema")],
+            max_db_bytes: None,
+        }
+    }
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Listen address of the HTTP API.
+    pub addr: SocketAddr,
+    /// `[api.authz]`.
+    pub authz: AuthzConfig,
+    /// Requests handled at once; more get 503. 1..=65536.
+    pub concurrency_limit: usize,
+    /// Largest request body, in bytes; larger get 413. 1 KiB..=1 GiB.
+    pub body_bytes_max: usize,
+    /// Transactions waiting for the store; more get 503. 1..=1,000,000.
+    pub store_queue_len: usize,
+    /// Read-only SQLite connections kept for queries. 1..=256.
+    pub query_connections: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            authz: AuthzConfig::default(),
+            concurrency_limit: 256,
+            body_bytes_max: 8 * 1024 * 1024,
+            store_queue_len: 1024,
+            query_connections: 4,
+        }
+    }
+}
+
+/// `[api.authz]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthzConfig {
+    /// When set, every API request needs `Authorization: Bearer <token>`.
+    pub bearer_token: Option<String>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Unix socket of the admin API (`patina reload`).
+    pub path: PathBuf,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            path: PathBuf::from("patina-data/admin.sock"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks every bound.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        fn within(key: &'static str, v: usize, lo: usize, hi: usize) -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{v} is outside {lo}..={hi}"),
+                });
+            }
+            Ok(())
+        }
+        within(
+            "api.concurrency_limit",
+            self.api.concurrency_limit,
+            1,
+            65_536,
+        )?;
+        within("api.body_bytes_max", self.api.body_bytes_max, 1024, 1 << 30)?;
+        within(
+            "api.store_queue_len",
+            self.api.store_queue_len,
+            1,
+            1_000_000,
+        )?;
+        within("api.query_connections", self.api.query_connections, 1, 256)?;
+        if self.api.authz.bearer_token.as_deref() == Some("") {
+            return Err(ConfigError::Invalid {
+                key: "api.authz.bearer_token",
+                message: "empty token; leave the key out to disable authorization".into(),
+            });
+        }
+        if let Some(bytes) = self.db.max_db_bytes {
+            if bytes < 64 * 1024 {
+                return Err(ConfigError::Invalid {
+                    key: "db.max_db_bytes",
+                    message: format!("{bytes} is below the minimum of 65536"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", "test").unwrap();
+        assert_eq!(c.api.addr, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(c.db.path, PathBuf::from("patina-data/state.db"));
+    }
+
+    #[test]
+    fn keys_are_read() {
+        let c = Config::parse(
+            "[db]\npath = \"/tmp/x.db\"\nschema_paths = [\"a.sql\"]\n[api]\naddr = \"127.0.0.1:9000\"\n[api.authz]\nbearer_token = \"t\"\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(c.db.schema_paths, vec![PathBuf::from("a.sql")]);
+        assert_eq!(c.api.authz.bearer_token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse("[api]\nadress = \"x\"\n", "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adress"), "{e}");
+        let e = Config::parse("[api]\naddr = 5\n", "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("addr"), "{e}");
+        let e = Config::parse("[api]\nconcurrency_limit = 0\n", "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api.concurrency_limit"), "{e}");
+        let e = Config::parse("[dbb]\n", "test").unwrap_err().to_string();
+        assert!(e.contains("dbb"), "{e}");
+    }
+}

@@ -1,0 +1,402 @@
+//! The agent's HTTP API on loopback, in process: Corrosion-compatible shapes and status codes,
+//! bad input that leaves the node working, the bearer token, the in-flight limit, the body
+//! limit, schema reload through the admin socket, and restart on the same data folder.
+
+use std::time::Duration;
+
+use patina::agent::Agent;
+use patina::client::{request, Method, StatusCode, Target};
+use patina::config::Config;
+use serde_json::{json, Value as Json};
+
+const SCHEMA: &str = "CREATE TABLE hosts (id INTEGER PRIMARY KEY, name TEXT NOT NULL DEFAULT '', zone TEXT, cert BLOB);";
+
+fn config(dir: &tempfile::TempDir) -> Config {
+    std::fs::create_dir_all(dir.path().join("schema")).unwrap();
+    std::fs::write(dir.path().join("schema/hosts.sql"), SCHEMA).unwrap();
+    let mut config = Config::default();
+    config.db.path = dir.path().join("state.db");
+    config.db.schema_paths = vec![dir.path().join("schema")];
+    config.api.addr = "127.0.0.1:0".parse().unwrap();
+    config.admin.path = dir.path().join("admin.sock");
+    config
+}
+
+async fn call(agent: &Agent, path: &str, body: Json) -> (StatusCode, Json) {
+    call_raw(
+        agent,
+        Method::POST,
+        path,
+        None,
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+}
+
+async fn call_raw(
+    agent: &Agent,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, Json) {
+    let (status, bytes) = request(&Target::Tcp(agent.api_addr()), method, path, token, body)
+        .await
+        .unwrap();
+    let json = if path.starts_with("/v1/queries") && status == StatusCode::OK {
+        Json::Array(
+            bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).unwrap())
+                .collect(),
+        )
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Json::Null)
+    };
+    (status, json)
+}
+
+async fn row_count(agent: &Agent) -> i64 {
+    let (status, lines) = call(agent, "/v1/queries", json!("SELECT count(*) FROM hosts")).await;
+    assert_eq!(status, StatusCode::OK);
+    lines[1]["row"][1][0].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn transactions_and_queries_have_corrosion_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&config(&dir)).await.unwrap();
+    let (status, out) = call(
+        &agent,
+        "/v1/transactions",
+        json!([
+            "INSERT INTO hosts (id, name) VALUES (1, 'web-1')",
+            ["INSERT INTO hosts (id, name, cert) VALUES (?, ?, ?)", [2, "web-2", [1, 2, 255]]],
+            ["UPDATE hosts SET zone = :zone WHERE id = 1", {"zone": "ams"}],
+            {"query": "UPDATE hosts SET zone = ? WHERE id = 2", "params": ["fra"]},
+        ]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["version"], json!(1));
+    assert_eq!(out["actor_id"], json!(agent.site_id().to_hex()));
+    let results = out["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    assert!(results
+        .iter()
+        .all(|r| r["rows_affected"] == json!(1) && r["time"].is_f64()));
+    assert!(out["time"].is_f64());
+
+    let (status, lines) = call(
+        &agent,
+        "/v1/queries",
+        json!([
+            "SELECT id, name, zone, cert FROM hosts WHERE id >= ? ORDER BY id",
+            [1]
+        ]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(lines[0], json!({"columns": ["id", "name", "zone", "cert"]}));
+    assert_eq!(lines[1], json!({"row": [1, [1, "web-1", "ams", null]]}));
+    assert_eq!(
+        lines[2],
+        json!({"row": [2, [2, "web-2", "fra", [1, 2, 255]]]})
+    );
+    assert!(lines[3]["eoq"]["time"].is_f64());
+    assert_eq!(lines.as_array().unwrap().len(), 4);
+
+    // A transaction that changes nothing takes no version.
+    let (status, out) = call(
+        &agent,
+        "/v1/transactions",
+        json!(["UPDATE hosts SET zone = 'ams' WHERE id = 1"]),
+    )
+    .await;
+    assert_eq!(
+        (status, out["version"].clone()),
+        (StatusCode::OK, Json::Null)
+    );
+
+    let (status, health) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["response"]["gaps"], json!(0));
+    assert_eq!(health["response"]["members"], json!(1));
+    let (status, stats) = call(
+        &agent,
+        "/v1/table_stats",
+        json!({"tables": ["hosts", "nope"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        stats,
+        json!({"total_row_count": 2, "invalid_tables": ["nope"]})
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_status_and_the_node_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.api.body_bytes_max = 64 * 1024;
+    let agent = Agent::start(&cfg).await.unwrap();
+    call(
+        &agent,
+        "/v1/transactions",
+        json!(["INSERT INTO hosts (id) VALUES (1)"]),
+    )
+    .await;
+
+    let cases: Vec<(&str, Vec<u8>, StatusCode)> = vec![
+        (
+            "/v1/transactions",
+            b"{not json".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/v1/transactions", b"[]".to_vec(), StatusCode::BAD_REQUEST),
+        (
+            "/v1/transactions",
+            b"[{\"query\": 5}]".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/transactions",
+            b"[[\"SELECT ?\", [{\"a\": 1}]]]".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        // A failing statement: 500 and nothing of the transaction committed.
+        (
+            "/v1/transactions",
+            br#"["INSERT INTO hosts (id) VALUES (2)", "INSERT INTO nope VALUES (1)"]"#.to_vec(),
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ),
+        (
+            "/v1/transactions",
+            br#"["INSERT INTO hosts (id) VALUES (1)"]"#.to_vec(),
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ),
+        (
+            "/v1/transactions",
+            br#"["DROP TABLE hosts"]"#.to_vec(),
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ),
+        (
+            "/v1/queries",
+            br#""DELETE FROM hosts""#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/queries",
+            br#""SELEKT 1""#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/queries",
+            b"[1, 2, 3]".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/v1/table_stats", b"{}".to_vec(), StatusCode::BAD_REQUEST),
+        (
+            "/v1/transactions",
+            vec![b' '; 200 * 1024],
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ];
+    for (path, body, expected) in cases {
+        let (status, out) = call_raw(&agent, Method::POST, path, None, body.clone()).await;
+        assert_eq!(
+            status,
+            expected,
+            "{path} {} -> {out}",
+            String::from_utf8_lossy(&body[..body.len().min(80)])
+        );
+        if expected == StatusCode::INTERNAL_SERVER_ERROR {
+            assert!(out["results"][0]["error"].is_string(), "{out}");
+        }
+    }
+    assert_eq!(row_count(&agent).await, 1);
+    let (status, _) = call(
+        &agent,
+        "/v1/transactions",
+        json!(["INSERT INTO hosts (id) VALUES (3)"]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(row_count(&agent).await, 2);
+    let (status, _) = call_raw(&agent, Method::GET, "/v1/nope", None, vec![]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn bearer_token_is_required_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.api.authz.bearer_token = Some("s3cret".into());
+    let agent = Agent::start(&cfg).await.unwrap();
+    let body = br#"["INSERT INTO hosts (id) VALUES (1)"]"#.to_vec();
+    for token in [None, Some("wrong")] {
+        let (status, _) = call_raw(
+            &agent,
+            Method::POST,
+            "/v1/transactions",
+            token,
+            body.clone(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, _) = call_raw(
+        &agent,
+        Method::POST,
+        "/v1/transactions",
+        Some("s3cret"),
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_past_the_in_flight_limit_get_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.api.concurrency_limit = 1;
+    let agent = Agent::start(&cfg).await.unwrap();
+    call(
+        &agent,
+        "/v1/transactions",
+        json!(["INSERT INTO hosts (id) VALUES (1)"]),
+    )
+    .await;
+    // A transaction that computes for a while holds the only slot.
+    let slow = json!(["UPDATE hosts SET zone = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c) WHERE id = 1"]);
+    let addr = agent.api_addr();
+    let slow_task = tokio::spawn(async move {
+        request(
+            &Target::Tcp(addr),
+            Method::POST,
+            "/v1/transactions",
+            None,
+            serde_json::to_vec(&slow).unwrap(),
+        )
+        .await
+        .unwrap()
+        .0
+    });
+    let mut saw_503 = false;
+    for _ in 0..400 {
+        let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            saw_503 = true;
+            break;
+        }
+        if slow_task.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(slow_task.await.unwrap(), StatusCode::OK);
+    assert!(saw_503, "no request was refused while the slot was taken");
+    let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_thresholds_answer_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&config(&dir)).await.unwrap();
+    let (status, _) = call_raw(
+        &agent,
+        Method::GET,
+        "/v1/health?gaps=0&queue_size=10",
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call_raw(&agent, Method::GET, "/v1/health?p99_lag=-1", None, vec![]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _) = call_raw(
+        &agent,
+        Method::GET,
+        "/v1/health?p99_lag=-1&failure_status=500",
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn reload_adds_tables_and_restart_keeps_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let agent = Agent::start(&cfg).await.unwrap();
+    let site = agent.site_id();
+    call(
+        &agent,
+        "/v1/transactions",
+        json!(["INSERT INTO hosts (id, name) VALUES (1, 'a')"]),
+    )
+    .await;
+    std::fs::write(
+        dir.path().join("schema/zones.sql"),
+        "CREATE TABLE zones (name TEXT NOT NULL PRIMARY KEY, region TEXT);",
+    )
+    .unwrap();
+    let (status, _) = request(
+        &Target::Unix(agent.admin_path().to_path_buf()),
+        Method::POST,
+        "/reload",
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (status, out) = call(
+        &agent,
+        "/v1/transactions",
+        json!(["INSERT INTO zones VALUES ('ams', 'eu')"]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    // A bad schema file is refused by reload and changes nothing.
+    std::fs::write(
+        dir.path().join("schema/zz_bad.sql"),
+        "CREATE TABLE bad (x TEXT);",
+    )
+    .unwrap();
+    let (status, body) = request(
+        &Target::Unix(agent.admin_path().to_path_buf()),
+        Method::POST,
+        "/reload",
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("bad"), "{body:?}");
+    std::fs::remove_file(dir.path().join("schema/zz_bad.sql")).unwrap();
+    agent.shutdown().await;
+
+    let agent = Agent::start(&cfg).await.unwrap();
+    assert_eq!(agent.site_id(), site);
+    assert_eq!(row_count(&agent).await, 1);
+    let (status, out) = call(
+        &agent,
+        "/v1/transactions",
+        json!(["INSERT INTO zones VALUES ('fra', 'eu')"]),
+    )
+    .await;
+    assert_eq!((status, out["version"].clone()), (StatusCode::OK, json!(3)));
+    agent.shutdown().await;
+}
