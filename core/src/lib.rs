@@ -8,6 +8,7 @@
 //! - [`ids`]: newtypes for site ids, db versions, column versions, causal lengths, sequence numbers.
 //! - [`value`]: SQLite values and their total order (the merge tie-break).
 //! - [`pk`]: canonical packing of primary-key tuples into bytes.
+//! - [`broadcast`]: Plumtree-style broadcast of changesets (eager push, lazy announce, graft, prune).
 //! - [`change`]: changes and changesets, identified by (author site, author db_version).
 //! - [`merge`]: the merge rule ([`merge::decide`]) and the per-row clock it updates.
 //! - [`mem`]: an in-memory replica over the merge rule (the model's and the tests' reference).
@@ -15,6 +16,7 @@
 //! - [`wire`]: compact binary encoding of changesets and a bounded decoder for untrusted bytes.
 //! - [`validate`]: structural checks of a remote changeset before it reaches a store.
 
+pub mod broadcast;
 pub mod change;
 pub mod ids;
 pub mod mem;
