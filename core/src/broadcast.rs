@@ -454,7 +454,7 @@ mod tests {
                     Effect::Send { to, msg } => {
                         seq += 1;
                         sent += 1;
-                        if drop_every.is_some_and(|k| seq % k == 0) {
+                        if drop_every.is_some_and(|k| seq.is_multiple_of(k)) {
                             continue;
                         }
                         in_flight.insert((now + 10, seq), (to.0[0], from, msg));

@@ -57,6 +57,85 @@ enum Command {
     /// Work directly on a node's database file (no agent needed).
     #[command(subcommand)]
     Db(DbCommand),
+    /// Certificates for the gossip transport.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// Certificate authority of a cluster.
+    #[command(subcommand)]
+    Ca(TlsGenerate),
+    /// A node certificate for a gossip IP, signed by the CA.
+    Server {
+        #[command(subcommand)]
+        action: TlsServer,
+    },
+    /// A client-only certificate, signed by the CA.
+    Client {
+        #[command(subcommand)]
+        action: TlsClient,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsGenerate {
+    /// Write ca.pem and ca.key.
+    Generate {
+        /// Output folder.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsServer {
+    /// Write server.pem and server.key for the node at `ip`.
+    Generate {
+        /// The node's gossip IP (or DNS name).
+        ip: String,
+        /// The CA key.
+        #[arg(long, default_value = "ca.key")]
+        ca_key: PathBuf,
+        /// Output folder.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsClient {
+    /// Write client.pem and client.key.
+    Generate {
+        /// The CA key.
+        #[arg(long, default_value = "ca.key")]
+        ca_key: PathBuf,
+        /// Output folder.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+/// Writes a PEM pair as `<out>/<name>.pem` and `<out>/<name>.key` (the key readable by its
+/// owner only).
+fn write_pair(
+    out: &std::path::Path,
+    name: &str,
+    pair: &crate::tls::PemPair,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join(format!("{name}.pem")), &pair.cert_pem)?;
+    let mut key = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(out.join(format!("{name}.key")))?;
+    std::io::Write::write_all(&mut key, pair.key_pem.as_bytes())?;
+    println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +312,29 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     return Err(format!("query failed: {e}").into());
                 }
             }
+        }
+        Command::Tls(TlsCommand::Ca(TlsGenerate::Generate { out })) => {
+            write_pair(&out, "ca", &crate::tls::generate_ca()?)?;
+        }
+        Command::Tls(TlsCommand::Server {
+            action: TlsServer::Generate { ip, ca_key, out },
+        }) => {
+            let ca_key = std::fs::read_to_string(&ca_key)?;
+            write_pair(
+                &out,
+                "server",
+                &crate::tls::generate_signed(&ca_key, &[ip], crate::tls::CertUse::Node)?,
+            )?;
+        }
+        Command::Tls(TlsCommand::Client {
+            action: TlsClient::Generate { ca_key, out },
+        }) => {
+            let ca_key = std::fs::read_to_string(&ca_key)?;
+            write_pair(
+                &out,
+                "client",
+                &crate::tls::generate_signed(&ca_key, &[], crate::tls::CertUse::Client)?,
+            )?;
         }
         Command::Reload { admin } => {
             api_call(

@@ -8,6 +8,8 @@
 //! - [`agent`]: the running node: the store thread, the reader pool, the API and admin servers.
 //! - [`api`]: the HTTP API (Corrosion-compatible v1) and the admin routes.
 //! - [`client`]: a small HTTP client for the CLI (TCP or the admin unix socket).
+//! - [`tls`]: cluster CA and node certificates (rcgen), mutual-TLS settings (rustls).
+//! - [`transport`]: QUIC endpoint (quinn): pooled connections, bounded per-peer send queues.
 //! - [`cli`]: the `patina` command line.
 //!
 //! The protocol itself (merge rule, changesets, version bookkeeping, wire format) lives in
@@ -19,3 +21,5 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod store;
+pub mod tls;
+pub mod transport;

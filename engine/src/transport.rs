@@ -1,0 +1,356 @@
+//! The gossip transport: QUIC (quinn) with mutual TLS. One endpoint per node both accepts and
+//! opens connections; one connection per peer is kept and reused in both directions. Every
+//! message travels on its own unidirectional stream (reliable, unordered between messages);
+//! membership packets travel as datagrams (unreliable, as SWIM expects).
+//!
+//! Bounds: each peer has a send queue of at most `queue_len_max` messages, and the oldest is
+//! dropped when it is full (anti-entropy repairs what is lost); the inbox towards the agent is
+//! bounded the same way; a received message larger than `message_bytes_max` is refused.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::{mpsc, Notify};
+
+use crate::tls::{insecure_configs, NodeTls, TlsError};
+
+/// How the endpoint authenticates.
+#[derive(Debug, Clone)]
+pub enum TlsMode {
+    /// Mutual TLS with certificates signed by the cluster CA.
+    Mutual(NodeTls),
+    /// No verification (local development only).
+    Plaintext,
+}
+
+/// Why the transport failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// TLS setup.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Socket setup.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// QUIC crypto setup.
+    #[error("quic crypto: {0}")]
+    Crypto(String),
+}
+
+/// What kind of payload arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// A reliable message (stream).
+    Stream,
+    /// An unreliable datagram.
+    Datagram,
+}
+
+/// A message from a peer.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The peer's address.
+    pub from: SocketAddr,
+    /// How it came.
+    pub channel: Channel,
+    /// The bytes.
+    pub bytes: Bytes,
+}
+
+/// Transport settings.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportConfig {
+    /// Messages queued per peer before the oldest is dropped.
+    pub queue_len_max: usize,
+    /// Largest message accepted, in bytes.
+    pub message_bytes_max: usize,
+    /// Idle time after which a connection is closed (ms).
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            queue_len_max: 4096,
+            message_bytes_max: 16 * 1024 * 1024,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    /// Messages handed to QUIC.
+    pub sent: AtomicU64,
+    /// Bytes handed to QUIC.
+    pub sent_bytes: AtomicU64,
+    /// Messages dropped because a queue was full or a send failed.
+    pub dropped: AtomicU64,
+    /// Handshakes refused or failed.
+    pub handshake_failures: AtomicU64,
+}
+
+struct PeerQueue {
+    messages: Mutex<VecDeque<(Channel, Bytes)>>,
+    wake: Notify,
+}
+
+struct Shared {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    config: TransportConfig,
+    connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    queues: Mutex<HashMap<SocketAddr, Arc<PeerQueue>>>,
+    inbox: mpsc::Sender<Received>,
+    stats: TransportStats,
+}
+
+/// A node's QUIC endpoint.
+#[derive(Clone)]
+pub struct Transport {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("local_addr", &self.local_addr())
+            .finish()
+    }
+}
+
+impl Transport {
+    /// Binds the endpoint and starts accepting. Received messages go to `inbox`.
+    pub fn bind(
+        addr: SocketAddr,
+        tls: &TlsMode,
+        config: TransportConfig,
+        inbox: mpsc::Sender<Received>,
+    ) -> Result<Transport, TransportError> {
+        let (server_tls, client_tls) = match tls {
+            TlsMode::Mutual(node) => (node.server_config()?, node.client_config()?),
+            TlsMode::Plaintext => insecure_configs()?,
+        };
+        let crypto_err =
+            |e: quinn::crypto::rustls::NoInitialCipherSuite| TransportError::Crypto(e.to_string());
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_uni_streams(1024u32.into())
+            .keep_alive_interval(Some(Duration::from_millis(config.idle_timeout_ms / 3)))
+            .max_idle_timeout(Some(
+                Duration::from_millis(config.idle_timeout_ms)
+                    .try_into()
+                    .map_err(|e: quinn::VarIntBoundsExceeded| {
+                        TransportError::Crypto(e.to_string())
+                    })?,
+            ));
+        let transport = Arc::new(transport);
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server_tls).map_err(crypto_err)?,
+        ));
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(client_tls).map_err(crypto_err)?,
+        ));
+        client.transport_config(transport);
+        let endpoint = quinn::Endpoint::server(server, addr)?;
+        let shared = Arc::new(Shared {
+            endpoint,
+            client,
+            config,
+            connections: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
+            inbox,
+            stats: TransportStats::default(),
+        });
+        tokio::spawn(accept_loop(shared.clone()));
+        Ok(Transport { shared })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared
+            .endpoint
+            .local_addr()
+            .expect("a bound endpoint has an address")
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &TransportStats {
+        &self.shared.stats
+    }
+
+    /// Queues a message for a peer; never blocks. When the peer's queue is full the oldest
+    /// message is dropped.
+    pub fn send(&self, to: SocketAddr, channel: Channel, bytes: Bytes) {
+        let queue = {
+            let mut queues = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+            queues
+                .entry(to)
+                .or_insert_with(|| {
+                    let queue = Arc::new(PeerQueue {
+                        messages: Mutex::new(VecDeque::new()),
+                        wake: Notify::new(),
+                    });
+                    tokio::spawn(send_loop(self.shared.clone(), to, queue.clone()));
+                    queue
+                })
+                .clone()
+        };
+        {
+            let mut messages = queue.messages.lock().unwrap_or_else(|e| e.into_inner());
+            if messages.len() >= self.shared.config.queue_len_max {
+                messages.pop_front();
+                self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            messages.push_back((channel, bytes));
+        }
+        queue.wake.notify_one();
+    }
+
+    /// Closes every connection and the endpoint.
+    pub async fn close(&self) {
+        self.shared.endpoint.close(0u32.into(), b"shutdown");
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => {
+                    let peer = conn.remote_address();
+                    shared
+                        .connections
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(peer, conn.clone());
+                    receive_loop(shared, conn).await;
+                }
+                Err(e) => {
+                    // A peer without a certificate signed by our CA ends here.
+                    shared
+                        .stats
+                        .handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("refused connection: {e}");
+                }
+            }
+        });
+    }
+}
+
+async fn receive_loop(shared: Arc<Shared>, conn: quinn::Connection) {
+    let from = conn.remote_address();
+    loop {
+        tokio::select! {
+            stream = conn.accept_uni() => {
+                let Ok(mut stream) = stream else { break };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    match stream.read_to_end(shared.config.message_bytes_max).await {
+                        Ok(bytes) => deliver(&shared, Received { from, channel: Channel::Stream, bytes: Bytes::from(bytes) }),
+                        Err(e) => tracing::debug!(%from, "refused message: {e}"),
+                    }
+                });
+            }
+            datagram = conn.read_datagram() => {
+                let Ok(bytes) = datagram else { break };
+                deliver(&shared, Received { from, channel: Channel::Datagram, bytes });
+            }
+        }
+    }
+    let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
+    if connections
+        .get(&from)
+        .is_some_and(|c| c.stable_id() == conn.stable_id())
+    {
+        connections.remove(&from);
+    }
+}
+
+fn deliver(shared: &Shared, received: Received) {
+    if shared.inbox.try_send(received).is_err() {
+        shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn connection(shared: &Arc<Shared>, to: SocketAddr) -> Option<quinn::Connection> {
+    let existing = shared
+        .connections
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&to)
+        .filter(|c| c.close_reason().is_none())
+        .cloned();
+    if existing.is_some() {
+        return existing;
+    }
+    let connecting = shared
+        .endpoint
+        .connect_with(shared.client.clone(), to, &to.ip().to_string())
+        .ok()?;
+    match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+        Ok(Ok(conn)) => {
+            shared
+                .connections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(to, conn.clone());
+            tokio::spawn(receive_loop(shared.clone(), conn.clone()));
+            Some(conn)
+        }
+        Ok(Err(e)) => {
+            shared
+                .stats
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%to, "connect failed: {e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
+    loop {
+        let next = queue
+            .messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        let Some((channel, bytes)) = next else {
+            queue.wake.notified().await;
+            continue;
+        };
+        let Some(conn) = connection(&shared, to).await else {
+            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            // Do not spin on an unreachable peer.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let len = bytes.len() as u64;
+        let sent = match channel {
+            Channel::Datagram => conn.send_datagram(bytes).is_ok(),
+            Channel::Stream => match conn.open_uni().await {
+                Ok(mut stream) => stream.write_all(&bytes).await.is_ok() && stream.finish().is_ok(),
+                Err(_) => false,
+            },
+        };
+        if sent {
+            shared.stats.sent.fetch_add(1, Ordering::Relaxed);
+            shared.stats.sent_bytes.fetch_add(len, Ordering::Relaxed);
+        } else {
+            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
