@@ -14,7 +14,15 @@ use tokio::task::JoinHandle;
 
 use crate::api;
 use crate::config::Config;
-use crate::store::{Reader, Statement, Store, StoreConfig, StoreError, TxOutcome};
+use crate::config::GossipConfig;
+use crate::gossip::{remembered_members, GossipSnapshot, GossipTask};
+use crate::membership::{Actor, Membership};
+use crate::store::{ApplyOutcome, Reader, Statement, Store, StoreConfig, StoreError, TxOutcome};
+use crate::tls::{NodeTls, TlsError};
+use crate::transport::{TlsMode, Transport, TransportConfig, TransportError};
+use patina_core::broadcast::{Broadcast, BroadcastConfig};
+use patina_core::change::Changeset;
+use patina_core::wire::Limits;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +30,12 @@ pub enum AgentError {
     /// The store could not be opened (bad schema, unreadable file...).
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// TLS files could not be used.
+    #[error("gossip tls: {0}")]
+    Tls(#[from] TlsError),
+    /// The gossip endpoint could not be set up.
+    #[error("gossip transport: {0}")]
+    Transport(#[from] TransportError),
     /// A socket or folder could not be set up.
     #[error("{what}: {source}")]
     Io {
@@ -74,6 +88,9 @@ enum StoreRequest {
     Reload {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    Apply {
+        changesets: Vec<Arc<Changeset>>,
+    },
 }
 
 /// The way to the store thread. Cheap to clone.
@@ -88,6 +105,7 @@ impl std::fmt::Debug for StoreRequest {
             StoreRequest::Transact { .. } => "Transact",
             StoreRequest::Status { .. } => "Status",
             StoreRequest::Reload { .. } => "Reload",
+            StoreRequest::Apply { .. } => "Apply",
         })
     }
 }
@@ -131,13 +149,24 @@ impl StoreHandle {
         Ok(rx.await.map_err(|_| TxError::Unavailable)??)
     }
 
+    /// Hands remote changesets to the store to merge, without waiting. False if the queue is
+    /// full (the changesets are dropped; anti-entropy sync brings them later).
+    pub fn apply(&self, changesets: Vec<Arc<Changeset>>) -> bool {
+        self.tx.try_send(StoreRequest::Apply { changesets }).is_ok()
+    }
+
     /// Requests waiting in the queue.
     pub fn queue_len(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }
 }
 
-fn spawn_store(mut store: Store, schema_paths: Vec<PathBuf>, queue_len: usize) -> StoreHandle {
+fn spawn_store(
+    mut store: Store,
+    schema_paths: Vec<PathBuf>,
+    queue_len: usize,
+    commits: mpsc::Sender<Arc<Changeset>>,
+) -> StoreHandle {
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(queue_len);
     std::thread::Builder::new()
         .name("patina-store".into())
@@ -154,6 +183,16 @@ fn spawn_store(mut store: Store, schema_paths: Vec<PathBuf>, queue_len: usize) -
                         } else {
                             store.transact(&statements).map_err(TxError::from)
                         };
+                        if let Ok(TxOutcome {
+                            changeset: Some(changeset),
+                            ..
+                        }) = &result
+                        {
+                            // Broadcast at once; a full queue only delays it until sync.
+                            if commits.try_send(Arc::new(changeset.clone())).is_err() {
+                                tracing::warn!("broadcast queue full: changeset left to sync");
+                            }
+                        }
                         let _ = reply.send(result);
                     }
                     StoreRequest::Status { reply } => {
@@ -166,6 +205,23 @@ fn spawn_store(mut store: Store, schema_paths: Vec<PathBuf>, queue_len: usize) -
                     }
                     StoreRequest::Reload { reply } => {
                         let _ = reply.send(store.apply_schema_files(&schema_paths));
+                    }
+                    StoreRequest::Apply { changesets } => {
+                        let batch: Vec<Changeset> =
+                            changesets.iter().map(|c| (**c).clone()).collect();
+                        match store.apply_changesets(&batch) {
+                            Ok(outcomes) => {
+                                for outcome in outcomes {
+                                    if let ApplyOutcome::Rejected(e) = outcome {
+                                        tracing::warn!("remote changeset refused: {e}");
+                                    }
+                                }
+                            }
+                            Err(e) => tracing::error!(
+                                "applying {} remote changesets failed: {e}",
+                                batch.len()
+                            ),
+                        }
                     }
                 }
             }
@@ -227,6 +283,8 @@ impl ReaderPool {
 #[derive(Debug)]
 pub struct Agent {
     api_addr: SocketAddr,
+    gossip_addr: SocketAddr,
+    gossip: watch::Receiver<GossipSnapshot>,
     admin_path: PathBuf,
     site: SiteId,
     shutdown: watch::Sender<bool>,
@@ -259,16 +317,31 @@ impl Agent {
             max_db_bytes: config.db.max_db_bytes,
         })?;
         let site = store.site_id();
+        let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
         let handle = spawn_store(
             store,
             config.db.schema_paths.clone(),
             config.api.store_queue_len,
+            commits_tx,
         );
         let readers = Arc::new(ReaderPool::new(
             config.db.path.clone(),
             config.api.query_connections,
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let (gossip_snapshot_tx, gossip_snapshot) = watch::channel(GossipSnapshot::default());
+        let gossip_task = start_gossip(
+            &config.gossip,
+            site,
+            members_file(&config.db.path),
+            handle.clone(),
+            commits_rx,
+            shutdown_rx.clone(),
+            gossip_snapshot_tx,
+        )?;
+        let gossip_addr = gossip_task.transport.local_addr();
+        let gossip_join = tokio::spawn(gossip_task.run());
 
         let listener = tokio::net::TcpListener::bind(config.api.addr)
             .await
@@ -280,6 +353,7 @@ impl Agent {
             handle.clone(),
             readers,
             site,
+            gossip_snapshot.clone(),
             &config.api,
         ));
         let mut rx = shutdown_rx.clone();
@@ -314,13 +388,15 @@ impl Agent {
                 tracing::error!("admin server failed: {e}");
             }
         });
-        tracing::info!(%api_addr, site = %site, "agent started");
+        tracing::info!(%api_addr, %gossip_addr, site = %site, "agent started");
         Ok(Agent {
             api_addr,
+            gossip_addr,
+            gossip: gossip_snapshot,
             admin_path,
             site,
             shutdown,
-            tasks: vec![api_task, admin_task],
+            tasks: vec![api_task, admin_task, gossip_join],
         })
     }
 
@@ -332,6 +408,16 @@ impl Agent {
     /// This node's site id.
     pub fn site_id(&self) -> SiteId {
         self.site
+    }
+
+    /// The address the gossip endpoint listens on.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.gossip_addr
+    }
+
+    /// The latest gossip snapshot: members and broadcast counters.
+    pub fn gossip(&self) -> GossipSnapshot {
+        self.gossip.borrow().clone()
     }
 
     /// The admin socket.
@@ -347,6 +433,99 @@ impl Agent {
         }
         let _ = std::fs::remove_file(&self.admin_path);
     }
+}
+
+/// Local commits waiting for the gossip task.
+const COMMITS_QUEUE_LEN: usize = 16_384;
+
+/// Members remembered next to the database, so a restarted node rejoins on its own.
+fn members_file(db_path: &Path) -> PathBuf {
+    let mut name = db_path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".members");
+    db_path.with_file_name(name)
+}
+
+fn start_gossip(
+    config: &GossipConfig,
+    site: SiteId,
+    members_file: PathBuf,
+    store: StoreHandle,
+    commits: mpsc::Receiver<Arc<Changeset>>,
+    shutdown: watch::Receiver<bool>,
+    snapshot: watch::Sender<GossipSnapshot>,
+) -> Result<GossipTask, AgentError> {
+    let tls = match &config.tls {
+        Some(files) => TlsMode::Mutual(NodeTls::from_files(
+            &files.cert_file,
+            &files.key_file,
+            &files.ca_file,
+        )?),
+        None => {
+            if !config.plaintext {
+                tracing::warn!(
+                    "no [gossip.tls]: gossip runs without certificates on loopback only"
+                );
+            }
+            TlsMode::Plaintext
+        }
+    };
+    let (inbox_tx, inbox) = mpsc::channel(8192);
+    let transport = Transport::bind(
+        config.addr,
+        &tls,
+        TransportConfig {
+            queue_len_max: config.send_queue_len_max,
+            message_bytes_max: config.message_bytes_max,
+            ..TransportConfig::default()
+        },
+        inbox_tx,
+    )?;
+    let bump = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    let me = Actor {
+        addr: transport.local_addr(),
+        site: site.0,
+        bump,
+        cluster: config.cluster_id,
+    };
+    let seed = u64::from_le_bytes(site.0[..8].try_into().expect("8 bytes")) ^ bump;
+    let mut announce_to = config.bootstrap.clone();
+    announce_to.extend(remembered_members(&members_file));
+    announce_to.sort();
+    announce_to.dedup();
+    Ok(GossipTask {
+        site,
+        cluster: config.cluster_id,
+        membership: Membership::new(me, seed),
+        broadcast: Broadcast::new(
+            site,
+            BroadcastConfig {
+                eager_peers_max: config.eager_peers_max,
+                lazy_peers_max: config.lazy_peers_max,
+                graft_timeout_ms: config.graft_timeout_ms,
+                ..BroadcastConfig::default()
+            },
+            seed,
+        ),
+        transport,
+        inbox,
+        commits,
+        store,
+        announce_to,
+        members_file,
+        tick_ms: config.tick_ms,
+        limits: Limits {
+            changeset_bytes_max: config.message_bytes_max,
+            ..Limits::default()
+        },
+        shutdown,
+        snapshot,
+    })
 }
 
 /// Runs an agent until Ctrl-C or SIGTERM.

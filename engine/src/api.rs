@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 
 use crate::agent::{ReaderPool, StoreHandle, TxError};
 use crate::config::ApiConfig;
+use crate::gossip::GossipSnapshot;
 use crate::store::{Params, Statement, StoreError};
 
 /// What the handlers share.
@@ -35,6 +36,7 @@ pub struct ApiState {
     bearer_token: Option<String>,
     in_flight: Arc<Semaphore>,
     body_bytes_max: usize,
+    gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
 }
 
 impl ApiState {
@@ -43,6 +45,7 @@ impl ApiState {
         store: StoreHandle,
         readers: Arc<ReaderPool>,
         site: SiteId,
+        gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
         config: &ApiConfig,
     ) -> Arc<ApiState> {
         Arc::new(ApiState {
@@ -52,6 +55,7 @@ impl ApiState {
             bearer_token: config.authz.bearer_token.clone(),
             in_flight: Arc::new(Semaphore::new(config.concurrency_limit)),
             body_bytes_max: config.body_bytes_max,
+            gossip,
         })
     }
 }
@@ -374,7 +378,8 @@ async fn health(
         code,
         axum::Json(json!({ "response": {
             "gaps": status.gaps,
-            "members": 1,
+            // Cluster size as this node sees it, itself included.
+            "members": state.gossip.borrow().members.len() + 1,
             "p99_lag": p99_lag,
             "queue_size": queue_size,
         }})),

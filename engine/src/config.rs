@@ -49,6 +49,66 @@ pub struct Config {
     pub api: ApiConfig,
     /// `[admin]`: the local admin socket.
     pub admin: AdminConfig,
+    /// `[gossip]`: membership and broadcast between nodes.
+    pub gossip: GossipConfig,
+}
+
+/// `[gossip]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipConfig {
+    /// Listen address (UDP, QUIC).
+    pub addr: SocketAddr,
+    /// Nodes to join through (and the members remembered from the last run).
+    pub bootstrap: Vec<SocketAddr>,
+    /// Nodes of different clusters ignore each other.
+    pub cluster_id: u16,
+    /// No certificate checks. Needed explicitly unless the address is loopback.
+    pub plaintext: bool,
+    /// `[gossip.tls]`: certificates for mutual TLS.
+    pub tls: Option<GossipTlsConfig>,
+    /// Broadcast tick: how often "I have" batches leave and grafts are checked (ms). 1..=1000.
+    pub tick_ms: u64,
+    /// Eager peers (the broadcast tree's fan-out before pruning). 1..=32.
+    pub eager_peers_max: usize,
+    /// Lazy peers told about each changeset. 0..=32.
+    pub lazy_peers_max: usize,
+    /// Wait for an announced changeset before asking for it (ms). 1..=60,000.
+    pub graft_timeout_ms: u64,
+    /// Messages queued per peer before the oldest is dropped. 16..=1,000,000.
+    pub send_queue_len_max: usize,
+    /// Largest message accepted from a peer (bytes). 64 KiB..=256 MiB.
+    pub message_bytes_max: usize,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            bootstrap: Vec::new(),
+            cluster_id: 0,
+            plaintext: false,
+            tls: None,
+            tick_ms: 10,
+            eager_peers_max: 4,
+            lazy_peers_max: 4,
+            graft_timeout_ms: 80,
+            send_queue_len_max: 4096,
+            message_bytes_max: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[gossip.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GossipTlsConfig {
+    /// This node's certificate (PEM), signed by the cluster CA.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// The cluster CA certificate (PEM).
+    pub ca_file: PathBuf,
 }
 
 /// `[db]`.
@@ -173,6 +233,46 @@ impl Config {
             1_000_000,
         )?;
         within("api.query_connections", self.api.query_connections, 1, 256)?;
+        within("gossip.tick_ms", self.gossip.tick_ms as usize, 1, 1000)?;
+        within("gossip.eager_peers_max", self.gossip.eager_peers_max, 1, 32)?;
+        within("gossip.lazy_peers_max", self.gossip.lazy_peers_max, 0, 32)?;
+        within(
+            "gossip.graft_timeout_ms",
+            self.gossip.graft_timeout_ms as usize,
+            1,
+            60_000,
+        )?;
+        within(
+            "gossip.send_queue_len_max",
+            self.gossip.send_queue_len_max,
+            16,
+            1_000_000,
+        )?;
+        within(
+            "gossip.message_bytes_max",
+            self.gossip.message_bytes_max,
+            64 * 1024,
+            256 << 20,
+        )?;
+        if self.gossip.plaintext && self.gossip.tls.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "gossip.plaintext",
+                message: "plaintext and [gossip.tls] exclude each other".into(),
+            });
+        }
+        if !self.gossip.plaintext
+            && self.gossip.tls.is_none()
+            && !self.gossip.addr.ip().is_loopback()
+        {
+            return Err(ConfigError::Invalid {
+                key: "gossip.tls",
+                message: format!(
+                    "gossip.addr {} is not loopback: give [gossip.tls] cert_file, key_file, ca_file \
+                     (patina tls ...), or set gossip.plaintext = true",
+                    self.gossip.addr
+                ),
+            });
+        }
         if self.api.authz.bearer_token.as_deref() == Some("") {
             return Err(ConfigError::Invalid {
                 key: "api.authz.bearer_token",
@@ -229,5 +329,18 @@ mod tests {
         assert!(e.contains("api.concurrency_limit"), "{e}");
         let e = Config::parse("[dbb]\n", "test").unwrap_err().to_string();
         assert!(e.contains("dbb"), "{e}");
+        let e = Config::parse("[gossip]\naddr = \"10.0.0.1:8787\"\n", "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gossip.tls"), "{e}");
+        let e = Config::parse("[gossip]\nplaintext = true\n[gossip.tls]\ncert_file = \"a\"\nkey_file = \"b\"\nca_file = \"c\"\n", "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gossip.plaintext"), "{e}");
+        assert!(Config::parse(
+            "[gossip]\naddr = \"10.0.0.1:8787\"\nplaintext = true\n",
+            "test"
+        )
+        .is_ok());
     }
 }

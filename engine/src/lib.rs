@@ -8,6 +8,8 @@
 //! - [`agent`]: the running node: the store thread, the reader pool, the API and admin servers.
 //! - [`api`]: the HTTP API (Corrosion-compatible v1) and the admin routes.
 //! - [`client`]: a small HTTP client for the CLI (TCP or the admin unix socket).
+//! - [`membership`]: SWIM through foca: identities, timers, member events.
+//! - [`gossip`]: the task that drives membership, the broadcast core and the transport.
 //! - [`tls`]: cluster CA and node certificates (rcgen), mutual-TLS settings (rustls).
 //! - [`transport`]: QUIC endpoint (quinn): pooled connections, bounded per-peer send queues.
 //! - [`cli`]: the `patina` command line.
@@ -20,6 +22,8 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod gossip;
+pub mod membership;
 pub mod store;
 pub mod tls;
 pub mod transport;

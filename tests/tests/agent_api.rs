@@ -19,6 +19,7 @@ fn config(dir: &tempfile::TempDir) -> Config {
     config.db.schema_paths = vec![dir.path().join("schema")];
     config.api.addr = "127.0.0.1:0".parse().unwrap();
     config.admin.path = dir.path().join("admin.sock");
+    config.gossip.addr = "127.0.0.1:0".parse().unwrap();
     config
 }
 

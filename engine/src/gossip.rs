@@ -1,0 +1,227 @@
+//! The gossip task: one task owns the membership shell (foca) and the broadcast state machine
+//! (core), and drives them with the transport's messages, local commits from the store thread,
+//! foca's timers and a broadcast tick. Changesets delivered by broadcast go to the store thread
+//! in batches.
+//!
+//! Order of work in each turn: handle one input (plus whatever else is already waiting in the
+//! inbox, up to a bound), then drain membership (packets out, member events into the broadcast
+//! core), then perform broadcast effects (sends, deliveries), then hand deliveries to the store.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use patina_core::broadcast::{Broadcast, BroadcastStats, Effect, Millis};
+use patina_core::change::Changeset;
+use patina_core::ids::SiteId;
+use patina_core::wire::{decode_peer_message, encode_peer_message, Limits, PeerMessage};
+use tokio::sync::{mpsc, watch};
+
+use crate::agent::StoreHandle;
+use crate::membership::{MemberEvent, Membership};
+use crate::transport::{Channel, Received, Transport};
+
+/// What the gossip task reports, refreshed every tick.
+#[derive(Debug, Clone, Default)]
+pub struct GossipSnapshot {
+    /// Live members (not counting this node).
+    pub members: BTreeMap<SiteId, SocketAddr>,
+    /// Broadcast counters.
+    pub broadcast: BroadcastStats,
+    /// Changesets handed to the store.
+    pub delivered_to_store: u64,
+    /// Changesets dropped because the store queue was full.
+    pub apply_dropped: u64,
+    /// Peer messages refused (malformed, other cluster).
+    pub refused: u64,
+}
+
+/// Everything the gossip task needs.
+#[derive(Debug)]
+pub struct GossipTask {
+    /// This node's site.
+    pub site: SiteId,
+    /// Cluster id.
+    pub cluster: u16,
+    /// Membership shell.
+    pub membership: Membership,
+    /// Broadcast core.
+    pub broadcast: Broadcast,
+    /// QUIC endpoint.
+    pub transport: Transport,
+    /// Messages from peers.
+    pub inbox: mpsc::Receiver<Received>,
+    /// Changesets committed here.
+    pub commits: mpsc::Receiver<Arc<Changeset>>,
+    /// The store thread.
+    pub store: StoreHandle,
+    /// Addresses to announce to at start (bootstrap plus remembered members).
+    pub announce_to: Vec<SocketAddr>,
+    /// Where live members are remembered across restarts.
+    pub members_file: PathBuf,
+    /// Broadcast tick (ms).
+    pub tick_ms: u64,
+    /// Decode limits for peer messages.
+    pub limits: Limits,
+    /// Stop signal.
+    pub shutdown: watch::Receiver<bool>,
+    /// Snapshot output.
+    pub snapshot: watch::Sender<GossipSnapshot>,
+}
+
+/// Most inbox messages handled in one turn, so local commits and timers are never starved.
+const INBOX_BATCH_MAX: usize = 512;
+
+impl GossipTask {
+    /// Runs until shutdown; then leaves the cluster and closes the transport.
+    pub async fn run(mut self) {
+        let start = Instant::now();
+        let now_ms = |at: Instant| Millis(at.duration_since(start).as_millis() as u64);
+        for addr in std::mem::take(&mut self.announce_to) {
+            if addr != self.transport.local_addr() {
+                self.membership.announce(addr, self.cluster);
+            }
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(self.tick_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut peer_addrs: BTreeMap<SiteId, SocketAddr> = BTreeMap::new();
+        let mut snapshot = GossipSnapshot::default();
+        let mut effects = Vec::new();
+        let mut deliveries: Vec<Arc<Changeset>> = Vec::new();
+        self.flush_membership(Instant::now(), &mut snapshot);
+        loop {
+            let timer_due = self
+                .membership
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = self.shutdown.changed() => break,
+                received = self.inbox.recv() => {
+                    let Some(received) = received else { break };
+                    let now = Instant::now();
+                    self.handle(now_ms(now), received, &mut peer_addrs, &mut effects, &mut snapshot);
+                    for _ in 0..INBOX_BATCH_MAX {
+                        match self.inbox.try_recv() {
+                            Ok(r) => self.handle(now_ms(now), r, &mut peer_addrs, &mut effects, &mut snapshot),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                commit = self.commits.recv() => {
+                    let Some(changeset) = commit else { break };
+                    effects.extend(self.broadcast.local_commit(changeset));
+                }
+                _ = tokio::time::sleep_until(timer_due.into()) => {
+                    self.membership.handle_timers(Instant::now());
+                }
+                _ = tick.tick() => {
+                    effects.extend(self.broadcast.tick(now_ms(Instant::now())));
+                    snapshot.broadcast = self.broadcast.stats();
+                    snapshot.members = self.membership.members().clone();
+                    self.snapshot.send_replace(snapshot.clone());
+                }
+            }
+            self.flush_membership(Instant::now(), &mut snapshot);
+            for effect in effects.drain(..) {
+                match effect {
+                    Effect::Send { to, msg } => {
+                        let addr = self
+                            .membership
+                            .addr_of(&to)
+                            .or_else(|| peer_addrs.get(&to).copied());
+                        if let Some(addr) = addr {
+                            let bytes = encode_peer_message(
+                                self.cluster,
+                                &PeerMessage::Broadcast {
+                                    from: self.site,
+                                    msg,
+                                },
+                            );
+                            self.transport
+                                .send(addr, Channel::Stream, Bytes::from(bytes));
+                        }
+                    }
+                    Effect::Deliver(changeset) => deliveries.push(changeset),
+                }
+            }
+            if !deliveries.is_empty() {
+                let batch = std::mem::take(&mut deliveries);
+                let n = batch.len() as u64;
+                if self.store.apply(batch) {
+                    snapshot.delivered_to_store += n;
+                } else {
+                    // Anti-entropy sync repairs what is dropped here.
+                    snapshot.apply_dropped += n;
+                }
+            }
+        }
+        self.membership.leave();
+        self.flush_membership(Instant::now(), &mut snapshot);
+        // Give the goodbye packets a moment to leave before the endpoint closes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.transport.close().await;
+    }
+
+    fn handle(
+        &mut self,
+        now: Millis,
+        received: Received,
+        peer_addrs: &mut BTreeMap<SiteId, SocketAddr>,
+        effects: &mut Vec<Effect>,
+        snapshot: &mut GossipSnapshot,
+    ) {
+        match decode_peer_message(&received.bytes, self.cluster, &self.limits) {
+            Ok(PeerMessage::Membership(packet)) => self.membership.handle_packet(&packet),
+            Ok(PeerMessage::Broadcast { from, msg }) => {
+                peer_addrs.insert(from, received.from);
+                effects.extend(self.broadcast.receive(now, from, msg));
+            }
+            Err(e) => {
+                snapshot.refused += 1;
+                tracing::debug!(from = %received.from, "refused peer message: {e}");
+            }
+        }
+    }
+
+    fn flush_membership(&mut self, now: Instant, snapshot: &mut GossipSnapshot) {
+        let (packets, events) = self.membership.drain(now);
+        for (addr, packet) in packets {
+            let bytes = encode_peer_message(self.cluster, &PeerMessage::Membership(packet));
+            self.transport
+                .send(addr, Channel::Stream, Bytes::from(bytes));
+        }
+        if events.is_empty() {
+            return;
+        }
+        for event in events {
+            match event {
+                MemberEvent::Up { site, .. } => self.broadcast.peer_up(site),
+                MemberEvent::Down { site } => self.broadcast.peer_down(site),
+            }
+        }
+        snapshot.members = self.membership.members().clone();
+        self.snapshot.send_replace(snapshot.clone());
+        let remembered: String = self
+            .membership
+            .members()
+            .values()
+            .map(|a| format!("{a}\n"))
+            .collect();
+        if let Err(e) = std::fs::write(&self.members_file, remembered) {
+            tracing::warn!(
+                "cannot remember members in {}: {e}",
+                self.members_file.display()
+            );
+        }
+    }
+}
+
+/// Reads the members remembered by an earlier run.
+pub fn remembered_members(path: &std::path::Path) -> Vec<SocketAddr> {
+    std::fs::read_to_string(path)
+        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}

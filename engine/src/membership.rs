@@ -1,0 +1,259 @@
+//! Membership: SWIM through foca. This shell owns the foca instance, its timers and its
+//! outgoing packets; it turns foca's notifications into [`MemberEvent`]s (peer up, peer down)
+//! for the broadcast core, which never sees foca.
+//!
+//! A member's identity is its gossip address, its site id, a bump (start time in ms, raised
+//! when foca renews an identity declared down) and the cluster id. foca keys members by
+//! address: a node that comes back at the same address with a newer bump replaces the old one.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use foca::{AccumulatingRuntime, Foca, Identity, OwnedNotification, PostcardCodec, Timer};
+use patina_core::ids::SiteId;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+/// A member's identity as foca sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Actor {
+    /// Gossip address (foca's key).
+    pub addr: SocketAddr,
+    /// Site id; all zeros in a bootstrap placeholder, before the real identity is learned.
+    pub site: [u8; 16],
+    /// Start time in ms since the epoch, raised on renewal.
+    pub bump: u64,
+    /// Cluster id.
+    pub cluster: u16,
+}
+
+impl Actor {
+    /// The site id.
+    pub fn site_id(&self) -> SiteId {
+        SiteId(self.site)
+    }
+}
+
+impl Identity for Actor {
+    type Addr = SocketAddr;
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn renew(&self) -> Option<Self> {
+        Some(Actor {
+            bump: self.bump + 1,
+            ..self.clone()
+        })
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.bump > adversary.bump
+    }
+}
+
+/// A change of membership, for the broadcast core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberEvent {
+    /// A member is up (or came back with a new identity).
+    Up {
+        /// Its site.
+        site: SiteId,
+        /// Its gossip address.
+        addr: SocketAddr,
+    },
+    /// A member is down or left.
+    Down {
+        /// Its site.
+        site: SiteId,
+    },
+}
+
+/// A foca timer, ordered by due time (foca's own `Ord` is by kind only).
+#[derive(Debug)]
+struct Due(Instant, u64, Timer<Actor>);
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        (self.0, self.1) == (other.0, other.1)
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.0, self.1).cmp(&(other.0, other.1))
+    }
+}
+
+type FocaNode = Foca<Actor, PostcardCodec, SmallRng, foca::NoCustomBroadcast>;
+
+/// The membership state of one node.
+pub struct Membership {
+    foca: FocaNode,
+    runtime: AccumulatingRuntime<Actor>,
+    timers: BinaryHeap<Reverse<Due>>,
+    timer_seq: u64,
+    /// Live members by site (their latest address).
+    members: BTreeMap<SiteId, SocketAddr>,
+    sized_for: u32,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("members", &self.members)
+            .finish()
+    }
+}
+
+/// foca's settings for a cluster of about `n` nodes: LAN timings, and enough retransmissions
+/// for updates to reach everyone even in small clusters.
+fn foca_config(n: u32) -> foca::Config {
+    let mut config = foca::Config::new_lan(NonZeroU32::new(n.max(2)).expect("at least 2"));
+    config.max_transmissions = config
+        .max_transmissions
+        .max(std::num::NonZeroU8::new(4).expect("4 > 0"));
+    config
+}
+
+impl Membership {
+    /// A node with identity `me`; `seed` drives foca's random choices.
+    pub fn new(me: Actor, seed: u64) -> Membership {
+        let foca = Foca::new(
+            me,
+            foca_config(2),
+            SmallRng::seed_from_u64(seed),
+            PostcardCodec,
+        );
+        Membership {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            members: BTreeMap::new(),
+            sized_for: 2,
+        }
+    }
+
+    /// Live members.
+    pub fn members(&self) -> &BTreeMap<SiteId, SocketAddr> {
+        &self.members
+    }
+
+    /// The address of a live member.
+    pub fn addr_of(&self, site: &SiteId) -> Option<SocketAddr> {
+        self.members.get(site).copied()
+    }
+
+    /// Joins through a node known only by its address.
+    pub fn announce(&mut self, addr: SocketAddr, cluster: u16) {
+        let placeholder = Actor {
+            addr,
+            site: [0; 16],
+            bump: 0,
+            cluster,
+        };
+        if let Err(e) = self.foca.announce(placeholder, &mut self.runtime) {
+            tracing::debug!(%addr, "announce failed: {e}");
+        }
+    }
+
+    /// A packet from the network.
+    pub fn handle_packet(&mut self, packet: &[u8]) {
+        if let Err(e) = self.foca.handle_data(packet, &mut self.runtime) {
+            tracing::debug!("membership packet refused: {e}");
+        }
+    }
+
+    /// When the next timer is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse(Due(at, ..))| *at)
+    }
+
+    /// Runs the timers due at `now`.
+    pub fn handle_timers(&mut self, now: Instant) {
+        while self
+            .timers
+            .peek()
+            .is_some_and(|Reverse(Due(at, ..))| *at <= now)
+        {
+            let Reverse(Due(_, _, timer)) = self.timers.pop().expect("peeked");
+            if let Err(e) = self.foca.handle_timer(timer, &mut self.runtime) {
+                tracing::debug!("membership timer: {e}");
+            }
+        }
+    }
+
+    /// Leaves the cluster (the goodbye packets come out of [`Membership::drain`]).
+    pub fn leave(&mut self) {
+        if let Err(e) = self.foca.leave_cluster(&mut self.runtime) {
+            tracing::debug!("leave: {e}");
+        }
+    }
+
+    /// Collects what foca produced: packets to send (address, bytes) and member events.
+    /// Schedules its timers. Call after every other method.
+    pub fn drain(&mut self, now: Instant) -> (Vec<(SocketAddr, Vec<u8>)>, Vec<MemberEvent>) {
+        let mut packets = Vec::new();
+        let mut events = Vec::new();
+        while let Some((to, bytes)) = self.runtime.to_send() {
+            packets.push((to.addr, bytes.to_vec()));
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.timer_seq += 1;
+            self.timers
+                .push(Reverse(Due(now + after, self.timer_seq, timer)));
+        }
+        while let Some(notification) = self.runtime.to_notify() {
+            match notification {
+                OwnedNotification::MemberUp(actor) | OwnedNotification::Rejoin(actor)
+                    if actor.site != [0; 16] =>
+                {
+                    self.members.insert(actor.site_id(), actor.addr);
+                    events.push(MemberEvent::Up {
+                        site: actor.site_id(),
+                        addr: actor.addr,
+                    });
+                }
+                OwnedNotification::Rename(old, new) => {
+                    if old.site != new.site && self.members.remove(&old.site_id()).is_some() {
+                        events.push(MemberEvent::Down {
+                            site: old.site_id(),
+                        });
+                    }
+                    self.members.insert(new.site_id(), new.addr);
+                    events.push(MemberEvent::Up {
+                        site: new.site_id(),
+                        addr: new.addr,
+                    });
+                }
+                OwnedNotification::MemberDown(actor)
+                    if self.members.get(&actor.site_id()) == Some(&actor.addr) =>
+                {
+                    self.members.remove(&actor.site_id());
+                    events.push(MemberEvent::Down {
+                        site: actor.site_id(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        // Keep foca's settings sized to the cluster (retransmissions, suspicion timeout).
+        let n = self.foca.num_members() as u32 + 1;
+        let resized = n > self.sized_for.saturating_mul(2) || n.saturating_mul(2) < self.sized_for;
+        if resized && self.foca.set_config(foca_config(n)).is_ok() {
+            self.sized_for = n;
+        }
+        (packets, events)
+    }
+}
