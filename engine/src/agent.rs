@@ -63,6 +63,18 @@ pub enum TxError {
     Unavailable,
 }
 
+/// A remote changeset this node committed, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct AppliedEvent {
+    /// The changeset.
+    pub id: patina_core::change::ChangesetId,
+    /// When its transaction committed here.
+    pub at: Instant,
+}
+
+/// Applied events kept for slow listeners (they skip ahead past this).
+const APPLIED_EVENTS_CAPACITY: usize = 4096;
+
 /// A snapshot of the store for health checks and table stats.
 #[derive(Debug, Clone)]
 pub struct StoreStatus {
@@ -166,6 +178,7 @@ fn spawn_store(
     schema_paths: Vec<PathBuf>,
     queue_len: usize,
     commits: mpsc::Sender<Arc<Changeset>>,
+    applied: tokio::sync::broadcast::Sender<AppliedEvent>,
 ) -> StoreHandle {
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(queue_len);
     std::thread::Builder::new()
@@ -211,9 +224,19 @@ fn spawn_store(
                             changesets.iter().map(|c| (**c).clone()).collect();
                         match store.apply_changesets(&batch) {
                             Ok(outcomes) => {
-                                for outcome in outcomes {
-                                    if let ApplyOutcome::Rejected(e) = outcome {
-                                        tracing::warn!("remote changeset refused: {e}");
+                                let at = Instant::now();
+                                for (outcome, changeset) in outcomes.into_iter().zip(&batch) {
+                                    match outcome {
+                                        ApplyOutcome::Rejected(e) => {
+                                            tracing::warn!("remote changeset refused: {e}")
+                                        }
+                                        ApplyOutcome::Applied { .. } => {
+                                            let _ = applied.send(AppliedEvent {
+                                                id: changeset.id,
+                                                at,
+                                            });
+                                        }
+                                        ApplyOutcome::AlreadyApplied => {}
                                     }
                                 }
                             }
@@ -285,6 +308,7 @@ pub struct Agent {
     api_addr: SocketAddr,
     gossip_addr: SocketAddr,
     gossip: watch::Receiver<GossipSnapshot>,
+    applied: tokio::sync::broadcast::Sender<AppliedEvent>,
     admin_path: PathBuf,
     site: SiteId,
     shutdown: watch::Sender<bool>,
@@ -318,11 +342,13 @@ impl Agent {
         })?;
         let site = store.site_id();
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
+        let (applied, _) = tokio::sync::broadcast::channel(APPLIED_EVENTS_CAPACITY);
         let handle = spawn_store(
             store,
             config.db.schema_paths.clone(),
             config.api.store_queue_len,
             commits_tx,
+            applied.clone(),
         );
         let readers = Arc::new(ReaderPool::new(
             config.db.path.clone(),
@@ -393,6 +419,7 @@ impl Agent {
             api_addr,
             gossip_addr,
             gossip: gossip_snapshot,
+            applied,
             admin_path,
             site,
             shutdown,
@@ -413,6 +440,11 @@ impl Agent {
     /// The address the gossip endpoint listens on.
     pub fn gossip_addr(&self) -> SocketAddr {
         self.gossip_addr
+    }
+
+    /// Events for every remote changeset this node commits from now on.
+    pub fn subscribe_applied(&self) -> tokio::sync::broadcast::Receiver<AppliedEvent> {
+        self.applied.subscribe()
     }
 
     /// The latest gossip snapshot: members and broadcast counters.

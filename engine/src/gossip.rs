@@ -37,6 +37,14 @@ pub struct GossipSnapshot {
     pub apply_dropped: u64,
     /// Peer messages refused (malformed, other cluster).
     pub refused: u64,
+    /// Members as foca counts them.
+    pub foca_members: usize,
+    /// Transport: messages sent.
+    pub transport_sent: u64,
+    /// Transport: messages dropped (full queue, failed send, unreachable peer).
+    pub transport_dropped: u64,
+    /// Transport: handshakes refused or failed.
+    pub handshake_failures: u64,
 }
 
 /// Everything the gossip task needs.
@@ -121,6 +129,12 @@ impl GossipTask {
                     effects.extend(self.broadcast.tick(now_ms(Instant::now())));
                     snapshot.broadcast = self.broadcast.stats();
                     snapshot.members = self.membership.members().clone();
+                    snapshot.foca_members = self.membership.foca_member_count();
+                    let transport = self.transport.stats();
+                    snapshot.transport_sent = transport.sent.load(std::sync::atomic::Ordering::Relaxed);
+                    snapshot.transport_dropped = transport.dropped.load(std::sync::atomic::Ordering::Relaxed);
+                    snapshot.handshake_failures =
+                        transport.handshake_failures.load(std::sync::atomic::Ordering::Relaxed);
                     self.snapshot.send_replace(snapshot.clone());
                 }
             }

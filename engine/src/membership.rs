@@ -9,7 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Instant;
 
 use foca::{AccumulatingRuntime, Foca, Identity, OwnedNotification, PostcardCodec, Timer};
@@ -116,13 +116,18 @@ impl std::fmt::Debug for Membership {
     }
 }
 
-/// foca's settings for a cluster of about `n` nodes: LAN timings, and enough retransmissions
-/// for updates to reach everyone even in small clusters.
+/// foca's settings for a cluster of about `n` nodes: LAN timings; twice foca's retransmissions
+/// of each update (at least 6), because a node that misses a join otherwise learns of it only
+/// when the new node's probe cycle reaches it (about n seconds); and an announce to two random
+/// members every second, whose answer (a feed of members) closes any remaining gap.
 fn foca_config(n: u32) -> foca::Config {
     let mut config = foca::Config::new_lan(NonZeroU32::new(n.max(2)).expect("at least 2"));
-    config.max_transmissions = config
-        .max_transmissions
-        .max(std::num::NonZeroU8::new(4).expect("4 > 0"));
+    let doubled = config.max_transmissions.get().saturating_mul(2).max(6);
+    config.max_transmissions = std::num::NonZeroU8::new(doubled).expect("at least 6");
+    config.periodic_announce = Some(foca::PeriodicParams {
+        frequency: std::time::Duration::from_secs(1),
+        num_members: NonZeroUsize::new(2).expect("2 > 0"),
+    });
     config
 }
 
@@ -148,6 +153,11 @@ impl Membership {
     /// Live members.
     pub fn members(&self) -> &BTreeMap<SiteId, SocketAddr> {
         &self.members
+    }
+
+    /// Members foca itself counts as active (for diagnostics; should match `members`).
+    pub fn foca_member_count(&self) -> usize {
+        self.foca.num_members()
     }
 
     /// The address of a live member.
@@ -216,9 +226,7 @@ impl Membership {
         }
         while let Some(notification) = self.runtime.to_notify() {
             match notification {
-                OwnedNotification::MemberUp(actor) | OwnedNotification::Rejoin(actor)
-                    if actor.site != [0; 16] =>
-                {
+                OwnedNotification::MemberUp(actor) if actor.site != [0; 16] => {
                     self.members.insert(actor.site_id(), actor.addr);
                     events.push(MemberEvent::Up {
                         site: actor.site_id(),
