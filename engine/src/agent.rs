@@ -17,12 +17,14 @@ use crate::config::Config;
 use crate::config::GossipConfig;
 use crate::gossip::{remembered_members, GossipSnapshot, GossipTask};
 use crate::membership::{Actor, Membership};
+use crate::metrics::StoreMetrics;
 use crate::store::{ApplyOutcome, Reader, Statement, Store, StoreConfig, StoreError, TxOutcome};
 use crate::tls::{NodeTls, TlsError};
 use crate::transport::{TlsMode, Transport, TransportConfig, TransportError};
 use patina_core::broadcast::{Broadcast, BroadcastConfig};
 use patina_core::change::Changeset;
 use patina_core::wire::Limits;
+use std::sync::atomic::Ordering;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,7 @@ enum StoreRequest {
     },
     Apply {
         changesets: Vec<Arc<Changeset>>,
+        queued_at: Instant,
     },
 }
 
@@ -164,7 +167,12 @@ impl StoreHandle {
     /// Hands remote changesets to the store to merge, without waiting. False if the queue is
     /// full (the changesets are dropped; anti-entropy sync brings them later).
     pub fn apply(&self, changesets: Vec<Arc<Changeset>>) -> bool {
-        self.tx.try_send(StoreRequest::Apply { changesets }).is_ok()
+        self.tx
+            .try_send(StoreRequest::Apply {
+                changesets,
+                queued_at: Instant::now(),
+            })
+            .is_ok()
     }
 
     /// Requests waiting in the queue.
@@ -179,6 +187,7 @@ fn spawn_store(
     queue_len: usize,
     commits: mpsc::Sender<Arc<Changeset>>,
     applied: tokio::sync::broadcast::Sender<AppliedEvent>,
+    metrics: Arc<StoreMetrics>,
 ) -> StoreHandle {
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(queue_len);
     std::thread::Builder::new()
@@ -201,6 +210,10 @@ fn spawn_store(
                             ..
                         }) = &result
                         {
+                            metrics.committed_changesets.fetch_add(1, Ordering::Relaxed);
+                            metrics
+                                .committed_changes
+                                .fetch_add(changeset.changes.len() as u64, Ordering::Relaxed);
                             // Broadcast at once; a full queue only delays it until sync.
                             if commits.try_send(Arc::new(changeset.clone())).is_err() {
                                 tracing::warn!("broadcast queue full: changeset left to sync");
@@ -219,7 +232,14 @@ fn spawn_store(
                     StoreRequest::Reload { reply } => {
                         let _ = reply.send(store.apply_schema_files(&schema_paths));
                     }
-                    StoreRequest::Apply { changesets } => {
+                    StoreRequest::Apply {
+                        changesets,
+                        queued_at,
+                    } => {
+                        metrics
+                            .apply_lag_us_last
+                            .store(queued_at.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        metrics.apply_batches.fetch_add(1, Ordering::Relaxed);
                         let batch: Vec<Changeset> =
                             changesets.iter().map(|c| (**c).clone()).collect();
                         match store.apply_changesets(&batch) {
@@ -228,9 +248,16 @@ fn spawn_store(
                                 for (outcome, changeset) in outcomes.into_iter().zip(&batch) {
                                     match outcome {
                                         ApplyOutcome::Rejected(e) => {
+                                            metrics.apply_rejected.fetch_add(1, Ordering::Relaxed);
                                             tracing::warn!("remote changeset refused: {e}")
                                         }
-                                        ApplyOutcome::Applied { .. } => {
+                                        ApplyOutcome::Applied { changes_won, .. } => {
+                                            metrics
+                                                .applied_changesets
+                                                .fetch_add(1, Ordering::Relaxed);
+                                            metrics
+                                                .applied_changes_won
+                                                .fetch_add(changes_won as u64, Ordering::Relaxed);
                                             let _ = applied.send(AppliedEvent {
                                                 id: changeset.id,
                                                 at,
@@ -245,6 +272,9 @@ fn spawn_store(
                                 batch.len()
                             ),
                         }
+                        metrics
+                            .gaps
+                            .store(store.bookkeeping().gap_count(), Ordering::Relaxed);
                     }
                 }
             }
@@ -309,6 +339,7 @@ pub struct Agent {
     gossip_addr: SocketAddr,
     gossip: watch::Receiver<GossipSnapshot>,
     applied: tokio::sync::broadcast::Sender<AppliedEvent>,
+    metrics_addr: Option<SocketAddr>,
     admin_path: PathBuf,
     site: SiteId,
     shutdown: watch::Sender<bool>,
@@ -343,12 +374,14 @@ impl Agent {
         let site = store.site_id();
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
         let (applied, _) = tokio::sync::broadcast::channel(APPLIED_EVENTS_CAPACITY);
+        let store_metrics = Arc::new(StoreMetrics::default());
         let handle = spawn_store(
             store,
             config.db.schema_paths.clone(),
             config.api.store_queue_len,
             commits_tx,
             applied.clone(),
+            store_metrics.clone(),
         );
         let readers = Arc::new(ReaderPool::new(
             config.db.path.clone(),
@@ -395,13 +428,40 @@ impl Agent {
             }
         });
 
+        let mut tasks = vec![api_task, gossip_join];
+        let metrics_addr = match config.telemetry.prometheus_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(io(format!("binding metrics on {addr}")))?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(io("reading the metrics address".into()))?;
+                let router =
+                    crate::metrics::router(store_metrics, handle.clone(), gossip_snapshot.clone());
+                let mut rx = shutdown_rx.clone();
+                tasks.push(tokio::spawn(async move {
+                    let stop = async move {
+                        let _ = rx.wait_for(|stop| *stop).await;
+                    };
+                    if let Err(e) = axum::serve(listener, router)
+                        .with_graceful_shutdown(stop)
+                        .await
+                    {
+                        tracing::error!("metrics server failed: {e}");
+                    }
+                }));
+                Some(bound)
+            }
+            None => None,
+        };
         let admin_path = config.admin.path.clone();
         let _ = std::fs::remove_file(&admin_path);
         let admin = tokio::net::UnixListener::bind(&admin_path).map_err(io(format!(
             "binding the admin socket {}",
             admin_path.display()
         )))?;
-        let admin_router = api::admin_router(handle);
+        let admin_router = api::admin_router(handle, gossip_snapshot.clone());
         let mut rx = shutdown_rx;
         let admin_task = tokio::spawn(async move {
             let stop = async move {
@@ -423,7 +483,11 @@ impl Agent {
             admin_path,
             site,
             shutdown,
-            tasks: vec![api_task, admin_task, gossip_join],
+            metrics_addr,
+            tasks: {
+                tasks.push(admin_task);
+                tasks
+            },
         })
     }
 
@@ -435,6 +499,11 @@ impl Agent {
     /// This node's site id.
     pub fn site_id(&self) -> SiteId {
         self.site
+    }
+
+    /// The address metrics are served on, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The address the gossip endpoint listens on.

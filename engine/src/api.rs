@@ -73,11 +73,29 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// The admin API on the unix socket.
-pub fn admin_router(store: StoreHandle) -> Router {
+/// The admin API on the unix socket: `POST /reload`, `GET /members`.
+pub fn admin_router(
+    store: StoreHandle,
+    gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
+) -> Router {
     Router::new()
         .route("/reload", post(reload))
         .with_state(store)
+        .merge(
+            Router::new()
+                .route("/members", get(members))
+                .with_state(gossip),
+        )
+}
+
+async fn members(State(gossip): State<tokio::sync::watch::Receiver<GossipSnapshot>>) -> Response {
+    let members: Vec<Json> = gossip
+        .borrow()
+        .members
+        .iter()
+        .map(|(site, addr)| json!({ "site_id": site.to_hex(), "addr": addr.to_string() }))
+        .collect();
+    axum::Json(json!({ "members": members })).into_response()
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {

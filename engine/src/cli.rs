@@ -54,12 +54,25 @@ enum Command {
         #[arg(long, default_value = "patina-data/admin.sock")]
         admin: PathBuf,
     },
+    /// Cluster membership, as a running node sees it.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Work directly on a node's database file (no agent needed).
     #[command(subcommand)]
     Db(DbCommand),
     /// Certificates for the gossip transport.
     #[command(subcommand)]
     Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// List the live members (site id and gossip address).
+    Members {
+        /// The node's admin socket.
+        #[arg(long, default_value = "patina-data/admin.sock")]
+        admin: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -335,6 +348,26 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "client",
                 &crate::tls::generate_signed(&ca_key, &[], crate::tls::CertUse::Client)?,
             )?;
+        }
+        Command::Cluster(ClusterCommand::Members { admin }) => {
+            let (status, body) = runtime()?.block_on(client::request(
+                &Target::Unix(admin),
+                Method::GET,
+                "/members",
+                None,
+                Vec::new(),
+            ))?;
+            if !status.is_success() {
+                return Err(format!("{status}: {}", String::from_utf8_lossy(&body)).into());
+            }
+            let out: serde_json::Value = serde_json::from_slice(&body)?;
+            for member in out["members"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}",
+                    member["site_id"].as_str().unwrap_or_default(),
+                    member["addr"].as_str().unwrap_or_default()
+                );
+            }
         }
         Command::Reload { admin } => {
             api_call(

@@ -51,6 +51,16 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[gossip]`: membership and broadcast between nodes.
     pub gossip: GossipConfig,
+    /// `[telemetry]`: metrics.
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Where Prometheus metrics are served (`GET /metrics`); off when absent.
+    pub prometheus_addr: Option<SocketAddr>,
 }
 
 /// `[gossip]`.

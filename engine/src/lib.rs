@@ -10,6 +10,7 @@
 //! - [`client`]: a small HTTP client for the CLI (TCP or the admin unix socket).
 //! - [`membership`]: SWIM through foca: identities, timers, member events.
 //! - [`gossip`]: the task that drives membership, the broadcast core and the transport.
+//! - [`metrics`]: Prometheus text exposition of store and gossip counters.
 //! - [`tls`]: cluster CA and node certificates (rcgen), mutual-TLS settings (rustls).
 //! - [`transport`]: QUIC endpoint (quinn): pooled connections, bounded per-peer send queues.
 //! - [`cli`]: the `patina` command line.
@@ -24,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod gossip;
 pub mod membership;
+pub mod metrics;
 pub mod store;
 pub mod tls;
 pub mod transport;

@@ -27,6 +27,7 @@ fn node_config(dir: &Path, bootstrap: &[SocketAddr]) -> Config {
     config.admin.path = dir.join("admin.sock");
     config.gossip.addr = "127.0.0.1:0".parse().unwrap();
     config.gossip.bootstrap = bootstrap.to_vec();
+    config.telemetry.prometheus_addr = Some("127.0.0.1:0".parse().unwrap());
     config
 }
 
@@ -161,6 +162,64 @@ async fn a_write_on_one_node_is_readable_on_all() {
         },
     )
     .await;
+    // Metrics count what happened: each node committed one changeset locally and merged the
+    // others' (3 inserts, then 3 conflicting updates).
+    async fn metrics(agent: &Agent) -> String {
+        let (status, text) = request(
+            &Target::Tcp(agent.metrics_addr().unwrap()),
+            Method::GET,
+            "/metrics",
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        String::from_utf8(text.to_vec()).unwrap()
+    }
+    fn value(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.split(' ').nth(1))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+    for agent in &agents {
+        wait_for("every remote changeset counted", || async {
+            value(&metrics(agent).await, "patina_changesets_applied_total") == 4.0
+        })
+        .await;
+        let text = metrics(agent).await;
+        assert_eq!(
+            value(&text, "patina_changesets_committed_total"),
+            2.0,
+            "{text}"
+        );
+        assert_eq!(value(&text, "patina_members"), 2.0);
+        assert!(text.contains("patina_broadcast_sent_total{kind=\"gossip\"}"));
+    }
+    let (status, members) = request(
+        &Target::Unix(agents[0].admin_path().to_path_buf()),
+        Method::GET,
+        "/members",
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let members: Json = serde_json::from_slice(&members).unwrap();
+    let mut sites: Vec<String> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["site_id"].as_str().unwrap().to_owned())
+        .collect();
+    sites.sort();
+    let mut expected: Vec<String> = agents[1..].iter().map(|a| a.site_id().to_hex()).collect();
+    expected.sort();
+    assert_eq!(sites, expected);
     let (status, health) = request(
         &Target::Tcp(agents[0].api_addr()),
         Method::GET,
