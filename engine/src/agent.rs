@@ -580,6 +580,8 @@ fn start_gossip(
         TransportConfig {
             queue_len_max: config.send_queue_len_max,
             message_bytes_max: config.message_bytes_max,
+            send_bytes_per_sec_max: config.send_bytes_per_sec_max,
+            send_in_flight_max: config.send_in_flight_max,
             ..TransportConfig::default()
         },
         inbox_tx,

@@ -89,6 +89,10 @@ pub struct GossipConfig {
     pub send_queue_len_max: usize,
     /// Largest message accepted from a peer (bytes). 64 KiB..=256 MiB.
     pub message_bytes_max: usize,
+    /// Bytes per second this node may send to peers, all together. 64 KiB..=10 GiB.
+    pub send_bytes_per_sec_max: u64,
+    /// Messages being written to peers at once. 1..=65,536.
+    pub send_in_flight_max: usize,
 }
 
 impl Default for GossipConfig {
@@ -105,6 +109,8 @@ impl Default for GossipConfig {
             graft_timeout_ms: 80,
             send_queue_len_max: 4096,
             message_bytes_max: 16 * 1024 * 1024,
+            send_bytes_per_sec_max: 16 * 1024 * 1024,
+            send_in_flight_max: 256,
         }
     }
 }
@@ -263,6 +269,18 @@ impl Config {
             self.gossip.message_bytes_max,
             64 * 1024,
             256 << 20,
+        )?;
+        within(
+            "gossip.send_bytes_per_sec_max",
+            self.gossip.send_bytes_per_sec_max as usize,
+            64 * 1024,
+            10 << 30,
+        )?;
+        within(
+            "gossip.send_in_flight_max",
+            self.gossip.send_in_flight_max,
+            1,
+            65_536,
         )?;
         if self.gossip.plaintext && self.gossip.tls.is_some() {
             return Err(ConfigError::Invalid {

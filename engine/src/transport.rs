@@ -5,7 +5,9 @@
 //!
 //! Bounds: each peer has a send queue of at most `queue_len_max` messages, and the oldest is
 //! dropped when it is full (anti-entropy repairs what is lost); the inbox towards the agent is
-//! bounded the same way; a received message larger than `message_bytes_max` is refused.
+//! bounded the same way; a received message larger than `message_bytes_max` is refused. The node
+//! as a whole sends at most `send_bytes_per_sec_max` (a token bucket of one second's worth) with
+//! at most `send_in_flight_max` streams being written at once; past that, queues fill and shed.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -71,6 +73,10 @@ pub struct TransportConfig {
     pub message_bytes_max: usize,
     /// Idle time after which a connection is closed (ms).
     pub idle_timeout_ms: u64,
+    /// Bytes per second the whole node may send.
+    pub send_bytes_per_sec_max: u64,
+    /// Messages being written at once, over all peers.
+    pub send_in_flight_max: usize,
 }
 
 impl Default for TransportConfig {
@@ -79,6 +85,8 @@ impl Default for TransportConfig {
             queue_len_max: 4096,
             message_bytes_max: 16 * 1024 * 1024,
             idle_timeout_ms: 30_000,
+            send_bytes_per_sec_max: 16 * 1024 * 1024,
+            send_in_flight_max: 256,
         }
     }
 }
@@ -109,6 +117,40 @@ struct Shared {
     queues: Mutex<HashMap<SocketAddr, Arc<PeerQueue>>>,
     inbox: mpsc::Sender<Received>,
     stats: TransportStats,
+    budget: Mutex<TokenBucket>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+/// Bytes the node may still send: refilled at `rate` per second, holding at most one second.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    refilled: std::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u64) -> TokenBucket {
+        TokenBucket {
+            rate: rate as f64,
+            tokens: rate as f64,
+            refilled: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes `bytes`; returns how long to wait first if the budget is spent.
+    fn take(&mut self, bytes: u64) -> Duration {
+        let now = std::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * self.rate)
+            .min(self.rate);
+        self.refilled = now;
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
 }
 
 /// A node's QUIC endpoint.
@@ -168,6 +210,10 @@ impl Transport {
             queues: Mutex::new(HashMap::new()),
             inbox,
             stats: TransportStats::default(),
+            budget: Mutex::new(TokenBucket::new(config.send_bytes_per_sec_max.max(1))),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                config.send_in_flight_max.max(1),
+            )),
         });
         tokio::spawn(accept_loop(shared.clone()));
         Ok(Transport { shared })
@@ -339,6 +385,20 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
             continue;
         };
         let len = bytes.len() as u64;
+        let wait = shared
+            .budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(len);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let _permit = shared
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the in-flight semaphore is never closed");
         let sent = match channel {
             Channel::Datagram => conn.send_datagram(bytes).is_ok(),
             Channel::Stream => match conn.open_uni().await {

@@ -165,3 +165,46 @@ async fn oversized_messages_are_refused() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn the_send_budget_sheds_a_burst_instead_of_buffering_it() {
+    let (b, mut b_rx) = bind(TlsMode::Plaintext);
+    let (tx, _a_rx) = mpsc::channel(8);
+    let config = TransportConfig {
+        send_bytes_per_sec_max: 64 * 1024,
+        queue_len_max: 16,
+        ..TransportConfig::default()
+    };
+    let a = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &TlsMode::Plaintext,
+        config,
+        tx,
+    )
+    .unwrap();
+    for _ in 0..100 {
+        a.send(
+            b.local_addr(),
+            Channel::Stream,
+            Bytes::from(vec![7u8; 8 * 1024]),
+        );
+    }
+    let mut received = 0;
+    let window = tokio::time::sleep(Duration::from_millis(500));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = &mut window => break,
+            got = b_rx.recv() => if got.is_some() { received += 1 },
+        }
+    }
+    // One second's budget is 8 messages; half a second more allows 4.
+    assert!(
+        received <= 16,
+        "{received} messages got through a 64 KiB/s budget"
+    );
+    assert!(
+        a.stats().dropped.load(Ordering::Relaxed) >= 50,
+        "the burst was buffered, not shed"
+    );
+}
