@@ -70,4 +70,35 @@ impl Changeset {
     pub fn is_cleared(&self) -> bool {
         self.changes.is_empty()
     }
+
+    /// The rows this changeset touches, in (table, key) order: deleted when it carries an even
+    /// causal length for the row, upserted otherwise.
+    pub fn rows(&self) -> Vec<RowChange> {
+        let mut rows: std::collections::BTreeMap<(&str, &PackedPk), bool> =
+            std::collections::BTreeMap::new();
+        for change in &self.changes {
+            let deleted = rows
+                .entry((change.table.as_str(), &change.pk))
+                .or_insert(false);
+            *deleted |= change.column == Column::Sentinel && !change.cl.is_live();
+        }
+        rows.into_iter()
+            .map(|((table, pk), deleted)| RowChange {
+                table: table.to_owned(),
+                pk: pk.clone(),
+                deleted,
+            })
+            .collect()
+    }
+}
+
+/// A row whose data a commit changed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RowChange {
+    /// Table name.
+    pub table: String,
+    /// Primary key.
+    pub pk: PackedPk,
+    /// True if the row is now deleted; false if inserted or updated.
+    pub deleted: bool,
 }

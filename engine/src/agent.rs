@@ -22,7 +22,7 @@ use crate::store::{ApplyOutcome, Reader, Statement, Store, StoreConfig, StoreErr
 use crate::tls::{NodeTls, TlsError};
 use crate::transport::{TlsMode, Transport, TransportConfig, TransportError};
 use patina_core::broadcast::{Broadcast, BroadcastConfig};
-use patina_core::change::Changeset;
+use patina_core::change::{Changeset, RowChange};
 use patina_core::wire::Limits;
 use std::sync::atomic::Ordering;
 
@@ -73,6 +73,9 @@ pub struct AppliedEvent {
     /// When its transaction committed here.
     pub at: Instant,
 }
+
+/// Commits' changed rows kept for slow `/v1/updates` streams (past this they are cut off).
+const ROW_CHANGES_CAPACITY: usize = 1024;
 
 /// Applied events kept for slow listeners (they skip ahead past this).
 const APPLIED_EVENTS_CAPACITY: usize = 4096;
@@ -188,6 +191,7 @@ fn spawn_store(
     commits: mpsc::Sender<Arc<Changeset>>,
     applied: tokio::sync::broadcast::Sender<AppliedEvent>,
     metrics: Arc<StoreMetrics>,
+    row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
 ) -> StoreHandle {
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(queue_len);
     std::thread::Builder::new()
@@ -211,6 +215,7 @@ fn spawn_store(
                         }) = &result
                         {
                             metrics.committed_changesets.fetch_add(1, Ordering::Relaxed);
+                            let _ = row_changes.send(Arc::new(changeset.rows()));
                             metrics
                                 .committed_changes
                                 .fetch_add(changeset.changes.len() as u64, Ordering::Relaxed);
@@ -245,13 +250,19 @@ fn spawn_store(
                         match store.apply_changesets(&batch) {
                             Ok(outcomes) => {
                                 let at = Instant::now();
+                                let mut changed_rows = Vec::new();
                                 for (outcome, changeset) in outcomes.into_iter().zip(&batch) {
                                     match outcome {
                                         ApplyOutcome::Rejected(e) => {
                                             metrics.apply_rejected.fetch_add(1, Ordering::Relaxed);
                                             tracing::warn!("remote changeset refused: {e}")
                                         }
-                                        ApplyOutcome::Applied { changes_won, .. } => {
+                                        ApplyOutcome::Applied {
+                                            changes_won,
+                                            changed,
+                                            ..
+                                        } => {
+                                            changed_rows.extend(changed);
                                             metrics
                                                 .applied_changesets
                                                 .fetch_add(1, Ordering::Relaxed);
@@ -265,6 +276,9 @@ fn spawn_store(
                                         }
                                         ApplyOutcome::AlreadyApplied => {}
                                     }
+                                }
+                                if !changed_rows.is_empty() {
+                                    let _ = row_changes.send(Arc::new(changed_rows));
                                 }
                             }
                             Err(e) => tracing::error!(
@@ -375,6 +389,7 @@ impl Agent {
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
         let (applied, _) = tokio::sync::broadcast::channel(APPLIED_EVENTS_CAPACITY);
         let store_metrics = Arc::new(StoreMetrics::default());
+        let (row_changes, _) = tokio::sync::broadcast::channel(ROW_CHANGES_CAPACITY);
         let handle = spawn_store(
             store,
             config.db.schema_paths.clone(),
@@ -382,6 +397,7 @@ impl Agent {
             commits_tx,
             applied.clone(),
             store_metrics.clone(),
+            row_changes.clone(),
         );
         let readers = Arc::new(ReaderPool::new(
             config.db.path.clone(),
@@ -413,6 +429,8 @@ impl Agent {
             readers,
             site,
             gossip_snapshot.clone(),
+            row_changes,
+            shutdown_rx.clone(),
             &config.api,
         ));
         let mut rx = shutdown_rx.clone();

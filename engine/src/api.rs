@@ -26,6 +26,7 @@ use crate::agent::{ReaderPool, StoreHandle, TxError};
 use crate::config::ApiConfig;
 use crate::gossip::GossipSnapshot;
 use crate::store::{Params, Statement, StoreError};
+use patina_core::change::RowChange;
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -37,6 +38,8 @@ pub struct ApiState {
     in_flight: Arc<Semaphore>,
     body_bytes_max: usize,
     gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
+    row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ApiState {
@@ -46,6 +49,8 @@ impl ApiState {
         readers: Arc<ReaderPool>,
         site: SiteId,
         gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
+        row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
         config: &ApiConfig,
     ) -> Arc<ApiState> {
         Arc::new(ApiState {
@@ -56,6 +61,8 @@ impl ApiState {
             in_flight: Arc::new(Semaphore::new(config.concurrency_limit)),
             body_bytes_max: config.body_bytes_max,
             gossip,
+            row_changes,
+            shutdown,
         })
     }
 }
@@ -68,6 +75,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/queries", post(queries))
         .route("/v1/health", get(health))
         .route("/v1/table_stats", post(table_stats))
+        .route("/v1/updates/{table}", post(updates))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -441,6 +449,65 @@ async fn table_stats(State(state): State<Arc<ApiState>>, body: Bytes) -> Respons
             .into_response(),
         Ok(Err(e)) | Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+/// `POST /v1/updates/{table}`: one NDJSON line per row of `table` changed by any later commit,
+/// local or remote: `{"notify":["update"|"delete",[pk values]]}`. A consumer too slow to keep
+/// up gets an error line and the stream ends (it can reconnect and re-read the table).
+async fn updates(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(table): axum::extract::Path<String>,
+) -> Response {
+    let Some(status) = state.store.status().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+    };
+    if !status.tables.contains(&table) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no replicated table {table}"),
+        );
+    }
+    let mut changes = state.row_changes.subscribe();
+    let mut shutdown = state.shutdown.clone();
+    let (lines, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
+    tokio::spawn(async move {
+        loop {
+            let batch = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = lines.closed() => return,
+                batch = changes.recv() => batch,
+            };
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let _ = lines.try_send(Ok(ndjson_line(
+                        &json!({ "error": format!("consumer too slow: {n} commits skipped") }),
+                    )));
+                    return;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            for row in batch.iter().filter(|r| r.table == table) {
+                let kind = if row.deleted { "delete" } else { "update" };
+                let pk: Vec<Json> = row.pk.values().iter().map(value_to_json).collect();
+                if lines
+                    .try_send(Ok(ndjson_line(&json!({ "notify": [kind, pk] }))))
+                    .is_err()
+                {
+                    // The client does not read: cut it off rather than buffer without bound.
+                    let _ =
+                        lines.try_send(Ok(ndjson_line(&json!({ "error": "consumer too slow" }))));
+                    return;
+                }
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .expect("static headers are valid")
 }
 
 async fn reload(State(store): State<StoreHandle>) -> Response {

@@ -89,3 +89,52 @@ where
     let _ = driver.await;
     Ok((status, body))
 }
+
+/// Sends one request and returns the status and the body as it arrives, chunk by chunk, for
+/// endpoints that stream (`/v1/updates`, `/v1/queries`). The channel closes when the body ends.
+pub async fn request_stream(
+    target: &Target,
+    method: Method,
+    path: &str,
+    bearer_token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(StatusCode, tokio::sync::mpsc::Receiver<Bytes>), ClientError> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(token) = bearer_token {
+        builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = builder.body(Full::new(Bytes::from(body)))?;
+    let Target::Tcp(addr) = target else {
+        return Err(ClientError::Connect {
+            target: format!("{target:?}"),
+            source: std::io::Error::other("streaming is only over TCP"),
+        });
+    };
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|source| ClientError::Connect {
+            target: addr.to_string(),
+            source,
+        })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut body = response.into_body();
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                if tx.send(data).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok((status, rx))
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
-use patina::client::{request, Method, StatusCode, Target};
+use patina::client::{request, request_stream, Method, StatusCode, Target};
 use patina::config::{Config, GossipTlsConfig};
 use patina::tls::{generate_ca, generate_signed, CertUse, PemPair};
 use serde_json::{json, Value as Json};
@@ -233,6 +233,71 @@ async fn a_write_on_one_node_is_readable_on_all() {
     assert_eq!(
         serde_json::from_slice::<Json>(&health).unwrap()["response"]["members"],
         json!(3)
+    );
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
+/// `/v1/updates/{table}` on one node streams the rows changed by writes on other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_stream_notifies_remote_changes() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let agents = start_cluster(&dirs, None).await;
+    let (status, _) = request(
+        &Target::Tcp(agents[1].api_addr()),
+        Method::POST,
+        "/v1/updates/nope",
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, mut stream) = request_stream(
+        &Target::Tcp(agents[1].api_addr()),
+        Method::POST,
+        "/v1/updates/kv",
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    exec(
+        &agents[0],
+        "INSERT INTO kv (k, v) VALUES ('a', '1'), ('b', '2')",
+    )
+    .await;
+    exec(&agents[0], "DELETE FROM kv WHERE k = 'a'").await;
+    let mut lines: Vec<Json> = Vec::new();
+    let mut buffer = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    let mut updated_locally = false;
+    while lines.len() < 4 && Instant::now() < deadline {
+        if lines.len() == 3 && !updated_locally {
+            // A local write shows up on the same stream.
+            exec(&agents[1], "UPDATE kv SET v = '3' WHERE k = 'b'").await;
+            updated_locally = true;
+        }
+        let Ok(Some(chunk)) = tokio::time::timeout(Duration::from_secs(5), stream.recv()).await
+        else {
+            break;
+        };
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            lines.push(serde_json::from_slice(&line).unwrap());
+        }
+    }
+    assert_eq!(
+        lines,
+        vec![
+            json!({"notify": ["update", ["a"]]}),
+            json!({"notify": ["update", ["b"]]}),
+            json!({"notify": ["delete", ["a"]]}),
+            json!({"notify": ["update", ["b"]]}),
+        ]
     );
     for agent in agents {
         agent.shutdown().await;

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use patina_core::change::{Change, Changeset, ChangesetId, Column};
+use patina_core::change::{Change, Changeset, ChangesetId, Column, RowChange};
 use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};
 use patina_core::merge::{Incoming, MergeDecision, MergeFaults, Origin, RowClock};
 use patina_core::pk::PackedPk;
@@ -100,6 +100,8 @@ pub enum ApplyOutcome {
         changes_won: usize,
         /// Rows whose data changed.
         rows_changed: usize,
+        /// Those rows.
+        changed: Vec<RowChange>,
     },
     /// Already applied here (or our own): nothing done.
     AlreadyApplied,
@@ -964,7 +966,7 @@ impl Store {
                 }
                 self.writer.execute_batch("SAVEPOINT changeset")?;
                 match self.apply_one(changeset) {
-                    Ok((changes_won, rows_changed)) => {
+                    Ok((changes_won, changed)) => {
                         self.writer.execute_batch("RELEASE changeset")?;
                         if changeset.is_cleared() {
                             book.mark_cleared(changeset.id);
@@ -974,7 +976,8 @@ impl Store {
                         touched_sites.insert(changeset.id.site);
                         outcomes.push(ApplyOutcome::Applied {
                             changes_won,
-                            rows_changed,
+                            rows_changed: changed.len(),
+                            changed,
                         });
                     }
                     Err(e @ StoreError::Change { .. }) => {
@@ -1014,7 +1017,7 @@ impl Store {
     }
 
     /// Merges one changeset inside the open savepoint; returns (changes won, rows changed).
-    fn apply_one(&mut self, changeset: &Changeset) -> Result<(usize, usize), StoreError> {
+    fn apply_one(&mut self, changeset: &Changeset) -> Result<(usize, Vec<RowChange>), StoreError> {
         let reject = |source: ChangeError| StoreError::Change {
             site: changeset.id.site.to_hex(),
             version: changeset.id.version.get(),
@@ -1061,7 +1064,7 @@ impl Store {
         }
         self.ensure_site(changeset.id.site)?;
         let mut changes_won = 0;
-        let mut rows_changed = 0;
+        let mut changed = Vec::new();
         let mut clock_writes: Vec<(u32, &PackedPk, RowClock<ColOrd>, RowClock<ColOrd>)> =
             Vec::new();
         for ((table_name, pk), changes) in groups {
@@ -1116,7 +1119,11 @@ impl Store {
                 continue;
             }
             if data_changed {
-                rows_changed += 1;
+                changed.push(RowChange {
+                    table: table.def.name.clone(),
+                    pk: pk.clone(),
+                    deleted: !clock.cl.is_live(),
+                });
                 if deleted || !clock.cl.is_live() {
                     let sql = format!(
                         "DELETE FROM main.{} WHERE {}",
@@ -1145,7 +1152,7 @@ impl Store {
         if self.write_row_clocks(&writes)? {
             self.persist_head()?;
         }
-        Ok((changes_won, rows_changed))
+        Ok((changes_won, changed))
     }
 
     /// Reads back the changesets of `site` with versions in `start..=end`, at most `limit` of
