@@ -226,7 +226,8 @@ fn remote_changes_for_unknown_tables_columns_and_wrong_types_are_rejected_alone(
         outcomes[13],
         ApplyOutcome::Applied {
             changes_won: 2,
-            rows_changed: 1
+            rows_changed: 1,
+            ..
         }
     ));
     // Only the good changeset left a trace.
