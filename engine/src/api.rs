@@ -122,13 +122,27 @@ async fn guard(State(state): State<Arc<ApiState>>, request: Request, next: Next)
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }
     }
-    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many requests in flight",
         );
     };
-    next.run(request).await
+    let response = next.run(request).await;
+    let streaming = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/x-ndjson");
+    if !streaming {
+        return response;
+    }
+    // A stream keeps its slot until it ends, so open streams count against the limit too.
+    let (parts, body) = response.into_parts();
+    let body = tokio_stream::StreamExt::map(body.into_data_stream(), move |chunk| {
+        let _slot = &permit;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
 }
 
 #[derive(Debug, Deserialize)]

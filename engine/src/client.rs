@@ -127,8 +127,14 @@ pub async fn request_stream(
     let status = response.status();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut body = response.into_body();
+    // Dropping the receiver closes the connection at once, so the server frees the stream.
     tokio::spawn(async move {
-        while let Some(Ok(frame)) = body.frame().await {
+        loop {
+            let frame = tokio::select! {
+                _ = tx.closed() => break,
+                frame = body.frame() => frame,
+            };
+            let Some(Ok(frame)) = frame else { break };
             if let Ok(data) = frame.into_data() {
                 if tx.send(data).await.is_err() {
                     break;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use patina::agent::Agent;
-use patina::client::{request, Method, StatusCode, Target};
+use patina::client::{request, request_stream, Method, StatusCode, Target};
 use patina::config::Config;
 use serde_json::{json, Value as Json};
 
@@ -268,43 +268,39 @@ async fn requests_past_the_in_flight_limit_get_503() {
     let mut cfg = config(&dir);
     cfg.api.concurrency_limit = 1;
     let agent = Agent::start(&cfg).await.unwrap();
-    call(
+    // An open stream holds the only slot for as long as it is open.
+    let (status, stream) = request_stream(
+        &Target::Tcp(agent.api_addr()),
+        Method::POST,
+        "/v1/updates/hosts",
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (status, out) = call(
         &agent,
         "/v1/transactions",
         json!(["INSERT INTO hosts (id) VALUES (1)"]),
     )
     .await;
-    // A transaction that computes for a while holds the only slot.
-    let slow = json!(["UPDATE hosts SET zone = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c) WHERE id = 1"]);
-    let addr = agent.api_addr();
-    let slow_task = tokio::spawn(async move {
-        request(
-            &Target::Tcp(addr),
-            Method::POST,
-            "/v1/transactions",
-            None,
-            serde_json::to_vec(&slow).unwrap(),
-        )
-        .await
-        .unwrap()
-        .0
-    });
-    let mut saw_503 = false;
-    for _ in 0..400 {
-        let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            saw_503 = true;
-            break;
-        }
-        if slow_task.is_finished() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    assert_eq!(slow_task.await.unwrap(), StatusCode::OK);
-    assert!(saw_503, "no request was refused while the slot was taken");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{out}");
     let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Closing it frees the slot (the server notices the closed connection).
+    drop(stream);
+    let mut freed = false;
+    for _ in 0..500 {
+        let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
+        if status == StatusCode::OK {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(freed, "the slot was never released");
+    assert_eq!(row_count(&agent).await, 0);
     agent.shutdown().await;
 }
 
