@@ -14,6 +14,7 @@
 //! - [`mem`]: an in-memory replica over the merge rule (the model's and the tests' reference).
 //! - [`versions`]: per-site bookkeeping of applied versions as compact range sets; needs, heads.
 //! - [`wire`]: compact binary encoding of changesets and a bounded decoder for untrusted bytes.
+//! - [`sync`]: anti-entropy sync: the state nodes exchange, what a peer owes, when to sync.
 //! - [`validate`]: structural checks of a remote changeset before it reaches a store.
 
 pub mod broadcast;
@@ -22,6 +23,7 @@ pub mod ids;
 pub mod mem;
 pub mod merge;
 pub mod pk;
+pub mod sync;
 pub mod validate;
 pub mod value;
 pub mod versions;

@@ -23,6 +23,7 @@ use crate::tls::{NodeTls, TlsError};
 use crate::transport::{TlsMode, Transport, TransportConfig, TransportError};
 use patina_core::broadcast::{Broadcast, BroadcastConfig};
 use patina_core::change::{Changeset, RowChange};
+use patina_core::sync::{versions_to_send, SyncScheduler, SyncState};
 use patina_core::wire::Limits;
 use std::sync::atomic::Ordering;
 
@@ -109,6 +110,14 @@ enum StoreRequest {
         changesets: Vec<Arc<Changeset>>,
         queued_at: Instant,
     },
+    SyncState {
+        reply: oneshot::Sender<SyncState>,
+    },
+    SyncServe {
+        state: SyncState,
+        versions_max: u64,
+        reply: oneshot::Sender<Vec<Changeset>>,
+    },
 }
 
 /// The way to the store thread. Cheap to clone.
@@ -124,6 +133,8 @@ impl std::fmt::Debug for StoreRequest {
             StoreRequest::Status { .. } => "Status",
             StoreRequest::Reload { .. } => "Reload",
             StoreRequest::Apply { .. } => "Apply",
+            StoreRequest::SyncState { .. } => "SyncState",
+            StoreRequest::SyncServe { .. } => "SyncServe",
         })
     }
 }
@@ -176,6 +187,39 @@ impl StoreHandle {
                 queued_at: Instant::now(),
             })
             .is_ok()
+    }
+
+    /// Hands remote changesets to the store, waiting for room in the queue (sync uses this:
+    /// it must not lose what it fetched). False if the store is gone.
+    pub async fn apply_wait(&self, changesets: Vec<Arc<Changeset>>) -> bool {
+        self.tx
+            .send(StoreRequest::Apply {
+                changesets,
+                queued_at: Instant::now(),
+            })
+            .await
+            .is_ok()
+    }
+
+    /// This node's sync state (heads and needs per site).
+    pub async fn sync_state(&self) -> Option<SyncState> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(StoreRequest::SyncState { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The changesets a peer with `state` lacks, at most `versions_max` versions.
+    pub async fn sync_serve(&self, state: SyncState, versions_max: u64) -> Option<Vec<Changeset>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(StoreRequest::SyncServe {
+                state,
+                versions_max,
+                reply,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
     }
 
     /// Requests waiting in the queue.
@@ -233,6 +277,30 @@ fn spawn_store(
                             gaps: store.bookkeeping().gap_count(),
                             tables: store.table_names(),
                         });
+                    }
+                    StoreRequest::SyncState { reply } => {
+                        let _ = reply.send(SyncState::of(store.bookkeeping()));
+                    }
+                    StoreRequest::SyncServe {
+                        state,
+                        versions_max,
+                        reply,
+                    } => {
+                        let mut out = Vec::new();
+                        for (site, first, last) in
+                            versions_to_send(store.bookkeeping(), &state, versions_max)
+                        {
+                            match store.changesets(
+                                site,
+                                DbVersion(first),
+                                DbVersion(last),
+                                usize::MAX,
+                            ) {
+                                Ok(found) => out.extend(found),
+                                Err(e) => tracing::warn!("sync: reading changesets of {site}: {e}"),
+                            }
+                        }
+                        let _ = reply.send(out);
                     }
                     StoreRequest::Reload { reply } => {
                         let _ = reply.send(store.apply_schema_files(&schema_paths));
@@ -416,6 +484,12 @@ impl Agent {
             gossip_snapshot_tx,
         )?;
         let gossip_addr = gossip_task.transport.local_addr();
+        start_sync_server(
+            &gossip_task.transport,
+            handle.clone(),
+            &config.gossip,
+            shutdown_rx.clone(),
+        );
         let gossip_join = tokio::spawn(gossip_task.run());
 
         let listener = tokio::net::TcpListener::bind(config.api.addr)
@@ -554,6 +628,45 @@ impl Agent {
     }
 }
 
+/// Serves the sync sessions peers open, at most `sync_sessions_max` at once.
+fn start_sync_server(
+    transport: &Transport,
+    store: StoreHandle,
+    config: &GossipConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (tx, mut sessions) = mpsc::channel(config.sync_sessions_max);
+    transport.set_session_handler(tx);
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.sync_sessions_max));
+    let (cluster, versions_max) = (config.cluster_id, config.sync_versions_max);
+    let limits = Limits {
+        changeset_bytes_max: config.message_bytes_max,
+        ..Limits::default()
+    };
+    tokio::spawn(async move {
+        loop {
+            let session = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return,
+                session = sessions.recv() => session,
+            };
+            let Some(session) = session else { return };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let store = store.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let from = session.from;
+                if let Err(e) =
+                    crate::sync::serve(session, store, cluster, limits, versions_max).await
+                {
+                    tracing::debug!(%from, "sync session refused or failed: {e}");
+                }
+            });
+        }
+    });
+}
+
 /// Local commits waiting for the gossip task.
 const COMMITS_QUEUE_LEN: usize = 16_384;
 
@@ -646,6 +759,11 @@ fn start_gossip(
         },
         shutdown,
         snapshot,
+        sync: SyncScheduler::new(
+            config.sync_interval_ms,
+            patina_core::broadcast::Millis(0),
+            seed,
+        ),
     })
 }
 

@@ -93,6 +93,12 @@ pub struct GossipConfig {
     pub send_bytes_per_sec_max: u64,
     /// Messages being written to peers at once. 1..=65,536.
     pub send_in_flight_max: usize,
+    /// Anti-entropy: time between sync rounds with one peer (ms, plus up to 25% jitter). 10..=600,000.
+    pub sync_interval_ms: u64,
+    /// Anti-entropy: most changesets one sync session carries. 1..=1,000,000.
+    pub sync_versions_max: u64,
+    /// Anti-entropy: sessions this node serves at once. 1..=256.
+    pub sync_sessions_max: usize,
 }
 
 impl Default for GossipConfig {
@@ -111,6 +117,9 @@ impl Default for GossipConfig {
             message_bytes_max: 16 * 1024 * 1024,
             send_bytes_per_sec_max: 16 * 1024 * 1024,
             send_in_flight_max: 256,
+            sync_interval_ms: 500,
+            sync_versions_max: 10_000,
+            sync_sessions_max: 4,
         }
     }
 }
@@ -281,6 +290,24 @@ impl Config {
             self.gossip.send_in_flight_max,
             1,
             65_536,
+        )?;
+        within(
+            "gossip.sync_interval_ms",
+            self.gossip.sync_interval_ms as usize,
+            10,
+            600_000,
+        )?;
+        within(
+            "gossip.sync_versions_max",
+            self.gossip.sync_versions_max as usize,
+            1,
+            1_000_000,
+        )?;
+        within(
+            "gossip.sync_sessions_max",
+            self.gossip.sync_sessions_max,
+            1,
+            256,
         )?;
         if self.gossip.plaintext && self.gossip.tls.is_some() {
             return Err(ConfigError::Invalid {

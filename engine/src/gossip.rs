@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::agent::StoreHandle;
 use crate::membership::{MemberEvent, Membership};
+use crate::sync::{pull, SyncError};
 use crate::transport::{Channel, Received, Transport};
+use patina_core::sync::SyncScheduler;
 
 /// What the gossip task reports, refreshed every tick.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +47,12 @@ pub struct GossipSnapshot {
     pub transport_dropped: u64,
     /// Transport: handshakes refused or failed.
     pub handshake_failures: u64,
+    /// Sync rounds that completed.
+    pub sync_rounds: u64,
+    /// Sync rounds that failed.
+    pub sync_failures: u64,
+    /// Changesets received by sync.
+    pub sync_received: u64,
 }
 
 /// Everything the gossip task needs.
@@ -78,6 +86,8 @@ pub struct GossipTask {
     pub shutdown: watch::Receiver<bool>,
     /// Snapshot output.
     pub snapshot: watch::Sender<GossipSnapshot>,
+    /// When and with whom to sync.
+    pub sync: SyncScheduler,
 }
 
 /// Most inbox messages handled in one turn, so local commits and timers are never starved.
@@ -100,6 +110,7 @@ impl GossipTask {
         let mut effects = Vec::new();
         let mut deliveries: Vec<Arc<Changeset>> = Vec::new();
         self.flush_membership(Instant::now(), &mut snapshot);
+        let (sync_done, mut sync_results) = mpsc::channel::<Result<usize, SyncError>>(4);
         loop {
             let timer_due = self
                 .membership
@@ -125,8 +136,38 @@ impl GossipTask {
                 _ = tokio::time::sleep_until(timer_due.into()) => {
                     self.membership.handle_timers(Instant::now());
                 }
+                result = sync_results.recv() => {
+                    let ok = matches!(result, Some(Ok(_)));
+                    match result {
+                        Some(Ok(n)) => {
+                            snapshot.sync_rounds += 1;
+                            snapshot.sync_received += n as u64;
+                        }
+                        Some(Err(e)) => {
+                            snapshot.sync_failures += 1;
+                            tracing::debug!("sync round failed: {e}");
+                        }
+                        None => {}
+                    }
+                    self.sync.finished(now_ms(Instant::now()), ok);
+                }
                 _ = tick.tick() => {
-                    effects.extend(self.broadcast.tick(now_ms(Instant::now())));
+                    let now = Instant::now();
+                    let members: Vec<SiteId> = self.membership.members().keys().copied().collect();
+                    if let Some(peer) = self.sync.due(now_ms(now), &members) {
+                        match self.membership.addr_of(&peer) {
+                            Some(addr) => {
+                                let (transport, store, done) = (self.transport.clone(), self.store.clone(), sync_done.clone());
+                                let (cluster, limits) = (self.cluster, self.limits);
+                                tokio::spawn(async move {
+                                    let result = pull(&transport, addr, &store, cluster, &limits).await;
+                                    let _ = done.send(result).await;
+                                });
+                            }
+                            None => self.sync.finished(now_ms(now), false),
+                        }
+                    }
+                    effects.extend(self.broadcast.tick(now_ms(now)));
                     snapshot.broadcast = self.broadcast.stats();
                     snapshot.members = self.membership.members().clone();
                     snapshot.foca_members = self.membership.foca_member_count();

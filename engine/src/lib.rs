@@ -11,6 +11,7 @@
 //! - [`membership`]: SWIM through foca: identities, timers, member events.
 //! - [`gossip`]: the task that drives membership, the broadcast core and the transport.
 //! - [`metrics`]: Prometheus text exposition of store and gossip counters.
+//! - [`sync`]: anti-entropy sync sessions over QUIC bidirectional streams.
 //! - [`tls`]: cluster CA and node certificates (rcgen), mutual-TLS settings (rustls).
 //! - [`transport`]: QUIC endpoint (quinn): pooled connections, bounded per-peer send queues.
 //! - [`cli`]: the `patina` command line.
@@ -27,5 +28,6 @@ pub mod gossip;
 pub mod membership;
 pub mod metrics;
 pub mod store;
+pub mod sync;
 pub mod tls;
 pub mod transport;

@@ -119,6 +119,18 @@ struct Shared {
     stats: TransportStats,
     budget: Mutex<TokenBucket>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    sessions: Mutex<Option<mpsc::Sender<Session>>>,
+}
+
+/// A bidirectional stream a peer opened (a sync session).
+#[derive(Debug)]
+pub struct Session {
+    /// The peer.
+    pub from: SocketAddr,
+    /// Our side's writer.
+    pub send: quinn::SendStream,
+    /// Our side's reader.
+    pub recv: quinn::RecvStream,
 }
 
 /// Bytes the node may still send: refilled at `rate` per second, holding at most one second.
@@ -214,6 +226,7 @@ impl Transport {
             in_flight: Arc::new(tokio::sync::Semaphore::new(
                 config.send_in_flight_max.max(1),
             )),
+            sessions: Mutex::new(None),
         });
         tokio::spawn(accept_loop(shared.clone()));
         Ok(Transport { shared })
@@ -258,6 +271,24 @@ impl Transport {
             messages.push_back((channel, bytes));
         }
         queue.wake.notify_one();
+    }
+
+    /// Where sessions peers open go; without a handler (or when it is full) they are refused.
+    pub fn set_session_handler(&self, handler: mpsc::Sender<Session>) {
+        *self
+            .shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(handler);
+    }
+
+    /// Opens a session (a bidirectional stream) with a peer.
+    pub async fn open_session(
+        &self,
+        to: SocketAddr,
+    ) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+        let conn = connection(&self.shared, to).await?;
+        conn.open_bi().await.ok()
     }
 
     /// Closes every connection and the endpoint.
@@ -308,6 +339,21 @@ async fn receive_loop(shared: Arc<Shared>, conn: quinn::Connection) {
                         Err(e) => tracing::debug!(%from, "refused message: {e}"),
                     }
                 });
+            }
+            session = conn.accept_bi() => {
+                let Ok((send, mut recv)) = session else { break };
+                let handler = shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let refused = match handler {
+                    Some(h) => h.try_send(Session { from, send, recv }).err().map(|e| e.into_inner()),
+                    None => {
+                        let _ = recv.stop(1u32.into());
+                        None
+                    }
+                };
+                if let Some(mut session) = refused {
+                    let _ = session.send.reset(1u32.into());
+                    let _ = session.recv.stop(1u32.into());
+                }
             }
             datagram = conn.read_datagram() => {
                 let Ok(bytes) = datagram else { break };

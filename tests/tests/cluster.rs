@@ -417,3 +417,96 @@ async fn a_stranger_without_a_cluster_certificate_cannot_join_or_inject() {
         agent.shutdown().await;
     }
 }
+
+/// Anti-entropy: a node that was down while rows changed gets every one of them after it
+/// restarts, though broadcast never sent them to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_was_down_catches_up_by_sync() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut agents = start_cluster(&dirs, None).await;
+    let stopped = agents.pop().unwrap();
+    stopped.shutdown().await;
+    wait_for("the others to see the leave", || async {
+        agents[0].gossip().members.len() == 1
+    })
+    .await;
+    for i in 0..20 {
+        let values: Vec<String> = (0..10).map(|j| format!("('{i}-{j}', 'v')")).collect();
+        exec(
+            &agents[i % 2],
+            &format!("INSERT INTO kv (k, v) VALUES {}", values.join(", ")),
+        )
+        .await;
+    }
+    exec(&agents[0], "DELETE FROM kv WHERE k LIKE '3-%'").await;
+    let restarted = Agent::start(&node_config(dirs[2].path(), &[]))
+        .await
+        .unwrap();
+    wait_for("the restarted node to catch up", || async {
+        rows(&restarted, "SELECT k FROM kv").await.len() == 190
+    })
+    .await;
+    let all = "SELECT k, v, n FROM kv ORDER BY k";
+    assert_eq!(rows(&restarted, all).await, rows(&agents[0], all).await);
+    assert!(restarted.gossip().sync_received > 0);
+    for agent in agents.into_iter().chain([restarted]) {
+        agent.shutdown().await;
+    }
+}
+
+/// A peer that opens sync sessions with garbage, absurd or oversized requests gets nothing and
+/// harms nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sync_input_is_refused() {
+    use patina::transport::{TlsMode, Transport, TransportConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&node_config(dir.path(), &[])).await.unwrap();
+    exec(&agent, "INSERT INTO kv (k, v) VALUES ('a', 'b')").await;
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let hostile = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &TlsMode::Plaintext,
+        TransportConfig::default(),
+        tx,
+    )
+    .unwrap();
+    let requests: Vec<Vec<u8>> = vec![
+        vec![5, 0, 0, 0, 1, 2, 3, 4, 5],   // five bytes of garbage
+        (u32::MAX).to_le_bytes().to_vec(), // a frame claiming 4 GiB
+        {
+            // a well-formed state with a gap beyond its head
+            let mut state = patina_core::sync::SyncState::default();
+            state.sites.insert(
+                agent.site_id(),
+                (patina_core::DbVersion(1), vec![(1, 1 << 60)]),
+            );
+            let body = patina_core::wire::encode_sync_state(0, &state);
+            let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+            frame.extend(body);
+            frame
+        },
+        vec![1, 0, 0], // a truncated length
+    ];
+    for request in requests {
+        let (mut send, mut recv) = hostile
+            .open_session(agent.gossip_addr())
+            .await
+            .expect("session");
+        let _ = send.write_all(&request).await;
+        let _ = send.finish();
+        let answer = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(1 << 20))
+            .await
+            .expect("the node hung");
+        // Either the stream is reset or it ends without a single changeset.
+        if let Ok(bytes) = answer {
+            assert!(
+                bytes.is_empty(),
+                "a hostile request got {} bytes",
+                bytes.len()
+            );
+        }
+    }
+    assert_eq!(rows(&agent, "SELECT k FROM kv").await, vec![json!(["a"])]);
+    hostile.close().await;
+    agent.shutdown().await;
+}

@@ -1,0 +1,209 @@
+//! Anti-entropy sync, sans IO: what a node tells a peer about its versions, which versions the
+//! peer then owes it, and when to sync with whom.
+//!
+//! A node periodically sends one peer its [`SyncState`]: per site, the highest version it heard
+//! of and the gaps below it. The peer answers with every changeset it has applied that the node
+//! lacks ([`versions_to_send`]), in bounded chunks, up to a bound per session; the next round
+//! continues where this one stopped. Broadcast makes replication fast; this makes it certain.
+
+use std::collections::BTreeMap;
+
+use crate::broadcast::Millis;
+use crate::ids::{DbVersion, SiteId};
+use crate::versions::{Bookkeeping, RangeSet};
+
+/// What a node has, per site: the head it heard of and the gaps below it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct SyncState {
+    /// Per site: (head, needs as inclusive ranges within 1..=head).
+    pub sites: BTreeMap<SiteId, (DbVersion, Vec<(u64, u64)>)>,
+}
+
+impl SyncState {
+    /// The state of a node's bookkeeping.
+    pub fn of(book: &Bookkeeping) -> SyncState {
+        SyncState {
+            sites: book
+                .iter()
+                .map(|(site, versions)| (*site, (versions.head, versions.needs())))
+                .collect(),
+        }
+    }
+
+    /// The versions of `site` this state has: 1..=head minus the needs.
+    fn applied(&self, site: &SiteId) -> RangeSet {
+        let mut applied = RangeSet::new();
+        if let Some((head, needs)) = self.sites.get(site) {
+            let mut gaps = RangeSet::new();
+            for (a, b) in needs {
+                gaps.insert_range(*a, *b);
+            }
+            for (a, b) in gaps.gaps(1, head.get()) {
+                applied.insert_range(a, b);
+            }
+        }
+        applied
+    }
+}
+
+/// Versions a server should send a client: everything the server applied that the client lacks,
+/// as (site, first, last) ranges in site order, at most `versions_max` versions in all.
+pub fn versions_to_send(
+    server: &Bookkeeping,
+    client: &SyncState,
+    versions_max: u64,
+) -> Vec<(SiteId, u64, u64)> {
+    let mut out = Vec::new();
+    let mut budget = versions_max;
+    for (site, versions) in server.iter() {
+        if budget == 0 {
+            break;
+        }
+        let has = client.applied(site);
+        for (a, b) in versions.applied.iter() {
+            for (x, y) in has.gaps(a, b) {
+                if budget == 0 {
+                    break;
+                }
+                let y = y.min(x.saturating_add(budget - 1));
+                out.push((*site, x, y));
+                budget -= y - x + 1;
+            }
+        }
+    }
+    out
+}
+
+/// Picks when and with whom to sync: one session at a time, every `interval_ms` plus jitter,
+/// round-robin over the live members (so every peer is asked in turn), with a backoff after a
+/// failure.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SyncScheduler {
+    interval_ms: u64,
+    next_at: Millis,
+    in_flight: bool,
+    last_peer: Option<SiteId>,
+    failures: u32,
+    rng: u64,
+}
+
+impl SyncScheduler {
+    /// A scheduler whose first round is due after one interval.
+    pub fn new(interval_ms: u64, now: Millis, seed: u64) -> SyncScheduler {
+        SyncScheduler {
+            interval_ms: interval_ms.max(1),
+            next_at: now.plus(interval_ms),
+            in_flight: false,
+            last_peer: None,
+            failures: 0,
+            rng: seed | 1,
+        }
+    }
+
+    fn jitter(&mut self) -> u64 {
+        // xorshift: cheap, seeded, deterministic.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % (self.interval_ms / 4 + 1)
+    }
+
+    /// The peer to sync with now, if a round is due and none is running.
+    pub fn due(&mut self, now: Millis, members: &[SiteId]) -> Option<SiteId> {
+        if self.in_flight || now < self.next_at || members.is_empty() {
+            return None;
+        }
+        let next = match self.last_peer {
+            Some(last) => members.iter().find(|m| **m > last).or(members.first()),
+            None => members.first(),
+        }
+        .copied()?;
+        self.in_flight = true;
+        self.last_peer = Some(next);
+        Some(next)
+    }
+
+    /// The running round ended; `ok` false backs off (doubling, at most 32 intervals).
+    pub fn finished(&mut self, now: Millis, ok: bool) {
+        self.in_flight = false;
+        self.failures = if ok { 0 } else { (self.failures + 1).min(5) };
+        let wait = self.interval_ms << self.failures;
+        let jitter = self.jitter();
+        self.next_at = now.plus(wait + jitter);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::ChangesetId;
+    use proptest::prelude::*;
+
+    fn site(n: u8) -> SiteId {
+        SiteId([n; 16])
+    }
+
+    #[test]
+    fn sends_exactly_what_is_missing() {
+        let mut server = Bookkeeping::new();
+        let mut client = Bookkeeping::new();
+        for v in 1..=10 {
+            server.mark_applied(ChangesetId {
+                site: site(1),
+                version: DbVersion(v),
+            });
+        }
+        for v in [1, 2, 5] {
+            client.mark_applied(ChangesetId {
+                site: site(1),
+                version: DbVersion(v),
+            });
+        }
+        client.heard(site(1), DbVersion(6));
+        let plan = versions_to_send(&server, &SyncState::of(&client), 100);
+        assert_eq!(plan, vec![(site(1), 3, 4), (site(1), 6, 10)]);
+        assert_eq!(
+            versions_to_send(&server, &SyncState::of(&client), 3),
+            vec![(site(1), 3, 4), (site(1), 6, 6)]
+        );
+        assert!(versions_to_send(&server, &SyncState::of(&server), 100).is_empty());
+    }
+
+    #[test]
+    fn scheduler_round_robins_and_backs_off() {
+        let members = [site(1), site(2), site(3)];
+        let mut s = SyncScheduler::new(100, Millis(0), 7);
+        assert_eq!(s.due(Millis(50), &members), None);
+        assert_eq!(s.due(Millis(100), &members), Some(site(1)));
+        assert_eq!(s.due(Millis(101), &members), None, "one round at a time");
+        s.finished(Millis(110), true);
+        assert_eq!(s.due(Millis(300), &members), Some(site(2)));
+        s.finished(Millis(300), false);
+        assert_eq!(
+            s.due(Millis(450), &members),
+            None,
+            "backed off after a failure"
+        );
+        assert_eq!(s.due(Millis(600), &members), Some(site(3)));
+        s.finished(Millis(600), true);
+        assert_eq!(s.due(Millis(800), &members), Some(site(1)));
+    }
+
+    proptest! {
+        // The plan is exactly server-applied minus client-applied (when not truncated).
+        #[test]
+        fn plan_is_the_difference(server_v in proptest::collection::btree_set(1u64..40, 0..30),
+                                  client_v in proptest::collection::btree_set(1u64..40, 0..30),
+                                  extra_head in 0u64..5) {
+            let mut server = Bookkeeping::new();
+            let mut client = Bookkeeping::new();
+            for v in &server_v { server.mark_applied(ChangesetId { site: site(1), version: DbVersion(*v) }); }
+            for v in &client_v { client.mark_applied(ChangesetId { site: site(1), version: DbVersion(*v) }); }
+            if let Some(max) = client_v.iter().max() { client.heard(site(1), DbVersion(max + extra_head)); }
+            let plan = versions_to_send(&server, &SyncState::of(&client), u64::MAX);
+            let sent: std::collections::BTreeSet<u64> = plan.iter().flat_map(|(_, a, b)| *a..=*b).collect();
+            let expected: std::collections::BTreeSet<u64> = server_v.difference(&client_v).copied().collect();
+            prop_assert_eq!(sent, expected);
+        }
+    }
+}

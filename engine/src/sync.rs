@@ -1,0 +1,129 @@
+//! Anti-entropy sync sessions over QUIC bidirectional streams (the protocol is in
+//! `patina_core::sync`).
+//!
+//! A session: the client sends one frame, its sync state; the server answers with one frame per
+//! changeset the client lacks (at most `versions_max` per session), then an empty frame. A frame
+//! is a 4-byte little-endian length and that many bytes. Every read has a size limit and a
+//! timeout; a malformed request ends the session and harms nothing else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use patina_core::change::Changeset;
+use patina_core::wire::{
+    changeset_to_bytes, decode_changeset, decode_sync_state, encode_sync_state, Limits,
+};
+
+use crate::agent::StoreHandle;
+use crate::transport::{Session, Transport};
+
+/// How long a session may wait for the other side at any step.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Changesets handed to the store at once while pulling.
+const APPLY_BATCH: usize = 256;
+
+/// Why a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The peer could not be reached.
+    #[error("peer unreachable")]
+    Unreachable,
+    /// The stream failed or timed out.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// The peer sent something malformed or too large.
+    #[error("bad frame: {0}")]
+    Bad(String),
+    /// The local store is gone.
+    #[error("store unavailable")]
+    Store,
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, SyncError> {
+    let stream_err = |e: String| SyncError::Stream(e);
+    let mut len = [0u8; 4];
+    tokio::time::timeout(STEP_TIMEOUT, recv.read_exact(&mut len))
+        .await
+        .map_err(|_| stream_err("timed out".into()))?
+        .map_err(|e| stream_err(e.to_string()))?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(SyncError::Bad(format!("frame of {len} bytes, over {max}")));
+    }
+    let mut buf = vec![0u8; len];
+    tokio::time::timeout(STEP_TIMEOUT, recv.read_exact(&mut buf))
+        .await
+        .map_err(|_| stream_err("timed out".into()))?
+        .map_err(|e| stream_err(e.to_string()))?;
+    Ok(buf)
+}
+
+async fn write_frame(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), SyncError> {
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    frame.extend_from_slice(bytes);
+    tokio::time::timeout(STEP_TIMEOUT, send.write_all(&frame))
+        .await
+        .map_err(|_| SyncError::Stream("timed out".into()))?
+        .map_err(|e| SyncError::Stream(e.to_string()))
+}
+
+/// Serves one session a peer opened.
+pub async fn serve(
+    mut session: Session,
+    store: StoreHandle,
+    cluster: u16,
+    limits: Limits,
+    versions_max: u64,
+) -> Result<usize, SyncError> {
+    let request = read_frame(&mut session.recv, limits.changeset_bytes_max).await?;
+    let state =
+        decode_sync_state(&request, cluster, &limits).map_err(|e| SyncError::Bad(e.to_string()))?;
+    let changesets = store
+        .sync_serve(state, versions_max)
+        .await
+        .ok_or(SyncError::Store)?;
+    for changeset in &changesets {
+        write_frame(&mut session.send, &changeset_to_bytes(changeset)).await?;
+    }
+    write_frame(&mut session.send, &[]).await?;
+    let _ = session.send.finish();
+    Ok(changesets.len())
+}
+
+/// Pulls from one peer what this node lacks; returns how many changesets came.
+pub async fn pull(
+    transport: &Transport,
+    peer: SocketAddr,
+    store: &StoreHandle,
+    cluster: u16,
+    limits: &Limits,
+) -> Result<usize, SyncError> {
+    let state = store.sync_state().await.ok_or(SyncError::Store)?;
+    let (mut send, mut recv) = transport
+        .open_session(peer)
+        .await
+        .ok_or(SyncError::Unreachable)?;
+    write_frame(&mut send, &encode_sync_state(cluster, &state)).await?;
+    let _ = send.finish();
+    let mut received = 0;
+    let mut batch: Vec<Arc<Changeset>> = Vec::new();
+    loop {
+        let frame = read_frame(&mut recv, limits.changeset_bytes_max).await?;
+        if frame.is_empty() {
+            break;
+        }
+        let changeset =
+            decode_changeset(&frame, limits).map_err(|e| SyncError::Bad(e.to_string()))?;
+        batch.push(Arc::new(changeset));
+        received += 1;
+        if batch.len() >= APPLY_BATCH && !store.apply_wait(std::mem::take(&mut batch)).await {
+            return Err(SyncError::Store);
+        }
+    }
+    if !batch.is_empty() && !store.apply_wait(batch).await {
+        return Err(SyncError::Store);
+    }
+    Ok(received)
+}
