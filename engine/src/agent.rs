@@ -18,7 +18,9 @@ use crate::config::GossipConfig;
 use crate::gossip::{remembered_members, GossipSnapshot, GossipTask};
 use crate::membership::{Actor, Membership};
 use crate::metrics::StoreMetrics;
-use crate::store::{ApplyOutcome, Reader, Statement, Store, StoreConfig, StoreError, TxOutcome};
+use crate::store::{
+    ApplyOutcome, Digest, Reader, Statement, Store, StoreConfig, StoreError, TxOutcome,
+};
 use crate::tls::{NodeTls, TlsError};
 use crate::transport::{TlsMode, Transport, TransportConfig, TransportError};
 use patina_core::broadcast::{Broadcast, BroadcastConfig};
@@ -113,6 +115,9 @@ enum StoreRequest {
     SyncState {
         reply: oneshot::Sender<SyncState>,
     },
+    Digest {
+        reply: oneshot::Sender<Result<Digest, StoreError>>,
+    },
     SyncServe {
         state: SyncState,
         versions_max: u64,
@@ -134,6 +139,7 @@ impl std::fmt::Debug for StoreRequest {
             StoreRequest::Reload { .. } => "Reload",
             StoreRequest::Apply { .. } => "Apply",
             StoreRequest::SyncState { .. } => "SyncState",
+            StoreRequest::Digest { .. } => "Digest",
             StoreRequest::SyncServe { .. } => "SyncServe",
         })
     }
@@ -205,6 +211,13 @@ impl StoreHandle {
     pub async fn sync_state(&self) -> Option<SyncState> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(StoreRequest::SyncState { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The store's convergence digest.
+    pub async fn digest(&self) -> Option<Result<Digest, StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(StoreRequest::Digest { reply }).await.ok()?;
         rx.await.ok()
     }
 
@@ -280,6 +293,9 @@ fn spawn_store(
                     }
                     StoreRequest::SyncState { reply } => {
                         let _ = reply.send(SyncState::of(store.bookkeeping()));
+                    }
+                    StoreRequest::Digest { reply } => {
+                        let _ = reply.send(store.digest());
                     }
                     StoreRequest::SyncServe {
                         state,
@@ -422,6 +438,7 @@ pub struct Agent {
     gossip: watch::Receiver<GossipSnapshot>,
     applied: tokio::sync::broadcast::Sender<AppliedEvent>,
     metrics_addr: Option<SocketAddr>,
+    faults: Arc<crate::transport::Faults>,
     admin_path: PathBuf,
     site: SiteId,
     shutdown: watch::Sender<bool>,
@@ -484,6 +501,7 @@ impl Agent {
             gossip_snapshot_tx,
         )?;
         let gossip_addr = gossip_task.transport.local_addr();
+        let faults = gossip_task.transport.faults();
         start_sync_server(
             &gossip_task.transport,
             handle.clone(),
@@ -576,6 +594,7 @@ impl Agent {
             site,
             shutdown,
             metrics_addr,
+            faults,
             tasks: {
                 tasks.push(admin_task);
                 tasks
@@ -591,6 +610,11 @@ impl Agent {
     /// This node's site id.
     pub fn site_id(&self) -> SiteId {
         self.site
+    }
+
+    /// The transport's fault injector, for tests: loss, cut-offs, delay.
+    pub fn faults(&self) -> Arc<crate::transport::Faults> {
+        self.faults.clone()
     }
 
     /// The address metrics are served on, if enabled.

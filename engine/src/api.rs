@@ -76,6 +76,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/table_stats", post(table_stats))
         .route("/v1/updates/{table}", post(updates))
+        .route("/v1/sync/digest", get(digest))
+        .route("/v1/sync/state", get(sync_state))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -522,6 +524,42 @@ async fn updates(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         ))
         .expect("static headers are valid")
+}
+
+/// `GET /v1/sync/digest`: row counts and hashes per table and a hash of all clocks; equal on
+/// converged nodes.
+async fn digest(State(state): State<Arc<ApiState>>) -> Response {
+    match state.store.digest().await {
+        Some(Ok(d)) => {
+            let tables: Map<String, Json> = d
+                .tables
+                .iter()
+                .map(|(t, (rows, hash))| {
+                    (
+                        t.clone(),
+                        json!({ "rows": rows, "hash": format!("{hash:016x}") }),
+                    )
+                })
+                .collect();
+            axum::Json(json!({ "tables": tables, "clocks": format!("{:016x}", d.clocks) }))
+                .into_response()
+        }
+        Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        None => error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+    }
+}
+
+/// `GET /v1/sync/state`: per site, the head this node heard of and the versions it still needs.
+async fn sync_state(State(state): State<Arc<ApiState>>) -> Response {
+    let Some(sync) = state.store.sync_state().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+    };
+    let sites: Map<String, Json> = sync
+        .sites
+        .iter()
+        .map(|(site, (head, needs))| (site.to_hex(), json!({ "head": head.get(), "needs": needs })))
+        .collect();
+    axum::Json(json!({ "actor_id": state.site.to_hex(), "sites": sites })).into_response()
 }
 
 async fn reload(State(store): State<StoreHandle>) -> Response {

@@ -54,6 +54,9 @@ enum Command {
         #[arg(long, default_value = "patina-data/admin.sock")]
         admin: PathBuf,
     },
+    /// Anti-entropy state of a running node.
+    #[command(subcommand)]
+    Sync(SyncCommand),
     /// Cluster membership, as a running node sees it.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -63,6 +66,20 @@ enum Command {
     /// Certificates for the gossip transport.
     #[command(subcommand)]
     Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SyncCommand {
+    /// Print the convergence digest (equal on converged nodes).
+    Digest {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print this node's sync state: per site, the head heard of and the versions needed.
+    Generate {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -348,6 +365,24 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "client",
                 &crate::tls::generate_signed(&ca_key, &[], crate::tls::CertUse::Client)?,
             )?;
+        }
+        Command::Sync(command) => {
+            let (api, path) = match command {
+                SyncCommand::Digest { api } => (api, "/v1/sync/digest"),
+                SyncCommand::Generate { api } => (api, "/v1/sync/state"),
+            };
+            let (status, body) = runtime()?.block_on(client::request(
+                &Target::Tcp(api.api),
+                Method::GET,
+                path,
+                api.token.as_deref(),
+                Vec::new(),
+            ))?;
+            if !status.is_success() {
+                return Err(format!("{status}: {}", String::from_utf8_lossy(&body)).into());
+            }
+            let out: serde_json::Value = serde_json::from_slice(&body)?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Command::Cluster(ClusterCommand::Members { admin }) => {
             let (status, body) = runtime()?.block_on(client::request(

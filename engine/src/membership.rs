@@ -128,6 +128,12 @@ fn foca_config(n: u32) -> foca::Config {
         frequency: std::time::Duration::from_secs(1),
         num_members: NonZeroUsize::new(2).expect("2 > 0"),
     });
+    // After a partition heals, each side believes the other down; announcing to down members
+    // every few seconds (foca's LAN default is 65 s) lets them find each other again.
+    config.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+        frequency: std::time::Duration::from_secs(3),
+        num_members: NonZeroUsize::new(2).expect("2 > 0"),
+    });
     config
 }
 

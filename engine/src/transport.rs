@@ -120,6 +120,51 @@ struct Shared {
     budget: Mutex<TokenBucket>,
     in_flight: Arc<tokio::sync::Semaphore>,
     sessions: Mutex<Option<mpsc::Sender<Session>>>,
+    faults: Arc<Faults>,
+}
+
+/// Fault injection for tests, at the level of whole messages (QUIC repairs lost packets by
+/// itself, so packet loss would only show as delay): drop a share of outgoing messages, cut the
+/// node off from a set of peers (both directions, sessions included), delay every send.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Outgoing messages dropped, in parts per thousand.
+    pub drop_per_mille: std::sync::atomic::AtomicU32,
+    /// Extra delay before each send (ms).
+    pub delay_ms: AtomicU64,
+    cut: Mutex<std::collections::HashSet<SocketAddr>>,
+    counter: AtomicU64,
+}
+
+impl Faults {
+    /// Cuts the node off from these peers (replacing any earlier cut).
+    pub fn cut_off(&self, peers: impl IntoIterator<Item = SocketAddr>) {
+        *self.cut.lock().unwrap_or_else(|e| e.into_inner()) = peers.into_iter().collect();
+    }
+
+    /// Heals every cut, stops dropping and delaying.
+    pub fn heal(&self) {
+        self.cut.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.drop_per_mille.store(0, Ordering::Relaxed);
+        self.delay_ms.store(0, Ordering::Relaxed);
+    }
+
+    fn is_cut(&self, peer: &SocketAddr) -> bool {
+        self.cut
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(peer)
+    }
+
+    /// Deterministic spread: a multiplicative hash of a counter, not a random generator.
+    fn drops_next(&self) -> bool {
+        let share = self.drop_per_mille.load(Ordering::Relaxed);
+        if share == 0 {
+            return false;
+        }
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) % 1000 < u64::from(share)
+    }
 }
 
 /// A bidirectional stream a peer opened (a sync session).
@@ -227,6 +272,7 @@ impl Transport {
                 config.send_in_flight_max.max(1),
             )),
             sessions: Mutex::new(None),
+            faults: Arc::new(Faults::default()),
         });
         tokio::spawn(accept_loop(shared.clone()));
         Ok(Transport { shared })
@@ -273,6 +319,11 @@ impl Transport {
         queue.wake.notify_one();
     }
 
+    /// The fault injector (tests only; everything off by default).
+    pub fn faults(&self) -> Arc<Faults> {
+        self.shared.faults.clone()
+    }
+
     /// Where sessions peers open go; without a handler (or when it is full) they are refused.
     pub fn set_session_handler(&self, handler: mpsc::Sender<Session>) {
         *self
@@ -287,6 +338,9 @@ impl Transport {
         &self,
         to: SocketAddr,
     ) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+        if self.shared.faults.is_cut(&to) {
+            return None;
+        }
         let conn = connection(&self.shared, to).await?;
         conn.open_bi().await.ok()
     }
@@ -341,7 +395,12 @@ async fn receive_loop(shared: Arc<Shared>, conn: quinn::Connection) {
                 });
             }
             session = conn.accept_bi() => {
-                let Ok((send, mut recv)) = session else { break };
+                let Ok((mut send, mut recv)) = session else { break };
+                if shared.faults.is_cut(&from) {
+                    let _ = send.reset(1u32.into());
+                    let _ = recv.stop(1u32.into());
+                    continue;
+                }
                 let handler = shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let refused = match handler {
                     Some(h) => h.try_send(Session { from, send, recv }).err().map(|e| e.into_inner()),
@@ -371,6 +430,9 @@ async fn receive_loop(shared: Arc<Shared>, conn: quinn::Connection) {
 }
 
 fn deliver(shared: &Shared, received: Received) {
+    if shared.faults.is_cut(&received.from) {
+        return;
+    }
     if shared.inbox.try_send(received).is_err() {
         shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
     }
@@ -430,6 +492,14 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
+        if shared.faults.is_cut(&to) || shared.faults.drops_next() {
+            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let delay = shared.faults.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         let len = bytes.len() as u64;
         let wait = shared
             .budget

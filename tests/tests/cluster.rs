@@ -3,122 +3,15 @@
 //! bootstrap list; a stranger without a certificate from the cluster CA cannot join or inject.
 //! Every wait is bounded.
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
 use patina::client::{request, request_stream, Method, StatusCode, Target};
-use patina::config::{Config, GossipTlsConfig};
-use patina::tls::{generate_ca, generate_signed, CertUse, PemPair};
+use patina::tls::generate_ca;
+use patina_tests::{
+    exec, node_config, rows, start_cluster, wait_for, wait_members, with_tls, WAIT,
+};
 use serde_json::{json, Value as Json};
-
-const SCHEMA: &str =
-    "CREATE TABLE kv (k TEXT NOT NULL PRIMARY KEY, v TEXT, n INTEGER NOT NULL DEFAULT 0);";
-const WAIT: Duration = Duration::from_secs(15);
-
-fn node_config(dir: &Path, bootstrap: &[SocketAddr]) -> Config {
-    std::fs::create_dir_all(dir.join("schema")).unwrap();
-    std::fs::write(dir.join("schema/kv.sql"), SCHEMA).unwrap();
-    let mut config = Config::default();
-    config.db.path = dir.join("state.db");
-    config.db.schema_paths = vec![dir.join("schema")];
-    config.api.addr = "127.0.0.1:0".parse().unwrap();
-    config.admin.path = dir.join("admin.sock");
-    config.gossip.addr = "127.0.0.1:0".parse().unwrap();
-    config.gossip.bootstrap = bootstrap.to_vec();
-    config.telemetry.prometheus_addr = Some("127.0.0.1:0".parse().unwrap());
-    config
-}
-
-fn with_tls(mut config: Config, dir: &Path, ca: &PemPair) -> Config {
-    let node = generate_signed(&ca.key_pem, &["127.0.0.1".to_string()], CertUse::Node).unwrap();
-    std::fs::write(dir.join("node.pem"), &node.cert_pem).unwrap();
-    std::fs::write(dir.join("node.key"), &node.key_pem).unwrap();
-    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
-    config.gossip.tls = Some(GossipTlsConfig {
-        cert_file: dir.join("node.pem"),
-        key_file: dir.join("node.key"),
-        ca_file: dir.join("ca.pem"),
-    });
-    config
-}
-
-async fn exec(agent: &Agent, sql: &str) {
-    let body = serde_json::to_vec(&json!([sql])).unwrap();
-    let (status, out) = request(
-        &Target::Tcp(agent.api_addr()),
-        Method::POST,
-        "/v1/transactions",
-        None,
-        body,
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&out));
-}
-
-async fn rows(agent: &Agent, sql: &str) -> Vec<Json> {
-    let body = serde_json::to_vec(&json!(sql)).unwrap();
-    let (status, out) = request(
-        &Target::Tcp(agent.api_addr()),
-        Method::POST,
-        "/v1/queries",
-        None,
-        body,
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, StatusCode::OK);
-    out.split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice::<Json>(l).unwrap())
-        .filter_map(|line| line.get("row").map(|r| r[1].clone()))
-        .collect()
-}
-
-/// Polls `check` until it holds or `WAIT` passes; panics with `what` on timeout.
-async fn wait_for<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-async fn wait_members(agents: &[&Agent], n: usize) {
-    for agent in agents {
-        wait_for("membership", || async {
-            agent.gossip().members.len() + 1 == n
-        })
-        .await;
-    }
-}
-
-async fn start_cluster(dirs: &[tempfile::TempDir], tls: Option<&PemPair>) -> Vec<Agent> {
-    let mut agents: Vec<Agent> = Vec::new();
-    for dir in dirs {
-        let bootstrap: Vec<SocketAddr> = agents
-            .first()
-            .map(|a| vec![a.gossip_addr()])
-            .unwrap_or_default();
-        let mut config = node_config(dir.path(), &bootstrap);
-        if let Some(ca) = tls {
-            config = with_tls(config, dir.path(), ca);
-        }
-        agents.push(Agent::start(&config).await.unwrap());
-    }
-    let refs: Vec<&Agent> = agents.iter().collect();
-    wait_members(&refs, agents.len()).await;
-    agents
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_one_node_is_readable_on_all() {
