@@ -795,8 +795,9 @@ fn start_gossip(
 pub async fn run(config: Config) -> Result<(), AgentError> {
     let agent = Agent::start(&config).await?;
     println!(
-        "patina agent: API on http://{}, site {}",
+        "patina agent: API on http://{}, gossip on {}, site {}",
         agent.api_addr(),
+        agent.gossip_addr(),
         agent.site_id()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

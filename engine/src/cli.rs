@@ -296,6 +296,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 None => Config::default(),
             };
             tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| "info".into()),
