@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::agent::StoreHandle;
 use crate::membership::{MemberEvent, Membership};
-use crate::sync::{pull, SyncError};
+use crate::sync::{pull, PullReport, SyncError};
 use crate::transport::{Channel, Received, Transport};
 use patina_core::sync::SyncScheduler;
 
@@ -53,6 +53,8 @@ pub struct GossipSnapshot {
     pub sync_failures: u64,
     /// Changesets received by sync.
     pub sync_received: u64,
+    /// Bytes of sync sessions this node started (requests and answers).
+    pub sync_bytes: u64,
 }
 
 /// Everything the gossip task needs.
@@ -110,7 +112,7 @@ impl GossipTask {
         let mut effects = Vec::new();
         let mut deliveries: Vec<Arc<Changeset>> = Vec::new();
         self.flush_membership(Instant::now(), &mut snapshot);
-        let (sync_done, mut sync_results) = mpsc::channel::<Result<usize, SyncError>>(4);
+        let (sync_done, mut sync_results) = mpsc::channel::<Result<PullReport, SyncError>>(4);
         loop {
             let timer_due = self
                 .membership
@@ -139,9 +141,10 @@ impl GossipTask {
                 result = sync_results.recv() => {
                     let ok = matches!(result, Some(Ok(_)));
                     match result {
-                        Some(Ok(n)) => {
+                        Some(Ok(report)) => {
                             snapshot.sync_rounds += 1;
-                            snapshot.sync_received += n as u64;
+                            snapshot.sync_received += report.changesets as u64;
+                            snapshot.sync_bytes += report.bytes_sent + report.bytes_received;
                         }
                         Some(Err(e)) => {
                             snapshot.sync_failures += 1;

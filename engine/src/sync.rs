@@ -92,32 +92,48 @@ pub async fn serve(
     Ok(changesets.len())
 }
 
-/// Pulls from one peer what this node lacks; returns how many changesets came.
+/// What one pull brought.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PullReport {
+    /// Changesets received.
+    pub changesets: usize,
+    /// Bytes sent (the request, framed).
+    pub bytes_sent: u64,
+    /// Bytes received (all frames).
+    pub bytes_received: u64,
+}
+
+/// Pulls from one peer what this node lacks.
 pub async fn pull(
     transport: &Transport,
     peer: SocketAddr,
     store: &StoreHandle,
     cluster: u16,
     limits: &Limits,
-) -> Result<usize, SyncError> {
+) -> Result<PullReport, SyncError> {
     let state = store.sync_state().await.ok_or(SyncError::Store)?;
     let (mut send, mut recv) = transport
         .open_session(peer)
         .await
         .ok_or(SyncError::Unreachable)?;
-    write_frame(&mut send, &encode_sync_state(cluster, &state)).await?;
+    let request = encode_sync_state(cluster, &state);
+    write_frame(&mut send, &request).await?;
     let _ = send.finish();
-    let mut received = 0;
+    let mut report = PullReport {
+        bytes_sent: request.len() as u64 + 4,
+        ..PullReport::default()
+    };
     let mut batch: Vec<Arc<Changeset>> = Vec::new();
     loop {
         let frame = read_frame(&mut recv, limits.changeset_bytes_max).await?;
+        report.bytes_received += frame.len() as u64 + 4;
         if frame.is_empty() {
             break;
         }
         let changeset =
             decode_changeset(&frame, limits).map_err(|e| SyncError::Bad(e.to_string()))?;
         batch.push(Arc::new(changeset));
-        received += 1;
+        report.changesets += 1;
         if batch.len() >= APPLY_BATCH && !store.apply_wait(std::mem::take(&mut batch)).await {
             return Err(SyncError::Store);
         }
@@ -125,5 +141,5 @@ pub async fn pull(
     if !batch.is_empty() && !store.apply_wait(batch).await {
         return Err(SyncError::Store);
     }
-    Ok(received)
+    Ok(report)
 }

@@ -1,0 +1,128 @@
+//! Anti-entropy figures with real agents on loopback: how fast a new, empty node catches up with
+//! a node holding R rows (written in transactions of 1,000 rows), and how many bytes a converged
+//! pair exchanges per second when idle (SWIM plus sync rounds).
+//!
+//! `cargo run --release -p patina-bench --bin catchup -- [--rows 100000]`
+
+use std::time::{Duration, Instant};
+
+use patina::agent::Agent;
+use patina::client::{request, Method, StatusCode, Target};
+use patina::config::Config;
+
+fn config(dir: &std::path::Path, bootstrap: Vec<std::net::SocketAddr>) -> Config {
+    std::fs::create_dir_all(dir.join("schema")).unwrap();
+    std::fs::write(
+        dir.join("schema/kv.sql"),
+        "CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);",
+    )
+    .unwrap();
+    let mut config = Config::default();
+    config.db.path = dir.join("state.db");
+    config.db.schema_paths = vec![dir.join("schema")];
+    config.api.addr = "127.0.0.1:0".parse().unwrap();
+    config.admin.path = dir.join("admin.sock");
+    config.gossip.addr = "127.0.0.1:0".parse().unwrap();
+    config.gossip.bootstrap = bootstrap;
+    config
+}
+
+async fn count(agent: &Agent) -> u64 {
+    let (_, out) = request(
+        &Target::Tcp(agent.api_addr()),
+        Method::POST,
+        "/v1/queries",
+        None,
+        b"\"SELECT count(*) FROM kv\"".to_vec(),
+    )
+    .await
+    .unwrap();
+    let line = out.split(|b| *b == b'\n').nth(1).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(line).unwrap();
+    json["row"][1][0].as_u64().unwrap()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut rows = 100_000u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--rows" => rows = args.next().and_then(|v| v.parse().ok()).expect("--rows N"),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let root = tempfile::tempdir().unwrap();
+    let source = Agent::start(&config(&root.path().join("source"), vec![]))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let per_tx = 1_000u64;
+    for chunk in 0..rows.div_ceil(per_tx) {
+        let values: Vec<String> = (chunk * per_tx..((chunk + 1) * per_tx).min(rows))
+            .map(|i| format!("({i}, 'value-{i}', {})", i % 97))
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!([format!(
+            "INSERT INTO kv (k, v, n) VALUES {}",
+            values.join(", ")
+        )]))
+        .unwrap();
+        let (status, _) = request(
+            &Target::Tcp(source.api_addr()),
+            Method::POST,
+            "/v1/transactions",
+            None,
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    println!(
+        "wrote {rows} rows in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let joined = Instant::now();
+    let fresh = Agent::start(&config(
+        &root.path().join("fresh"),
+        vec![source.gossip_addr()],
+    ))
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let n = count(&fresh).await;
+        if n == rows {
+            break;
+        }
+        assert!(Instant::now() < deadline, "catch-up stalled at {n} rows");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = joined.elapsed().as_secs_f64();
+    println!("new empty node caught up {rows} rows in {secs:.2} s: {:.0} rows/s (sync sessions: {}, changesets: {})", rows as f64 / secs, fresh.gossip().sync_rounds, fresh.gossip().sync_received);
+
+    // Idle traffic of the converged pair.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sum = |f: fn(&patina::gossip::GossipSnapshot) -> u64| -> u64 {
+        [&source, &fresh].iter().map(|a| f(&a.gossip())).sum()
+    };
+    let (messages, rounds, bytes) = (
+        sum(|g| g.transport_sent),
+        sum(|g| g.sync_rounds),
+        sum(|g| g.sync_bytes),
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (rounds, bytes) = (
+        sum(|g| g.sync_rounds) - rounds,
+        sum(|g| g.sync_bytes) - bytes,
+    );
+    println!(
+        "idle converged pair, 10 s: {} sync rounds, {:.1} bytes per round; {} other messages (SWIM)",
+        rounds,
+        bytes as f64 / rounds.max(1) as f64,
+        sum(|g| g.transport_sent) - messages
+    );
+    source.shutdown().await;
+    fresh.shutdown().await;
+}
