@@ -23,6 +23,7 @@ fn store(dir: &tempfile::TempDir, name: &str) -> Store {
         path: dir.path().join(name),
         schema_paths: vec![schema],
         max_db_bytes: None,
+        changeset_bytes_max: None,
     })
     .unwrap()
 }

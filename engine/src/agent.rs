@@ -469,6 +469,7 @@ impl Agent {
             path: config.db.path.clone(),
             schema_paths: config.db.schema_paths.clone(),
             max_db_bytes: config.db.max_db_bytes,
+            changeset_bytes_max: Some(config.gossip.message_bytes_max / 2),
         })?;
         let site = store.site_id();
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);

@@ -249,6 +249,7 @@ fn open(args: &DbArgs) -> Result<Store, Box<dyn std::error::Error>> {
         path: args.db.clone(),
         schema_paths: args.schema.clone(),
         max_db_bytes: None,
+        changeset_bytes_max: None,
     })?)
 }
 

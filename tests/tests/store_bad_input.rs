@@ -24,6 +24,7 @@ fn config(dir: &tempfile::TempDir, schema: &str) -> StoreConfig {
         path: dir.path().join("db.sqlite"),
         schema_paths: vec![path],
         max_db_bytes: None,
+        changeset_bytes_max: None,
     }
 }
 
@@ -539,4 +540,44 @@ fn reopen_never_reuses_a_version_after_a_remote_overwrite() {
         .transact(&[Statement::new("UPDATE hosts SET name = 'b' WHERE id = 1")])
         .unwrap();
     assert_eq!(out.version, Some(DbVersion(3)));
+}
+
+/// A transaction whose changeset could not be replicated (over the size every node accepts) is
+/// refused whole, with an error that says to split it.
+#[test]
+fn a_transaction_too_large_to_replicate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        changeset_bytes_max: Some(64 * 1024),
+        ..config(&dir, SCHEMA)
+    };
+    let mut store = Store::open(&cfg).unwrap();
+    let big = "x".repeat(1000);
+    let statements: Vec<Statement> = (0..100)
+        .map(|i| {
+            Statement::with_params(
+                "INSERT INTO hosts (id, name) VALUES (?, ?)",
+                vec![i.into(), big.clone().into()],
+            )
+        })
+        .collect();
+    let err = store.transact(&statements).unwrap_err();
+    assert!(
+        matches!(err, StoreError::TransactionTooLarge { limit: 65536, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("split it"));
+    assert_eq!(store.db_version(), DbVersion(0));
+    assert_eq!(
+        rows(&store, "SELECT count(*) FROM hosts"),
+        vec![vec![0.into()]]
+    );
+    // The same rows in smaller transactions go through.
+    for chunk in statements.chunks(10) {
+        store.transact(chunk).unwrap();
+    }
+    assert_eq!(
+        rows(&store, "SELECT count(*) FROM hosts"),
+        vec![vec![100.into()]]
+    );
 }

@@ -40,6 +40,7 @@ impl Cluster {
                     path: dir.path().join(format!("r{i}.db")),
                     schema_paths: vec![schema.clone()],
                     max_db_bytes: None,
+                    changeset_bytes_max: None,
                 })
                 .unwrap()
             })
@@ -582,7 +583,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let schema = dir.path().join("schema.sql");
         std::fs::write(&schema, SCHEMA).unwrap();
-        let mut fresh = Store::open(&StoreConfig { path: dir.path().join("fresh.db"), schema_paths: vec![schema], max_db_bytes: None }).unwrap();
+        let mut fresh = Store::open(&StoreConfig { path: dir.path().join("fresh.db"), schema_paths: vec![schema], ..StoreConfig::default() }).unwrap();
         for cs in cluster.written.iter().rev() {
             let clocks = fresh.clock_snapshot().unwrap();
             let data: Vec<_> = ["items", "tags", "notes"].iter().map(|t| rows(&fresh, t)).collect();

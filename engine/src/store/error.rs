@@ -99,6 +99,14 @@ pub enum StoreError {
         /// SQLite's message.
         message: String,
     },
+    /// A transaction whose changeset would be too large to replicate; nothing was committed.
+    #[error("transaction too large to replicate: its changes encode to {bytes} bytes, over the limit of {limit}; split it")]
+    TransactionTooLarge {
+        /// Encoded size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A transaction with no statements.
     #[error("empty transaction")]
     EmptyTransaction,

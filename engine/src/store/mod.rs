@@ -127,6 +127,10 @@ pub struct StoreConfig {
     pub schema_paths: Vec<PathBuf>,
     /// Cap on the database size in bytes (SQLite's max_page_count); writes past it fail cleanly.
     pub max_db_bytes: Option<u64>,
+    /// Largest encoded changeset a local transaction may produce (None: 8 MiB). Every changeset
+    /// must fit one broadcast message and one sync frame; a larger transaction is refused with
+    /// [`StoreError::TransactionTooLarge`] and nothing is committed.
+    pub changeset_bytes_max: Option<usize>,
 }
 
 /// A replicated table as the store uses it.
@@ -247,6 +251,9 @@ impl ToSql for SqlValue<'_> {
     }
 }
 
+/// Default cap on a local transaction's encoded changeset (half the default message limit).
+pub const DEFAULT_CHANGESET_BYTES_MAX: usize = 8 * 1024 * 1024;
+
 const INTERNAL_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS __patina_sites (
   ord INTEGER PRIMARY KEY,
@@ -283,6 +290,7 @@ pub struct Store {
     book: Bookkeeping,
     tables: BTreeMap<String, Arc<Table>>,
     table_names: HashMap<u32, String>,
+    changeset_bytes_max: usize,
 }
 
 impl Store {
@@ -338,6 +346,9 @@ impl Store {
             book: Bookkeeping::new(),
             tables: BTreeMap::new(),
             table_names: HashMap::new(),
+            changeset_bytes_max: config
+                .changeset_bytes_max
+                .unwrap_or(DEFAULT_CHANGESET_BYTES_MAX),
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
@@ -671,6 +682,15 @@ impl Store {
                 return Err(StoreError::Corrupt(e));
             }
             let changeset = self.record_local_writes(writes)?;
+            if let Some(cs) = &changeset {
+                let bytes = patina_core::wire::changeset_to_bytes(cs).len();
+                if bytes > self.changeset_bytes_max {
+                    return Err(StoreError::TransactionTooLarge {
+                        bytes,
+                        limit: self.changeset_bytes_max,
+                    });
+                }
+            }
             self.writer.execute_batch("COMMIT")?;
             Ok((rows_affected, changeset))
         });
