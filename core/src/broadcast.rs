@@ -33,7 +33,10 @@ impl Millis {
 pub struct BroadcastConfig {
     /// Eager peers kept (the tree's out-degree before pruning). 1..=32.
     pub eager_peers_max: usize,
-    /// Lazy peers that receive "I have" for each changeset. 0..=32.
+    /// Lazy peers kept in the active view; every one of them is told about every changeset
+    /// ("I have", batched per tick). Members beyond eager + lazy wait in a passive set and
+    /// replace active peers that fail (HyParView's idea), so traffic per node stays bounded
+    /// however large the cluster. 0..=64.
     pub lazy_peers_max: usize,
     /// Wait after an announcement before grafting (ms).
     pub graft_timeout_ms: u64,
@@ -51,7 +54,7 @@ impl Default for BroadcastConfig {
     fn default() -> Self {
         BroadcastConfig {
             eager_peers_max: 4,
-            lazy_peers_max: 4,
+            lazy_peers_max: 8,
             graft_timeout_ms: 80,
             seen_max: 65_536,
             cache_max: 4_096,
@@ -113,6 +116,8 @@ pub struct Broadcast {
     rng: u64,
     eager: BTreeSet<SiteId>,
     lazy: BTreeSet<SiteId>,
+    /// Known members outside the active view.
+    passive: BTreeSet<SiteId>,
     seen: BTreeSet<ChangesetId>,
     seen_order: VecDeque<ChangesetId>,
     cache: BTreeMap<ChangesetId, Arc<Changeset>>,
@@ -133,6 +138,7 @@ impl Broadcast {
             rng: seed ^ 0x9e37_79b9_7f4a_7c15,
             eager: BTreeSet::new(),
             lazy: BTreeSet::new(),
+            passive: BTreeSet::new(),
             seen: BTreeSet::new(),
             seen_order: VecDeque::new(),
             cache: BTreeMap::new(),
@@ -172,31 +178,62 @@ impl Broadcast {
         z ^ (z >> 31)
     }
 
-    /// A peer joined: it becomes eager while there is room, lazy otherwise.
+    /// A peer joined: it becomes eager while there is room, then lazy, then passive.
     pub fn peer_up(&mut self, peer: SiteId) {
-        if peer == self.me || self.eager.contains(&peer) || self.lazy.contains(&peer) {
+        if peer == self.me
+            || self.eager.contains(&peer)
+            || self.lazy.contains(&peer)
+            || self.passive.contains(&peer)
+        {
             return;
         }
         if self.eager.len() < self.config.eager_peers_max {
             self.eager.insert(peer);
-        } else {
+        } else if self.lazy.len() < self.config.lazy_peers_max {
             self.lazy.insert(peer);
+        } else {
+            // Reservoir sampling: the active view stays a uniform sample of all members, so
+            // every node sits in about as many views as it has, whatever the join order.
+            let active = (self.config.eager_peers_max + self.config.lazy_peers_max) as u64;
+            let known = (self.eager.len() + self.lazy.len() + self.passive.len() + 1) as u64;
+            if self.next_random() % known < active {
+                let lazy = self.lazy.clone();
+                if let Some(out) = self.pick(&lazy, &BTreeSet::new()) {
+                    self.lazy.remove(&out);
+                    self.passive.insert(out);
+                }
+                self.lazy.insert(peer);
+            } else {
+                self.passive.insert(peer);
+            }
         }
     }
 
-    /// A peer left or failed.
+    /// A peer left or failed: its place in the active view is refilled.
     pub fn peer_down(&mut self, peer: SiteId) {
         self.eager.remove(&peer);
         self.lazy.remove(&peer);
+        self.passive.remove(&peer);
         self.pending_ihave.remove(&peer);
         for (_, announcers) in self.missing.values_mut() {
             announcers.retain(|p| *p != peer);
         }
-        // Keep the tree connected: promote a lazy peer in its place.
+        // Keep the tree connected: promote a lazy peer (or a passive one) in its place.
         if self.eager.len() < self.config.eager_peers_max {
-            if let Some(promoted) = self.pick(&self.lazy.clone(), &BTreeSet::new()) {
+            let lazy = self.lazy.clone();
+            if let Some(promoted) = self.pick(&lazy, &BTreeSet::new()) {
                 self.lazy.remove(&promoted);
                 self.eager.insert(promoted);
+            }
+        }
+        while self.lazy.len() < self.config.lazy_peers_max {
+            let passive = self.passive.clone();
+            match self.pick(&passive, &BTreeSet::new()) {
+                Some(p) => {
+                    self.passive.remove(&p);
+                    self.lazy.insert(p);
+                }
+                None => break,
             }
         }
     }
@@ -271,21 +308,10 @@ impl Broadcast {
             });
             self.stats.gossip_sent += 1;
         }
-        // Announce to a few lazy peers, picked at random per changeset so every lazy link gets
-        // used over time.
-        let mut chosen = BTreeSet::new();
-        let exclude: BTreeSet<SiteId> = from.into_iter().collect();
-        while chosen.len() < self.config.lazy_peers_max {
-            let remaining: BTreeSet<SiteId> = self.lazy.difference(&chosen).copied().collect();
-            match self.pick(&remaining, &exclude) {
-                Some(p) => {
-                    chosen.insert(p);
-                }
-                None => break,
-            }
-        }
-        for peer in chosen {
-            let queue = self.pending_ihave.entry(peer).or_default();
+        // Announce to every lazy peer: the tree's backup links. A node whose eager links were
+        // pruned still hears of every id from its lazy peers and grafts what it lacks.
+        for peer in self.lazy.iter().filter(|p| Some(**p) != from) {
+            let queue = self.pending_ihave.entry(*peer).or_default();
             if queue.len() < self.config.ihave_batch_max * 4 {
                 queue.push(changeset.id);
             }
@@ -320,6 +346,11 @@ impl Broadcast {
                 }
             }
             BroadcastMsg::IHave(ids) => {
+                // Links are symmetric: whoever announces to us is in our view too.
+                if !self.eager.contains(&from) && !self.lazy.contains(&from) {
+                    self.passive.remove(&from);
+                    self.lazy.insert(from);
+                }
                 for id in ids {
                     if self.seen.contains(&id) {
                         continue;
@@ -356,9 +387,9 @@ impl Broadcast {
     }
 
     fn make_eager(&mut self, peer: SiteId) {
-        if self.lazy.remove(&peer) || !self.eager.contains(&peer) {
-            self.eager.insert(peer);
-        }
+        self.lazy.remove(&peer);
+        self.passive.remove(&peer);
+        self.eager.insert(peer);
     }
 
     /// Time passes: flush batched announcements and graft what did not arrive in time.

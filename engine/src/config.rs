@@ -81,7 +81,8 @@ pub struct GossipConfig {
     pub tick_ms: u64,
     /// Eager peers (the broadcast tree's fan-out before pruning). 1..=32.
     pub eager_peers_max: usize,
-    /// Lazy peers told about each changeset. 0..=32.
+    /// Lazy peers in the broadcast view, each told about every changeset; other members stay
+    /// passive until an active peer fails. 0..=64.
     pub lazy_peers_max: usize,
     /// Wait for an announced changeset before asking for it (ms). 1..=60,000.
     pub graft_timeout_ms: u64,
@@ -111,7 +112,7 @@ impl Default for GossipConfig {
             tls: None,
             tick_ms: 10,
             eager_peers_max: 4,
-            lazy_peers_max: 4,
+            lazy_peers_max: 8,
             graft_timeout_ms: 80,
             send_queue_len_max: 4096,
             message_bytes_max: 16 * 1024 * 1024,
@@ -260,7 +261,7 @@ impl Config {
         within("api.query_connections", self.api.query_connections, 1, 256)?;
         within("gossip.tick_ms", self.gossip.tick_ms as usize, 1, 1000)?;
         within("gossip.eager_peers_max", self.gossip.eager_peers_max, 1, 32)?;
-        within("gossip.lazy_peers_max", self.gossip.lazy_peers_max, 0, 32)?;
+        within("gossip.lazy_peers_max", self.gossip.lazy_peers_max, 0, 64)?;
         within(
             "gossip.graft_timeout_ms",
             self.gossip.graft_timeout_ms as usize,
