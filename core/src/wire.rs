@@ -266,6 +266,25 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader past the header every peer message starts with (format byte, cluster id),
+    /// refusing other formats and other clusters.
+    fn for_cluster(
+        bytes: &'a [u8],
+        cluster: u16,
+        limits: &'a Limits,
+    ) -> Result<Reader<'a>, PeerMessageError> {
+        let mut r = Reader { bytes, limits };
+        let format = r.u8("format")?;
+        if format != FORMAT_VERSION {
+            return Err(DecodeError::UnknownFormat(format).into());
+        }
+        let theirs = u16::from_le_bytes(r.take(2, "cluster id")?.try_into().expect("took 2 bytes"));
+        if theirs != cluster {
+            return Err(PeerMessageError::OtherCluster(theirs));
+        }
+        Ok(r)
+    }
+
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
         if self.bytes.len() < n {
             return Err(DecodeError::Truncated(what));
@@ -598,16 +617,7 @@ pub fn decode_peer_message(
     limits: &Limits,
 ) -> Result<PeerMessage, PeerMessageError> {
     use crate::broadcast::BroadcastMsg;
-    let mut r = Reader { bytes, limits };
-    let format = r.u8("format")?;
-    if format != FORMAT_VERSION {
-        return Err(DecodeError::UnknownFormat(format).into());
-    }
-    let their_cluster =
-        u16::from_le_bytes(r.take(2, "cluster id")?.try_into().expect("took 2 bytes"));
-    if their_cluster != cluster {
-        return Err(PeerMessageError::OtherCluster(their_cluster));
-    }
+    let mut r = Reader::for_cluster(bytes, cluster, limits)?;
     match r.u8("message kind")? {
         TAG_MEMBERSHIP => Ok(PeerMessage::Membership(r.bytes.to_vec())),
         TAG_BROADCAST => {
@@ -739,16 +749,7 @@ pub fn decode_sync_state(
     cluster: u16,
     limits: &Limits,
 ) -> Result<crate::sync::SyncState, PeerMessageError> {
-    let mut r = Reader { bytes, limits };
-    let format = r.u8("format")?;
-    if format != FORMAT_VERSION {
-        return Err(DecodeError::UnknownFormat(format).into());
-    }
-    let their_cluster =
-        u16::from_le_bytes(r.take(2, "cluster id")?.try_into().expect("took 2 bytes"));
-    if their_cluster != cluster {
-        return Err(PeerMessageError::OtherCluster(their_cluster));
-    }
+    let mut r = Reader::for_cluster(bytes, cluster, limits)?;
     let mut state = crate::sync::SyncState::default();
     let n = r.count("site count", SYNC_SITES_MAX, SITE_ID_LEN + 2)?;
     for _ in 0..n {

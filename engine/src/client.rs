@@ -46,15 +46,7 @@ pub async fn request(
     bearer_token: Option<&str>,
     body: Vec<u8>,
 ) -> Result<(StatusCode, Bytes), ClientError> {
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, "localhost")
-        .header(hyper::header::CONTENT_TYPE, "application/json");
-    if let Some(token) = bearer_token {
-        builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let request = builder.body(Full::new(Bytes::from(body)))?;
+    let request = build_request(method, path, bearer_token, body)?;
     let connect_err = |source| ClientError::Connect {
         target: format!("{target:?}"),
         source,
@@ -74,6 +66,23 @@ pub async fn request(
         }
     };
     Ok(response)
+}
+
+fn build_request(
+    method: Method,
+    path: &str,
+    bearer_token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Request<Full<Bytes>>, ClientError> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(token) = bearer_token {
+        builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    Ok(builder.body(Full::new(Bytes::from(body)))?)
 }
 
 async fn send<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), ClientError>
@@ -99,15 +108,7 @@ pub async fn request_stream(
     bearer_token: Option<&str>,
     body: Vec<u8>,
 ) -> Result<(StatusCode, tokio::sync::mpsc::Receiver<Bytes>), ClientError> {
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, "localhost")
-        .header(hyper::header::CONTENT_TYPE, "application/json");
-    if let Some(token) = bearer_token {
-        builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let request = builder.body(Full::new(Bytes::from(body)))?;
+    let request = build_request(method, path, bearer_token, body)?;
     let Target::Tcp(addr) = target else {
         return Err(ClientError::Connect {
             target: format!("{target:?}"),
