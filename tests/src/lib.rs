@@ -17,10 +17,15 @@ pub const SCHEMA: &str =
 /// The longest any wait in a test lasts.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// A node's configuration: everything under `dir`, every port chosen by the OS.
+/// A node's configuration: everything under `dir`, every port chosen by the OS, [`SCHEMA`].
 pub fn node_config(dir: &Path, bootstrap: &[SocketAddr]) -> Config {
+    node_config_with(dir, bootstrap, SCHEMA)
+}
+
+/// [`node_config`] with another schema.
+pub fn node_config_with(dir: &Path, bootstrap: &[SocketAddr], schema: &str) -> Config {
     std::fs::create_dir_all(dir.join("schema")).unwrap();
-    std::fs::write(dir.join("schema/kv.sql"), SCHEMA).unwrap();
+    std::fs::write(dir.join("schema/schema.sql"), schema).unwrap();
     let mut config = Config::default();
     config.db.path = dir.join("state.db");
     config.db.schema_paths = vec![dir.join("schema")];

@@ -12,21 +12,13 @@ use std::time::{Duration, Instant};
 use patina::agent::Agent;
 use patina::client::{request, Method, StatusCode, Target};
 use patina::config::Config;
+use patina_tests::{digest, exec};
+
+const SCHEMA: &str = "CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);";
 
 fn config(dir: &std::path::Path, bootstrap: Vec<std::net::SocketAddr>) -> Config {
-    std::fs::create_dir_all(dir.join("schema")).unwrap();
-    std::fs::write(
-        dir.join("schema/kv.sql"),
-        "CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);",
-    )
-    .unwrap();
-    let mut config = Config::default();
-    config.db.path = dir.join("state.db");
-    config.db.schema_paths = vec![dir.join("schema")];
-    config.api.addr = "127.0.0.1:0".parse().unwrap();
-    config.admin.path = dir.join("admin.sock");
-    config.gossip.addr = "127.0.0.1:0".parse().unwrap();
-    config.gossip.bootstrap = bootstrap;
+    let mut config = patina_tests::node_config_with(dir, &bootstrap, SCHEMA);
+    config.telemetry.prometheus_addr = None;
     config
 }
 
@@ -133,34 +125,6 @@ async fn main() {
     );
     source.shutdown().await;
     fresh.shutdown().await;
-}
-
-async fn exec(agent: &Agent, sql: &str) {
-    let body = serde_json::to_vec(&serde_json::json!([sql])).unwrap();
-    let (status, _) = request(
-        &Target::Tcp(agent.api_addr()),
-        Method::POST,
-        "/v1/transactions",
-        None,
-        body,
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, StatusCode::OK);
-}
-
-async fn digest(agent: &Agent) -> Vec<u8> {
-    request(
-        &Target::Tcp(agent.api_addr()),
-        Method::GET,
-        "/v1/sync/digest",
-        None,
-        vec![],
-    )
-    .await
-    .unwrap()
-    .1
-    .to_vec()
 }
 
 async fn measure_heal(nodes: usize) {

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
 use patina::client::{request, Method, StatusCode, Target};
-use patina::config::{Config, GossipTlsConfig};
-use patina::tls::{generate_ca, generate_signed, CertUse};
+use patina::tls::generate_ca;
 use patina_core::change::ChangesetId;
 use patina_core::ids::DbVersion;
 
@@ -84,33 +83,18 @@ async fn main() {
     let mut agents: Vec<Agent> = Vec::new();
     for i in 0..args.nodes {
         let dir = root.path().join(format!("node{i}"));
-        std::fs::create_dir_all(dir.join("schema")).unwrap();
-        std::fs::write(
-            dir.join("schema/kv.sql"),
-            "CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT);",
-        )
-        .unwrap();
-        let mut config = Config::default();
-        config.db.path = dir.join("state.db");
-        config.db.schema_paths = vec![dir.join("schema")];
-        config.api.addr = "127.0.0.1:0".parse().unwrap();
-        config.admin.path = dir.join("admin.sock");
-        config.gossip.addr = "127.0.0.1:0".parse().unwrap();
-        config.gossip.bootstrap = agents
+        let bootstrap: Vec<_> = agents
             .first()
             .map(|a| vec![a.gossip_addr()])
             .unwrap_or_default();
+        let mut config = patina_tests::node_config_with(
+            &dir,
+            &bootstrap,
+            "CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT);",
+        );
+        config.telemetry.prometheus_addr = None;
         if args.tls {
-            let node =
-                generate_signed(&ca.key_pem, &["127.0.0.1".to_string()], CertUse::Node).unwrap();
-            std::fs::write(dir.join("node.pem"), node.cert_pem).unwrap();
-            std::fs::write(dir.join("node.key"), node.key_pem).unwrap();
-            std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
-            config.gossip.tls = Some(GossipTlsConfig {
-                cert_file: dir.join("node.pem"),
-                key_file: dir.join("node.key"),
-                ca_file: dir.join("ca.pem"),
-            });
+            config = patina_tests::with_tls(config, &dir, &ca);
         }
         agents.push(Agent::start(&config).await.unwrap());
     }
