@@ -329,13 +329,11 @@ fn spawn_store(
                             .apply_lag_us_last
                             .store(queued_at.elapsed().as_micros() as u64, Ordering::Relaxed);
                         metrics.apply_batches.fetch_add(1, Ordering::Relaxed);
-                        let batch: Vec<Changeset> =
-                            changesets.iter().map(|c| (**c).clone()).collect();
-                        match store.apply_changesets(&batch) {
+                        match store.apply_changesets(&changesets) {
                             Ok(outcomes) => {
                                 let at = Instant::now();
                                 let mut changed_rows = Vec::new();
-                                for (outcome, changeset) in outcomes.into_iter().zip(&batch) {
+                                for (outcome, changeset) in outcomes.into_iter().zip(&changesets) {
                                     match outcome {
                                         ApplyOutcome::Rejected(e) => {
                                             metrics.apply_rejected.fetch_add(1, Ordering::Relaxed);
@@ -367,7 +365,7 @@ fn spawn_store(
                             }
                             Err(e) => tracing::error!(
                                 "applying {} remote changesets failed: {e}",
-                                batch.len()
+                                changesets.len()
                             ),
                         }
                         metrics

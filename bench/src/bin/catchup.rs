@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
-use patina::client::{request, Method, StatusCode, Target};
+use patina::client::{request, Method, Target};
 use patina::config::Config;
 use patina_tests::{digest, exec};
 
@@ -62,21 +62,11 @@ async fn main() {
         let values: Vec<String> = (chunk * per_tx..((chunk + 1) * per_tx).min(rows))
             .map(|i| format!("({i}, 'value-{i}', {})", i % 97))
             .collect();
-        let body = serde_json::to_vec(&serde_json::json!([format!(
-            "INSERT INTO kv (k, v, n) VALUES {}",
-            values.join(", ")
-        )]))
-        .unwrap();
-        let (status, _) = request(
-            &Target::Tcp(source.api_addr()),
-            Method::POST,
-            "/v1/transactions",
-            None,
-            body,
+        exec(
+            &source,
+            &format!("INSERT INTO kv (k, v, n) VALUES {}", values.join(", ")),
         )
-        .await
-        .unwrap();
-        assert_eq!(status, StatusCode::OK);
+        .await;
     }
     println!(
         "wrote {rows} rows in {:.2} s",

@@ -970,9 +970,9 @@ impl Store {
     /// Applies remote changesets in one SQLite transaction, each through the merge rule and each
     /// all-or-nothing (a savepoint per changeset): a bad changeset is refused alone. Returns one
     /// outcome per changeset, in order.
-    pub fn apply_changesets(
+    pub fn apply_changesets<C: std::borrow::Borrow<Changeset>>(
         &mut self,
-        batch: &[Changeset],
+        batch: &[C],
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
         self.writer.execute_batch("BEGIN IMMEDIATE")?;
         let mut book = self.book.clone();
@@ -980,6 +980,7 @@ impl Store {
         let mut outcomes = Vec::with_capacity(batch.len());
         let result = (|| {
             for changeset in batch {
+                let changeset: &Changeset = changeset.borrow();
                 if changeset.id.site == self.site || book.contains(changeset.id) {
                     outcomes.push(ApplyOutcome::AlreadyApplied);
                     continue;
