@@ -24,6 +24,7 @@ fn store(dir: &tempfile::TempDir, name: &str) -> Store {
         schema_paths: vec![schema],
         max_db_bytes: None,
         changeset_bytes_max: None,
+        parts_bytes_max: None,
     })
     .unwrap()
 }
@@ -176,18 +177,18 @@ fn remote_insert(site: SiteId, version: u64) -> Changeset {
         seq: Seq(seq),
     };
     let values = row(id);
-    Changeset {
-        id: ChangesetId {
+    Changeset::whole(
+        ChangesetId {
             site,
             version: DbVersion(version),
         },
-        changes: vec![
+        vec![
             cell(0, None, Value::Null),
             cell(1, Some("name"), values[1].clone()),
             cell(2, Some("qty"), values[2].clone()),
             cell(3, Some("price"), values[3].clone()),
         ],
-    }
+    )
 }
 
 /// Remote apply: batches of 1, 100 and 10,000 changes (single-row inserts of 4 changes, and

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use crate::change::{Changeset, ChangesetId};
+use crate::change::{Changeset, PartId};
 use crate::ids::SiteId;
 
 /// Milliseconds on the caller's monotonic clock (virtual time in the simulator and the model).
@@ -70,9 +70,9 @@ pub enum BroadcastMsg {
     /// A changeset in full (eager push).
     Gossip(Arc<Changeset>),
     /// Ids the sender has (lazy push).
-    IHave(Vec<ChangesetId>),
+    IHave(Vec<PartId>),
     /// "Send me these, and make me an eager peer."
-    Graft(Vec<ChangesetId>),
+    Graft(Vec<PartId>),
     /// "Stop pushing to me eagerly."
     Prune,
 }
@@ -118,14 +118,14 @@ pub struct Broadcast {
     lazy: BTreeSet<SiteId>,
     /// Known members outside the active view.
     passive: BTreeSet<SiteId>,
-    seen: BTreeSet<ChangesetId>,
-    seen_order: VecDeque<ChangesetId>,
-    cache: BTreeMap<ChangesetId, Arc<Changeset>>,
-    cache_order: VecDeque<ChangesetId>,
+    seen: BTreeSet<PartId>,
+    seen_order: VecDeque<PartId>,
+    cache: BTreeMap<PartId, Arc<Changeset>>,
+    cache_order: VecDeque<PartId>,
     /// Announced, not received: when to graft next, and who announced it.
-    missing: BTreeMap<ChangesetId, (Millis, Vec<SiteId>)>,
+    missing: BTreeMap<PartId, (Millis, Vec<SiteId>)>,
     /// Ids waiting to be announced, per lazy peer.
-    pending_ihave: BTreeMap<SiteId, Vec<ChangesetId>>,
+    pending_ihave: BTreeMap<SiteId, Vec<PartId>>,
     stats: BroadcastStats,
 }
 
@@ -248,7 +248,7 @@ impl Broadcast {
     }
 
     /// Records an id as seen; false if it already was.
-    fn remember(&mut self, id: ChangesetId) -> bool {
+    fn remember(&mut self, id: PartId) -> bool {
         if !self.seen.insert(id) {
             return false;
         }
@@ -265,8 +265,8 @@ impl Broadcast {
         if self.config.cache_max == 0 {
             return;
         }
-        self.cache.insert(changeset.id, changeset.clone());
-        self.cache_order.push_back(changeset.id);
+        self.cache.insert(changeset.part_id(), changeset.clone());
+        self.cache_order.push_back(changeset.part_id());
         while self.cache_order.len() > self.config.cache_max {
             if let Some(old) = self.cache_order.pop_front() {
                 self.cache.remove(&old);
@@ -274,13 +274,13 @@ impl Broadcast {
         }
     }
 
-    /// True if the id was seen (delivered or committed here) recently.
-    pub fn has_seen(&self, id: &ChangesetId) -> bool {
+    /// True if the part was seen (delivered or committed here) recently.
+    pub fn has_seen(&self, id: &PartId) -> bool {
         self.seen.contains(id)
     }
 
     /// Marks a changeset as known without broadcasting it (e.g. it came by sync).
-    pub fn mark_seen(&mut self, id: ChangesetId) {
+    pub fn mark_seen(&mut self, id: PartId) {
         self.remember(id);
         self.missing.remove(&id);
     }
@@ -288,7 +288,7 @@ impl Broadcast {
     /// A changeset committed here: push it to eager peers, announce it to lazy ones.
     pub fn local_commit(&mut self, changeset: Arc<Changeset>) -> Vec<Effect> {
         let mut effects = Vec::new();
-        if self.remember(changeset.id) {
+        if self.remember(changeset.part_id()) {
             self.forward(&changeset, None, &mut effects);
         }
         effects
@@ -313,7 +313,7 @@ impl Broadcast {
         for peer in self.lazy.iter().filter(|p| Some(**p) != from) {
             let queue = self.pending_ihave.entry(*peer).or_default();
             if queue.len() < self.config.ihave_batch_max * 4 {
-                queue.push(changeset.id);
+                queue.push(changeset.part_id());
             }
         }
     }
@@ -326,9 +326,9 @@ impl Broadcast {
         }
         match msg {
             BroadcastMsg::Gossip(changeset) => {
-                if self.remember(changeset.id) {
+                if self.remember(changeset.part_id()) {
                     self.stats.delivered += 1;
-                    self.missing.remove(&changeset.id);
+                    self.missing.remove(&changeset.part_id());
                     effects.push(Effect::Deliver(changeset.clone()));
                     self.make_eager(from);
                     self.forward(&changeset, Some(from), &mut effects);
@@ -407,7 +407,7 @@ impl Broadcast {
                 self.stats.ihave_sent += 1;
             }
         }
-        let mut grafts: BTreeMap<SiteId, Vec<ChangesetId>> = BTreeMap::new();
+        let mut grafts: BTreeMap<SiteId, Vec<PartId>> = BTreeMap::new();
         let mut dropped = Vec::new();
         for (id, (due, announcers)) in self.missing.iter_mut() {
             if *due > now {
@@ -441,6 +441,7 @@ impl Broadcast {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::ChangesetId;
     use crate::ids::DbVersion;
 
     fn site(n: u8) -> SiteId {
@@ -448,13 +449,13 @@ mod tests {
     }
 
     fn changeset(author: u8, version: u64) -> Arc<Changeset> {
-        Arc::new(Changeset {
-            id: ChangesetId {
+        Arc::new(Changeset::whole(
+            ChangesetId {
                 site: site(author),
                 version: DbVersion(version),
             },
-            changes: Vec::new(),
-        })
+            Vec::new(),
+        ))
     }
 
     /// Runs N nodes, fully connected, with a fixed latency, until quiet. Returns deliveries per
@@ -583,7 +584,7 @@ mod tests {
         let config = BroadcastConfig::default();
         let mut a = Broadcast::new(site(1), config, 1);
         a.peer_up(site(2));
-        let id = changeset(9, 1).id;
+        let id = changeset(9, 1).part_id();
         assert!(a
             .receive(Millis(0), site(2), BroadcastMsg::IHave(vec![id]))
             .is_empty());
@@ -602,7 +603,7 @@ mod tests {
         b.local_commit(changeset(9, 1));
         let answer = b.receive(Millis(90), site(1), BroadcastMsg::Graft(vec![id]));
         assert!(
-            matches!(&answer[0], Effect::Send { msg: BroadcastMsg::Gossip(cs), .. } if cs.id == id)
+            matches!(&answer[0], Effect::Send { msg: BroadcastMsg::Gossip(cs), .. } if cs.part_id() == id)
         );
     }
 
@@ -621,7 +622,7 @@ mod tests {
             a.receive(
                 Millis(v),
                 site(2),
-                BroadcastMsg::IHave(vec![changeset(7, v).id]),
+                BroadcastMsg::IHave(vec![changeset(7, v).part_id()]),
             );
         }
         assert!(a.seen.len() <= 10 && a.cache.len() <= 5 && a.missing.len() <= 3);

@@ -52,23 +52,97 @@ pub struct ChangesetId {
     pub version: DbVersion,
 }
 
-/// All changes of one transaction, the unit of broadcast, sync and bookkeeping.
+/// The seqs a changeset (or a part of one) covers: `start..=end` of a changeset whose changes
+/// end at seq `last`. A part vouches for its whole span: a seq in the span without a change is
+/// one the sender no longer serves (overwritten), not one still to come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeqSpan {
+    /// First seq covered.
+    pub start: Seq,
+    /// Last seq covered.
+    pub end: Seq,
+    /// The changeset's last seq.
+    pub last: Seq,
+}
+
+impl SeqSpan {
+    /// The span of a whole changeset whose last seq is `last`.
+    pub fn whole(last: Seq) -> SeqSpan {
+        SeqSpan {
+            start: Seq(0),
+            end: last,
+            last,
+        }
+    }
+
+    /// True when the span covers the whole changeset.
+    pub fn is_whole(&self) -> bool {
+        self.start.get() == 0 && self.end == self.last
+    }
+
+    /// True when `start <= end <= last`.
+    pub fn is_valid(&self) -> bool {
+        self.start <= self.end && self.end <= self.last
+    }
+
+    /// True when `seq` is inside the span.
+    pub fn contains(&self, seq: Seq) -> bool {
+        self.start <= seq && seq <= self.end
+    }
+}
+
+/// Identity of one part of a changeset, as broadcast deduplicates it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PartId {
+    /// The changeset.
+    pub id: ChangesetId,
+    /// The part's first seq (0 for a whole changeset).
+    pub start: Seq,
+}
+
+/// All changes of one transaction, the unit of bookkeeping; a large one travels in parts (see
+/// [`crate::chunk`]), each a `Changeset` whose span covers part of the seqs.
 ///
 /// A changeset read back later may hold fewer changes than were written: cells overwritten by a
-/// later write are no longer served. One with no changes at all is a "cleared" marker: the
-/// version exists, and everything it wrote has been overwritten.
+/// later write are no longer served. A whole one with no changes at all is a "cleared" marker:
+/// the version exists, and everything it wrote has been overwritten.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Changeset {
     /// Author and version.
     pub id: ChangesetId,
-    /// The changes, ordered by seq.
+    /// The seqs this message covers.
+    pub span: SeqSpan,
+    /// The changes, ordered by seq, each inside `span`.
     pub changes: Vec<Change>,
 }
 
 impl Changeset {
-    /// True when the changeset carries no changes (every write in it was overwritten).
+    /// A whole changeset of `changes` (ordered by seq); its span ends at the highest seq.
+    pub fn whole(id: ChangesetId, changes: Vec<Change>) -> Changeset {
+        let last = changes.iter().map(|c| c.seq).max().unwrap_or(Seq(0));
+        Changeset {
+            id,
+            span: SeqSpan::whole(last),
+            changes,
+        }
+    }
+
+    /// True when this covers the whole changeset (not one part of it).
+    pub fn is_whole(&self) -> bool {
+        self.span.is_whole()
+    }
+
+    /// True when the whole changeset carries no changes (every write in it was overwritten).
     pub fn is_cleared(&self) -> bool {
-        self.changes.is_empty()
+        self.is_whole() && self.changes.is_empty()
+    }
+
+    /// The identity broadcast uses for this message.
+    pub fn part_id(&self) -> PartId {
+        PartId {
+            id: self.id,
+            start: self.span.start,
+        }
     }
 
     /// The rows this changeset touches, in (table, key) order: deleted when it carries an even

@@ -10,6 +10,7 @@
 //! - [`pk`]: canonical packing of primary-key tuples into bytes.
 //! - [`broadcast`]: Plumtree-style broadcast of changesets (eager push, lazy announce, graft, prune).
 //! - [`change`]: changes and changesets, identified by (author site, author db_version).
+//! - [`chunk`]: large changesets split by seq into parts that fit a message, and reassembled.
 //! - [`merge`]: the merge rule ([`merge::decide`]) and the per-row clock it updates.
 //! - [`mem`]: an in-memory replica over the merge rule (the model's and the tests' reference).
 //! - [`versions`]: per-site bookkeeping of applied versions as compact range sets; needs, heads.
@@ -19,6 +20,7 @@
 
 pub mod broadcast;
 pub mod change;
+pub mod chunk;
 pub mod ids;
 pub mod mem;
 pub mod merge;
@@ -29,7 +31,7 @@ pub mod value;
 pub mod versions;
 pub mod wire;
 
-pub use change::{Change, Changeset, ChangesetId, Column};
+pub use change::{Change, Changeset, ChangesetId, Column, PartId, SeqSpan};
 pub use ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
 pub use merge::{
     decide, CellClock, Incoming, LocalRow, MergeDecision, MergeFaults, Origin, RowClock,

@@ -215,7 +215,7 @@ impl MemReplica {
             }
         }
         changes.sort_by_key(|c| c.seq);
-        Changeset { id, changes }
+        Changeset::whole(id, changes)
     }
 
     /// The rows a user would see: live rows and their cell values.

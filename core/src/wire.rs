@@ -2,7 +2,7 @@
 //!
 //! Layout (format 1), integers as LEB128 varints unless noted:
 //! ```text
-//! format: u8 = 1 | site: 16 bytes | version
+//! format: u8 = 1 | site: 16 bytes | version | span: start, end, last (seqs; see SeqSpan)
 //! n_tables, then per table: len, UTF-8 bytes
 //! n_columns, then per column name: len, UTF-8 bytes
 //! n_changes, then per change:
@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::change::{Change, Changeset, ChangesetId, Column};
+use crate::change::{Change, Changeset, ChangesetId, Column, PartId, SeqSpan};
 use crate::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};
 use crate::pk::{PackedPk, PkError};
 use crate::value::Value;
@@ -114,6 +114,13 @@ pub fn encode_changeset(changeset: &Changeset, out: &mut Vec<u8>) {
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&changeset.id.site.0);
     put_varint(out, changeset.id.version.get());
+    for seq in [
+        changeset.span.start,
+        changeset.span.end,
+        changeset.span.last,
+    ] {
+        put_varint(out, u64::from(seq.get()));
+    }
     for names in [&table_order, &column_order] {
         put_varint(out, names.len() as u64);
         for name in names.iter() {
@@ -162,6 +169,19 @@ pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, Deco
     let site = SiteId::from_slice(r.take(SITE_ID_LEN, "site id")?)
         .map_err(|_| DecodeError::Truncated("site id"))?;
     let version = DbVersion(r.varint()?);
+    let mut seq = || -> Result<Seq, DecodeError> {
+        Ok(Seq(
+            u32::try_from(r.varint()?).map_err(|_| DecodeError::Range("seq"))?
+        ))
+    };
+    let span = SeqSpan {
+        start: seq()?,
+        end: seq()?,
+        last: seq()?,
+    };
+    if !span.is_valid() {
+        return Err(DecodeError::Range("seq span"));
+    }
     let tables = r.names("table")?;
     let columns = r.names("column")?;
     let count = r.count("change count", limits.changes_max, 9)?;
@@ -186,6 +206,9 @@ pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, Deco
         let col_version = ColVersion(r.varint()?);
         let cl = CausalLength(r.varint()?);
         let seq = Seq(u32::try_from(r.varint()?).map_err(|_| DecodeError::Range("seq"))?);
+        if !span.contains(seq) {
+            return Err(DecodeError::Range("seq outside the span"));
+        }
         changes.push(Change {
             table,
             pk,
@@ -201,6 +224,7 @@ pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, Deco
     }
     Ok(Changeset {
         id: ChangesetId { site, version },
+        span,
         changes,
     })
 }
@@ -397,18 +421,52 @@ mod tests {
             cl: CausalLength(1),
             seq: Seq(seq),
         };
-        Changeset {
-            id: ChangesetId {
+        Changeset::whole(
+            ChangesetId {
                 site: SiteId([5; 16]),
                 version: DbVersion(300),
             },
-            changes: vec![
+            vec![
                 change(Column::Sentinel, Value::Null, 0),
                 change(Column::Name("name".into()), Value::from("web-1"), 1),
                 change(Column::Name("cpu".into()), Value::Real(0.5), 2),
                 change(Column::Name("port".into()), Value::Integer(-8080), 3),
                 change(Column::Name("cert".into()), Value::Blob(vec![1, 2]), 4),
             ],
+        )
+    }
+
+    #[test]
+    fn parts_round_trip_and_bad_spans_are_refused() {
+        let mut cs = sample();
+        cs.span = SeqSpan {
+            start: Seq(1),
+            end: Seq(4),
+            last: Seq(9),
+        };
+        cs.changes.remove(0);
+        let bytes = changeset_to_bytes(&cs);
+        assert_eq!(decode_changeset(&bytes, &Limits::default()).unwrap(), cs);
+        // A change outside its span.
+        let mut outside = cs.clone();
+        outside.span.start = Seq(2);
+        assert_eq!(
+            decode_changeset(&changeset_to_bytes(&outside), &Limits::default()),
+            Err(DecodeError::Range("seq outside the span"))
+        );
+        // end past last, start past end.
+        for (start, end, last) in [(0, 5, 4), (3, 2, 4)] {
+            let mut bad = sample();
+            bad.changes.clear();
+            bad.span = SeqSpan {
+                start: Seq(start),
+                end: Seq(end),
+                last: Seq(last),
+            };
+            assert_eq!(
+                decode_changeset(&changeset_to_bytes(&bad), &Limits::default()),
+                Err(DecodeError::Range("seq span"))
+            );
         }
     }
 
@@ -473,9 +531,10 @@ mod tests {
         // Claims 2^40 changes in a few bytes: refused before any allocation.
         let mut bytes = vec![FORMAT_VERSION];
         bytes.extend_from_slice(&[0; 16]);
-        put_varint(&mut bytes, 1);
-        put_varint(&mut bytes, 0);
-        put_varint(&mut bytes, 0);
+        // version 1, span 0..=0 of 0, no tables, no columns, then the forged count.
+        for n in [1, 0, 0, 0, 0, 0] {
+            put_varint(&mut bytes, n);
+        }
         put_varint(&mut bytes, 1 << 40);
         let no_limit = Limits {
             changes_max: usize::MAX,
@@ -494,8 +553,9 @@ mod tests {
             Err(DecodeError::UnknownFormat(9))
         );
         let mut bytes = changeset_to_bytes(&sample());
-        // Corrupt the first table name into invalid UTF-8 (after format, site, 2-byte version, table count, name length).
-        let at = 1 + 16 + 2 + 1 + 1;
+        // Corrupt the first table name into invalid UTF-8 (after format, site, 2-byte version,
+        // the span's three 1-byte seqs, table count, name length).
+        let at = 1 + 16 + 2 + 3 + 1 + 1;
         assert_eq!(bytes[at], b'h');
         bytes[at] = 0xff;
         assert_eq!(
@@ -587,9 +647,10 @@ pub fn encode_peer_message(cluster: u16, message: &PeerMessage) -> Vec<u8> {
                         MSG_GRAFT
                     });
                     put_varint(&mut out, ids.len() as u64);
-                    for id in ids {
-                        out.extend_from_slice(&id.site.0);
-                        put_varint(&mut out, id.version.get());
+                    for part in ids {
+                        out.extend_from_slice(&part.id.site.0);
+                        put_varint(&mut out, part.id.version.get());
+                        put_varint(&mut out, u64::from(part.start.get()));
                     }
                 }
                 BroadcastMsg::Prune => out.push(MSG_PRUNE),
@@ -629,14 +690,18 @@ pub fn decode_peer_message(
                     BroadcastMsg::Gossip(std::sync::Arc::new(decode_changeset(rest, limits)?))
                 }
                 kind @ (MSG_IHAVE | MSG_GRAFT) => {
-                    let n = r.count("id count", IDS_PER_MESSAGE_MAX, SITE_ID_LEN + 1)?;
+                    let n = r.count("id count", IDS_PER_MESSAGE_MAX, SITE_ID_LEN + 2)?;
                     let mut ids = Vec::with_capacity(n);
                     for _ in 0..n {
                         let site = SiteId::from_slice(r.take(SITE_ID_LEN, "site id")?)
                             .map_err(|_| DecodeError::Truncated("site id"))?;
-                        ids.push(ChangesetId {
-                            site,
-                            version: DbVersion(r.varint()?),
+                        let version = DbVersion(r.varint()?);
+                        let start =
+                            Seq(u32::try_from(r.varint()?)
+                                .map_err(|_| DecodeError::Range("seq"))?);
+                        ids.push(PartId {
+                            id: ChangesetId { site, version },
+                            start,
                         });
                     }
                     if kind == MSG_IHAVE {
@@ -670,10 +735,11 @@ mod peer_message_tests {
             site: SiteId([4; 16]),
             version: DbVersion(1 << 40),
         };
-        let cs = std::sync::Arc::new(Changeset {
+        let cs = std::sync::Arc::new(Changeset::whole(id, vec![]));
+        let id = PartId {
             id,
-            changes: vec![],
-        });
+            start: Seq(70_000),
+        };
         for msg in [
             PeerMessage::Membership(vec![1, 2, 3]),
             PeerMessage::Broadcast {

@@ -356,6 +356,9 @@ fn spawn_store(
                                                 at,
                                             });
                                         }
+                                        ApplyOutcome::Buffered => {
+                                            metrics.parts_buffered.fetch_add(1, Ordering::Relaxed);
+                                        }
                                         ApplyOutcome::AlreadyApplied => {}
                                     }
                                 }
@@ -467,7 +470,8 @@ impl Agent {
             path: config.db.path.clone(),
             schema_paths: config.db.schema_paths.clone(),
             max_db_bytes: config.db.max_db_bytes,
-            changeset_bytes_max: Some(config.gossip.message_bytes_max / 2),
+            changeset_bytes_max: Some(config.db.transaction_bytes_max),
+            parts_bytes_max: Some(config.db.parts_bytes_max),
         })?;
         let site = store.site_id();
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
@@ -661,7 +665,11 @@ fn start_sync_server(
     let (tx, mut sessions) = mpsc::channel(config.sync_sessions_max);
     transport.set_session_handler(tx);
     let permits = Arc::new(tokio::sync::Semaphore::new(config.sync_sessions_max));
-    let (cluster, versions_max) = (config.cluster_id, config.sync_versions_max);
+    let (cluster, versions_max, part_bytes) = (
+        config.cluster_id,
+        config.sync_versions_max,
+        config.part_bytes,
+    );
     let limits = Limits {
         changeset_bytes_max: config.message_bytes_max,
         ..Limits::default()
@@ -681,7 +689,8 @@ fn start_sync_server(
                 let _permit = permit;
                 let from = session.from;
                 if let Err(e) =
-                    crate::sync::serve(session, store, cluster, limits, versions_max).await
+                    crate::sync::serve(session, store, cluster, limits, versions_max, part_bytes)
+                        .await
                 {
                     tracing::debug!(%from, "sync session refused or failed: {e}");
                 }
@@ -776,6 +785,7 @@ fn start_gossip(
         announce_to,
         members_file,
         tick_ms: config.tick_ms,
+        part_bytes: config.part_bytes,
         limits: Limits {
             changeset_bytes_max: config.message_bytes_max,
             ..Limits::default()

@@ -250,6 +250,7 @@ fn open(args: &DbArgs) -> Result<Store, Box<dyn std::error::Error>> {
         schema_paths: args.schema.clone(),
         max_db_bytes: None,
         changeset_bytes_max: None,
+        parts_bytes_max: None,
     })?)
 }
 

@@ -90,6 +90,9 @@ pub struct GossipConfig {
     pub send_queue_len_max: usize,
     /// Largest message accepted from a peer (bytes). 64 KiB..=256 MiB.
     pub message_bytes_max: usize,
+    /// Changesets larger than this travel in parts of about this size, in broadcast and sync
+    /// (bytes). 1 KiB..=message_bytes_max / 2.
+    pub part_bytes: usize,
     /// Bytes per second this node may send to peers, all together. 64 KiB..=10 GiB.
     pub send_bytes_per_sec_max: u64,
     /// Messages being written to peers at once. 1..=65,536.
@@ -116,6 +119,7 @@ impl Default for GossipConfig {
             graft_timeout_ms: 80,
             send_queue_len_max: 4096,
             message_bytes_max: 16 * 1024 * 1024,
+            part_bytes: 64 * 1024,
             send_bytes_per_sec_max: 16 * 1024 * 1024,
             send_in_flight_max: 256,
             sync_interval_ms: 500,
@@ -147,6 +151,11 @@ pub struct DbConfig {
     pub schema_paths: Vec<PathBuf>,
     /// Cap on the database size in bytes; writes past it fail cleanly. None: no cap.
     pub max_db_bytes: Option<u64>,
+    /// Largest local transaction, as its encoded changeset (bytes); larger ones are refused.
+    /// 64 KiB..=1 GiB.
+    pub transaction_bytes_max: usize,
+    /// Bytes of parts of incomplete remote changesets kept at once. 1 MiB..=16 GiB.
+    pub parts_bytes_max: u64,
 }
 
 impl Default for DbConfig {
@@ -155,6 +164,8 @@ impl Default for DbConfig {
             path: PathBuf::from("patina-data/state.db"),
             schema_paths: vec![PathBuf::from("patina-data/schema")],
             max_db_bytes: None,
+            transaction_bytes_max: 64 * 1024 * 1024,
+            parts_bytes_max: 256 * 1024 * 1024,
         }
     }
 }
@@ -279,6 +290,24 @@ impl Config {
             self.gossip.message_bytes_max,
             64 * 1024,
             256 << 20,
+        )?;
+        within(
+            "gossip.part_bytes",
+            self.gossip.part_bytes,
+            1024,
+            self.gossip.message_bytes_max / 2,
+        )?;
+        within(
+            "db.transaction_bytes_max",
+            self.db.transaction_bytes_max,
+            64 * 1024,
+            1 << 30,
+        )?;
+        within(
+            "db.parts_bytes_max",
+            self.db.parts_bytes_max as usize,
+            1 << 20,
+            16 << 30,
         )?;
         within(
             "gossip.send_bytes_per_sec_max",

@@ -82,6 +82,8 @@ pub struct GossipTask {
     pub members_file: PathBuf,
     /// Broadcast tick (ms).
     pub tick_ms: u64,
+    /// Changesets larger than this are broadcast in parts (bytes).
+    pub part_bytes: usize,
     /// Decode limits for peer messages.
     pub limits: Limits,
     /// Stop signal.
@@ -133,7 +135,13 @@ impl GossipTask {
                 }
                 commit = self.commits.recv() => {
                     let Some(changeset) = commit else { break };
-                    effects.extend(self.broadcast.local_commit(changeset));
+                    if patina_core::chunk::estimate_bytes(&changeset) <= self.part_bytes {
+                        effects.extend(self.broadcast.local_commit(changeset));
+                    } else {
+                        for part in patina_core::chunk::split(&changeset, self.part_bytes) {
+                            effects.extend(self.broadcast.local_commit(Arc::new(part)));
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(timer_due.into()) => {
                     self.membership.handle_timers(Instant::now());

@@ -28,6 +28,8 @@ pub struct StoreMetrics {
     pub applied_changes_won: AtomicU64,
     /// Remote changesets refused.
     pub apply_rejected: AtomicU64,
+    /// Parts of large remote changesets kept until the rest arrive.
+    pub parts_buffered: AtomicU64,
     /// Remote batches applied.
     pub apply_batches: AtomicU64,
     /// How long the last remote batch waited for the store (µs).
@@ -105,6 +107,12 @@ pub fn render(store: &StoreMetrics, gossip: &GossipSnapshot, store_queue: usize)
         "counter",
         "Remote changesets refused.",
         &[("", load(&store.apply_rejected))],
+    );
+    metric(
+        "patina_changeset_parts_buffered_total",
+        "counter",
+        "Parts of large remote changesets kept until the rest arrive.",
+        &[("", load(&store.parts_buffered))],
     );
     metric(
         "patina_apply_batches_total",

@@ -2,7 +2,8 @@
 //! `patina_core::sync`).
 //!
 //! A session: the client sends one frame, its sync state; the server answers with one frame per
-//! changeset the client lacks (at most `versions_max` per session), then an empty frame. A frame
+//! changeset the client lacks (at most `versions_max` per session; one larger than `part_bytes`
+//! goes in several frames, one part each: see `patina_core::chunk`), then an empty frame. A frame
 //! is a 4-byte little-endian length and that many bytes. Every read has a size limit and a
 //! timeout; a malformed request ends the session and harms nothing else.
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use patina_core::change::Changeset;
+use patina_core::chunk;
 use patina_core::wire::{
     changeset_to_bytes, decode_changeset, decode_sync_state, encode_sync_state, Limits,
 };
@@ -76,6 +78,7 @@ pub async fn serve(
     cluster: u16,
     limits: Limits,
     versions_max: u64,
+    part_bytes: usize,
 ) -> Result<usize, SyncError> {
     let request = read_frame(&mut session.recv, limits.changeset_bytes_max).await?;
     let state =
@@ -85,7 +88,13 @@ pub async fn serve(
         .await
         .ok_or(SyncError::Store)?;
     for changeset in &changesets {
-        write_frame(&mut session.send, &changeset_to_bytes(changeset)).await?;
+        if chunk::estimate_bytes(changeset) <= part_bytes {
+            write_frame(&mut session.send, &changeset_to_bytes(changeset)).await?;
+        } else {
+            for part in chunk::split(changeset, part_bytes) {
+                write_frame(&mut session.send, &changeset_to_bytes(&part)).await?;
+            }
+        }
     }
     write_frame(&mut session.send, &[]).await?;
     let _ = session.send.finish();

@@ -215,13 +215,13 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
                 written_at[write] = now;
                 last_write_at = now;
                 reached[write][node] = Some(now);
-                let changeset = Arc::new(Changeset {
-                    id: ChangesetId {
+                let changeset = Arc::new(Changeset::whole(
+                    ChangesetId {
                         site: site(node),
                         version: DbVersion(write as u64 + 1),
                     },
-                    changes: Vec::new(),
-                });
+                    Vec::new(),
+                ));
                 (node, nodes[node].local_commit(changeset))
             }
             Event::Tick { node } => {

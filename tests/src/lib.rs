@@ -129,6 +129,15 @@ pub async fn wait_members(agents: &[&Agent], n: usize) {
 
 /// Starts one agent per folder, each joining through the first, and waits for membership.
 pub async fn start_cluster(dirs: &[tempfile::TempDir], tls: Option<&PemPair>) -> Vec<Agent> {
+    start_cluster_with(dirs, tls, |_| {}).await
+}
+
+/// [`start_cluster`], with `adjust` applied to every node's configuration.
+pub async fn start_cluster_with(
+    dirs: &[tempfile::TempDir],
+    tls: Option<&PemPair>,
+    adjust: impl Fn(&mut Config),
+) -> Vec<Agent> {
     let mut agents: Vec<Agent> = Vec::new();
     for dir in dirs {
         let bootstrap: Vec<SocketAddr> = agents
@@ -139,6 +148,7 @@ pub async fn start_cluster(dirs: &[tempfile::TempDir], tls: Option<&PemPair>) ->
         if let Some(ca) = tls {
             config = with_tls(config, dir.path(), ca);
         }
+        adjust(&mut config);
         agents.push(Agent::start(&config).await.unwrap());
     }
     let refs: Vec<&Agent> = agents.iter().collect();

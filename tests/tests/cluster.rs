@@ -9,7 +9,8 @@ use patina::agent::Agent;
 use patina::client::{request, request_stream, Method, StatusCode, Target};
 use patina::tls::generate_ca;
 use patina_tests::{
-    exec, node_config, rows, start_cluster, wait_for, wait_members, with_tls, WAIT,
+    exec, node_config, rows, start_cluster, start_cluster_with, wait_for, wait_members, with_tls,
+    WAIT,
 };
 use serde_json::{json, Value as Json};
 
@@ -344,6 +345,69 @@ async fn a_node_that_was_down_catches_up_by_sync() {
     let all = "SELECT k, v, n FROM kv ORDER BY k";
     assert_eq!(rows(&restarted, all).await, rows(&agents[0], all).await);
     assert!(restarted.gossip().sync_received > 0);
+    for agent in agents.into_iter().chain([restarted]) {
+        agent.shutdown().await;
+    }
+}
+
+/// A transaction far larger than a part travels in parts: by broadcast to the live nodes, by sync
+/// to one that was down, and applies all at once on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_travels_in_parts() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let small_parts = |config: &mut patina::config::Config| config.gossip.part_bytes = 4096;
+    let mut agents = start_cluster_with(&dirs, None, small_parts).await;
+    let stopped = agents.pop().unwrap();
+    stopped.shutdown().await;
+    wait_for("the others to see the leave", || async {
+        agents[0].gossip().members.len() == 1
+    })
+    .await;
+    // 3,000 rows with 100-byte values: about 450 KB of changes, over a hundred parts.
+    let values: Vec<String> = (0..3000)
+        .map(|i| format!("('big-{i}', '{}')", "x".repeat(100)))
+        .collect();
+    exec(
+        &agents[0],
+        &format!("INSERT INTO kv (k, v) VALUES {}", values.join(", ")),
+    )
+    .await;
+    let count = "SELECT count(*) FROM kv";
+    wait_for("the live peer to assemble the parts", || async {
+        rows(&agents[1], count).await == vec![json!([3000])]
+    })
+    .await;
+    let mut config = node_config(dirs[2].path(), &[]);
+    small_parts(&mut config);
+    let restarted = Agent::start(&config).await.unwrap();
+    wait_for("the restarted node to catch up", || async {
+        rows(&restarted, count).await == vec![json!([3000])]
+    })
+    .await;
+    let digest = patina_tests::digest(&agents[0]).await;
+    assert_eq!(patina_tests::digest(&agents[1]).await, digest);
+    assert_eq!(patina_tests::digest(&restarted).await, digest);
+    // Both received parts, not one message: the buffered-parts counter moved on each.
+    for agent in [&agents[1], &restarted] {
+        let (status, text) = request(
+            &Target::Tcp(agent.metrics_addr().unwrap()),
+            Method::GET,
+            "/metrics",
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(text.to_vec()).unwrap();
+        let buffered: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("patina_changeset_parts_buffered_total "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(buffered >= 100.0, "{buffered} parts buffered");
+    }
     for agent in agents.into_iter().chain([restarted]) {
         agent.shutdown().await;
     }

@@ -25,6 +25,7 @@ fn config(dir: &tempfile::TempDir, schema: &str) -> StoreConfig {
         schema_paths: vec![path],
         max_db_bytes: None,
         changeset_bytes_max: None,
+        parts_bytes_max: None,
     }
 }
 
@@ -45,13 +46,13 @@ fn change(table: &str, pk: i64, column: Option<&str>, value: Value, cl: u64, seq
 }
 
 fn remote(version: u64, changes: Vec<Change>) -> Changeset {
-    Changeset {
-        id: ChangesetId {
+    Changeset::whole(
+        ChangesetId {
             site: SiteId([7; 16]),
             version: DbVersion(version),
         },
         changes,
-    }
+    )
 }
 
 fn rejected(outcome: &ApplyOutcome) -> &ChangeError {
@@ -549,6 +550,7 @@ fn a_transaction_too_large_to_replicate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = StoreConfig {
         changeset_bytes_max: Some(64 * 1024),
+        parts_bytes_max: None,
         ..config(&dir, SCHEMA)
     };
     let mut store = Store::open(&cfg).unwrap();

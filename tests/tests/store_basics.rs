@@ -17,6 +17,7 @@ fn open(dir: &tempfile::TempDir, name: &str) -> Store {
         schema_paths: vec![schema],
         max_db_bytes: None,
         changeset_bytes_max: None,
+        parts_bytes_max: None,
     })
     .unwrap()
 }

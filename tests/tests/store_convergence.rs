@@ -41,6 +41,7 @@ impl Cluster {
                     schema_paths: vec![schema.clone()],
                     max_db_bytes: None,
                     changeset_bytes_max: None,
+                    parts_bytes_max: None,
                 })
                 .unwrap()
             })

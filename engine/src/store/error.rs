@@ -107,6 +107,15 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
+    /// No room to buffer another part of a large remote changeset; nothing was buffered (sync
+    /// brings the part again later).
+    #[error("buffer of changeset parts full: {bytes} bytes held, limit {limit}")]
+    PartsBufferFull {
+        /// Bytes of parts held.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A transaction with no statements.
     #[error("empty transaction")]
     EmptyTransaction,

@@ -24,7 +24,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use patina_core::change::{Change, Changeset, ChangesetId, Column, RowChange};
+use patina_core::change::{Change, Changeset, ChangesetId, Column, RowChange, SeqSpan};
+use patina_core::chunk::Partial;
 use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};
 use patina_core::merge::{Incoming, MergeDecision, MergeFaults, Origin, RowClock};
 use patina_core::pk::PackedPk;
@@ -103,6 +104,8 @@ pub enum ApplyOutcome {
         /// Those rows.
         changed: Vec<RowChange>,
     },
+    /// A part of a large changeset, kept (in the database) until the other parts arrive.
+    Buffered,
     /// Already applied here (or our own): nothing done.
     AlreadyApplied,
     /// Refused; nothing of it was applied, the rest of the batch was.
@@ -127,10 +130,12 @@ pub struct StoreConfig {
     pub schema_paths: Vec<PathBuf>,
     /// Cap on the database size in bytes (SQLite's max_page_count); writes past it fail cleanly.
     pub max_db_bytes: Option<u64>,
-    /// Largest encoded changeset a local transaction may produce (None: 8 MiB). Every changeset
-    /// must fit one broadcast message and one sync frame; a larger transaction is refused with
-    /// [`StoreError::TransactionTooLarge`] and nothing is committed.
+    /// Largest encoded changeset a local transaction may produce (None: 64 MiB); a larger
+    /// transaction is refused with [`StoreError::TransactionTooLarge`] and nothing is committed.
+    /// (Changesets larger than a message travel in parts, see `patina_core::chunk`.)
     pub changeset_bytes_max: Option<usize>,
+    /// Most bytes of parts of incomplete remote changesets kept at once (None: 256 MiB).
+    pub parts_bytes_max: Option<u64>,
 }
 
 /// A replicated table as the store uses it.
@@ -251,8 +256,10 @@ impl ToSql for SqlValue<'_> {
     }
 }
 
-/// Default cap on a local transaction's encoded changeset (half the default message limit).
-pub const DEFAULT_CHANGESET_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Default cap on a local transaction's encoded changeset.
+pub const DEFAULT_CHANGESET_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Default cap on the parts of incomplete remote changesets kept at once.
+pub const DEFAULT_PARTS_BYTES_MAX: u64 = 256 * 1024 * 1024;
 
 const INTERNAL_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS __patina_sites (
@@ -274,6 +281,11 @@ CREATE TABLE IF NOT EXISTS __patina_changes (
   site INTEGER NOT NULL, version INTEGER NOT NULL, tbl INTEGER NOT NULL, pk BLOB NOT NULL,
   PRIMARY KEY (site, version, tbl, pk)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __patina_parts (
+  site BLOB NOT NULL, version INTEGER NOT NULL, first_seq INTEGER NOT NULL,
+  end_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, bytes BLOB NOT NULL,
+  PRIMARY KEY (site, version, first_seq)
+) WITHOUT ROWID;
 ";
 
 /// A replica's database.
@@ -291,6 +303,10 @@ pub struct Store {
     tables: BTreeMap<String, Arc<Table>>,
     table_names: HashMap<u32, String>,
     changeset_bytes_max: usize,
+    /// Coverage of the remote changesets held in parts in `__patina_parts`.
+    partials: BTreeMap<ChangesetId, Partial>,
+    parts_bytes: u64,
+    parts_bytes_max: u64,
 }
 
 impl Store {
@@ -349,6 +365,9 @@ impl Store {
             changeset_bytes_max: config
                 .changeset_bytes_max
                 .unwrap_or(DEFAULT_CHANGESET_BYTES_MAX),
+            partials: BTreeMap::new(),
+            parts_bytes: 0,
+            parts_bytes_max: config.parts_bytes_max.unwrap_or(DEFAULT_PARTS_BYTES_MAX),
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
@@ -419,6 +438,7 @@ impl Store {
         self.site = sites.site(0)?;
         self.sites = sites;
         self.book = book;
+        self.load_partials()?;
         self.tables.clear();
         self.table_names.clear();
         let registered: Vec<(u32, String)> = {
@@ -834,13 +854,13 @@ impl Store {
             .collect();
         // Local writes only remove own entries of versions they supersede: no head to persist.
         self.write_row_clocks(&writes)?;
-        Ok(Some(Changeset {
-            id: ChangesetId {
+        Ok(Some(Changeset::whole(
+            ChangesetId {
                 site: self.site,
                 version,
             },
             changes,
-        }))
+        )))
     }
 
     fn touch<'r>(
@@ -980,10 +1000,34 @@ impl Store {
         let mut outcomes = Vec::with_capacity(batch.len());
         let result = (|| {
             for changeset in batch {
-                let changeset: &Changeset = changeset.borrow();
+                let mut changeset: &Changeset = changeset.borrow();
                 if changeset.id.site == self.site || book.contains(changeset.id) {
                     outcomes.push(ApplyOutcome::AlreadyApplied);
                     continue;
+                }
+                let assembled;
+                if changeset.is_whole() {
+                    if self.partials.contains_key(&changeset.id) {
+                        self.drop_parts(changeset.id)?;
+                    }
+                } else {
+                    match self.buffer_part(changeset) {
+                        Ok(Some(whole)) => {
+                            assembled = whole;
+                            changeset = &assembled;
+                        }
+                        Ok(None) => {
+                            outcomes.push(ApplyOutcome::Buffered);
+                            continue;
+                        }
+                        Err(
+                            e @ (StoreError::Change { .. } | StoreError::PartsBufferFull { .. }),
+                        ) => {
+                            outcomes.push(ApplyOutcome::Rejected(e));
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 self.writer.execute_batch("SAVEPOINT changeset")?;
                 match self.apply_one(changeset) {
@@ -1035,6 +1079,133 @@ impl Store {
                 Err(e)
             }
         }
+    }
+
+    /// Reads the coverage of the parts held in `__patina_parts` (not their bytes).
+    fn load_partials(&mut self) -> Result<(), StoreError> {
+        self.partials.clear();
+        self.parts_bytes = 0;
+        let mut stmt = self.writer.prepare(
+            "SELECT site, version, first_seq, end_seq, last_seq, length(bytes) FROM __patina_parts",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let site = SiteId::from_slice(&row.get::<_, Vec<u8>>(0)?)
+                .map_err(|e| StoreError::Corrupt(format!("part site: {e}")))?;
+            let id = ChangesetId {
+                site,
+                version: DbVersion(row.get::<_, i64>(1)? as u64),
+            };
+            let seq = |i: usize| -> Result<Seq, StoreError> {
+                u32::try_from(row.get::<_, i64>(i)?)
+                    .map(Seq)
+                    .map_err(|_| StoreError::Corrupt("part seq out of range".into()))
+            };
+            let span = SeqSpan {
+                start: seq(2)?,
+                end: seq(3)?,
+                last: seq(4)?,
+            };
+            self.partials.entry(id).or_default().cover(span);
+            self.parts_bytes += row.get::<_, i64>(5)? as u64;
+        }
+        Ok(())
+    }
+
+    /// Keeps a part of a large changeset in `__patina_parts` (inside the open transaction).
+    /// Returns the whole changeset, read back from its parts, once they cover it; the parts are
+    /// deleted then.
+    fn buffer_part(&mut self, part: &Changeset) -> Result<Option<Changeset>, StoreError> {
+        validate_changeset(part).map_err(|e| StoreError::Change {
+            site: part.id.site.to_hex(),
+            version: part.id.version.get(),
+            source: e.into(),
+        })?;
+        let mut partial = self.partials.get(&part.id).cloned().unwrap_or_default();
+        if !partial.cover(part.span) {
+            return Ok(None);
+        }
+        let bytes = patina_core::wire::changeset_to_bytes(part);
+        if self.parts_bytes + bytes.len() as u64 > self.parts_bytes_max {
+            return Err(StoreError::PartsBufferFull {
+                bytes: self.parts_bytes,
+                limit: self.parts_bytes_max,
+            });
+        }
+        let replaced: Option<i64> = self
+            .writer
+            .prepare_cached(
+                "SELECT length(bytes) FROM __patina_parts WHERE site = ?1 AND version = ?2 AND first_seq = ?3",
+            )?
+            .query_row(
+                params![&part.id.site.0[..], part.id.version.get() as i64, part.span.start.get()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        self.writer
+            .prepare_cached(
+                "INSERT OR REPLACE INTO __patina_parts (site, version, first_seq, end_seq, last_seq, bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                &part.id.site.0[..],
+                part.id.version.get() as i64,
+                part.span.start.get(),
+                part.span.end.get(),
+                part.span.last.get(),
+                bytes
+            ])?;
+        self.parts_bytes = self.parts_bytes + bytes.len() as u64 - replaced.map_or(0, |n| n as u64);
+        if !partial.is_complete() {
+            self.partials.insert(part.id, partial);
+            return Ok(None);
+        }
+        // Complete: read every part back and assemble.
+        let limits = patina_core::wire::Limits {
+            changeset_bytes_max: usize::MAX,
+            changes_max: usize::MAX,
+            ..patina_core::wire::Limits::default()
+        };
+        let mut whole = Partial::new();
+        {
+            let mut stmt = self.writer.prepare_cached(
+                "SELECT bytes FROM __patina_parts WHERE site = ?1 AND version = ?2 ORDER BY first_seq",
+            )?;
+            let mut rows =
+                stmt.query(params![&part.id.site.0[..], part.id.version.get() as i64])?;
+            while let Some(row) = rows.next()? {
+                let blob: &[u8] = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+                let stored = patina_core::wire::decode_changeset(blob, &limits)
+                    .map_err(|e| StoreError::Corrupt(format!("stored part: {e}")))?;
+                whole.add(&stored);
+            }
+        }
+        self.drop_parts(part.id)?;
+        whole
+            .assemble(part.id)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt("stored parts do not cover their changeset".into()))
+    }
+
+    /// Deletes the parts held of a changeset (it arrived whole, or was assembled).
+    fn drop_parts(&mut self, id: ChangesetId) -> Result<(), StoreError> {
+        let freed: i64 = self
+            .writer
+            .prepare_cached(
+                "SELECT coalesce(sum(length(bytes)), 0) FROM __patina_parts WHERE site = ?1 AND version = ?2",
+            )?
+            .query_row(params![&id.site.0[..], id.version.get() as i64], |r| r.get(0))?;
+        self.writer
+            .prepare_cached("DELETE FROM __patina_parts WHERE site = ?1 AND version = ?2")?
+            .execute(params![&id.site.0[..], id.version.get() as i64])?;
+        self.parts_bytes = self.parts_bytes.saturating_sub(freed as u64);
+        self.partials.remove(&id);
+        Ok(())
+    }
+
+    /// Changesets held in parts, waiting for the rest, and the bytes their parts take.
+    pub fn partials(&self) -> (usize, u64) {
+        (self.partials.len(), self.parts_bytes)
     }
 
     /// Merges one changeset inside the open savepoint; returns (changes won, rows changed).
@@ -1229,13 +1400,13 @@ impl Store {
                     Some(rows) => self.read_changes(site, v, &rows)?,
                     None => Vec::new(),
                 };
-                out.push(Changeset {
-                    id: ChangesetId {
+                out.push(Changeset::whole(
+                    ChangesetId {
                         site,
                         version: DbVersion(v),
                     },
                     changes,
-                });
+                ));
                 if v == b {
                     break;
                 }
