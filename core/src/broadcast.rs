@@ -65,7 +65,7 @@ impl Default for BroadcastConfig {
 }
 
 /// A broadcast message between two nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum BroadcastMsg {
     /// A changeset in full (eager push).
     Gossip(Arc<Changeset>),
@@ -152,6 +152,11 @@ impl Broadcast {
     /// Counters so far.
     pub fn stats(&self) -> BroadcastStats {
         self.stats
+    }
+
+    /// Counters so far, resetting them (the model checker keeps them out of its states).
+    pub fn take_stats(&mut self) -> BroadcastStats {
+        std::mem::take(&mut self.stats)
     }
 
     /// Current eager peers.

@@ -25,7 +25,7 @@ impl Column {
 }
 
 /// One cell (or row sentinel) written by one changeset.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Change {
     /// Table name.
     pub table: String,
@@ -106,7 +106,7 @@ pub struct PartId {
 /// A changeset read back later may hold fewer changes than were written: cells overwritten by a
 /// later write are no longer served. A whole one with no changes at all is a "cleared" marker:
 /// the version exists, and everything it wrote has been overwritten.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Changeset {
     /// Author and version.
     pub id: ChangesetId,

@@ -218,6 +218,23 @@ impl MemReplica {
         Changeset::whole(id, changes)
     }
 
+    /// True when merging `change` of changeset `id` here would change nothing: this replica
+    /// holds that change, or something the merge rule ranks above it.
+    pub fn dominates(&self, id: ChangesetId, change: &Change) -> bool {
+        let key = (change.table.clone(), change.pk.clone());
+        let mut row = MemReplica {
+            site: self.site,
+            db_version: self.db_version,
+            rows: self
+                .rows
+                .get(&key)
+                .map(|r| BTreeMap::from([(key.clone(), r.clone())]))
+                .unwrap_or_default(),
+            faults: self.faults,
+        };
+        row.apply_change(id, change) == MergeDecision::Noop
+    }
+
     /// The rows a user would see: live rows and their cell values.
     pub fn visible(&self) -> BTreeMap<RowKey, BTreeMap<String, Value>> {
         self.rows

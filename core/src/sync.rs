@@ -13,7 +13,7 @@ use crate::ids::{DbVersion, SiteId};
 use crate::versions::{Bookkeeping, RangeSet};
 
 /// What a node has, per site: the head it heard of and the gaps below it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SyncState {
     /// Per site: (head, needs as inclusive ranges within 1..=head).
     pub sites: BTreeMap<SiteId, (DbVersion, Vec<(u64, u64)>)>,

@@ -1,0 +1,376 @@
+//! A whole replica without I/O: the in-memory store ([`MemReplica`] and its [`Bookkeeping`]),
+//! [`Broadcast`] and anti-entropy sync, glued the way the engine glues its SQLite store to the
+//! same state machines. The simulator runs thousands of these; the model checker explores every
+//! interleaving of a few.
+//!
+//! What the engine does with SQLite, this does with maps, by the same rules: a remote changeset
+//! is skipped when bookkeeping has it (or it is our own), validated, merged change by change
+//! with the one merge rule, then recorded as applied (cleared when it holds no change). A sync
+//! request is answered with [`versions_to_send`] and the changesets read back from the replica.
+
+use std::sync::Arc;
+
+use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis};
+use crate::change::{Changeset, ChangesetId};
+use crate::chunk::{PartOutcome, Reassembly};
+use crate::ids::{DbVersion, SiteId};
+use crate::mem::MemReplica;
+use crate::merge::MergeFaults;
+use crate::sync::{versions_to_send, SyncState};
+use crate::validate::validate_changeset;
+use crate::versions::Bookkeeping;
+
+/// A message between two nodes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NodeMsg {
+    /// Broadcast traffic.
+    Broadcast(BroadcastMsg),
+    /// "This is what I have": the start of a sync session.
+    SyncRequest(SyncState),
+    /// The changesets the requester lacked.
+    SyncReply(Vec<Arc<Changeset>>),
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Output {
+    /// Send a message to a peer.
+    Send {
+        /// The peer.
+        to: SiteId,
+        /// The message.
+        msg: NodeMsg,
+    },
+    /// A remote changeset was applied here (for latency and coverage reports).
+    Applied(ChangesetId),
+}
+
+/// Deliberate protocol bugs, for tests that show the checker finds them. All off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct NodeFaults {
+    /// Faults of the merge rule.
+    pub merge: MergeFaults,
+    /// Sync requests claim every version up to the head (the needs are left out), so a version
+    /// that broadcast lost below a later one is never asked for again.
+    pub sync_skips_gaps: bool,
+}
+
+/// How a node behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// Broadcast settings.
+    pub broadcast: BroadcastConfig,
+    /// Most changesets one sync reply carries.
+    pub sync_versions_max: u64,
+    /// Changesets held in parts at once.
+    pub partials_max: usize,
+    /// Deliberate bugs (tests only).
+    pub faults: NodeFaults,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            broadcast: BroadcastConfig::default(),
+            sync_versions_max: 10_000,
+            partials_max: 64,
+            faults: NodeFaults::default(),
+        }
+    }
+}
+
+/// What survives a crash: the database (data, clocks, bookkeeping). Broadcast state does not.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Durable {
+    /// Rows and clocks.
+    pub replica: MemReplica,
+    /// Applied versions.
+    pub book: Bookkeeping,
+}
+
+/// One node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Node {
+    /// Data, clocks and bookkeeping.
+    pub durable: Durable,
+    /// Broadcast state (lost in a crash).
+    pub broadcast: Broadcast,
+    /// Parts of large changesets (lost in a crash here; the engine keeps them in SQLite).
+    pub parts: Reassembly,
+    config: NodeConfig,
+}
+
+impl Node {
+    /// A node with an empty replica and no peers.
+    pub fn new(site: SiteId, config: NodeConfig, seed: u64) -> Node {
+        let mut replica = MemReplica::new(site);
+        replica.faults = config.faults.merge;
+        Node::restart(
+            Durable {
+                replica,
+                book: Bookkeeping::new(),
+            },
+            config,
+            seed,
+        )
+    }
+
+    /// A node back from a crash: its durable state, fresh broadcast state, no peers yet.
+    pub fn restart(durable: Durable, config: NodeConfig, seed: u64) -> Node {
+        Node {
+            broadcast: Broadcast::new(durable.replica.site, config.broadcast, seed),
+            parts: Reassembly::new(config.partials_max),
+            durable,
+            config,
+        }
+    }
+
+    /// This node's site.
+    pub fn site(&self) -> SiteId {
+        self.durable.replica.site
+    }
+
+    /// A member joined.
+    pub fn peer_up(&mut self, peer: SiteId) {
+        self.broadcast.peer_up(peer);
+    }
+
+    /// A member left or failed.
+    pub fn peer_down(&mut self, peer: SiteId) {
+        self.broadcast.peer_down(peer);
+    }
+
+    /// Runs a local write against the replica (`write` returns its changeset, or None if it
+    /// changed nothing), records the version and broadcasts the changeset. Returns the
+    /// changeset as committed.
+    pub fn write(
+        &mut self,
+        write: impl FnOnce(&mut MemReplica) -> Option<Changeset>,
+    ) -> (Option<Arc<Changeset>>, Vec<Output>) {
+        let Some(changeset) = write(&mut self.durable.replica) else {
+            return (None, Vec::new());
+        };
+        let changeset = Arc::new(changeset);
+        self.durable.book.mark_applied(changeset.id);
+        let effects = self.broadcast.local_commit(changeset.clone());
+        (Some(changeset), self.outputs(effects))
+    }
+
+    /// A message from a peer. `now` drives broadcast timers.
+    pub fn receive(&mut self, now: Millis, from: SiteId, msg: NodeMsg) -> Vec<Output> {
+        match msg {
+            NodeMsg::Broadcast(msg) => {
+                let effects = self.broadcast.receive(now, from, msg);
+                self.outputs(effects)
+            }
+            NodeMsg::SyncRequest(state) => {
+                vec![Output::Send {
+                    to: from,
+                    msg: NodeMsg::SyncReply(self.sync_reply(&state)),
+                }]
+            }
+            NodeMsg::SyncReply(changesets) => {
+                let mut out = Vec::new();
+                for changeset in changesets {
+                    if let Some(id) = self.apply(&changeset) {
+                        out.push(Output::Applied(id));
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Time passes: broadcast flushes announcements and grafts.
+    pub fn tick(&mut self, now: Millis) -> Vec<Output> {
+        let effects = self.broadcast.tick(now);
+        self.outputs(effects)
+    }
+
+    /// The request that starts a sync session with a peer.
+    pub fn sync_request(&self) -> NodeMsg {
+        let mut state = SyncState::of(&self.durable.book);
+        if self.config.faults.sync_skips_gaps {
+            for (_, needs) in state.sites.values_mut() {
+                needs.clear();
+            }
+        }
+        NodeMsg::SyncRequest(state)
+    }
+
+    /// What this node sends a peer whose state is `state`.
+    pub fn sync_reply(&self, state: &SyncState) -> Vec<Arc<Changeset>> {
+        let mut out = Vec::new();
+        for (site, first, last) in
+            versions_to_send(&self.durable.book, state, self.config.sync_versions_max)
+        {
+            for version in first..=last {
+                let id = ChangesetId {
+                    site,
+                    version: DbVersion(version),
+                };
+                if self.durable.book.contains(id) {
+                    out.push(Arc::new(self.durable.replica.changeset(id)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies a remote changeset (or a part of one) as the store does; returns its id if it
+    /// was applied now.
+    pub fn apply(&mut self, changeset: &Changeset) -> Option<ChangesetId> {
+        let id = changeset.id;
+        if id.site == self.site() || self.durable.book.contains(id) {
+            return None;
+        }
+        let whole = match self.parts.add(changeset) {
+            PartOutcome::Complete(whole) => whole,
+            PartOutcome::Buffered | PartOutcome::Dropped => return None,
+        };
+        validate_changeset(&whole).ok()?;
+        self.durable.replica.apply_changeset(&whole);
+        if whole.is_cleared() {
+            self.durable.book.mark_cleared(id);
+        } else {
+            self.durable.book.mark_applied(id);
+        }
+        Some(id)
+    }
+
+    fn outputs(&mut self, effects: Vec<Effect>) -> Vec<Output> {
+        let mut out = Vec::with_capacity(effects.len());
+        for effect in effects {
+            match effect {
+                Effect::Send { to, msg } => out.push(Output::Send {
+                    to,
+                    msg: NodeMsg::Broadcast(msg),
+                }),
+                Effect::Deliver(changeset) => {
+                    if let Some(id) = self.apply(&changeset) {
+                        out.push(Output::Applied(id));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pk::PackedPk;
+    use crate::value::Value;
+
+    fn site(n: u8) -> SiteId {
+        SiteId([n; 16])
+    }
+
+    fn pk(n: i64) -> PackedPk {
+        PackedPk::pack(&[Value::Integer(n)]).unwrap()
+    }
+
+    /// Delivers every message until none is left; returns how many were delivered.
+    fn run(nodes: &mut [Node], mut queue: Vec<(SiteId, Output)>, drop_broadcast: bool) -> usize {
+        let mut delivered = 0;
+        while let Some((from, output)) = queue.pop() {
+            let Output::Send { to, msg } = output else {
+                continue;
+            };
+            if drop_broadcast && matches!(msg, NodeMsg::Broadcast(_)) {
+                continue;
+            }
+            delivered += 1;
+            assert!(delivered < 100_000, "no quiescence");
+            let node = nodes.iter_mut().find(|n| n.site() == to).unwrap();
+            let out = node.receive(Millis(0), from, msg);
+            queue.extend(out.into_iter().map(|o| (to, o)));
+        }
+        delivered
+    }
+
+    fn cluster(n: u8) -> Vec<Node> {
+        let mut nodes: Vec<Node> = (0..n)
+            .map(|i| Node::new(site(i), NodeConfig::default(), u64::from(i)))
+            .collect();
+        for a in 0..n {
+            for b in 0..n {
+                if a != b {
+                    nodes[a as usize].peer_up(site(b));
+                }
+            }
+        }
+        nodes
+    }
+
+    #[test]
+    fn broadcast_reaches_everyone_and_sync_repairs_what_it_lost() {
+        let mut nodes = cluster(3);
+        let values = |v: &str| [("v".to_string(), Value::from(v))].into_iter().collect();
+        let (_, out) = nodes[0].write(|r| Some(r.insert("t", pk(1), values("a"))));
+        run(
+            &mut nodes,
+            out.into_iter().map(|o| (site(0), o)).collect(),
+            false,
+        );
+        assert!(nodes.iter().all(|n| n.durable.replica.visible().len() == 1));
+        // Lost broadcast: only sync brings the second write.
+        let (written, out) = nodes[1].write(|r| r.update("t", pk(1), "v", Value::from("b")));
+        let id = written.map(|cs| cs.id);
+        run(
+            &mut nodes,
+            out.into_iter().map(|o| (site(1), o)).collect(),
+            true,
+        );
+        assert!(!nodes[2].durable.book.contains(id.unwrap()));
+        let request = nodes[2].sync_request();
+        let reply = nodes[1].receive(Millis(0), site(2), request);
+        run(
+            &mut nodes,
+            reply.into_iter().map(|o| (site(1), o)).collect(),
+            false,
+        );
+        assert!(nodes[2].durable.book.contains(id.unwrap()));
+        assert_eq!(
+            nodes[2].durable.replica.visible(),
+            nodes[1].durable.replica.visible()
+        );
+    }
+
+    #[test]
+    fn sync_that_skips_gaps_never_asks_for_a_lost_version() {
+        let faulty = NodeConfig {
+            faults: NodeFaults {
+                sync_skips_gaps: true,
+                ..NodeFaults::default()
+            },
+            ..NodeConfig::default()
+        };
+        for (config, repaired) in [(NodeConfig::default(), true), (faulty, false)] {
+            let mut a = Node::new(site(0), config, 0);
+            let mut b = Node::new(site(1), config, 1);
+            let values = |v: &str| [("v".to_string(), Value::from(v))].into_iter().collect();
+            let (_, _) = a.write(|r| Some(r.insert("t", pk(1), values("a"))));
+            let (_, _) = a.write(|r| Some(r.insert("t", pk(2), values("b"))));
+            // b got version 2 only.
+            let v2 = a.durable.replica.changeset(ChangesetId {
+                site: site(0),
+                version: DbVersion(2),
+            });
+            b.apply(&v2);
+            let reply = a.sync_reply(match &b.sync_request() {
+                NodeMsg::SyncRequest(state) => state,
+                _ => unreachable!(),
+            });
+            for cs in reply {
+                b.apply(&cs);
+            }
+            assert_eq!(
+                b.durable.replica.visible().len() == 2,
+                repaired,
+                "{config:?}"
+            );
+        }
+    }
+}
