@@ -1,24 +1,28 @@
-//! patina-sim: a deterministic simulator of Patina's broadcast.
+//! patina-sim: a deterministic simulator of Patina's replication.
 //!
-//! Thousands of `patina_core::broadcast::Broadcast` state machines (the code production runs)
+//! Thousands of `patina_core::node::Node`s (the broadcast state machine, the sync functions and
+//! scheduler, bookkeeping and the merge rule that production runs, over an in-memory store)
 //! exchange messages in one thread, in virtual time, over a seeded network: per-pair latency
-//! from the 19-region WAN model (data/wan-regions.csv) or a uniform latency, optional loss. The
-//! same seed gives the same run, event for event.
+//! from the 19-region WAN model (data/wan-regions.csv) or a uniform latency, optional loss, a
+//! partition that cuts the cluster in two for a while, and nodes that crash and restart with
+//! only what they stored. The same seed gives the same run, event for event.
 //!
 //! Modules:
 //! - [`network`]: latency models (WAN regions, uniform), node placement, loss.
-//! - this file: the event loop ([`Simulation`]) and its report ([`Report`]).
+//! - this file: the event loop ([`run`]) and its report ([`Report`]).
 
 pub mod network;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
-use patina_core::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis};
-use patina_core::change::{Changeset, ChangesetId};
-use patina_core::ids::{DbVersion, SiteId};
-use patina_core::wire::{encode_peer_message, PeerMessage};
+use patina_core::broadcast::{BroadcastConfig, Millis};
+use patina_core::change::ChangesetId;
+use patina_core::ids::SiteId;
+use patina_core::node::{Node, NodeConfig, NodeMsg, Output};
+use patina_core::sync::SyncScheduler;
+use patina_core::wire::{changeset_to_bytes, encode_peer_message, encode_sync_state, PeerMessage};
+use patina_core::{PackedPk, Value};
 
 use network::Network;
 
@@ -27,7 +31,7 @@ use network::Network;
 pub struct Scenario {
     /// Number of nodes.
     pub nodes: usize,
-    /// Writes, each on a node chosen at random.
+    /// Writes, each on a node chosen at random (among those up).
     pub writes: usize,
     /// Virtual time between writes (µs).
     pub write_interval_us: u64,
@@ -37,7 +41,17 @@ pub struct Scenario {
     pub broadcast: BroadcastConfig,
     /// Broadcast tick (ms).
     pub tick_ms: u64,
-    /// Seed of everything random: placement, views, loss, writers.
+    /// Anti-entropy: time between sync rounds of one node (ms, plus jitter); None: no sync.
+    pub sync_interval_ms: Option<u64>,
+    /// Cut the cluster in two halves (even and odd nodes) from `.0` to `.1` (virtual ms).
+    pub partition_ms: Option<(u64, u64)>,
+    /// Share of nodes that crash during the writes (0..=1), each down for `crash_down_ms`.
+    pub crash_share: f64,
+    /// How long a crashed node stays down (ms).
+    pub crash_down_ms: u64,
+    /// Give up this long after the last write (ms of virtual time).
+    pub settle_ms: u64,
+    /// Seed of everything random: placement, views, loss, writers, crashes.
     pub seed: u64,
 }
 
@@ -50,6 +64,11 @@ impl Default for Scenario {
             view_size: 12,
             broadcast: BroadcastConfig::default(),
             tick_ms: 10,
+            sync_interval_ms: Some(500),
+            partition_ms: None,
+            crash_share: 0.0,
+            crash_down_ms: 2_000,
+            settle_ms: 60_000,
             seed: 1,
         }
     }
@@ -62,10 +81,20 @@ pub struct Report {
     pub time_to_all_ms: Vec<Option<f64>>,
     /// Per write: share of nodes that got it.
     pub coverage: Vec<f64>,
-    /// Messages sent per change per node.
+    /// Every (write, node) delivery delay in ms, sorted (the per-node delivery distribution).
+    pub delivery_ms: Vec<f64>,
+    /// Broadcast messages sent per change per node.
     pub sends_per_change_per_node: f64,
-    /// Bytes sent per change per node (encoded peer messages).
+    /// Bytes of broadcast messages per change per node (encoded peer messages).
     pub bytes_per_change_per_node: f64,
+    /// Sync messages (requests and replies) sent per node, over the whole run.
+    pub sync_sends_per_node: f64,
+    /// Bytes of sync messages per node, over the whole run.
+    pub sync_bytes_per_node: f64,
+    /// Deliveries made by sync rather than broadcast.
+    pub repaired_by_sync: u64,
+    /// Virtual ms from the first write until the last delivery.
+    pub duration_ms: f64,
     /// Events processed.
     pub events: u64,
 }
@@ -74,12 +103,27 @@ impl Report {
     /// The p-th percentile (0..=1) of time-to-all over writes that reached everyone.
     pub fn percentile_ms(&self, p: f64) -> Option<f64> {
         let mut done: Vec<f64> = self.time_to_all_ms.iter().flatten().copied().collect();
-        if done.is_empty() {
-            return None;
-        }
         done.sort_by(f64::total_cmp);
-        Some(done[((done.len() - 1) as f64 * p).round() as usize])
+        percentile(&done, p)
     }
+
+    /// The p-th percentile (0..=1) of per-node delivery delays.
+    pub fn delivery_percentile_ms(&self, p: f64) -> Option<f64> {
+        percentile(&self.delivery_ms, p)
+    }
+
+    /// True when every write reached every node.
+    pub fn complete(&self) -> bool {
+        self.coverage.iter().all(|c| *c == 1.0)
+    }
+}
+
+/// The p-th percentile (0..=1) of sorted values (nearest rank).
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
 /// Deterministic generator (SplitMix64).
@@ -122,8 +166,14 @@ enum Event {
     },
     /// A node's broadcast tick.
     Tick { node: usize },
+    /// A node's sync timer.
+    Sync { node: usize },
     /// A write on a node.
-    Write { node: usize, write: usize },
+    Write { write: usize },
+    /// A node crashes (loses everything but its durable state).
+    Crash { node: usize },
+    /// A crashed node starts again.
+    Restart { node: usize },
 }
 
 fn site(i: usize) -> SiteId {
@@ -132,18 +182,41 @@ fn site(i: usize) -> SiteId {
     SiteId(id)
 }
 
-/// Runs a scenario to the end (until no message is in flight and every write happened).
+fn node_seed(scenario: &Scenario, i: usize) -> u64 {
+    scenario.seed ^ (i as u64).wrapping_mul(0x5851_f42d_4c95_7f2d)
+}
+
+/// Bytes a message takes on the wire (the engine's encodings).
+fn wire_bytes(from: SiteId, msg: &NodeMsg) -> usize {
+    match msg {
+        NodeMsg::Broadcast(msg) => encode_peer_message(
+            0,
+            &PeerMessage::Broadcast {
+                from,
+                msg: msg.clone(),
+            },
+        )
+        .len(),
+        NodeMsg::SyncRequest(state) => encode_sync_state(0, state).len() + 4,
+        NodeMsg::SyncReply(changesets) => {
+            4 + changesets
+                .iter()
+                .map(|cs| changeset_to_bytes(cs).len() + 4)
+                .sum::<usize>()
+        }
+    }
+}
+
+/// Runs a scenario until every write reached every node, or `settle_ms` after the last write.
 pub fn run(scenario: &Scenario, network: &Network) -> Report {
     let n = scenario.nodes;
     let mut rng = Rng::new(scenario.seed);
-    let mut nodes: Vec<Broadcast> = (0..n)
-        .map(|i| {
-            Broadcast::new(
-                site(i),
-                scenario.broadcast,
-                scenario.seed ^ (i as u64).wrapping_mul(0x5851_f42d_4c95_7f2d),
-            )
-        })
+    let config = NodeConfig {
+        broadcast: scenario.broadcast,
+        ..NodeConfig::default()
+    };
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|i| Node::new(site(i), config, node_seed(scenario, i)))
         .collect();
     let index: BTreeMap<SiteId, usize> = (0..n).map(|i| (site(i), i)).collect();
     // Partial views: each node knows `view_size` random others, links made symmetric.
@@ -157,113 +230,179 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
             }
         }
     }
+    let view_sites: Vec<Vec<SiteId>> = views
+        .iter()
+        .map(|v| {
+            let mut sites: Vec<SiteId> = v.iter().map(|j| site(*j)).collect();
+            sites.sort();
+            sites
+        })
+        .collect();
     for (i, view) in views.iter().enumerate() {
         for &j in view {
             nodes[i].peer_up(site(j));
         }
     }
+    let mut schedulers: Vec<SyncScheduler> = (0..n)
+        .map(|i| {
+            SyncScheduler::new(
+                scenario.sync_interval_ms.unwrap_or(u64::MAX / 4),
+                Millis(0),
+                node_seed(scenario, i),
+            )
+        })
+        .collect();
+    let mut up = vec![true; n];
+    let cut = |a: usize, b: usize, now_us: u64| {
+        scenario
+            .partition_ms
+            .is_some_and(|(from, to)| (from * 1000..to * 1000).contains(&now_us) && a % 2 != b % 2)
+    };
 
     // Virtual time in µs. Events ordered by (time, sequence) for determinism.
     let mut queue: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
     let mut seq = 0u64;
-    let mut messages: Vec<Option<BroadcastMsg>> = Vec::new();
-    // Deliveries and writes still queued: the run is quiet when this is 0.
-    let mut pending = 0u64;
-    let mut push = |queue: &mut BinaryHeap<Reverse<(u64, u64, Event)>>,
-                    pending: &mut u64,
-                    at: u64,
-                    event: Event| {
+    let mut messages: Vec<Option<NodeMsg>> = Vec::new();
+    let mut push = |queue: &mut BinaryHeap<Reverse<(u64, u64, Event)>>, at: u64, event: Event| {
         seq += 1;
-        if !matches!(event, Event::Tick { .. }) {
-            *pending += 1;
-        }
         queue.push(Reverse((at, seq, event)));
     };
     for i in 0..n {
-        // Stagger ticks so nodes do not all tick at once.
+        // Stagger timers so nodes do not all tick or sync at once.
         push(
             &mut queue,
-            &mut pending,
             rng.below(scenario.tick_ms * 1000),
             Event::Tick { node: i },
         );
+        if let Some(interval) = scenario.sync_interval_ms {
+            push(
+                &mut queue,
+                rng.below(interval * 1000),
+                Event::Sync { node: i },
+            );
+        }
     }
+    let first_write_at = 1_000;
     for w in 0..scenario.writes {
-        let node = rng.below(n as u64) as usize;
         push(
             &mut queue,
-            &mut pending,
-            1_000 + w as u64 * scenario.write_interval_us,
-            Event::Write { node, write: w },
+            first_write_at + w as u64 * scenario.write_interval_us,
+            Event::Write { write: w },
         );
     }
-    let mut written_at: Vec<u64> = vec![0; scenario.writes];
+    let last_write_at =
+        first_write_at + scenario.writes.saturating_sub(1) as u64 * scenario.write_interval_us;
+    let crashes = (scenario.crash_share * n as f64).round() as usize;
+    for _ in 0..crashes {
+        let node = rng.below(n as u64) as usize;
+        let at = first_write_at + rng.below(last_write_at - first_write_at + 1);
+        push(&mut queue, at, Event::Crash { node });
+        push(
+            &mut queue,
+            at + scenario.crash_down_ms * 1000,
+            Event::Restart { node },
+        );
+    }
+    let give_up_at = last_write_at + scenario.settle_ms * 1000;
+
+    let mut written_at: Vec<Option<u64>> = vec![None; scenario.writes];
     let mut reached: Vec<Vec<Option<u64>>> = vec![vec![None; n]; scenario.writes];
-    let write_of = |id: &ChangesetId| id.version.get() as usize - 1;
-    let mut sends = 0u64;
-    let mut bytes = 0u64;
+    let mut write_of: HashMap<ChangesetId, usize> = HashMap::new();
+    let mut missing = (scenario.writes * n) as u64;
+    let (mut sends, mut bytes, mut sync_sends, mut sync_bytes) = (0u64, 0u64, 0u64, 0u64);
+    let mut repaired_by_sync = 0u64;
     let mut events = 0u64;
-    let mut last_write_at = 0u64;
-    let mut idle_ticks = 0usize;
+    let mut last_delivery_at = first_write_at;
     while let Some(Reverse((now, _, event))) = queue.pop() {
-        events += 1;
-        if !matches!(event, Event::Tick { .. }) {
-            pending -= 1;
+        if now > give_up_at || (missing == 0 && now > last_write_at) {
+            break;
         }
-        let (node, effects) = match event {
-            Event::Write { node, write } => {
-                written_at[write] = now;
-                last_write_at = now;
-                reached[write][node] = Some(now);
-                let changeset = Arc::new(Changeset::whole(
-                    ChangesetId {
-                        site: site(node),
-                        version: DbVersion(write as u64 + 1),
-                    },
-                    Vec::new(),
-                ));
-                (node, nodes[node].local_commit(changeset))
+        events += 1;
+        let now_ms = Millis(now / 1000);
+        let mut by_sync = false;
+        let (node, outputs) = match event {
+            Event::Write { write } => {
+                // The writer is a random node that is up.
+                let first = rng.below(n as u64) as usize;
+                let Some(node) = (0..n).map(|k| (first + k) % n).find(|i| up[*i]) else {
+                    continue;
+                };
+                let key = PackedPk::pack(&[Value::Integer(write as i64)]).expect("one integer");
+                let values = BTreeMap::from([("v".to_string(), Value::Integer(write as i64))]);
+                let (committed, outputs) =
+                    nodes[node].write(|replica| Some(replica.insert("t", key, values)));
+                if let Some(changeset) = committed {
+                    write_of.insert(changeset.id, write);
+                    written_at[write] = Some(now);
+                    reached[write][node] = Some(now);
+                    missing -= 1;
+                }
+                (node, outputs)
             }
             Event::Tick { node } => {
-                let effects = nodes[node].tick(Millis(now / 1000));
-                // Stop ticking once two whole rounds of ticks found nothing to do: no message
-                // in flight, no write to come, no announced id waiting for a graft.
-                let quiet = pending == 0 && nodes[node].missing_count() == 0;
-                if quiet && now > last_write_at && effects.is_empty() {
-                    idle_ticks += 1;
-                } else {
-                    idle_ticks = 0;
+                push(
+                    &mut queue,
+                    now + scenario.tick_ms * 1000,
+                    Event::Tick { node },
+                );
+                if !up[node] {
+                    continue;
                 }
-                if idle_ticks < 2 * n {
-                    push(
-                        &mut queue,
-                        &mut pending,
-                        now + scenario.tick_ms * 1000,
-                        Event::Tick { node },
-                    );
+                (node, nodes[node].tick(now_ms))
+            }
+            Event::Sync { node } => {
+                let interval = scenario.sync_interval_ms.unwrap_or(500);
+                push(&mut queue, now + interval * 1000 / 4, Event::Sync { node });
+                let Some(peer) = schedulers[node].due(now_ms, &view_sites[node]) else {
+                    continue;
+                };
+                // The session's outcome is not tracked: the next round comes after the interval.
+                schedulers[node].finished(now_ms, true);
+                if !up[node] {
+                    continue;
                 }
-                (node, effects)
+                let request = Output::Send {
+                    to: peer,
+                    msg: nodes[node].sync_request(),
+                };
+                (node, vec![request])
             }
             Event::Deliver { to, from, msg_id } => {
                 let msg = messages[msg_id]
                     .take()
                     .expect("each message is delivered once");
-                (to, nodes[to].receive(Millis(now / 1000), site(from), msg))
+                if !up[to] || cut(from, to, now) {
+                    continue;
+                }
+                by_sync = matches!(msg, NodeMsg::SyncReply(_));
+                (to, nodes[to].receive(now_ms, site(from), msg))
+            }
+            Event::Crash { node } => {
+                up[node] = false;
+                continue;
+            }
+            Event::Restart { node } => {
+                let durable = nodes[node].durable.clone();
+                nodes[node] = Node::restart(durable, config, node_seed(scenario, node) ^ now);
+                for &j in &views[node] {
+                    nodes[node].peer_up(site(j));
+                }
+                up[node] = true;
+                continue;
             }
         };
-        for effect in effects {
-            match effect {
-                Effect::Send { to, msg } => {
+        for output in outputs {
+            match output {
+                Output::Send { to, msg } => {
                     let to = index[&to];
-                    sends += 1;
-                    bytes += encode_peer_message(
-                        0,
-                        &PeerMessage::Broadcast {
-                            from: site(node),
-                            msg: msg.clone(),
-                        },
-                    )
-                    .len() as u64;
+                    let size = wire_bytes(site(node), &msg) as u64;
+                    if matches!(msg, NodeMsg::Broadcast(_)) {
+                        sends += 1;
+                        bytes += size;
+                    } else {
+                        sync_sends += 1;
+                        sync_bytes += size;
+                    }
                     if network.loses(&mut rng) {
                         continue;
                     }
@@ -271,7 +410,6 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
                     messages.push(Some(msg));
                     push(
                         &mut queue,
-                        &mut pending,
                         now + latency,
                         Event::Deliver {
                             to,
@@ -280,24 +418,32 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
                         },
                     );
                 }
-                Effect::Deliver(changeset) => {
-                    let w = write_of(&changeset.id);
-                    if reached[w][node].is_none() {
-                        reached[w][node] = Some(now);
+                Output::Applied(id) => {
+                    if let Some(&w) = write_of.get(&id) {
+                        if reached[w][node].is_none() {
+                            reached[w][node] = Some(now);
+                            missing -= 1;
+                            repaired_by_sync += u64::from(by_sync);
+                            last_delivery_at = last_delivery_at.max(now);
+                        }
                     }
                 }
             }
         }
     }
+    let mut delivery_ms = Vec::new();
     let time_to_all_ms = reached
         .iter()
         .zip(&written_at)
         .map(|(r, at)| {
+            let at = (*at)?;
+            delivery_ms.extend(r.iter().flatten().map(|t| (t - at) as f64 / 1000.0));
             r.iter()
                 .try_fold(0u64, |max, t| t.map(|t| max.max(t)))
                 .map(|last| (last - at) as f64 / 1000.0)
         })
         .collect();
+    delivery_ms.sort_by(f64::total_cmp);
     let coverage = reached
         .iter()
         .map(|r| r.iter().filter(|t| t.is_some()).count() as f64 / n as f64)
@@ -306,8 +452,13 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
     Report {
         time_to_all_ms,
         coverage,
+        delivery_ms,
         sends_per_change_per_node: sends as f64 / per,
         bytes_per_change_per_node: bytes as f64 / per,
+        sync_sends_per_node: sync_sends as f64 / n as f64,
+        sync_bytes_per_node: sync_bytes as f64 / n as f64,
+        repaired_by_sync,
+        duration_ms: (last_delivery_at - first_write_at) as f64 / 1000.0,
         events,
     }
 }
@@ -344,6 +495,7 @@ mod tests {
         let scenario = Scenario {
             nodes: 100,
             writes: 10,
+            sync_interval_ms: None,
             ..Scenario::default()
         };
         let network = Network::uniform(scenario.nodes, 20.0, 0.05);
@@ -353,5 +505,37 @@ mod tests {
             "{:?}",
             report.coverage
         );
+    }
+
+    #[test]
+    fn a_partition_heals_by_sync() {
+        let scenario = Scenario {
+            nodes: 200,
+            writes: 20,
+            partition_ms: Some((0, 3_000)),
+            ..Scenario::default()
+        };
+        let network = Network::wan(scenario.nodes, 0.0, scenario.seed);
+        let report = run(&scenario, &network);
+        assert!(report.complete(), "{:?}", report.coverage);
+        // Every write crossed the cut after the heal, by sync or by broadcast.
+        assert!(report.percentile_ms(0.0).unwrap() > 1_000.0);
+        assert!(report.repaired_by_sync > 0);
+        assert_eq!(report, run(&scenario, &network));
+    }
+
+    #[test]
+    fn crashed_nodes_catch_up_after_restart() {
+        let scenario = Scenario {
+            nodes: 200,
+            writes: 30,
+            crash_share: 0.1,
+            crash_down_ms: 1_500,
+            ..Scenario::default()
+        };
+        let network = Network::uniform(scenario.nodes, 30.0, 0.01);
+        let report = run(&scenario, &network);
+        assert!(report.complete(), "{:?}", report.coverage);
+        assert!(report.repaired_by_sync > 0);
     }
 }

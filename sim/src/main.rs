@@ -1,6 +1,8 @@
 //! `patina-sim`: runs one scenario and prints its seed and report.
 //!
-//! `cargo run --release -p patina-sim -- --nodes 10000 --writes 100 --model wan [--latency-ms 100] [--loss 0.01] [--seed 1] [--view 12] [--eager 4] [--lazy 4]`
+//! `cargo run --release -p patina-sim -- --nodes 10000 --writes 100 --model wan [--latency-ms 100]
+//! [--loss 0.01] [--seed 1] [--view 12] [--eager 4] [--lazy 4] [--sync-ms 500 | --no-sync]
+//! [--partition-ms 0..3000] [--crash-share 0.05] [--crash-down-ms 2000]`
 
 use std::time::Instant;
 
@@ -25,6 +27,20 @@ fn main() {
             "--model" => model = value(),
             "--latency-ms" => latency_ms = value().parse().expect("--latency-ms X"),
             "--loss" => loss = value().parse().expect("--loss X"),
+            "--sync-ms" => scenario.sync_interval_ms = Some(value().parse().expect("--sync-ms N")),
+            "--no-sync" => scenario.sync_interval_ms = None,
+            "--partition-ms" => {
+                let v = value();
+                let (a, b) = v.split_once("..").expect("--partition-ms FROM..TO");
+                scenario.partition_ms = Some((
+                    a.parse().expect("--partition-ms FROM..TO"),
+                    b.parse().expect("--partition-ms FROM..TO"),
+                ));
+            }
+            "--crash-share" => scenario.crash_share = value().parse().expect("--crash-share X"),
+            "--crash-down-ms" => {
+                scenario.crash_down_ms = value().parse().expect("--crash-down-ms N")
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -49,9 +65,23 @@ fn main() {
         report.coverage.len()
     );
     println!(
-        "sends per change per node {:.2}, bytes per change per node {:.0}; {} events in {:.2} s wall",
-        report.sends_per_change_per_node,
-        report.bytes_per_change_per_node,
+        "per-node delivery: p50 {:.1} ms, p99 {:.1} ms",
+        report.delivery_percentile_ms(0.5).unwrap_or(f64::NAN),
+        report.delivery_percentile_ms(0.99).unwrap_or(f64::NAN),
+    );
+    println!(
+        "broadcast: sends per change per node {:.2}, bytes per change per node {:.0}",
+        report.sends_per_change_per_node, report.bytes_per_change_per_node,
+    );
+    println!(
+        "sync: {:.1} messages and {:.0} bytes per node over {:.1} s; {} deliveries made by sync",
+        report.sync_sends_per_node,
+        report.sync_bytes_per_node,
+        report.duration_ms / 1000.0,
+        report.repaired_by_sync
+    );
+    println!(
+        "{} events in {:.2} s wall",
         report.events,
         started.elapsed().as_secs_f64()
     );
