@@ -5,7 +5,11 @@
 //! With `--heal N`: N nodes are split into two halves, both write (conflicting writes
 //! included), and the tool times how long after the heal every node's digest is equal.
 //!
-//! `cargo run --release -p patina-bench --bin catchup -- [--rows 100000] [--heal 20]`
+//! With `--per-tx N` the rows are written N per transaction (a large transaction travels in
+//! parts), and once caught up, one more transaction of N rows is timed from the source's commit
+//! until the peer applied it (broadcast, in parts).
+//!
+//! `cargo run --release -p patina-bench --bin catchup -- [--rows 100000] [--per-tx 1000] [--heal 20]`
 
 use std::time::{Duration, Instant};
 
@@ -41,10 +45,12 @@ async fn count(agent: &Agent) -> u64 {
 async fn main() {
     let mut rows = 100_000u64;
     let mut heal = None;
+    let mut per_tx = 1_000u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--rows" => rows = args.next().and_then(|v| v.parse().ok()).expect("--rows N"),
+            "--per-tx" => per_tx = args.next().and_then(|v| v.parse().ok()).expect("--per-tx N"),
             "--heal" => heal = Some(args.next().and_then(|v| v.parse().ok()).expect("--heal N")),
             other => panic!("unknown argument {other}"),
         }
@@ -57,7 +63,6 @@ async fn main() {
         .await
         .unwrap();
     let started = Instant::now();
-    let per_tx = 1_000u64;
     for chunk in 0..rows.div_ceil(per_tx) {
         let values: Vec<String> = (chunk * per_tx..((chunk + 1) * per_tx).min(rows))
             .map(|i| format!("({i}, 'value-{i}', {})", i % 97))
@@ -91,6 +96,27 @@ async fn main() {
     }
     let secs = joined.elapsed().as_secs_f64();
     println!("new empty node caught up {rows} rows in {secs:.2} s: {:.0} rows/s (sync sessions: {}, changesets: {})", rows as f64 / secs, fresh.gossip().sync_rounds, fresh.gossip().sync_received);
+
+    // One more transaction of `per_tx` rows, live: commit on the source, applied on the peer.
+    let values: Vec<String> = (rows..rows + per_tx)
+        .map(|i| format!("({i}, 'value-{i}', {})", i % 97))
+        .collect();
+    let sent = Instant::now();
+    exec(
+        &source,
+        &format!("INSERT INTO kv (k, v, n) VALUES {}", values.join(", ")),
+    )
+    .await;
+    let committed = sent.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count(&fresh).await != rows + per_tx {
+        assert!(Instant::now() < deadline, "the live transaction never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "live transaction of {per_tx} rows: committed in {committed:.3} s, on the peer {:.3} s after the request",
+        sent.elapsed().as_secs_f64()
+    );
 
     // Idle traffic of the converged pair.
     tokio::time::sleep(Duration::from_secs(2)).await;
