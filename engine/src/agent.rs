@@ -38,6 +38,9 @@ pub enum AgentError {
     /// TLS files could not be used.
     #[error("gossip tls: {0}")]
     Tls(#[from] TlsError),
+    /// The subscriptions could not be loaded.
+    #[error("subscriptions: {0}")]
+    Subs(#[from] crate::subs::SubsError),
     /// The gossip endpoint could not be set up.
     #[error("gossip transport: {0}")]
     Transport(#[from] TransportError),
@@ -492,12 +495,23 @@ impl Agent {
             config.api.query_connections,
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let subs = crate::subs::spawn(
+            &config.db.path,
+            &sibling_file(&config.db.path, ".subscriptions"),
+            crate::subs::SubsConfig {
+                max_subscriptions: config.subscriptions.max_subscriptions,
+                history_len: config.subscriptions.history_len,
+                subscriber_buffer: config.subscriptions.subscriber_buffer,
+            },
+            row_changes.subscribe(),
+            shutdown_rx.clone(),
+        )?;
 
         let (gossip_snapshot_tx, gossip_snapshot) = watch::channel(GossipSnapshot::default());
         let gossip_task = start_gossip(
             &config.gossip,
             site,
-            members_file(&config.db.path),
+            sibling_file(&config.db.path, ".members"),
             handle.clone(),
             commits_rx,
             shutdown_rx.clone(),
@@ -523,9 +537,12 @@ impl Agent {
             handle.clone(),
             readers,
             site,
-            gossip_snapshot.clone(),
-            row_changes,
-            shutdown_rx.clone(),
+            api::ApiFeeds {
+                gossip: gossip_snapshot.clone(),
+                row_changes,
+                subs,
+                shutdown: shutdown_rx.clone(),
+            },
             &config.api,
         ));
         let mut rx = shutdown_rx.clone();
@@ -702,13 +719,15 @@ fn start_sync_server(
 /// Local commits waiting for the gossip task.
 const COMMITS_QUEUE_LEN: usize = 16_384;
 
-/// Members remembered next to the database, so a restarted node rejoins on its own.
-fn members_file(db_path: &Path) -> PathBuf {
+/// A file next to the database: `state.db.members` (members remembered across restarts, so a
+/// restarted node rejoins on its own), `state.db.subscriptions` (subscriptions and their
+/// history).
+fn sibling_file(db_path: &Path, suffix: &str) -> PathBuf {
     let mut name = db_path
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    name.push(".members");
+    name.push(suffix);
     db_path.with_file_name(name)
 }
 

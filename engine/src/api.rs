@@ -26,6 +26,7 @@ use crate::agent::{ReaderPool, StoreHandle, TxError};
 use crate::config::ApiConfig;
 use crate::gossip::GossipSnapshot;
 use crate::store::{Params, Statement, StoreError};
+use crate::subs::{Attached, ChangeEvent, SubsError, SubsHandle};
 use patina_core::change::RowChange;
 
 /// What the handlers share.
@@ -39,7 +40,21 @@ pub struct ApiState {
     body_bytes_max: usize,
     gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
     row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
+    subs: SubsHandle,
     shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The parts of the agent the API reads from, besides the store.
+#[derive(Debug)]
+pub struct ApiFeeds {
+    /// Membership and gossip counters.
+    pub gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
+    /// Rows changed by each commit.
+    pub row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
+    /// The subscription thread.
+    pub subs: SubsHandle,
+    /// Stop signal.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ApiState {
@@ -48,11 +63,15 @@ impl ApiState {
         store: StoreHandle,
         readers: Arc<ReaderPool>,
         site: SiteId,
-        gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
-        row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
+        feeds: ApiFeeds,
         config: &ApiConfig,
     ) -> Arc<ApiState> {
+        let ApiFeeds {
+            gossip,
+            row_changes,
+            subs,
+            shutdown,
+        } = feeds;
         Arc::new(ApiState {
             store,
             readers,
@@ -62,6 +81,7 @@ impl ApiState {
             body_bytes_max: config.body_bytes_max,
             gossip,
             row_changes,
+            subs,
             shutdown,
         })
     }
@@ -76,6 +96,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/table_stats", post(table_stats))
         .route("/v1/updates/{table}", post(updates))
+        .route("/v1/subscriptions", post(subscribe))
+        .route("/v1/subscriptions/{id}", get(resubscribe))
         .route("/v1/sync/digest", get(digest))
         .route("/v1/sync/state", get(sync_state))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -520,6 +542,142 @@ async fn updates(
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .expect("static headers are valid")
+}
+
+/// Query string of the subscription endpoints.
+#[derive(Debug, Deserialize, Default)]
+struct SubscriptionParams {
+    /// Leave the current rows out (columns, then eoq, then changes).
+    #[serde(default)]
+    skip_rows: bool,
+    /// Resume after this change id: the changes since, then live ones.
+    from: Option<u64>,
+}
+
+/// `POST /v1/subscriptions`: one SELECT; the query stream (columns, rows, eoq with change_id),
+/// then change events. Identical SQL attaches to the same subscription.
+async fn subscribe(
+    State(state): State<Arc<ApiState>>,
+    Query(params): Query<SubscriptionParams>,
+    body: Bytes,
+) -> Response {
+    let statement = match serde_json::from_slice::<StatementJson>(&body)
+        .map_err(|e| format!("expected one statement: {e}"))
+        .and_then(StatementJson::into_statement)
+    {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if !matches!(statement.params, Params::None) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "parameters are not supported in subscriptions: write the values into the SQL",
+        );
+    }
+    let attached = state
+        .subs
+        .subscribe(statement.sql, params.skip_rows, params.from)
+        .await;
+    subscription_stream(&state, attached)
+}
+
+/// `GET /v1/subscriptions/{id}`: re-attach to a subscription (`from` to resume).
+async fn resubscribe(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(params): Query<SubscriptionParams>,
+) -> Response {
+    let attached = state.subs.attach(id, params.skip_rows, params.from).await;
+    subscription_stream(&state, attached)
+}
+
+fn change_line(event: &ChangeEvent) -> Bytes {
+    let values: Vec<Json> = event.values.iter().map(value_to_json).collect();
+    ndjson_line(&json!({
+        "change": [event.kind.name(), event.row_id, values, event.change_id]
+    }))
+}
+
+fn subscription_stream(state: &ApiState, attached: Result<Attached, SubsError>) -> Response {
+    let mut attached = match attached {
+        Ok(a) => a,
+        Err(e @ SubsError::BadQuery(_)) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e @ SubsError::Unknown(_)) => return error(StatusCode::NOT_FOUND, e),
+        Err(e @ SubsError::TooMany(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e @ SubsError::Resume(_)) => {
+            // An error event, never a silent gap: the stream says why and ends.
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "application/x-ndjson")
+                .body(Body::from(ndjson_line(&json!({ "error": e.to_string() }))))
+                .expect("static headers are valid");
+        }
+        Err(e @ SubsError::Internal(_)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let start = Instant::now();
+    let mut head = vec![ndjson_line(&json!({ "columns": attached.columns }))];
+    for (row_id, values) in attached.rows.take().unwrap_or_default() {
+        let values: Vec<Json> = values.iter().map(value_to_json).collect();
+        head.push(ndjson_line(&json!({ "row": [row_id, values] })));
+    }
+    if !attached.resumed {
+        head.push(ndjson_line(&json!({
+            "eoq": { "time": start.elapsed().as_secs_f64(), "change_id": attached.change_id }
+        })));
+    }
+    for event in &attached.replay {
+        head.push(change_line(event));
+    }
+    let (lines, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
+    let mut shutdown = state.shutdown.clone();
+    let mut last = attached.change_id;
+    let mut live = attached.live;
+    tokio::spawn(async move {
+        for line in head {
+            if lines.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = lines.closed() => return,
+                event = live.recv() => event,
+            };
+            let event = match event {
+                Ok(event) => event,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let _ = lines
+                        .send(Ok(ndjson_line(&json!({
+                            "error": format!(
+                                "subscriber too slow: {n} changes dropped; resume with from={last}"
+                            )
+                        }))))
+                        .await;
+                    return;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if event.change_id <= last {
+                continue;
+            }
+            last = event.change_id;
+            if lines.try_send(Ok(change_line(&event))).is_err() {
+                // The client does not read: cut it off rather than buffer without bound.
+                let _ = lines.try_send(Ok(ndjson_line(&json!({
+                    "error": format!("subscriber too slow; resume with from={}", last - 1)
+                }))));
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header("corro-query-id", attached.id)
+        .header("corro-query-hash", attached.hash)
         .body(Body::from_stream(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         ))

@@ -108,6 +108,27 @@ pub async fn request_stream(
     bearer_token: Option<&str>,
     body: Vec<u8>,
 ) -> Result<(StatusCode, tokio::sync::mpsc::Receiver<Bytes>), ClientError> {
+    let (status, _, rx) =
+        request_stream_with_headers(target, method, path, bearer_token, body).await?;
+    Ok((status, rx))
+}
+
+/// [`request_stream`], also returning the response headers (`/v1/subscriptions` puts the
+/// subscription's id and query hash there).
+pub async fn request_stream_with_headers(
+    target: &Target,
+    method: Method,
+    path: &str,
+    bearer_token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<
+    (
+        StatusCode,
+        hyper::HeaderMap,
+        tokio::sync::mpsc::Receiver<Bytes>,
+    ),
+    ClientError,
+> {
     let request = build_request(method, path, bearer_token, body)?;
     let Target::Tcp(addr) = target else {
         return Err(ClientError::Connect {
@@ -126,6 +147,7 @@ pub async fn request_stream(
     tokio::spawn(connection);
     let response = sender.send_request(request).await?;
     let status = response.status();
+    let headers = response.headers().clone();
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut body = response.into_body();
     // Dropping the receiver closes the connection at once, so the server frees the stream.
@@ -143,5 +165,5 @@ pub async fn request_stream(
             }
         }
     });
-    Ok((status, rx))
+    Ok((status, headers, rx))
 }

@@ -53,6 +53,30 @@ pub struct Config {
     pub gossip: GossipConfig,
     /// `[telemetry]`: metrics.
     pub telemetry: TelemetryConfig,
+    /// `[subscriptions]`: SQL subscriptions.
+    pub subscriptions: SubscriptionsConfig,
+}
+
+/// `[subscriptions]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscriptionsConfig {
+    /// Subscriptions this node keeps; more get 503. 1..=100,000.
+    pub max_subscriptions: usize,
+    /// Changes kept per subscription for resuming by change id. 1..=10,000,000.
+    pub history_len: u64,
+    /// Events buffered per subscriber before a slow one is cut off. 16..=1,000,000.
+    pub subscriber_buffer: usize,
+}
+
+impl Default for SubscriptionsConfig {
+    fn default() -> Self {
+        SubscriptionsConfig {
+            max_subscriptions: 1000,
+            history_len: 10_000,
+            subscriber_buffer: 4096,
+        }
+    }
 }
 
 /// `[telemetry]`.
@@ -290,6 +314,24 @@ impl Config {
             self.gossip.message_bytes_max,
             64 * 1024,
             256 << 20,
+        )?;
+        within(
+            "subscriptions.max_subscriptions",
+            self.subscriptions.max_subscriptions,
+            1,
+            100_000,
+        )?;
+        within(
+            "subscriptions.history_len",
+            self.subscriptions.history_len as usize,
+            1,
+            10_000_000,
+        )?;
+        within(
+            "subscriptions.subscriber_buffer",
+            self.subscriptions.subscriber_buffer,
+            16,
+            1_000_000,
         )?;
         within(
             "gossip.part_bytes",

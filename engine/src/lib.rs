@@ -28,6 +28,7 @@ pub mod gossip;
 pub mod membership;
 pub mod metrics;
 pub mod store;
+pub mod subs;
 pub mod sync;
 pub mod tls;
 pub mod transport;

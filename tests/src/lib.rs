@@ -155,3 +155,48 @@ pub async fn start_cluster_with(
     wait_members(&refs, agents.len()).await;
     agents
 }
+
+/// An NDJSON response read line by line.
+#[derive(Debug)]
+pub struct Ndjson {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    buffer: Vec<u8>,
+}
+
+impl Ndjson {
+    /// Wraps a streamed body.
+    pub fn new(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> Ndjson {
+        Ndjson {
+            rx,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next line, or None when the stream ended or nothing came within [`WAIT`].
+    pub async fn next(&mut self) -> Option<Json> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                return Some(serde_json::from_slice(&line).expect("a JSON line"));
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.rx.recv()).await {
+                Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next `n` lines; panics if the stream ends or stalls first.
+    pub async fn take(&mut self, n: usize) -> Vec<Json> {
+        let mut lines = Vec::with_capacity(n);
+        for _ in 0..n {
+            match self.next().await {
+                Some(line) => lines.push(line),
+                None => panic!("stream ended after {lines:?}"),
+            }
+        }
+        lines
+    }
+}

@@ -50,7 +50,12 @@ async fn main() {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--rows" => rows = args.next().and_then(|v| v.parse().ok()).expect("--rows N"),
-            "--per-tx" => per_tx = args.next().and_then(|v| v.parse().ok()).expect("--per-tx N"),
+            "--per-tx" => {
+                per_tx = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--per-tx N")
+            }
             "--heal" => heal = Some(args.next().and_then(|v| v.parse().ok()).expect("--heal N")),
             other => panic!("unknown argument {other}"),
         }
@@ -110,7 +115,10 @@ async fn main() {
     let committed = sent.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(600);
     while count(&fresh).await != rows + per_tx {
-        assert!(Instant::now() < deadline, "the live transaction never arrived");
+        assert!(
+            Instant::now() < deadline,
+            "the live transaction never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     println!(

@@ -35,6 +35,7 @@ use patina_core::versions::{Bookkeeping, SiteVersions};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, ToSql};
 
+pub use capture::to_value;
 use capture::{trigger_sql, Capture, RowWrite};
 use clock::{ColOrd, SiteOrd, SiteTable};
 pub use error::{ChangeError, SchemaError, StoreError};
@@ -242,7 +243,9 @@ struct LocalRow {
 }
 
 /// Binds a core value as an SQLite value without copying.
-struct SqlValue<'a>(&'a Value);
+/// A borrowed value bound as an SQLite parameter.
+#[derive(Debug)]
+pub struct SqlValue<'a>(pub &'a Value);
 
 impl ToSql for SqlValue<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {

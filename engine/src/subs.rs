@@ -1,0 +1,1196 @@
+//! SQL subscriptions: live query results that stream every insert, update and delete.
+//!
+//! A subscription is one SELECT over replicated tables (filters, projections, joins; ORDER BY
+//! and LIMIT shape the initial rows only). Its query is rewritten (with `sqlparser`) to also
+//! return the primary key of every table it reads: that tuple is a result row's identity, and
+//! each identity gets a row id that stays the same for the life of the row. After each commit
+//! (local or remote) the store announces the rows it changed; for every subscription reading
+//! one of those tables, the query is run again restricted to the changed keys of that table
+//! (`... AND (t.k) IN (changed keys)`), and the difference with the rows it held becomes
+//! insert, update and delete events, numbered by contiguous change ids. Identical SQL shares one
+//! matcher.
+//!
+//! Everything lives on one thread with its own read-only connection to the database (and TEMP
+//! tables for the changed keys), plus a small SQLite file of its own for persistence: each
+//! subscription's SQL, rows and the last `history_len` changes, written in one transaction
+//! before the events are sent. After a restart a subscription is reconciled with the data (any
+//! change it missed becomes events), so a client resuming from its last change id gets exactly
+//! what it missed; one resuming from before the kept history gets an error, never a silent gap.
+//! A subscriber that does not keep up is cut off with an error and can resume by change id.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use patina_core::change::RowChange;
+use patina_core::pk::PackedPk;
+use patina_core::value::Value;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use sqlparser::ast::{BinaryOperator, Expr, GroupByExpr, SetExpr, Statement, TableFactor};
+use sqlparser::dialect::SQLiteDialect;
+use sqlparser::parser::Parser;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::store::{to_value, SqlValue};
+
+/// Bounds and retention.
+#[derive(Debug, Clone, Copy)]
+pub struct SubsConfig {
+    /// Subscriptions one node keeps.
+    pub max_subscriptions: usize,
+    /// Changes kept per subscription for resuming.
+    pub history_len: u64,
+    /// Events buffered per subscriber before it is cut off.
+    pub subscriber_buffer: usize,
+}
+
+/// Why a subscription request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubsError {
+    /// The SQL cannot be a subscription (syntax, a write, an unsupported shape, a table that
+    /// is not replicated).
+    #[error("{0}")]
+    BadQuery(String),
+    /// No subscription with that id.
+    #[error("no subscription {0}")]
+    Unknown(String),
+    /// The node holds its maximum of subscriptions.
+    #[error("too many subscriptions (limit {0})")]
+    TooMany(usize),
+    /// Resuming from a change id the history no longer has (or that never was).
+    #[error("{0}")]
+    Resume(String),
+    /// Storage failed, or the subscription thread is gone.
+    #[error("subscriptions: {0}")]
+    Internal(String),
+}
+
+impl From<rusqlite::Error> for SubsError {
+    fn from(e: rusqlite::Error) -> Self {
+        SubsError::Internal(e.to_string())
+    }
+}
+
+/// What kind of change an event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A row entered the result.
+    Insert,
+    /// A row of the result changed.
+    Update,
+    /// A row left the result.
+    Delete,
+}
+
+impl ChangeKind {
+    /// Its name in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Insert => "insert",
+            ChangeKind::Update => "update",
+            ChangeKind::Delete => "delete",
+        }
+    }
+
+    fn code(self) -> i64 {
+        match self {
+            ChangeKind::Insert => 0,
+            ChangeKind::Update => 1,
+            ChangeKind::Delete => 2,
+        }
+    }
+
+    fn from_code(code: i64) -> ChangeKind {
+        match code {
+            0 => ChangeKind::Insert,
+            1 => ChangeKind::Update,
+            _ => ChangeKind::Delete,
+        }
+    }
+}
+
+/// One change of a subscription's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    /// Insert, update or delete.
+    pub kind: ChangeKind,
+    /// The row's id in this subscription.
+    pub row_id: u64,
+    /// The row's values (the last ones, for a delete).
+    pub values: Vec<Value>,
+    /// Position in the subscription's change stream (contiguous from 1).
+    pub change_id: u64,
+}
+
+/// A subscriber attached to a subscription: what to send first, then the live events.
+#[derive(Debug)]
+pub struct Attached {
+    /// The subscription's id (a UUID).
+    pub id: String,
+    /// Hash of its normalized SQL.
+    pub hash: String,
+    /// Result columns.
+    pub columns: Vec<String>,
+    /// The current rows (row id, values), unless skipped or resuming.
+    pub rows: Option<Vec<(u64, Vec<Value>)>>,
+    /// True when resuming from a change id: no rows, no eoq, the changes since.
+    pub resumed: bool,
+    /// Changes after the requested change id, when resuming.
+    pub replay: Vec<Arc<ChangeEvent>>,
+    /// The change id the rows or the replay stop at; live events continue after it.
+    pub change_id: u64,
+    /// Live events (each change id once; older ones may arrive and are skipped by the reader).
+    pub live: broadcast::Receiver<Arc<ChangeEvent>>,
+}
+
+enum Command {
+    Subscribe {
+        sql: String,
+        skip_rows: bool,
+        from: Option<u64>,
+        reply: oneshot::Sender<Result<Attached, SubsError>>,
+    },
+    Attach {
+        id: String,
+        skip_rows: bool,
+        from: Option<u64>,
+        reply: oneshot::Sender<Result<Attached, SubsError>>,
+    },
+    Changes(Arc<Vec<RowChange>>),
+    /// Change notices were lost: reconcile every subscription with the data.
+    Resync,
+    Count(oneshot::Sender<usize>),
+}
+
+/// The handle the API uses.
+#[derive(Debug, Clone)]
+pub struct SubsHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Subscribe { .. } => "Subscribe",
+            Command::Attach { .. } => "Attach",
+            Command::Changes(_) => "Changes",
+            Command::Resync => "Resync",
+            Command::Count(_) => "Count",
+        })
+    }
+}
+
+impl SubsHandle {
+    /// Subscribes to `sql` (or attaches to the subscription with the same SQL).
+    pub async fn subscribe(
+        &self,
+        sql: String,
+        skip_rows: bool,
+        from: Option<u64>,
+    ) -> Result<Attached, SubsError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(
+            Command::Subscribe {
+                sql,
+                skip_rows,
+                from,
+                reply,
+            },
+            rx,
+        )
+        .await
+    }
+
+    /// Attaches to an existing subscription.
+    pub async fn attach(
+        &self,
+        id: String,
+        skip_rows: bool,
+        from: Option<u64>,
+    ) -> Result<Attached, SubsError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(
+            Command::Attach {
+                id,
+                skip_rows,
+                from,
+                reply,
+            },
+            rx,
+        )
+        .await
+    }
+
+    /// Subscriptions held.
+    pub async fn count(&self) -> Option<usize> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Count(reply)).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn call(
+        &self,
+        command: Command,
+        rx: oneshot::Receiver<Result<Attached, SubsError>>,
+    ) -> Result<Attached, SubsError> {
+        let gone = || SubsError::Internal("the subscription thread stopped".into());
+        self.tx.send(command).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+/// Starts the subscription thread: `db` is the replicated database (read only), `path` the
+/// subscriptions' own file.
+pub fn spawn(
+    db: &Path,
+    path: &Path,
+    config: SubsConfig,
+    mut row_changes: broadcast::Receiver<Arc<Vec<RowChange>>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<SubsHandle, SubsError> {
+    let reader = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
+    let storage = Connection::open(path)?;
+    storage.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+         CREATE TABLE IF NOT EXISTS subs (
+           id TEXT PRIMARY KEY, sql TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
+           last_change_id INTEGER NOT NULL, next_row_id INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS sub_rows (
+           sub TEXT NOT NULL, identity BLOB NOT NULL, row_id INTEGER NOT NULL, vals BLOB NOT NULL,
+           PRIMARY KEY (sub, identity)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS sub_changes (
+           sub TEXT NOT NULL, change_id INTEGER NOT NULL, kind INTEGER NOT NULL,
+           row_id INTEGER NOT NULL, vals BLOB NOT NULL,
+           PRIMARY KEY (sub, change_id)) WITHOUT ROWID;",
+    )?;
+    let (tx, rx) = mpsc::channel(1024);
+    let mut manager = Manager {
+        reader,
+        storage,
+        config,
+        matchers: Vec::new(),
+        key_tables: BTreeSet::new(),
+    };
+    manager.load()?;
+    std::thread::Builder::new()
+        .name("patina-subs".into())
+        .spawn(move || manager.run(rx))
+        .map_err(|e| SubsError::Internal(e.to_string()))?;
+    // Change notices from the store thread; a lag means some were lost: reconcile all.
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            let received = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return,
+                received = row_changes.recv() => received,
+            };
+            let command = match received {
+                Ok(batch) => Command::Changes(batch),
+                Err(broadcast::error::RecvError::Lagged(_)) => Command::Resync,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if forward.send(command).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(SubsHandle { tx })
+}
+
+/// A subscription's query, rewritten.
+#[derive(Debug, Clone)]
+struct Plan {
+    /// The query with the key columns appended, ORDER BY and LIMIT kept (the initial rows).
+    ordered_sql: String,
+    /// The same without ORDER BY and LIMIT (the whole result).
+    full_sql: String,
+    /// Per table of the FROM clause: its table, key arity, and the query restricted to
+    /// changed keys of that table.
+    aliases: Vec<AliasPlan>,
+    /// Columns a client sees (the key columns come after them).
+    visible: usize,
+    /// Total key columns appended.
+    key_columns: usize,
+}
+
+#[derive(Debug, Clone)]
+struct AliasPlan {
+    table: String,
+    /// Where this alias's key sits among the appended key columns.
+    key_start: usize,
+    key_len: usize,
+    restricted_sql: String,
+}
+
+/// Replicated tables and their primary-key columns, in key order.
+fn replicated_tables(conn: &Connection) -> Result<BTreeMap<String, Vec<String>>, SubsError> {
+    let names: Vec<String> = conn
+        .prepare("SELECT name FROM __patina_tables")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut out = BTreeMap::new();
+    for name in names {
+        let mut pk: Vec<(i64, String)> = conn
+            .prepare("SELECT pk, name FROM pragma_table_info(?1) WHERE pk > 0")?
+            .query_map([&name], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        pk.sort();
+        out.insert(
+            name.to_lowercase(),
+            pk.into_iter().map(|(_, c)| c).collect(),
+        );
+    }
+    Ok(out)
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn unquote(part: &str) -> String {
+    let t = part.trim();
+    let inner = match (t.chars().next(), t.chars().last()) {
+        (Some('"'), Some('"')) | (Some('`'), Some('`')) | (Some('['), Some(']'))
+            if t.len() >= 2 =>
+        {
+            &t[1..t.len() - 1]
+        }
+        _ => t,
+    };
+    inner.to_string()
+}
+
+const AGGREGATES: [&str; 8] = [
+    "count(",
+    "sum(",
+    "avg(",
+    "min(",
+    "max(",
+    "total(",
+    "group_concat(",
+    "string_agg(",
+];
+
+/// Rewrites `sql` into a [`Plan`], or says why it cannot be a subscription.
+fn plan(sql: &str, tables: &BTreeMap<String, Vec<String>>) -> Result<(Plan, String), SubsError> {
+    let bad = |m: String| SubsError::BadQuery(m);
+    let dialect = SQLiteDialect {};
+    let statements =
+        Parser::parse_sql(&dialect, sql).map_err(|e| bad(format!("invalid SQL: {e}")))?;
+    let [Statement::Query(query)] = statements.as_slice() else {
+        return Err(bad("a subscription is exactly one SELECT statement".into()));
+    };
+    let mut query = (**query).clone();
+    if query.with.is_some() {
+        return Err(bad("WITH is not supported in subscriptions".into()));
+    }
+    let normalized = query.to_string();
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Err(bad(
+            "a subscription is one plain SELECT (no UNION, VALUES...)".into(),
+        ));
+    };
+    let grouped = !matches!(&select.group_by, GroupByExpr::Expressions(e, _) if e.is_empty());
+    if select.distinct.is_some() || grouped || select.having.is_some() {
+        return Err(bad(
+            "DISTINCT, GROUP BY and HAVING are not supported in subscriptions".into(),
+        ));
+    }
+    for item in &select.projection {
+        let text = item.to_string().to_lowercase().replace(' ', "");
+        if AGGREGATES.iter().any(|a| text.contains(a)) || text.contains(")over") {
+            return Err(bad(format!(
+                "aggregate and window functions are not supported in subscriptions: {item}"
+            )));
+        }
+    }
+    // The tables of the FROM clause, with the name each is known by in the query.
+    let mut factors = Vec::new();
+    for from in &select.from {
+        factors.push(&from.relation);
+        factors.extend(from.joins.iter().map(|j| &j.relation));
+    }
+    if factors.is_empty() {
+        return Err(bad("a subscription reads at least one table".into()));
+    }
+    let mut aliases = Vec::new();
+    for factor in factors {
+        let TableFactor::Table {
+            name, alias, args, ..
+        } = factor
+        else {
+            return Err(bad(format!(
+                "only tables can appear in FROM of a subscription, not {factor}"
+            )));
+        };
+        if args.is_some() {
+            return Err(bad(format!("table functions are not supported: {factor}")));
+        }
+        let full = name.to_string();
+        let table = unquote(full.rsplit('.').next().unwrap_or(&full));
+        let Some(pk) = tables.get(&table.to_lowercase()) else {
+            return Err(bad(format!("{table} is not a replicated table")));
+        };
+        let known_as = alias
+            .as_ref()
+            .map(|a| a.name.value.clone())
+            .unwrap_or_else(|| table.clone());
+        aliases.push((table, known_as, pk.clone()));
+    }
+    // Append every table's key columns to the projection.
+    let mut extra = Vec::new();
+    let mut key_columns = 0;
+    let mut alias_keys = Vec::new();
+    for (i, (_, known_as, pk)) in aliases.iter().enumerate() {
+        let start = key_columns;
+        for (j, col) in pk.iter().enumerate() {
+            extra.push(format!(
+                "{}.{} AS {}",
+                quote(known_as),
+                quote(col),
+                quote(&format!("__patina_key_{i}_{j}"))
+            ));
+            key_columns += 1;
+        }
+        alias_keys.push((start, pk.len()));
+    }
+    let appended = Parser::parse_sql(&dialect, &format!("SELECT {}", extra.join(", ")))
+        .map_err(|e| SubsError::Internal(format!("rewriting: {e}")))?;
+    let Some(Statement::Query(appended)) = appended.into_iter().next() else {
+        return Err(SubsError::Internal("rewriting: no query".into()));
+    };
+    let SetExpr::Select(appended) = *appended.body else {
+        return Err(SubsError::Internal("rewriting: no select".into()));
+    };
+    select.projection.extend(appended.projection);
+    let ordered_sql = query.to_string();
+    query.order_by = None;
+    query.limit_clause = None;
+    let full_sql = query.to_string();
+    let mut plans = Vec::new();
+    for (i, (table, known_as, pk)) in aliases.iter().enumerate() {
+        let columns: Vec<String> = pk
+            .iter()
+            .map(|c| format!("{}.{}", quote(known_as), quote(c)))
+            .collect();
+        let keys: Vec<String> = (0..pk.len()).map(|j| format!("c{j}")).collect();
+        let restriction = format!(
+            "({}) IN (SELECT {} FROM temp.__patina_keys_{})",
+            columns.join(", "),
+            keys.join(", "),
+            pk.len()
+        );
+        let restriction = Parser::new(&dialect)
+            .try_with_sql(&restriction)
+            .and_then(|mut p| p.parse_expr())
+            .map_err(|e| SubsError::Internal(format!("rewriting: {e}")))?;
+        let mut restricted = query.clone();
+        let SetExpr::Select(select) = restricted.body.as_mut() else {
+            return Err(SubsError::Internal("rewriting: no select".into()));
+        };
+        select.selection = Some(match select.selection.take() {
+            Some(old) => Expr::BinaryOp {
+                left: Box::new(Expr::Nested(Box::new(old))),
+                op: BinaryOperator::And,
+                right: Box::new(restriction),
+            },
+            None => restriction,
+        });
+        plans.push(AliasPlan {
+            table: table.to_lowercase(),
+            key_start: alias_keys[i].0,
+            key_len: alias_keys[i].1,
+            restricted_sql: restricted.to_string(),
+        });
+    }
+    Ok((
+        Plan {
+            ordered_sql,
+            full_sql,
+            aliases: plans,
+            visible: 0,
+            key_columns,
+        },
+        normalized,
+    ))
+}
+
+fn fnv(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn new_uuid(conn: &Connection) -> Result<String, SubsError> {
+    // SQLite's randomness is seeded from the OS: enough for an identifier.
+    let bytes: Vec<u8> = conn.query_row("SELECT randomblob(16)", [], |r| r.get(0))?;
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&bytes);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    ))
+}
+
+/// Result rows as (identity: the packed key columns, visible values).
+type FoundRows = Vec<(Vec<u8>, Vec<Value>)>;
+
+fn pack(values: &[Value]) -> Vec<u8> {
+    PackedPk::pack(values)
+        .map(|p| p.as_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+fn unpack(bytes: &[u8]) -> Result<Vec<Value>, SubsError> {
+    PackedPk::from_bytes(bytes.to_vec())
+        .map(|p| p.values())
+        .map_err(|e| SubsError::Internal(format!("stored row: {e}")))
+}
+
+/// One subscription: its plan, its rows, its change stream.
+struct Matcher {
+    id: String,
+    hash: String,
+    sql: String,
+    plan: Plan,
+    columns: Vec<String>,
+    /// identity (packed key values) -> (row id, visible values)
+    rows: HashMap<Vec<u8>, (u64, Vec<Value>)>,
+    /// Per alias: that table's key (packed) -> identities of rows it contributes to.
+    by_alias: Vec<HashMap<Vec<u8>, BTreeSet<Vec<u8>>>>,
+    next_row_id: u64,
+    last_change_id: u64,
+    live: broadcast::Sender<Arc<ChangeEvent>>,
+}
+
+impl Matcher {
+    fn alias_key(&self, alias: usize, identity_values: &[Value]) -> Vec<u8> {
+        let a = &self.plan.aliases[alias];
+        pack(&identity_values[a.key_start..a.key_start + a.key_len])
+    }
+
+    fn index(&mut self, identity: &[u8], add: bool) {
+        let Ok(values) = unpack(identity) else { return };
+        for alias in 0..self.plan.aliases.len() {
+            let key = self.alias_key(alias, &values);
+            let entry = self.by_alias[alias].entry(key.clone()).or_default();
+            if add {
+                entry.insert(identity.to_vec());
+            } else {
+                entry.remove(identity);
+                if entry.is_empty() {
+                    self.by_alias[alias].remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Diffs `found` (identity -> values) against the held rows among `scope` (None: all held
+    /// rows); applies the difference and returns it as events (not yet numbered).
+    fn diff(
+        &mut self,
+        scope: Option<BTreeSet<Vec<u8>>>,
+        found: FoundRows,
+    ) -> Vec<(ChangeKind, u64, Vec<Value>, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (identity, values) in found {
+            seen.insert(identity.clone());
+            match self.rows.get_mut(&identity) {
+                Some((row_id, old)) => {
+                    if *old != values {
+                        *old = values.clone();
+                        out.push((ChangeKind::Update, *row_id, values, identity));
+                    }
+                }
+                None => {
+                    self.next_row_id += 1;
+                    let row_id = self.next_row_id;
+                    self.rows.insert(identity.clone(), (row_id, values.clone()));
+                    self.index(&identity, true);
+                    out.push((ChangeKind::Insert, row_id, values, identity));
+                }
+            }
+        }
+        let gone: Vec<Vec<u8>> = match scope {
+            Some(scope) => scope.into_iter().filter(|i| !seen.contains(i)).collect(),
+            None => self
+                .rows
+                .keys()
+                .filter(|i| !seen.contains(*i))
+                .cloned()
+                .collect(),
+        };
+        for identity in gone {
+            if let Some((row_id, values)) = self.rows.remove(&identity) {
+                self.index(&identity, false);
+                out.push((ChangeKind::Delete, row_id, values, identity));
+            }
+        }
+        out
+    }
+}
+
+struct Manager {
+    reader: Connection,
+    storage: Connection,
+    config: SubsConfig,
+    matchers: Vec<Matcher>,
+    /// Arities of the TEMP key tables created so far.
+    key_tables: BTreeSet<usize>,
+}
+
+impl Manager {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(command) = rx.blocking_recv() {
+            match command {
+                Command::Changes(first) => {
+                    // Merge every notice already queued: one pass for all of them.
+                    let mut batches = vec![first];
+                    let mut later = None;
+                    let mut resync = false;
+                    while let Ok(next) = rx.try_recv() {
+                        match next {
+                            Command::Changes(b) => batches.push(b),
+                            Command::Resync => resync = true,
+                            other => {
+                                later = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    let result = if resync {
+                        self.resync()
+                    } else {
+                        self.on_changes(&batches)
+                    };
+                    if let Err(e) = result {
+                        tracing::error!("subscriptions: applying changes failed: {e}");
+                    }
+                    if let Some(command) = later {
+                        self.handle(command);
+                    }
+                }
+                other => self.handle(other),
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Subscribe {
+                sql,
+                skip_rows,
+                from,
+                reply,
+            } => {
+                let _ = reply.send(self.subscribe(&sql, skip_rows, from));
+            }
+            Command::Attach {
+                id,
+                skip_rows,
+                from,
+                reply,
+            } => {
+                let result = match self.matchers.iter().position(|m| m.id == id) {
+                    Some(index) => self.attach(index, skip_rows, from),
+                    None => Err(SubsError::Unknown(id)),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Changes(batch) => {
+                if let Err(e) = self.on_changes(&[batch]) {
+                    tracing::error!("subscriptions: applying changes failed: {e}");
+                }
+            }
+            Command::Resync => {
+                if let Err(e) = self.resync() {
+                    tracing::error!("subscriptions: resync failed: {e}");
+                }
+            }
+            Command::Count(reply) => {
+                let _ = reply.send(self.matchers.len());
+            }
+        }
+    }
+
+    /// Checks and plans `sql` against the current schema; returns the plan, the normalized SQL
+    /// and the visible column names.
+    fn prepare(&mut self, sql: &str) -> Result<(Plan, String, Vec<String>), SubsError> {
+        let tables = replicated_tables(&self.reader)?;
+        let (mut plan, normalized) = plan(sql, &tables)?;
+        for alias in &plan.aliases {
+            self.ensure_key_table(alias.key_len)?;
+        }
+        // Every table the query reads must be one of its FROM tables (a subquery reading
+        // another table would miss that table's changes).
+        let read = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        let recorder = read.clone();
+        self.reader
+            .authorizer(Some(move |ctx: rusqlite::hooks::AuthContext<'_>| {
+                if let rusqlite::hooks::AuthAction::Read { table_name, .. } = ctx.action {
+                    if let Ok(mut read) = recorder.lock() {
+                        read.insert(table_name.to_lowercase());
+                    }
+                }
+                rusqlite::hooks::Authorization::Allow
+            }))?;
+        let prepared = self.reader.prepare(&plan.ordered_sql).map(|stmt| {
+            (
+                stmt.readonly(),
+                stmt.column_names()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            )
+        });
+        self.reader.authorizer(
+            None::<fn(rusqlite::hooks::AuthContext<'_>) -> rusqlite::hooks::Authorization>,
+        )?;
+        let (readonly, mut columns) =
+            prepared.map_err(|e| SubsError::BadQuery(format!("invalid query: {e}")))?;
+        if !readonly {
+            return Err(SubsError::BadQuery("a subscription must not write".into()));
+        }
+        let from: BTreeSet<String> = plan.aliases.iter().map(|a| a.table.clone()).collect();
+        let read = read
+            .lock()
+            .map_err(|_| SubsError::Internal("authorizer poisoned".into()))?;
+        if let Some(other) = read.iter().find(|t| !from.contains(*t)) {
+            return Err(SubsError::BadQuery(format!(
+                "the query reads {other} outside its FROM clause (subqueries are not supported)"
+            )));
+        }
+        columns.truncate(columns.len().saturating_sub(plan.key_columns));
+        plan.visible = columns.len();
+        Ok((plan, normalized, columns))
+    }
+
+    fn ensure_key_table(&mut self, arity: usize) -> Result<(), SubsError> {
+        if self.key_tables.insert(arity) {
+            let cols: Vec<String> = (0..arity).map(|j| format!("c{j}")).collect();
+            self.reader.execute_batch(&format!(
+                "CREATE TEMP TABLE IF NOT EXISTS __patina_keys_{arity} ({})",
+                cols.join(", ")
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// Runs one of a plan's queries; rows as (identity, visible values).
+    fn run_query(
+        reader: &Connection,
+        plan: &Plan,
+        sql: &str,
+    ) -> Result<FoundRows, SubsError> {
+        let mut stmt = reader.prepare_cached(sql)?;
+        let width = plan.visible + plan.key_columns;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let mut values = Vec::with_capacity(width);
+            for i in 0..width {
+                values.push(to_value(row.get_ref(i)?));
+            }
+            let keys = values.split_off(plan.visible);
+            out.push((pack(&keys), values));
+        }
+        Ok(out)
+    }
+
+    fn subscribe(
+        &mut self,
+        sql: &str,
+        skip_rows: bool,
+        from: Option<u64>,
+    ) -> Result<Attached, SubsError> {
+        let (plan, normalized, columns) = self.prepare(sql)?;
+        let hash = fnv(&normalized);
+        if let Some(index) = self.matchers.iter().position(|m| m.hash == hash) {
+            return self.attach(index, skip_rows, from);
+        }
+        if from.is_some() {
+            return Err(SubsError::Resume(
+                "from needs an existing subscription (GET /v1/subscriptions/{id})".into(),
+            ));
+        }
+        if self.matchers.len() >= self.config.max_subscriptions {
+            return Err(SubsError::TooMany(self.config.max_subscriptions));
+        }
+        let id = new_uuid(&self.reader)?;
+        let (live, _) = broadcast::channel(self.config.subscriber_buffer);
+        let mut matcher = Matcher {
+            id: id.clone(),
+            hash,
+            sql: sql.to_string(),
+            by_alias: vec![HashMap::new(); plan.aliases.len()],
+            plan,
+            columns,
+            rows: HashMap::new(),
+            next_row_id: 0,
+            last_change_id: 0,
+            live,
+        };
+        let found = Self::run_query(&self.reader, &matcher.plan, &matcher.plan.full_sql)?;
+        // The first rows are the starting point, not changes.
+        let _ = matcher.diff(None, found);
+        let tx = self.storage.transaction()?;
+        tx.execute(
+            "INSERT INTO subs (id, sql, hash, last_change_id, next_row_id) VALUES (?1, ?2, ?3, 0, ?4)",
+            params![matcher.id, matcher.sql, matcher.hash, matcher.next_row_id as i64],
+        )?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO sub_rows (sub, identity, row_id, vals) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (identity, (row_id, values)) in &matcher.rows {
+                insert.execute(params![matcher.id, identity, *row_id as i64, pack(values)])?;
+            }
+        }
+        tx.commit()?;
+        self.matchers.push(matcher);
+        let index = self.matchers.len() - 1;
+        self.attach(index, skip_rows, None)
+    }
+
+    fn attach(
+        &mut self,
+        index: usize,
+        skip_rows: bool,
+        from: Option<u64>,
+    ) -> Result<Attached, SubsError> {
+        let mut replay = Vec::new();
+        let mut rows = None;
+        match from {
+            Some(from) => {
+                let matcher = &self.matchers[index];
+                if from > matcher.last_change_id {
+                    return Err(SubsError::Resume(format!(
+                        "change id {from} is ahead of this subscription (last {})",
+                        matcher.last_change_id
+                    )));
+                }
+                let oldest: Option<i64> = self
+                    .storage
+                    .query_row(
+                        "SELECT min(change_id) FROM sub_changes WHERE sub = ?1",
+                        [&matcher.id],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .flatten();
+                let oldest = oldest.map_or(matcher.last_change_id + 1, |o| o as u64);
+                if from + 1 < oldest {
+                    return Err(SubsError::Resume(format!(
+                        "change id {from} is older than the history kept (changes {oldest} to {}): subscribe again without from",
+                        matcher.last_change_id
+                    )));
+                }
+                let mut stmt = self.storage.prepare_cached(
+                    "SELECT change_id, kind, row_id, vals FROM sub_changes
+                     WHERE sub = ?1 AND change_id > ?2 ORDER BY change_id",
+                )?;
+                let mut found = stmt.query(params![matcher.id, from as i64])?;
+                while let Some(row) = found.next()? {
+                    replay.push(Arc::new(ChangeEvent {
+                        change_id: row.get::<_, i64>(0)? as u64,
+                        kind: ChangeKind::from_code(row.get(1)?),
+                        row_id: row.get::<_, i64>(2)? as u64,
+                        values: unpack(&row.get::<_, Vec<u8>>(3)?)?,
+                    }));
+                }
+            }
+            None if !skip_rows => {
+                // The rows in the query's order; any difference from the held rows (a commit
+                // not yet announced) becomes events first, so the rows agree with the stream.
+                let found = {
+                    let matcher = &self.matchers[index];
+                    Self::run_query(&self.reader, &matcher.plan, &matcher.plan.ordered_sql)?
+                };
+                let mut stale = Vec::new();
+                for (identity, values) in &found {
+                    if self.matchers[index].rows.get(identity).map(|(_, v)| v) != Some(values) {
+                        stale.push((identity.clone(), values.clone()));
+                    }
+                }
+                if !stale.is_empty() {
+                    let scope: BTreeSet<Vec<u8>> = stale.iter().map(|(i, _)| i.clone()).collect();
+                    let changes = self.matchers[index].diff(Some(scope), stale);
+                    self.emit(index, changes)?;
+                }
+                let matcher = &self.matchers[index];
+                rows = Some(
+                    found
+                        .into_iter()
+                        .filter_map(|(identity, values)| {
+                            matcher.rows.get(&identity).map(|(id, _)| (*id, values))
+                        })
+                        .collect(),
+                );
+            }
+            None => {}
+        }
+        let matcher = &self.matchers[index];
+        Ok(Attached {
+            id: matcher.id.clone(),
+            hash: matcher.hash.clone(),
+            columns: matcher.columns.clone(),
+            rows,
+            resumed: from.is_some(),
+            replay,
+            change_id: matcher.last_change_id,
+            live: matcher.live.subscribe(),
+        })
+    }
+
+    /// Numbers the changes, stores them (rows, history, trimmed) in one transaction, then
+    /// sends them to the subscribers.
+    fn emit(
+        &mut self,
+        index: usize,
+        changes: Vec<(ChangeKind, u64, Vec<Value>, Vec<u8>)>,
+    ) -> Result<(), SubsError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let history_len = self.config.history_len;
+        let matcher = &mut self.matchers[index];
+        let mut events = Vec::with_capacity(changes.len());
+        let tx = self.storage.transaction()?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO sub_rows (sub, identity, row_id, vals) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut delete =
+                tx.prepare_cached("DELETE FROM sub_rows WHERE sub = ?1 AND identity = ?2")?;
+            let mut record = tx.prepare_cached(
+                "INSERT INTO sub_changes (sub, change_id, kind, row_id, vals) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (kind, row_id, values, identity) in changes {
+                matcher.last_change_id += 1;
+                let packed = pack(&values);
+                if kind == ChangeKind::Delete {
+                    delete.execute(params![matcher.id, identity])?;
+                } else {
+                    upsert.execute(params![matcher.id, identity, row_id as i64, packed])?;
+                }
+                record.execute(params![
+                    matcher.id,
+                    matcher.last_change_id as i64,
+                    kind.code(),
+                    row_id as i64,
+                    packed
+                ])?;
+                events.push(Arc::new(ChangeEvent {
+                    kind,
+                    row_id,
+                    values,
+                    change_id: matcher.last_change_id,
+                }));
+            }
+        }
+        tx.execute(
+            "DELETE FROM sub_changes WHERE sub = ?1 AND change_id <= ?2",
+            params![
+                matcher.id,
+                matcher.last_change_id.saturating_sub(history_len) as i64
+            ],
+        )?;
+        tx.execute(
+            "UPDATE subs SET last_change_id = ?2, next_row_id = ?3 WHERE id = ?1",
+            params![
+                matcher.id,
+                matcher.last_change_id as i64,
+                matcher.next_row_id as i64
+            ],
+        )?;
+        tx.commit()?;
+        for event in events {
+            // No subscriber attached is fine: the history keeps it.
+            let _ = matcher.live.send(event);
+        }
+        Ok(())
+    }
+
+    fn on_changes(&mut self, batches: &[Arc<Vec<RowChange>>]) -> Result<(), SubsError> {
+        // Changed keys per table, deduplicated across the batches.
+        let mut changed: BTreeMap<String, BTreeMap<Vec<u8>, Vec<Value>>> = BTreeMap::new();
+        for batch in batches {
+            for row in batch.iter() {
+                changed
+                    .entry(row.table.to_lowercase())
+                    .or_default()
+                    .insert(row.pk.as_bytes().to_vec(), row.pk.values());
+            }
+        }
+        for index in 0..self.matchers.len() {
+            for alias in 0..self.matchers[index].plan.aliases.len() {
+                let (table, key_len, sql) = {
+                    let a = &self.matchers[index].plan.aliases[alias];
+                    (a.table.clone(), a.key_len, a.restricted_sql.clone())
+                };
+                let Some(keys) = changed.get(&table) else {
+                    continue;
+                };
+                self.reader
+                    .execute(&format!("DELETE FROM temp.__patina_keys_{key_len}"), [])?;
+                {
+                    let marks = vec!["?"; key_len].join(", ");
+                    let mut insert = self.reader.prepare_cached(&format!(
+                        "INSERT INTO temp.__patina_keys_{key_len} VALUES ({marks})"
+                    ))?;
+                    for values in keys.values() {
+                        let binds: Vec<SqlValue<'_>> = values.iter().map(SqlValue).collect();
+                        insert.execute(rusqlite::params_from_iter(binds))?;
+                    }
+                }
+                let found = Self::run_query(&self.reader, &self.matchers[index].plan, &sql)?;
+                let matcher = &self.matchers[index];
+                let mut scope = BTreeSet::new();
+                for key in keys.keys() {
+                    if let Some(ids) = matcher.by_alias[alias].get(key) {
+                        scope.extend(ids.iter().cloned());
+                    }
+                }
+                let changes = self.matchers[index].diff(Some(scope), found);
+                self.emit(index, changes)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares every subscription with the whole data and emits the difference.
+    fn resync(&mut self) -> Result<(), SubsError> {
+        for index in 0..self.matchers.len() {
+            let found = {
+                let m = &self.matchers[index];
+                Self::run_query(&self.reader, &m.plan, &m.plan.full_sql)?
+            };
+            let changes = self.matchers[index].diff(None, found);
+            self.emit(index, changes)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the stored subscriptions and reconciles them with the data.
+    fn load(&mut self) -> Result<(), SubsError> {
+        let stored: Vec<(String, String, String, i64, i64)> = self
+            .storage
+            .prepare("SELECT id, sql, hash, last_change_id, next_row_id FROM subs")?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (id, sql, hash, last_change_id, next_row_id) in stored {
+            let (plan, _, columns) = match self.prepare(&sql) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("subscription {id} can no longer run ({e}); dropped");
+                    continue;
+                }
+            };
+            let (live, _) = broadcast::channel(self.config.subscriber_buffer);
+            let mut matcher = Matcher {
+                id: id.clone(),
+                hash,
+                sql,
+                by_alias: vec![HashMap::new(); plan.aliases.len()],
+                plan,
+                columns,
+                rows: HashMap::new(),
+                next_row_id: next_row_id as u64,
+                last_change_id: last_change_id as u64,
+                live,
+            };
+            let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = self
+                .storage
+                .prepare("SELECT identity, row_id, vals FROM sub_rows WHERE sub = ?1")?
+                .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            for (identity, row_id, vals) in rows {
+                matcher
+                    .rows
+                    .insert(identity.clone(), (row_id as u64, unpack(&vals)?));
+                matcher.index(&identity, true);
+            }
+            self.matchers.push(matcher);
+        }
+        // Anything committed while subscriptions were not watching becomes events now.
+        self.resync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables() -> BTreeMap<String, Vec<String>> {
+        BTreeMap::from([
+            ("hosts".to_string(), vec!["id".to_string()]),
+            ("kv".to_string(), vec!["k".to_string(), "n".to_string()]),
+        ])
+    }
+
+    #[test]
+    fn plans_append_keys_and_restrict_per_table() {
+        let (plan, _) = plan(
+            "SELECT h.name, kv.v FROM hosts h JOIN kv ON kv.k = h.name WHERE h.id > 3 ORDER BY h.name LIMIT 5",
+            &tables(),
+        )
+        .unwrap();
+        assert_eq!(plan.key_columns, 3);
+        assert!(plan.ordered_sql.contains("LIMIT 5"), "{}", plan.ordered_sql);
+        assert!(!plan.full_sql.contains("LIMIT"), "{}", plan.full_sql);
+        assert_eq!(plan.aliases.len(), 2);
+        assert!(
+            plan.aliases[1].restricted_sql.contains(
+                "(\"kv\".\"k\", \"kv\".\"n\") IN (SELECT c0, c1 FROM temp.__patina_keys_2)"
+            ),
+            "{}",
+            plan.aliases[1].restricted_sql
+        );
+        assert!(
+            plan.aliases[0].restricted_sql.contains("(h.id > 3) AND"),
+            "{}",
+            plan.aliases[0].restricted_sql
+        );
+    }
+
+    #[test]
+    fn unsupported_shapes_are_refused_with_a_reason() {
+        for (sql, reason) in [
+            ("SELEC * FROM hosts", "invalid SQL"),
+            (
+                "SELECT * FROM hosts; SELECT * FROM kv",
+                "exactly one SELECT",
+            ),
+            ("INSERT INTO hosts VALUES (1)", "exactly one SELECT"),
+            ("SELECT count(*) FROM hosts", "aggregate"),
+            ("SELECT DISTINCT name FROM hosts", "DISTINCT"),
+            ("SELECT name FROM hosts GROUP BY name", "GROUP BY"),
+            (
+                "SELECT * FROM hosts UNION SELECT * FROM hosts",
+                "plain SELECT",
+            ),
+            ("SELECT * FROM other", "not a replicated table"),
+            ("SELECT * FROM (SELECT * FROM hosts)", "only tables"),
+            ("SELECT 1", "at least one table"),
+        ] {
+            let err = plan(sql, &tables()).unwrap_err().to_string();
+            assert!(err.contains(reason), "{sql}: {err}");
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! SQL subscriptions on a 3-node cluster: the initial rows, then insert, update and delete
+//! events for writes made on other nodes, in order, with contiguous change ids; a join; resume
+//! after a disconnect and after a restart; resume from before the kept history; bad requests;
+//! the subscription limit; a slow consumer cut off while the node stays healthy.
+
+use patina::agent::Agent;
+use patina::client::{request, request_stream_with_headers, Method, StatusCode, Target};
+use patina::config::Config;
+use patina_tests::{exec, node_config_with, rows, start_cluster_with, wait_for, Ndjson};
+use serde_json::{json, Value as Json};
+
+const SCHEMA: &str = "
+CREATE TABLE kv (k TEXT NOT NULL PRIMARY KEY, v TEXT, n INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE hosts (id INTEGER NOT NULL PRIMARY KEY, name TEXT NOT NULL DEFAULT '');
+CREATE TABLE services (id INTEGER NOT NULL PRIMARY KEY, host_id INTEGER NOT NULL DEFAULT 0, port INTEGER);
+";
+
+fn configure(config: &mut Config) {
+    std::fs::write(config.db.schema_paths[0].join("schema.sql"), SCHEMA).unwrap();
+}
+
+async fn cluster(n: usize, adjust: fn(&mut Config)) -> (Vec<tempfile::TempDir>, Vec<Agent>) {
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let agents = start_cluster_with(&dirs, None, |c| {
+        configure(c);
+        adjust(c);
+    })
+    .await;
+    (dirs, agents)
+}
+
+/// Opens a subscription stream; returns status, id header and the lines.
+async fn subscribe(
+    agent: &Agent,
+    method: Method,
+    path: &str,
+    body: Json,
+) -> (StatusCode, Option<String>, Ndjson) {
+    let body = if body.is_null() {
+        vec![]
+    } else {
+        serde_json::to_vec(&body).unwrap()
+    };
+    let (status, headers, rx) =
+        request_stream_with_headers(&Target::Tcp(agent.api_addr()), method, path, None, body)
+            .await
+            .unwrap();
+    let id = headers
+        .get("corro-query-id")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, id, Ndjson::new(rx))
+}
+
+/// Waits until `agent` has the row count `n` in kv (the write replicated).
+async fn replicated(agent: &Agent, sql: &str, expected: Json) {
+    wait_for("replication", || async {
+        rows(agent, sql).await == vec![expected.clone()]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_then_remote_changes_in_order() {
+    let (_dirs, agents) = cluster(3, |_| {}).await;
+    exec(
+        &agents[0],
+        "INSERT INTO kv (k, v, n) VALUES ('a', 'x', 1), ('b', 'y', 2), ('z', 'hidden', -1)",
+    )
+    .await;
+    replicated(&agents[1], "SELECT count(*) FROM kv", json!([3])).await;
+
+    let sql = "SELECT k, v FROM kv WHERE n >= 0 ORDER BY k";
+    let (status, id, mut stream) =
+        subscribe(&agents[1], Method::POST, "/v1/subscriptions", json!(sql)).await;
+    assert_eq!(status, StatusCode::OK);
+    let id = id.expect("corro-query-id header");
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let head = stream.take(4).await;
+    assert_eq!(head[0], json!({"columns": ["k", "v"]}));
+    assert_eq!(head[1], json!({"row": [1, ["a", "x"]]}));
+    assert_eq!(head[2], json!({"row": [2, ["b", "y"]]}));
+    assert_eq!(head[3]["eoq"]["change_id"], json!(0));
+
+    // Writes on the third node, one at a time so their order on the wire is known.
+    exec(&agents[2], "INSERT INTO kv (k, v, n) VALUES ('c', 'w', 3)").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["insert", 3, ["c", "w"], 1]})]
+    );
+    exec(&agents[2], "UPDATE kv SET v = 'x2' WHERE k = 'a'").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["update", 1, ["a", "x2"], 2]})]
+    );
+    exec(&agents[2], "DELETE FROM kv WHERE k = 'b'").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["delete", 2, ["b", "y"], 3]})]
+    );
+    // A row outside the filter changes nothing; one leaving the filter is a delete, one
+    // entering it an insert with a new row id.
+    exec(&agents[2], "UPDATE kv SET v = 'still hidden' WHERE k = 'z'").await;
+    exec(&agents[2], "UPDATE kv SET n = -5 WHERE k = 'c'").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["delete", 3, ["c", "w"], 4]})]
+    );
+    exec(&agents[0], "UPDATE kv SET n = 7 WHERE k = 'z'").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["insert", 4, ["z", "still hidden"], 5]})]
+    );
+
+    // The same SQL attaches to the same subscription; skip_rows leaves the rows out.
+    let (status, same, mut again) = subscribe(
+        &agents[1],
+        Method::POST,
+        "/v1/subscriptions?skip_rows=true",
+        json!(sql),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(same.as_deref(), Some(id.as_str()));
+    let head = again.take(2).await;
+    assert_eq!(head[0], json!({"columns": ["k", "v"]}));
+    assert_eq!(head[1]["eoq"]["change_id"], json!(5));
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_follows_both_tables() {
+    let (_dirs, agents) = cluster(3, |_| {}).await;
+    let sql = "SELECT h.name, s.port FROM services s JOIN hosts h ON h.id = s.host_id";
+    let (status, _, mut stream) =
+        subscribe(&agents[0], Method::POST, "/v1/subscriptions", json!(sql)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        stream.take(2).await[0],
+        json!({"columns": ["name", "port"]})
+    );
+    exec(&agents[1], "INSERT INTO hosts (id, name) VALUES (1, 'web')").await;
+    exec(
+        &agents[1],
+        "INSERT INTO services (id, host_id, port) VALUES (10, 1, 80)",
+    )
+    .await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["insert", 1, ["web", 80], 1]})]
+    );
+    exec(&agents[2], "UPDATE hosts SET name = 'web-1' WHERE id = 1").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["update", 1, ["web-1", 80], 2]})]
+    );
+    exec(&agents[2], "UPDATE services SET port = 443 WHERE id = 10").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["update", 1, ["web-1", 443], 3]})]
+    );
+    exec(&agents[1], "DELETE FROM hosts WHERE id = 1").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["delete", 1, ["web-1", 443], 4]})]
+    );
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_a_disconnect_and_after_a_restart() {
+    let (dirs, mut agents) = cluster(2, |_| {}).await;
+    let sql = "SELECT k, v FROM kv";
+    let (_, id, mut stream) =
+        subscribe(&agents[1], Method::POST, "/v1/subscriptions", json!(sql)).await;
+    let id = id.unwrap();
+    stream.take(2).await;
+    exec(&agents[0], "INSERT INTO kv (k, v) VALUES ('a', '1')").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["insert", 1, ["a", "1"], 1]})]
+    );
+    drop(stream);
+
+    // Missed while disconnected.
+    exec(&agents[0], "INSERT INTO kv (k, v) VALUES ('b', '2')").await;
+    exec(&agents[0], "UPDATE kv SET v = '3' WHERE k = 'a'").await;
+    replicated(&agents[1], "SELECT v FROM kv WHERE k = 'a'", json!(["3"])).await;
+    let path = format!("/v1/subscriptions/{id}?from=1");
+    let (status, _, mut resumed) = subscribe(&agents[1], Method::GET, &path, Json::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        resumed.take(3).await,
+        vec![
+            json!({"columns": ["k", "v"]}),
+            json!({"change": ["insert", 2, ["b", "2"], 2]}),
+            json!({"change": ["update", 1, ["a", "3"], 3]}),
+        ]
+    );
+    drop(resumed);
+
+    // Restart the subscribed node; changes made while it is down arrive by sync.
+    let restarted_dir = dirs[1].path().to_path_buf();
+    agents.pop().unwrap().shutdown().await;
+    exec(&agents[0], "DELETE FROM kv WHERE k = 'b'").await;
+    exec(&agents[0], "INSERT INTO kv (k, v) VALUES ('c', '4')").await;
+    let mut config = node_config_with(&restarted_dir, &[], SCHEMA);
+    configure(&mut config);
+    let restarted = Agent::start(&config).await.unwrap();
+    replicated(&restarted, "SELECT count(*) FROM kv", json!([2])).await;
+    let path = format!("/v1/subscriptions/{id}?from=3");
+    let (status, _, mut resumed) = subscribe(&restarted, Method::GET, &path, Json::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut lines = resumed.take(3).await;
+    assert_eq!(lines.remove(0), json!({"columns": ["k", "v"]}));
+    lines.sort_by_key(|l| l["change"][3].as_u64());
+    // The two changes, in whichever order sync applied them, with change ids 4 and 5.
+    let kinds: Vec<(&str, u64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["change"][0].as_str().unwrap(),
+                l["change"][3].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds == vec![("delete", 4), ("insert", 5)] || kinds == vec![("insert", 4), ("delete", 5)],
+        "{lines:?}"
+    );
+    // And the stream is live.
+    exec(&agents[0], "UPDATE kv SET v = '5' WHERE k = 'c'").await;
+    assert_eq!(resumed.take(1).await[0]["change"][3], json!(6));
+    restarted.shutdown().await;
+    agents.pop().unwrap().shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_from_before_the_history_is_an_error() {
+    let (_dirs, agents) = cluster(1, |c| c.subscriptions.history_len = 2).await;
+    let (_, id, mut stream) = subscribe(
+        &agents[0],
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT k FROM kv"),
+    )
+    .await;
+    let id = id.unwrap();
+    stream.take(2).await;
+    for i in 0..5 {
+        exec(&agents[0], &format!("INSERT INTO kv (k) VALUES ('{i}')")).await;
+    }
+    assert_eq!(stream.take(5).await[4]["change"][3], json!(5));
+    // 4 and 5 are kept: from=3 works, from=2 would need change 3.
+    let (_, _, mut ok) = subscribe(
+        &agents[0],
+        Method::GET,
+        &format!("/v1/subscriptions/{id}?from=3"),
+        Json::Null,
+    )
+    .await;
+    assert_eq!(ok.take(3).await[2]["change"][3], json!(5));
+    let (status, _, mut gone) = subscribe(
+        &agents[0],
+        Method::GET,
+        &format!("/v1/subscriptions/{id}?from=2"),
+        Json::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let line = gone.next().await.unwrap();
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap()
+            .contains("older than the history"),
+        "{line}"
+    );
+    assert!(
+        gone.next().await.is_none(),
+        "the stream ends after the error"
+    );
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_the_limit() {
+    let (_dirs, agents) = cluster(1, |c| c.subscriptions.max_subscriptions = 2).await;
+    let agent = &agents[0];
+    for (body, reason) in [
+        (json!("SELEC k FROM kv"), "invalid SQL"),
+        (json!("INSERT INTO kv (k) VALUES ('x')"), "one SELECT"),
+        (json!("SELECT count(*) FROM kv"), "aggregate"),
+        (json!("SELECT nope FROM kv"), "no such column"),
+        (
+            json!("SELECT k FROM kv WHERE k IN (SELECT name FROM hosts)"),
+            "outside its FROM",
+        ),
+        (json!(["SELECT k FROM kv WHERE k = ?", ["a"]]), "parameters"),
+    ] {
+        let (status, out) = request(
+            &Target::Tcp(agent.api_addr()),
+            Method::POST,
+            "/v1/subscriptions",
+            None,
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains(reason), "{body}: {text}");
+    }
+    let (status, _) = request(
+        &Target::Tcp(agent.api_addr()),
+        Method::GET,
+        "/v1/subscriptions/nope",
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    for (sql, expected) in [
+        ("SELECT k FROM kv", StatusCode::OK),
+        ("SELECT v FROM kv", StatusCode::OK),
+        ("SELECT k FROM kv", StatusCode::OK),
+        ("SELECT n FROM kv", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let (status, _, _) = subscribe(agent, Method::POST, "/v1/subscriptions", json!(sql)).await;
+        assert_eq!(status, expected, "{sql}");
+    }
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_cut_off_and_the_node_stays_healthy() {
+    let (_dirs, agents) = cluster(1, |c| c.subscriptions.subscriber_buffer = 16).await;
+    let agent = &agents[0];
+    let (_, _, mut stream) = subscribe(
+        agent,
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT k, v FROM kv"),
+    )
+    .await;
+    stream.take(2).await;
+    // Many changes, nobody reading.
+    for batch in 0..10 {
+        let values: Vec<String> = (0..500)
+            .map(|i| format!("('{batch}-{i}', '{}')", "x".repeat(200)))
+            .collect();
+        exec(
+            agent,
+            &format!("INSERT INTO kv (k, v) VALUES {}", values.join(", ")),
+        )
+        .await;
+    }
+    // Reading now: changes, then an error telling where to resume, then the end.
+    let mut last = None;
+    let mut count = 0;
+    while let Some(line) = stream.next().await {
+        count += 1;
+        assert!(count <= 5_001, "never cut off");
+        last = Some(line);
+    }
+    let last = last.unwrap();
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .contains("resume with from="),
+        "{last}"
+    );
+    assert!(count < 5_001, "{count} lines");
+    let (status, _) = request(
+        &Target::Tcp(agent.api_addr()),
+        Method::GET,
+        "/v1/health",
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        rows(agent, "SELECT count(*) FROM kv").await,
+        vec![json!([5000])]
+    );
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
