@@ -48,6 +48,23 @@ enum Command {
         /// The SQL.
         sql: String,
     },
+    /// Subscribe to a query: prints its rows, then every change as it happens (NDJSON, one
+    /// event per line), until interrupted.
+    Subscribe {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The SELECT to follow (omit with --id).
+        sql: Option<String>,
+        /// Re-attach to an existing subscription by id instead.
+        #[arg(long)]
+        id: Option<String>,
+        /// Resume after this change id (prints the changes since, then live ones).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Leave out the current rows.
+        #[arg(long)]
+        skip_rows: bool,
+    },
     /// Make a running node re-read its schema files (additive changes only).
     Reload {
         /// The node's admin socket.
@@ -345,6 +362,59 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     return Err(format!("query failed: {e}").into());
                 }
             }
+        }
+        Command::Subscribe {
+            api,
+            sql,
+            id,
+            from,
+            skip_rows,
+        } => {
+            let mut query = vec![format!("skip_rows={skip_rows}")];
+            query.extend(from.map(|f| format!("from={f}")));
+            let query = query.join("&");
+            let (method, path, body) = match (id, sql) {
+                (Some(id), None) => (
+                    Method::GET,
+                    format!("/v1/subscriptions/{id}?{query}"),
+                    vec![],
+                ),
+                (None, Some(sql)) => (
+                    Method::POST,
+                    format!("/v1/subscriptions?{query}"),
+                    serde_json::to_vec(&serde_json::json!(sql))?,
+                ),
+                _ => return Err("give the SQL or --id, not both".into()),
+            };
+            runtime()?.block_on(async {
+                let (status, headers, mut body) = client::request_stream_with_headers(
+                    &Target::Tcp(api.api),
+                    method,
+                    &path,
+                    api.token.as_deref(),
+                    body,
+                )
+                .await?;
+                if !status.is_success() {
+                    let mut text = Vec::new();
+                    while let Some(chunk) = body.recv().await {
+                        text.extend_from_slice(&chunk);
+                    }
+                    return Err(
+                        format!("{status}: {}", String::from_utf8_lossy(&text).trim()).into(),
+                    );
+                }
+                if let Some(id) = headers.get("corro-query-id").and_then(|v| v.to_str().ok()) {
+                    eprintln!("subscription {id}");
+                }
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                while let Some(chunk) = body.recv().await {
+                    out.write_all(&chunk)?;
+                    out.flush()?;
+                }
+                Ok::<(), Box<dyn std::error::Error>>(())
+            })?;
         }
         Command::Tls(TlsCommand::Ca(TlsGenerate::Generate { out })) => {
             write_pair(&out, "ca", &crate::tls::generate_ca()?)?;

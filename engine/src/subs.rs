@@ -253,6 +253,8 @@ pub fn spawn(
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
+    // Each subscription runs one restricted query per table it reads: keep them all prepared.
+    reader.set_prepared_statement_cache_capacity((config.max_subscriptions * 2 + 16).min(8192));
     let storage = Connection::open(path)?;
     storage.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
@@ -274,6 +276,7 @@ pub fn spawn(
         config,
         matchers: Vec::new(),
         key_tables: BTreeSet::new(),
+        pending: Vec::new(),
     };
     manager.load()?;
     std::thread::Builder::new()
@@ -652,6 +655,8 @@ struct Manager {
     matchers: Vec<Matcher>,
     /// Arities of the TEMP key tables created so far.
     key_tables: BTreeSet<usize>,
+    /// Events stored in the open transaction, sent when it commits.
+    pending: Vec<(usize, Vec<Arc<ChangeEvent>>)>,
 }
 
 impl Manager {
@@ -752,9 +757,7 @@ impl Manager {
         let prepared = self.reader.prepare(&plan.ordered_sql).map(|stmt| {
             (
                 stmt.readonly(),
-                stmt.column_names()
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>(),
+                stmt.column_names().map(str::to_owned).collect::<Vec<_>>(),
             )
         });
         self.reader.authorizer(
@@ -791,11 +794,7 @@ impl Manager {
     }
 
     /// Runs one of a plan's queries; rows as (identity, visible values).
-    fn run_query(
-        reader: &Connection,
-        plan: &Plan,
-        sql: &str,
-    ) -> Result<FoundRows, SubsError> {
+    fn run_query(reader: &Connection, plan: &Plan, sql: &str) -> Result<FoundRows, SubsError> {
         let mut stmt = reader.prepare_cached(sql)?;
         let width = plan.visible + plan.key_columns;
         let mut rows = stmt.query([])?;
@@ -928,8 +927,10 @@ impl Manager {
                 }
                 if !stale.is_empty() {
                     let scope: BTreeSet<Vec<u8>> = stale.iter().map(|(i, _)| i.clone()).collect();
-                    let changes = self.matchers[index].diff(Some(scope), stale);
-                    self.emit(index, changes)?;
+                    self.batch(|manager| {
+                        let changes = manager.matchers[index].diff(Some(scope), stale);
+                        manager.emit(index, changes)
+                    })?;
                 }
                 let matcher = &self.matchers[index];
                 rows = Some(
@@ -956,8 +957,34 @@ impl Manager {
         })
     }
 
-    /// Numbers the changes, stores them (rows, history, trimmed) in one transaction, then
-    /// sends them to the subscribers.
+    /// Runs `body` in one storage transaction; the events it emitted are sent to subscribers
+    /// only once that transaction committed (durable before visible).
+    fn batch(
+        &mut self,
+        body: impl FnOnce(&mut Manager) -> Result<(), SubsError>,
+    ) -> Result<(), SubsError> {
+        self.storage.execute_batch("BEGIN")?;
+        match body(self) {
+            Ok(()) => {
+                self.storage.execute_batch("COMMIT")?;
+                for (index, events) in std::mem::take(&mut self.pending) {
+                    for event in events {
+                        // No subscriber attached is fine: the history keeps it.
+                        let _ = self.matchers[index].live.send(event);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.storage.execute_batch("ROLLBACK");
+                self.pending.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// Numbers the changes and stores them (rows, history, trimmed) inside the open
+    /// transaction of [`Manager::batch`], which sends them.
     fn emit(
         &mut self,
         index: usize,
@@ -969,59 +996,49 @@ impl Manager {
         let history_len = self.config.history_len;
         let matcher = &mut self.matchers[index];
         let mut events = Vec::with_capacity(changes.len());
-        let tx = self.storage.transaction()?;
-        {
-            let mut upsert = tx.prepare_cached(
-                "INSERT OR REPLACE INTO sub_rows (sub, identity, row_id, vals) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            let mut delete =
-                tx.prepare_cached("DELETE FROM sub_rows WHERE sub = ?1 AND identity = ?2")?;
-            let mut record = tx.prepare_cached(
-                "INSERT INTO sub_changes (sub, change_id, kind, row_id, vals) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for (kind, row_id, values, identity) in changes {
-                matcher.last_change_id += 1;
-                let packed = pack(&values);
-                if kind == ChangeKind::Delete {
-                    delete.execute(params![matcher.id, identity])?;
-                } else {
-                    upsert.execute(params![matcher.id, identity, row_id as i64, packed])?;
-                }
-                record.execute(params![
-                    matcher.id,
-                    matcher.last_change_id as i64,
-                    kind.code(),
-                    row_id as i64,
-                    packed
-                ])?;
-                events.push(Arc::new(ChangeEvent {
-                    kind,
-                    row_id,
-                    values,
-                    change_id: matcher.last_change_id,
-                }));
+        let db = &self.storage;
+        let mut upsert = db.prepare_cached(
+            "INSERT OR REPLACE INTO sub_rows (sub, identity, row_id, vals) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut delete =
+            db.prepare_cached("DELETE FROM sub_rows WHERE sub = ?1 AND identity = ?2")?;
+        let mut record = db.prepare_cached(
+            "INSERT INTO sub_changes (sub, change_id, kind, row_id, vals) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for (kind, row_id, values, identity) in changes {
+            matcher.last_change_id += 1;
+            let packed = pack(&values);
+            if kind == ChangeKind::Delete {
+                delete.execute(params![matcher.id, identity])?;
+            } else {
+                upsert.execute(params![matcher.id, identity, row_id as i64, packed])?;
             }
+            record.execute(params![
+                matcher.id,
+                matcher.last_change_id as i64,
+                kind.code(),
+                row_id as i64,
+                packed
+            ])?;
+            events.push(Arc::new(ChangeEvent {
+                kind,
+                row_id,
+                values,
+                change_id: matcher.last_change_id,
+            }));
         }
-        tx.execute(
-            "DELETE FROM sub_changes WHERE sub = ?1 AND change_id <= ?2",
-            params![
+        db.prepare_cached("DELETE FROM sub_changes WHERE sub = ?1 AND change_id <= ?2")?
+            .execute(params![
                 matcher.id,
                 matcher.last_change_id.saturating_sub(history_len) as i64
-            ],
-        )?;
-        tx.execute(
-            "UPDATE subs SET last_change_id = ?2, next_row_id = ?3 WHERE id = ?1",
-            params![
+            ])?;
+        db.prepare_cached("UPDATE subs SET last_change_id = ?2, next_row_id = ?3 WHERE id = ?1")?
+            .execute(params![
                 matcher.id,
                 matcher.last_change_id as i64,
                 matcher.next_row_id as i64
-            ],
-        )?;
-        tx.commit()?;
-        for event in events {
-            // No subscriber attached is fine: the history keeps it.
-            let _ = matcher.live.send(event);
-        }
+            ])?;
+        self.pending.push((index, events));
         Ok(())
     }
 
@@ -1036,20 +1053,33 @@ impl Manager {
                     .insert(row.pk.as_bytes().to_vec(), row.pk.values());
             }
         }
-        for index in 0..self.matchers.len() {
-            for alias in 0..self.matchers[index].plan.aliases.len() {
-                let (table, key_len, sql) = {
-                    let a = &self.matchers[index].plan.aliases[alias];
-                    (a.table.clone(), a.key_len, a.restricted_sql.clone())
-                };
-                let Some(keys) = changed.get(&table) else {
+        self.batch(|manager| {
+            for (table, keys) in &changed {
+                // Every (subscription, FROM table) reading this table.
+                let readers: Vec<(usize, usize)> = manager
+                    .matchers
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(index, m)| {
+                        m.plan
+                            .aliases
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, a)| &a.table == table)
+                            .map(move |(alias, _)| (index, alias))
+                    })
+                    .collect();
+                let Some(&(first, alias)) = readers.first() else {
                     continue;
                 };
-                self.reader
+                // The changed keys go into the TEMP table once, for all of them.
+                let key_len = manager.matchers[first].plan.aliases[alias].key_len;
+                manager
+                    .reader
                     .execute(&format!("DELETE FROM temp.__patina_keys_{key_len}"), [])?;
                 {
                     let marks = vec!["?"; key_len].join(", ");
-                    let mut insert = self.reader.prepare_cached(&format!(
+                    let mut insert = manager.reader.prepare_cached(&format!(
                         "INSERT INTO temp.__patina_keys_{key_len} VALUES ({marks})"
                     ))?;
                     for values in keys.values() {
@@ -1057,32 +1087,40 @@ impl Manager {
                         insert.execute(rusqlite::params_from_iter(binds))?;
                     }
                 }
-                let found = Self::run_query(&self.reader, &self.matchers[index].plan, &sql)?;
-                let matcher = &self.matchers[index];
-                let mut scope = BTreeSet::new();
-                for key in keys.keys() {
-                    if let Some(ids) = matcher.by_alias[alias].get(key) {
-                        scope.extend(ids.iter().cloned());
+                for (index, alias) in readers {
+                    let matcher = &manager.matchers[index];
+                    let found = Self::run_query(
+                        &manager.reader,
+                        &matcher.plan,
+                        &matcher.plan.aliases[alias].restricted_sql,
+                    )?;
+                    let mut scope = BTreeSet::new();
+                    for key in keys.keys() {
+                        if let Some(ids) = matcher.by_alias[alias].get(key) {
+                            scope.extend(ids.iter().cloned());
+                        }
                     }
+                    let changes = manager.matchers[index].diff(Some(scope), found);
+                    manager.emit(index, changes)?;
                 }
-                let changes = self.matchers[index].diff(Some(scope), found);
-                self.emit(index, changes)?;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Compares every subscription with the whole data and emits the difference.
     fn resync(&mut self) -> Result<(), SubsError> {
-        for index in 0..self.matchers.len() {
-            let found = {
-                let m = &self.matchers[index];
-                Self::run_query(&self.reader, &m.plan, &m.plan.full_sql)?
-            };
-            let changes = self.matchers[index].diff(None, found);
-            self.emit(index, changes)?;
-        }
-        Ok(())
+        self.batch(|manager| {
+            for index in 0..manager.matchers.len() {
+                let found = {
+                    let m = &manager.matchers[index];
+                    Self::run_query(&manager.reader, &m.plan, &m.plan.full_sql)?
+                };
+                let changes = manager.matchers[index].diff(None, found);
+                manager.emit(index, changes)?;
+            }
+            Ok(())
+        })
     }
 
     /// Loads the stored subscriptions and reconciles them with the data.

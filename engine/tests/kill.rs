@@ -1,5 +1,6 @@
-//! Durability with real processes: a node killed with SIGKILL in the middle of a write burst
-//! and restarted on its data folder has every write it acknowledged, and the cluster converges.
+//! Real processes. Durability: a node killed with SIGKILL in the middle of a write burst and
+//! restarted on its data folder has every write it acknowledged, and the cluster converges.
+//! And `patina subscribe` prints a subscription's events as they happen.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -211,4 +212,44 @@ async fn sigkill_mid_burst_loses_no_acknowledged_write() {
     );
     assert!(keys(&a).await.contains(&"while-down".to_string()));
     assert!(keys(&c).await.contains(&"while-down".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patina_subscribe_prints_changes_as_they_happen() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), None);
+    assert!(exec(&node, "INSERT INTO kv (k, v) VALUES ('a', '1')").await);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_patina"))
+        .args([
+            "subscribe",
+            "--api",
+            &node.api.to_string(),
+            "SELECT k, v FROM kv",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || -> Json {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a line from patina subscribe");
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next(), json!({"columns": ["k", "v"]}));
+    assert_eq!(next(), json!({"row": [1, ["a", "1"]]}));
+    assert_eq!(next()["eoq"]["change_id"], json!(0));
+    assert!(exec(&node, "UPDATE kv SET v = '2' WHERE k = 'a'").await);
+    assert_eq!(next(), json!({"change": ["update", 1, ["a", "2"], 1]}));
+    let _ = child.kill();
+    let _ = child.wait();
 }
