@@ -43,6 +43,8 @@ pub struct GossipSnapshot {
     pub foca_members: usize,
     /// Transport: messages sent.
     pub transport_sent: u64,
+    /// Transport: bytes of the messages sent.
+    pub transport_bytes: u64,
     /// Transport: messages dropped (full queue, failed send, unreachable peer).
     pub transport_dropped: u64,
     /// Transport: handshakes refused or failed.
@@ -184,6 +186,7 @@ impl GossipTask {
                     snapshot.foca_members = self.membership.foca_member_count();
                     let transport = self.transport.stats();
                     snapshot.transport_sent = transport.sent.load(std::sync::atomic::Ordering::Relaxed);
+                    snapshot.transport_bytes = transport.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
                     snapshot.transport_dropped = transport.dropped.load(std::sync::atomic::Ordering::Relaxed);
                     snapshot.handshake_failures =
                         transport.handshake_failures.load(std::sync::atomic::Ordering::Relaxed);

@@ -123,17 +123,32 @@ struct Shared {
     faults: Arc<Faults>,
 }
 
+/// One-way latency to add per destination (WAN emulation in user space).
+pub type LatencyFn = Arc<dyn Fn(SocketAddr) -> Duration + Send + Sync>;
+
 /// Fault injection for tests, at the level of whole messages (QUIC repairs lost packets by
 /// itself, so packet loss would only show as delay): drop a share of outgoing messages, cut the
-/// node off from a set of peers (both directions, sessions included), delay every send.
-#[derive(Debug, Default)]
+/// node off from a set of peers (both directions, sessions included), delay every send, or
+/// delay sends by destination (a latency model). A delayed message waits on its own timer, so
+/// delay adds latency without limiting throughput.
+#[derive(Default)]
 pub struct Faults {
     /// Outgoing messages dropped, in parts per thousand.
     pub drop_per_mille: std::sync::atomic::AtomicU32,
     /// Extra delay before each send (ms).
     pub delay_ms: AtomicU64,
     cut: Mutex<std::collections::HashSet<SocketAddr>>,
+    latency: Mutex<Option<LatencyFn>>,
     counter: AtomicU64,
+}
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults")
+            .field("drop_per_mille", &self.drop_per_mille)
+            .field("delay_ms", &self.delay_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Faults {
@@ -145,8 +160,26 @@ impl Faults {
     /// Heals every cut, stops dropping and delaying.
     pub fn heal(&self) {
         self.cut.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.latency.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.drop_per_mille.store(0, Ordering::Relaxed);
         self.delay_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Delays every message by `latency(destination)` (a WAN model), on top of `delay_ms`.
+    pub fn set_latency(&self, latency: LatencyFn) {
+        *self.latency.lock().unwrap_or_else(|e| e.into_inner()) = Some(latency);
+    }
+
+    fn delay_to(&self, peer: SocketAddr) -> Duration {
+        let fixed = Duration::from_millis(self.delay_ms.load(Ordering::Relaxed));
+        let modelled = self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|f| f(peer))
+            .unwrap_or_default();
+        fixed + modelled
     }
 
     fn is_cut(&self, peer: &SocketAddr) -> bool {
@@ -496,10 +529,22 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let delay = shared.faults.delay_ms.load(Ordering::Relaxed);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+        let delay = shared.faults.delay_to(to);
+        if delay.is_zero() {
+            send_now(&shared, conn, channel, bytes).await;
+        } else {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                send_now(&shared, conn, channel, bytes).await;
+            });
         }
+    }
+}
+
+/// Writes one message to a peer's connection, within the send budget and in-flight limit.
+async fn send_now(shared: &Shared, conn: quinn::Connection, channel: Channel, bytes: Bytes) {
+    {
         let len = bytes.len() as u64;
         let wait = shared
             .budget

@@ -140,6 +140,17 @@ impl Network {
         (base * (1.0 + 0.05 * rng.unit())).max(1.0) as u64
     }
 
+    /// One-way latency from `a` to `b` without jitter (µs).
+    pub fn base_latency_us(&self, a: usize, b: usize) -> f64 {
+        match &self.latency {
+            Latency::Uniform { one_way_us } => *one_way_us,
+            Latency::Wan {
+                region_of,
+                one_way_us,
+            } => one_way_us[region_of[a]][region_of[b]],
+        }
+    }
+
     /// True if this message is lost.
     pub fn loses(&self, rng: &mut Rng) -> bool {
         self.loss > 0.0 && rng.unit() < self.loss

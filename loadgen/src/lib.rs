@@ -1,0 +1,476 @@
+//! loadgen: how long a write takes to reach every node of a cluster.
+//!
+//! `live` starts N real agents in this process (real SQLite, real QUIC with mutual TLS, real
+//! SWIM and broadcast), each with its own QUIC endpoint on loopback and its own database;
+//! emulates WAN latency in user space (the transport delays each message by the latency from
+//! the sender's region to the receiver's, from the 19-region model, or by a uniform latency,
+//! plus optional loss); drives writes at a set rate on random nodes; and records when each node
+//! applied each write. `sim` runs the same scenario on the deterministic simulator.
+//!
+//! Both produce a [`Report`]: time to all nodes per write, per-node delivery, coverage, sends
+//! and bytes per change per node, and (live) CPU and memory per node; printed as a table,
+//! written as JSON, and plotted as a latency CDF (PNG).
+
+pub mod png;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use patina::agent::Agent;
+use patina::client::{request, Method, StatusCode, Target};
+use patina::config::Config;
+use patina_core::change::ChangesetId;
+use patina_core::ids::DbVersion;
+use patina_sim::network::Network;
+use serde_json::{json, Value as Json};
+
+/// Latency between nodes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Latency {
+    /// The 19-region WAN model (nodes placed by region weight).
+    Wan,
+    /// The same one-way latency between every pair (ms).
+    Uniform(f64),
+    /// Loopback as it is.
+    None,
+}
+
+/// A scenario, for either mode.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Nodes.
+    pub nodes: usize,
+    /// Writes to make.
+    pub writes: usize,
+    /// Writes per second.
+    pub rate: f64,
+    /// Latency model.
+    pub latency: Latency,
+    /// Share of messages lost (0..1).
+    pub loss: f64,
+    /// Mutual TLS between nodes (live).
+    pub tls: bool,
+    /// Seed (placement, writers, simulator).
+    pub seed: u64,
+    /// Give up on a write this long after the last one.
+    pub settle: Duration,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 20,
+            writes: 20,
+            rate: 10.0,
+            latency: Latency::Uniform(10.0),
+            loss: 0.0,
+            tls: true,
+            seed: 1,
+            settle: Duration::from_secs(30),
+            progress: false,
+        }
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// "live" or "sim".
+    pub mode: String,
+    /// Nodes.
+    pub nodes: usize,
+    /// Per write: ms until the last node applied it (None if some node never did).
+    pub time_to_all_ms: Vec<Option<f64>>,
+    /// Every (write, node) delivery delay in ms, sorted.
+    pub delivery_ms: Vec<f64>,
+    /// Per write: share of nodes that applied it.
+    pub coverage: Vec<f64>,
+    /// Messages sent per change per node (live: all transport messages during the writes,
+    /// SWIM and sync included; sim: broadcast messages).
+    pub sends_per_change_per_node: f64,
+    /// Bytes sent per change per node (same scope).
+    pub bytes_per_change_per_node: f64,
+    /// CPU seconds per node per second of the write phase (live).
+    pub cpu_per_node: Option<f64>,
+    /// Resident memory per node, idle, after the cluster formed (MiB, live).
+    pub memory_per_node_mib: Option<f64>,
+    /// Nodes that saw every other one before the writes (live).
+    pub settled_nodes: Option<usize>,
+    /// Wall time of the run (s).
+    pub wall_s: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
+}
+
+impl Report {
+    /// Time-to-all percentiles over the writes that reached every node.
+    pub fn time_to_all(&self, p: f64) -> Option<f64> {
+        let mut done: Vec<f64> = self.time_to_all_ms.iter().flatten().copied().collect();
+        done.sort_by(f64::total_cmp);
+        percentile(&done, p)
+    }
+
+    /// True when every write reached every node.
+    pub fn complete(&self) -> bool {
+        !self.coverage.is_empty() && self.coverage.iter().all(|c| *c >= 1.0)
+    }
+
+    /// The report as a table.
+    pub fn table(&self) -> String {
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+        let reached = self.coverage.iter().filter(|c| **c >= 1.0).count();
+        let mut out = String::new();
+        out.push_str(&format!(
+            "{} run, {} nodes, {} writes\n",
+            self.mode,
+            self.nodes,
+            self.coverage.len()
+        ));
+        out.push_str(&format!(
+            "  time to all nodes   p50 {}  p90 {}  p99 {}  max {}\n",
+            ms(self.time_to_all(0.5)),
+            ms(self.time_to_all(0.9)),
+            ms(self.time_to_all(0.99)),
+            ms(self.time_to_all(1.0))
+        ));
+        out.push_str(&format!(
+            "  per-node delivery   p50 {}  p99 {}\n",
+            ms(percentile(&self.delivery_ms, 0.5)),
+            ms(percentile(&self.delivery_ms, 0.99))
+        ));
+        let mean_coverage =
+            self.coverage.iter().sum::<f64>() / self.coverage.len().max(1) as f64 * 100.0;
+        out.push_str(&format!(
+            "  coverage            {reached}/{} writes reached every node ({mean_coverage:.2}% of deliveries)\n",
+            self.coverage.len()
+        ));
+        out.push_str(&format!(
+            "  per change per node {:.2} sends, {:.0} bytes\n",
+            self.sends_per_change_per_node, self.bytes_per_change_per_node
+        ));
+        if let (Some(cpu), Some(mem)) = (self.cpu_per_node, self.memory_per_node_mib) {
+            out.push_str(&format!(
+                "  per node            {:.1}% of a core while writing, {mem:.1} MiB resident (idle)\n",
+                cpu * 100.0
+            ));
+        }
+        if let Some(settled) = self.settled_nodes {
+            out.push_str(&format!(
+                "  membership          {settled}/{} nodes saw every other node before the writes\n",
+                self.nodes
+            ));
+        }
+        out.push_str(&format!("  wall time           {:.1} s\n", self.wall_s));
+        out
+    }
+
+    /// The raw figures as JSON.
+    pub fn to_json(&self) -> Json {
+        json!({
+            "mode": self.mode,
+            "nodes": self.nodes,
+            "writes": self.coverage.len(),
+            "time_to_all_ms": self.time_to_all_ms,
+            "time_to_all_p50_ms": self.time_to_all(0.5),
+            "time_to_all_p90_ms": self.time_to_all(0.9),
+            "time_to_all_p99_ms": self.time_to_all(0.99),
+            "time_to_all_max_ms": self.time_to_all(1.0),
+            "delivery_p50_ms": percentile(&self.delivery_ms, 0.5),
+            "delivery_p99_ms": percentile(&self.delivery_ms, 0.99),
+            "coverage": self.coverage,
+            "sends_per_change_per_node": self.sends_per_change_per_node,
+            "bytes_per_change_per_node": self.bytes_per_change_per_node,
+            "cpu_per_node": self.cpu_per_node,
+            "memory_per_node_mib": self.memory_per_node_mib,
+            "settled_nodes": self.settled_nodes,
+            "wall_s": self.wall_s,
+        })
+    }
+
+    /// A PNG of the CDF of time to all nodes (and of per-node delivery).
+    pub fn cdf_png(&self) -> Vec<u8> {
+        let mut all: Vec<f64> = self.time_to_all_ms.iter().flatten().copied().collect();
+        all.sort_by(f64::total_cmp);
+        png::cdf_plot(&[(&all, [200, 40, 40]), (&self.delivery_ms, [40, 90, 200])])
+    }
+}
+
+/// Runs the scenario on the simulator.
+pub fn run_sim(options: &Options) -> Report {
+    let started = Instant::now();
+    let scenario = patina_sim::Scenario {
+        nodes: options.nodes,
+        writes: options.writes,
+        write_interval_us: (1e6 / options.rate.max(0.001)) as u64,
+        seed: options.seed,
+        settle_ms: options.settle.as_millis() as u64,
+        ..patina_sim::Scenario::default()
+    };
+    let network = match options.latency {
+        Latency::Wan => Network::wan(options.nodes, options.loss, options.seed),
+        Latency::Uniform(ms) => Network::uniform(options.nodes, ms, options.loss),
+        Latency::None => Network::uniform(options.nodes, 0.05, options.loss),
+    };
+    let report = patina_sim::run(&scenario, &network);
+    Report {
+        mode: "sim".into(),
+        nodes: options.nodes,
+        time_to_all_ms: report.time_to_all_ms.clone(),
+        delivery_ms: report.delivery_ms.clone(),
+        coverage: report.coverage.clone(),
+        sends_per_change_per_node: report.sends_per_change_per_node,
+        bytes_per_change_per_node: report.bytes_per_change_per_node,
+        cpu_per_node: None,
+        memory_per_node_mib: None,
+        settled_nodes: None,
+        wall_s: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// Resident memory and CPU time of this process, from /proc.
+fn process_usage() -> (f64, f64) {
+    let rss_mib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0);
+    // utime and stime, fields 14 and 15, in clock ticks (100 per second on Linux).
+    let cpu_s = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0);
+    (rss_mib, cpu_s)
+}
+
+fn bar(options: &Options, len: usize, what: &str) -> indicatif::ProgressBar {
+    if !options.progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Runs the scenario with real agents in this process.
+pub async fn run_live(options: &Options) -> Report {
+    let started = Instant::now();
+    let root = tempfile::tempdir().expect("a temporary folder");
+    let ca = patina::tls::generate_ca().expect("a CA");
+    let network = match options.latency {
+        Latency::Wan => Some(Network::wan(options.nodes, 0.0, options.seed)),
+        Latency::Uniform(ms) => Some(Network::uniform(options.nodes, ms, 0.0)),
+        Latency::None => None,
+    };
+    // Start the nodes, each joining through the first and one other random node.
+    let mut agents: Vec<Agent> = Vec::with_capacity(options.nodes);
+    let starting = bar(options, options.nodes, "starting");
+    let mut rng = patina_sim::Rng::new(options.seed);
+    for i in 0..options.nodes {
+        let dir = root.path().join(format!("n{i}"));
+        let mut bootstrap = Vec::new();
+        if let Some(first) = agents.first() {
+            bootstrap.push(first.gossip_addr());
+            let other = rng.below(agents.len() as u64) as usize;
+            bootstrap.push(agents[other].gossip_addr());
+        }
+        let mut config: Config = patina_tests::node_config(&dir, &bootstrap);
+        config.telemetry.prometheus_addr = None;
+        // Fewer, larger sync rounds: at hundreds of nodes per core, sync competes with the
+        // broadcast being measured. Sync still repairs loss.
+        config.gossip.sync_interval_ms = 2_000;
+        config.api.query_connections = 1;
+        if options.tls {
+            config = patina_tests::with_tls(config, &dir, &ca);
+        }
+        agents.push(Agent::start(&config).await.expect("an agent"));
+        starting.inc(1);
+    }
+    starting.finish_and_clear();
+    // Membership: wait until every node sees every other (bounded).
+    let index: HashMap<SocketAddr, usize> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.gossip_addr(), i))
+        .collect();
+    let settling = bar(options, options.nodes, "membership");
+    let deadline = Instant::now() + Duration::from_secs(60 + options.nodes as u64 / 4);
+    let mut settled = 0;
+    while Instant::now() < deadline {
+        settled = agents
+            .iter()
+            .filter(|a| a.gossip().members.len() + 1 == options.nodes)
+            .count();
+        settling.set_position(settled as u64);
+        if settled == options.nodes {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    settling.finish_and_clear();
+    // WAN emulation: each node delays what it sends by the latency to the destination.
+    for (i, agent) in agents.iter().enumerate() {
+        if let Some(network) = &network {
+            let network = network.clone();
+            let index = index.clone();
+            agent.faults().set_latency(Arc::new(move |to: SocketAddr| {
+                index.get(&to).map_or(Duration::ZERO, |&j| {
+                    Duration::from_micros(network.base_latency_us(i, j) as u64)
+                })
+            }));
+        }
+        agent.faults().drop_per_mille.store(
+            (options.loss * 1000.0).round() as u32,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (idle_rss, _) = process_usage();
+
+    // Record every apply on every node.
+    type Arrivals = Arc<Mutex<HashMap<ChangesetId, Vec<Option<Instant>>>>>;
+    let arrivals: Arrivals = Arc::new(Mutex::new(HashMap::new()));
+    let n = options.nodes;
+    let mut listeners = Vec::new();
+    for (i, agent) in agents.iter().enumerate() {
+        let mut applied = agent.subscribe_applied();
+        let arrivals = arrivals.clone();
+        listeners.push(tokio::spawn(async move {
+            while let Ok(event) = applied.recv().await {
+                let mut map = arrivals.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = map.entry(event.id).or_insert_with(|| vec![None; n]);
+                slot[i].get_or_insert(event.at);
+            }
+        }));
+    }
+    let sent_before: (u64, u64) = agents.iter().fold((0, 0), |(m, b), a| {
+        let g = a.gossip();
+        (m + g.transport_sent, b + g.transport_bytes)
+    });
+    let (_, cpu_before) = process_usage();
+    let write_phase = Instant::now();
+
+    // Writes at the set rate on random nodes.
+    let writing = bar(options, options.writes, "writing");
+    let interval = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
+    let mut writes: Vec<(ChangesetId, Instant)> = Vec::with_capacity(options.writes);
+    for w in 0..options.writes {
+        let due = write_phase + interval * w as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let writer = rng.below(n as u64) as usize;
+        let body = serde_json::to_vec(&json!([format!(
+            "INSERT INTO kv (k, v) VALUES ('w{w}', 'loadgen')"
+        )]))
+        .expect("JSON");
+        let sent = Instant::now();
+        let (status, out) = request(
+            &Target::Tcp(agents[writer].api_addr()),
+            Method::POST,
+            "/v1/transactions",
+            None,
+            body,
+        )
+        .await
+        .expect("the writer answers");
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&out));
+        let answer: Json = serde_json::from_slice(&out).expect("JSON answer");
+        let version = answer["version"].as_u64().expect("a version");
+        let id = ChangesetId {
+            site: agents[writer].site_id(),
+            version: DbVersion(version),
+        };
+        // The writer has it from its own commit.
+        arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id)
+            .or_insert_with(|| vec![None; n])[writer]
+            .get_or_insert(sent);
+        writes.push((id, sent));
+        writing.inc(1);
+    }
+    writing.finish_and_clear();
+    // Wait for every write to reach every node, or give up after `settle`.
+    let spreading = bar(options, options.writes * n, "spreading");
+    let deadline = Instant::now() + options.settle;
+    loop {
+        let reached: usize = {
+            let map = arrivals.lock().unwrap_or_else(|e| e.into_inner());
+            writes
+                .iter()
+                .map(|(id, _)| map.get(id).map_or(0, |v| v.iter().flatten().count()))
+                .sum()
+        };
+        spreading.set_position(reached as u64);
+        if reached == options.writes * n || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    spreading.finish_and_clear();
+    let phase = write_phase.elapsed().as_secs_f64();
+    let (_, cpu_after) = process_usage();
+    let sent_after: (u64, u64) = agents.iter().fold((0, 0), |(m, b), a| {
+        let g = a.gossip();
+        (m + g.transport_sent, b + g.transport_bytes)
+    });
+    for l in listeners {
+        l.abort();
+    }
+    let map = arrivals.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut report = Report {
+        mode: "live".into(),
+        nodes: n,
+        settled_nodes: Some(settled),
+        memory_per_node_mib: Some(idle_rss / n as f64),
+        cpu_per_node: Some((cpu_after - cpu_before) / phase / n as f64),
+        ..Report::default()
+    };
+    for (id, sent) in &writes {
+        let arrived = map.get(id).cloned().unwrap_or_else(|| vec![None; n]);
+        let delays: Vec<Option<f64>> = arrived
+            .iter()
+            .map(|t| t.map(|t| t.saturating_duration_since(*sent).as_secs_f64() * 1e3))
+            .collect();
+        report.delivery_ms.extend(delays.iter().flatten());
+        let got = delays.iter().flatten().count();
+        report.coverage.push(got as f64 / n as f64);
+        report
+            .time_to_all_ms
+            .push((got == n).then(|| delays.iter().flatten().copied().fold(0.0, f64::max)));
+    }
+    report.delivery_ms.sort_by(f64::total_cmp);
+    let per = (options.writes.max(1) * n) as f64;
+    report.sends_per_change_per_node = (sent_after.0 - sent_before.0) as f64 / per;
+    report.bytes_per_change_per_node = (sent_after.1 - sent_before.1) as f64 / per;
+    let stopping = bar(options, n, "stopping");
+    for agent in agents {
+        agent.shutdown().await;
+        stopping.inc(1);
+    }
+    stopping.finish_and_clear();
+    report.wall_s = started.elapsed().as_secs_f64();
+    report
+}
