@@ -108,6 +108,11 @@ impl SyncScheduler {
         self.rng % (self.interval_ms / 4 + 1)
     }
 
+    /// True when a round is due and none is running (cheap: no member list needed).
+    pub fn is_due(&self, now: Millis) -> bool {
+        !self.in_flight && now >= self.next_at
+    }
+
     /// The peer to sync with now, if a round is due and none is running.
     pub fn due(&mut self, now: Millis, members: &[SiteId]) -> Option<SiteId> {
         if self.in_flight || now < self.next_at || members.is_empty() {

@@ -29,8 +29,8 @@ use patina_core::sync::SyncScheduler;
 /// What the gossip task reports, refreshed every tick.
 #[derive(Debug, Clone, Default)]
 pub struct GossipSnapshot {
-    /// Live members (not counting this node).
-    pub members: BTreeMap<SiteId, SocketAddr>,
+    /// Live members (not counting this node); shared, replaced when membership changes.
+    pub members: Arc<BTreeMap<SiteId, SocketAddr>>,
     /// Broadcast counters.
     pub broadcast: BroadcastStats,
     /// Changesets handed to the store.
@@ -96,6 +96,9 @@ pub struct GossipTask {
     pub sync: SyncScheduler,
 }
 
+/// Least time between two rewrites of the members file.
+const MEMBERS_FILE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Most inbox messages handled in one turn, so local commits and timers are never starved.
 const INBOX_BATCH_MAX: usize = 512;
 
@@ -115,7 +118,10 @@ impl GossipTask {
         let mut snapshot = GossipSnapshot::default();
         let mut effects = Vec::new();
         let mut deliveries: Vec<Arc<Changeset>> = Vec::new();
-        self.flush_membership(Instant::now(), &mut snapshot);
+        // The members file is rewritten at most once per interval: at startup in a large
+        // cluster every node hears of hundreds of members within seconds.
+        let mut members_dirty = self.flush_membership(Instant::now(), &mut snapshot);
+        let mut members_written = Instant::now() - MEMBERS_FILE_INTERVAL;
         let (sync_done, mut sync_results) = mpsc::channel::<Result<PullReport, SyncError>>(4);
         loop {
             let timer_due = self
@@ -166,7 +172,11 @@ impl GossipTask {
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
-                    let members: Vec<SiteId> = self.membership.members().keys().copied().collect();
+                    let members: Vec<SiteId> = if self.sync.is_due(now_ms(now)) {
+                        self.membership.members().keys().copied().collect()
+                    } else {
+                        Vec::new()
+                    };
                     if let Some(peer) = self.sync.due(now_ms(now), &members) {
                         match self.membership.addr_of(&peer) {
                             Some(addr) => {
@@ -181,8 +191,12 @@ impl GossipTask {
                         }
                     }
                     effects.extend(self.broadcast.tick(now_ms(now)));
+                    if members_dirty && now >= members_written + MEMBERS_FILE_INTERVAL {
+                        self.remember_members();
+                        members_dirty = false;
+                        members_written = now;
+                    }
                     snapshot.broadcast = self.broadcast.stats();
-                    snapshot.members = self.membership.members().clone();
                     snapshot.foca_members = self.membership.foca_member_count();
                     let transport = self.transport.stats();
                     snapshot.transport_sent = transport.sent.load(std::sync::atomic::Ordering::Relaxed);
@@ -193,7 +207,7 @@ impl GossipTask {
                     self.snapshot.send_replace(snapshot.clone());
                 }
             }
-            self.flush_membership(Instant::now(), &mut snapshot);
+            members_dirty |= self.flush_membership(Instant::now(), &mut snapshot);
             for effect in effects.drain(..) {
                 match effect {
                     Effect::Send { to, msg } => {
@@ -227,6 +241,9 @@ impl GossipTask {
                 }
             }
         }
+        if members_dirty {
+            self.remember_members();
+        }
         self.membership.leave();
         self.flush_membership(Instant::now(), &mut snapshot);
         // Give the goodbye packets a moment to leave before the endpoint closes.
@@ -255,7 +272,8 @@ impl GossipTask {
         }
     }
 
-    fn flush_membership(&mut self, now: Instant, snapshot: &mut GossipSnapshot) {
+    /// Sends SWIM's packets and applies its member events; true if membership changed.
+    fn flush_membership(&mut self, now: Instant, snapshot: &mut GossipSnapshot) -> bool {
         let (packets, events) = self.membership.drain(now);
         for (addr, packet) in packets {
             let bytes = encode_peer_message(self.cluster, &PeerMessage::Membership(packet));
@@ -263,7 +281,7 @@ impl GossipTask {
                 .send(addr, Channel::Stream, Bytes::from(bytes));
         }
         if events.is_empty() {
-            return;
+            return false;
         }
         for event in events {
             match event {
@@ -271,8 +289,13 @@ impl GossipTask {
                 MemberEvent::Down { site } => self.broadcast.peer_down(site),
             }
         }
-        snapshot.members = self.membership.members().clone();
+        snapshot.members = Arc::new(self.membership.members().clone());
         self.snapshot.send_replace(snapshot.clone());
+        true
+    }
+
+    /// Writes the live members next to the database, for the next start.
+    fn remember_members(&self) {
         let remembered: String = self
             .membership
             .members()

@@ -96,6 +96,8 @@ pub struct Report {
     pub bytes_per_change_per_node: f64,
     /// CPU seconds per node per second of the write phase (live).
     pub cpu_per_node: Option<f64>,
+    /// CPU seconds per node per second while idle, before the writes (live).
+    pub idle_cpu_per_node: Option<f64>,
     /// Resident memory per node, idle, after the cluster formed (MiB, live).
     pub memory_per_node_mib: Option<f64>,
     /// Nodes that saw every other one before the writes (live).
@@ -157,10 +159,15 @@ impl Report {
             "  per change per node {:.2} sends, {:.0} bytes\n",
             self.sends_per_change_per_node, self.bytes_per_change_per_node
         ));
-        if let (Some(cpu), Some(mem)) = (self.cpu_per_node, self.memory_per_node_mib) {
+        if let (Some(cpu), Some(idle), Some(mem)) = (
+            self.cpu_per_node,
+            self.idle_cpu_per_node,
+            self.memory_per_node_mib,
+        ) {
             out.push_str(&format!(
-                "  per node            {:.1}% of a core while writing, {mem:.1} MiB resident (idle)\n",
-                cpu * 100.0
+                "  per node            {:.2}% of a core while writing, {:.2}% idle, {mem:.1} MiB resident (idle)\n",
+                cpu * 100.0,
+                idle * 100.0
             ));
         }
         if let Some(settled) = self.settled_nodes {
@@ -190,6 +197,7 @@ impl Report {
             "sends_per_change_per_node": self.sends_per_change_per_node,
             "bytes_per_change_per_node": self.bytes_per_change_per_node,
             "cpu_per_node": self.cpu_per_node,
+            "idle_cpu_per_node": self.idle_cpu_per_node,
             "memory_per_node_mib": self.memory_per_node_mib,
             "settled_nodes": self.settled_nodes,
             "wall_s": self.wall_s,
@@ -230,6 +238,7 @@ pub fn run_sim(options: &Options) -> Report {
         sends_per_change_per_node: report.sends_per_change_per_node,
         bytes_per_change_per_node: report.bytes_per_change_per_node,
         cpu_per_node: None,
+        idle_cpu_per_node: None,
         memory_per_node_mib: None,
         settled_nodes: None,
         wall_s: started.elapsed().as_secs_f64(),
@@ -346,8 +355,11 @@ pub async fn run_live(options: &Options) -> Report {
             std::sync::atomic::Ordering::Relaxed,
         );
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (idle_rss, _) = process_usage();
+    // Idle cost: two seconds with nothing written.
+    let (_, idle_cpu_before) = process_usage();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (idle_rss, idle_cpu_after) = process_usage();
+    let idle_cpu = (idle_cpu_after - idle_cpu_before) / 2.0 / options.nodes as f64;
 
     // Record every apply on every node.
     type Arrivals = Arc<Mutex<HashMap<ChangesetId, Vec<Option<Instant>>>>>;
@@ -445,6 +457,7 @@ pub async fn run_live(options: &Options) -> Report {
         nodes: n,
         settled_nodes: Some(settled),
         memory_per_node_mib: Some(idle_rss / n as f64),
+        idle_cpu_per_node: Some(idle_cpu),
         cpu_per_node: Some((cpu_after - cpu_before) / phase / n as f64),
         ..Report::default()
     };

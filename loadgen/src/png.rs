@@ -36,18 +36,72 @@ pub fn cdf_plot(series: &[(&[f64], [u8; 3])]) -> Vec<u8> {
             continue;
         }
         let n = values.len() as f64;
-        let mut last_y = y0;
+        let (mut last_x, mut last_y) = (x0, y0);
         for (i, v) in values.iter().enumerate() {
             let x = x0 + ((v / max) * w as f64).round() as usize;
             let y = y0 - (((i + 1) as f64 / n) * h as f64).round() as usize;
+            // A step: along at the old height, then up.
+            for xx in last_x..=x {
+                put(xx, last_y, *colour);
+                put(xx, last_y + 1, *colour);
+            }
             for yy in y..=last_y.max(y) {
                 put(x, yy, *colour);
                 put(x + 1, yy, *colour);
             }
-            last_y = y;
+            (last_x, last_y) = (x, y);
         }
     }
+    // Axis labels: milliseconds under the x grid, percent beside the y grid.
+    for k in (0..=10).step_by(2) {
+        let label = format!("{:.0}", max * k as f64 / 10.0);
+        text(&mut put, x0 + w * k / 10, y0 + 8, &label, true);
+        let label = format!("{}%", k * 10);
+        text(&mut put, 4, y0 - h * k / 10 - 3, &label, false);
+    }
+    text(&mut put, x0 + w / 2 - 8, y0 + 22, "ms", false);
     encode(WIDTH, HEIGHT, &pixels)
+}
+
+/// 3x5 digits, '%', 'm', 's', '.', each row three bits (high bit left).
+fn glyph(c: char) -> Option<[u8; 5]> {
+    Some(match c {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 1, 1],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '%' => [5, 1, 2, 4, 5],
+        'm' => [0, 0, 7, 7, 5],
+        's' => [0, 3, 6, 1, 6],
+        '.' => [0, 0, 0, 0, 2],
+        _ => return None,
+    })
+}
+
+/// Draws `s` at (x, y), two pixels per dot; centred on x when `centre`.
+fn text(put: &mut impl FnMut(usize, usize, [u8; 3]), x: usize, y: usize, s: &str, centre: bool) {
+    let width = s.chars().count() * 8;
+    let mut x = if centre { x.saturating_sub(width / 2) } else { x };
+    for c in s.chars() {
+        if let Some(rows) = glyph(c) {
+            for (r, bits) in rows.iter().enumerate() {
+                for col in 0..3 {
+                    if bits & (4 >> col) != 0 {
+                        for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                            put(x + col * 2 + dx, y + r * 2 + dy, [0, 0, 0]);
+                        }
+                    }
+                }
+            }
+        }
+        x += 8;
+    }
 }
 
 fn crc32(bytes: &[u8]) -> u32 {
