@@ -87,7 +87,11 @@ fn glyph(c: char) -> Option<[u8; 5]> {
 /// Draws `s` at (x, y), two pixels per dot; centred on x when `centre`.
 fn text(put: &mut impl FnMut(usize, usize, [u8; 3]), x: usize, y: usize, s: &str, centre: bool) {
     let width = s.chars().count() * 8;
-    let mut x = if centre { x.saturating_sub(width / 2) } else { x };
+    let mut x = if centre {
+        x.saturating_sub(width / 2)
+    } else {
+        x
+    };
     for c in s.chars() {
         if let Some(rows) = glyph(c) {
             for (r, bits) in rows.iter().enumerate() {
