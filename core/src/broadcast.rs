@@ -48,6 +48,9 @@ pub struct BroadcastConfig {
     pub missing_max: usize,
     /// Ids per "I have" message.
     pub ihave_batch_max: usize,
+    /// Eager links a node keeps however many duplicates arrive: pruning every redundant link
+    /// leaves a minimal, deep tree; a little redundancy makes it shallower. 0..=eager_peers_max.
+    pub eager_keep_min: usize,
 }
 
 impl Default for BroadcastConfig {
@@ -60,6 +63,7 @@ impl Default for BroadcastConfig {
             cache_max: 4_096,
             missing_max: 16_384,
             ihave_batch_max: 256,
+            eager_keep_min: 0,
         }
     }
 }
@@ -340,7 +344,7 @@ impl Broadcast {
                 } else {
                     // A second copy: this link is redundant, make it lazy on both ends.
                     self.stats.duplicates += 1;
-                    if self.eager.remove(&from) {
+                    if self.eager.len() > self.config.eager_keep_min && self.eager.remove(&from) {
                         self.lazy.insert(from);
                         effects.push(Effect::Send {
                             to: from,
@@ -643,5 +647,28 @@ mod tests {
         eprintln!("{n} nodes, {writes} writes: {per_change_per_node:.2} sends per change per node");
         // A spanning tree needs n - 1 pushes per change; lazy announcements add a little.
         assert!(per_change_per_node < 6.0, "{per_change_per_node}");
+    }
+
+    #[test]
+    fn a_kept_minimum_of_eager_links_is_never_pruned() {
+        let config = BroadcastConfig {
+            eager_keep_min: 2,
+            ..BroadcastConfig::default()
+        };
+        let mut a = Broadcast::new(site(1), config, 1);
+        for p in 2..=4 {
+            a.peer_up(site(p));
+        }
+        let cs = changeset(9, 1);
+        a.receive(Millis(0), site(2), BroadcastMsg::Gossip(cs.clone()));
+        // Duplicates from the other two: one link is pruned, then the minimum holds.
+        let first = a.receive(Millis(1), site(3), BroadcastMsg::Gossip(cs.clone()));
+        assert!(first.contains(&Effect::Send {
+            to: site(3),
+            msg: BroadcastMsg::Prune
+        }));
+        let second = a.receive(Millis(2), site(4), BroadcastMsg::Gossip(cs));
+        assert!(second.is_empty(), "{second:?}");
+        assert_eq!(a.eager_peers().len(), 2);
     }
 }

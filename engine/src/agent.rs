@@ -793,6 +793,7 @@ fn start_gossip(
                 eager_peers_max: config.eager_peers_max,
                 lazy_peers_max: config.lazy_peers_max,
                 graft_timeout_ms: config.graft_timeout_ms,
+                eager_keep_min: config.eager_keep_min,
                 ..BroadcastConfig::default()
             },
             seed,

@@ -108,6 +108,9 @@ pub struct GossipConfig {
     /// Lazy peers in the broadcast view, each told about every changeset; other members stay
     /// passive until an active peer fails. 0..=64.
     pub lazy_peers_max: usize,
+    /// Eager links kept however many duplicates arrive (0: prune every redundant link, the
+    /// smallest tree). 0..=eager_peers_max.
+    pub eager_keep_min: usize,
     /// Wait for an announced changeset before asking for it (ms). 1..=60,000.
     pub graft_timeout_ms: u64,
     /// Messages queued per peer before the oldest is dropped. 16..=1,000,000.
@@ -141,6 +144,7 @@ impl Default for GossipConfig {
             eager_peers_max: 4,
             lazy_peers_max: 8,
             graft_timeout_ms: 80,
+            eager_keep_min: 0,
             send_queue_len_max: 4096,
             message_bytes_max: 16 * 1024 * 1024,
             part_bytes: 64 * 1024,
@@ -297,6 +301,12 @@ impl Config {
         within("gossip.tick_ms", self.gossip.tick_ms as usize, 1, 1000)?;
         within("gossip.eager_peers_max", self.gossip.eager_peers_max, 1, 32)?;
         within("gossip.lazy_peers_max", self.gossip.lazy_peers_max, 0, 64)?;
+        within(
+            "gossip.eager_keep_min",
+            self.gossip.eager_keep_min,
+            0,
+            self.gossip.eager_peers_max,
+        )?;
         within(
             "gossip.graft_timeout_ms",
             self.gossip.graft_timeout_ms as usize,

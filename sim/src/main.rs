@@ -24,6 +24,7 @@ fn main() {
             "--view" => scenario.view_size = value().parse().expect("--view N"),
             "--eager" => scenario.broadcast.eager_peers_max = value().parse().expect("--eager N"),
             "--lazy" => scenario.broadcast.lazy_peers_max = value().parse().expect("--lazy N"),
+            "--keep" => scenario.broadcast.eager_keep_min = value().parse().expect("--keep N"),
             "--model" => model = value(),
             "--latency-ms" => latency_ms = value().parse().expect("--latency-ms X"),
             "--loss" => loss = value().parse().expect("--loss X"),
