@@ -288,6 +288,12 @@ impl Broadcast {
         self.seen.contains(id)
     }
 
+    /// True while announcements wait to be sent or announced ids wait for their graft: the
+    /// caller should tick soon.
+    pub fn has_pending(&self) -> bool {
+        !self.pending_ihave.is_empty() || !self.missing.is_empty()
+    }
+
     /// Marks a changeset as known without broadcasting it (e.g. it came by sync).
     pub fn mark_seen(&mut self, id: PartId) {
         self.remember(id);

@@ -112,8 +112,12 @@ impl GossipTask {
                 self.membership.announce(addr, self.cluster);
             }
         }
-        let mut tick = tokio::time::interval(Duration::from_millis(self.tick_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Ticks every `tick_ms` while broadcast has announcements to send or ids to graft;
+        // ten times less often when idle (sync rounds and counters only), so an idle node
+        // costs little.
+        let busy_tick = Duration::from_millis(self.tick_ms);
+        let idle_tick = busy_tick * 10;
+        let mut last_tick = Instant::now();
         let mut peer_addrs: BTreeMap<SiteId, SocketAddr> = BTreeMap::new();
         let mut snapshot = GossipSnapshot::default();
         let mut effects = Vec::new();
@@ -128,6 +132,12 @@ impl GossipTask {
                 .membership
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let tick_due = last_tick
+                + if self.broadcast.has_pending() {
+                    busy_tick
+                } else {
+                    idle_tick
+                };
             tokio::select! {
                 _ = self.shutdown.changed() => break,
                 received = self.inbox.recv() => {
@@ -170,8 +180,9 @@ impl GossipTask {
                     }
                     self.sync.finished(now_ms(Instant::now()), ok);
                 }
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(tick_due.into()) => {
                     let now = Instant::now();
+                    last_tick = now;
                     let members: Vec<SiteId> = if self.sync.is_due(now_ms(now)) {
                         self.membership.members().keys().copied().collect()
                     } else {
