@@ -159,7 +159,6 @@ enum Command {
     Changes(Arc<Vec<RowChange>>),
     /// Change notices were lost: reconcile every subscription with the data.
     Resync,
-    Count(oneshot::Sender<usize>),
 }
 
 /// The handle the API uses.
@@ -175,7 +174,6 @@ impl std::fmt::Debug for Command {
             Command::Attach { .. } => "Attach",
             Command::Changes(_) => "Changes",
             Command::Resync => "Resync",
-            Command::Count(_) => "Count",
         })
     }
 }
@@ -219,13 +217,6 @@ impl SubsHandle {
             rx,
         )
         .await
-    }
-
-    /// Subscriptions held.
-    pub async fn count(&self) -> Option<usize> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Count(reply)).await.ok()?;
-        rx.await.ok()
     }
 
     async fn call(
@@ -726,9 +717,6 @@ impl Manager {
                 if let Err(e) = self.resync() {
                     tracing::error!("subscriptions: resync failed: {e}");
                 }
-            }
-            Command::Count(reply) => {
-                let _ = reply.send(self.matchers.len());
             }
         }
     }
