@@ -24,6 +24,7 @@ use patina::config::Config;
 use patina_core::change::ChangesetId;
 use patina_core::ids::DbVersion;
 use patina_sim::network::Network;
+use patina_sim::percentile;
 use serde_json::{json, Value as Json};
 
 /// Latency between nodes.
@@ -104,13 +105,6 @@ pub struct Report {
     pub settled_nodes: Option<usize>,
     /// Wall time of the run (s).
     pub wall_s: f64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
 impl Report {
