@@ -118,9 +118,19 @@ impl SyncScheduler {
         if self.in_flight || now < self.next_at || members.is_empty() {
             return None;
         }
+        // Every node starts the round-robin at its own random place: starting all at the
+        // first member would make every node ask the same peers in the same order, so what
+        // one peer alone holds would spread one peer per round instead of doubling.
+        let start = || {
+            let mut x = self.rng | 1;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            members.get((x % members.len() as u64) as usize)
+        };
         let next = match self.last_peer {
             Some(last) => members.iter().find(|m| **m > last).or(members.first()),
-            None => members.first(),
+            None => start(),
         }
         .copied()?;
         self.in_flight = true;

@@ -618,6 +618,10 @@ const MSG_GOSSIP: u8 = 1;
 const MSG_IHAVE: u8 = 2;
 const MSG_GRAFT: u8 = 3;
 const MSG_PRUNE: u8 = 4;
+const MSG_PING: u8 = 5;
+const MSG_PONG: u8 = 6;
+const MSG_KEPT_GOSSIP: u8 = 7;
+const MSG_KEEP: u8 = 8;
 
 /// Most ids in one "I have" or graft.
 pub const IDS_PER_MESSAGE_MAX: usize = 4096;
@@ -640,6 +644,10 @@ pub fn encode_peer_message(cluster: u16, message: &PeerMessage) -> Vec<u8> {
                     out.push(MSG_GOSSIP);
                     encode_changeset(cs, &mut out);
                 }
+                BroadcastMsg::KeptGossip(cs) => {
+                    out.push(MSG_KEPT_GOSSIP);
+                    encode_changeset(cs, &mut out);
+                }
                 BroadcastMsg::IHave(ids) | BroadcastMsg::Graft(ids) => {
                     out.push(if matches!(msg, BroadcastMsg::IHave(_)) {
                         MSG_IHAVE
@@ -654,6 +662,15 @@ pub fn encode_peer_message(cluster: u16, message: &PeerMessage) -> Vec<u8> {
                     }
                 }
                 BroadcastMsg::Prune => out.push(MSG_PRUNE),
+                BroadcastMsg::Keep => out.push(MSG_KEEP),
+                BroadcastMsg::Ping(at) | BroadcastMsg::Pong(at) => {
+                    out.push(if matches!(msg, BroadcastMsg::Ping(_)) {
+                        MSG_PING
+                    } else {
+                        MSG_PONG
+                    });
+                    put_varint(&mut out, *at);
+                }
             }
         }
     }
@@ -685,9 +702,14 @@ pub fn decode_peer_message(
             let from = SiteId::from_slice(r.take(SITE_ID_LEN, "sender")?)
                 .map_err(|_| DecodeError::Truncated("sender"))?;
             let msg = match r.u8("broadcast kind")? {
-                MSG_GOSSIP => {
+                kind @ (MSG_GOSSIP | MSG_KEPT_GOSSIP) => {
                     let rest = std::mem::take(&mut r.bytes);
-                    BroadcastMsg::Gossip(std::sync::Arc::new(decode_changeset(rest, limits)?))
+                    let cs = std::sync::Arc::new(decode_changeset(rest, limits)?);
+                    if kind == MSG_GOSSIP {
+                        BroadcastMsg::Gossip(cs)
+                    } else {
+                        BroadcastMsg::KeptGossip(cs)
+                    }
                 }
                 kind @ (MSG_IHAVE | MSG_GRAFT) => {
                     let n = r.count("id count", IDS_PER_MESSAGE_MAX, SITE_ID_LEN + 2)?;
@@ -711,6 +733,9 @@ pub fn decode_peer_message(
                     }
                 }
                 MSG_PRUNE => BroadcastMsg::Prune,
+                MSG_KEEP => BroadcastMsg::Keep,
+                MSG_PING => BroadcastMsg::Ping(r.varint()?),
+                MSG_PONG => BroadcastMsg::Pong(r.varint()?),
                 other => return Err(DecodeError::ValueTag(other).into()),
             };
             if !r.bytes.is_empty() {
@@ -744,7 +769,11 @@ mod peer_message_tests {
             PeerMessage::Membership(vec![1, 2, 3]),
             PeerMessage::Broadcast {
                 from,
-                msg: BroadcastMsg::Gossip(cs),
+                msg: BroadcastMsg::Gossip(cs.clone()),
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::KeptGossip(cs),
             },
             PeerMessage::Broadcast {
                 from,
@@ -757,6 +786,18 @@ mod peer_message_tests {
             PeerMessage::Broadcast {
                 from,
                 msg: BroadcastMsg::Prune,
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Keep,
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Ping(u64::MAX),
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Pong(12_345),
             },
         ] {
             let bytes = encode_peer_message(7, &msg);

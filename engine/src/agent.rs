@@ -793,7 +793,9 @@ fn start_gossip(
                 eager_peers_max: config.eager_peers_max,
                 lazy_peers_max: config.lazy_peers_max,
                 graft_timeout_ms: config.graft_timeout_ms,
-                eager_keep_min: config.eager_keep_min,
+                near_peers: config.near_peers,
+                far_peers: config.far_peers,
+                probe_interval_ms: config.probe_interval_ms,
                 ..BroadcastConfig::default()
             },
             seed,

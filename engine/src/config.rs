@@ -103,14 +103,21 @@ pub struct GossipConfig {
     pub tls: Option<GossipTlsConfig>,
     /// Broadcast tick: how often "I have" batches leave and grafts are checked (ms). 1..=1000.
     pub tick_ms: u64,
-    /// Eager peers (the broadcast tree's fan-out before pruning). 1..=32.
+    /// Eager peers of the optional Plumtree tree (its fan-out before pruning; 0: no tree, the
+    /// kept links carry everything). 0..=32.
     pub eager_peers_max: usize,
-    /// Lazy peers in the broadcast view, each told about every changeset; other members stay
-    /// passive until an active peer fails. 0..=64.
+    /// Lazy peers of the optional tree, each told about every changeset ("I have") so lost
+    /// pushes are grafted; other members stay passive until an active peer fails. 0..=64.
     pub lazy_peers_max: usize,
-    /// Eager links kept however many duplicates arrive (0: prune every redundant link, the
-    /// smallest tree). 0..=eager_peers_max.
-    pub eager_keep_min: usize,
+    /// Kept links this node asks of the members with the lowest round-trip time (found by
+    /// probes): every changeset floods a region within milliseconds. 0..=16.
+    pub near_peers: usize,
+    /// Kept links this node asks of members picked at random: the long links that take a
+    /// changeset to every region in about one hop. 0..=16.
+    pub far_peers: usize,
+    /// Time between round-trip probes while fewer than 128 members are measured (ms; 40 times
+    /// longer afterwards; 0: no probes, so no near links). 0..=60,000.
+    pub probe_interval_ms: u64,
     /// Wait for an announced changeset before asking for it (ms). 1..=60,000.
     pub graft_timeout_ms: u64,
     /// Messages queued per peer before the oldest is dropped. 16..=1,000,000.
@@ -141,10 +148,12 @@ impl Default for GossipConfig {
             plaintext: false,
             tls: None,
             tick_ms: 10,
-            eager_peers_max: 4,
-            lazy_peers_max: 8,
+            eager_peers_max: 0,
+            lazy_peers_max: 0,
             graft_timeout_ms: 80,
-            eager_keep_min: 0,
+            near_peers: 4,
+            far_peers: 2,
+            probe_interval_ms: 50,
             send_queue_len_max: 4096,
             message_bytes_max: 16 * 1024 * 1024,
             part_bytes: 64 * 1024,
@@ -299,13 +308,15 @@ impl Config {
         )?;
         within("api.query_connections", self.api.query_connections, 1, 256)?;
         within("gossip.tick_ms", self.gossip.tick_ms as usize, 1, 1000)?;
-        within("gossip.eager_peers_max", self.gossip.eager_peers_max, 1, 32)?;
+        within("gossip.eager_peers_max", self.gossip.eager_peers_max, 0, 32)?;
         within("gossip.lazy_peers_max", self.gossip.lazy_peers_max, 0, 64)?;
+        within("gossip.near_peers", self.gossip.near_peers, 0, 16)?;
+        within("gossip.far_peers", self.gossip.far_peers, 0, 16)?;
         within(
-            "gossip.eager_keep_min",
-            self.gossip.eager_keep_min,
+            "gossip.probe_interval_ms",
+            self.gossip.probe_interval_ms as usize,
             0,
-            self.gossip.eager_peers_max,
+            60_000,
         )?;
         within(
             "gossip.graft_timeout_ms",

@@ -101,6 +101,11 @@ impl Scenario {
                 eager_peers_max: 1,
                 lazy_peers_max: 3,
                 graft_timeout_ms: GRAFT_TIMEOUT_MS,
+                // Kept links and probes are off: the tree is the harder path to get right,
+                // and the model's clocks do not measure distance.
+                near_peers: 0,
+                far_peers: 0,
+                probe_interval_ms: 0,
                 ..BroadcastConfig::default()
             },
             faults: self.faults,

@@ -16,7 +16,7 @@ pub mod network;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
-use patina_core::broadcast::{BroadcastConfig, Millis};
+use patina_core::broadcast::{BroadcastConfig, BroadcastMsg, Millis};
 use patina_core::change::ChangesetId;
 use patina_core::ids::SiteId;
 use patina_core::node::{Node, NodeConfig, NodeMsg, Output};
@@ -35,7 +35,9 @@ pub struct Scenario {
     pub writes: usize,
     /// Virtual time between writes (µs).
     pub write_interval_us: u64,
-    /// Peers each node knows (its partial view); the broadcast tree forms over these links.
+    /// Peers each node knows (at least; links are made symmetric); the overlay forms over these.
+    /// `usize::MAX` (the default): every node knows every other, as SWIM gives the agents.
+    /// Partial views keep 10,000-node runs in memory.
     pub view_size: usize,
     /// Broadcast settings (the production defaults unless changed).
     pub broadcast: BroadcastConfig,
@@ -43,12 +45,16 @@ pub struct Scenario {
     pub tick_ms: u64,
     /// Anti-entropy: time between sync rounds of one node (ms, plus jitter); None: no sync.
     pub sync_interval_ms: Option<u64>,
-    /// Cut the cluster in two halves (even and odd nodes) from `.0` to `.1` (virtual ms).
+    /// Cut the cluster in two halves (even and odd nodes) from `.0` to `.1` (virtual ms after
+    /// the first write).
     pub partition_ms: Option<(u64, u64)>,
     /// Share of nodes that crash during the writes (0..=1), each down for `crash_down_ms`.
     pub crash_share: f64,
     /// How long a crashed node stays down (ms).
     pub crash_down_ms: u64,
+    /// Virtual time before the first write (ms): membership is known from the start, this is
+    /// for round-trip probes to find near peers.
+    pub warmup_ms: u64,
     /// Give up this long after the last write (ms of virtual time).
     pub settle_ms: u64,
     /// Seed of everything random: placement, views, loss, writers, crashes.
@@ -61,13 +67,14 @@ impl Default for Scenario {
             nodes: 100,
             writes: 20,
             write_interval_us: 100_000,
-            view_size: 12,
+            view_size: usize::MAX,
             broadcast: BroadcastConfig::default(),
             tick_ms: 10,
             sync_interval_ms: Some(500),
             partition_ms: None,
             crash_share: 0.0,
             crash_down_ms: 2_000,
+            warmup_ms: 10_000,
             settle_ms: 60_000,
             seed: 1,
         }
@@ -83,13 +90,16 @@ pub struct Report {
     pub coverage: Vec<f64>,
     /// Every (write, node) delivery delay in ms, sorted (the per-node delivery distribution).
     pub delivery_ms: Vec<f64>,
-    /// Broadcast messages sent per change per node.
+    /// Broadcast messages sent per change per node (from the first write on).
     pub sends_per_change_per_node: f64,
     /// Bytes of broadcast messages per change per node (encoded peer messages).
     pub bytes_per_change_per_node: f64,
-    /// Sync messages (requests and replies) sent per node, over the whole run.
+    /// Sync messages (requests and replies) sent per node from the first write on.
     pub sync_sends_per_node: f64,
-    /// Bytes of sync messages per node, over the whole run.
+    /// Overlay upkeep messages (round-trip probes and answers, kept-link requests) sent per
+    /// node over the whole run, warm-up included.
+    pub upkeep_sends_per_node: f64,
+    /// Bytes of sync messages per node from the first write on.
     pub sync_bytes_per_node: f64,
     /// Deliveries made by sync rather than broadcast.
     pub repaired_by_sync: u64,
@@ -221,6 +231,12 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
     let index: BTreeMap<SiteId, usize> = (0..n).map(|i| (site(i), i)).collect();
     // Partial views: each node knows `view_size` random others, links made symmetric.
     let mut views: Vec<Vec<usize>> = vec![Vec::new(); n];
+    if scenario.view_size >= n.saturating_sub(1) {
+        // Full membership, as SWIM gives every agent.
+        for (i, view) in views.iter_mut().enumerate() {
+            view.extend((0..n).filter(|j| *j != i));
+        }
+    }
     for i in 0..n {
         while views[i].len() < scenario.view_size.min(n - 1) {
             let j = rng.below(n as u64) as usize;
@@ -253,11 +269,6 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
         })
         .collect();
     let mut up = vec![true; n];
-    let cut = |a: usize, b: usize, now_us: u64| {
-        scenario
-            .partition_ms
-            .is_some_and(|(from, to)| (from * 1000..to * 1000).contains(&now_us) && a % 2 != b % 2)
-    };
 
     // Virtual time in µs. Events ordered by (time, sequence) for determinism.
     let mut queue: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
@@ -282,7 +293,13 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
             );
         }
     }
-    let first_write_at = 1_000;
+    let first_write_at = 1_000 + scenario.warmup_ms * 1000;
+    let cut = |a: usize, b: usize, now_us: u64| {
+        scenario.partition_ms.is_some_and(|(from, to)| {
+            (first_write_at + from * 1000..first_write_at + to * 1000).contains(&now_us)
+                && a % 2 != b % 2
+        })
+    };
     for w in 0..scenario.writes {
         push(
             &mut queue,
@@ -311,6 +328,7 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
     let mut missing = (scenario.writes * n) as u64;
     let (mut sends, mut bytes, mut sync_sends, mut sync_bytes) = (0u64, 0u64, 0u64, 0u64);
     let mut repaired_by_sync = 0u64;
+    let mut upkeep_sends = 0u64;
     let mut events = 0u64;
     let mut last_delivery_at = first_write_at;
     while let Some(Reverse((now, _, event))) = queue.pop() {
@@ -396,7 +414,17 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
                 Output::Send { to, msg } => {
                     let to = index[&to];
                     let size = wire_bytes(site(node), &msg) as u64;
-                    if matches!(msg, NodeMsg::Broadcast(_)) {
+                    // Costs are counted from the first write on; overlay upkeep (probes and
+                    // kept-link requests) over the whole run, warm-up included.
+                    if matches!(
+                        msg,
+                        NodeMsg::Broadcast(
+                            BroadcastMsg::Ping(_) | BroadcastMsg::Pong(_) | BroadcastMsg::Keep
+                        )
+                    ) {
+                        upkeep_sends += 1;
+                    } else if now < first_write_at {
+                    } else if matches!(msg, NodeMsg::Broadcast(_)) {
                         sends += 1;
                         bytes += size;
                     } else {
@@ -431,6 +459,38 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
             }
         }
     }
+    if std::env::var_os("PATINA_SIM_DEBUG").is_some() {
+        let mut total = patina_core::broadcast::BroadcastStats::default();
+        let (mut eager, mut lazy) = (0, 0);
+        for node in &nodes {
+            let s = node.broadcast.stats();
+            total.gossip_sent += s.gossip_sent;
+            total.ihave_sent += s.ihave_sent;
+            total.grafts_sent += s.grafts_sent;
+            total.prunes_sent += s.prunes_sent;
+            total.duplicates += s.duplicates;
+            eager += node.broadcast.eager_peers().len();
+            lazy += node.broadcast.lazy_peers().len();
+        }
+        for (w, r) in reached.iter().enumerate() {
+            let missing: Vec<usize> = (0..n).filter(|i| r[*i].is_none()).collect();
+            if !missing.is_empty() {
+                eprintln!(
+                    "debug: write {w} at {:?} missing on {} nodes",
+                    written_at[w],
+                    missing.len()
+                );
+                for i in missing.iter().take(2) {
+                    eprintln!("debug: node {i} book {:?}", nodes[*i].durable.book);
+                }
+            }
+        }
+        eprintln!(
+            "debug: {total:?}; eager per node {:.1}, lazy per node {:.1}",
+            eager as f64 / n as f64,
+            lazy as f64 / n as f64
+        );
+    }
     let mut delivery_ms = Vec::new();
     let time_to_all_ms = reached
         .iter()
@@ -456,6 +516,7 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
         sends_per_change_per_node: sends as f64 / per,
         bytes_per_change_per_node: bytes as f64 / per,
         sync_sends_per_node: sync_sends as f64 / n as f64,
+        upkeep_sends_per_node: upkeep_sends as f64 / n as f64,
         sync_bytes_per_node: sync_bytes as f64 / n as f64,
         repaired_by_sync,
         duration_ms: (last_delivery_at - first_write_at) as f64 / 1000.0,

@@ -24,7 +24,12 @@ fn main() {
             "--view" => scenario.view_size = value().parse().expect("--view N"),
             "--eager" => scenario.broadcast.eager_peers_max = value().parse().expect("--eager N"),
             "--lazy" => scenario.broadcast.lazy_peers_max = value().parse().expect("--lazy N"),
-            "--keep" => scenario.broadcast.eager_keep_min = value().parse().expect("--keep N"),
+            "--near" => scenario.broadcast.near_peers = value().parse().expect("--near N"),
+            "--far" => scenario.broadcast.far_peers = value().parse().expect("--far N"),
+            "--probe-ms" => {
+                scenario.broadcast.probe_interval_ms = value().parse().expect("--probe-ms N")
+            }
+            "--warmup-ms" => scenario.warmup_ms = value().parse().expect("--warmup-ms N"),
             "--model" => model = value(),
             "--latency-ms" => latency_ms = value().parse().expect("--latency-ms X"),
             "--loss" => loss = value().parse().expect("--loss X"),
@@ -75,11 +80,12 @@ fn main() {
         report.sends_per_change_per_node, report.bytes_per_change_per_node,
     );
     println!(
-        "sync: {:.1} messages and {:.0} bytes per node over {:.1} s; {} deliveries made by sync",
+        "sync: {:.1} messages and {:.0} bytes per node over {:.1} s after the first write; {} deliveries made by sync; {:.1} upkeep messages (probes, kept-link requests) per node in all",
         report.sync_sends_per_node,
         report.sync_bytes_per_node,
         report.duration_ms / 1000.0,
-        report.repaired_by_sync
+        report.repaired_by_sync,
+        report.upkeep_sends_per_node,
     );
     println!(
         "{} events in {:.2} s wall",
