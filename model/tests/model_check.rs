@@ -42,17 +42,17 @@ fn caught(scenario: Scenario, depth: usize, property: &'static str) {
 
 #[test]
 fn two_nodes_with_conflicts_deletes_and_a_crash_converge() {
-    holds(scenarios::conflicts_with_crash(), 9, 134_749);
+    holds(scenarios::conflicts_with_crash(), 9, 135_954);
 }
 
 #[test]
 fn three_nodes_on_a_lossy_network_converge() {
-    holds(scenarios::three_nodes(), 9, 176_797);
+    holds(scenarios::three_nodes(), 9, 178_127);
 }
 
 #[test]
 fn four_nodes_converge() {
-    holds(scenarios::four_nodes(), 7, 103_647);
+    holds(scenarios::four_nodes(), 7, 103_699);
 }
 
 #[test]
@@ -60,7 +60,7 @@ fn equal_concurrent_inserts_converge() {
     holds(
         scenarios::equal_concurrent_inserts(NodeFaults::default()),
         14,
-        95_272,
+        105_659,
     );
 }
 
@@ -69,7 +69,7 @@ fn an_update_against_a_resurrect_converges() {
     holds(
         scenarios::update_against_resurrect(NodeFaults::default()),
         11,
-        196_233,
+        200_343,
     );
 }
 
@@ -78,7 +78,7 @@ fn a_lost_write_is_repaired_by_sync() {
     holds(
         scenarios::two_writes_lossy(NodeFaults::default()),
         12,
-        104_827,
+        107_638,
     );
 }
 
