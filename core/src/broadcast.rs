@@ -68,7 +68,7 @@ pub struct BroadcastConfig {
     pub probe_interval_ms: u64,
 }
 
-/// Members measured before probes slow down.
+/// Members measured before probes slow down (or all of them, if fewer).
 pub const PROBE_FAST_UNTIL: usize = 128;
 
 /// How much longer the interval between probes is once [`PROBE_FAST_UNTIL`] members are
@@ -729,7 +729,8 @@ impl Broadcast {
                 });
                 self.stats.pings_sent += 1;
             }
-            let interval = if self.rtt_ms.len() < PROBE_FAST_UNTIL {
+            let members = self.eager.len() + self.lazy.len() + self.passive.len();
+            let interval = if self.rtt_ms.len() < PROBE_FAST_UNTIL.min(members) {
                 self.config.probe_interval_ms
             } else {
                 self.config.probe_interval_ms * PROBE_SLOW_FACTOR

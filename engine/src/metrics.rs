@@ -147,6 +147,7 @@ pub fn render(store: &StoreMetrics, gossip: &GossipSnapshot, store_queue: usize)
             ("{kind=\"ihave\"}", b.ihave_sent as f64),
             ("{kind=\"graft\"}", b.grafts_sent as f64),
             ("{kind=\"prune\"}", b.prunes_sent as f64),
+            ("{kind=\"ping\"}", b.pings_sent as f64),
         ],
     );
     metric(

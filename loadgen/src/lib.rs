@@ -57,6 +57,9 @@ pub struct Options {
     pub seed: u64,
     /// Give up on a write this long after the last one.
     pub settle: Duration,
+    /// Wait after membership settles, before the writes (live): round-trip probes choose the
+    /// near peers meanwhile.
+    pub warmup: Duration,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -72,6 +75,7 @@ impl Default for Options {
             tls: true,
             seed: 1,
             settle: Duration::from_secs(30),
+            warmup: Duration::from_secs(15),
             progress: false,
         }
     }
@@ -95,6 +99,10 @@ pub struct Report {
     pub sends_per_change_per_node: f64,
     /// Bytes sent per change per node (same scope).
     pub bytes_per_change_per_node: f64,
+    /// Broadcast messages (pushes, announcements, grafts, prunes; not probes or kept-link
+    /// requests) per change per node, the simulator's measure (live only; the simulator's
+    /// figure is `sends_per_change_per_node`).
+    pub broadcast_sends_per_change_per_node: Option<f64>,
     /// CPU seconds per node per second of the write phase (live).
     pub cpu_per_node: Option<f64>,
     /// CPU seconds per node per second while idle, before the writes (live).
@@ -153,6 +161,11 @@ impl Report {
             "  per change per node {:.2} sends, {:.0} bytes\n",
             self.sends_per_change_per_node, self.bytes_per_change_per_node
         ));
+        if let Some(broadcast) = self.broadcast_sends_per_change_per_node {
+            out.push_str(&format!(
+                "  of which broadcast  {broadcast:.2} sends per change per node\n"
+            ));
+        }
         if let (Some(cpu), Some(idle), Some(mem)) = (
             self.cpu_per_node,
             self.idle_cpu_per_node,
@@ -190,6 +203,7 @@ impl Report {
             "coverage": self.coverage,
             "sends_per_change_per_node": self.sends_per_change_per_node,
             "bytes_per_change_per_node": self.bytes_per_change_per_node,
+            "broadcast_sends_per_change_per_node": self.broadcast_sends_per_change_per_node,
             "cpu_per_node": self.cpu_per_node,
             "idle_cpu_per_node": self.idle_cpu_per_node,
             "memory_per_node_mib": self.memory_per_node_mib,
@@ -215,6 +229,9 @@ pub fn run_sim(options: &Options) -> Report {
         write_interval_us: (1e6 / options.rate.max(0.001)) as u64,
         seed: options.seed,
         settle_ms: options.settle.as_millis() as u64,
+        // Every agent knows every member; beyond 2,000 simulated nodes a partial view keeps
+        // memory in bounds.
+        view_size: if options.nodes > 2_000 { 64 } else { usize::MAX },
         ..patina_sim::Scenario::default()
     };
     let network = match options.latency {
@@ -231,6 +248,7 @@ pub fn run_sim(options: &Options) -> Report {
         coverage: report.coverage.clone(),
         sends_per_change_per_node: report.sends_per_change_per_node,
         bytes_per_change_per_node: report.bytes_per_change_per_node,
+        broadcast_sends_per_change_per_node: None,
         cpu_per_node: None,
         idle_cpu_per_node: None,
         memory_per_node_mib: None,
@@ -262,6 +280,13 @@ fn process_usage() -> (f64, f64) {
         })
         .unwrap_or(0.0);
     (rss_mib, cpu_s)
+}
+
+/// Broadcast messages a node sent, the simulator's measure: pushes, announcements, grafts and
+/// prunes (gossip_sent includes pushes over kept links).
+fn broadcast_sent(gossip: &patina::gossip::GossipSnapshot) -> u64 {
+    let b = gossip.broadcast;
+    b.gossip_sent + b.ihave_sent + b.grafts_sent + b.prunes_sent
 }
 
 fn bar(options: &Options, len: usize, what: &str) -> indicatif::ProgressBar {
@@ -318,22 +343,7 @@ pub async fn run_live(options: &Options) -> Report {
         .enumerate()
         .map(|(i, a)| (a.gossip_addr(), i))
         .collect();
-    let settling = bar(options, options.nodes, "membership");
-    let deadline = Instant::now() + Duration::from_secs(60 + options.nodes as u64 / 4);
-    let mut settled = 0;
-    while Instant::now() < deadline {
-        settled = agents
-            .iter()
-            .filter(|a| a.gossip().members.len() + 1 == options.nodes)
-            .count();
-        settling.set_position(settled as u64);
-        if settled == options.nodes {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    settling.finish_and_clear();
-    // WAN emulation: each node delays what it sends by the latency to the destination.
+    // WAN emulation, from the start (probes measure it): each node delays what it sends by the latency to the destination.
     for (i, agent) in agents.iter().enumerate() {
         if let Some(network) = &network {
             let network = network.clone();
@@ -349,6 +359,24 @@ pub async fn run_live(options: &Options) -> Report {
             std::sync::atomic::Ordering::Relaxed,
         );
     }
+    let settling = bar(options, options.nodes, "membership");
+    let deadline = Instant::now() + Duration::from_secs(60 + options.nodes as u64 / 4);
+    let mut settled = 0;
+    while Instant::now() < deadline {
+        settled = agents
+            .iter()
+            .filter(|a| a.gossip().members.len() + 1 == options.nodes)
+            .count();
+        settling.set_position(settled as u64);
+        if settled == options.nodes {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    settling.finish_and_clear();
+    // Round-trip probes find each node's near peers; give them time (the simulator's
+    // warm-up does the same).
+    tokio::time::sleep(options.warmup).await;
     // Idle cost: two seconds with nothing written.
     let (_, idle_cpu_before) = process_usage();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -375,6 +403,7 @@ pub async fn run_live(options: &Options) -> Report {
         let g = a.gossip();
         (m + g.transport_sent, b + g.transport_bytes)
     });
+    let broadcast_before: u64 = agents.iter().map(|a| broadcast_sent(&a.gossip())).sum();
     let (_, cpu_before) = process_usage();
     let write_phase = Instant::now();
 
@@ -442,6 +471,7 @@ pub async fn run_live(options: &Options) -> Report {
         let g = a.gossip();
         (m + g.transport_sent, b + g.transport_bytes)
     });
+    let broadcast_after: u64 = agents.iter().map(|a| broadcast_sent(&a.gossip())).sum();
     for l in listeners {
         l.abort();
     }
@@ -472,6 +502,8 @@ pub async fn run_live(options: &Options) -> Report {
     let per = (options.writes.max(1) * n) as f64;
     report.sends_per_change_per_node = (sent_after.0 - sent_before.0) as f64 / per;
     report.bytes_per_change_per_node = (sent_after.1 - sent_before.1) as f64 / per;
+    report.broadcast_sends_per_change_per_node =
+        Some(broadcast_after.saturating_sub(broadcast_before) as f64 / per);
     let stopping = bar(options, n, "stopping");
     for agent in agents {
         agent.shutdown().await;

@@ -55,6 +55,10 @@ struct Common {
     /// Seconds to wait for the last write to spread.
     #[arg(long, default_value_t = 30)]
     settle_s: u64,
+    /// Seconds between membership settling and the first write (live): round-trip probes
+    /// choose each node's near peers meanwhile.
+    #[arg(long, default_value_t = 15)]
+    warmup_s: u64,
     /// Where to write the raw figures.
     #[arg(long, default_value = "loadgen-report.json")]
     json: PathBuf,
@@ -91,6 +95,7 @@ fn options(c: &Common) -> Result<Options, String> {
         tls: !c.no_tls,
         seed: c.seed,
         settle: Duration::from_secs(c.settle_s),
+        warmup: Duration::from_secs(c.warmup_s),
         progress: true,
     })
 }

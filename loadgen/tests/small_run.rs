@@ -13,6 +13,7 @@ async fn twenty_nodes_every_write_reaches_every_node() {
         rate: 20.0,
         latency: Latency::Uniform(5.0),
         settle: Duration::from_secs(60),
+        warmup: Duration::from_secs(2),
         ..Options::default()
     };
     let report = run_live(&options).await;
