@@ -89,24 +89,38 @@ pub struct Scenario {
     pub crashes: usize,
     /// Deliberate protocol bugs (all off for the real protocol).
     pub faults: NodeFaults,
+    /// Broadcast over kept links (each node asks every other for one, as the agents' far
+    /// links) instead of the Plumtree tree.
+    pub kept_links: bool,
 }
 
 impl Scenario {
     /// The node configuration every actor uses.
     pub fn node_config(&self) -> NodeConfig {
         NodeConfig {
-            broadcast: BroadcastConfig {
-                // One eager peer, the rest lazy: with 3 nodes both the push path and the
-                // announce-and-graft path carry writes.
-                eager_peers_max: 1,
-                lazy_peers_max: 3,
-                graft_timeout_ms: GRAFT_TIMEOUT_MS,
-                // Kept links and probes are off: the tree is the harder path to get right,
-                // and the model's clocks do not measure distance.
-                near_peers: 0,
-                far_peers: 0,
-                probe_interval_ms: 0,
-                ..BroadcastConfig::default()
+            broadcast: if self.kept_links {
+                // The agents' default without the tree; near links need measured distance,
+                // which the model's clocks do not have, so every link is a far one.
+                BroadcastConfig {
+                    eager_peers_max: 0,
+                    lazy_peers_max: 0,
+                    near_peers: 0,
+                    far_peers: 3,
+                    probe_interval_ms: 0,
+                    ..BroadcastConfig::default()
+                }
+            } else {
+                BroadcastConfig {
+                    // One eager peer, the rest lazy: with 3 nodes both the push path and the
+                    // announce-and-graft path carry writes.
+                    eager_peers_max: 1,
+                    lazy_peers_max: 3,
+                    graft_timeout_ms: GRAFT_TIMEOUT_MS,
+                    near_peers: 0,
+                    far_peers: 0,
+                    probe_interval_ms: 0,
+                    ..BroadcastConfig::default()
+                }
             },
             faults: self.faults,
             ..NodeConfig::default()
@@ -466,6 +480,7 @@ pub mod scenarios {
             lossy: true,
             crashes: 1,
             faults: NodeFaults::default(),
+            kept_links: false,
         }
     }
 
@@ -478,6 +493,7 @@ pub mod scenarios {
             lossy: false,
             crashes: 0,
             faults,
+            kept_links: false,
         }
     }
 
@@ -493,6 +509,7 @@ pub mod scenarios {
             lossy: false,
             crashes: 0,
             faults,
+            kept_links: false,
         }
     }
 
@@ -504,6 +521,7 @@ pub mod scenarios {
             lossy: true,
             crashes: 0,
             faults,
+            kept_links: false,
         }
     }
 
@@ -520,6 +538,7 @@ pub mod scenarios {
             lossy: true,
             crashes: 0,
             faults: NodeFaults::default(),
+            kept_links: false,
         }
     }
 
@@ -532,7 +551,18 @@ pub mod scenarios {
             equal_concurrent_inserts(NodeFaults::default()),
             update_against_resurrect(NodeFaults::default()),
             two_writes_lossy(NodeFaults::default()),
+            kept_links(),
         ]
+    }
+
+    /// The three-node scenario over kept links (the agents' default broadcast): the links are
+    /// asked for at the first tick, so early writes go up the writer's own links; lossy.
+    pub fn kept_links() -> Scenario {
+        Scenario {
+            name: "kept-links",
+            kept_links: true,
+            ..three_nodes()
+        }
     }
 
     /// Three nodes: an insert, a concurrent update from another node once the row reached it, and
@@ -548,6 +578,7 @@ pub mod scenarios {
             lossy: true,
             crashes: 0,
             faults: NodeFaults::default(),
+            kept_links: false,
         }
     }
 }
