@@ -185,6 +185,8 @@ pub struct Broadcast {
     pending_keep: BTreeSet<SiteId>,
     pending_release: BTreeSet<SiteId>,
     next_keep_refresh_at: Millis,
+    /// Members left to probe in this round.
+    probe_queue: VecDeque<SiteId>,
     /// Breaks round-trip ties between members differently on every node, so that equally near
     /// members share the load of kept links.
     salt: u64,
@@ -215,6 +217,7 @@ impl Broadcast {
             pending_keep: BTreeSet::new(),
             pending_release: BTreeSet::new(),
             next_keep_refresh_at: Millis(KEEP_REFRESH_MS),
+            probe_queue: VecDeque::new(),
             salt: seed.rotate_left(17) ^ 0x5851_f42d_4c95_7f2d,
             next_probe_at: Millis(0),
             stats: BroadcastStats::default(),
@@ -283,6 +286,9 @@ impl Broadcast {
             || self.passive.contains(&peer)
         {
             return;
+        }
+        if !self.probe_queue.is_empty() {
+            self.probe_queue.push_back(peer);
         }
         let known = (self.eager.len() + self.lazy.len() + self.passive.len() + 1) as u64;
         // The far links are a uniform sample of the members (reservoir sampling), so they
@@ -575,7 +581,21 @@ impl Broadcast {
                         None => sample,
                     };
                     self.rtt_ms.insert(from, smoothed);
-                    self.choose_near();
+                    // Choosing again costs a sort of every measured member: only when this
+                    // sample can change the choice.
+                    let worst = self
+                        .near
+                        .iter()
+                        .filter_map(|p| self.rtt_ms.get(p))
+                        .max()
+                        .copied()
+                        .unwrap_or(0);
+                    if self.near.len() < self.config.near_peers
+                        || self.near.contains(&from)
+                        || smoothed + (worst / 5).max(2) <= worst
+                    {
+                        self.choose_near();
+                    }
                 }
             }
         }
@@ -686,17 +706,25 @@ impl Broadcast {
 
     /// The next member to probe: one not measured yet if any, else any member.
     fn probe_target(&mut self) -> Option<SiteId> {
-        let members = self.members();
-        let unmeasured: BTreeSet<SiteId> = members
-            .iter()
-            .filter(|p| !self.rtt_ms.contains_key(p))
-            .copied()
-            .collect();
-        if unmeasured.is_empty() {
-            self.pick(&members, &BTreeSet::new())
-        } else {
-            self.pick(&unmeasured, &BTreeSet::new())
+        // Rounds over every member in a shuffled order (new members join the current round):
+        // constant work per probe, and every member measured once per round.
+        if self.probe_queue.is_empty() {
+            let mut round: Vec<SiteId> = self.members().into_iter().collect();
+            for i in (1..round.len()).rev() {
+                let j = (self.next_random() % (i as u64 + 1)) as usize;
+                round.swap(i, j);
+            }
+            self.probe_queue = round.into();
         }
+        while let Some(peer) = self.probe_queue.pop_front() {
+            if self.eager.contains(&peer)
+                || self.lazy.contains(&peer)
+                || self.passive.contains(&peer)
+            {
+                return Some(peer);
+            }
+        }
+        None
     }
 
     /// A tree link found redundant stops being eager; it stays in the active view as a lazy

@@ -231,7 +231,11 @@ pub fn run_sim(options: &Options) -> Report {
         settle_ms: options.settle.as_millis() as u64,
         // Every agent knows every member; beyond 2,000 simulated nodes a partial view keeps
         // memory in bounds.
-        view_size: if options.nodes > 2_000 { 64 } else { usize::MAX },
+        view_size: if options.nodes > 2_000 {
+            64
+        } else {
+            usize::MAX
+        },
         ..patina_sim::Scenario::default()
     };
     let network = match options.latency {
