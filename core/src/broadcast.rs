@@ -68,7 +68,8 @@ pub struct BroadcastConfig {
     pub probe_interval_ms: u64,
 }
 
-/// Members measured before probes slow down (or all of them, if fewer).
+/// Members measured before probes slow down (or all of them, if fewer); also the size of a
+/// probe round.
 pub const PROBE_FAST_UNTIL: usize = 128;
 
 /// How much longer the interval between probes is once [`PROBE_FAST_UNTIL`] members are
@@ -287,7 +288,7 @@ impl Broadcast {
         {
             return;
         }
-        if !self.probe_queue.is_empty() {
+        if !self.probe_queue.is_empty() && self.probe_queue.len() < PROBE_FAST_UNTIL {
             self.probe_queue.push_back(peer);
         }
         let known = (self.eager.len() + self.lazy.len() + self.passive.len() + 1) as u64;
@@ -706,14 +707,24 @@ impl Broadcast {
 
     /// The next member to probe: one not measured yet if any, else any member.
     fn probe_target(&mut self) -> Option<SiteId> {
-        // Rounds over every member in a shuffled order (new members join the current round):
-        // constant work per probe, and every member measured once per round.
+        // Rounds over a random sample of the members (new members join the current round),
+        // the near peers always included so their times stay fresh: constant work per probe,
+        // and probes alone never make a node talk to every member of a large cluster at once
+        // (each new partner costs a QUIC handshake and a pooled connection).
         if self.probe_queue.is_empty() {
             let mut round: Vec<SiteId> = self.members().into_iter().collect();
             for i in (1..round.len()).rev() {
                 let j = (self.next_random() % (i as u64 + 1)) as usize;
                 round.swap(i, j);
             }
+            round.truncate(PROBE_FAST_UNTIL);
+            let missing_near: Vec<SiteId> = self
+                .near
+                .iter()
+                .filter(|p| !round.contains(p))
+                .copied()
+                .collect();
+            round.extend(missing_near);
             self.probe_queue = round.into();
         }
         while let Some(peer) = self.probe_queue.pop_front() {

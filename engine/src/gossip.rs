@@ -33,6 +33,8 @@ pub struct GossipSnapshot {
     pub members: Arc<BTreeMap<SiteId, SocketAddr>>,
     /// Broadcast counters.
     pub broadcast: BroadcastStats,
+    /// Kept links this node asked for: (near, far); and how many members it feeds.
+    pub kept_links: (usize, usize, usize),
     /// Changesets handed to the store.
     pub delivered_to_store: u64,
     /// Changesets dropped because the store queue was full.
@@ -208,6 +210,11 @@ impl GossipTask {
                         members_written = now;
                     }
                     snapshot.broadcast = self.broadcast.stats();
+                    snapshot.kept_links = (
+                        self.broadcast.near_peers().len(),
+                        self.broadcast.far_peers().len(),
+                        self.broadcast.kept_children().count(),
+                    );
                     snapshot.foca_members = self.membership.foca_member_count();
                     let transport = self.transport.stats();
                     snapshot.transport_sent = transport.sent.load(std::sync::atomic::Ordering::Relaxed);

@@ -151,6 +151,16 @@ pub fn render(store: &StoreMetrics, gossip: &GossipSnapshot, store_queue: usize)
         ],
     );
     metric(
+        "patina_kept_links",
+        "gauge",
+        "Kept links: asked of near members, of random members, and served to members.",
+        &[
+            ("{kind=\"near\"}", gossip.kept_links.0 as f64),
+            ("{kind=\"far\"}", gossip.kept_links.1 as f64),
+            ("{kind=\"served\"}", gossip.kept_links.2 as f64),
+        ],
+    );
+    metric(
         "patina_broadcast_received_total",
         "counter",
         "Changesets received by broadcast for the first time.",

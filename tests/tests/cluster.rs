@@ -92,6 +92,8 @@ async fn a_write_on_one_node_is_readable_on_all() {
         );
         assert_eq!(value(&text, "patina_members"), 2.0);
         assert!(text.contains("patina_broadcast_sent_total{kind=\"gossip\"}"));
+        // Both other members are this node's random (far) kept links once the request left.
+        assert!(text.contains("patina_kept_links{kind=\"far\"} 2"), "{text}");
     }
     let (status, members) = request(
         &Target::Unix(agents[0].admin_path().to_path_buf()),
