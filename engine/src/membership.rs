@@ -119,13 +119,16 @@ impl std::fmt::Debug for Membership {
 /// foca's settings for a cluster of about `n` nodes: LAN timings; twice foca's retransmissions
 /// of each update (at least 6), because a node that misses a join otherwise learns of it only
 /// when the new node's probe cycle reaches it (about n seconds); and an announce to two random
-/// members every second, whose answer (a feed of members) closes any remaining gap.
+/// members every second (every n / 100 s beyond 200 nodes), whose answer (a feed of members)
+/// closes any remaining gap.
 fn foca_config(n: u32) -> foca::Config {
     let mut config = foca::Config::new_lan(NonZeroU32::new(n.max(2)).expect("at least 2"));
     let doubled = config.max_transmissions.get().saturating_mul(2).max(6);
     config.max_transmissions = std::num::NonZeroU8::new(doubled).expect("at least 6");
+    // Each answer is a feed of members, so in large clusters announce less often (every
+    // n / 100 seconds): the cost stays about constant per node.
     config.periodic_announce = Some(foca::PeriodicParams {
-        frequency: std::time::Duration::from_secs(1),
+        frequency: std::time::Duration::from_secs(u64::from(n / 100).max(1)),
         num_members: NonZeroUsize::new(2).expect("2 > 0"),
     });
     // After a partition heals, each side believes the other down; announcing to down members
