@@ -1,6 +1,7 @@
-//! Broadcast of changesets: a Plumtree-style epidemic broadcast tree, sans IO.
+//! Broadcast of changesets, sans IO: flooding over *kept links* chosen for latency (the
+//! default), and optionally a Plumtree-style epidemic broadcast tree.
 //!
-//! Each node keeps its peers in two sets. *Eager* peers receive every new changeset in full at
+//! The tree: each node keeps its peers in two sets. *Eager* peers receive every new changeset in full at
 //! once; *lazy* peers only receive its id, batched ("I have"). The first copy of a changeset
 //! that arrives makes its sender an eager peer; a duplicate makes the sender lazy and tells it
 //! so (*prune*). The eager links thus shrink to a spanning tree, so most nodes send each
@@ -15,7 +16,8 @@
 //! every node has that many ways in. A changeset floods the author's region within
 //! milliseconds, crosses to most regions in one long hop over one of the region's many far
 //! links, then floods each region: time to all nodes comes close to the largest one-way
-//! latency from the author. The tree's own links are then mostly pruned.
+//! latency from the author. The tree is then optional, and off by default: measured, it only
+//! added messages (docs/BENCHMARKS.md).
 //!
 //! Inputs are method calls with the current time; outputs are [`Effect`]s for the caller to
 //! perform. Peer selection uses a seeded generator owned by the state machine, so a run is a
@@ -574,7 +576,8 @@ impl Broadcast {
                 let known = self.eager.contains(&from)
                     || self.lazy.contains(&from)
                     || self.passive.contains(&from);
-                // Only answers to our own probes (sent at most a minute ago) count.
+                // Only plausible answers count: from a member, with a clock value not in our
+                // future and at most a minute old.
                 if known && sent_at <= now.0 && now.0 - sent_at <= 60_000 {
                     let sample = now.0 - sent_at;
                     let smoothed = match self.rtt_ms.get(&from) {
