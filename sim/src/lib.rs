@@ -459,38 +459,6 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
             }
         }
     }
-    if std::env::var_os("PATINA_SIM_DEBUG").is_some() {
-        let mut total = patina_core::broadcast::BroadcastStats::default();
-        let (mut eager, mut lazy) = (0, 0);
-        for node in &nodes {
-            let s = node.broadcast.stats();
-            total.gossip_sent += s.gossip_sent;
-            total.ihave_sent += s.ihave_sent;
-            total.grafts_sent += s.grafts_sent;
-            total.prunes_sent += s.prunes_sent;
-            total.duplicates += s.duplicates;
-            eager += node.broadcast.eager_peers().len();
-            lazy += node.broadcast.lazy_peers().len();
-        }
-        for (w, r) in reached.iter().enumerate() {
-            let missing: Vec<usize> = (0..n).filter(|i| r[*i].is_none()).collect();
-            if !missing.is_empty() {
-                eprintln!(
-                    "debug: write {w} at {:?} missing on {} nodes",
-                    written_at[w],
-                    missing.len()
-                );
-                for i in missing.iter().take(2) {
-                    eprintln!("debug: node {i} book {:?}", nodes[*i].durable.book);
-                }
-            }
-        }
-        eprintln!(
-            "debug: {total:?}; eager per node {:.1}, lazy per node {:.1}",
-            eager as f64 / n as f64,
-            lazy as f64 / n as f64
-        );
-    }
     let mut delivery_ms = Vec::new();
     let time_to_all_ms = reached
         .iter()
