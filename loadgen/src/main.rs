@@ -11,11 +11,6 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use loadgen::{run_live, run_sim, Latency, Options};
 
-/// Hundreds of agents share one process, each with its own threads: glibc malloc spent a
-/// quarter of the CPU of a 250-node run in its arenas and their locks.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "loadgen",
