@@ -125,6 +125,17 @@ pub enum BroadcastMsg {
     Pong(u64),
 }
 
+impl BroadcastMsg {
+    /// Overlay upkeep (round-trip probes and kept-link requests), as opposed to the messages
+    /// that carry or announce changes: what a cost per change leaves out.
+    pub fn is_upkeep(&self) -> bool {
+        matches!(
+            self,
+            BroadcastMsg::Ping(_) | BroadcastMsg::Pong(_) | BroadcastMsg::Keep
+        )
+    }
+}
+
 /// What the caller must do.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Effect {
@@ -901,12 +912,7 @@ mod tests {
                 match e {
                     Effect::Send { to, msg } => {
                         self.seq += 1;
-                        // Upkeep (probes, kept-link requests) is not a cost of the changes.
-                        let upkeep = matches!(
-                            msg,
-                            BroadcastMsg::Ping(_) | BroadcastMsg::Pong(_) | BroadcastMsg::Keep
-                        );
-                        self.sent += u64::from(self.counting && !upkeep);
+                        self.sent += u64::from(self.counting && !msg.is_upkeep());
                         if self.counting
                             && self.drop_every.is_some_and(|k| self.seq.is_multiple_of(k))
                         {
@@ -986,12 +992,7 @@ mod tests {
             }
         }
         for _ in 0..10_000 {
-            let quiet = net.in_flight.values().all(|(_, _, msg)| {
-                matches!(
-                    msg,
-                    BroadcastMsg::Ping(_) | BroadcastMsg::Pong(_) | BroadcastMsg::Keep
-                )
-            });
+            let quiet = net.in_flight.values().all(|(_, _, msg)| msg.is_upkeep());
             if quiet
                 && nodes
                     .iter()

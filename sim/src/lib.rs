@@ -16,7 +16,7 @@ pub mod network;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
-use patina_core::broadcast::{BroadcastConfig, BroadcastMsg, Millis};
+use patina_core::broadcast::{BroadcastConfig, Millis};
 use patina_core::change::ChangesetId;
 use patina_core::ids::SiteId;
 use patina_core::node::{Node, NodeConfig, NodeMsg, Output};
@@ -413,23 +413,19 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
             match output {
                 Output::Send { to, msg } => {
                     let to = index[&to];
-                    let size = wire_bytes(site(node), &msg) as u64;
                     // Costs are counted from the first write on; overlay upkeep (probes and
                     // kept-link requests) over the whole run, warm-up included.
-                    if matches!(
-                        msg,
-                        NodeMsg::Broadcast(
-                            BroadcastMsg::Ping(_) | BroadcastMsg::Pong(_) | BroadcastMsg::Keep
-                        )
-                    ) {
-                        upkeep_sends += 1;
-                    } else if now < first_write_at {
-                    } else if matches!(msg, NodeMsg::Broadcast(_)) {
-                        sends += 1;
-                        bytes += size;
-                    } else {
-                        sync_sends += 1;
-                        sync_bytes += size;
+                    match &msg {
+                        NodeMsg::Broadcast(b) if b.is_upkeep() => upkeep_sends += 1,
+                        _ if now < first_write_at => {}
+                        NodeMsg::Broadcast(_) => {
+                            sends += 1;
+                            bytes += wire_bytes(site(node), &msg) as u64;
+                        }
+                        _ => {
+                            sync_sends += 1;
+                            sync_bytes += wire_bytes(site(node), &msg) as u64;
+                        }
                     }
                     if network.loses(&mut rng) {
                         continue;
