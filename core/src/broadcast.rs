@@ -65,18 +65,22 @@ pub struct BroadcastConfig {
     pub near_peers: usize,
     /// Kept links asked of members picked at random: the long links. 0..=16.
     pub far_peers: usize,
-    /// Time between round-trip probes (ms) while fewer than [`PROBE_FAST_UNTIL`] members are
+    /// Time between round-trip probes (ms) while fewer than `probe_sample` members are
     /// measured; [`PROBE_SLOW_FACTOR`] times longer afterwards (refreshing). 0: no probes.
     pub probe_interval_ms: u64,
+    /// Members in the first probe round (a random sample; all of them if fewer), among which
+    /// the near peers are chosen. Later rounds probe the near peers again and
+    /// [`PROBE_SLOW_NEW`] more random members. Each member probed for the first time usually
+    /// costs a QUIC handshake. 1..=1,024.
+    pub probe_sample: usize,
 }
 
-/// Members measured before probes slow down (or all of them, if fewer); also the size of a
-/// probe round.
-pub const PROBE_FAST_UNTIL: usize = 128;
+/// How much longer the interval between probes is once `probe_sample` members are measured.
+pub const PROBE_SLOW_FACTOR: u64 = 100;
 
-/// How much longer the interval between probes is once [`PROBE_FAST_UNTIL`] members are
-/// measured.
-pub const PROBE_SLOW_FACTOR: u64 = 40;
+/// Random members in each probe round after the first (besides the near peers): the near set
+/// keeps improving, slowly, and follows members that join later.
+pub const PROBE_SLOW_NEW: usize = 1;
 
 /// How often a node repeats its kept-link requests (ms): a request lost, or a peer restarted,
 /// costs a link for at most this long.
@@ -98,6 +102,7 @@ impl Default for BroadcastConfig {
             near_peers: 4,
             far_peers: 2,
             probe_interval_ms: 50,
+            probe_sample: 32,
         }
     }
 }
@@ -278,6 +283,16 @@ impl Broadcast {
         self.rtt_ms.get(peer).copied()
     }
 
+    /// The members this node exchanges changesets with all the time, sorted: its kept links
+    /// both ways (near, far, the members it feeds) and its tree peers. Sync prefers them: the
+    /// connections are open already.
+    pub fn neighbours(&self) -> Vec<SiteId> {
+        let mut all: BTreeSet<SiteId> = self.near.union(&self.far).copied().collect();
+        all.extend(self.children.keys().copied());
+        all.extend(self.eager.iter().copied());
+        all.into_iter().collect()
+    }
+
     /// Ids announced but not yet received.
     pub fn missing_count(&self) -> usize {
         self.missing.len()
@@ -301,7 +316,7 @@ impl Broadcast {
         {
             return;
         }
-        if !self.probe_queue.is_empty() && self.probe_queue.len() < PROBE_FAST_UNTIL {
+        if !self.probe_queue.is_empty() && self.probe_queue.len() < self.config.probe_sample {
             self.probe_queue.push_back(peer);
         }
         let known = (self.eager.len() + self.lazy.len() + self.passive.len() + 1) as u64;
@@ -719,7 +734,8 @@ impl Broadcast {
         }
     }
 
-    /// The next member to probe: one not measured yet if any, else any member.
+    /// The next member to probe: the first round goes over a random sample of the members, later
+    /// ones over the near peers and a few more random members.
     fn probe_target(&mut self) -> Option<SiteId> {
         // Rounds over a random sample of the members (new members join the current round),
         // the near peers always included so their times stay fresh: constant work per probe,
@@ -727,18 +743,18 @@ impl Broadcast {
         // (each new partner costs a QUIC handshake and a pooled connection).
         if self.probe_queue.is_empty() {
             let mut round: Vec<SiteId> = self.members().into_iter().collect();
+            let sample = if self.rtt_ms.len() < self.config.probe_sample.min(round.len()) {
+                self.config.probe_sample
+            } else {
+                PROBE_SLOW_NEW
+            };
             for i in (1..round.len()).rev() {
                 let j = (self.next_random() % (i as u64 + 1)) as usize;
                 round.swap(i, j);
             }
-            round.truncate(PROBE_FAST_UNTIL);
-            let missing_near: Vec<SiteId> = self
-                .near
-                .iter()
-                .filter(|p| !round.contains(p))
-                .copied()
-                .collect();
-            round.extend(missing_near);
+            round.retain(|p| !self.near.contains(p));
+            round.truncate(sample);
+            round.extend(self.near.iter().copied());
             self.probe_queue = round.into();
         }
         while let Some(peer) = self.probe_queue.pop_front() {
@@ -783,7 +799,7 @@ impl Broadcast {
                 self.stats.pings_sent += 1;
             }
             let members = self.eager.len() + self.lazy.len() + self.passive.len();
-            let interval = if self.rtt_ms.len() < PROBE_FAST_UNTIL.min(members) {
+            let interval = if self.rtt_ms.len() < self.config.probe_sample.min(members) {
                 self.config.probe_interval_ms
             } else {
                 self.config.probe_interval_ms * PROBE_SLOW_FACTOR

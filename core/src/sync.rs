@@ -74,15 +74,22 @@ pub fn versions_to_send(
     out
 }
 
+/// One sync round in this many goes round-robin over every live member; the others go
+/// round-robin over the node's broadcast neighbours (see [`SyncScheduler::due_preferring`]).
+pub const WIDE_ROUND_EVERY: u64 = 16;
+
 /// Picks when and with whom to sync: one session at a time, every `interval_ms` plus jitter,
 /// round-robin over the live members (so every peer is asked in turn), with a backoff after a
-/// failure.
+/// failure. Given neighbours, most rounds go to them instead (see
+/// [`SyncScheduler::due_preferring`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SyncScheduler {
     interval_ms: u64,
     next_at: Millis,
     in_flight: bool,
     last_peer: Option<SiteId>,
+    last_neighbour: Option<SiteId>,
+    rounds: u64,
     failures: u32,
     rng: u64,
 }
@@ -95,6 +102,8 @@ impl SyncScheduler {
             next_at: now.plus(interval_ms),
             in_flight: false,
             last_peer: None,
+            last_neighbour: None,
+            rounds: 0,
             failures: 0,
             rng: seed | 1,
         }
@@ -115,8 +124,38 @@ impl SyncScheduler {
 
     /// The peer to sync with now, if a round is due and none is running.
     pub fn due(&mut self, now: Millis, members: &[SiteId]) -> Option<SiteId> {
+        self.due_preferring(now, &[], members)
+    }
+
+    /// Like [`SyncScheduler::due`], but of every [`WIDE_ROUND_EVERY`] rounds all but one go
+    /// round-robin over `neighbours` (sorted; the members this node already talks to, such as
+    /// its kept links), the other over every member. A round with a neighbour reuses an open
+    /// connection, where a round with the next of a thousand members would cost a handshake;
+    /// the neighbours form a connected graph (the random far links), so what one node holds
+    /// still reaches every node, and the wide rounds keep the guarantee of the round-robin.
+    pub fn due_preferring(
+        &mut self,
+        now: Millis,
+        neighbours: &[SiteId],
+        members: &[SiteId],
+    ) -> Option<SiteId> {
         if self.in_flight || now < self.next_at || members.is_empty() {
             return None;
+        }
+        let round = self.rounds;
+        self.rounds = self.rounds.wrapping_add(1);
+        if !neighbours.is_empty() && !round.is_multiple_of(WIDE_ROUND_EVERY) {
+            let next = match self.last_neighbour {
+                Some(last) => neighbours
+                    .iter()
+                    .find(|m| **m > last)
+                    .or(neighbours.first()),
+                None => neighbours.get((self.rng % neighbours.len() as u64) as usize),
+            }
+            .copied()?;
+            self.in_flight = true;
+            self.last_neighbour = Some(next);
+            return Some(next);
         }
         // Every node starts the round-robin at its own random place: starting all at the
         // first member would make every node ask the same peers in the same order, so what
@@ -202,6 +241,45 @@ mod tests {
         assert_eq!(s.due(Millis(600), &members), Some(site(3)));
         s.finished(Millis(600), true);
         assert_eq!(s.due(Millis(800), &members), Some(site(1)));
+    }
+
+    #[test]
+    fn scheduler_prefers_neighbours_with_a_wide_round_among_them() {
+        let members: Vec<SiteId> = (1..=20).map(site).collect();
+        let neighbours = [site(3), site(7)];
+        let mut s = SyncScheduler::new(100, Millis(0), 7);
+        let mut picked = Vec::new();
+        let mut now = Millis(100);
+        for _ in 0..(2 * WIDE_ROUND_EVERY) {
+            let peer = s.due_preferring(now, &neighbours, &members).expect("due");
+            picked.push(peer);
+            s.finished(now, true);
+            now = now.plus(200);
+        }
+        let wide: Vec<SiteId> = picked
+            .iter()
+            .copied()
+            .filter(|p| !neighbours.contains(p))
+            .collect();
+        assert!(
+            wide.len() <= 2,
+            "at most one wide round in {WIDE_ROUND_EVERY}: {picked:?}"
+        );
+        assert!(picked.contains(&site(3)) && picked.contains(&site(7)));
+        // Wide rounds still go round-robin over the members: two of them, two members.
+        let wide_rounds: Vec<SiteId> = picked
+            .iter()
+            .step_by(WIDE_ROUND_EVERY as usize)
+            .copied()
+            .collect();
+        assert_eq!(wide_rounds.len(), 2);
+        assert_ne!(wide_rounds[0], wide_rounds[1]);
+        // Without neighbours every round is wide.
+        let mut s = SyncScheduler::new(100, Millis(0), 7);
+        let first = s.due_preferring(Millis(100), &[], &members).expect("due");
+        s.finished(Millis(100), true);
+        let second = s.due_preferring(Millis(300), &[], &members).expect("due");
+        assert_ne!(first, second);
     }
 
     proptest! {

@@ -764,7 +764,8 @@ fn start_gossip(
             message_bytes_max: config.message_bytes_max,
             send_bytes_per_sec_max: config.send_bytes_per_sec_max,
             send_in_flight_max: config.send_in_flight_max,
-            ..TransportConfig::default()
+            connections_max: config.connections_max,
+            connection_idle_ms: config.connection_idle_ms,
         },
         inbox_tx,
     )?;
@@ -786,7 +787,7 @@ fn start_gossip(
     Ok(GossipTask {
         site,
         cluster: config.cluster_id,
-        membership: Membership::new(me, seed),
+        membership: Membership::new(me, seed, Duration::from_millis(config.swim_probe_period_ms)),
         broadcast: Broadcast::new(
             site,
             BroadcastConfig {
@@ -796,6 +797,7 @@ fn start_gossip(
                 near_peers: config.near_peers,
                 far_peers: config.far_peers,
                 probe_interval_ms: config.probe_interval_ms,
+                probe_sample: config.probe_sample,
                 ..BroadcastConfig::default()
             },
             seed,
@@ -806,6 +808,7 @@ fn start_gossip(
         store,
         announce_to,
         members_file,
+        members_file_hash: None,
         tick_ms: config.tick_ms,
         part_bytes: config.part_bytes,
         limits: Limits {

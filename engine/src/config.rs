@@ -118,6 +118,9 @@ pub struct GossipConfig {
     /// Time between round-trip probes while fewer than 128 members are measured (ms; 40 times
     /// longer afterwards; 0: no probes, so no near links). 0..=60,000.
     pub probe_interval_ms: u64,
+    /// Members measured by the first round of probes, among which the near peers are chosen
+    /// (later rounds add one at a time). 1..=1,024.
+    pub probe_sample: usize,
     /// Wait for an announced changeset before asking for it (ms). 1..=60,000.
     pub graft_timeout_ms: u64,
     /// Messages queued per peer before the oldest is dropped. 16..=1,000,000.
@@ -137,6 +140,17 @@ pub struct GossipConfig {
     pub sync_versions_max: u64,
     /// Anti-entropy: sessions this node serves at once. 1..=256.
     pub sync_sessions_max: usize,
+    /// SWIM: time between two probes of a member (ms). Each probe goes to the next member in
+    /// a shuffled round, so it usually needs a new QUIC connection (a handshake, about 1.5 ms
+    /// of CPU for both ends): many agents on one machine (loadgen) need a longer period.
+    /// Failure detection takes a few periods. 100..=60,000.
+    pub swim_probe_period_ms: u64,
+    /// QUIC connections pooled at most; the least recently active are closed beyond.
+    /// 4..=65,536.
+    pub connections_max: usize,
+    /// A pooled connection with no traffic either way for this long is closed, and opened
+    /// again when needed (ms). 1,000..=3,600,000.
+    pub connection_idle_ms: u64,
 }
 
 impl Default for GossipConfig {
@@ -154,6 +168,7 @@ impl Default for GossipConfig {
             near_peers: 4,
             far_peers: 2,
             probe_interval_ms: 50,
+            probe_sample: 32,
             send_queue_len_max: 4096,
             message_bytes_max: 16 * 1024 * 1024,
             part_bytes: 64 * 1024,
@@ -162,6 +177,9 @@ impl Default for GossipConfig {
             sync_interval_ms: 500,
             sync_versions_max: 10_000,
             sync_sessions_max: 4,
+            swim_probe_period_ms: 1_000,
+            connections_max: 128,
+            connection_idle_ms: 20_000,
         }
     }
 }
@@ -401,6 +419,25 @@ impl Config {
             self.gossip.sync_sessions_max,
             1,
             256,
+        )?;
+        within("gossip.probe_sample", self.gossip.probe_sample, 1, 1_024)?;
+        within(
+            "gossip.swim_probe_period_ms",
+            self.gossip.swim_probe_period_ms as usize,
+            100,
+            60_000,
+        )?;
+        within(
+            "gossip.connections_max",
+            self.gossip.connections_max,
+            4,
+            65_536,
+        )?;
+        within(
+            "gossip.connection_idle_ms",
+            self.gossip.connection_idle_ms as usize,
+            1_000,
+            3_600_000,
         )?;
         if self.gossip.plaintext && self.gossip.tls.is_some() {
             return Err(ConfigError::Invalid {

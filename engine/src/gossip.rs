@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use patina_core::broadcast::{Broadcast, BroadcastStats, Effect, Millis};
+use patina_core::broadcast::{Broadcast, BroadcastMsg, BroadcastStats, Effect, Millis};
 use patina_core::change::Changeset;
 use patina_core::ids::SiteId;
 use patina_core::wire::{decode_peer_message, encode_peer_message, Limits, PeerMessage};
@@ -51,6 +51,16 @@ pub struct GossipSnapshot {
     pub transport_dropped: u64,
     /// Transport: handshakes refused or failed.
     pub handshake_failures: u64,
+    /// Transport: connections this node opened (handshakes it started).
+    pub connections_opened: u64,
+    /// Transport: connections pooled now (at the last check of idle ones).
+    pub connections_open: u64,
+    /// Transport: connections closed for being idle or over the cap.
+    pub connections_closed_idle: u64,
+    /// Messages sent to a peer with no pooled connection (each needs a handshake), by what
+    /// sent them: SWIM, round-trip probes, kept-link requests and releases, changesets and
+    /// tree messages, sync sessions.
+    pub cold_sends: ColdSends,
     /// Sync rounds that completed.
     pub sync_rounds: u64,
     /// Sync rounds that failed.
@@ -59,6 +69,21 @@ pub struct GossipSnapshot {
     pub sync_received: u64,
     /// Bytes of sync sessions this node started (requests and answers).
     pub sync_bytes: u64,
+}
+
+/// Messages that needed a new connection, by sender (see [`GossipSnapshot::cold_sends`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ColdSends {
+    /// SWIM packets.
+    pub swim: u64,
+    /// Round-trip probes and their answers.
+    pub probes: u64,
+    /// Kept-link requests and releases.
+    pub links: u64,
+    /// Changesets, announcements, grafts.
+    pub changes: u64,
+    /// Sync sessions this node started.
+    pub sync: u64,
 }
 
 /// Everything the gossip task needs.
@@ -84,6 +109,8 @@ pub struct GossipTask {
     pub announce_to: Vec<SocketAddr>,
     /// Where live members are remembered across restarts.
     pub members_file: PathBuf,
+    /// Hash of what the members file holds, once this task wrote it.
+    pub members_file_hash: Option<u64>,
     /// Broadcast tick (ms).
     pub tick_ms: u64,
     /// Changesets larger than this are broadcast in parts (bytes).
@@ -185,12 +212,15 @@ impl GossipTask {
                 _ = tokio::time::sleep_until(tick_due.into()) => {
                     let now = Instant::now();
                     last_tick = now;
-                    let members: Vec<SiteId> = if self.sync.is_due(now_ms(now)) {
-                        self.membership.members().keys().copied().collect()
+                    let (neighbours, members): (Vec<SiteId>, Vec<SiteId>) = if self.sync.is_due(now_ms(now)) {
+                        let members = self.membership.members();
+                        let mut neighbours = self.broadcast.neighbours();
+                        neighbours.retain(|site| members.contains_key(site));
+                        (neighbours, members.keys().copied().collect())
                     } else {
-                        Vec::new()
+                        (Vec::new(), Vec::new())
                     };
-                    if let Some(peer) = self.sync.due(now_ms(now), &members) {
+                    if let Some(peer) = self.sync.due_preferring(now_ms(now), &neighbours, &members) {
                         match self.membership.addr_of(&peer) {
                             Some(addr) => {
                                 let (transport, store, done) = (self.transport.clone(), self.store.clone(), sync_done.clone());
@@ -201,6 +231,11 @@ impl GossipTask {
                                 });
                             }
                             None => self.sync.finished(now_ms(now), false),
+                        }
+                        if let Some(addr) = self.membership.addr_of(&peer) {
+                            if !self.transport.is_connected(addr) {
+                                snapshot.cold_sends.sync += 1;
+                            }
                         }
                     }
                     effects.extend(self.broadcast.tick(now_ms(now)));
@@ -222,6 +257,12 @@ impl GossipTask {
                     snapshot.transport_dropped = transport.dropped.load(std::sync::atomic::Ordering::Relaxed);
                     snapshot.handshake_failures =
                         transport.handshake_failures.load(std::sync::atomic::Ordering::Relaxed);
+                    snapshot.connections_opened =
+                        transport.connections_opened.load(std::sync::atomic::Ordering::Relaxed);
+                    snapshot.connections_open =
+                        transport.connections_open.load(std::sync::atomic::Ordering::Relaxed);
+                    snapshot.connections_closed_idle =
+                        transport.connections_closed_idle.load(std::sync::atomic::Ordering::Relaxed);
                     self.snapshot.send_replace(snapshot.clone());
                 }
             }
@@ -234,6 +275,16 @@ impl GossipTask {
                             .addr_of(&to)
                             .or_else(|| peer_addrs.get(&to).copied());
                         if let Some(addr) = addr {
+                            if !self.transport.is_connected(addr) {
+                                let cold = &mut snapshot.cold_sends;
+                                match &msg {
+                                    BroadcastMsg::Ping(_) | BroadcastMsg::Pong(_) => {
+                                        cold.probes += 1
+                                    }
+                                    BroadcastMsg::Keep | BroadcastMsg::Prune => cold.links += 1,
+                                    _ => cold.changes += 1,
+                                }
+                            }
                             let bytes = encode_peer_message(
                                 self.cluster,
                                 &PeerMessage::Broadcast {
@@ -294,6 +345,9 @@ impl GossipTask {
     fn flush_membership(&mut self, now: Instant, snapshot: &mut GossipSnapshot) -> bool {
         let (packets, events) = self.membership.drain(now);
         for (addr, packet) in packets {
+            if !self.transport.is_connected(addr) {
+                snapshot.cold_sends.swim += 1;
+            }
             let bytes = encode_peer_message(self.cluster, &PeerMessage::Membership(packet));
             self.transport
                 .send(addr, Channel::Stream, Bytes::from(bytes));
@@ -313,18 +367,30 @@ impl GossipTask {
     }
 
     /// Writes the live members next to the database, for the next start.
-    fn remember_members(&self) {
+    fn remember_members(&mut self) {
         let remembered: String = self
             .membership
             .members()
             .values()
             .map(|a| format!("{a}\n"))
             .collect();
-        if let Err(e) = std::fs::write(&self.members_file, remembered) {
-            tracing::warn!(
+        // Membership events come and go (a member renamed, down and up again) far more often
+        // than the set of addresses changes: rewrite the file only when its text would change.
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            remembered.hash(&mut hasher);
+            hasher.finish()
+        };
+        if self.members_file_hash == Some(hash) {
+            return;
+        }
+        match std::fs::write(&self.members_file, remembered) {
+            Ok(()) => self.members_file_hash = Some(hash),
+            Err(e) => tracing::warn!(
                 "cannot remember members in {}: {e}",
                 self.members_file.display()
-            );
+            ),
         }
     }
 }

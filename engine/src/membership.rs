@@ -106,6 +106,7 @@ pub struct Membership {
     /// Live members by site (their latest address).
     members: BTreeMap<SiteId, SocketAddr>,
     sized_for: u32,
+    probe_period: std::time::Duration,
 }
 
 impl std::fmt::Debug for Membership {
@@ -116,36 +117,78 @@ impl std::fmt::Debug for Membership {
     }
 }
 
-/// foca's settings for a cluster of about `n` nodes: LAN timings; twice foca's retransmissions
-/// of each update (at least 6), because a node that misses a join otherwise learns of it only
-/// when the new node's probe cycle reaches it (about n seconds); and an announce to two random
-/// members every second (every n / 100 s beyond 200 nodes), whose answer (a feed of members)
-/// closes any remaining gap.
-fn foca_config(n: u32) -> foca::Config {
-    let mut config = foca::Config::new_lan(NonZeroU32::new(n.max(2)).expect("at least 2"));
+/// Largest SWIM packet (bytes). The packets travel on QUIC streams, not as raw datagrams, so
+/// they need not fit one: a feed (the answer to an announce) then carries a few hundred members
+/// and every probe carries a few hundred pending updates, so a node joining a large cluster
+/// learns it from a few packets instead of hundreds. Every member must use the same limit
+/// (foca refuses larger packets).
+pub const SWIM_PACKET_BYTES: usize = 16 * 1024;
+
+/// foca's settings for a cluster of about `n` nodes, probing a member every `probe_period`:
+/// - twice foca's retransmissions of each update (at least 6), because a node that misses a
+///   join otherwise learns of it only when the new node's probe cycle reaches it;
+/// - suspicion as foca's LAN settings compute it from the cluster size and the period;
+/// - up to 64 members, pending updates gossiped every 200 ms to 3 random members and an
+///   announce to two random members every second, whose answer (a feed of members) closes any
+///   remaining gap: cluster formation in well under a second;
+/// - beyond, each of those goes to one member, updates every probe period and announces
+///   every n / 50 s: a message to a member not talked to recently costs a QUIC handshake
+///   (about 1.5 ms of CPU), so the rate of new partners per node stays about constant.
+fn foca_config(n: u32, probe_period: std::time::Duration) -> foca::Config {
+    use std::time::Duration;
+    let n = NonZeroU32::new(n.max(2)).expect("at least 2");
+    let small = n.get() <= 64;
+    let mut config = foca::Config::new_lan(n);
     let doubled = config.max_transmissions.get().saturating_mul(2).max(6);
     config.max_transmissions = std::num::NonZeroU8::new(doubled).expect("at least 6");
-    // Each answer is a feed of members, so in large clusters announce less often (every
-    // n / 100 seconds): the cost stays about constant per node.
-    config.periodic_announce = Some(foca::PeriodicParams {
-        frequency: std::time::Duration::from_secs(u64::from(n / 100).max(1)),
-        num_members: NonZeroUsize::new(2).expect("2 > 0"),
+    config.probe_period = probe_period;
+    // An answer later than this counts as missing; foca needs it shorter than the period.
+    // Half a period: the first message to a member usually waits for a QUIC handshake, which
+    // takes longer on a loaded machine, and a late answer costs indirect probes to three more
+    // members (three more handshakes) and a suspicion to spread.
+    config.probe_rtt = probe_period / 2;
+    let suspicion_s = f64::from(n.get()).log10().max(1.0) * 4.0 * probe_period.as_secs_f64();
+    config.suspect_to_down_after = Duration::from_secs_f64(suspicion_s);
+    config.max_packet_size = NonZeroUsize::new(SWIM_PACKET_BYTES).expect("> 0");
+    let one = NonZeroUsize::new(1).expect("1 > 0");
+    config.periodic_gossip = Some(if small {
+        foca::PeriodicParams {
+            frequency: Duration::from_millis(200),
+            num_members: NonZeroUsize::new(3).expect("3 > 0"),
+        }
+    } else {
+        foca::PeriodicParams {
+            frequency: probe_period,
+            num_members: one,
+        }
+    });
+    config.periodic_announce = Some(if small {
+        foca::PeriodicParams {
+            frequency: Duration::from_secs(1),
+            num_members: NonZeroUsize::new(2).expect("2 > 0"),
+        }
+    } else {
+        foca::PeriodicParams {
+            frequency: Duration::from_secs(u64::from(n.get() / 50)),
+            num_members: one,
+        }
     });
     // After a partition heals, each side believes the other down; announcing to down members
     // every few seconds (foca's LAN default is 65 s) lets them find each other again.
     config.periodic_announce_to_down_members = Some(foca::PeriodicParams {
-        frequency: std::time::Duration::from_secs(3),
+        frequency: Duration::from_secs(3),
         num_members: NonZeroUsize::new(2).expect("2 > 0"),
     });
     config
 }
 
 impl Membership {
-    /// A node with identity `me`; `seed` drives foca's random choices.
-    pub fn new(me: Actor, seed: u64) -> Membership {
+    /// A node with identity `me`, probing a member every `probe_period`; `seed` drives foca's
+    /// random choices.
+    pub fn new(me: Actor, seed: u64, probe_period: std::time::Duration) -> Membership {
         let foca = Foca::new(
             me,
-            foca_config(2),
+            foca_config(2, probe_period),
             SmallRng::seed_from_u64(seed),
             PostcardCodec,
         );
@@ -156,6 +199,7 @@ impl Membership {
             timer_seq: 0,
             members: BTreeMap::new(),
             sized_for: 2,
+            probe_period,
         }
     }
 
@@ -268,7 +312,12 @@ impl Membership {
         // Keep foca's settings sized to the cluster (retransmissions, suspicion timeout).
         let n = self.foca.num_members() as u32 + 1;
         let resized = n > self.sized_for.saturating_mul(2) || n.saturating_mul(2) < self.sized_for;
-        if resized && self.foca.set_config(foca_config(n)).is_ok() {
+        if resized
+            && self
+                .foca
+                .set_config(foca_config(n, self.probe_period))
+                .is_ok()
+        {
             self.sized_for = n;
         }
         (packets, events)

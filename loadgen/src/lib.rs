@@ -60,8 +60,19 @@ pub struct Options {
     /// Wait after membership settles, before the writes (live): round-trip probes choose the
     /// near peers meanwhile.
     pub warmup: Duration,
+    /// SWIM probe period of every agent (ms, live).
+    pub swim_probe_ms: u64,
     /// Show progress bars.
     pub progress: bool,
+}
+
+/// The SWIM probe period loadgen gives its agents: 10 ms per node, at least 1 s (the agent's
+/// default). A probe usually goes to a member not talked to recently, so it costs a QUIC
+/// handshake (about 1.5 ms of CPU for both ends): with every agent on this machine, the
+/// period must grow with their number or handshakes alone take the cores. On a real fleet
+/// each node pays only its own probes, and 1 s is cheap.
+pub fn default_swim_probe_ms(nodes: usize) -> u64 {
+    (nodes as u64 * 10).max(1_000)
 }
 
 impl Default for Options {
@@ -76,6 +87,7 @@ impl Default for Options {
             seed: 1,
             settle: Duration::from_secs(30),
             warmup: Duration::from_secs(15),
+            swim_probe_ms: 1_000,
             progress: false,
         }
     }
@@ -111,6 +123,14 @@ pub struct Report {
     pub memory_per_node_mib: Option<f64>,
     /// Nodes that saw every other one before the writes (live).
     pub settled_nodes: Option<usize>,
+    /// Seconds from the last node started until every node saw every other (live).
+    pub formation_s: Option<f64>,
+    /// QUIC connections pooled per node, idle (live).
+    pub connections_per_node: Option<f64>,
+    /// New QUIC connections (handshakes) per node per second, idle (live).
+    pub handshakes_per_node_per_s: Option<f64>,
+    /// SWIM probe period of the agents (ms, live).
+    pub swim_probe_ms: Option<u64>,
     /// Wall time of the run (s).
     pub wall_s: f64,
 }
@@ -177,10 +197,21 @@ impl Report {
                 idle * 100.0
             ));
         }
+        if let (Some(conns), Some(handshakes)) =
+            (self.connections_per_node, self.handshakes_per_node_per_s)
+        {
+            out.push_str(&format!(
+                "  connections         {conns:.1} pooled per node, {handshakes:.3} handshakes per node per second (idle)\n"
+            ));
+        }
         if let Some(settled) = self.settled_nodes {
             out.push_str(&format!(
-                "  membership          {settled}/{} nodes saw every other node before the writes\n",
-                self.nodes
+                "  membership          {settled}/{} nodes saw every other node before the writes{}{}\n",
+                self.nodes,
+                self.formation_s
+                    .map_or(String::new(), |s| format!(", {s:.1} s after the last start")),
+                self.swim_probe_ms
+                    .map_or(String::new(), |ms| format!(" (SWIM probe every {ms} ms)"))
             ));
         }
         out.push_str(&format!("  wall time           {:.1} s\n", self.wall_s));
@@ -208,6 +239,10 @@ impl Report {
             "idle_cpu_per_node": self.idle_cpu_per_node,
             "memory_per_node_mib": self.memory_per_node_mib,
             "settled_nodes": self.settled_nodes,
+            "formation_s": self.formation_s,
+            "connections_per_node": self.connections_per_node,
+            "handshakes_per_node_per_s": self.handshakes_per_node_per_s,
+            "swim_probe_ms": self.swim_probe_ms,
             "wall_s": self.wall_s,
         })
     }
@@ -258,6 +293,7 @@ pub fn run_sim(options: &Options) -> Report {
         memory_per_node_mib: None,
         settled_nodes: None,
         wall_s: started.elapsed().as_secs_f64(),
+        ..Report::default()
     }
 }
 
@@ -284,6 +320,21 @@ fn process_usage() -> (f64, f64) {
         })
         .unwrap_or(0.0);
     (rss_mib, cpu_s)
+}
+
+/// Messages that needed a new connection, summed over the agents.
+fn cold_sends(agents: &[Agent]) -> patina::gossip::ColdSends {
+    agents
+        .iter()
+        .fold(patina::gossip::ColdSends::default(), |mut sum, a| {
+            let c = a.gossip().cold_sends;
+            sum.swim += c.swim;
+            sum.probes += c.probes;
+            sum.links += c.links;
+            sum.changes += c.changes;
+            sum.sync += c.sync;
+            sum
+        })
 }
 
 /// Broadcast messages a node sent, the simulator's measure: pushes, announcements, grafts and
@@ -333,6 +384,7 @@ pub async fn run_live(options: &Options) -> Report {
         // Fewer, larger sync rounds: at hundreds of nodes per core, sync competes with the
         // broadcast being measured. Sync still repairs loss.
         config.gossip.sync_interval_ms = 2_000;
+        config.gossip.swim_probe_period_ms = options.swim_probe_ms;
         config.api.query_connections = 1;
         if options.tls {
             config = patina_tests::with_tls(config, &dir, &ca);
@@ -363,16 +415,34 @@ pub async fn run_live(options: &Options) -> Report {
             std::sync::atomic::Ordering::Relaxed,
         );
     }
+    let last_started = Instant::now();
     let settling = bar(options, options.nodes, "membership");
     let deadline = Instant::now() + Duration::from_secs(60 + options.nodes as u64 / 4);
     let mut settled = 0;
+    let mut formation_s = None;
     while Instant::now() < deadline {
         settled = agents
             .iter()
             .filter(|a| a.gossip().members.len() + 1 == options.nodes)
             .count();
         settling.set_position(settled as u64);
+        let (known, open, opened) = agents.iter().fold((0, 0, 0), |(k, o, h), a| {
+            let g = a.gossip();
+            (
+                k + g.members.len(),
+                o + g.connections_open,
+                h + g.connections_opened,
+            )
+        });
+        let cold = cold_sends(&agents);
+        settling.set_message(format!(
+            "membership: {:.1}% of members known, {:.1} connections per node, {opened} handshakes (cold sends: swim {} probes {} links {} changes {} sync {})",
+            known as f64 * 100.0 / (options.nodes * (options.nodes - 1)).max(1) as f64,
+            open as f64 / options.nodes as f64,
+            cold.swim, cold.probes, cold.links, cold.changes, cold.sync
+        ));
         if settled == options.nodes {
+            formation_s = Some(last_started.elapsed().as_secs_f64());
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -382,10 +452,21 @@ pub async fn run_live(options: &Options) -> Report {
     // warm-up does the same).
     tokio::time::sleep(options.warmup).await;
     // Idle cost: two seconds with nothing written.
+    let opened =
+        |agents: &[Agent]| -> u64 { agents.iter().map(|a| a.gossip().connections_opened).sum() };
+    let idle_window = Duration::from_secs(5);
     let (_, idle_cpu_before) = process_usage();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let opened_before = opened(&agents);
+    tokio::time::sleep(idle_window).await;
     let (idle_rss, idle_cpu_after) = process_usage();
-    let idle_cpu = (idle_cpu_after - idle_cpu_before) / 2.0 / options.nodes as f64;
+    let idle_s = idle_window.as_secs_f64();
+    let idle_cpu = (idle_cpu_after - idle_cpu_before) / idle_s / options.nodes as f64;
+    let handshakes = (opened(&agents) - opened_before) as f64 / idle_s / options.nodes as f64;
+    let connections = agents
+        .iter()
+        .map(|a| a.gossip().connections_open as f64)
+        .sum::<f64>()
+        / options.nodes as f64;
 
     // Record every apply on every node.
     type Arrivals = Arc<Mutex<HashMap<ChangesetId, Vec<Option<Instant>>>>>;
@@ -484,6 +565,10 @@ pub async fn run_live(options: &Options) -> Report {
         mode: "live".into(),
         nodes: n,
         settled_nodes: Some(settled),
+        formation_s,
+        connections_per_node: Some(connections),
+        handshakes_per_node_per_s: Some(handshakes),
+        swim_probe_ms: Some(options.swim_probe_ms),
         memory_per_node_mib: Some(idle_rss / n as f64),
         idle_cpu_per_node: Some(idle_cpu),
         cpu_per_node: Some((cpu_after - cpu_before) / phase / n as f64),
@@ -508,9 +593,13 @@ pub async fn run_live(options: &Options) -> Report {
     report.bytes_per_change_per_node = (sent_after.1 - sent_before.1) as f64 / per;
     report.broadcast_sends_per_change_per_node =
         Some(broadcast_after.saturating_sub(broadcast_before) as f64 / per);
+    // All at once: each shutdown waits up to a second for its endpoint to drain.
     let stopping = bar(options, n, "stopping");
+    let mut shutdowns = tokio::task::JoinSet::new();
     for agent in agents {
-        agent.shutdown().await;
+        shutdowns.spawn(agent.shutdown());
+    }
+    while shutdowns.join_next().await.is_some() {
         stopping.inc(1);
     }
     stopping.finish_and_clear();

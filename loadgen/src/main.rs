@@ -59,6 +59,10 @@ struct Common {
     /// choose each node's near peers meanwhile.
     #[arg(long, default_value_t = 15)]
     warmup_s: u64,
+    /// SWIM probe period of every agent (ms, live); default: 10 ms per node, at least 1 s
+    /// (each probe usually costs a QUIC handshake, and the agents share this machine).
+    #[arg(long)]
+    swim_probe_ms: Option<u64>,
     /// Where to write the raw figures.
     #[arg(long, default_value = "loadgen-report.json")]
     json: PathBuf,
@@ -96,6 +100,9 @@ fn options(c: &Common) -> Result<Options, String> {
         seed: c.seed,
         settle: Duration::from_secs(c.settle_s),
         warmup: Duration::from_secs(c.warmup_s),
+        swim_probe_ms: c
+            .swim_probe_ms
+            .unwrap_or_else(|| loadgen::default_swim_probe_ms(c.nodes)),
         progress: true,
     })
 }

@@ -371,7 +371,10 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
             Event::Sync { node } => {
                 let interval = scenario.sync_interval_ms.unwrap_or(500);
                 push(&mut queue, now + interval * 1000 / 4, Event::Sync { node });
-                let Some(peer) = schedulers[node].due(now_ms, &view_sites[node]) else {
+                let neighbours = nodes[node].broadcast.neighbours();
+                let Some(peer) =
+                    schedulers[node].due_preferring(now_ms, &neighbours, &view_sites[node])
+                else {
                     continue;
                 };
                 // The session's outcome is not tracked: the next round comes after the interval.

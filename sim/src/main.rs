@@ -26,6 +26,9 @@ fn main() {
             "--lazy" => scenario.broadcast.lazy_peers_max = value().parse().expect("--lazy N"),
             "--near" => scenario.broadcast.near_peers = value().parse().expect("--near N"),
             "--far" => scenario.broadcast.far_peers = value().parse().expect("--far N"),
+            "--probe-sample" => {
+                scenario.broadcast.probe_sample = value().parse().expect("--probe-sample N")
+            }
             "--probe-ms" => {
                 scenario.broadcast.probe_interval_ms = value().parse().expect("--probe-ms N")
             }

@@ -208,3 +208,101 @@ async fn the_send_budget_sheds_a_burst_instead_of_buffering_it() {
         "the burst was buffered, not shed"
     );
 }
+
+/// Polls `done` every 50 ms for at most `within`.
+async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_open_again_when_needed() {
+    let (tx, _a_rx) = mpsc::channel(8);
+    let config = TransportConfig {
+        connection_idle_ms: 1_000,
+        ..TransportConfig::default()
+    };
+    let a = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &TlsMode::Plaintext,
+        config,
+        tx,
+    )
+    .unwrap();
+    let (b, mut b_rx) = bind(TlsMode::Plaintext);
+    a.send(b.local_addr(), Channel::Stream, Bytes::from_static(b"one"));
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"one");
+    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 1);
+    // Nothing more is sent: the connection goes after its idle time (checked every 250 ms).
+    assert!(
+        eventually(Duration::from_secs(5), || a
+            .stats()
+            .connections_closed_idle
+            .load(Ordering::Relaxed)
+            == 1)
+        .await,
+        "the idle connection was not closed"
+    );
+    assert_eq!(a.stats().connections_open.load(Ordering::Relaxed), 0);
+    // The next message opens a new one and arrives.
+    a.send(b.local_addr(), Channel::Stream, Bytes::from_static(b"two"));
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"two");
+    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);
+    // And b can answer over it.
+    b.send(a.local_addr(), Channel::Stream, Bytes::from_static(b"back"));
+}
+
+#[tokio::test]
+async fn the_pool_keeps_at_most_connections_max() {
+    let (tx, _a_rx) = mpsc::channel(8);
+    let config = TransportConfig {
+        connections_max: 2,
+        connection_idle_ms: 8_000,
+        ..TransportConfig::default()
+    };
+    let a = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &TlsMode::Plaintext,
+        config,
+        tx,
+    )
+    .unwrap();
+    let peers: Vec<_> = (0..5).map(|_| bind(TlsMode::Plaintext)).collect();
+    for (peer, _) in &peers {
+        a.send(
+            peer.local_addr(),
+            Channel::Stream,
+            Bytes::from_static(b"hi"),
+        );
+    }
+    let mut peers = peers;
+    for (_, rx) in &mut peers {
+        assert_eq!(recv(rx).await.unwrap().bytes.as_ref(), b"hi");
+    }
+    // The pool is checked every 2 s at this idle time, long before any connection is idle;
+    // the least recently active go first.
+    assert!(
+        eventually(Duration::from_secs(6), || a
+            .stats()
+            .connections_closed_idle
+            .load(Ordering::Relaxed)
+            >= 3)
+        .await,
+        "the pool was not trimmed to its cap"
+    );
+    assert!(a.stats().connections_open.load(Ordering::Relaxed) <= 2);
+    // A closed peer is still reachable: a new connection is opened for it.
+    let (first, rx) = &mut peers[0];
+    a.send(
+        first.local_addr(),
+        Channel::Stream,
+        Bytes::from_static(b"again"),
+    );
+    assert_eq!(recv(rx).await.unwrap().bytes.as_ref(), b"again");
+}
