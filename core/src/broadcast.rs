@@ -206,6 +206,9 @@ pub struct Broadcast {
     next_keep_refresh_at: Millis,
     /// Members left to probe in this round.
     probe_queue: VecDeque<SiteId>,
+    /// Probes sent at the fast interval: at most `probe_sample`, however often members come
+    /// and go (a member that flaps must not restart the first round).
+    fast_probes: usize,
     /// Breaks round-trip ties between members differently on every node, so that equally near
     /// members share the load of kept links.
     salt: u64,
@@ -237,6 +240,7 @@ impl Broadcast {
             pending_release: BTreeSet::new(),
             next_keep_refresh_at: Millis(KEEP_REFRESH_MS),
             probe_queue: VecDeque::new(),
+            fast_probes: 0,
             salt: seed.rotate_left(17) ^ 0x5851_f42d_4c95_7f2d,
             next_probe_at: Millis(0),
             stats: BroadcastStats::default(),
@@ -316,7 +320,9 @@ impl Broadcast {
         {
             return;
         }
-        if !self.probe_queue.is_empty() && self.probe_queue.len() < self.config.probe_sample {
+        if !self.probe_queue.is_empty()
+            && self.fast_probes + self.probe_queue.len() < self.config.probe_sample
+        {
             self.probe_queue.push_back(peer);
         }
         let known = (self.eager.len() + self.lazy.len() + self.passive.len() + 1) as u64;
@@ -734,6 +740,13 @@ impl Broadcast {
         }
     }
 
+    /// True while the first probe round runs: fewer than `probe_sample` fast probes sent and
+    /// fewer members measured than there are (up to the sample).
+    fn probing_fast(&self, members: usize) -> bool {
+        self.fast_probes < self.config.probe_sample
+            && self.rtt_ms.len() < self.config.probe_sample.min(members)
+    }
+
     /// The next member to probe: the first round goes over a random sample of the members, later
     /// ones over the near peers and a few more random members.
     fn probe_target(&mut self) -> Option<SiteId> {
@@ -743,8 +756,8 @@ impl Broadcast {
         // (each new partner costs a QUIC handshake and a pooled connection).
         if self.probe_queue.is_empty() {
             let mut round: Vec<SiteId> = self.members().into_iter().collect();
-            let sample = if self.rtt_ms.len() < self.config.probe_sample.min(round.len()) {
-                self.config.probe_sample
+            let sample = if self.probing_fast(round.len()) {
+                self.config.probe_sample - self.fast_probes
             } else {
                 PROBE_SLOW_NEW
             };
@@ -799,7 +812,8 @@ impl Broadcast {
                 self.stats.pings_sent += 1;
             }
             let members = self.eager.len() + self.lazy.len() + self.passive.len();
-            let interval = if self.rtt_ms.len() < self.config.probe_sample.min(members) {
+            let interval = if self.probing_fast(members) {
+                self.fast_probes += 1;
                 self.config.probe_interval_ms
             } else {
                 self.config.probe_interval_ms * PROBE_SLOW_FACTOR

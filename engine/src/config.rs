@@ -527,5 +527,30 @@ mod tests {
             "test"
         )
         .is_ok());
+        for (key, bad) in [
+            ("swim_probe_period_ms", "50"),
+            ("connections_max", "2"),
+            ("connection_idle_ms", "10"),
+            ("probe_sample", "0"),
+        ] {
+            let e = Config::parse(&format!("[gossip]\n{key} = {bad}\n"), "test")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("gossip.{key}")), "{e}");
+        }
+        let config = Config::parse(
+            "[gossip]\nswim_probe_period_ms = 5000\nconnections_max = 32\nconnection_idle_ms = 60000\nprobe_sample = 64\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                config.gossip.swim_probe_period_ms,
+                config.gossip.connections_max,
+                config.gossip.connection_idle_ms,
+                config.gossip.probe_sample
+            ),
+            (5_000, 32, 60_000, 64)
+        );
     }
 }

@@ -127,7 +127,8 @@ pub const SWIM_PACKET_BYTES: usize = 16 * 1024;
 /// foca's settings for a cluster of about `n` nodes, probing a member every `probe_period`:
 /// - twice foca's retransmissions of each update (at least 6), because a node that misses a
 ///   join otherwise learns of it only when the new node's probe cycle reaches it;
-/// - suspicion as foca's LAN settings compute it from the cluster size and the period;
+/// - suspicion as foca's LAN settings compute it from the cluster size and the period (twice
+///   as long beyond 64 members);
 /// - up to 64 members, pending updates gossiped every 200 ms to 3 random members and an
 ///   announce to two random members every second, whose answer (a feed of members) closes any
 ///   remaining gap: cluster formation in well under a second;
@@ -147,7 +148,12 @@ fn foca_config(n: u32, probe_period: std::time::Duration) -> foca::Config {
     // takes longer on a loaded machine, and a late answer costs indirect probes to three more
     // members (three more handshakes) and a suspicion to spread.
     config.probe_rtt = probe_period / 2;
-    let suspicion_s = f64::from(n.get()).log10().max(1.0) * 4.0 * probe_period.as_secs_f64();
+    // A suspicion is refuted when the suspect hears of it and its answer spreads back; in a
+    // large cluster that gossip is slower (one random member per period), and declaring a
+    // live member down costs more than noticing a dead one late (its kept links, sync partner
+    // and probes all move): foca's LAN multiplier (4) for small clusters, 8 beyond.
+    let multiplier = if small { 4.0 } else { 8.0 };
+    let suspicion_s = f64::from(n.get()).log10().max(1.0) * multiplier * probe_period.as_secs_f64();
     config.suspect_to_down_after = Duration::from_secs_f64(suspicion_s);
     config.max_packet_size = NonZeroUsize::new(SWIM_PACKET_BYTES).expect("> 0");
     let one = NonZeroUsize::new(1).expect("1 > 0");
@@ -175,9 +181,16 @@ fn foca_config(n: u32, probe_period: std::time::Duration) -> foca::Config {
     });
     // After a partition heals, each side believes the other down; announcing to down members
     // every few seconds (foca's LAN default is 65 s) lets them find each other again.
-    config.periodic_announce_to_down_members = Some(foca::PeriodicParams {
-        frequency: Duration::from_secs(3),
-        num_members: NonZeroUsize::new(2).expect("2 > 0"),
+    config.periodic_announce_to_down_members = Some(if small {
+        foca::PeriodicParams {
+            frequency: Duration::from_secs(3),
+            num_members: NonZeroUsize::new(2).expect("2 > 0"),
+        }
+    } else {
+        foca::PeriodicParams {
+            frequency: Duration::from_secs(u64::from(n.get() / 50).max(3)),
+            num_members: one,
+        }
     });
     config
 }

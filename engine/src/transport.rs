@@ -337,7 +337,12 @@ impl Transport {
             QuicClientConfig::try_from(client_tls).map_err(crypto_err)?,
         ));
         client.transport_config(transport);
-        let endpoint = quinn::Endpoint::server(server, addr)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            udp_socket(addr)?,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let shared = Arc::new(Shared {
             endpoint,
             client,
@@ -441,6 +446,24 @@ impl Transport {
         let _ =
             tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
+}
+
+/// Receive buffer asked of the kernel for the endpoint's UDP socket (bytes; the kernel caps it
+/// at `net.core.rmem_max`). The usual default (208 KiB) holds about a hundred datagrams: when
+/// hundreds of agents share two cores (loadgen), an endpoint is not read for tens of
+/// milliseconds at a time, and bursts (handshake flights, 16 KiB SWIM packets) overflowed it:
+/// 5% of datagrams were dropped at 800 agents, so handshakes waited for retransmission timers
+/// and SWIM probes timed out.
+pub const SOCKET_RECV_BUFFER_BYTES: usize = 4 << 20;
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = socket.set_recv_buffer_size(SOCKET_RECV_BUFFER_BYTES) {
+        tracing::debug!("cannot enlarge the UDP receive buffer: {e}");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 async fn accept_loop(shared: Arc<Shared>) {
