@@ -379,9 +379,11 @@ impl Transport {
     /// Queues a message for a peer; never blocks. When the peer's queue is full the oldest
     /// message is dropped.
     pub fn send(&self, to: SocketAddr, channel: Channel, bytes: Bytes) {
+        // The message is queued under the map's lock: a sender loop that finds its queue
+        // empty removes it under the same lock, so no message lands in a queue nobody reads.
         let queue = {
             let mut queues = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner());
-            queues
+            let queue = queues
                 .entry(to)
                 .or_insert_with(|| {
                     let queue = Arc::new(PeerQueue {
@@ -391,17 +393,27 @@ impl Transport {
                     tokio::spawn(send_loop(self.shared.clone(), to, queue.clone()));
                     queue
                 })
-                .clone()
-        };
-        {
+                .clone();
             let mut messages = queue.messages.lock().unwrap_or_else(|e| e.into_inner());
             if messages.len() >= self.shared.config.queue_len_max {
                 messages.pop_front();
                 self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
             messages.push_back((channel, bytes));
-        }
+            drop(messages);
+            queue
+        };
         queue.wake.notify_one();
+    }
+
+    /// Peers with a send queue (and its task) now; a queue goes when idle for
+    /// `connection_idle_ms`.
+    pub fn queued_peers(&self) -> usize {
+        self.shared
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// True if a connection to the peer is pooled now (a message to it needs no handshake).
@@ -680,7 +692,27 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
             .unwrap_or_else(|e| e.into_inner())
             .pop_front();
         let Some((channel, bytes)) = next else {
-            queue.wake.notified().await;
+            // A peer not sent to for a connection's idle time loses its queue and this task,
+            // so a node that talked to every member of a large cluster once does not keep a
+            // task per member.
+            let idle = Duration::from_millis(shared.config.connection_idle_ms);
+            if tokio::time::timeout(idle, queue.wake.notified())
+                .await
+                .is_err()
+            {
+                let mut queues = shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let empty = queue
+                    .messages
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty();
+                if empty {
+                    if queues.get(&to).is_some_and(|q| Arc::ptr_eq(q, &queue)) {
+                        queues.remove(&to);
+                    }
+                    return;
+                }
+            }
             continue;
         };
         let Some(conn) = connection(&shared, to).await else {

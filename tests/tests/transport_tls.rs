@@ -250,6 +250,11 @@ async fn idle_connections_close_and_open_again_when_needed() {
         "the idle connection was not closed"
     );
     assert_eq!(a.stats().connections_open.load(Ordering::Relaxed), 0);
+    // The send queue for b (and its task) goes too.
+    assert!(
+        eventually(Duration::from_secs(5), || a.queued_peers() == 0).await,
+        "the idle send queue was kept"
+    );
     // The next message opens a new one and arrives.
     a.send(b.local_addr(), Channel::Stream, Bytes::from_static(b"two"));
     assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"two");
