@@ -297,31 +297,6 @@ pub fn run_sim(options: &Options) -> Report {
     }
 }
 
-/// Resident memory and CPU time of this process, from /proc.
-fn process_usage() -> (f64, f64) {
-    let rss_mib = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0);
-    // utime and stime, fields 14 and 15, in clock ticks (100 per second on Linux).
-    let cpu_s = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1;
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((utime + stime) / 100.0)
-        })
-        .unwrap_or(0.0);
-    (rss_mib, cpu_s)
-}
-
 /// Messages that needed a new connection, summed over the agents.
 fn cold_sends(agents: &[Agent]) -> patina::gossip::ColdSends {
     agents
@@ -455,10 +430,10 @@ pub async fn run_live(options: &Options) -> Report {
     let opened =
         |agents: &[Agent]| -> u64 { agents.iter().map(|a| a.gossip().connections_opened).sum() };
     let idle_window = Duration::from_secs(5);
-    let (_, idle_cpu_before) = process_usage();
+    let (_, idle_cpu_before) = patina_tests::process_usage();
     let opened_before = opened(&agents);
     tokio::time::sleep(idle_window).await;
-    let (idle_rss, idle_cpu_after) = process_usage();
+    let (idle_rss, idle_cpu_after) = patina_tests::process_usage();
     let idle_s = idle_window.as_secs_f64();
     let idle_cpu = (idle_cpu_after - idle_cpu_before) / idle_s / options.nodes as f64;
     let handshakes = (opened(&agents) - opened_before) as f64 / idle_s / options.nodes as f64;
@@ -489,7 +464,7 @@ pub async fn run_live(options: &Options) -> Report {
         (m + g.transport_sent, b + g.transport_bytes)
     });
     let broadcast_before: u64 = agents.iter().map(|a| broadcast_sent(&a.gossip())).sum();
-    let (_, cpu_before) = process_usage();
+    let (_, cpu_before) = patina_tests::process_usage();
     let write_phase = Instant::now();
 
     // Writes at the set rate on random nodes.
@@ -551,7 +526,7 @@ pub async fn run_live(options: &Options) -> Report {
     }
     spreading.finish_and_clear();
     let phase = write_phase.elapsed().as_secs_f64();
-    let (_, cpu_after) = process_usage();
+    let (_, cpu_after) = patina_tests::process_usage();
     let sent_after: (u64, u64) = agents.iter().fold((0, 0), |(m, b), a| {
         let g = a.gossip();
         (m + g.transport_sent, b + g.transport_bytes)

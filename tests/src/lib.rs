@@ -200,3 +200,29 @@ impl Ndjson {
         lines
     }
 }
+
+/// Resident memory (MiB) and CPU time (user + system, s) of this process, from /proc; zeros
+/// where /proc cannot be read.
+pub fn process_usage() -> (f64, f64) {
+    let rss_mib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0);
+    // utime and stime, fields 14 and 15, in clock ticks (100 per second on Linux).
+    let cpu_s = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0);
+    (rss_mib, cpu_s)
+}

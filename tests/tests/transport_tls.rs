@@ -17,12 +17,13 @@ fn node_tls(ca_cert: &str, ca_key: &str) -> NodeTls {
 }
 
 fn bind(tls: TlsMode) -> (Transport, mpsc::Receiver<Received>) {
+    bind_with(tls, TransportConfig::default())
+}
+
+fn bind_with(tls: TlsMode, config: TransportConfig) -> (Transport, mpsc::Receiver<Received>) {
     let (tx, rx) = mpsc::channel(64);
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    (
-        Transport::bind(addr, &tls, TransportConfig::default(), tx).unwrap(),
-        rx,
-    )
+    (Transport::bind(addr, &tls, config, tx).unwrap(), rx)
 }
 
 async fn recv(rx: &mut mpsc::Receiver<Received>) -> Option<Received> {
@@ -223,18 +224,13 @@ async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 #[tokio::test]
 async fn idle_connections_close_and_open_again_when_needed() {
-    let (tx, _a_rx) = mpsc::channel(8);
-    let config = TransportConfig {
-        connection_idle_ms: 1_000,
-        ..TransportConfig::default()
-    };
-    let a = Transport::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &TlsMode::Plaintext,
-        config,
-        tx,
-    )
-    .unwrap();
+    let (a, _a_rx) = bind_with(
+        TlsMode::Plaintext,
+        TransportConfig {
+            connection_idle_ms: 1_000,
+            ..TransportConfig::default()
+        },
+    );
     let (b, mut b_rx) = bind(TlsMode::Plaintext);
     a.send(b.local_addr(), Channel::Stream, Bytes::from_static(b"one"));
     assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"one");
@@ -265,19 +261,14 @@ async fn idle_connections_close_and_open_again_when_needed() {
 
 #[tokio::test]
 async fn the_pool_keeps_at_most_connections_max() {
-    let (tx, _a_rx) = mpsc::channel(8);
-    let config = TransportConfig {
-        connections_max: 2,
-        connection_idle_ms: 8_000,
-        ..TransportConfig::default()
-    };
-    let a = Transport::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &TlsMode::Plaintext,
-        config,
-        tx,
-    )
-    .unwrap();
+    let (a, _a_rx) = bind_with(
+        TlsMode::Plaintext,
+        TransportConfig {
+            connections_max: 2,
+            connection_idle_ms: 8_000,
+            ..TransportConfig::default()
+        },
+    );
     let peers: Vec<_> = (0..5).map(|_| bind(TlsMode::Plaintext)).collect();
     for (peer, _) in &peers {
         a.send(

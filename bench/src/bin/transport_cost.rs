@@ -18,29 +18,12 @@ use patina::tls::{generate_ca, generate_signed, CertUse, NodeTls};
 use patina::transport::{Channel, Received, TlsMode, Transport, TransportConfig};
 use tokio::sync::mpsc;
 
-/// Resident memory of this process (MiB), from /proc.
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    patina_tests::process_usage().0
 }
 
-/// CPU seconds (user + system) this process has used, from /proc.
 fn cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1;
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((utime + stime) / 100.0)
-        })
-        .unwrap_or(0.0)
+    patina_tests::process_usage().1
 }
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
