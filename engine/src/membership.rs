@@ -336,3 +336,37 @@ impl Membership {
         (packets, events)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn settings_for_every_size_and_period_are_accepted_by_foca() {
+        let me = Actor {
+            addr: "127.0.0.1:1".parse().expect("an address"),
+            site: [1; 16],
+            bump: 1,
+            cluster: 0,
+        };
+        for period_ms in [100, 1_000, 8_000, 60_000] {
+            let period = Duration::from_millis(period_ms);
+            let mut foca: FocaNode = Foca::new(
+                me.clone(),
+                foca_config(2, period),
+                SmallRng::seed_from_u64(1),
+                PostcardCodec,
+            );
+            for n in [2, 64, 65, 1_000, 100_000] {
+                let config = foca_config(n, period);
+                assert!(config.probe_rtt < config.probe_period);
+                assert!(config.suspect_to_down_after >= config.probe_period);
+                assert!(
+                    foca.set_config(config).is_ok(),
+                    "foca refused the settings for {n} members at {period_ms} ms"
+                );
+            }
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! The gossip transport: QUIC (quinn) with mutual TLS. One endpoint per node both accepts and
 //! opens connections; one connection per peer is kept and reused in both directions. Every
-//! message travels on its own unidirectional stream (reliable, unordered between messages);
-//! membership packets travel as datagrams (unreliable, as SWIM expects).
+//! message travels on its own unidirectional stream (reliable, unordered between messages),
+//! SWIM's packets included (they can be larger than a datagram); datagrams are available too.
 //!
 //! Connections are pooled, not kept forever: a connection with no traffic either way for
 //! `connection_idle_ms` is closed (and opened again on the next message), and beyond
