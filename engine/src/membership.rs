@@ -156,42 +156,26 @@ fn foca_config(n: u32, probe_period: std::time::Duration) -> foca::Config {
     let suspicion_s = f64::from(n.get()).log10().max(1.0) * multiplier * probe_period.as_secs_f64();
     config.suspect_to_down_after = Duration::from_secs_f64(suspicion_s);
     config.max_packet_size = NonZeroUsize::new(SWIM_PACKET_BYTES).expect("> 0");
-    let one = NonZeroUsize::new(1).expect("1 > 0");
-    config.periodic_gossip = Some(if small {
-        foca::PeriodicParams {
-            frequency: Duration::from_millis(200),
-            num_members: NonZeroUsize::new(3).expect("3 > 0"),
-        }
+    let every = |frequency: Duration, members: usize| {
+        Some(foca::PeriodicParams {
+            frequency,
+            num_members: NonZeroUsize::new(members).expect("at least one member"),
+        })
+    };
+    if small {
+        config.periodic_gossip = every(Duration::from_millis(200), 3);
+        config.periodic_announce = every(Duration::from_secs(1), 2);
     } else {
-        foca::PeriodicParams {
-            frequency: probe_period,
-            num_members: one,
-        }
-    });
-    config.periodic_announce = Some(if small {
-        foca::PeriodicParams {
-            frequency: Duration::from_secs(1),
-            num_members: NonZeroUsize::new(2).expect("2 > 0"),
-        }
-    } else {
-        foca::PeriodicParams {
-            frequency: Duration::from_secs(u64::from(n.get() / 50)),
-            num_members: one,
-        }
-    });
+        config.periodic_gossip = every(probe_period, 1);
+        config.periodic_announce = every(Duration::from_secs(u64::from(n.get() / 50)), 1);
+    }
     // After a partition heals, each side believes the other down; announcing to down members
     // every few seconds (foca's LAN default is 65 s) lets them find each other again.
-    config.periodic_announce_to_down_members = Some(if small {
-        foca::PeriodicParams {
-            frequency: Duration::from_secs(3),
-            num_members: NonZeroUsize::new(2).expect("2 > 0"),
-        }
+    config.periodic_announce_to_down_members = if small {
+        every(Duration::from_secs(3), 2)
     } else {
-        foca::PeriodicParams {
-            frequency: Duration::from_secs(u64::from(n.get() / 50).max(3)),
-            num_members: one,
-        }
-    });
+        every(Duration::from_secs(u64::from(n.get() / 50).max(3)), 1)
+    };
     config
 }
 
