@@ -115,8 +115,8 @@ pub struct GossipConfig {
     /// Kept links this node asks of members picked at random: the long links that take a
     /// changeset to every region in about one hop. 0..=16.
     pub far_peers: usize,
-    /// Time between round-trip probes while fewer than 128 members are measured (ms; 40 times
-    /// longer afterwards; 0: no probes, so no near links). 0..=60,000.
+    /// Time between round-trip probes during the first round, over `probe_sample` members (ms;
+    /// 100 times longer afterwards; 0: no probes, so no near links). 0..=60,000.
     pub probe_interval_ms: u64,
     /// Members measured by the first round of probes, among which the near peers are chosen
     /// (later rounds add one at a time). 1..=1,024.

@@ -223,6 +223,9 @@ impl GossipTask {
                     if let Some(peer) = self.sync.due_preferring(now_ms(now), &neighbours, &members) {
                         match self.membership.addr_of(&peer) {
                             Some(addr) => {
+                                if !self.transport.is_connected(addr) {
+                                    snapshot.cold_sends.sync += 1;
+                                }
                                 let (transport, store, done) = (self.transport.clone(), self.store.clone(), sync_done.clone());
                                 let (cluster, limits) = (self.cluster, self.limits);
                                 tokio::spawn(async move {
@@ -231,11 +234,6 @@ impl GossipTask {
                                 });
                             }
                             None => self.sync.finished(now_ms(now), false),
-                        }
-                        if let Some(addr) = self.membership.addr_of(&peer) {
-                            if !self.transport.is_connected(addr) {
-                                snapshot.cold_sends.sync += 1;
-                            }
                         }
                     }
                     effects.extend(self.broadcast.tick(now_ms(now)));
