@@ -84,6 +84,8 @@ pub struct ColdSends {
     pub changes: u64,
     /// Sync sessions this node started.
     pub sync: u64,
+    /// The SWIM packets among them, by kind (see [`crate::membership::SWIM_KINDS`]).
+    pub swim_by_kind: [u64; crate::membership::SWIM_KINDS.len()],
 }
 
 /// Everything the gossip task needs.
@@ -105,7 +107,8 @@ pub struct GossipTask {
     pub commits: mpsc::Receiver<Arc<Changeset>>,
     /// The store thread.
     pub store: StoreHandle,
-    /// Addresses to announce to at start (bootstrap plus remembered members).
+    /// Addresses to announce to at start, and again while no member is known (bootstrap plus
+    /// remembered members).
     pub announce_to: Vec<SocketAddr>,
     /// Where live members are remembered across restarts.
     pub members_file: PathBuf,
@@ -128,6 +131,12 @@ pub struct GossipTask {
 /// Least time between two rewrites of the members file.
 const MEMBERS_FILE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// First wait before announcing again while no member is known; it doubles up to
+/// [`REJOIN_MAX`].
+const REJOIN_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two announces while no member is known.
+const REJOIN_MAX: Duration = Duration::from_secs(30);
+
 /// Most inbox messages handled in one turn, so local commits and timers are never starved.
 const INBOX_BATCH_MAX: usize = 512;
 
@@ -136,11 +145,17 @@ impl GossipTask {
     pub async fn run(mut self) {
         let start = Instant::now();
         let now_ms = |at: Instant| Millis(at.duration_since(start).as_millis() as u64);
-        for addr in std::mem::take(&mut self.announce_to) {
-            if addr != self.transport.local_addr() {
-                self.membership.announce(addr, self.cluster);
-            }
+        self.announce_to
+            .retain(|addr| *addr != self.transport.local_addr());
+        for addr in &self.announce_to {
+            self.membership.announce(*addr, self.cluster);
         }
+        // An announce is one packet: if it is lost (the bootstrap node not up yet, a
+        // handshake timing out on a loaded machine), foca never learns a member and never
+        // retries by itself. So while this node knows no member, it announces again, waiting
+        // twice as long each time, up to a bound.
+        let mut rejoin_wait = REJOIN_FIRST;
+        let mut rejoin_at = Instant::now() + rejoin_wait;
         // Ticks every `tick_ms` while broadcast has announcements to send or ids to graft;
         // ten times less often when idle (sync rounds and counters only), so an idle node
         // costs little.
@@ -237,6 +252,17 @@ impl GossipTask {
                         }
                     }
                     effects.extend(self.broadcast.tick(now_ms(now)));
+                    if !self.membership.members().is_empty() {
+                        rejoin_wait = REJOIN_FIRST;
+                        rejoin_at = now + rejoin_wait;
+                    } else if now >= rejoin_at && !self.announce_to.is_empty() {
+                        tracing::debug!("no member known: announcing again to {} addresses", self.announce_to.len());
+                        for addr in &self.announce_to {
+                            self.membership.announce(*addr, self.cluster);
+                        }
+                        rejoin_wait = (rejoin_wait * 2).min(REJOIN_MAX);
+                        rejoin_at = now + rejoin_wait;
+                    }
                     if members_dirty && now >= members_written + MEMBERS_FILE_INTERVAL {
                         self.remember_members();
                         members_dirty = false;
@@ -341,10 +367,16 @@ impl GossipTask {
 
     /// Sends SWIM's packets and applies its member events; true if membership changed.
     fn flush_membership(&mut self, now: Instant, snapshot: &mut GossipSnapshot) -> bool {
-        let (packets, events) = self.membership.drain(now);
+        let (mut packets, events) = self.membership.drain(now);
+        let transport = &self.transport;
+        self.membership
+            .prefer_warm(&mut packets, |addr| transport.is_connected(addr));
         for (addr, packet) in packets {
             if !self.transport.is_connected(addr) {
                 snapshot.cold_sends.swim += 1;
+                if let Some(kind) = crate::membership::packet_kind(&packet) {
+                    snapshot.cold_sends.swim_by_kind[kind] += 1;
+                }
             }
             let bytes = encode_peer_message(self.cluster, &PeerMessage::Membership(packet));
             self.transport

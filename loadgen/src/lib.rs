@@ -129,6 +129,9 @@ pub struct Report {
     pub connections_per_node: Option<f64>,
     /// New QUIC connections (handshakes) per node per second, idle (live).
     pub handshakes_per_node_per_s: Option<f64>,
+    /// SWIM packets sent to members without a pooled connection, per node per second by
+    /// message kind, idle (live): what the handshakes are for.
+    pub idle_cold_swim_per_node_per_s: Vec<(String, f64)>,
     /// SWIM probe period of the agents (ms, live).
     pub swim_probe_ms: Option<u64>,
     /// Wall time of the run (s).
@@ -204,6 +207,17 @@ impl Report {
                 "  connections         {conns:.1} pooled per node, {handshakes:.3} handshakes per node per second (idle)\n"
             ));
         }
+        if !self.idle_cold_swim_per_node_per_s.is_empty() {
+            let kinds: Vec<String> = self
+                .idle_cold_swim_per_node_per_s
+                .iter()
+                .map(|(kind, rate)| format!("{kind} {rate:.3}"))
+                .collect();
+            out.push_str(&format!(
+                "  cold SWIM sends     per node per second (idle): {}\n",
+                kinds.join(", ")
+            ));
+        }
         if let Some(settled) = self.settled_nodes {
             out.push_str(&format!(
                 "  membership          {settled}/{} nodes saw every other node before the writes{}{}\n",
@@ -242,6 +256,11 @@ impl Report {
             "formation_s": self.formation_s,
             "connections_per_node": self.connections_per_node,
             "handshakes_per_node_per_s": self.handshakes_per_node_per_s,
+            "idle_cold_swim_per_node_per_s": self
+                .idle_cold_swim_per_node_per_s
+                .iter()
+                .map(|(kind, rate)| (kind.clone(), json!(rate)))
+                .collect::<serde_json::Map<_, _>>(),
             "swim_probe_ms": self.swim_probe_ms,
             "wall_s": self.wall_s,
         })
@@ -308,8 +327,28 @@ fn cold_sends(agents: &[Agent]) -> patina::gossip::ColdSends {
             sum.links += c.links;
             sum.changes += c.changes;
             sum.sync += c.sync;
+            for (total, kind) in sum.swim_by_kind.iter_mut().zip(c.swim_by_kind) {
+                *total += kind;
+            }
             sum
         })
+}
+
+/// SWIM's cold sends by message kind, the most frequent first ("ping-req 120, ping 40").
+fn swim_kinds(cold: &patina::gossip::ColdSends) -> String {
+    let mut kinds: Vec<(u64, &str)> = cold
+        .swim_by_kind
+        .iter()
+        .zip(patina::membership::SWIM_KINDS)
+        .filter(|(n, _)| **n > 0)
+        .map(|(n, kind)| (*n, kind))
+        .collect();
+    kinds.sort_by(|a, b| b.cmp(a));
+    kinds
+        .iter()
+        .map(|(n, kind)| format!("{kind} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Broadcast messages a node sent, the simulator's measure: pushes, announcements, grafts and
@@ -410,11 +449,25 @@ pub async fn run_live(options: &Options) -> Report {
             )
         });
         let cold = cold_sends(&agents);
+        // The node the fewest others know: a node missing from many views is a join that did
+        // not spread or a node falsely declared down; a few views each missing a different
+        // node is an update that died out.
+        let mut known_by: HashMap<SocketAddr, usize> = HashMap::new();
+        for agent in &agents {
+            for addr in agent.gossip().members.values() {
+                *known_by.entry(*addr).or_default() += 1;
+            }
+        }
+        let least_known = agents
+            .iter()
+            .map(|a| known_by.get(&a.gossip_addr()).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0);
         settling.set_message(format!(
-            "membership: {:.1}% of members known, {:.1} connections per node, {opened} handshakes (cold sends: swim {} probes {} links {} changes {} sync {})",
+            "membership: {:.1}% of members known, least known node in {least_known} views, {:.1} connections per node, {opened} handshakes (cold sends: swim {} [{}] probes {} links {} changes {} sync {})",
             known as f64 * 100.0 / (options.nodes * (options.nodes - 1)).max(1) as f64,
             open as f64 / options.nodes as f64,
-            cold.swim, cold.probes, cold.links, cold.changes, cold.sync
+            cold.swim, swim_kinds(&cold), cold.probes, cold.links, cold.changes, cold.sync
         ));
         if settled == options.nodes {
             formation_s = Some(last_started.elapsed().as_secs_f64());
@@ -432,11 +485,26 @@ pub async fn run_live(options: &Options) -> Report {
     let idle_window = Duration::from_secs(5);
     let (_, idle_cpu_before) = patina_tests::process_usage();
     let opened_before = opened(&agents);
+    let cold_before = cold_sends(&agents);
     tokio::time::sleep(idle_window).await;
     let (idle_rss, idle_cpu_after) = patina_tests::process_usage();
     let idle_s = idle_window.as_secs_f64();
     let idle_cpu = (idle_cpu_after - idle_cpu_before) / idle_s / options.nodes as f64;
     let handshakes = (opened(&agents) - opened_before) as f64 / idle_s / options.nodes as f64;
+    let cold_after = cold_sends(&agents);
+    let mut idle_cold_swim: Vec<(String, f64)> = patina::membership::SWIM_KINDS
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| {
+            let sent = cold_after.swim_by_kind[i] - cold_before.swim_by_kind[i];
+            (
+                kind.to_string(),
+                sent as f64 / idle_s / options.nodes as f64,
+            )
+        })
+        .filter(|(_, rate)| *rate > 0.0)
+        .collect();
+    idle_cold_swim.sort_by(|a, b| b.1.total_cmp(&a.1));
     let connections = agents
         .iter()
         .map(|a| a.gossip().connections_open as f64)
@@ -543,6 +611,7 @@ pub async fn run_live(options: &Options) -> Report {
         formation_s,
         connections_per_node: Some(connections),
         handshakes_per_node_per_s: Some(handshakes),
+        idle_cold_swim_per_node_per_s: idle_cold_swim,
         swim_probe_ms: Some(options.swim_probe_ms),
         memory_per_node_mib: Some(idle_rss / n as f64),
         idle_cpu_per_node: Some(idle_cpu),

@@ -471,3 +471,28 @@ async fn hostile_sync_input_is_refused() {
     hostile.close().await;
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_its_bootstrap_node_joins_when_it_comes_up() {
+    // An address nothing listens on yet: the first announce to it is lost.
+    let bootstrap_addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (early_dir, late_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let early = Agent::start(&node_config(early_dir.path(), &[bootstrap_addr]))
+        .await
+        .unwrap();
+    // QUIC retransmits its first packet, so a node that comes up while the handshake is
+    // still being tried is reached; the transport gives a handshake up after 5 s.
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    assert!(early.gossip().members.is_empty());
+    // The bootstrap node comes up without a bootstrap list of its own: only the early
+    // node's renewed announces can bring them together.
+    let mut late_config = node_config(late_dir.path(), &[]);
+    late_config.gossip.addr = bootstrap_addr;
+    let late = Agent::start(&late_config).await.unwrap();
+    wait_members(&[&early, &late], 2).await;
+    early.shutdown().await;
+    late.shutdown().await;
+}
