@@ -43,6 +43,9 @@ pub struct GossipSnapshot {
     pub refused: u64,
     /// Members as foca counts them.
     pub foca_members: usize,
+    /// How many times slower than configured SWIM runs on this loaded node (1 when healthy;
+    /// see [`Membership::slowdown`]).
+    pub swim_slowdown: u32,
     /// Transport: messages sent.
     pub transport_sent: u64,
     /// Transport: bytes of the messages sent.
@@ -275,6 +278,7 @@ impl GossipTask {
                         self.broadcast.kept_children().count(),
                     );
                     snapshot.foca_members = self.membership.foca_member_count();
+                    snapshot.swim_slowdown = self.membership.slowdown();
                     let transport = self.transport.stats();
                     snapshot.transport_sent = transport.sent.load(std::sync::atomic::Ordering::Relaxed);
                     snapshot.transport_bytes = transport.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);

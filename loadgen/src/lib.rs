@@ -134,6 +134,9 @@ pub struct Report {
     pub idle_cold_swim_per_node_per_s: Vec<(String, f64)>,
     /// SWIM probe period of the agents (ms, live).
     pub swim_probe_ms: Option<u64>,
+    /// How many times slower than that SWIM ran, on average over the nodes, idle (live; 1 when
+    /// no node was overloaded).
+    pub idle_swim_slowdown: Option<f64>,
     /// Wall time of the run (s).
     pub wall_s: f64,
 }
@@ -225,7 +228,8 @@ impl Report {
                 self.formation_s
                     .map_or(String::new(), |s| format!(", {s:.1} s after the last start")),
                 self.swim_probe_ms
-                    .map_or(String::new(), |ms| format!(" (SWIM probe every {ms} ms)"))
+                    .map_or(String::new(), |ms| format!(" (SWIM probe every {ms} ms{})",
+                        self.idle_swim_slowdown.map_or(String::new(), |x| format!(", {x:.2} times slower on average when idle"))))
             ));
         }
         out.push_str(&format!("  wall time           {:.1} s\n", self.wall_s));
@@ -262,6 +266,7 @@ impl Report {
                 .map(|(kind, rate)| (kind.clone(), json!(rate)))
                 .collect::<serde_json::Map<_, _>>(),
             "swim_probe_ms": self.swim_probe_ms,
+            "idle_swim_slowdown": self.idle_swim_slowdown,
             "wall_s": self.wall_s,
         })
     }
@@ -463,8 +468,13 @@ pub async fn run_live(options: &Options) -> Report {
             .map(|a| known_by.get(&a.gossip_addr()).copied().unwrap_or(0))
             .min()
             .unwrap_or(0);
+        let slowdown = agents
+            .iter()
+            .map(|a| f64::from(a.gossip().swim_slowdown))
+            .sum::<f64>()
+            / options.nodes as f64;
         settling.set_message(format!(
-            "membership: {:.1}% of members known, least known node in {least_known} views, {:.1} connections per node, {opened} handshakes (cold sends: swim {} [{}] probes {} links {} changes {} sync {})",
+            "membership: {:.1}% of members known, least known node in {least_known} views, SWIM slowdown {slowdown:.2}, {:.1} connections per node, {opened} handshakes (cold sends: swim {} [{}] probes {} links {} changes {} sync {})",
             known as f64 * 100.0 / (options.nodes * (options.nodes - 1)).max(1) as f64,
             open as f64 / options.nodes as f64,
             cold.swim, swim_kinds(&cold), cold.probes, cold.links, cold.changes, cold.sync
@@ -492,6 +502,11 @@ pub async fn run_live(options: &Options) -> Report {
     let idle_cpu = (idle_cpu_after - idle_cpu_before) / idle_s / options.nodes as f64;
     let handshakes = (opened(&agents) - opened_before) as f64 / idle_s / options.nodes as f64;
     let cold_after = cold_sends(&agents);
+    let idle_slowdown = agents
+        .iter()
+        .map(|a| f64::from(a.gossip().swim_slowdown))
+        .sum::<f64>()
+        / options.nodes as f64;
     let mut idle_cold_swim: Vec<(String, f64)> = patina::membership::SWIM_KINDS
         .iter()
         .enumerate()
@@ -612,6 +627,7 @@ pub async fn run_live(options: &Options) -> Report {
         connections_per_node: Some(connections),
         handshakes_per_node_per_s: Some(handshakes),
         idle_cold_swim_per_node_per_s: idle_cold_swim,
+        idle_swim_slowdown: Some(idle_slowdown),
         swim_probe_ms: Some(options.swim_probe_ms),
         memory_per_node_mib: Some(idle_rss / n as f64),
         idle_cpu_per_node: Some(idle_cpu),
