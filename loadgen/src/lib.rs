@@ -62,6 +62,8 @@ pub struct Options {
     pub warmup: Duration,
     /// SWIM probe period of every agent (ms, live).
     pub swim_probe_ms: u64,
+    /// How long an agent keeps an unused connection (ms, live); `None`: the agent's default.
+    pub connection_idle_ms: Option<u64>,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -88,6 +90,7 @@ impl Default for Options {
             settle: Duration::from_secs(30),
             warmup: Duration::from_secs(15),
             swim_probe_ms: 1_000,
+            connection_idle_ms: None,
             progress: false,
         }
     }
@@ -404,6 +407,9 @@ pub async fn run_live(options: &Options) -> Report {
         // broadcast being measured. Sync still repairs loss.
         config.gossip.sync_interval_ms = 2_000;
         config.gossip.swim_probe_period_ms = options.swim_probe_ms;
+        if let Some(idle_ms) = options.connection_idle_ms {
+            config.gossip.connection_idle_ms = idle_ms;
+        }
         config.api.query_connections = 1;
         if options.tls {
             config = patina_tests::with_tls(config, &dir, &ca);

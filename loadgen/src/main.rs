@@ -71,6 +71,9 @@ struct Common {
     /// (each probe usually costs a QUIC handshake, and the agents share this machine).
     #[arg(long)]
     swim_probe_ms: Option<u64>,
+    /// How long every agent keeps an unused connection (ms, live); default: the agent's.
+    #[arg(long)]
+    connection_idle_ms: Option<u64>,
     /// Where to write the raw figures.
     #[arg(long, default_value = "loadgen-report.json")]
     json: PathBuf,
@@ -111,6 +114,7 @@ fn options(c: &Common) -> Result<Options, String> {
         swim_probe_ms: c
             .swim_probe_ms
             .unwrap_or_else(|| loadgen::default_swim_probe_ms(c.nodes)),
+        connection_idle_ms: c.connection_idle_ms,
         progress: true,
     })
 }
