@@ -342,6 +342,15 @@ fn cold_sends(agents: &[Agent]) -> patina::gossip::ColdSends {
         })
 }
 
+/// How many times slower than configured SWIM runs, on average over the agents.
+fn mean_swim_slowdown(agents: &[Agent]) -> f64 {
+    let total: f64 = agents
+        .iter()
+        .map(|a| f64::from(a.gossip().swim_slowdown))
+        .sum();
+    total / agents.len().max(1) as f64
+}
+
 /// SWIM's cold sends by message kind, the most frequent first ("ping-req 120, ping 40").
 fn swim_kinds(cold: &patina::gossip::ColdSends) -> String {
     let mut kinds: Vec<(u64, &str)> = cold
@@ -474,11 +483,7 @@ pub async fn run_live(options: &Options) -> Report {
             .map(|a| known_by.get(&a.gossip_addr()).copied().unwrap_or(0))
             .min()
             .unwrap_or(0);
-        let slowdown = agents
-            .iter()
-            .map(|a| f64::from(a.gossip().swim_slowdown))
-            .sum::<f64>()
-            / options.nodes as f64;
+        let slowdown = mean_swim_slowdown(&agents);
         settling.set_message(format!(
             "membership: {:.1}% of members known, least known node in {least_known} views, SWIM slowdown {slowdown:.2}, {:.1} connections per node, {opened} handshakes (cold sends: swim {} [{}] probes {} links {} changes {} sync {})",
             known as f64 * 100.0 / (options.nodes * (options.nodes - 1)).max(1) as f64,
@@ -508,11 +513,7 @@ pub async fn run_live(options: &Options) -> Report {
     let idle_cpu = (idle_cpu_after - idle_cpu_before) / idle_s / options.nodes as f64;
     let handshakes = (opened(&agents) - opened_before) as f64 / idle_s / options.nodes as f64;
     let cold_after = cold_sends(&agents);
-    let idle_slowdown = agents
-        .iter()
-        .map(|a| f64::from(a.gossip().swim_slowdown))
-        .sum::<f64>()
-        / options.nodes as f64;
+    let idle_slowdown = mean_swim_slowdown(&agents);
     let mut idle_cold_swim: Vec<(String, f64)> = patina::membership::SWIM_KINDS
         .iter()
         .enumerate()
