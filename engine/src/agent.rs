@@ -16,6 +16,7 @@ use crate::api;
 use crate::config::Config;
 use crate::config::GossipConfig;
 use crate::gossip::{remembered_members, GossipSnapshot, GossipTask};
+use crate::http::serve::{serve, ServeLimits, ServeStats};
 use crate::membership::{Actor, Membership};
 use crate::metrics::StoreMetrics;
 use crate::store::{
@@ -267,7 +268,9 @@ fn spawn_store(
                         let result = if deadline.is_some_and(|d| Instant::now() > d) {
                             Err(TxError::TimedOut)
                         } else {
-                            store.transact(&statements).map_err(TxError::from)
+                            store
+                                .transact_until(&statements, deadline)
+                                .map_err(TxError::from)
                         };
                         if let Ok(TxOutcome {
                             changeset: Some(changeset),
@@ -392,6 +395,7 @@ pub struct ReaderPool {
     path: PathBuf,
     idle: std::sync::Mutex<Vec<Reader>>,
     permits: Arc<tokio::sync::Semaphore>,
+    size: usize,
 }
 
 impl ReaderPool {
@@ -400,20 +404,25 @@ impl ReaderPool {
             path,
             idle: std::sync::Mutex::new(Vec::new()),
             permits: Arc::new(tokio::sync::Semaphore::new(size)),
+            size,
         }
     }
 
-    /// Waits for a free slot, then runs `f` with a reader on a blocking thread.
+    /// Waits for a free slot until `deadline`, then runs `f` with a reader on a blocking
+    /// thread. A reader that comes back with a transaction open is closed, never reused: the
+    /// next query must not see an old snapshot.
     pub async fn with_reader<T: Send + 'static>(
         self: &Arc<Self>,
+        deadline: Instant,
         f: impl FnOnce(&Reader) -> T + Send + 'static,
     ) -> Result<T, StoreError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the pool's semaphore is never closed");
+        let permit = tokio::time::timeout_at(
+            tokio::time::Instant::from_std(deadline),
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| StoreError::ReadersBusy(self.size))?
+        .expect("the pool's semaphore is never closed");
         let pool = self.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -423,10 +432,14 @@ impl ReaderPool {
                 None => Reader::open(&pool.path)?,
             };
             let out = f(&reader);
-            pool.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(reader);
+            if reader.is_clean() {
+                pool.idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(reader);
+            } else {
+                tracing::warn!("a query connection came back inside a transaction: closed");
+            }
             Ok(out)
         })
         .await
@@ -545,18 +558,17 @@ impl Agent {
             },
             &config.api,
         ));
-        let mut rx = shutdown_rx.clone();
-        let api_task = tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            };
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!("API server failed: {e}");
-            }
-        });
+        let api_limits = ServeLimits {
+            connections_max: config.api.connections_max,
+            idle_timeout: Duration::from_millis(config.api.idle_timeout_ms),
+        };
+        let api_task = tokio::spawn(serve(
+            listener,
+            router,
+            api_limits,
+            Arc::new(ServeStats::default()),
+            shutdown_rx.clone(),
+        ));
 
         let mut tasks = vec![api_task, gossip_join];
         let metrics_addr = match config.telemetry.prometheus_addr {
@@ -592,18 +604,13 @@ impl Agent {
             admin_path.display()
         )))?;
         let admin_router = api::admin_router(handle, gossip_snapshot.clone());
-        let mut rx = shutdown_rx;
-        let admin_task = tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            };
-            if let Err(e) = axum::serve(admin, admin_router)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!("admin server failed: {e}");
-            }
-        });
+        let admin_task = tokio::spawn(serve(
+            admin,
+            admin_router,
+            api_limits,
+            Arc::new(ServeStats::default()),
+            shutdown_rx,
+        ));
         tracing::info!(%api_addr, %gossip_addr, site = %site, "agent started");
         Ok(Agent {
             api_addr,

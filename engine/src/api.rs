@@ -1,10 +1,12 @@
 //! The HTTP API, compatible with Corrosion's v1: `/v1/transactions`, `/v1/queries`,
-//! `/v1/health`, `/v1/table_stats`; an optional bearer token; a limit on requests in flight
-//! (503 past it); a body size limit (413 past it). And the admin router served on the local
-//! unix socket (`POST /reload`).
+//! `/v1/health`, `/v1/table_stats`, `/v1/updates/{table}`, `/v1/subscriptions`; an optional
+//! bearer token; a limit on requests in flight (503 past it; health is exempt, and a stream
+//! gives its slot back once it has started and counts against `streams_max` instead); a body
+//! size limit (413 past it). And the admin router served on the local unix socket.
 //!
-//! JSON values map to SQLite values as null, integer, real, text; a blob is a JSON array of
-//! byte values (0..=255), both ways; booleans are written as 0 and 1.
+//! Every statement has a deadline (`?timeout=` seconds, else `api.statement_timeout_ms`),
+//! enforced while it runs; a query is also stopped when its client leaves. The request and
+//! answer shapes are in [`crate::http::types`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,16 +19,20 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use patina_core::ids::SiteId;
-use patina_core::value::Value;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::Semaphore;
+use tokio_stream::StreamExt as _;
 
 use crate::agent::{ReaderPool, StoreHandle, TxError};
 use crate::config::ApiConfig;
 use crate::gossip::GossipSnapshot;
+use crate::http::types::{
+    ApiStatement, ChangeType, ErrorResponse, ExecResponse, ExecResult, HealthResponse, Member,
+    MembersResponse, NotifyEvent, QueryEvent, SqlValue, TableStatsRequest, TableStatsResponse,
+};
 use crate::store::{Params, Statement, StoreError};
-use crate::subs::{Attached, ChangeEvent, SubsError, SubsHandle};
+use crate::subs::{Attached, ChangeEvent, ChangeKind, SubsError, SubsHandle};
 use patina_core::change::RowChange;
 
 /// What the handlers share.
@@ -37,6 +43,9 @@ pub struct ApiState {
     site: SiteId,
     bearer_token: Option<String>,
     in_flight: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
+    streams_max: usize,
+    statement_timeout: Duration,
     body_bytes_max: usize,
     gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
     row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
@@ -78,11 +87,35 @@ impl ApiState {
             site,
             bearer_token: config.authz.bearer_token.clone(),
             in_flight: Arc::new(Semaphore::new(config.concurrency_limit)),
+            streams: Arc::new(Semaphore::new(config.streams_max)),
+            streams_max: config.streams_max,
+            statement_timeout: Duration::from_millis(config.statement_timeout_ms),
             body_bytes_max: config.body_bytes_max,
             gossip,
             row_changes,
             subs,
             shutdown,
+        })
+    }
+
+    /// The deadline of a request's statements.
+    fn deadline(&self, param: &TimeoutParam, start: Instant) -> Instant {
+        let timeout = param
+            .timeout
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .map_or(self.statement_timeout, |t| {
+                Duration::from_secs_f64(t.min(24.0 * 3600.0))
+            });
+        start + timeout
+    }
+
+    /// A slot for a long-lived stream, or the 503 to answer.
+    fn stream_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("too many open streams ({})", self.streams_max),
+            )
         })
     }
 }
@@ -121,20 +154,43 @@ pub fn admin_router(
 }
 
 async fn members(State(gossip): State<tokio::sync::watch::Receiver<GossipSnapshot>>) -> Response {
-    let members: Vec<Json> = gossip
+    let members = gossip
         .borrow()
         .members
         .iter()
-        .map(|(site, addr)| json!({ "site_id": site.to_hex(), "addr": addr.to_string() }))
+        .map(|(site, addr)| Member {
+            site_id: site.to_hex(),
+            addr: addr.to_string(),
+        })
         .collect();
-    axum::Json(json!({ "members": members })).into_response()
+    axum::Json(MembersResponse { members }).into_response()
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    (status, axum::Json(json!({ "error": message.to_string() }))).into_response()
+    (
+        status,
+        axum::Json(ErrorResponse {
+            error: message.to_string(),
+        }),
+    )
+        .into_response()
 }
 
-/// Bearer token, then the in-flight limit.
+/// The status of a store error: 4xx when the request is at fault.
+fn store_status(e: &StoreError) -> StatusCode {
+    match e {
+        StoreError::DeadlinePassed(_) => StatusCode::REQUEST_TIMEOUT,
+        StoreError::ReadersBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // The client is gone; nobody reads this.
+        StoreError::Cancelled => StatusCode::REQUEST_TIMEOUT,
+        e if e.is_client_fault() => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Bearer token, then the in-flight limit (health is exempt: it must answer when the node is
+/// busiest). A request holds its slot until its answer has started; a stream then runs on a
+/// slot of `streams_max` instead, so open streams never starve plain requests.
 async fn guard(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.bearer_token {
         let given = request
@@ -146,138 +202,39 @@ async fn guard(State(state): State<Arc<ApiState>>, request: Request, next: Next)
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }
     }
-    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
+    if request.uri().path() == "/v1/health" {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many requests in flight",
         );
     };
-    let response = next.run(request).await;
-    let streaming = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes() == b"application/x-ndjson");
-    if !streaming {
-        return response;
-    }
-    // A stream keeps its slot until it ends, so open streams count against the limit too.
-    let (parts, body) = response.into_parts();
-    let body = tokio_stream::StreamExt::map(body.into_data_stream(), move |chunk| {
-        let _slot = &permit;
-        chunk
-    });
-    Response::from_parts(parts, Body::from_stream(body))
+    next.run(request).await
 }
 
 #[derive(Debug, Deserialize)]
 struct TimeoutParam {
+    /// Seconds.
     timeout: Option<f64>,
 }
 
-/// A statement as Corrosion's API accepts it.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum StatementJson {
-    Sql(String),
-    WithParams(String, ParamsJson),
-    Verbose {
-        query: String,
-        #[serde(default)]
-        params: Option<Vec<Json>>,
-        #[serde(default)]
-        named_params: Option<Map<String, Json>>,
-    },
-}
+/// An error answer not yet rendered (small to pass around).
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum ParamsJson {
-    Positional(Vec<Json>),
-    Named(Map<String, Json>),
-}
-
-fn json_to_value(v: &Json) -> Result<Value, String> {
-    Ok(match v {
-        Json::Null => Value::Null,
-        Json::Bool(b) => Value::Integer(i64::from(*b)),
-        Json::Number(n) => match n.as_i64() {
-            Some(i) => Value::Integer(i),
-            None => Value::Real(n.as_f64().ok_or("number out of range")?),
-        },
-        Json::String(s) => Value::Text(s.clone()),
-        Json::Array(items) => Value::Blob(
-            items
-                .iter()
-                .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
-                .collect::<Option<Vec<u8>>>()
-                .ok_or("an array parameter must be a blob: bytes 0..=255")?,
-        ),
-        Json::Object(_) => return Err("objects are not SQL values".into()),
-    })
-}
-
-fn value_to_json(v: &Value) -> Json {
-    match v {
-        Value::Null => Json::Null,
-        Value::Integer(i) => json!(i),
-        Value::Real(r) => json!(r),
-        Value::Text(s) => json!(s),
-        Value::Blob(b) => json!(b),
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
     }
 }
 
-fn positional(values: &[Json]) -> Result<Params, String> {
-    Ok(Params::Positional(
-        values.iter().map(json_to_value).collect::<Result<_, _>>()?,
-    ))
-}
-
-fn named(values: &Map<String, Json>) -> Result<Params, String> {
-    Ok(Params::Named(
-        values
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), json_to_value(v)?)))
-            .collect::<Result<_, String>>()?,
-    ))
-}
-
-impl StatementJson {
-    fn into_statement(self) -> Result<Statement, String> {
-        Ok(match self {
-            StatementJson::Sql(sql) => Statement::new(sql),
-            StatementJson::WithParams(sql, ParamsJson::Positional(p)) => Statement {
-                sql,
-                params: positional(&p)?,
-            },
-            StatementJson::WithParams(sql, ParamsJson::Named(p)) => Statement {
-                sql,
-                params: named(&p)?,
-            },
-            StatementJson::Verbose {
-                query,
-                params,
-                named_params,
-            } => match (params, named_params) {
-                (Some(_), Some(_)) => return Err("give params or named_params, not both".into()),
-                (Some(p), None) => Statement {
-                    sql: query,
-                    params: positional(&p)?,
-                },
-                (None, Some(p)) => Statement {
-                    sql: query,
-                    params: named(&p)?,
-                },
-                (None, None) => Statement::new(query),
-            },
-        })
-    }
-}
-
-fn timeout(param: &TimeoutParam) -> Option<Duration> {
-    param
-        .timeout
-        .filter(|t| t.is_finite() && *t > 0.0)
-        .map(Duration::from_secs_f64)
+fn parse_statement(body: &[u8]) -> Result<Statement, ApiError> {
+    serde_json::from_slice::<ApiStatement>(body)
+        .map_err(|e| format!("expected one statement: {e}"))
+        .and_then(ApiStatement::into_statement)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))
 }
 
 async fn transactions(
@@ -286,7 +243,8 @@ async fn transactions(
     body: Bytes,
 ) -> Response {
     let start = Instant::now();
-    let parsed: Vec<StatementJson> = match serde_json::from_slice(&body) {
+    let deadline = state.deadline(&param, start);
+    let parsed: Vec<ApiStatement> = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
             return error(
@@ -303,110 +261,236 @@ async fn transactions(
     }
     let statements = match parsed
         .into_iter()
-        .map(StatementJson::into_statement)
+        .map(ApiStatement::into_statement)
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    match state.store.transact(statements, timeout(&param)).await {
-        Ok(out) => {
-            let results: Vec<Json> = out
+    let result = state
+        .store
+        .transact(statements, Some(deadline.saturating_duration_since(start)))
+        .await;
+    let failed = |status: StatusCode, message: String| {
+        (
+            status,
+            axum::Json(ExecResponse {
+                results: vec![ExecResult::Error { error: message }],
+                time: start.elapsed().as_secs_f64(),
+                version: None,
+                actor_id: Some(state.site.to_hex()),
+            }),
+        )
+            .into_response()
+    };
+    match result {
+        Ok(out) => axum::Json(ExecResponse {
+            results: out
                 .rows_affected
                 .iter()
                 .zip(&out.statement_times)
-                .map(|(n, t)| json!({ "rows_affected": n, "time": t.as_secs_f64() }))
-                .collect();
-            axum::Json(json!({
-                "results": results,
-                "time": start.elapsed().as_secs_f64(),
-                "version": out.version.map(|v| v.get()),
-                "actor_id": state.site.to_hex(),
-            }))
-            .into_response()
-        }
-        Err(TxError::Overloaded) => error(StatusCode::SERVICE_UNAVAILABLE, TxError::Overloaded),
-        Err(TxError::TimedOut) => error(StatusCode::REQUEST_TIMEOUT, TxError::TimedOut),
-        Err(e) => {
+                .map(|(n, t)| ExecResult::Execute {
+                    rows_affected: *n,
+                    time: t.as_secs_f64(),
+                })
+                .collect(),
+            time: start.elapsed().as_secs_f64(),
+            version: out.version.map(|v| v.get()),
+            actor_id: Some(state.site.to_hex()),
+        })
+        .into_response(),
+        Err(e @ TxError::Overloaded) => failed(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e @ TxError::Unavailable) => failed(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e @ TxError::TimedOut) => failed(StatusCode::REQUEST_TIMEOUT, e.to_string()),
+        Err(TxError::Store(e)) => {
             let message = match &e {
-                TxError::Store(StoreError::Statement { message, .. }) => message.clone(),
+                StoreError::Statement { message, .. } => message.clone(),
                 other => other.to_string(),
             };
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                axum::Json(json!({ "results": [{ "error": message }], "time": start.elapsed().as_secs_f64() })),
-            )
-                .into_response()
+            failed(store_status(&e), message)
         }
     }
 }
 
-fn ndjson_line(value: &Json) -> Bytes {
-    let mut line = serde_json::to_vec(value).expect("JSON values always serialize");
+/// One NDJSON line.
+fn ndjson_line(value: &impl Serialize) -> Bytes {
+    let mut line = serde_json::to_vec(value).expect("API shapes always serialize");
     line.push(b'\n');
     Bytes::from(line)
 }
 
-async fn queries(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
-    let start = Instant::now();
-    let statement = match serde_json::from_slice::<StatementJson>(&body)
-        .map_err(|e| format!("expected one statement: {e}"))
-        .and_then(StatementJson::into_statement)
-    {
-        Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    // Lines flow through a bounded channel: a slow client slows the query, never memory.
-    let (lines, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-    let (started, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let readers = state.readers.clone();
-    let task = async move {
-        readers
-            .with_reader(move |reader| {
-                let mut started = Some(started);
-                let mut rowid = 0u64;
-                let result = reader.query_each(
-                    &statement,
-                    |columns| {
-                        let _ =
-                            lines.blocking_send(Ok(ndjson_line(&json!({ "columns": columns }))));
-                        if let Some(s) = started.take() {
-                            let _ = s.send(());
-                        }
-                    },
-                    |row| {
-                        rowid += 1;
-                        let values: Vec<Json> = row.iter().map(value_to_json).collect();
-                        lines
-                            .blocking_send(Ok(ndjson_line(&json!({ "row": [rowid, values] }))))
-                            .is_ok()
-                    },
-                );
-                let last = match &result {
-                    Ok(()) => json!({ "eoq": { "time": start.elapsed().as_secs_f64() } }),
-                    Err(e) => json!({ "error": e.to_string() }),
-                };
-                if started.is_none() {
-                    let _ = lines.blocking_send(Ok(ndjson_line(&last)));
-                }
-                result
-            })
-            .await
-    };
-    let task = tokio::spawn(task);
-    if started_rx.await.is_err() {
-        // The statement never produced columns: it failed to prepare, or would write.
-        return match task.await {
-            Ok(Ok(Err(e))) | Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
-            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "query failed"),
-        };
+/// What the reader thread hands the query handler.
+#[derive(Debug)]
+enum QueryChunk {
+    /// The statement failed before anything was sent: answer with an error status.
+    Failed(StoreError),
+    /// Lines, more to come.
+    More(Bytes),
+    /// The last lines (eoq or an error line).
+    Last(Bytes),
+}
+
+/// A query answer's lines are gathered into chunks of about this size...
+const QUERY_CHUNK_BYTES: usize = 16 * 1024;
+/// ...or sent when the oldest waiting line is this old, so a slow query's rows still flow.
+const QUERY_CHUNK_DELAY: Duration = Duration::from_millis(20);
+/// Chunks in flight between the reader thread and the connection.
+const QUERY_CHUNKS_QUEUED: usize = 4;
+
+/// Gathers NDJSON lines on the reader thread and hands them over in chunks, so a short answer
+/// leaves in one write and a long one in few, never a write per row.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<QueryChunk>,
+    buffer: Vec<u8>,
+    since: Option<Instant>,
+    sent: bool,
+    deadline: Instant,
+}
+
+impl ChunkWriter {
+    fn line(&mut self, event: &QueryEvent) {
+        serde_json::to_writer(&mut self.buffer, event).expect("API shapes always serialize");
+        self.buffer.push(b'\n');
+        self.since.get_or_insert_with(Instant::now);
     }
+
+    /// Sends the buffer if it is big or old enough; false when the client is gone or the
+    /// deadline passed while it was not reading.
+    fn maybe_flush(&mut self) -> bool {
+        let due = self.buffer.len() >= QUERY_CHUNK_BYTES
+            || self.since.is_some_and(|t| t.elapsed() >= QUERY_CHUNK_DELAY);
+        !due || self.send(false)
+    }
+
+    fn send(&mut self, last: bool) -> bool {
+        let bytes = Bytes::from(std::mem::take(&mut self.buffer));
+        self.since = None;
+        self.sent = true;
+        let mut chunk = if last {
+            QueryChunk::Last(bytes)
+        } else {
+            QueryChunk::More(bytes)
+        };
+        // Never block the reader on a client that does not read: poll, bounded by the
+        // deadline, and give the connection back when it passes.
+        loop {
+            match self.tx.try_send(chunk) {
+                Ok(()) => return true,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(c)) => {
+                    if Instant::now() >= self.deadline {
+                        return false;
+                    }
+                    chunk = c;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+}
+
+/// Runs a query on a reader thread, streaming its lines through `tx`.
+fn run_query(
+    reader: &crate::store::Reader,
+    statement: &Statement,
+    start: Instant,
+    deadline: Instant,
+    tx: tokio::sync::mpsc::Sender<QueryChunk>,
+) {
+    let left = tx.clone();
+    let out = std::cell::RefCell::new(ChunkWriter {
+        tx,
+        buffer: Vec::with_capacity(4096),
+        since: None,
+        sent: false,
+        deadline,
+    });
+    let mut row_id = 0u64;
+    let result = reader.query_each(
+        statement,
+        Some(deadline),
+        Some(Box::new(move || left.is_closed())),
+        |columns| {
+            out.borrow_mut()
+                .line(&QueryEvent::Columns(columns.to_vec()))
+        },
+        |row| {
+            row_id += 1;
+            let mut out = out.borrow_mut();
+            out.line(&QueryEvent::Row(
+                row_id,
+                row.into_iter().map(SqlValue::from).collect(),
+            ));
+            out.maybe_flush()
+        },
+    );
+    let mut out = out.into_inner();
+    match result {
+        Err(e) if !out.sent => {
+            // Nothing sent yet, so the queue has room: this never waits.
+            let _ = out.tx.try_send(QueryChunk::Failed(e));
+        }
+        Err(e) => {
+            out.line(&QueryEvent::Error(e.to_string()));
+            out.send(true);
+        }
+        Ok(()) => {
+            out.line(&QueryEvent::EndOfQuery {
+                time: start.elapsed().as_secs_f64(),
+                change_id: None,
+            });
+            out.send(true);
+        }
+    }
+}
+
+fn ndjson_response(body: Body) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
+        .body(body)
         .expect("static headers are valid")
+}
+
+async fn queries(
+    State(state): State<Arc<ApiState>>,
+    Query(param): Query<TimeoutParam>,
+    body: Bytes,
+) -> Response {
+    let start = Instant::now();
+    let deadline = state.deadline(&param, start);
+    let statement = match parse_statement(&body) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<QueryChunk>(QUERY_CHUNKS_QUEUED);
+    let readers = state.readers.clone();
+    // The query runs on its own task: if this handler is dropped (the client left), the
+    // channel closes and the statement is stopped at its next progress check.
+    let task = tokio::spawn(async move {
+        readers
+            .with_reader(deadline, move |reader| {
+                run_query(reader, &statement, start, deadline, tx)
+            })
+            .await
+    });
+    match rx.recv().await {
+        Some(QueryChunk::Failed(e)) => error(store_status(&e), e),
+        // The whole answer in one body: one write with the head.
+        Some(QueryChunk::Last(bytes)) => ndjson_response(Body::from(bytes)),
+        Some(QueryChunk::More(first)) => {
+            let rest =
+                tokio_stream::wrappers::ReceiverStream::new(rx).filter_map(|chunk| match chunk {
+                    QueryChunk::More(b) | QueryChunk::Last(b) => Some(Ok::<_, std::io::Error>(b)),
+                    QueryChunk::Failed(_) => None,
+                });
+            let stream = tokio_stream::StreamExt::chain(tokio_stream::once(Ok(first)), rest);
+            ndjson_response(Body::from_stream(stream))
+        }
+        None => match task.await {
+            Ok(Err(e)) => error(store_status(&e), e),
+            _ => error(StatusCode::INTERNAL_SERVER_ERROR, "query failed"),
+        },
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -438,25 +522,21 @@ async fn health(
             .and_then(|s| StatusCode::from_u16(s).ok())
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
     };
+    let members = state.gossip.borrow().members.len() as u64 + 1;
     (
         code,
-        axum::Json(json!({ "response": {
-            "gaps": status.gaps,
-            // Cluster size as this node sees it, itself included.
-            "members": state.gossip.borrow().members.len() + 1,
-            "p99_lag": p99_lag,
-            "queue_size": queue_size,
-        }})),
+        axum::Json(HealthResponse::Response {
+            gaps: status.gaps,
+            members,
+            p99_lag,
+            queue_size: queue_size as u64,
+        }),
     )
         .into_response()
 }
 
-#[derive(Debug, Deserialize)]
-struct TableStatsRequest {
-    tables: Vec<String>,
-}
-
 async fn table_stats(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
+    let start = Instant::now();
     let request: TableStatsRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -469,13 +549,14 @@ async fn table_stats(State(state): State<Arc<ApiState>>, body: Bytes) -> Respons
     let Some(status) = state.store.status().await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
     };
-    let (valid, invalid): (Vec<String>, Vec<String>) = request
+    let (valid, invalid_tables): (Vec<String>, Vec<String>) = request
         .tables
         .into_iter()
         .partition(|t| status.tables.contains(t));
+    let deadline = state.deadline(&TimeoutParam { timeout: None }, start);
     let counted = state
         .readers
-        .with_reader(move |reader| {
+        .with_reader(deadline, move |reader| {
             valid
                 .iter()
                 .map(|t| reader.count_rows(t))
@@ -483,15 +564,39 @@ async fn table_stats(State(state): State<Arc<ApiState>>, body: Bytes) -> Respons
         })
         .await;
     match counted {
-        Ok(Ok(total)) => axum::Json(json!({ "total_row_count": total, "invalid_tables": invalid }))
-            .into_response(),
-        Ok(Err(e)) | Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Ok(total_row_count)) => axum::Json(TableStatsResponse {
+            total_row_count,
+            invalid_tables,
+        })
+        .into_response(),
+        Ok(Err(e)) | Err(e) => error(store_status(&e), e),
+    }
+}
+
+/// A long-lived NDJSON answer fed by a task; it holds a stream slot until it ends.
+fn stream_body(
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Body {
+    let lines = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |line| {
+        let _ = &slot;
+        Ok::<_, std::io::Error>(line)
+    });
+    Body::from_stream(lines)
+}
+
+fn change_type(kind: ChangeKind) -> ChangeType {
+    match kind {
+        ChangeKind::Insert => ChangeType::Insert,
+        ChangeKind::Update => ChangeType::Update,
+        ChangeKind::Delete => ChangeType::Delete,
     }
 }
 
 /// `POST /v1/updates/{table}`: one NDJSON line per row of `table` changed by any later commit,
 /// local or remote: `{"notify":["update"|"delete",[pk values]]}`. A consumer too slow to keep
-/// up gets an error line and the stream ends (it can reconnect and re-read the table).
+/// up gets an error line and the stream ends (it can reconnect and re-read the table). The
+/// answer carries a `corro-query-id` header, as Corrosion's client requires.
 async fn updates(
     State(state): State<Arc<ApiState>>,
     axum::extract::Path(table): axum::extract::Path<String>,
@@ -505,9 +610,13 @@ async fn updates(
             format!("no replicated table {table}"),
         );
     }
+    let slot = match state.stream_slot() {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
+    };
     let mut changes = state.row_changes.subscribe();
     let mut shutdown = state.shutdown.clone();
-    let (lines, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
+    let (lines, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
         loop {
             let batch = tokio::select! {
@@ -518,23 +627,27 @@ async fn updates(
             let batch = match batch {
                 Ok(batch) => batch,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let _ = lines.try_send(Ok(ndjson_line(
-                        &json!({ "error": format!("consumer too slow: {n} commits skipped") }),
-                    )));
+                    let _ = lines.try_send(ndjson_line(&NotifyEvent::Error(format!(
+                        "consumer too slow: {n} commits skipped"
+                    ))));
                     return;
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
             for row in batch.iter().filter(|r| r.table == table) {
-                let kind = if row.deleted { "delete" } else { "update" };
-                let pk: Vec<Json> = row.pk.values().iter().map(value_to_json).collect();
+                let kind = if row.deleted {
+                    ChangeType::Delete
+                } else {
+                    ChangeType::Update
+                };
+                let pk = row.pk.values().iter().map(SqlValue::from).collect();
                 if lines
-                    .try_send(Ok(ndjson_line(&json!({ "notify": [kind, pk] }))))
+                    .try_send(ndjson_line(&NotifyEvent::Notify(kind, pk)))
                     .is_err()
                 {
                     // The client does not read: cut it off rather than buffer without bound.
-                    let _ =
-                        lines.try_send(Ok(ndjson_line(&json!({ "error": "consumer too slow" }))));
+                    let _ = lines
+                        .try_send(ndjson_line(&NotifyEvent::Error("consumer too slow".into())));
                     return;
                 }
             }
@@ -542,9 +655,8 @@ async fn updates(
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
+        .header("corro-query-id", crate::subs::random_uuid())
+        .body(stream_body(rx, slot))
         .expect("static headers are valid")
 }
 
@@ -565,12 +677,9 @@ async fn subscribe(
     Query(params): Query<SubscriptionParams>,
     body: Bytes,
 ) -> Response {
-    let statement = match serde_json::from_slice::<StatementJson>(&body)
-        .map_err(|e| format!("expected one statement: {e}"))
-        .and_then(StatementJson::into_statement)
-    {
+    let statement = match parse_statement(&body) {
         Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return e.into_response(),
     };
     if !matches!(statement.params, Params::None) {
         return error(
@@ -578,11 +687,15 @@ async fn subscribe(
             "parameters are not supported in subscriptions: write the values into the SQL",
         );
     }
+    let slot = match state.stream_slot() {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
+    };
     let attached = state
         .subs
         .subscribe(statement.sql, params.skip_rows, params.from)
         .await;
-    subscription_stream(&state, attached)
+    subscription_stream(&state, attached, slot)
 }
 
 /// `GET /v1/subscriptions/{id}`: re-attach to a subscription (`from` to resume).
@@ -591,18 +704,28 @@ async fn resubscribe(
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(params): Query<SubscriptionParams>,
 ) -> Response {
+    let slot = match state.stream_slot() {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
+    };
     let attached = state.subs.attach(id, params.skip_rows, params.from).await;
-    subscription_stream(&state, attached)
+    subscription_stream(&state, attached, slot)
 }
 
 fn change_line(event: &ChangeEvent) -> Bytes {
-    let values: Vec<Json> = event.values.iter().map(value_to_json).collect();
-    ndjson_line(&json!({
-        "change": [event.kind.name(), event.row_id, values, event.change_id]
-    }))
+    ndjson_line(&QueryEvent::Change(
+        change_type(event.kind),
+        event.row_id,
+        event.values.iter().map(SqlValue::from).collect(),
+        event.change_id,
+    ))
 }
 
-fn subscription_stream(state: &ApiState, attached: Result<Attached, SubsError>) -> Response {
+fn subscription_stream(
+    state: &ApiState,
+    attached: Result<Attached, SubsError>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Response {
     let mut attached = match attached {
         Ok(a) => a,
         Err(e @ SubsError::BadQuery(_)) => return error(StatusCode::BAD_REQUEST, e),
@@ -610,36 +733,45 @@ fn subscription_stream(state: &ApiState, attached: Result<Attached, SubsError>) 
         Err(e @ SubsError::TooMany(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
         Err(e @ SubsError::Resume(_)) => {
             // An error event, never a silent gap: the stream says why and ends.
-            return Response::builder()
-                .header(header::CONTENT_TYPE, "application/x-ndjson")
-                .body(Body::from(ndjson_line(&json!({ "error": e.to_string() }))))
-                .expect("static headers are valid");
+            return ndjson_response(Body::from(ndjson_line(&QueryEvent::Error(e.to_string()))));
         }
         Err(e @ SubsError::Internal(_)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
     let start = Instant::now();
-    let mut head = vec![ndjson_line(&json!({ "columns": attached.columns }))];
+    // Everything known now leaves as one chunk: columns, rows, eoq, the replayed changes.
+    let mut head = Vec::new();
+    let mut push = |event: &QueryEvent| {
+        serde_json::to_writer(&mut head, event).expect("API shapes always serialize");
+        head.push(b'\n');
+    };
+    push(&QueryEvent::Columns(attached.columns.clone()));
     for (row_id, values) in attached.rows.take().unwrap_or_default() {
-        let values: Vec<Json> = values.iter().map(value_to_json).collect();
-        head.push(ndjson_line(&json!({ "row": [row_id, values] })));
+        push(&QueryEvent::Row(
+            row_id,
+            values.into_iter().map(SqlValue::from).collect(),
+        ));
     }
     if !attached.resumed {
-        head.push(ndjson_line(&json!({
-            "eoq": { "time": start.elapsed().as_secs_f64(), "change_id": attached.change_id }
-        })));
+        push(&QueryEvent::EndOfQuery {
+            time: start.elapsed().as_secs_f64(),
+            change_id: Some(attached.change_id),
+        });
     }
     for event in &attached.replay {
-        head.push(change_line(event));
+        push(&QueryEvent::Change(
+            change_type(event.kind),
+            event.row_id,
+            event.values.iter().map(SqlValue::from).collect(),
+            event.change_id,
+        ));
     }
-    let (lines, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
+    let (lines, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     let mut shutdown = state.shutdown.clone();
     let mut last = attached.change_id;
     let mut live = attached.live;
     tokio::spawn(async move {
-        for line in head {
-            if lines.send(Ok(line)).await.is_err() {
-                return;
-            }
+        if lines.send(Bytes::from(head)).await.is_err() {
+            return;
         }
         loop {
             let event = tokio::select! {
@@ -651,11 +783,9 @@ fn subscription_stream(state: &ApiState, attached: Result<Attached, SubsError>) 
                 Ok(event) => event,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     let _ = lines
-                        .send(Ok(ndjson_line(&json!({
-                            "error": format!(
-                                "subscriber too slow: {n} changes dropped; resume with from={last}"
-                            )
-                        }))))
+                        .send(ndjson_line(&QueryEvent::Error(format!(
+                            "subscriber too slow: {n} changes dropped; resume with from={last}"
+                        ))))
                         .await;
                     return;
                 }
@@ -665,11 +795,12 @@ fn subscription_stream(state: &ApiState, attached: Result<Attached, SubsError>) 
                 continue;
             }
             last = event.change_id;
-            if lines.try_send(Ok(change_line(&event))).is_err() {
+            if lines.try_send(change_line(&event)).is_err() {
                 // The client does not read: cut it off rather than buffer without bound.
-                let _ = lines.try_send(Ok(ndjson_line(&json!({
-                    "error": format!("subscriber too slow; resume with from={}", last - 1)
-                }))));
+                let _ = lines.try_send(ndjson_line(&QueryEvent::Error(format!(
+                    "subscriber too slow; resume with from={}",
+                    last - 1
+                ))));
                 return;
             }
         }
@@ -678,9 +809,7 @@ fn subscription_stream(state: &ApiState, attached: Result<Attached, SubsError>) 
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .header("corro-query-id", attached.id)
         .header("corro-query-hash", attached.hash)
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
+        .body(stream_body(rx, slot))
         .expect("static headers are valid")
 }
 

@@ -9,12 +9,15 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use patina_core::ids::{DbVersion, SiteId};
-use patina_core::value::Value;
 
 use hyper::Method;
 
 use crate::client::{self, Target};
 use crate::config::Config;
+use crate::http::types::{
+    parse_ndjson, ApiStatement, ErrorResponse, ExecResponse, ExecResult, MembersResponse,
+    QueryEvent, SqlParam, SqlValue,
+};
 use crate::store::{Statement, Store, StoreConfig};
 
 /// Patina: SQLite replicated to every node, with no leader.
@@ -37,7 +40,9 @@ enum Command {
     Exec {
         #[command(flatten)]
         api: ApiArgs,
-        /// SQL statements, each one argument.
+        #[command(flatten)]
+        statement: StatementArgs,
+        /// SQL statements, each one argument (one only with --param).
         #[arg(required = true)]
         sql: Vec<String>,
     },
@@ -45,6 +50,8 @@ enum Command {
     Query {
         #[command(flatten)]
         api: ApiArgs,
+        #[command(flatten)]
+        statement: StatementArgs,
         /// The SQL.
         sql: String,
     },
@@ -67,9 +74,8 @@ enum Command {
     },
     /// Make a running node re-read its schema files (additive changes only).
     Reload {
-        /// The node's admin socket.
-        #[arg(long, default_value = "patina-data/admin.sock")]
-        admin: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Anti-entropy state of a running node.
     #[command(subcommand)]
@@ -103,9 +109,8 @@ enum SyncCommand {
 enum ClusterCommand {
     /// List the live members (site id and gossip address).
     Members {
-        /// The node's admin socket.
-        #[arg(long, default_value = "patina-data/admin.sock")]
-        admin: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -185,14 +190,104 @@ fn write_pair(
     Ok(())
 }
 
+/// Where a node's API is and how to authenticate: given, or read from its config file.
 #[derive(Debug, Args)]
 struct ApiArgs {
-    /// The node's API address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    api: std::net::SocketAddr,
-    /// Bearer token, if the node requires one.
+    /// The node's API: host:port, [v6]:port or http://host:port; a host name is resolved
+    /// [default: api.addr of --config, else 127.0.0.1:8080].
+    #[arg(long)]
+    api: Option<String>,
+    /// Bearer token, if the node requires one [default: api.authz.bearer_token of --config].
     #[arg(long, env = "PATINA_TOKEN")]
     token: Option<String>,
+    /// The node's config file, for its API address and token.
+    #[arg(short, long, env = "PATINA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// The API target and the token to send.
+    fn resolve(
+        &self,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<(Target, Option<String>), Box<dyn std::error::Error>> {
+        let config = self.config.as_deref().map(Config::load).transpose()?;
+        let token = self.token.clone().or_else(|| {
+            config
+                .as_ref()
+                .and_then(|c| c.api.authz.bearer_token.clone())
+        });
+        let api = match (&self.api, &config) {
+            (Some(api), _) => api.clone(),
+            (None, Some(config)) => reachable(config.api.addr).to_string(),
+            (None, None) => "127.0.0.1:8080".to_owned(),
+        };
+        Ok((rt.block_on(Target::resolve_api(&api))?, token))
+    }
+}
+
+/// A listening address as a client on the same host reaches it: a wildcard becomes loopback.
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+/// Parameters and deadline of `exec` and `query`.
+#[derive(Debug, Args)]
+struct StatementArgs {
+    /// A positional parameter, in order; JSON (42, 1.5, null, "text", [1,2] for a blob) or
+    /// else plain text.
+    #[arg(long = "param")]
+    params: Vec<String>,
+    /// Seconds the statements may run before the node stops them (its default otherwise).
+    #[arg(long)]
+    timeout: Option<u64>,
+}
+
+impl StatementArgs {
+    fn statement(&self, sql: String) -> ApiStatement {
+        if self.params.is_empty() {
+            return ApiStatement::Simple(sql);
+        }
+        let params = self
+            .params
+            .iter()
+            .map(|p| serde_json::from_str(p).unwrap_or_else(|_| SqlParam::Text(p.clone())))
+            .collect();
+        ApiStatement::WithParams(sql, params)
+    }
+
+    fn path(&self, route: &str) -> String {
+        match self.timeout {
+            Some(t) => format!("{route}?timeout={t}"),
+            None => route.to_owned(),
+        }
+    }
+}
+
+/// The admin socket: given, or read from the node's config file.
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// The node's admin socket [default: admin.path of --config, else patina-data/admin.sock].
+    #[arg(long)]
+    admin: Option<PathBuf>,
+    /// The node's config file, for its admin socket.
+    #[arg(short, long, env = "PATINA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn target(&self) -> Result<Target, Box<dyn std::error::Error>> {
+        Ok(Target::Unix(match (&self.admin, &self.config) {
+            (Some(path), _) => path.clone(),
+            (None, Some(config)) => Config::load(config)?.admin.path,
+            (None, None) => crate::config::AdminConfig::default().path,
+        }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -277,34 +372,35 @@ fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
         .build()
 }
 
-/// Prints an API response: pretty JSON on success, the error on stderr and failure otherwise.
+/// Sends one request; the body on success, else an error naming the status and the
+/// node's message.
 fn api_call(
-    target: Target,
+    rt: &tokio::runtime::Runtime,
+    target: &Target,
+    method: Method,
     path: &str,
     token: Option<&str>,
-    body: serde_json::Value,
-) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    let (status, bytes) = runtime()?.block_on(client::request(
-        &target,
-        Method::POST,
-        path,
-        token,
-        serde_json::to_vec(&body)?,
-    ))?;
-    if !status.is_success() {
-        return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()).into());
+    body: Vec<u8>,
+) -> Result<bytes::Bytes, Box<dyn std::error::Error>> {
+    let (status, bytes) = rt.block_on(client::request(target, method, path, token, body))?;
+    if status.is_success() {
+        return Ok(bytes);
     }
-    Ok(if path == "/v1/queries" {
-        serde_json::Value::Array(
-            bytes
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .map(serde_json::from_slice)
-                .collect::<Result<_, _>>()?,
-        )
-    } else {
-        serde_json::from_slice(&bytes)?
-    })
+    let message = serde_json::from_slice::<ErrorResponse>(&bytes)
+        .map(|e| e.error)
+        .or_else(|_| {
+            serde_json::from_slice::<ExecResponse>(&bytes).map(|r| {
+                r.results
+                    .into_iter()
+                    .find_map(|r| match r {
+                        ExecResult::Error { error } => Some(error),
+                        ExecResult::Execute { .. } => None,
+                    })
+                    .unwrap_or_default()
+            })
+        })
+        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_owned());
+    Err(format!("{status}: {message}").into())
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -323,43 +419,57 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 .init();
             runtime()?.block_on(crate::agent::run(config))?;
         }
-        Command::Exec { api, sql } => {
-            let out = api_call(
-                Target::Tcp(api.api),
-                "/v1/transactions",
-                api.token.as_deref(),
-                serde_json::json!(sql),
+        Command::Exec {
+            api,
+            statement,
+            sql,
+        } => {
+            if !statement.params.is_empty() && sql.len() != 1 {
+                return Err("--param needs exactly one statement".into());
+            }
+            let rt = runtime()?;
+            let (target, token) = api.resolve(&rt)?;
+            let statements: Vec<ApiStatement> =
+                sql.into_iter().map(|s| statement.statement(s)).collect();
+            let body = api_call(
+                &rt,
+                &target,
+                Method::POST,
+                &statement.path("/v1/transactions"),
+                token.as_deref(),
+                serde_json::to_vec(&statements)?,
             )?;
+            let out: ExecResponse = serde_json::from_slice(&body)?;
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Command::Query { api, sql } => {
-            let lines = api_call(
-                Target::Tcp(api.api),
-                "/v1/queries",
-                api.token.as_deref(),
-                serde_json::json!(sql),
+        Command::Query {
+            api,
+            statement,
+            sql,
+        } => {
+            let rt = runtime()?;
+            let (target, token) = api.resolve(&rt)?;
+            let body = api_call(
+                &rt,
+                &target,
+                Method::POST,
+                &statement.path("/v1/queries"),
+                token.as_deref(),
+                serde_json::to_vec(&statement.statement(sql))?,
             )?;
-            for line in lines.as_array().into_iter().flatten() {
-                if let Some(columns) = line.get("columns").and_then(|c| c.as_array()) {
-                    println!(
+            for event in parse_ndjson::<QueryEvent>(&body)? {
+                match event {
+                    QueryEvent::Columns(names) => println!("{}", names.join("\t")),
+                    QueryEvent::Row(_, values) => println!(
                         "{}",
-                        columns
+                        values
                             .iter()
-                            .map(|c| c.as_str().unwrap_or_default().to_owned())
+                            .map(SqlValue::render)
                             .collect::<Vec<_>>()
                             .join("\t")
-                    );
-                } else if let Some(row) = line
-                    .get("row")
-                    .and_then(|r| r.get(1))
-                    .and_then(|r| r.as_array())
-                {
-                    println!(
-                        "{}",
-                        row.iter().map(render_json).collect::<Vec<_>>().join("\t")
-                    );
-                } else if let Some(e) = line.get("error") {
-                    return Err(format!("query failed: {e}").into());
+                    ),
+                    QueryEvent::Error(e) => return Err(format!("query failed: {e}").into()),
+                    _ => {}
                 }
             }
         }
@@ -382,16 +492,18 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 (None, Some(sql)) => (
                     Method::POST,
                     format!("/v1/subscriptions?{query}"),
-                    serde_json::to_vec(&serde_json::json!(sql))?,
+                    serde_json::to_vec(&ApiStatement::Simple(sql))?,
                 ),
                 _ => return Err("give the SQL or --id, not both".into()),
             };
-            runtime()?.block_on(async {
+            let rt = runtime()?;
+            let (target, token) = api.resolve(&rt)?;
+            rt.block_on(async {
                 let (status, headers, mut body) = client::request_stream_with_headers(
-                    &Target::Tcp(api.api),
+                    &target,
                     method,
                     &path,
-                    api.token.as_deref(),
+                    token.as_deref(),
                     body,
                 )
                 .await?;
@@ -444,45 +556,41 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 SyncCommand::Digest { api } => (api, "/v1/sync/digest"),
                 SyncCommand::Generate { api } => (api, "/v1/sync/state"),
             };
-            let (status, body) = runtime()?.block_on(client::request(
-                &Target::Tcp(api.api),
+            let rt = runtime()?;
+            let (target, token) = api.resolve(&rt)?;
+            let body = api_call(
+                &rt,
+                &target,
                 Method::GET,
                 path,
-                api.token.as_deref(),
+                token.as_deref(),
                 Vec::new(),
-            ))?;
-            if !status.is_success() {
-                return Err(format!("{status}: {}", String::from_utf8_lossy(&body)).into());
-            }
+            )?;
             let out: serde_json::Value = serde_json::from_slice(&body)?;
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Command::Cluster(ClusterCommand::Members { admin }) => {
-            let (status, body) = runtime()?.block_on(client::request(
-                &Target::Unix(admin),
+            let body = api_call(
+                &runtime()?,
+                &admin.target()?,
                 Method::GET,
                 "/members",
                 None,
                 Vec::new(),
-            ))?;
-            if !status.is_success() {
-                return Err(format!("{status}: {}", String::from_utf8_lossy(&body)).into());
-            }
-            let out: serde_json::Value = serde_json::from_slice(&body)?;
-            for member in out["members"].as_array().into_iter().flatten() {
-                println!(
-                    "{}\t{}",
-                    member["site_id"].as_str().unwrap_or_default(),
-                    member["addr"].as_str().unwrap_or_default()
-                );
+            )?;
+            let out: MembersResponse = serde_json::from_slice(&body)?;
+            for member in out.members {
+                println!("{}\t{}", member.site_id, member.addr);
             }
         }
         Command::Reload { admin } => {
             api_call(
-                Target::Unix(admin),
+                &runtime()?,
+                &admin.target()?,
+                Method::POST,
                 "/reload",
                 None,
-                serde_json::Value::Null,
+                Vec::new(),
             )?;
             println!("schema reloaded");
         }
@@ -503,7 +611,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let rows = store.query(&Statement::new(sql))?;
             println!("{}", rows.columns.join("\t"));
             for row in rows.rows {
-                println!("{}", row.iter().map(render).collect::<Vec<_>>().join("\t"));
+                println!(
+                    "{}",
+                    row.iter()
+                        .map(|v| SqlValue::from(v).render())
+                        .collect::<Vec<_>>()
+                        .join("\t")
+                );
             }
         }
         Command::Db(DbCommand::State { args }) => {
@@ -556,7 +670,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         c.table,
                         c.pk,
                         c.column.name().unwrap_or("<row>"),
-                        render(&c.value),
+                        SqlValue::from(&c.value).render(),
                         c.col_version,
                         c.cl
                     );
@@ -565,25 +679,4 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
-}
-
-fn render_json(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::Null => "NULL".into(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn render(v: &Value) -> String {
-    match v {
-        Value::Null => "NULL".into(),
-        Value::Integer(i) => i.to_string(),
-        Value::Real(r) => r.to_string(),
-        Value::Text(s) => s.clone(),
-        Value::Blob(b) => format!(
-            "x'{}'",
-            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-        ),
-    }
 }

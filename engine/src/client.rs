@@ -19,6 +19,30 @@ pub enum Target {
     Unix(PathBuf),
 }
 
+impl Target {
+    /// The API at `api`: `host:port`, `[v6]:port` or either after `http://`; a host name is
+    /// resolved (the first address that accepts a connection is used by the caller).
+    pub async fn resolve_api(api: &str) -> Result<Target, ClientError> {
+        let bare = api
+            .strip_prefix("http://")
+            .unwrap_or(api)
+            .trim_end_matches('/');
+        if let Ok(addr) = bare.parse::<SocketAddr>() {
+            return Ok(Target::Tcp(addr));
+        }
+        let resolve_err = |source| ClientError::Connect {
+            target: api.to_owned(),
+            source,
+        };
+        let addr = tokio::net::lookup_host(bare)
+            .await
+            .map_err(resolve_err)?
+            .next()
+            .ok_or_else(|| resolve_err(std::io::Error::other("the name has no address")))?;
+        Ok(Target::Tcp(addr))
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

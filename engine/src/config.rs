@@ -241,6 +241,18 @@ pub struct ApiConfig {
     pub store_queue_len: usize,
     /// Read-only SQLite connections kept for queries. 1..=256.
     pub query_connections: usize,
+    /// Deadline of a request's statements when it gives no `?timeout=`, in ms: a statement
+    /// still running then is stopped (and its transaction rolled back). 10..=3,600,000.
+    pub statement_timeout_ms: u64,
+    /// Open connections to the API; more are closed at once (also capped at half the
+    /// process's open-file limit). 1..=1,000,000.
+    pub connections_max: usize,
+    /// A connection with no request in flight and no traffic for this long is closed, and an
+    /// HTTP/1.1 request head must arrive within it, in ms. 100..=3,600,000.
+    pub idle_timeout_ms: u64,
+    /// Open streams (subscriptions, `/v1/updates`); more get 503. They do not count against
+    /// `concurrency_limit`. 1..=1,000,000.
+    pub streams_max: usize,
 }
 
 impl Default for ApiConfig {
@@ -252,6 +264,10 @@ impl Default for ApiConfig {
             body_bytes_max: 8 * 1024 * 1024,
             store_queue_len: 1024,
             query_connections: 4,
+            statement_timeout_ms: 10_000,
+            connections_max: 4096,
+            idle_timeout_ms: 60_000,
+            streams_max: 1024,
         }
     }
 }
@@ -325,6 +341,25 @@ impl Config {
             1_000_000,
         )?;
         within("api.query_connections", self.api.query_connections, 1, 256)?;
+        within(
+            "api.statement_timeout_ms",
+            self.api.statement_timeout_ms as usize,
+            10,
+            3_600_000,
+        )?;
+        within(
+            "api.connections_max",
+            self.api.connections_max,
+            1,
+            1_000_000,
+        )?;
+        within(
+            "api.idle_timeout_ms",
+            self.api.idle_timeout_ms as usize,
+            100,
+            3_600_000,
+        )?;
+        within("api.streams_max", self.api.streams_max, 1, 1_000_000)?;
         within("gossip.tick_ms", self.gossip.tick_ms as usize, 1, 1000)?;
         within("gossip.eager_peers_max", self.gossip.eager_peers_max, 0, 32)?;
         within("gossip.lazy_peers_max", self.gossip.lazy_peers_max, 0, 64)?;

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod gossip;
+pub mod http;
 pub mod membership;
 pub mod metrics;
 pub mod store;

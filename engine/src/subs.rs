@@ -522,22 +522,20 @@ fn fnv(text: &str) -> String {
     format!("{h:016x}")
 }
 
-fn new_uuid(conn: &Connection) -> Result<String, SubsError> {
-    // SQLite's randomness is seeded from the OS: enough for an identifier.
-    let bytes: Vec<u8> = conn.query_row("SELECT randomblob(16)", [], |r| r.get(0))?;
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&bytes);
+/// A random (version 4) UUID, as Corrosion's clients parse subscription and stream ids.
+pub fn random_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
+    format!(
         "{}-{}-{}-{}-{}",
         &hex[0..8],
         &hex[8..12],
         &hex[12..16],
         &hex[16..20],
         &hex[20..32]
-    ))
+    )
 }
 
 /// Result rows as (identity: the packed key columns, visible values).
@@ -817,7 +815,7 @@ impl Manager {
         if self.matchers.len() >= self.config.max_subscriptions {
             return Err(SubsError::TooMany(self.config.max_subscriptions));
         }
-        let id = new_uuid(&self.reader)?;
+        let id = random_uuid();
         let (live, _) = broadcast::channel(self.config.subscriber_buffer);
         let mut matcher = Matcher {
             id: id.clone(),

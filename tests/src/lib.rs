@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use patina::agent::Agent;
 use patina::client::{request, Method, StatusCode, Target};
 use patina::config::{Config, GossipTlsConfig};
+use patina::http::types::{parse_ndjson, ApiStatement, QueryEvent};
 use patina::tls::{generate_signed, CertUse, PemPair};
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
+
+pub mod procs;
 
 /// The schema of the cluster tests.
 pub const SCHEMA: &str =
@@ -53,7 +56,7 @@ pub fn with_tls(mut config: Config, dir: &Path, ca: &PemPair) -> Config {
 
 /// Runs one statement as a transaction through the API; panics unless it succeeds.
 pub async fn exec(agent: &Agent, sql: &str) {
-    let body = serde_json::to_vec(&json!([sql])).unwrap();
+    let body = serde_json::to_vec(&[ApiStatement::from(sql)]).unwrap();
     let (status, out) = request(
         &Target::Tcp(agent.api_addr()),
         Method::POST,
@@ -68,7 +71,7 @@ pub async fn exec(agent: &Agent, sql: &str) {
 
 /// The rows of a query through the API.
 pub async fn rows(agent: &Agent, sql: &str) -> Vec<Json> {
-    let body = serde_json::to_vec(&json!(sql)).unwrap();
+    let body = serde_json::to_vec(&ApiStatement::from(sql)).unwrap();
     let (status, out) = request(
         &Target::Tcp(agent.api_addr()),
         Method::POST,
@@ -78,11 +81,14 @@ pub async fn rows(agent: &Agent, sql: &str) -> Vec<Json> {
     )
     .await
     .unwrap();
-    assert_eq!(status, StatusCode::OK);
-    out.split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice::<Json>(l).unwrap())
-        .filter_map(|line| line.get("row").map(|r| r[1].clone()))
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&out));
+    parse_ndjson::<QueryEvent>(&out)
+        .unwrap()
+        .into_iter()
+        .filter_map(|event| match event {
+            QueryEvent::Row(_, values) => Some(serde_json::to_value(values).unwrap()),
+            _ => None,
+        })
         .collect()
 }
 
@@ -225,4 +231,12 @@ pub fn process_usage() -> (f64, f64) {
         })
         .unwrap_or(0.0);
     (rss_mib, cpu_s)
+}
+
+/// The sample at quantile `p` (0..=1) of sorted samples, nearest rank; zero when empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize]
 }

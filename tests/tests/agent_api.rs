@@ -9,6 +9,10 @@ use patina::client::{request, request_stream, Method, StatusCode, Target};
 use patina::config::Config;
 use serde_json::{json, Value as Json};
 
+/// A statement that never ends on its own.
+const RUNAWAY: &str =
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c";
+
 const SCHEMA: &str = "CREATE TABLE hosts (id INTEGER PRIMARY KEY, name TEXT NOT NULL DEFAULT '', zone TEXT, cert BLOB);";
 
 fn config(dir: &tempfile::TempDir) -> Config {
@@ -165,24 +169,41 @@ async fn bad_input_gets_the_right_status_and_the_node_keeps_working() {
         ),
         (
             "/v1/transactions",
-            b"[[\"SELECT ?\", [{\"a\": 1}]]]".to_vec(),
+            br#"[{"query": "SELECT ?", "params": [1], "named_params": {}}]"#.to_vec(),
             StatusCode::BAD_REQUEST,
         ),
-        // A failing statement: 500 and nothing of the transaction committed.
+        // The SQL text may not hide a second statement behind a NUL byte.
+        (
+            "/v1/transactions",
+            b"[\"INSERT INTO hosts (id) VALUES (2)\\u0000; DELETE FROM hosts\"]".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        // A failing statement is the request's fault: 400 with the error in the results, and
+        // nothing of the transaction committed.
         (
             "/v1/transactions",
             br#"["INSERT INTO hosts (id) VALUES (2)", "INSERT INTO nope VALUES (1)"]"#.to_vec(),
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::BAD_REQUEST,
         ),
         (
             "/v1/transactions",
             br#"["INSERT INTO hosts (id) VALUES (1)"]"#.to_vec(),
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::BAD_REQUEST,
         ),
         (
             "/v1/transactions",
             br#"["DROP TABLE hosts"]"#.to_vec(),
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/transactions",
+            br#"[["INSERT INTO hosts (id) VALUES (?)", [1, 2]]]"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/transactions",
+            br#"["SELECT 1"]"#.to_vec(),
+            StatusCode::BAD_REQUEST,
         ),
         (
             "/v1/queries",
@@ -214,8 +235,10 @@ async fn bad_input_gets_the_right_status_and_the_node_keeps_working() {
             "{path} {} -> {out}",
             String::from_utf8_lossy(&body[..body.len().min(80)])
         );
-        if expected == StatusCode::INTERNAL_SERVER_ERROR {
+        if path == "/v1/transactions" && out.get("results").is_some() {
             assert!(out["results"][0]["error"].is_string(), "{out}");
+        } else if expected != StatusCode::PAYLOAD_TOO_LARGE {
+            assert!(out["error"].is_string(), "{path}: {out}");
         }
     }
     assert_eq!(row_count(&agent).await, 1);
@@ -263,12 +286,13 @@ async fn bearer_token_is_required_when_configured() {
 }
 
 #[tokio::test]
-async fn requests_past_the_in_flight_limit_get_503() {
+async fn requests_past_the_in_flight_limit_get_503_and_streams_do_not_hold_slots() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&dir);
     cfg.api.concurrency_limit = 1;
+    cfg.api.streams_max = 1;
     let agent = Agent::start(&cfg).await.unwrap();
-    // An open stream holds the only slot for as long as it is open.
+    // An open stream takes the only stream slot, not the request slot.
     let (status, stream) = request_stream(
         &Target::Tcp(agent.api_addr()),
         Method::POST,
@@ -285,22 +309,57 @@ async fn requests_past_the_in_flight_limit_get_503() {
         json!(["INSERT INTO hosts (id) VALUES (1)"]),
     )
     .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let (status, out) = call_raw(&agent, Method::POST, "/v1/updates/hosts", None, vec![]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{out}");
+    assert!(out["error"].as_str().unwrap().contains("streams"), "{out}");
+
+    // A query that runs until its deadline holds the only request slot meanwhile: other
+    // requests get 503 at once, health still answers, and the slot comes back after it.
+    let api = agent.api_addr();
+    let runaway = tokio::spawn(async move {
+        request(
+            &Target::Tcp(api),
+            Method::POST,
+            "/v1/queries?timeout=1.5",
+            None,
+            serde_json::to_vec(&json!(RUNAWAY)).unwrap(),
+        )
+        .await
+        .unwrap()
+    });
+    // Well inside its 1.5 s: the runaway is running and holds the slot.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, out) = call(&agent, "/v1/queries", json!("SELECT 1")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{out}");
     let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    // Closing it frees the slot (the server notices the closed connection).
+    assert_eq!(status, StatusCode::OK, "health is exempt from the limit");
+    let (status, body) = runaway.await.unwrap();
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    assert!(String::from_utf8_lossy(&body).contains("deadline"));
+    let (status, _) = call(&agent, "/v1/queries", json!("SELECT 1")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Closing the stream frees its slot (the server notices the closed connection).
     drop(stream);
     let mut freed = false;
     for _ in 0..500 {
-        let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
+        let (status, _again) = request_stream(
+            &Target::Tcp(agent.api_addr()),
+            Method::POST,
+            "/v1/updates/hosts",
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
         if status == StatusCode::OK {
             freed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(freed, "the slot was never released");
-    assert_eq!(row_count(&agent).await, 0);
+    assert!(freed, "the stream slot was never released");
     agent.shutdown().await;
 }
 

@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use patina_tests::percentile;
+
 use patina::agent::Agent;
 use patina::client::{request, Method, StatusCode, Target};
 use patina::tls::generate_ca;
@@ -48,13 +50,6 @@ fn parse_args() -> Args {
     }
     args.writers = args.writers.clamp(1, args.nodes);
     args
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn report(name: &str, mut samples: Vec<Duration>) {

@@ -10,15 +10,13 @@
 //!
 //! `cargo run --release -p patina-bench --bin subscriptions -- [--writes 1000] [--subs 1000] [--fanout-writes 200]`
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use patina_tests::percentile;
 
 use patina::client::{request_stream_with_headers, Method, Target};
 use patina_tests::{exec, start_cluster_with, Ndjson};
 use serde_json::json;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 async fn open(agent: &patina::agent::Agent, sql: &str) -> Ndjson {
     let (status, _, rx) = request_stream_with_headers(

@@ -98,7 +98,19 @@ pub enum StoreError {
         index: usize,
         /// SQLite's message.
         message: String,
+        /// True when the statement itself is at fault (bad SQL, a constraint, a type, a
+        /// refused operation, wrong parameters); false when the node is (I/O, a full disk).
+        client_fault: bool,
     },
+    /// A statement ran past its deadline and was stopped; nothing of it was kept.
+    #[error("statement stopped after running past its deadline of {0:?}")]
+    DeadlinePassed(std::time::Duration),
+    /// The client went away and its statement was stopped.
+    #[error("statement stopped: the client went away")]
+    Cancelled,
+    /// Every read connection stayed busy until the request's deadline.
+    #[error("all {0} query connections stayed busy until the deadline")]
+    ReadersBusy(usize),
     /// A transaction whose changeset would be too large to replicate; nothing was committed.
     #[error("transaction too large to replicate: its changes encode to {bytes} bytes, over the limit of {limit}; split it")]
     TransactionTooLarge {
@@ -138,4 +150,44 @@ pub enum StoreError {
     /// The store's own metadata is unreadable (corruption or a foreign database).
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// True when the request is at fault (an HTTP 4xx), false when the node is.
+    pub fn is_client_fault(&self) -> bool {
+        match self {
+            StoreError::Statement { client_fault, .. } => *client_fault,
+            StoreError::TransactionTooLarge { .. }
+            | StoreError::EmptyTransaction
+            | StoreError::NotReadOnly
+            | StoreError::Query(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether a failed statement is the fault of what was sent rather than of the node: SQLite's
+/// codes for bad SQL, constraints, types, refused operations and parameters.
+pub fn is_client_fault(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => matches!(
+            f.code,
+            C::Unknown // SQLITE_ERROR: syntax errors, missing tables and columns
+                | C::ConstraintViolation
+                | C::TypeMismatch
+                | C::AuthorizationForStatementDenied
+                | C::ParameterOutOfRange
+                | C::TooBig
+                | C::ReadOnly
+        ),
+        rusqlite::Error::InvalidParameterCount(..)
+        | rusqlite::Error::InvalidParameterName(_)
+        | rusqlite::Error::SqlInputError { .. }
+        | rusqlite::Error::MultipleStatement
+        | rusqlite::Error::ExecuteReturnedResults
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::ToSqlConversionFailure(_) => true,
+        _ => false,
+    }
 }

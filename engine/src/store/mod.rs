@@ -18,6 +18,7 @@
 mod capture;
 mod clock;
 pub mod error;
+pub mod guard;
 pub mod schema;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -39,6 +40,7 @@ pub use capture::to_value;
 use capture::{trigger_sql, Capture, RowWrite};
 use clock::{ColOrd, SiteOrd, SiteTable};
 pub use error::{ChangeError, SchemaError, StoreError};
+use guard::{Interrupt, Stopped};
 use schema::{quote_ident, Affinity, TableDef};
 
 /// Parameters of one statement.
@@ -297,6 +299,8 @@ pub struct Store {
     writer: Connection,
     reader: Connection,
     capture: Capture,
+    /// Stops a local transaction's statements at their deadline.
+    interrupt: Interrupt,
     site: SiteId,
     db_version: DbVersion,
     /// The head stored in `__patina_sites` (see [`Store::persist_head`]).
@@ -346,6 +350,7 @@ impl Store {
         }
         let capture = Capture::default();
         capture.install(&mut writer)?;
+        let interrupt = Interrupt::install(&mut writer)?;
         let reader = Connection::open_with_flags(
             &config.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY
@@ -358,6 +363,7 @@ impl Store {
             writer,
             reader,
             capture,
+            interrupt,
             site: SiteId::default(),
             db_version: DbVersion(0),
             head_persisted: DbVersion(0),
@@ -661,21 +667,51 @@ impl Store {
     /// Runs statements as one local transaction, all or nothing, and records the clocks of
     /// every row they changed in the same SQLite transaction.
     pub fn transact(&mut self, statements: &[Statement]) -> Result<TxOutcome, StoreError> {
+        self.transact_until(statements, None)
+    }
+
+    /// [`Store::transact`] whose statements are stopped (and the transaction rolled back) if
+    /// they are still running at `deadline`: no statement holds the writer past it.
+    pub fn transact_until(
+        &mut self,
+        statements: &[Statement],
+        deadline: Option<std::time::Instant>,
+    ) -> Result<TxOutcome, StoreError> {
         if statements.is_empty() {
             return Err(StoreError::EmptyTransaction);
         }
         let mut statement_times = Vec::with_capacity(statements.len());
+        let started = std::time::Instant::now();
         let mut out = self.local_transaction(|store| {
             let mut rows_affected = Vec::with_capacity(statements.len());
+            store.interrupt.arm(deadline, None);
+            let mut result = Ok(());
             for (index, statement) in statements.iter().enumerate() {
                 let start = std::time::Instant::now();
-                let n = store
-                    .execute_user(statement)
-                    .map_err(|message| StoreError::Statement { index, message })?;
-                statement_times.push(start.elapsed());
-                rows_affected.push(n);
+                match store.execute_user(statement) {
+                    Ok(n) => {
+                        statement_times.push(start.elapsed());
+                        rows_affected.push(n);
+                    }
+                    Err((message, client_fault)) => {
+                        result = Err(StoreError::Statement {
+                            index,
+                            message,
+                            client_fault,
+                        });
+                        break;
+                    }
+                }
             }
-            Ok(rows_affected)
+            // Disarmed before COMMIT or ROLLBACK, which must never be interrupted.
+            store.interrupt.disarm();
+            match (result, store.interrupt.stopped()) {
+                (Err(_), Some(Stopped::Deadline)) => Err(StoreError::DeadlinePassed(
+                    deadline.map_or(started.elapsed(), |d| d.saturating_duration_since(started)),
+                )),
+                (Err(e), _) => Err(e),
+                (Ok(()), _) => Ok(rows_affected),
+            }
         })?;
         out.statement_times = statement_times;
         Ok(out)
@@ -737,13 +773,16 @@ impl Store {
         }
     }
 
-    fn execute_user(&mut self, statement: &Statement) -> Result<usize, String> {
+    /// Runs one statement of a local transaction; on failure SQLite's message and whether the
+    /// statement is at fault (see [`error::is_client_fault`]).
+    fn execute_user(&mut self, statement: &Statement) -> Result<usize, (String, bool)> {
+        let classify = |e: rusqlite::Error| (e.to_string(), error::is_client_fault(&e));
         let mut stmt = self
             .writer
             .prepare_cached(&statement.sql)
-            .map_err(|e| e.to_string())?;
-        bind(&mut stmt, &statement.params)?;
-        stmt.raw_execute().map_err(|e| e.to_string())
+            .map_err(classify)?;
+        bind(&mut stmt, &statement.params).map_err(|e| (e, true))?;
+        stmt.raw_execute().map_err(classify)
     }
 
     /// Turns captured writes into clock rows and the changeset of this transaction.
@@ -1571,6 +1610,7 @@ impl Store {
 #[derive(Debug)]
 pub struct Reader {
     conn: Connection,
+    interrupt: Interrupt,
 }
 
 impl Reader {
@@ -1584,18 +1624,39 @@ impl Reader {
         )?;
         conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Reader { conn })
+        let mut conn = conn;
+        guard::install_read_only(&mut conn)?;
+        let interrupt = Interrupt::install(&mut conn)?;
+        Ok(Reader { conn, interrupt })
     }
 
     /// Runs one read-only statement, calling `on_columns` once and `on_row` per row until it
-    /// returns false. Errors before the first row (bad SQL, a write) come back as `Err`.
+    /// returns false. Errors before the first row (bad SQL, a write) come back as `Err`. The
+    /// statement is stopped when `deadline` passes or `cancelled` says the client left.
     pub fn query_each(
         &self,
         statement: &Statement,
+        deadline: Option<std::time::Instant>,
+        cancelled: Option<Box<dyn Fn() -> bool + Send>>,
         on_columns: impl FnOnce(&[String]),
         on_row: impl FnMut(Vec<Value>) -> bool,
     ) -> Result<(), StoreError> {
-        query_each(&self.conn, statement, on_columns, on_row)
+        let started = std::time::Instant::now();
+        self.interrupt.arm(deadline, cancelled);
+        let result = query_each(&self.conn, statement, on_columns, on_row);
+        self.interrupt.disarm();
+        match (result, self.interrupt.stopped()) {
+            (Err(_), Some(Stopped::Deadline)) => Err(StoreError::DeadlinePassed(
+                deadline.map_or(started.elapsed(), |d| d.saturating_duration_since(started)),
+            )),
+            (Err(_), Some(Stopped::Cancelled)) => Err(StoreError::Cancelled),
+            (result, _) => result,
+        }
+    }
+
+    /// True when the connection is as a pool wants it back: no transaction left open.
+    pub fn is_clean(&self) -> bool {
+        self.conn.is_autocommit()
     }
 
     /// Number of rows of a table.

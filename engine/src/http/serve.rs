@@ -1,0 +1,312 @@
+//! Serving a router on a listener the way the API and the admin socket need it: HTTP/1.1 and
+//! HTTP/2 with prior knowledge on the same port (the first bytes of a connection tell which,
+//! as Corrosion serves them and its client expects), TCP_NODELAY on every accepted socket, a
+//! cap on open connections, and idle connections closed.
+//!
+//! Why TCP_NODELAY: an answer leaves as a head and a body; with Nagle's algorithm the second
+//! small segment waits for the ACK of the first, which a client with delayed ACKs holds for
+//! ~40 ms, so every request on a kept-alive connection paid 40 ms.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::Router;
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{watch, Semaphore};
+
+/// What bounds the connections of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Open connections; a connection beyond it is closed at once.
+    pub connections_max: usize,
+    /// A connection with no request in flight and no bytes either way for this long is closed;
+    /// for HTTP/1.1 this is also the time allowed to send a request head.
+    pub idle_timeout: Duration,
+}
+
+/// Counters of one listener, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Connections accepted and served.
+    pub accepted: AtomicU64,
+    /// Connections closed at once because `connections_max` were open.
+    pub refused: AtomicU64,
+    /// Connections closed for being idle.
+    pub idle_closed: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicUsize,
+}
+
+/// A listener [`serve`] accepts from: TCP (with TCP_NODELAY set) or a unix socket.
+pub trait Listener: Send + 'static {
+    /// The accepted socket.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection.
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        let (stream, _) = tokio::net::TcpListener::accept(self).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        Ok(tokio::net::UnixListener::accept(self).await?.0)
+    }
+}
+
+/// How long connections get to finish their requests once the agent stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` until `shutdown` turns true; then stops accepting, asks every
+/// connection to finish (HTTP/2: GOAWAY; HTTP/1.1: close after the request in flight) and
+/// waits for them at most [`DRAIN_TIMEOUT`].
+pub async fn serve<L: Listener>(
+    listener: L,
+    router: Router,
+    limits: ServeLimits,
+    stats: Arc<ServeStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let connections_max = limits.connections_max.min(open_files_allowed() / 2).max(1);
+    let slots = Arc::new(Semaphore::new(connections_max));
+    loop {
+        let io = tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(io) => io,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: back off briefly
+                    // rather than spin.
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            drop(io);
+            continue;
+        };
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            stats.open.fetch_add(1, Ordering::Relaxed);
+            serve_connection(io, router, limits.idle_timeout, &stats, shutdown).await;
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+        });
+    }
+    let all = u32::try_from(connections_max).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all)).await;
+}
+
+/// Resolves once `shutdown` turns true (the watch guard stays inside, so callers stay Send).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Activity of one connection, shared by its socket, its requests and its watchdog.
+#[derive(Debug)]
+struct Activity {
+    started: Instant,
+    /// Milliseconds after `started` of the last byte read or written.
+    last_ms: AtomicU64,
+    /// Requests whose answer has not been fully sent (streams included).
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// Decrements the in-flight count when an answer's body is dropped (sent or abandoned).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: Io,
+    router: Router,
+    idle_timeout: Duration,
+    stats: &ServeStats,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity {
+        started: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
+    });
+    let io = Tracked {
+        inner: io,
+        activity: activity.clone(),
+    };
+    let service_activity = activity.clone();
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let activity = service_activity.clone();
+            let router = router.clone();
+            async move {
+                activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                let guard = InFlight(activity);
+                let response = tower::ServiceExt::oneshot(router, request.map(Body::new)).await?;
+                // The guard lives as long as the body: a stream counts as work until it ends.
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    Body::new(body.map_frame(move |frame| {
+                        let _ = &guard;
+                        frame
+                    }))
+                }))
+            }
+        });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(idle_timeout / 2))
+        .keep_alive_timeout(idle_timeout / 2);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let mut check = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!("connection ended: {e}");
+                }
+                return;
+            }
+            _ = stopped(&mut shutdown), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = check.tick() => {
+                let idle = activity.in_flight.load(Ordering::Relaxed) == 0
+                    && activity.idle_for() >= idle_timeout;
+                if idle && !closing {
+                    stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                } else if idle && activity.idle_for() >= idle_timeout * 2 {
+                    // Asked to close and still silent: drop it.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A socket that records when bytes last moved.
+struct Tracked<Io> {
+    inner: Io,
+    activity: Arc<Activity>,
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for Tracked<Io> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Tracked<Io> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The soft limit on open files of this process (from /proc; 1,024 where it cannot be read):
+/// connections beyond half of it would starve the store, the transport and accept itself.
+fn open_files_allowed() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            let soft = line.split_whitespace().nth(3)?;
+            Some(if soft == "unlimited" {
+                usize::MAX
+            } else {
+                soft.parse().ok()?
+            })
+        })
+        .unwrap_or(1024)
+}
