@@ -738,13 +738,17 @@ fn subscription_stream(
         Err(e @ SubsError::Internal(_)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
     let start = Instant::now();
-    // Everything known now leaves as one chunk: columns, rows, eoq, the replayed changes.
+    // Everything known now leaves as one chunk: columns, rows and eoq, or the replayed changes.
     let mut head = Vec::new();
     let mut push = |event: &QueryEvent| {
         serde_json::to_writer(&mut head, event).expect("API shapes always serialize");
         head.push(b'\n');
     };
-    push(&QueryEvent::Columns(attached.columns.clone()));
+    // A resumed stream carries changes only, as Corrosion's client expects when it re-attaches
+    // by itself after a cut (it would hand a second columns line to the application).
+    if !attached.resumed {
+        push(&QueryEvent::Columns(attached.columns.clone()));
+    }
     for (row_id, values) in attached.rows.take().unwrap_or_default() {
         push(&QueryEvent::Row(
             row_id,

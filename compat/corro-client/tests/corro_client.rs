@@ -17,7 +17,8 @@ use corro_client::sub::SubscriptionStream;
 use corro_client::{CorrosionApiClient, Error};
 use futures::StreamExt;
 
-const SCHEMA: &str = "CREATE TABLE kv (k TEXT NOT NULL PRIMARY KEY, v TEXT, n INTEGER NOT NULL DEFAULT 0);";
+const SCHEMA: &str =
+    "CREATE TABLE kv (k TEXT NOT NULL PRIMARY KEY, v TEXT, n INTEGER NOT NULL DEFAULT 0);";
 const WAIT: Duration = Duration::from_secs(30);
 
 /// The agent binary: `PATINA_BIN`, else the workspace's debug build (built here if needed).
@@ -80,7 +81,15 @@ fn start(bin: &Path, dir: &Path, bootstrap: Option<SocketAddr>) -> Node {
         assert!(out.read_line(&mut line).unwrap() > 0, "the agent exited");
     }
     let after = |tag: &str| -> SocketAddr {
-        line.split(tag).nth(1).unwrap().split(',').next().unwrap().trim().parse().unwrap()
+        line.split(tag)
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
     };
     Node {
         api: after("http://"),
@@ -100,9 +109,9 @@ async fn cluster(dir: &Path, n: usize) -> Vec<Node> {
     let http = h2_client();
     for node in &nodes {
         wait_for("every member", || async {
-            health(&http, node.api)
-                .await
-                .is_some_and(|h| matches!(h, HealthResponse::Response { members, .. } if members == n as i64))
+            health(&http, node.api).await.is_some_and(
+                |h| matches!(h, HealthResponse::Response { members, .. } if members == n as i64),
+            )
         })
         .await;
     }
@@ -117,7 +126,11 @@ fn h2_client() -> reqwest::Client {
 }
 
 async fn health(http: &reqwest::Client, api: SocketAddr) -> Option<HealthResponse> {
-    let response = http.get(format!("http://{api}/v1/health")).send().await.ok()?;
+    let response = http
+        .get(format!("http://{api}/v1/health"))
+        .send()
+        .await
+        .ok()?;
     response.json().await.ok()
 }
 
@@ -185,9 +198,12 @@ async fn transactions_queries_and_errors_through_corro_client() {
                 ),
                 Statement::WithNamedParams(
                     "INSERT INTO kv (k, v) VALUES (:k, :v)".into(),
-                    [(":k".to_string(), text("c")), ("v".to_string(), SqliteParam::Null)]
-                        .into_iter()
-                        .collect(),
+                    [
+                        (":k".to_string(), text("c")),
+                        ("v".to_string(), SqliteParam::Null),
+                    ]
+                    .into_iter()
+                    .collect(),
                 ),
                 Statement::Verbose {
                     query: "UPDATE kv SET n = ? WHERE k = ?".into(),
@@ -202,7 +218,13 @@ async fn transactions_queries_and_errors_through_corro_client() {
     assert_eq!(out.results.len(), 4);
     for result in &out.results {
         assert!(
-            matches!(result, ExecResult::Execute { rows_affected: 1, .. }),
+            matches!(
+                result,
+                ExecResult::Execute {
+                    rows_affected: 1,
+                    ..
+                }
+            ),
             "{result:?}"
         );
     }
@@ -249,7 +271,10 @@ async fn transactions_queries_and_errors_through_corro_client() {
 
     // The error shapes the client parses.
     match a
-        .execute(&[Statement::Simple("INSERT INTO nope VALUES (1)".into())], None)
+        .execute(
+            &[Statement::Simple("INSERT INTO nope VALUES (1)".into())],
+            None,
+        )
         .await
     {
         Err(Error::ResponseError(message)) => assert!(message.contains("nope"), "{message}"),
@@ -257,7 +282,9 @@ async fn transactions_queries_and_errors_through_corro_client() {
     }
     match a
         .execute(
-            &[Statement::Simple("INSERT INTO kv (k, v) VALUES ('a', 'dup')".into())],
+            &[Statement::Simple(
+                "INSERT INTO kv (k, v) VALUES ('a', 'dup')".into(),
+            )],
             None,
         )
         .await
@@ -278,7 +305,11 @@ async fn transactions_queries_and_errors_through_corro_client() {
         Err(other) => panic!("a write on /v1/queries: {other:?}"),
         Ok(_) => panic!("a write on /v1/queries was accepted"),
     }
-    assert_eq!(kv(&a, "SELECT k, v FROM kv").await.len(), 3, "nothing was lost");
+    assert_eq!(
+        kv(&a, "SELECT k, v FROM kv").await.len(),
+        3,
+        "nothing was lost"
+    );
 
     // Health over HTTP/2, in the client's own type.
     let http = h2_client();
@@ -351,7 +382,10 @@ async fn subscriptions_and_updates_through_corro_client() {
             .unwrap();
     }
     let (kind, row_y, values, c1) = change(&mut sub).await;
-    assert_eq!((kind, values), (ChangeType::Insert, ("y".into(), Some("1".into()))));
+    assert_eq!(
+        (kind, values),
+        (ChangeType::Insert, ("y".into(), Some("1".into())))
+    );
     assert_eq!(c1, ChangeId(start.0 + 1));
     let (kind, row, values, c2) = change(&mut sub).await;
     assert_eq!(
@@ -399,7 +433,10 @@ async fn subscriptions_and_updates_through_corro_client() {
     .await
     .unwrap();
     let (kind, _, values, c4) = change(&mut again).await;
-    assert_eq!((kind, values), (ChangeType::Insert, ("z".into(), Some("3".into()))));
+    assert_eq!(
+        (kind, values),
+        (ChangeType::Insert, ("z".into(), Some("3".into())))
+    );
     assert_eq!(c4, ChangeId(c3.0 + 1));
     assert_eq!(change(&mut sub).await.3, c4, "the first subscriber too");
 
