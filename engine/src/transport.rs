@@ -121,6 +121,9 @@ pub struct TransportStats {
     pub connections_closed_idle: AtomicU64,
     /// Connections pooled now.
     pub connections_open: AtomicU64,
+    /// Connections closed because a send to the peer stalled (a crashed peer, or one that
+    /// stopped reading): the next message opens a new connection.
+    pub connections_closed_stalled: AtomicU64,
 }
 
 /// A pooled connection and when it was last seen carrying anything.
@@ -738,6 +741,11 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
     }
 }
 
+/// The least time a send may wait to open a stream before its connection counts as stalled.
+const STALL_MIN: Duration = Duration::from_secs(1);
+/// The slowest write a live peer is allowed (bytes per second) before it counts as stalled.
+const STALL_BYTES_PER_SEC: u64 = 1 << 20;
+
 /// Writes one message to a peer's connection, within the send budget and in-flight limit.
 async fn send_now(shared: &Shared, conn: quinn::Connection, channel: Channel, bytes: Bytes) {
     {
@@ -758,10 +766,39 @@ async fn send_now(shared: &Shared, conn: quinn::Connection, channel: Channel, by
             .expect("the in-flight semaphore is never closed");
         let sent = match channel {
             Channel::Datagram => conn.send_datagram(bytes).is_ok(),
-            Channel::Stream => match conn.open_uni().await {
-                Ok(mut stream) => stream.write_all(&bytes).await.is_ok() && stream.finish().is_ok(),
-                Err(_) => false,
-            },
+            Channel::Stream => {
+                // A peer that crashed keeps its connection "open" here until quinn's idle
+                // timeout (tens of seconds), and a restarted peer at the same address is
+                // unreachable through it: once its stream credit is used up, open_uni waits
+                // for good. A send that stalls closes the connection instead, so the next
+                // message connects afresh (to the restarted process, if that is the story).
+                let stall = STALL_MIN.max(conn.rtt() * 4);
+                let write_time = stall + Duration::from_secs(len / STALL_BYTES_PER_SEC);
+                let send = async {
+                    let mut stream = tokio::time::timeout(stall, conn.open_uni())
+                        .await
+                        .map_err(|_| ())?
+                        .map_err(|_| ())?;
+                    tokio::time::timeout(write_time, stream.write_all(&bytes))
+                        .await
+                        .map_err(|_| ())?
+                        .map_err(|_| ())?;
+                    stream.finish().map_err(|_| ())
+                };
+                match send.await {
+                    Ok(()) => true,
+                    Err(()) => {
+                        if conn.close_reason().is_none() {
+                            conn.close(1u32.into(), b"send stalled");
+                            shared
+                                .stats
+                                .connections_closed_stalled
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        false
+                    }
+                }
+            }
         };
         if sent {
             shared.stats.sent.fetch_add(1, Ordering::Relaxed);

@@ -1,76 +1,29 @@
 //! Real processes. Durability: a node killed with SIGKILL in the middle of a write burst and
 //! restarted on its data folder has every write it acknowledged, and the cluster converges.
-//! And `patina subscribe` prints a subscription's events as they happen.
+//! A node killed while the others write to it, and restarted on its data folder and addresses
+//! after they declared it down, is back within seconds. And `patina subscribe` prints a
+//! subscription's events as they happen.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use patina_tests::procs::AgentProcess;
 
 use patina::client::{request, Method, StatusCode, Target};
 use serde_json::{json, Value as Json};
 
-/// A running `patina agent` process, killed when dropped.
-struct Node {
-    child: Child,
-    api: SocketAddr,
-    gossip: SocketAddr,
-}
+type Node = AgentProcess;
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn patina() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_patina"))
 }
 
 fn start(dir: &Path, bootstrap: Option<SocketAddr>) -> Node {
-    std::fs::create_dir_all(dir.join("schema")).unwrap();
-    std::fs::write(
-        dir.join("schema/kv.sql"),
-        "CREATE TABLE kv (k TEXT NOT NULL PRIMARY KEY, v TEXT);",
-    )
-    .unwrap();
-    let bootstrap = bootstrap.map(|a| format!("\"{a}\"")).unwrap_or_default();
-    let config = format!(
-        "[db]\npath = \"{0}/state.db\"\nschema_paths = [\"{0}/schema\"]\n[api]\naddr = \"127.0.0.1:0\"\n[admin]\npath = \"{0}/admin.sock\"\n[gossip]\naddr = \"127.0.0.1:0\"\nbootstrap = [{bootstrap}]\nsync_interval_ms = 200\n",
-        dir.display()
-    );
-    std::fs::write(dir.join("config.toml"), config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_patina"))
-        .args(["agent", "-c"])
-        .arg(dir.join("config.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // "patina agent: API on http://A, gossip on G, site S"
-    let mut line = String::new();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    while !line.starts_with("patina agent:") {
-        line.clear();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "the agent exited before announcing itself"
-        );
-    }
-    let api = line
-        .split("http://")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let gossip = line
-        .split("gossip on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    Node { child, api, gossip }
+    let bootstrap: Vec<SocketAddr> = bootstrap.into_iter().collect();
+    AgentProcess::start(patina(), dir, &bootstrap)
 }
 
 async fn exec(node: &Node, sql: &str) -> bool {
@@ -177,8 +130,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_write() {
         acknowledged
     });
     hundred.await.unwrap();
-    c.child.kill().unwrap(); // SIGKILL, with the burst still writing
-    c.child.wait().unwrap();
+    c.crash(); // SIGKILL, with the burst still writing
     let acknowledged = burst.await.unwrap();
     assert!(
         acknowledged.len() >= 100 && acknowledged.len() < 5000,
@@ -214,12 +166,92 @@ async fn sigkill_mid_burst_loses_no_acknowledged_write() {
     assert!(keys(&c).await.contains(&"while-down".to_string()));
 }
 
+async fn members(node: &Node) -> Option<Json> {
+    get(node, "/v1/health")
+        .await
+        .map(|h| h["response"]["members"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_node_declared_down_is_back_within_seconds() {
+    let root = tempfile::tempdir().unwrap();
+    let a = start(&root.path().join("a"), None);
+    let b = start(&root.path().join("b"), Some(a.gossip));
+    let mut c = start(&root.path().join("c"), Some(a.gossip));
+    for node in [&a, &b, &c] {
+        wait_for("membership", || async {
+            members(node).await == Some(json!(3))
+        })
+        .await;
+    }
+    // Writes on a keep its pushes to c flowing, so that a's connection to c has streams
+    // waiting on the dead process once c is killed.
+    let a_api = a.api;
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = tokio::spawn({
+        let writing = writing.clone();
+        async move {
+            let mut i = 0;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = serde_json::to_vec(&json!([format!(
+                    "INSERT INTO kv (k, v) VALUES ('w{i}', 'x')"
+                )]))
+                .unwrap();
+                let _ = request(
+                    &Target::Tcp(a_api),
+                    Method::POST,
+                    "/v1/transactions",
+                    None,
+                    body,
+                )
+                .await;
+                i += 1;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.crash();
+    wait_for("a to declare c down", || async {
+        members(&a).await == Some(json!(2))
+    })
+    .await;
+    // Restarted on its data folder and addresses, with no bootstrap: it rejoins through the
+    // members it remembers. Before stalled sends closed their connection, a's pushes to c
+    // waited on the dead connection until quinn's idle timeout (40 s).
+    c.restart(patina(), &[]);
+    let restarted = Instant::now();
+    let deadline = restarted + Duration::from_secs(10);
+    loop {
+        if members(&c).await == Some(json!(3)) && members(&a).await == Some(json!(3)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node was still cut off 10 s after its start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "restarted node back in the cluster {:.2} s after its start",
+        restarted.elapsed().as_secs_f64()
+    );
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_for("the cluster to converge", || async {
+        let d = get(&a, "/v1/sync/digest").await;
+        d.is_some()
+            && d == get(&b, "/v1/sync/digest").await
+            && d == get(&c, "/v1/sync/digest").await
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patina_subscribe_prints_changes_as_they_happen() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path(), None);
     assert!(exec(&node, "INSERT INTO kv (k, v) VALUES ('a', '1')").await);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_patina"))
+    let mut child = Command::new(patina())
         .args([
             "subscribe",
             "--api",

@@ -26,17 +26,43 @@ impl Drop for AgentProcess {
     }
 }
 
-/// Writes `dir/config.toml` (everything under `dir`, [`crate::SCHEMA`], loopback ports chosen
-/// by the OS, `extra` appended to the `[gossip]` table) and the schema file.
-pub fn write_config(dir: &Path, bootstrap: &[SocketAddr], extra_gossip: &str) -> PathBuf {
+/// Where an agent listens; port 0 lets the OS choose.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// The HTTP API.
+    pub api: SocketAddr,
+    /// Gossip (QUIC).
+    pub gossip: SocketAddr,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Ports {
+            api: any,
+            gossip: any,
+        }
+    }
+}
+
+/// Writes `dir/config.toml` (everything under `dir`, [`crate::SCHEMA`], `ports`, `extra`
+/// appended to the `[gossip]` table) and the schema file.
+pub fn write_config(
+    dir: &Path,
+    ports: Ports,
+    bootstrap: &[SocketAddr],
+    extra_gossip: &str,
+) -> PathBuf {
     std::fs::create_dir_all(dir.join("schema")).expect("creating the data folder");
     std::fs::write(dir.join("schema/schema.sql"), crate::SCHEMA).expect("writing the schema");
     let bootstrap: Vec<String> = bootstrap.iter().map(|a| format!("\"{a}\"")).collect();
     let config = format!(
         "[db]\npath = \"{0}/state.db\"\nschema_paths = [\"{0}/schema\"]\n\
-         [api]\naddr = \"127.0.0.1:0\"\n[admin]\npath = \"{0}/admin.sock\"\n\
-         [gossip]\naddr = \"127.0.0.1:0\"\nbootstrap = [{1}]\n{2}\n",
+         [api]\naddr = \"{1}\"\n[admin]\npath = \"{0}/admin.sock\"\n\
+         [gossip]\naddr = \"{2}\"\nbootstrap = [{3}]\n{4}\n",
         dir.display(),
+        ports.api,
+        ports.gossip,
         bootstrap.join(", "),
         extra_gossip
     );
@@ -49,18 +75,46 @@ impl AgentProcess {
     /// Starts `binary agent -c dir/config.toml` (see [`write_config`]) and waits for its
     /// announcement line. Panics if the agent exits first.
     pub fn start(binary: &Path, dir: &Path, bootstrap: &[SocketAddr]) -> AgentProcess {
-        let config = write_config(dir, bootstrap, "sync_interval_ms = 200");
+        let config = write_config(dir, Ports::default(), bootstrap, "sync_interval_ms = 200");
         AgentProcess::start_with_config(binary, dir, &config)
+    }
+
+    /// Kills the process with SIGKILL, as a crash.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the (crashed or stopped) agent again on the same data folder and the same
+    /// addresses, as an operator's supervisor restarts a node.
+    pub fn restart(&mut self, binary: &Path, bootstrap: &[SocketAddr]) {
+        self.crash();
+        let ports = Ports {
+            api: self.api,
+            gossip: self.gossip,
+        };
+        let config = write_config(&self.dir, ports, bootstrap, "sync_interval_ms = 200");
+        let restarted = AgentProcess::start_with_config(binary, &self.dir.clone(), &config);
+        // The old value's Drop kills an already dead process: harmless.
+        *self = restarted;
     }
 
     /// Starts the agent on an existing config file.
     pub fn start_with_config(binary: &Path, dir: &Path, config: &Path) -> AgentProcess {
+        // The agent's log goes to `dir/agent.log` (appended across restarts), at the level of
+        // PATINA_TEST_LOG (default warn).
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .expect("opening the agent's log file");
+        let level = std::env::var("PATINA_TEST_LOG").unwrap_or_else(|_| "warn".into());
         let mut child = Command::new(binary)
             .args(["agent", "-c"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
         // "patina agent: API on http://A, gossip on G, site S"
