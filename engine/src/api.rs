@@ -501,12 +501,25 @@ struct HealthParams {
     failure_status: Option<u16>,
 }
 
+/// How long health waits for the store thread before it calls the store stuck.
+const HEALTH_STORE_WAIT: Duration = Duration::from_secs(1);
+
 async fn health(
     State(state): State<Arc<ApiState>>,
     Query(params): Query<HealthParams>,
 ) -> Response {
-    let Some(status) = state.store.status().await else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+    let status = match tokio::time::timeout(HEALTH_STORE_WAIT, state.store.status()).await {
+        Ok(Some(status)) => status,
+        Ok(None) => return error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+        Err(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the store did not answer within {HEALTH_STORE_WAIT:?} ({} requests queued)",
+                    state.store.queue_len()
+                ),
+            )
+        }
     };
     let queue_size = state.store.queue_len();
     // No replication lag exists yet on a node that only has local writes.

@@ -57,7 +57,7 @@ pub enum SubsError {
     /// The node holds its maximum of subscriptions.
     #[error("too many subscriptions (limit {0})")]
     TooMany(usize),
-    /// Resuming from a change id the history no longer has (or that never was).
+    /// Resuming from a change id the history no longer has.
     #[error("{0}")]
     Resume(String),
     /// Storage failed, or the subscription thread is gone.
@@ -808,7 +808,7 @@ impl Manager {
             return self.attach(index, skip_rows, from);
         }
         if from.is_some() {
-            return Err(SubsError::Resume(
+            return Err(SubsError::BadQuery(
                 "from needs an existing subscription (GET /v1/subscriptions/{id})".into(),
             ));
         }
@@ -863,7 +863,7 @@ impl Manager {
             Some(from) => {
                 let matcher = &self.matchers[index];
                 if from > matcher.last_change_id {
-                    return Err(SubsError::Resume(format!(
+                    return Err(SubsError::BadQuery(format!(
                         "change id {from} is ahead of this subscription (last {})",
                         matcher.last_change_id
                     )));

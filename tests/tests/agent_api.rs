@@ -221,6 +221,32 @@ async fn bad_input_gets_the_right_status_and_the_node_keeps_working() {
             StatusCode::BAD_REQUEST,
         ),
         ("/v1/table_stats", b"{}".to_vec(), StatusCode::BAD_REQUEST),
+        // What would leave a pooled read connection changed, or reach other files.
+        (
+            "/v1/queries",
+            br#""BEGIN""#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/queries",
+            br#""SAVEPOINT s""#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/queries",
+            br#""PRAGMA cache_size = 1""#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/queries",
+            br#""PRAGMA writable_schema = ON""#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/queries",
+            br#""ATTACH '/etc/hostname' AS other""#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
         (
             "/v1/transactions",
             vec![b' '; 200 * 1024],
@@ -249,7 +275,10 @@ async fn bad_input_gets_the_right_status_and_the_node_keeps_working() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(row_count(&agent).await, 2);
+    // Every read connection sees the new row: none was left pinned to an old snapshot.
+    for _ in 0..8 {
+        assert_eq!(row_count(&agent).await, 2);
+    }
     let (status, _) = call_raw(&agent, Method::GET, "/v1/nope", None, vec![]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     agent.shutdown().await;
@@ -360,6 +389,131 @@ async fn requests_past_the_in_flight_limit_get_503_and_streams_do_not_hold_slots
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(freed, "the stream slot was never released");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_transaction_is_stopped_at_its_deadline_and_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&config(&dir)).await.unwrap();
+    let api = agent.api_addr();
+    let runaway = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let answer = request(
+            &Target::Tcp(api),
+            Method::POST,
+            "/v1/transactions?timeout=3",
+            None,
+            serde_json::to_vec(&json!([RUNAWAY])).unwrap(),
+        )
+        .await
+        .unwrap();
+        (answer, started.elapsed())
+    });
+    // While it holds the writer, health says so within about a second instead of hanging.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, out) = tokio::time::timeout(
+        Duration::from_secs(5),
+        call_raw(&agent, Method::GET, "/v1/health", None, vec![]),
+    )
+    .await
+    .expect("health answers while the store is busy");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{out}");
+    let ((status, body), took) = tokio::time::timeout(Duration::from_secs(10), runaway)
+        .await
+        .expect("the runaway transaction was never stopped")
+        .unwrap();
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    assert!(String::from_utf8_lossy(&body).contains("deadline"));
+    assert!(took < Duration::from_secs(6), "stopped after {took:?}");
+    // The writer is free: writes go on, at once.
+    let (status, out) = call(
+        &agent,
+        "/v1/transactions?timeout=1",
+        json!(["INSERT INTO hosts (id) VALUES (1)"]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_queries_give_their_connections_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.api.query_connections = 2;
+    let agent = Agent::start(&cfg).await.unwrap();
+    // More runaway queries than connections, with a deadline far away; their clients leave.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let api = agent.api_addr();
+        clients.push(tokio::spawn(async move {
+            request(
+                &Target::Tcp(api),
+                Method::POST,
+                "/v1/queries?timeout=600",
+                None,
+                serde_json::to_vec(&json!(RUNAWAY)).unwrap(),
+            )
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for client in &clients {
+        client.abort();
+    }
+    // Their statements stop when the clients are gone: a new query gets a connection.
+    let (status, out) = tokio::time::timeout(
+        Duration::from_secs(10),
+        call(
+            &agent,
+            "/v1/queries?timeout=3",
+            json!("SELECT count(*) FROM hosts"),
+        ),
+    )
+    .await
+    .expect("the query answered");
+    assert_eq!(status, StatusCode::OK, "{out}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_are_closed_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.api.idle_timeout_ms = 300;
+    cfg.api.connections_max = 2;
+    let agent = Agent::start(&cfg).await.unwrap();
+    let api = agent.api_addr();
+    // Reads until the server closes the connection; the time it took.
+    async fn closed_after(mut stream: tokio::net::TcpStream) -> Duration {
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("the connection stayed open 10 s"),
+            }
+        }
+    }
+    let idle = tokio::net::TcpStream::connect(api).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(api).await.unwrap();
+    half.write_all(b"POST /v1/queries HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Two are open: a third is closed at once, without waiting for the idle timeout.
+    let third = tokio::net::TcpStream::connect(api).await.unwrap();
+    assert!(closed_after(third).await < Duration::from_millis(250));
+    assert!(closed_after(idle).await < Duration::from_secs(5));
+    assert!(closed_after(half).await < Duration::from_secs(5));
+    // Slots come back: the API answers.
+    let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
     agent.shutdown().await;
 }
 

@@ -281,6 +281,19 @@ async fn resuming_from_before_the_history_is_an_error() {
         gone.next().await.is_none(),
         "the stream ends after the error"
     );
+    // A change id this subscription never had is the request's error: 400, not a stream.
+    let (status, _, mut ahead) = subscribe(
+        &agents[0],
+        Method::GET,
+        &format!("/v1/subscriptions/{id}?from=99"),
+        Json::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(ahead.next().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("ahead"));
     for agent in agents {
         agent.shutdown().await;
     }
