@@ -130,7 +130,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/table_stats", post(table_stats))
         .route("/v1/updates/{table}", post(updates))
         .route("/v1/subscriptions", post(subscribe))
-        .route("/v1/subscriptions/{id}", get(resubscribe))
+        .route(
+            "/v1/subscriptions/{id}",
+            get(resubscribe).delete(unsubscribe),
+        )
         .route("/v1/sync/digest", get(digest))
         .route("/v1/sync/state", get(sync_state))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -725,6 +728,18 @@ async fn resubscribe(
     subscription_stream(&state, attached, slot)
 }
 
+/// `DELETE /v1/subscriptions/{id}`: removes a subscription; its subscribers' streams end.
+async fn unsubscribe(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match state.subs.remove(id.clone()).await {
+        Ok(()) => axum::Json(json!({ "deleted": id })).into_response(),
+        Err(e @ SubsError::Unknown(_)) => error(StatusCode::NOT_FOUND, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
 fn change_line(event: &ChangeEvent) -> Bytes {
     ndjson_line(&QueryEvent::Change(
         change_type(event.kind),
@@ -741,7 +756,9 @@ fn subscription_stream(
 ) -> Response {
     let mut attached = match attached {
         Ok(a) => a,
-        Err(e @ SubsError::BadQuery(_)) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e @ (SubsError::BadQuery(_) | SubsError::TooCostly(_))) => {
+            return error(StatusCode::BAD_REQUEST, e)
+        }
         Err(e @ SubsError::Unknown(_)) => return error(StatusCode::NOT_FOUND, e),
         Err(e @ SubsError::TooMany(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
         Err(e @ SubsError::Resume(_)) => {
@@ -806,7 +823,16 @@ fn subscription_stream(
                         .await;
                     return;
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    let _ = lines
+                        .send(ndjson_line(&QueryEvent::Error(
+                            "the subscription was removed (deleted, unused for its idle \
+                             timeout, or too costly to keep); subscribe again"
+                                .into(),
+                        )))
+                        .await;
+                    return;
+                }
             };
             if event.change_id <= last {
                 continue;

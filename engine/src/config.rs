@@ -67,6 +67,16 @@ pub struct SubscriptionsConfig {
     pub history_len: u64,
     /// Events buffered per subscriber before a slow one is cut off. 16..=1,000,000.
     pub subscriber_buffer: usize,
+    /// Rows one subscription may hold, and one pass of its query may return; a subscription
+    /// past it is refused (400) or, later, ended. 1..=100,000,000.
+    pub rows_max: usize,
+    /// Longest one pass of a subscription's query may run (the initial query, or the pass
+    /// after a commit), in ms; past it the subscription is refused or ended, so no
+    /// subscription holds the others up for longer. 10..=600,000.
+    pub pass_timeout_ms: u64,
+    /// A subscription nobody has listened to for this long is removed, in ms (clients resume
+    /// within it by change id). 1,000..=604,800,000.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for SubscriptionsConfig {
@@ -75,6 +85,9 @@ impl Default for SubscriptionsConfig {
             max_subscriptions: 1000,
             history_len: 10_000,
             subscriber_buffer: 4096,
+            rows_max: 100_000,
+            pass_timeout_ms: 2_000,
+            idle_timeout_ms: 300_000,
         }
     }
 }
@@ -400,6 +413,24 @@ impl Config {
             self.subscriptions.history_len as usize,
             1,
             10_000_000,
+        )?;
+        within(
+            "subscriptions.rows_max",
+            self.subscriptions.rows_max,
+            1,
+            100_000_000,
+        )?;
+        within(
+            "subscriptions.pass_timeout_ms",
+            self.subscriptions.pass_timeout_ms as usize,
+            10,
+            600_000,
+        )?;
+        within(
+            "subscriptions.idle_timeout_ms",
+            self.subscriptions.idle_timeout_ms as usize,
+            1_000,
+            604_800_000,
         )?;
         within(
             "subscriptions.subscriber_buffer",

@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use patina_core::change::RowChange;
 use patina_core::pk::PackedPk;
@@ -31,6 +32,7 @@ use sqlparser::dialect::SQLiteDialect;
 use sqlparser::parser::Parser;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::store::guard::{Interrupt, Stopped};
 use crate::store::{to_value, SqlValue};
 
 /// Bounds and retention.
@@ -42,6 +44,12 @@ pub struct SubsConfig {
     pub history_len: u64,
     /// Events buffered per subscriber before it is cut off.
     pub subscriber_buffer: usize,
+    /// Rows a subscription may hold and a pass may return.
+    pub rows_max: usize,
+    /// Longest a pass of a subscription's query may run.
+    pub pass_timeout: Duration,
+    /// A subscription without subscribers this long is removed.
+    pub idle_timeout: Duration,
 }
 
 /// Why a subscription request failed.
@@ -60,6 +68,9 @@ pub enum SubsError {
     /// Resuming from a change id the history no longer has.
     #[error("{0}")]
     Resume(String),
+    /// The query returns more rows, or runs longer, than a subscription may.
+    #[error("{0}")]
+    TooCostly(String),
     /// Storage failed, or the subscription thread is gone.
     #[error("subscriptions: {0}")]
     Internal(String),
@@ -159,6 +170,13 @@ enum Command {
     Changes(Arc<Vec<RowChange>>),
     /// Change notices were lost: reconcile every subscription with the data.
     Resync,
+    /// Remove subscriptions nobody listened to for the idle timeout.
+    Collect,
+    /// Remove one subscription now.
+    Remove {
+        id: String,
+        reply: oneshot::Sender<Result<(), SubsError>>,
+    },
 }
 
 /// The handle the API uses.
@@ -174,6 +192,8 @@ impl std::fmt::Debug for Command {
             Command::Attach { .. } => "Attach",
             Command::Changes(_) => "Changes",
             Command::Resync => "Resync",
+            Command::Collect => "Collect",
+            Command::Remove { .. } => "Remove",
         })
     }
 }
@@ -219,6 +239,17 @@ impl SubsHandle {
         .await
     }
 
+    /// Removes a subscription: its subscribers' streams end and its id is forgotten.
+    pub async fn remove(&self, id: String) -> Result<(), SubsError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || SubsError::Internal("the subscription thread stopped".into());
+        self.tx
+            .send(Command::Remove { id, reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
     async fn call(
         &self,
         command: Command,
@@ -239,10 +270,11 @@ pub fn spawn(
     mut row_changes: broadcast::Receiver<Arc<Vec<RowChange>>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SubsHandle, SubsError> {
-    let reader = Connection::open_with_flags(
+    let mut reader = Connection::open_with_flags(
         db,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    let interrupt = Interrupt::install(&mut reader)?;
     reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
     // Each subscription runs one restricted query per table it reads: keep them all prepared.
     reader.set_prepared_statement_cache_capacity((config.max_subscriptions * 2 + 16).min(8192));
@@ -263,6 +295,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(1024);
     let mut manager = Manager {
         reader,
+        interrupt,
         storage,
         config,
         matchers: Vec::new(),
@@ -274,6 +307,22 @@ pub fn spawn(
         .name("patina-subs".into())
         .spawn(move || manager.run(rx))
         .map_err(|e| SubsError::Internal(e.to_string()))?;
+    // Collection of subscriptions nobody listens to, a few times per idle timeout.
+    let collect = tx.clone();
+    let mut stop = shutdown.clone();
+    let every =
+        (config.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if collect.send(Command::Collect).await.is_err() {
+                return;
+            }
+        }
+    });
     // Change notices from the store thread; a lag means some were lost: reconcile all.
     let forward = tx.clone();
     tokio::spawn(async move {
@@ -370,6 +419,15 @@ const AGGREGATES: [&str; 8] = [
 ];
 
 /// Rewrites `sql` into a [`Plan`], or says why it cannot be a subscription.
+/// What makes a result change with no commit (matched in the lowercased SQL text).
+const NONDETERMINISTIC: &[&str] = &[
+    "random(",
+    "randomblob(",
+    "'now'",
+    "changes(",
+    "last_insert_rowid(",
+];
+
 fn plan(sql: &str, tables: &BTreeMap<String, Vec<String>>) -> Result<(Plan, String), SubsError> {
     let bad = |m: String| SubsError::BadQuery(m);
     let dialect = SQLiteDialect {};
@@ -378,6 +436,28 @@ fn plan(sql: &str, tables: &BTreeMap<String, Vec<String>>) -> Result<(Plan, Stri
     let [Statement::Query(query)] = statements.as_slice() else {
         return Err(bad("a subscription is exactly one SELECT statement".into()));
     };
+    // Every SELECT after the first is a subquery, wherever it sits (a scalar subquery in the
+    // WHERE clause, IN (SELECT ..), EXISTS): a commit to its tables changes the result without
+    // touching the keys the matcher restricts its passes to, so it cannot be kept exact.
+    let selects = sqlparser::tokenizer::Tokenizer::new(&dialect, sql)
+        .tokenize()
+        .map_err(|e| bad(format!("invalid SQL: {e}")))?
+        .iter()
+        .filter(|t| {
+            matches!(t, sqlparser::tokenizer::Token::Word(w)
+                if w.keyword == sqlparser::keywords::Keyword::SELECT)
+        })
+        .count();
+    if selects > 1 {
+        return Err(bad("subqueries are not supported in subscriptions".into()));
+    }
+    let lowered = sql.to_lowercase();
+    if let Some(f) = NONDETERMINISTIC.iter().find(|f| lowered.contains(*f)) {
+        return Err(bad(format!(
+            "{} is not supported in subscriptions: its value changes without a commit",
+            f.trim_end_matches('(').trim_matches('\'')
+        )));
+    }
     let mut query = (**query).clone();
     if query.with.is_some() {
         return Err(bad("WITH is not supported in subscriptions".into()));
@@ -567,6 +647,8 @@ struct Matcher {
     next_row_id: u64,
     last_change_id: u64,
     live: broadcast::Sender<Arc<ChangeEvent>>,
+    /// Since when nobody has listened (None while someone does).
+    idle_since: Option<Instant>,
 }
 
 impl Matcher {
@@ -639,6 +721,8 @@ impl Matcher {
 
 struct Manager {
     reader: Connection,
+    /// Stops a pass of a subscription's query at its deadline.
+    interrupt: Interrupt,
     storage: Connection,
     config: SubsConfig,
     matchers: Vec<Matcher>,
@@ -716,7 +800,51 @@ impl Manager {
                     tracing::error!("subscriptions: resync failed: {e}");
                 }
             }
+            Command::Collect => self.collect(Instant::now()),
+            Command::Remove { id, reply } => {
+                let result = match self.matchers.iter().position(|m| m.id == id) {
+                    Some(index) => self.remove(index, "deleted by a client"),
+                    None => Err(SubsError::Unknown(id)),
+                };
+                let _ = reply.send(result);
+            }
         }
+    }
+
+    /// Removes the subscriptions nobody has listened to for the idle timeout.
+    fn collect(&mut self, now: Instant) {
+        let idle_timeout = self.config.idle_timeout;
+        let mut expired = Vec::new();
+        for (index, matcher) in self.matchers.iter_mut().enumerate() {
+            if matcher.live.receiver_count() > 0 {
+                matcher.idle_since = None;
+                continue;
+            }
+            let since = *matcher.idle_since.get_or_insert(now);
+            if now.duration_since(since) >= idle_timeout {
+                expired.push(index);
+            }
+        }
+        for index in expired.into_iter().rev() {
+            if let Err(e) = self.remove(index, "nobody listened for the idle timeout") {
+                tracing::warn!("subscriptions: collecting failed: {e}");
+            }
+        }
+    }
+
+    /// Forgets a subscription: storage, rows, history; its subscribers' streams end (their
+    /// receiver is closed).
+    fn remove(&mut self, index: usize, why: &str) -> Result<(), SubsError> {
+        let id = self.matchers[index].id.clone();
+        let tx = self.storage.transaction()?;
+        for table in ["subs", "sub_rows", "sub_changes"] {
+            let column = if table == "subs" { "id" } else { "sub" };
+            tx.execute(&format!("DELETE FROM {table} WHERE {column} = ?1"), [&id])?;
+        }
+        tx.commit()?;
+        self.matchers.remove(index);
+        tracing::info!(subscription = %id, "subscription removed: {why}");
+        Ok(())
     }
 
     /// Checks and plans `sql` against the current schema; returns the plan, the normalized SQL
@@ -779,21 +907,43 @@ impl Manager {
         Ok(())
     }
 
-    /// Runs one of a plan's queries; rows as (identity, visible values).
-    fn run_query(reader: &Connection, plan: &Plan, sql: &str) -> Result<FoundRows, SubsError> {
-        let mut stmt = reader.prepare_cached(sql)?;
-        let width = plan.visible + plan.key_columns;
-        let mut rows = stmt.query([])?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            let mut values = Vec::with_capacity(width);
-            for i in 0..width {
-                values.push(to_value(row.get_ref(i)?));
+    /// Runs one of a plan's queries; rows as (identity, visible values). A pass returning
+    /// more than `rows_max` rows or running past `pass_timeout` is stopped: TooCostly.
+    fn run_query(&self, plan: &Plan, sql: &str) -> Result<FoundRows, SubsError> {
+        let SubsConfig {
+            rows_max,
+            pass_timeout,
+            ..
+        } = self.config;
+        self.interrupt
+            .arm(Some(Instant::now() + pass_timeout), None);
+        let result = (|| {
+            let mut stmt = self.reader.prepare_cached(sql)?;
+            let width = plan.visible + plan.key_columns;
+            let mut rows = stmt.query([])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                if out.len() >= rows_max {
+                    return Err(SubsError::TooCostly(format!(
+                        "the query returns more than {rows_max} rows (subscriptions.rows_max)"
+                    )));
+                }
+                let mut values = Vec::with_capacity(width);
+                for i in 0..width {
+                    values.push(to_value(row.get_ref(i)?));
+                }
+                let keys = values.split_off(plan.visible);
+                out.push((pack(&keys), values));
             }
-            let keys = values.split_off(plan.visible);
-            out.push((pack(&keys), values));
+            Ok(out)
+        })();
+        self.interrupt.disarm();
+        match (result, self.interrupt.stopped()) {
+            (Err(_), Some(Stopped::Deadline)) => Err(SubsError::TooCostly(format!(
+                "the query runs longer than {pass_timeout:?} (subscriptions.pass_timeout_ms)"
+            ))),
+            (result, _) => result,
         }
-        Ok(out)
     }
 
     fn subscribe(
@@ -813,7 +963,19 @@ impl Manager {
             ));
         }
         if self.matchers.len() >= self.config.max_subscriptions {
-            return Err(SubsError::TooMany(self.config.max_subscriptions));
+            // Full: a subscription nobody listens to makes room (the one idle longest).
+            let now = Instant::now();
+            let idle = self
+                .matchers
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.live.receiver_count() == 0)
+                .min_by_key(|(_, m)| m.idle_since.unwrap_or(now))
+                .map(|(index, _)| index);
+            match idle {
+                Some(index) => self.remove(index, "room for a new subscription")?,
+                None => return Err(SubsError::TooMany(self.config.max_subscriptions)),
+            }
         }
         let id = random_uuid();
         let (live, _) = broadcast::channel(self.config.subscriber_buffer);
@@ -828,8 +990,9 @@ impl Manager {
             next_row_id: 0,
             last_change_id: 0,
             live,
+            idle_since: None,
         };
-        let found = Self::run_query(&self.reader, &matcher.plan, &matcher.plan.full_sql)?;
+        let found = self.run_query(&matcher.plan, &matcher.plan.full_sql)?;
         // The first rows are the starting point, not changes.
         let _ = matcher.diff(None, found);
         let tx = self.storage.transaction()?;
@@ -903,7 +1066,7 @@ impl Manager {
                 // not yet announced) becomes events first, so the rows agree with the stream.
                 let found = {
                     let matcher = &self.matchers[index];
-                    Self::run_query(&self.reader, &matcher.plan, &matcher.plan.ordered_sql)?
+                    self.run_query(&matcher.plan, &matcher.plan.ordered_sql)?
                 };
                 let mut stale = Vec::new();
                 for (identity, values) in &found {
@@ -1039,6 +1202,9 @@ impl Manager {
                     .insert(row.pk.as_bytes().to_vec(), row.pk.values());
             }
         }
+        // Subscriptions whose pass cost too much: they cannot be kept exact, so they end
+        // (after the batch), and the others go on.
+        let mut doomed: Vec<(usize, String)> = Vec::new();
         self.batch(|manager| {
             for (table, keys) in &changed {
                 // Every (subscription, FROM table) reading this table.
@@ -1074,12 +1240,19 @@ impl Manager {
                     }
                 }
                 for (index, alias) in readers {
+                    if doomed.iter().any(|(i, _)| *i == index) {
+                        continue;
+                    }
                     let matcher = &manager.matchers[index];
-                    let found = Self::run_query(
-                        &manager.reader,
-                        &matcher.plan,
-                        &matcher.plan.aliases[alias].restricted_sql,
-                    )?;
+                    let found = match manager
+                        .run_query(&matcher.plan, &matcher.plan.aliases[alias].restricted_sql)
+                    {
+                        Err(SubsError::TooCostly(why)) => {
+                            doomed.push((index, why));
+                            continue;
+                        }
+                        other => other?,
+                    };
                     let mut scope = BTreeSet::new();
                     for key in keys.keys() {
                         if let Some(ids) = matcher.by_alias[alias].get(key) {
@@ -1091,22 +1264,39 @@ impl Manager {
                 }
             }
             Ok(())
-        })
+        })?;
+        self.end_doomed(doomed)
+    }
+
+    /// Removes the subscriptions a pass found too costly.
+    fn end_doomed(&mut self, mut doomed: Vec<(usize, String)>) -> Result<(), SubsError> {
+        doomed.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
+        doomed.dedup_by_key(|(index, _)| *index);
+        for (index, why) in doomed {
+            self.remove(index, &format!("too costly to maintain: {why}"))?;
+        }
+        Ok(())
     }
 
     /// Compares every subscription with the whole data and emits the difference.
     fn resync(&mut self) -> Result<(), SubsError> {
+        let mut doomed = Vec::new();
         self.batch(|manager| {
             for index in 0..manager.matchers.len() {
-                let found = {
-                    let m = &manager.matchers[index];
-                    Self::run_query(&manager.reader, &m.plan, &m.plan.full_sql)?
+                let m = &manager.matchers[index];
+                let found = match manager.run_query(&m.plan, &m.plan.full_sql) {
+                    Err(SubsError::TooCostly(why)) => {
+                        doomed.push((index, why));
+                        continue;
+                    }
+                    other => other?,
                 };
                 let changes = manager.matchers[index].diff(None, found);
                 manager.emit(index, changes)?;
             }
             Ok(())
-        })
+        })?;
+        self.end_doomed(doomed)
     }
 
     /// Loads the stored subscriptions and reconciles them with the data.
@@ -1138,6 +1328,8 @@ impl Manager {
                 next_row_id: next_row_id as u64,
                 last_change_id: last_change_id as u64,
                 live,
+                // Nobody listens yet after a restart: collected unless someone resumes it.
+                idle_since: Some(Instant::now()),
             };
             let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = self
                 .storage
@@ -1207,14 +1399,33 @@ mod tests {
             ("SELECT name FROM hosts GROUP BY name", "GROUP BY"),
             (
                 "SELECT * FROM hosts UNION SELECT * FROM hosts",
-                "plain SELECT",
+                "subqueries",
             ),
             ("SELECT * FROM other", "not a replicated table"),
-            ("SELECT * FROM (SELECT * FROM hosts)", "only tables"),
+            ("SELECT * FROM (SELECT * FROM hosts)", "subqueries"),
             ("SELECT 1", "at least one table"),
+            (
+                "SELECT a.id FROM hosts a WHERE a.id >= (SELECT max(id) FROM hosts)",
+                "subqueries",
+            ),
+            (
+                "SELECT id FROM hosts WHERE id IN (SELECT n FROM kv)",
+                "subqueries",
+            ),
+            (
+                "SELECT id FROM hosts WHERE EXISTS (select 1 FROM kv)",
+                "subqueries",
+            ),
+            ("SELECT id, random() FROM hosts", "random"),
+            (
+                "SELECT id FROM hosts WHERE date('now') > '2020-01-01'",
+                "now",
+            ),
         ] {
             let err = plan(sql, &tables()).unwrap_err().to_string();
             assert!(err.contains(reason), "{sql}: {err}");
         }
+        // The word in a string is not a subquery.
+        plan("SELECT id FROM hosts WHERE name = 'SELECT'", &tables()).unwrap();
     }
 }

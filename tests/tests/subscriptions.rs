@@ -282,18 +282,17 @@ async fn resuming_from_before_the_history_is_an_error() {
         "the stream ends after the error"
     );
     // A change id this subscription never had is the request's error: 400, not a stream.
-    let (status, _, mut ahead) = subscribe(
-        &agents[0],
+    let (status, out) = request(
+        &Target::Tcp(agents[0].api_addr()),
         Method::GET,
         &format!("/v1/subscriptions/{id}?from=99"),
-        Json::Null,
+        None,
+        vec![],
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(ahead.next().await.unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .contains("ahead"));
+    assert!(String::from_utf8_lossy(&out).contains("ahead"));
     for agent in agents {
         agent.shutdown().await;
     }
@@ -310,7 +309,12 @@ async fn bad_requests_and_the_limit() {
         (json!("SELECT nope FROM kv"), "no such column"),
         (
             json!("SELECT k FROM kv WHERE k IN (SELECT name FROM hosts)"),
-            "outside its FROM",
+            "subqueries",
+        ),
+        // A scalar subquery's result changes with rows the matcher does not watch.
+        (
+            json!("SELECT a.k FROM kv a WHERE a.n >= (SELECT max(n) FROM kv)"),
+            "subqueries",
         ),
         (json!(["SELECT k FROM kv WHERE k = ?", ["a"]]), "parameters"),
     ] {
@@ -337,15 +341,160 @@ async fn bad_requests_and_the_limit() {
     .await
     .unwrap();
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let mut listening = Vec::new();
     for (sql, expected) in [
         ("SELECT k FROM kv", StatusCode::OK),
         ("SELECT v FROM kv", StatusCode::OK),
         ("SELECT k FROM kv", StatusCode::OK),
         ("SELECT n FROM kv", StatusCode::SERVICE_UNAVAILABLE),
     ] {
-        let (status, _, _) = subscribe(agent, Method::POST, "/v1/subscriptions", json!(sql)).await;
+        let (status, _, stream) =
+            subscribe(agent, Method::POST, "/v1/subscriptions", json!(sql)).await;
         assert_eq!(status, expected, "{sql}");
+        listening.push(stream);
     }
+    // Once nobody listens to them, a new subscription takes the place of an old one.
+    drop(listening);
+    wait_for("room for a new subscription", || async {
+        let (status, _, _) = subscribe(
+            agent,
+            Method::POST,
+            "/v1/subscriptions",
+            json!("SELECT n FROM kv"),
+        )
+        .await;
+        status == StatusCode::OK
+    })
+    .await;
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn costly_subscriptions_are_refused_or_ended_and_the_others_go_on() {
+    let (_dirs, agents) = cluster(1, |c| c.subscriptions.rows_max = 50).await;
+    let agent = &agents[0];
+    for i in 0..5 {
+        exec(agent, &format!("INSERT INTO kv (k, v) VALUES ('{i}', 'x')")).await;
+    }
+    let (status, _, mut plain) = subscribe(
+        agent,
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT k FROM kv"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(plain.take(7).await[6]["eoq"]["change_id"], json!(0));
+    // 5^7 rows: refused at once with a reason, instead of growing without bound.
+    let cross = "SELECT a.k FROM kv a, kv b, kv c, kv d, kv e, kv f, kv g";
+    let started = std::time::Instant::now();
+    let (status, out) = request(
+        &Target::Tcp(agent.api_addr()),
+        Method::POST,
+        "/v1/subscriptions",
+        None,
+        serde_json::to_vec(&json!(cross)).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&out).contains("rows_max"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // 5 x 5 rows fit; a commit of 10 more keys makes its next pass 10 x 15 rows: it ends with
+    // an error line, and the other subscription goes on.
+    let (status, _, mut pairs) = subscribe(
+        agent,
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT a.k, b.k FROM kv a, kv b"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(pairs.take(27).await[26].get("eoq").is_some());
+    let many: Vec<String> = (10..20)
+        .map(|i| format!("INSERT INTO kv (k, v) VALUES ('{i}', 'x')"))
+        .collect();
+    let (status, _) = request(
+        &Target::Tcp(agent.api_addr()),
+        Method::POST,
+        "/v1/transactions",
+        None,
+        serde_json::to_vec(&many).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let ended = pairs.next().await.expect("an error line");
+    assert!(
+        ended["error"].as_str().unwrap().contains("removed"),
+        "{ended}"
+    );
+    assert!(pairs.next().await.is_none(), "the stream ends");
+    let changes = plain.take(10).await;
+    assert_eq!(changes[9]["change"][3], json!(10));
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_deleted_and_collected() {
+    let (_dirs, agents) = cluster(1, |c| c.subscriptions.idle_timeout_ms = 1_000).await;
+    let agent = &agents[0];
+    // Attaching is how a client finds out whether a subscription exists (it also counts as
+    // listening while attached).
+    let status_of = |id: String| async move {
+        let path = format!("/v1/subscriptions/{id}?from=0");
+        subscribe(agent, Method::GET, &path, Json::Null).await.0
+    };
+    // DELETE ends the subscribers' streams and forgets the id.
+    let (_, id, mut stream) = subscribe(
+        agent,
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT k FROM kv"),
+    )
+    .await;
+    let id = id.unwrap();
+    stream.take(2).await;
+    let (status, _) = request(
+        &Target::Tcp(agent.api_addr()),
+        Method::DELETE,
+        &format!("/v1/subscriptions/{id}"),
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(stream.next().await.unwrap()["error"].is_string());
+    assert!(stream.next().await.is_none());
+    assert_eq!(status_of(id.clone()).await, StatusCode::NOT_FOUND);
+    // One nobody listens to is collected after the idle timeout; one listened to stays.
+    let (_, idle, stream) = subscribe(
+        agent,
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT v FROM kv"),
+    )
+    .await;
+    drop(stream);
+    let (_, kept, mut listened) = subscribe(
+        agent,
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT n FROM kv"),
+    )
+    .await;
+    listened.take(2).await;
+    // Past the idle timeout (1 s) and a collection tick (250 ms), with margin.
+    tokio::time::sleep(std::time::Duration::from_millis(3_000)).await;
+    assert_eq!(status_of(idle.unwrap()).await, StatusCode::NOT_FOUND);
+    exec(agent, "INSERT INTO kv (k, n) VALUES ('a', 1)").await;
+    assert_eq!(listened.next().await.unwrap()["change"][3], json!(1));
+    let _ = kept;
     for agent in agents {
         agent.shutdown().await;
     }
