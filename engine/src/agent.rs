@@ -343,6 +343,7 @@ fn spawn_store(
                                     match outcome {
                                         ApplyOutcome::Rejected(e) => {
                                             metrics.apply_rejected.fetch_add(1, Ordering::Relaxed);
+                                            store.note_unapplied(changeset.id);
                                             tracing::warn!("remote changeset refused: {e}")
                                         }
                                         ApplyOutcome::Applied {
@@ -372,10 +373,16 @@ fn spawn_store(
                                     let _ = row_changes.send(Arc::new(changed_rows));
                                 }
                             }
-                            Err(e) => tracing::error!(
-                                "applying {} remote changesets failed: {e}",
-                                changesets.len()
-                            ),
+                            Err(e) => {
+                                metrics.apply_failed.fetch_add(1, Ordering::Relaxed);
+                                for changeset in &changesets {
+                                    store.note_unapplied(changeset.id);
+                                }
+                                tracing::error!(
+                                    "applying {} remote changesets failed: {e}",
+                                    changesets.len()
+                                )
+                            }
                         }
                         metrics
                             .gaps

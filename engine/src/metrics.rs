@@ -28,6 +28,8 @@ pub struct StoreMetrics {
     pub applied_changes_won: AtomicU64,
     /// Remote changesets refused.
     pub apply_rejected: AtomicU64,
+    /// Batches of remote changesets whose transaction failed (a full disk, I/O).
+    pub apply_failed: AtomicU64,
     /// Parts of large remote changesets kept until the rest arrive.
     pub parts_buffered: AtomicU64,
     /// Remote batches applied.
@@ -107,6 +109,12 @@ pub fn render(store: &StoreMetrics, gossip: &GossipSnapshot, store_queue: usize)
         "counter",
         "Remote changesets refused.",
         &[("", load(&store.apply_rejected))],
+    );
+    metric(
+        "patina_apply_failed_total",
+        "counter",
+        "Batches of remote changesets whose transaction failed (full disk, I/O).",
+        &[("", load(&store.apply_failed))],
     );
     metric(
         "patina_changeset_parts_buffered_total",

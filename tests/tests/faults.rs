@@ -143,3 +143,45 @@ async fn every_write_survives_five_percent_loss() {
         agent.shutdown().await;
     }
 }
+
+/// A node whose disk is full fails every remote apply: its health must say it is falling
+/// behind (gaps), not report a healthy node with no gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_apply_reports_gaps() {
+    use patina::client::{request, Method, StatusCode, Target};
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let full_db = dirs[1].path().join("state.db");
+    let agents = patina_tests::start_cluster_with(&dirs, None, |config| {
+        if config.db.path == full_db {
+            config.db.max_db_bytes = Some(256 * 1024);
+        }
+    })
+    .await;
+    let blob = "x".repeat(4000);
+    for i in 0..120 {
+        exec(
+            &agents[0],
+            &format!("INSERT INTO kv (k, v) VALUES ('{i}', '{blob}')"),
+        )
+        .await;
+    }
+    let health = |query: &'static str| {
+        let api = agents[1].api_addr();
+        async move {
+            let (status, body) = request(&Target::Tcp(api), Method::GET, query, None, vec![])
+                .await
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            (status, json["response"]["gaps"].as_u64().unwrap_or(0))
+        }
+    };
+    wait_for("the full node to report gaps", || async {
+        health("/v1/health").await.1 > 0
+    })
+    .await;
+    let (status, gaps) = health("/v1/health?gaps=0").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "gaps {gaps}");
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}

@@ -398,6 +398,15 @@ impl Store {
         &self.book
     }
 
+    /// Records that a remote changeset exists that this store could not apply (refused, or
+    /// its transaction failed: a full disk, an I/O error): it counts as a gap until sync
+    /// brings it again and it applies, so health tells a node that is falling behind.
+    pub fn note_unapplied(&mut self, id: ChangesetId) {
+        if id.site != self.site && !self.book.contains(id) {
+            self.book.heard(id.site, id.version);
+        }
+    }
+
     /// Names of the replicated tables.
     pub fn table_names(&self) -> Vec<String> {
         self.tables.keys().cloned().collect()
