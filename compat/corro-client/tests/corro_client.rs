@@ -21,20 +21,24 @@ const SCHEMA: &str =
     "CREATE TABLE kv (k TEXT NOT NULL PRIMARY KEY, v TEXT, n INTEGER NOT NULL DEFAULT 0);";
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The agent binary: `PATINA_BIN`, else the workspace's debug build (built here if needed).
+/// The agent binary: `PATINA_BIN`, else the workspace's debug build, built once here.
 fn patina_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("PATINA_BIN") {
-        return PathBuf::from(bin);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--workspace", "--bins"])
-        .current_dir(&root)
-        .env_remove("CARGO_TARGET_DIR")
-        .status()
-        .expect("running cargo to build the agent");
-    assert!(status.success(), "building the agent failed");
-    root.join("target/debug/patina")
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("PATINA_BIN") {
+            return PathBuf::from(bin);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "-p", "patina", "--bin", "patina"])
+            .current_dir(&root)
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .expect("running cargo to build the agent");
+        assert!(status.success(), "building the agent failed");
+        root.join("target/debug/patina")
+    })
+    .clone()
 }
 
 /// One `patina agent` process, killed when dropped.
