@@ -84,6 +84,9 @@ pub struct AppliedEvent {
 /// Commits' changed rows kept for slow `/v1/updates` streams (past this they are cut off).
 const ROW_CHANGES_CAPACITY: usize = 1024;
 
+/// How often the WAL is checkpointed, off the commit path.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
 /// Applied events kept for slow listeners (they skip ahead past this).
 const APPLIED_EVENTS_CAPACITY: usize = 4096;
 
@@ -489,13 +492,20 @@ impl Agent {
                     .map_err(io(format!("creating {}", schema.display())))?;
             }
         }
-        let store = Store::open(&StoreConfig {
+        let mut store = Store::open(&StoreConfig {
             path: config.db.path.clone(),
             schema_paths: config.db.schema_paths.clone(),
             max_db_bytes: config.db.max_db_bytes,
             changeset_bytes_max: Some(config.db.transaction_bytes_max),
             parts_bytes_max: Some(config.db.parts_bytes_max),
         })?;
+        store.checkpoint_in_background()?;
+        let checkpoints_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpointer = crate::store::spawn_checkpointer(
+            &config.db.path,
+            CHECKPOINT_EVERY,
+            checkpoints_stop.clone(),
+        )?;
         let site = store.site_id();
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
         let (applied, _) = tokio::sync::broadcast::channel(APPLIED_EVENTS_CAPACITY);
@@ -580,7 +590,13 @@ impl Agent {
             shutdown_rx.clone(),
         ));
 
-        let mut tasks = vec![api_task, gossip_join];
+        let mut stop = shutdown_rx.clone();
+        let checkpoint_task = tokio::spawn(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+            checkpoints_stop.store(true, Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || checkpointer.join()).await;
+        });
+        let mut tasks = vec![api_task, gossip_join, checkpoint_task];
         let metrics_addr = match config.telemetry.prometheus_addr {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)

@@ -181,6 +181,7 @@ async fn run(args: &Args, proto: Proto, nodes: &[AgentProcess]) -> Result<(), St
         let mut b = Conn::open(nodes[1].api, proto).await?;
         let rounds = (args.requests / 4).max(50);
         let mut visible = Vec::with_capacity(rounds);
+        let mut after_answer = Vec::with_capacity(rounds);
         for i in 0..rounds {
             let key = format!("r-{tag}-{i}");
             let start = Instant::now();
@@ -189,6 +190,7 @@ async fn run(args: &Args, proto: Proto, nodes: &[AgentProcess]) -> Result<(), St
                 &json!([["INSERT INTO kv (k, v) VALUES (?, 'x')", [key.clone()]]]),
             )
             .await?;
+            let answered = start.elapsed();
             let probe = json!(["SELECT count(*) FROM kv WHERE k = ?", [key]]);
             loop {
                 let body = b.post("/v1/queries", &probe).await?;
@@ -200,8 +202,10 @@ async fn run(args: &Args, proto: Proto, nodes: &[AgentProcess]) -> Result<(), St
                 }
             }
             visible.push(start.elapsed());
+            after_answer.push(start.elapsed() - answered);
         }
         summary("write A -> read on B", proto, nodes.len(), visible);
+        summary("A's answer -> read on B", proto, nodes.len(), after_answer);
     }
     Ok(())
 }
