@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use patina_core::ids::SiteId;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value as Json};
+use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_stream::StreamExt as _;
 
@@ -28,8 +28,9 @@ use crate::agent::{ReaderPool, StoreHandle, TxError};
 use crate::config::ApiConfig;
 use crate::gossip::GossipSnapshot;
 use crate::http::types::{
-    ApiStatement, ChangeType, ErrorResponse, ExecResponse, ExecResult, HealthResponse, Member,
-    MembersResponse, NotifyEvent, QueryEvent, SqlValue, TableStatsRequest, TableStatsResponse,
+    ApiStatement, ChangeType, DigestResponse, ErrorResponse, ExecResponse, ExecResult,
+    HealthResponse, Member, MembersResponse, NotifyEvent, QueryEvent, SiteSyncState, SqlValue,
+    SyncStateResponse, TableDigest, TableStatsRequest, TableStatsResponse,
 };
 use crate::store::{Params, Statement, StoreError};
 use crate::subs::{Attached, ChangeEvent, ChangeKind, SubsError, SubsHandle};
@@ -860,20 +861,21 @@ fn subscription_stream(
 /// converged nodes.
 async fn digest(State(state): State<Arc<ApiState>>) -> Response {
     match state.store.digest().await {
-        Some(Ok(d)) => {
-            let tables: Map<String, Json> = d
+        Some(Ok(d)) => axum::Json(DigestResponse {
+            tables: d
                 .tables
                 .iter()
                 .map(|(t, (rows, hash))| {
-                    (
-                        t.clone(),
-                        json!({ "rows": rows, "hash": format!("{hash:016x}") }),
-                    )
+                    let digest = TableDigest {
+                        rows: *rows,
+                        hash: format!("{hash:016x}"),
+                    };
+                    (t.clone(), digest)
                 })
-                .collect();
-            axum::Json(json!({ "tables": tables, "clocks": format!("{:016x}", d.clocks) }))
-                .into_response()
-        }
+                .collect(),
+            clocks: format!("{:016x}", d.clocks),
+        })
+        .into_response(),
         Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         None => error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
     }
@@ -884,12 +886,21 @@ async fn sync_state(State(state): State<Arc<ApiState>>) -> Response {
     let Some(sync) = state.store.sync_state().await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
     };
-    let sites: Map<String, Json> = sync
-        .sites
-        .iter()
-        .map(|(site, (head, needs))| (site.to_hex(), json!({ "head": head.get(), "needs": needs })))
-        .collect();
-    axum::Json(json!({ "actor_id": state.site.to_hex(), "sites": sites })).into_response()
+    axum::Json(SyncStateResponse {
+        actor_id: state.site.to_hex(),
+        sites: sync
+            .sites
+            .into_iter()
+            .map(|(site, (head, needs))| {
+                let site_state = SiteSyncState {
+                    head: head.get(),
+                    needs,
+                };
+                (site.to_hex(), site_state)
+            })
+            .collect(),
+    })
+    .into_response()
 }
 
 async fn reload(State(store): State<StoreHandle>) -> Response {

@@ -15,8 +15,8 @@ use hyper::Method;
 use crate::client::{self, Target};
 use crate::config::Config;
 use crate::http::types::{
-    parse_ndjson, ApiStatement, ErrorResponse, ExecResponse, ExecResult, MembersResponse,
-    QueryEvent, SqlParam, SqlValue,
+    parse_ndjson, ApiStatement, DigestResponse, ErrorResponse, ExecResponse, ExecResult,
+    MembersResponse, QueryEvent, SqlParam, SqlValue, SyncStateResponse,
 };
 use crate::store::{Statement, Store, StoreConfig};
 
@@ -552,7 +552,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             )?;
         }
         Command::Sync(command) => {
-            let (api, path) = match command {
+            let (api, path) = match &command {
                 SyncCommand::Digest { api } => (api, "/v1/sync/digest"),
                 SyncCommand::Generate { api } => (api, "/v1/sync/state"),
             };
@@ -566,8 +566,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 token.as_deref(),
                 Vec::new(),
             )?;
-            let out: serde_json::Value = serde_json::from_slice(&body)?;
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            let pretty = match command {
+                SyncCommand::Digest { .. } => {
+                    serde_json::to_string_pretty(&serde_json::from_slice::<DigestResponse>(&body)?)
+                }
+                SyncCommand::Generate { .. } => serde_json::to_string_pretty(
+                    &serde_json::from_slice::<SyncStateResponse>(&body)?,
+                ),
+            }?;
+            println!("{pretty}");
         }
         Command::Cluster(ClusterCommand::Members { admin }) => {
             let body = api_call(

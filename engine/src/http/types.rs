@@ -346,6 +346,42 @@ pub struct MembersResponse {
     pub members: Vec<Member>,
 }
 
+/// One table in `GET /v1/sync/digest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableDigest {
+    /// Live rows.
+    pub rows: u64,
+    /// Hash of the rows (hex).
+    pub hash: String,
+}
+
+/// The answer of `GET /v1/sync/digest`: equal on converged nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestResponse {
+    /// Per replicated table.
+    pub tables: std::collections::BTreeMap<String, TableDigest>,
+    /// Hash of every clock (hex).
+    pub clocks: String,
+}
+
+/// One site in `GET /v1/sync/state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteSyncState {
+    /// The highest version of the site this node heard of.
+    pub head: u64,
+    /// Version ranges (inclusive) it has not applied.
+    pub needs: Vec<(u64, u64)>,
+}
+
+/// The answer of `GET /v1/sync/state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStateResponse {
+    /// This node's site id (hex).
+    pub actor_id: String,
+    /// Per site (hex).
+    pub sites: std::collections::BTreeMap<String, SiteSyncState>,
+}
+
 /// Parses an NDJSON body into events of type `T`, skipping blank lines.
 pub fn parse_ndjson<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Vec<T>, String> {
     body.split(|b| *b == b'\n')
