@@ -500,12 +500,6 @@ impl Agent {
             parts_bytes_max: Some(config.db.parts_bytes_max),
         })?;
         store.checkpoint_in_background()?;
-        let checkpoints_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let checkpointer = crate::store::spawn_checkpointer(
-            &config.db.path,
-            CHECKPOINT_EVERY,
-            checkpoints_stop.clone(),
-        )?;
         let site = store.site_id();
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
         let (applied, _) = tokio::sync::broadcast::channel(APPLIED_EVENTS_CAPACITY);
@@ -590,13 +584,7 @@ impl Agent {
             shutdown_rx.clone(),
         ));
 
-        let mut stop = shutdown_rx.clone();
-        let checkpoint_task = tokio::spawn(async move {
-            let _ = stop.wait_for(|stop| *stop).await;
-            checkpoints_stop.store(true, Ordering::Relaxed);
-            let _ = tokio::task::spawn_blocking(move || checkpointer.join()).await;
-        });
-        let mut tasks = vec![api_task, gossip_join, checkpoint_task];
+        let mut tasks = vec![api_task, gossip_join];
         let metrics_addr = match config.telemetry.prometheus_addr {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
@@ -635,8 +623,21 @@ impl Agent {
             admin_router,
             api_limits,
             Arc::new(ServeStats::default()),
-            shutdown_rx,
+            shutdown_rx.clone(),
         ));
+        // Started last: nothing after it can fail and leave the thread running.
+        let checkpoints_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpointer = crate::store::spawn_checkpointer(
+            &config.db.path,
+            CHECKPOINT_EVERY,
+            checkpoints_stop.clone(),
+        )?;
+        let mut stop = shutdown_rx;
+        tasks.push(tokio::spawn(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+            checkpoints_stop.store(true, Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || checkpointer.join()).await;
+        }));
         tracing::info!(%api_addr, %gossip_addr, site = %site, "agent started");
         Ok(Agent {
             api_addr,

@@ -348,6 +348,9 @@ struct ChunkWriter {
     buffer: Vec<u8>,
     since: Option<Instant>,
     sent: bool,
+    /// A chunk was dropped (the client left, or did not read until the deadline): nothing
+    /// more may be sent, least of all an eoq after missing rows.
+    gave_up: bool,
     deadline: Instant,
 }
 
@@ -367,6 +370,9 @@ impl ChunkWriter {
     }
 
     fn send(&mut self, last: bool) -> bool {
+        if self.gave_up {
+            return false;
+        }
         let bytes = Bytes::from(std::mem::take(&mut self.buffer));
         self.since = None;
         self.sent = true;
@@ -380,9 +386,13 @@ impl ChunkWriter {
         loop {
             match self.tx.try_send(chunk) {
                 Ok(()) => return true,
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    self.gave_up = true;
+                    return false;
+                }
                 Err(tokio::sync::mpsc::error::TrySendError::Full(c)) => {
                     if Instant::now() >= self.deadline {
+                        self.gave_up = true;
                         return false;
                     }
                     chunk = c;
@@ -407,6 +417,7 @@ fn run_query(
         buffer: Vec::with_capacity(4096),
         since: None,
         sent: false,
+        gave_up: false,
         deadline,
     });
     let mut row_id = 0u64;
@@ -434,6 +445,9 @@ fn run_query(
             // Nothing sent yet, so the queue has room: this never waits.
             let _ = out.tx.try_send(QueryChunk::Failed(e));
         }
+        // Rows were lost: the answer must not end like a complete one (the connection side
+        // aborts a body that ends without its last chunk).
+        _ if out.gave_up => {}
         Err(e) => {
             out.line(&QueryEvent::Error(e.to_string()));
             out.send(true);
@@ -482,13 +496,32 @@ async fn queries(
         // The whole answer in one body: one write with the head.
         Some(QueryChunk::Last(bytes)) => ndjson_response(Body::from(bytes)),
         Some(QueryChunk::More(first)) => {
-            let rest =
-                tokio_stream::wrappers::ReceiverStream::new(rx).filter_map(|chunk| match chunk {
-                    QueryChunk::More(b) | QueryChunk::Last(b) => Some(Ok::<_, std::io::Error>(b)),
-                    QueryChunk::Failed(_) => None,
-                });
-            let stream = tokio_stream::StreamExt::chain(tokio_stream::once(Ok(first)), rest);
-            ndjson_response(Body::from_stream(stream))
+            // Forwarded until the last chunk; a body that ends without it ends with an error,
+            // so the client sees a broken answer (HTTP/1.1: no final chunk; HTTP/2: a reset
+            // stream), never a short one that looks complete.
+            let (body_tx, body_rx) = tokio::sync::mpsc::channel(QUERY_CHUNKS_QUEUED);
+            tokio::spawn(async move {
+                let mut next = Some(first);
+                while let Some(bytes) = next.take() {
+                    if body_tx.send(Ok(bytes)).await.is_err() {
+                        return;
+                    }
+                    match rx.recv().await {
+                        Some(QueryChunk::More(b)) => next = Some(b),
+                        Some(QueryChunk::Last(b)) => {
+                            let _ = body_tx.send(Ok(b)).await;
+                            return;
+                        }
+                        Some(QueryChunk::Failed(_)) | None => break,
+                    }
+                }
+                let _ = body_tx
+                    .send(Err(std::io::Error::other("the query stopped mid-answer")))
+                    .await;
+            });
+            ndjson_response(Body::from_stream(
+                tokio_stream::wrappers::ReceiverStream::new(body_rx),
+            ))
         }
         None => match task.await {
             Ok(Err(e)) => error(store_status(&e), e),
@@ -576,7 +609,7 @@ async fn table_stats(State(state): State<Arc<ApiState>>, body: Bytes) -> Respons
         .with_reader(deadline, move |reader| {
             valid
                 .iter()
-                .map(|t| reader.count_rows(t))
+                .map(|t| reader.count_rows(t, deadline))
                 .sum::<Result<u64, _>>()
         })
         .await;

@@ -418,16 +418,26 @@ const AGGREGATES: [&str; 8] = [
     "string_agg(",
 ];
 
-/// Rewrites `sql` into a [`Plan`], or says why it cannot be a subscription.
-/// What makes a result change with no commit (matched in the lowercased SQL text).
+/// What makes a result change with no commit, matched in the SQL text lowercased and without
+/// spaces: randomness, the clock (date functions without a time value mean now), the
+/// connection's own counters.
 const NONDETERMINISTIC: &[&str] = &[
     "random(",
     "randomblob(",
     "'now'",
+    "current_timestamp",
+    "current_date",
+    "current_time",
+    "date()",
+    "time()",
+    "datetime()",
+    "julianday()",
+    "unixepoch()",
     "changes(",
     "last_insert_rowid(",
 ];
 
+/// Rewrites `sql` into a [`Plan`], or says why it cannot be a subscription.
 fn plan(sql: &str, tables: &BTreeMap<String, Vec<String>>) -> Result<(Plan, String), SubsError> {
     let bad = |m: String| SubsError::BadQuery(m);
     let dialect = SQLiteDialect {};
@@ -451,7 +461,11 @@ fn plan(sql: &str, tables: &BTreeMap<String, Vec<String>>) -> Result<(Plan, Stri
     if selects > 1 {
         return Err(bad("subqueries are not supported in subscriptions".into()));
     }
-    let lowered = sql.to_lowercase();
+    let lowered: String = sql
+        .to_lowercase()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
     if let Some(f) = NONDETERMINISTIC.iter().find(|f| lowered.contains(*f)) {
         return Err(bad(format!(
             "{} is not supported in subscriptions: its value changes without a commit",
@@ -811,6 +825,17 @@ impl Manager {
         }
     }
 
+    /// The subscription nobody has listened to for the longest, if any.
+    fn longest_unused(&self) -> Option<usize> {
+        let now = Instant::now();
+        self.matchers
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.live.receiver_count() == 0)
+            .min_by_key(|(_, m)| m.idle_since.unwrap_or(now))
+            .map(|(index, _)| index)
+    }
+
     /// Removes the subscriptions nobody has listened to for the idle timeout.
     fn collect(&mut self, now: Instant) {
         let idle_timeout = self.config.idle_timeout;
@@ -962,20 +987,10 @@ impl Manager {
                 "from needs an existing subscription (GET /v1/subscriptions/{id})".into(),
             ));
         }
-        if self.matchers.len() >= self.config.max_subscriptions {
-            // Full: a subscription nobody listens to makes room (the one idle longest).
-            let now = Instant::now();
-            let idle = self
-                .matchers
-                .iter()
-                .enumerate()
-                .filter(|(_, m)| m.live.receiver_count() == 0)
-                .min_by_key(|(_, m)| m.idle_since.unwrap_or(now))
-                .map(|(index, _)| index);
-            match idle {
-                Some(index) => self.remove(index, "room for a new subscription")?,
-                None => return Err(SubsError::TooMany(self.config.max_subscriptions)),
-            }
+        // Full, with no subscription to make room: refused before any work.
+        let full = self.matchers.len() >= self.config.max_subscriptions;
+        if full && self.longest_unused().is_none() {
+            return Err(SubsError::TooMany(self.config.max_subscriptions));
         }
         let id = random_uuid();
         let (live, _) = broadcast::channel(self.config.subscriber_buffer);
@@ -995,6 +1010,12 @@ impl Manager {
         let found = self.run_query(&matcher.plan, &matcher.plan.full_sql)?;
         // The first rows are the starting point, not changes.
         let _ = matcher.diff(None, found);
+        // Only now, with the new one known to work, an unused one makes room.
+        if full {
+            if let Some(index) = self.longest_unused() {
+                self.remove(index, "room for a new subscription")?;
+            }
+        }
         let tx = self.storage.transaction()?;
         tx.execute(
             "INSERT INTO subs (id, sql, hash, last_change_id, next_row_id) VALUES (?1, ?2, ?3, 0, ?4)",
@@ -1417,6 +1438,11 @@ mod tests {
                 "subqueries",
             ),
             ("SELECT id, random() FROM hosts", "random"),
+            (
+                "SELECT id FROM hosts WHERE name < CURRENT_TIMESTAMP",
+                "current_timestamp",
+            ),
+            ("SELECT id, unixepoch( ) FROM hosts", "unixepoch"),
             (
                 "SELECT id FROM hosts WHERE date('now') > '2020-01-01'",
                 "now",

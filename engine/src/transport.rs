@@ -774,20 +774,23 @@ async fn send_now(shared: &Shared, conn: quinn::Connection, channel: Channel, by
                 // message connects afresh (to the restarted process, if that is the story).
                 let stall = STALL_MIN.max(conn.rtt() * 4);
                 let write_time = stall + Duration::from_secs(len / STALL_BYTES_PER_SEC);
+                // Err(true): stalled; Err(false): this stream failed (the peer refused or
+                // reset it, the connection closed), which loses one message, not the link.
                 let send = async {
                     let mut stream = tokio::time::timeout(stall, conn.open_uni())
                         .await
-                        .map_err(|_| ())?
-                        .map_err(|_| ())?;
+                        .map_err(|_| true)?
+                        .map_err(|_| false)?;
                     tokio::time::timeout(write_time, stream.write_all(&bytes))
                         .await
-                        .map_err(|_| ())?
-                        .map_err(|_| ())?;
-                    stream.finish().map_err(|_| ())
+                        .map_err(|_| true)?
+                        .map_err(|_| false)?;
+                    stream.finish().map_err(|_| false)
                 };
                 match send.await {
                     Ok(()) => true,
-                    Err(()) => {
+                    Err(false) => false,
+                    Err(true) => {
                         if conn.close_reason().is_none() {
                             conn.close(1u32.into(), b"send stalled");
                             shared

@@ -191,11 +191,9 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .timer(TokioTimer::new())
         .header_read_timeout(idle_timeout)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(idle_timeout / 2))
-        .keep_alive_timeout(idle_timeout / 2);
+    // No HTTP/2 keep-alive pings: they are traffic, so an idle connection would never look
+    // idle to the watchdog below.
+    builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut check = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));

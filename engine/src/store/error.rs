@@ -179,7 +179,6 @@ pub fn is_client_fault(e: &rusqlite::Error) -> bool {
                 | C::AuthorizationForStatementDenied
                 | C::ParameterOutOfRange
                 | C::TooBig
-                | C::ReadOnly
         ),
         rusqlite::Error::InvalidParameterCount(..)
         | rusqlite::Error::InvalidParameterName(_)

@@ -1707,9 +1707,17 @@ impl Reader {
     }
 
     /// Number of rows of a table.
-    pub fn count_rows(&self, table: &str) -> Result<u64, StoreError> {
+    pub fn count_rows(&self, table: &str, deadline: std::time::Instant) -> Result<u64, StoreError> {
         let sql = format!("SELECT count(*) FROM main.{}", quote_ident(table));
-        Ok(self.conn.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64)
+        self.interrupt.arm(Some(deadline), None);
+        let result = self.conn.query_row(&sql, [], |r| r.get::<_, i64>(0));
+        self.interrupt.disarm();
+        match (result, self.interrupt.stopped()) {
+            (Err(_), Some(Stopped::Deadline)) => Err(StoreError::DeadlinePassed(
+                deadline.saturating_duration_since(std::time::Instant::now()),
+            )),
+            (result, _) => Ok(result? as u64),
+        }
     }
 }
 
@@ -1719,9 +1727,7 @@ fn query_each(
     on_columns: impl FnOnce(&[String]),
     mut on_row: impl FnMut(Vec<Value>) -> bool,
 ) -> Result<(), StoreError> {
-    let mut stmt = conn
-        .prepare(&statement.sql)
-        .map_err(|e| StoreError::Query(e.to_string()))?;
+    let mut stmt = conn.prepare(&statement.sql).map_err(query_error)?;
     if !stmt.readonly() {
         return Err(StoreError::NotReadOnly);
     }
@@ -1729,7 +1735,7 @@ fn query_each(
     let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
     on_columns(&columns);
     let mut rows = stmt.raw_query();
-    while let Some(row) = rows.next().map_err(|e| StoreError::Query(e.to_string()))? {
+    while let Some(row) = rows.next().map_err(query_error)? {
         let values = (0..columns.len())
             .map(|i| row.get_ref(i).map(capture::to_value))
             .collect::<Result<Vec<_>, _>>()?;
@@ -1738,6 +1744,16 @@ fn query_each(
         }
     }
     Ok(())
+}
+
+/// A query's failure: the request's fault (bad SQL, refused, a type) or the node's (I/O,
+/// corruption, busy), which answer 400 and 500.
+fn query_error(e: rusqlite::Error) -> StoreError {
+    if error::is_client_fault(&e) {
+        StoreError::Query(e.to_string())
+    } else {
+        StoreError::Sqlite(e)
+    }
 }
 
 fn collect_query(conn: &Connection, statement: &Statement) -> Result<QueryRows, StoreError> {
