@@ -32,8 +32,9 @@ pub struct Cli {
 enum Command {
     /// Run a node (built-in defaults without a config file).
     Agent {
-        /// Config file (TOML).
-        #[arg(short, long)]
+        /// Config file (TOML); any key can also be set by a `PATINA_<TABLE>__<KEY>`
+        /// environment variable (e.g. `PATINA_API__ADDR`), which wins over the file.
+        #[arg(short, long, env = "PATINA_CONFIG")]
         config: Option<PathBuf>,
     },
     /// Run SQL statements as one transaction through a node's API.
@@ -211,7 +212,11 @@ impl ApiArgs {
         &self,
         rt: &tokio::runtime::Runtime,
     ) -> Result<(Target, Option<String>), Box<dyn std::error::Error>> {
-        let config = self.config.as_deref().map(Config::load).transpose()?;
+        let config = self
+            .config
+            .as_deref()
+            .map(|path| Config::load_with_env(Some(path), std::env::vars()))
+            .transpose()?;
         let token = self.token.clone().or_else(|| {
             config
                 .as_ref()
@@ -284,7 +289,11 @@ impl AdminArgs {
     fn target(&self) -> Result<Target, Box<dyn std::error::Error>> {
         Ok(Target::Unix(match (&self.admin, &self.config) {
             (Some(path), _) => path.clone(),
-            (None, Some(config)) => Config::load(config)?.admin.path,
+            (None, Some(config)) => {
+                Config::load_with_env(Some(config), std::env::vars())?
+                    .admin
+                    .path
+            }
             (None, None) => crate::config::AdminConfig::default().path,
         }))
     }
@@ -406,10 +415,7 @@ fn api_call(
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Agent { config } => {
-            let config = match config {
-                Some(path) => Config::load(&path)?,
-                None => Config::default(),
-            };
+            let config = Config::load_with_env(config.as_deref(), std::env::vars())?;
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
                 .with_env_filter(

@@ -39,6 +39,51 @@ pub enum ConfigError {
     },
 }
 
+/// Environment variables that override a config key start with this.
+const ENV_PREFIX: &str = "PATINA_";
+
+/// Variables with the prefix that are not config keys.
+const NOT_CONFIG_KEYS: &[&str] = &[
+    "PATINA_CONFIG",
+    "PATINA_TOKEN",
+    "PATINA_BIN",
+    "PATINA_TEST_LOG",
+];
+
+/// Sets the key a `PATINA_<TABLE>__<KEY>` variable names in `table`.
+fn set_key(table: &mut toml::Table, name: &str, raw: &str) -> Result<(), ConfigError> {
+    let bad = |message: String| ConfigError::Parse {
+        path: format!("environment variable {name}"),
+        message,
+    };
+    let path: Vec<String> = name[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_lowercase)
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err(bad(
+            "expected PATINA_<TABLE>__<KEY>, e.g. PATINA_API__ADDR".into()
+        ));
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let (key, tables) = path.split_last().expect("split gives at least one part");
+    let mut at = table;
+    for part in tables {
+        at = match at
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => t,
+            _ => return Err(bad(format!("{part} is a value, not a table"))),
+        };
+    }
+    at.insert(key.clone(), value);
+    Ok(())
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -319,6 +364,56 @@ impl Config {
         Config::parse(&text, &path.display().to_string())
     }
 
+    /// The configuration a node runs with, as containers give it: the file at `path` (none:
+    /// the defaults), then every `PATINA_<TABLE>__<KEY>` variable of `env` over it, e.g.
+    /// `PATINA_API__ADDR=0.0.0.0:8080` or `PATINA_GOSSIP__BOOTSTRAP='["a:8787"]'` (a value
+    /// is read as TOML: numbers, booleans, arrays; anything else as a string). Errors name the
+    /// variable or the key.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+                path.display().to_string(),
+            ),
+            None => (String::new(), "built-in defaults".to_owned()),
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: origin.clone(),
+            message: e.to_string(),
+        })?;
+        let mut overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(name, _)| {
+                name.starts_with(ENV_PREFIX) && !NOT_CONFIG_KEYS.contains(&name.as_str())
+            })
+            .collect();
+        overrides.sort();
+        for (name, raw) in &overrides {
+            set_key(&mut table, name, raw)?;
+        }
+        let origin = if overrides.is_empty() {
+            origin
+        } else {
+            let names: Vec<&str> = overrides.iter().map(|(n, _)| n.as_str()).collect();
+            format!("{origin} with {}", names.join(", "))
+        };
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: origin,
+                    message: e.to_string(),
+                })?;
+        config.check()?;
+        Ok(config)
+    }
+
     /// Parses and checks TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -545,6 +640,62 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_variables_override_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[api]\naddr = \"127.0.0.1:9000\"\nconcurrency_limit = 7\n",
+        )
+        .unwrap();
+        let c = Config::load_with_env(
+            Some(&file),
+            env(&[
+                ("PATINA_API__ADDR", "127.0.0.1:9100"),
+                ("PATINA_API__AUTHZ__BEARER_TOKEN", "s3cret"),
+                (
+                    "PATINA_GOSSIP__BOOTSTRAP",
+                    "[\"127.0.0.1:1\", \"127.0.0.1:2\"]",
+                ),
+                ("PATINA_SUBSCRIPTIONS__ROWS_MAX", "5"),
+                ("PATINA_TOKEN", "not a key"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.api.addr, SocketAddr::from(([127, 0, 0, 1], 9100)));
+        assert_eq!(c.api.concurrency_limit, 7, "the file's other keys stay");
+        assert_eq!(c.api.authz.bearer_token.as_deref(), Some("s3cret"));
+        assert_eq!(c.gossip.bootstrap.len(), 2);
+        assert_eq!(c.subscriptions.rows_max, 5);
+        // No file: the defaults, overridden.
+        let c = Config::load_with_env(None, env(&[("PATINA_API__STREAMS_MAX", "9")])).unwrap();
+        assert_eq!(c.api.streams_max, 9);
+        // Errors name the variable.
+        for (name, value, named) in [
+            ("PATINA_API__ADRESS", "x", "PATINA_API__ADRESS"),
+            ("PATINA_API__ADDR", "not an address", "PATINA_API__ADDR"),
+            (
+                "PATINA_API__CONCURRENCY_LIMIT",
+                "0",
+                "api.concurrency_limit",
+            ),
+            ("PATINA_API", "1", "PATINA_API"),
+        ] {
+            let e = Config::load_with_env(None, env(&[(name, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{name}: {e}");
+        }
+    }
 
     #[test]
     fn empty_file_gives_defaults() {
