@@ -517,6 +517,51 @@ async fn idle_and_half_sent_connections_are_closed_and_connections_are_capped() 
     agent.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_cut_off_by_its_deadline_never_looks_complete() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&config(&dir)).await.unwrap();
+    // Tens of megabytes of rows to a client that reads nothing until the deadline passed.
+    let body = serde_json::to_vec(&json!(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c LIMIT 3000000) \
+         SELECT x, 'padding padding padding padding' FROM c"
+    ))
+    .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(agent.api_addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/queries?timeout=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .expect("the server closed the connection")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert!(!text.contains("\"eoq\""), "an eoq after rows were dropped");
+    // Either the stream says why it stopped, or it is visibly cut (no final chunk).
+    let says_why = text.contains("\"error\"");
+    let complete = answer.ends_with(b"0\r\n\r\n");
+    assert!(
+        says_why || !complete,
+        "the answer ended like a complete one without an error ({} bytes)",
+        answer.len()
+    );
+    agent.shutdown().await;
+}
+
 #[tokio::test]
 async fn health_thresholds_answer_503() {
     let dir = tempfile::tempdir().unwrap();
