@@ -57,7 +57,8 @@ enum Command {
         sql: String,
     },
     /// Subscribe to a query: prints its rows, then every change as it happens (NDJSON, one
-    /// event per line), until interrupted.
+    /// event per line), until interrupted; re-attaches from the last change after a cut-off
+    /// or a restart of the node, and fails only when it cannot.
     Subscribe {
         #[command(flatten)]
         api: ApiArgs,
@@ -412,6 +413,96 @@ fn api_call(
     Err(format!("{status}: {message}").into())
 }
 
+/// How long `patina subscribe` keeps trying to re-attach before it gives up.
+const RESUME_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Prints a subscription's lines as they come. When the stream ends or is cut off (the node
+/// restarted, the subscriber was too slow), re-attaches by id from the last change id seen,
+/// with a growing pause, for up to [`RESUME_FOR`]; fails only when it cannot resume (the
+/// subscription or its history is gone, or the node stays away).
+async fn follow_subscription(
+    target: &Target,
+    token: Option<&str>,
+    first: (Method, String, Vec<u8>),
+    from: Option<u64>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let mut request = first;
+    let mut id: Option<String> = None;
+    let mut last = from;
+    let mut failing_since: Option<std::time::Instant> = None;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let (method, path, body) = request.clone();
+        match client::request_stream_with_headers(target, method, &path, token, body).await {
+            Ok((status, headers, mut stream)) if status.is_success() => {
+                failing_since = None;
+                pause = std::time::Duration::from_millis(100);
+                if let Some(header) = headers.get("corro-query-id").and_then(|v| v.to_str().ok()) {
+                    if id.is_none() {
+                        eprintln!("subscription {header}");
+                    }
+                    id = Some(header.to_owned());
+                }
+                let mut pending = Vec::new();
+                let mut gone = None;
+                while let Some(chunk) = stream.recv().await {
+                    pending.extend_from_slice(&chunk);
+                    while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=end).collect();
+                        match serde_json::from_slice::<QueryEvent>(&line) {
+                            Ok(QueryEvent::EndOfQuery { change_id, .. }) => {
+                                last = change_id.or(last);
+                            }
+                            Ok(QueryEvent::Change(_, _, _, change_id)) => last = Some(change_id),
+                            // A slow subscriber is told where to resume; anything else ends it.
+                            Ok(QueryEvent::Error(e)) if !e.contains("resume with from=") => {
+                                gone = Some(e);
+                            }
+                            _ => {}
+                        }
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(&line)?;
+                        out.flush()?;
+                    }
+                }
+                if let Some(e) = gone {
+                    return Err(format!("the subscription ended: {e}").into());
+                }
+            }
+            Ok((status, _, mut stream)) => {
+                let mut text = Vec::new();
+                while let Some(chunk) = stream.recv().await {
+                    text.extend_from_slice(&chunk);
+                }
+                let message = format!("{status}: {}", String::from_utf8_lossy(&text).trim());
+                // A node that is up and refuses (unknown id, bad SQL) will not change its mind.
+                if status.is_client_error() {
+                    return Err(message.into());
+                }
+                eprintln!("{message}");
+            }
+            Err(e) => eprintln!("{e}"),
+        }
+        let Some(sub) = &id else {
+            return Err("the subscription ended before the node named it".into());
+        };
+        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() > RESUME_FOR {
+            return Err(format!("could not re-attach to {sub} for {RESUME_FOR:?}").into());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+        let from = last.unwrap_or(0);
+        eprintln!("re-attaching to {sub} from change {from}");
+        request = (
+            Method::GET,
+            format!("/v1/subscriptions/{sub}?from={from}"),
+            Vec::new(),
+        );
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Agent { config } => {
@@ -504,35 +595,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             };
             let rt = runtime()?;
             let (target, token) = api.resolve(&rt)?;
-            rt.block_on(async {
-                let (status, headers, mut body) = client::request_stream_with_headers(
-                    &target,
-                    method,
-                    &path,
-                    token.as_deref(),
-                    body,
-                )
-                .await?;
-                if !status.is_success() {
-                    let mut text = Vec::new();
-                    while let Some(chunk) = body.recv().await {
-                        text.extend_from_slice(&chunk);
-                    }
-                    return Err(
-                        format!("{status}: {}", String::from_utf8_lossy(&text).trim()).into(),
-                    );
-                }
-                if let Some(id) = headers.get("corro-query-id").and_then(|v| v.to_str().ok()) {
-                    eprintln!("subscription {id}");
-                }
-                use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                while let Some(chunk) = body.recv().await {
-                    out.write_all(&chunk)?;
-                    out.flush()?;
-                }
-                Ok::<(), Box<dyn std::error::Error>>(())
-            })?;
+            rt.block_on(follow_subscription(
+                &target,
+                token.as_deref(),
+                (method, path, body),
+                from,
+            ))?;
         }
         Command::Tls(TlsCommand::Ca(TlsGenerate::Generate { out })) => {
             write_pair(&out, "ca", &crate::tls::generate_ca()?)?;

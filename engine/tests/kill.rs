@@ -2,7 +2,7 @@
 //! restarted on its data folder has every write it acknowledged, and the cluster converges.
 //! A node killed while the others write to it, and restarted on its data folder and addresses
 //! after they declared it down, is back within seconds. And `patina subscribe` prints a
-//! subscription's events as they happen.
+//! subscription's events as they happen, and goes on across a restart of the node.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -249,7 +249,7 @@ async fn a_crashed_node_declared_down_is_back_within_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patina_subscribe_prints_changes_as_they_happen() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start(dir.path(), None);
+    let mut node = start(dir.path(), None);
     assert!(exec(&node, "INSERT INTO kv (k, v) VALUES ('a', '1')").await);
     let mut child = Command::new(patina())
         .args([
@@ -282,6 +282,15 @@ async fn patina_subscribe_prints_changes_as_they_happen() {
     assert_eq!(next()["eoq"]["change_id"], json!(0));
     assert!(exec(&node, "UPDATE kv SET v = '2' WHERE k = 'a'").await);
     assert_eq!(next(), json!({"change": ["update", 1, ["a", "2"], 1]}));
+    // The node crashes and comes back: the command re-attaches from its last change id and
+    // goes on, instead of exiting.
+    node.restart(patina(), &[]);
+    assert!(exec(&node, "UPDATE kv SET v = '3' WHERE k = 'a'").await);
+    assert_eq!(next(), json!({"change": ["update", 1, ["a", "3"], 2]}));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "patina subscribe exited after the node's restart"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
