@@ -506,7 +506,13 @@ async fn queries(
                     if body_tx.send(Ok(bytes)).await.is_err() {
                         return;
                     }
-                    match rx.recv().await {
+                    // The client leaving closes the body: drop `rx` at once, so the query
+                    // stops at its next progress check instead of at its deadline.
+                    let chunk = tokio::select! {
+                        _ = body_tx.closed() => return,
+                        chunk = rx.recv() => chunk,
+                    };
+                    match chunk {
                         Some(QueryChunk::More(b)) => next = Some(b),
                         Some(QueryChunk::Last(b)) => {
                             let _ = body_tx.send(Ok(b)).await;

@@ -216,7 +216,7 @@ impl ApiArgs {
         let config = self
             .config
             .as_deref()
-            .map(|path| Config::load_with_env(Some(path), std::env::vars()))
+            .map(|path| Config::load_with_env(Some(path), crate::config::environment()))
             .transpose()?;
         let token = self.token.clone().or_else(|| {
             config
@@ -291,7 +291,7 @@ impl AdminArgs {
         Ok(Target::Unix(match (&self.admin, &self.config) {
             (Some(path), _) => path.clone(),
             (None, Some(config)) => {
-                Config::load_with_env(Some(config), std::env::vars())?
+                Config::load_with_env(Some(config), crate::config::environment())?
                     .admin
                     .path
             }
@@ -493,20 +493,26 @@ async fn follow_subscription(
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(std::time::Duration::from_secs(5));
-        let from = last.unwrap_or(0);
-        eprintln!("re-attaching to {sub} from change {from}");
-        request = (
-            Method::GET,
-            format!("/v1/subscriptions/{sub}?from={from}"),
-            Vec::new(),
-        );
+        // Cut before the rows were all printed: start over with the rows (a new columns line
+        // says so); after them, go on from the last change printed.
+        let path = match last {
+            Some(from) => {
+                eprintln!("re-attaching to {sub} from change {from}");
+                format!("/v1/subscriptions/{sub}?from={from}")
+            }
+            None => {
+                eprintln!("re-attaching to {sub}: the rows again");
+                format!("/v1/subscriptions/{sub}")
+            }
+        };
+        request = (Method::GET, path, Vec::new());
     }
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Agent { config } => {
-            let config = Config::load_with_env(config.as_deref(), std::env::vars())?;
+            let config = Config::load_with_env(config.as_deref(), crate::config::environment())?;
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
                 .with_env_filter(

@@ -42,16 +42,15 @@ pub enum ConfigError {
 /// Environment variables that override a config key start with this.
 const ENV_PREFIX: &str = "PATINA_";
 
-/// Variables with the prefix that are not config keys.
-const NOT_CONFIG_KEYS: &[&str] = &[
-    "PATINA_CONFIG",
-    "PATINA_TOKEN",
-    "PATINA_BIN",
-    "PATINA_TEST_LOG",
-];
+/// The process's environment as UTF-8 pairs; a variable that is not UTF-8 is none of ours.
+pub fn environment() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
 
 /// Sets the key a `PATINA_<TABLE>__<KEY>` variable names in `table`.
-fn set_key(table: &mut toml::Table, name: &str, raw: &str) -> Result<(), ConfigError> {
+fn set_key(table: &mut toml::Table, name: &str, value: toml::Value) -> Result<(), ConfigError> {
     let bad = |message: String| ConfigError::Parse {
         path: format!("environment variable {name}"),
         message,
@@ -65,10 +64,6 @@ fn set_key(table: &mut toml::Table, name: &str, raw: &str) -> Result<(), ConfigE
             "expected PATINA_<TABLE>__<KEY>, e.g. PATINA_API__ADDR".into()
         ));
     }
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
     let (key, tables) = path.split_last().expect("split gives at least one part");
     let mut at = table;
     for part in tables {
@@ -387,15 +382,45 @@ impl Config {
             path: origin.clone(),
             message: e.to_string(),
         })?;
+        // Only PATINA_<TABLE>__<KEY> names are keys: an orchestrator's PATINA_PORT or a
+        // script's PATINA_CLUSTER_DIR is none of ours.
         let mut overrides: Vec<(String, String)> = env
             .into_iter()
             .filter(|(name, _)| {
-                name.starts_with(ENV_PREFIX) && !NOT_CONFIG_KEYS.contains(&name.as_str())
+                name.strip_prefix(ENV_PREFIX)
+                    .is_some_and(|key| key.contains("__"))
             })
             .collect();
         overrides.sort();
+        // A value is read as TOML (numbers, booleans, arrays) where the key wants that, and kept
+        // as a string otherwise: a token of digits stays a token.
+        let mut typed = Vec::with_capacity(overrides.len());
         for (name, raw) in &overrides {
-            set_key(&mut table, name, raw)?;
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .filter(|v| !v.is_str());
+            set_key(
+                &mut table,
+                name,
+                value.clone().unwrap_or_else(|| raw.clone().into()),
+            )?;
+            typed.push(value);
+        }
+        let fits = |table: &toml::Table| {
+            toml::Value::Table(table.clone())
+                .try_into::<Config>()
+                .is_ok()
+        };
+        if !fits(&table) {
+            for ((name, raw), value) in overrides.iter().zip(&typed) {
+                if value.is_some() {
+                    set_key(&mut table, name, raw.clone().into())?;
+                    if !fits(&table) {
+                        set_key(&mut table, name, value.clone().expect("checked"))?;
+                    }
+                }
+            }
         }
         let origin = if overrides.is_empty() {
             origin
@@ -666,7 +691,10 @@ mod tests {
                     "[\"127.0.0.1:1\", \"127.0.0.1:2\"]",
                 ),
                 ("PATINA_SUBSCRIPTIONS__ROWS_MAX", "5"),
+                ("PATINA_DB__PATH", "/data/state.db"),
                 ("PATINA_TOKEN", "not a key"),
+                ("PATINA_PORT", "tcp://10.0.0.1:8080"),
+                ("PATINA_CLUSTER_DIR", "/tmp/x"),
                 ("HOME", "/root"),
             ]),
         )
@@ -674,6 +702,14 @@ mod tests {
         assert_eq!(c.api.addr, SocketAddr::from(([127, 0, 0, 1], 9100)));
         assert_eq!(c.api.concurrency_limit, 7, "the file's other keys stay");
         assert_eq!(c.api.authz.bearer_token.as_deref(), Some("s3cret"));
+        assert_eq!(c.db.path, PathBuf::from("/data/state.db"));
+        // A value that reads as a number stays a string where the key wants one.
+        let digits = Config::load_with_env(
+            None,
+            env(&[("PATINA_API__AUTHZ__BEARER_TOKEN", "12345678")]),
+        )
+        .unwrap();
+        assert_eq!(digits.api.authz.bearer_token.as_deref(), Some("12345678"));
         assert_eq!(c.gossip.bootstrap.len(), 2);
         assert_eq!(c.subscriptions.rows_max, 5);
         // No file: the defaults, overridden.
@@ -688,7 +724,7 @@ mod tests {
                 "0",
                 "api.concurrency_limit",
             ),
-            ("PATINA_API", "1", "PATINA_API"),
+            ("PATINA_API__", "1", "PATINA_API__"),
         ] {
             let e = Config::load_with_env(None, env(&[(name, value)]))
                 .unwrap_err()
