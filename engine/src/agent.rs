@@ -16,7 +16,7 @@ use crate::api;
 use crate::config::Config;
 use crate::config::GossipConfig;
 use crate::gossip::{remembered_members, GossipSnapshot, GossipTask};
-use crate::http::serve::{serve, ServeLimits, ServeStats};
+use crate::http::serve::{serve, ServeLimits};
 use crate::membership::{Actor, Membership};
 use crate::metrics::StoreMetrics;
 use crate::store::{
@@ -576,13 +576,7 @@ impl Agent {
             connections_max: config.api.connections_max,
             idle_timeout: Duration::from_millis(config.api.idle_timeout_ms),
         };
-        let api_task = tokio::spawn(serve(
-            listener,
-            router,
-            api_limits,
-            Arc::new(ServeStats::default()),
-            shutdown_rx.clone(),
-        ));
+        let api_task = tokio::spawn(serve(listener, router, api_limits, shutdown_rx.clone()));
 
         let mut tasks = vec![api_task, gossip_join];
         let metrics_addr = match config.telemetry.prometheus_addr {
@@ -618,13 +612,7 @@ impl Agent {
             admin_path.display()
         )))?;
         let admin_router = api::admin_router(handle, gossip_snapshot.clone());
-        let admin_task = tokio::spawn(serve(
-            admin,
-            admin_router,
-            api_limits,
-            Arc::new(ServeStats::default()),
-            shutdown_rx.clone(),
-        ));
+        let admin_task = tokio::spawn(serve(admin, admin_router, api_limits, shutdown_rx.clone()));
         // Started last: nothing after it can fail and leave the thread running.
         let checkpoints_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let checkpointer = crate::store::spawn_checkpointer(

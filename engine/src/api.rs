@@ -33,7 +33,7 @@ use crate::http::types::{
     SyncStateResponse, TableDigest, TableStatsRequest, TableStatsResponse,
 };
 use crate::store::{Params, Statement, StoreError};
-use crate::subs::{Attached, ChangeEvent, ChangeKind, SubsError, SubsHandle};
+use crate::subs::{Attached, ChangeEvent, SubsError, SubsHandle};
 use patina_core::change::RowChange;
 
 /// What the handlers share.
@@ -641,14 +641,6 @@ fn stream_body(
     Body::from_stream(lines)
 }
 
-fn change_type(kind: ChangeKind) -> ChangeType {
-    match kind {
-        ChangeKind::Insert => ChangeType::Insert,
-        ChangeKind::Update => ChangeType::Update,
-        ChangeKind::Delete => ChangeType::Delete,
-    }
-}
-
 /// `POST /v1/updates/{table}`: one NDJSON line per row of `table` changed by any later commit,
 /// local or remote: `{"notify":["update"|"delete",[pk values]]}`. A consumer too slow to keep
 /// up gets an error line and the stream ends (it can reconnect and re-read the table). The
@@ -782,7 +774,7 @@ async fn unsubscribe(
 
 fn change_line(event: &ChangeEvent) -> Bytes {
     ndjson_line(&QueryEvent::Change(
-        change_type(event.kind),
+        event.kind,
         event.row_id,
         event.values.iter().map(SqlValue::from).collect(),
         event.change_id,
@@ -833,7 +825,7 @@ fn subscription_stream(
     }
     for event in &attached.replay {
         push(&QueryEvent::Change(
-            change_type(event.kind),
+            event.kind,
             event.row_id,
             event.values.iter().map(SqlValue::from).collect(),
             event.change_id,

@@ -32,6 +32,7 @@ use sqlparser::dialect::SQLiteDialect;
 use sqlparser::parser::Parser;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::http::types::ChangeType;
 use crate::store::guard::{Interrupt, Stopped};
 use crate::store::{to_value, SqlValue};
 
@@ -82,41 +83,20 @@ impl From<rusqlite::Error> for SubsError {
     }
 }
 
-/// What kind of change an event reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// A row entered the result.
-    Insert,
-    /// A row of the result changed.
-    Update,
-    /// A row left the result.
-    Delete,
+/// How a change kind is stored in the subscriptions file.
+fn kind_code(kind: ChangeType) -> i64 {
+    match kind {
+        ChangeType::Insert => 0,
+        ChangeType::Update => 1,
+        ChangeType::Delete => 2,
+    }
 }
 
-impl ChangeKind {
-    /// Its name in the API.
-    pub fn name(self) -> &'static str {
-        match self {
-            ChangeKind::Insert => "insert",
-            ChangeKind::Update => "update",
-            ChangeKind::Delete => "delete",
-        }
-    }
-
-    fn code(self) -> i64 {
-        match self {
-            ChangeKind::Insert => 0,
-            ChangeKind::Update => 1,
-            ChangeKind::Delete => 2,
-        }
-    }
-
-    fn from_code(code: i64) -> ChangeKind {
-        match code {
-            0 => ChangeKind::Insert,
-            1 => ChangeKind::Update,
-            _ => ChangeKind::Delete,
-        }
+fn kind_from_code(code: i64) -> ChangeType {
+    match code {
+        0 => ChangeType::Insert,
+        1 => ChangeType::Update,
+        _ => ChangeType::Delete,
     }
 }
 
@@ -124,7 +104,7 @@ impl ChangeKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangeEvent {
     /// Insert, update or delete.
-    pub kind: ChangeKind,
+    pub kind: ChangeType,
     /// The row's id in this subscription.
     pub row_id: u64,
     /// The row's values (the last ones, for a delete).
@@ -693,7 +673,7 @@ impl Matcher {
         &mut self,
         scope: Option<BTreeSet<Vec<u8>>>,
         found: FoundRows,
-    ) -> Vec<(ChangeKind, u64, Vec<Value>, Vec<u8>)> {
+    ) -> Vec<(ChangeType, u64, Vec<Value>, Vec<u8>)> {
         let mut out = Vec::new();
         let mut seen = BTreeSet::new();
         for (identity, values) in found {
@@ -702,7 +682,7 @@ impl Matcher {
                 Some((row_id, old)) => {
                     if *old != values {
                         *old = values.clone();
-                        out.push((ChangeKind::Update, *row_id, values, identity));
+                        out.push((ChangeType::Update, *row_id, values, identity));
                     }
                 }
                 None => {
@@ -710,7 +690,7 @@ impl Matcher {
                     let row_id = self.next_row_id;
                     self.rows.insert(identity.clone(), (row_id, values.clone()));
                     self.index(&identity, true);
-                    out.push((ChangeKind::Insert, row_id, values, identity));
+                    out.push((ChangeType::Insert, row_id, values, identity));
                 }
             }
         }
@@ -726,7 +706,7 @@ impl Matcher {
         for identity in gone {
             if let Some((row_id, values)) = self.rows.remove(&identity) {
                 self.index(&identity, false);
-                out.push((ChangeKind::Delete, row_id, values, identity));
+                out.push((ChangeType::Delete, row_id, values, identity));
             }
         }
         out
@@ -1076,7 +1056,7 @@ impl Manager {
                 while let Some(row) = found.next()? {
                     replay.push(Arc::new(ChangeEvent {
                         change_id: row.get::<_, i64>(0)? as u64,
-                        kind: ChangeKind::from_code(row.get(1)?),
+                        kind: kind_from_code(row.get(1)?),
                         row_id: row.get::<_, i64>(2)? as u64,
                         values: unpack(&row.get::<_, Vec<u8>>(3)?)?,
                     }));
@@ -1158,7 +1138,7 @@ impl Manager {
     fn emit(
         &mut self,
         index: usize,
-        changes: Vec<(ChangeKind, u64, Vec<Value>, Vec<u8>)>,
+        changes: Vec<(ChangeType, u64, Vec<Value>, Vec<u8>)>,
     ) -> Result<(), SubsError> {
         if changes.is_empty() {
             return Ok(());
@@ -1178,7 +1158,7 @@ impl Manager {
         for (kind, row_id, values, identity) in changes {
             matcher.last_change_id += 1;
             let packed = pack(&values);
-            if kind == ChangeKind::Delete {
+            if kind == ChangeType::Delete {
                 delete.execute(params![matcher.id, identity])?;
             } else {
                 upsert.execute(params![matcher.id, identity, row_id as i64, packed])?;
@@ -1186,7 +1166,7 @@ impl Manager {
             record.execute(params![
                 matcher.id,
                 matcher.last_change_id as i64,
-                kind.code(),
+                kind_code(kind),
                 row_id as i64,
                 packed
             ])?;

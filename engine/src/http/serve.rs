@@ -29,19 +29,6 @@ pub struct ServeLimits {
     pub idle_timeout: Duration,
 }
 
-/// Counters of one listener, for metrics and tests.
-#[derive(Debug, Default)]
-pub struct ServeStats {
-    /// Connections accepted and served.
-    pub accepted: AtomicU64,
-    /// Connections closed at once because `connections_max` were open.
-    pub refused: AtomicU64,
-    /// Connections closed for being idle.
-    pub idle_closed: AtomicU64,
-    /// Connections open now.
-    pub open: AtomicUsize,
-}
-
 /// A listener [`serve`] accepts from: TCP (with TCP_NODELAY set) or a unix socket.
 pub trait Listener: Send + 'static {
     /// The accepted socket.
@@ -76,7 +63,6 @@ pub async fn serve<L: Listener>(
     listener: L,
     router: Router,
     limits: ServeLimits,
-    stats: Arc<ServeStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let connections_max = limits.connections_max.min(open_files_allowed() / 2).max(1);
@@ -96,18 +82,13 @@ pub async fn serve<L: Listener>(
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            stats.refused.fetch_add(1, Ordering::Relaxed);
             drop(io);
             continue;
         };
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
         let router = router.clone();
         let shutdown = shutdown.clone();
-        let stats = stats.clone();
         tokio::spawn(async move {
-            stats.open.fetch_add(1, Ordering::Relaxed);
-            serve_connection(io, router, limits.idle_timeout, &stats, shutdown).await;
-            stats.open.fetch_sub(1, Ordering::Relaxed);
+            serve_connection(io, router, limits.idle_timeout, shutdown).await;
             drop(slot);
         });
     }
@@ -155,7 +136,6 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     io: Io,
     router: Router,
     idle_timeout: Duration,
-    stats: &ServeStats,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let activity = Arc::new(Activity {
@@ -215,7 +195,6 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 let idle = activity.in_flight.load(Ordering::Relaxed) == 0
                     && activity.idle_for() >= idle_timeout;
                 if idle && !closing {
-                    stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 } else if idle && activity.idle_for() >= idle_timeout * 2 {
