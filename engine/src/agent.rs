@@ -12,6 +12,7 @@ use patina_core::ids::{DbVersion, SiteId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::addrs::HostPort;
 use crate::api;
 use crate::config::Config;
 use crate::config::GossipConfig;
@@ -45,6 +46,10 @@ pub enum AgentError {
     /// The gossip endpoint could not be set up.
     #[error("gossip transport: {0}")]
     Transport(#[from] TransportError),
+    /// A gossip address could not be used (a bad entry, a name that does not resolve, a
+    /// wildcard bind with nothing to advertise).
+    #[error("{0}")]
+    Address(String),
     /// A socket or folder could not be set up.
     #[error("{what}: {source}")]
     Io {
@@ -543,8 +548,9 @@ impl Agent {
             commits_rx,
             shutdown_rx.clone(),
             gossip_snapshot_tx,
-        )?;
-        let gossip_addr = gossip_task.transport.local_addr();
+        )
+        .await?;
+        let gossip_addr = gossip_task.advertised;
         let faults = gossip_task.transport.faults();
         start_sync_server(
             &gossip_task.transport,
@@ -738,6 +744,9 @@ fn start_sync_server(
     });
 }
 
+/// Longest wait for the system resolver on one name.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Local commits waiting for the gossip task.
 const COMMITS_QUEUE_LEN: usize = 16_384;
 
@@ -753,7 +762,7 @@ fn sibling_file(db_path: &Path, suffix: &str) -> PathBuf {
     db_path.with_file_name(name)
 }
 
-fn start_gossip(
+async fn start_gossip(
     config: &GossipConfig,
     site: SiteId,
     members_file: PathBuf,
@@ -763,11 +772,10 @@ fn start_gossip(
     snapshot: watch::Sender<GossipSnapshot>,
 ) -> Result<GossipTask, AgentError> {
     let tls = match &config.tls {
-        Some(files) => TlsMode::Mutual(NodeTls::from_files(
-            &files.cert_file,
-            &files.key_file,
-            &files.ca_file,
-        )?),
+        Some(files) => TlsMode::Mutual(NodeTls {
+            server_name: files.server_name.clone(),
+            ..NodeTls::from_files(&files.cert_file, &files.key_file, &files.ca_file)?
+        }),
         None => {
             if !config.plaintext {
                 tracing::warn!(
@@ -795,17 +803,45 @@ fn start_gossip(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default();
+    let bootstrap: Vec<HostPort> = config
+        .bootstrap
+        .iter()
+        .map(|entry| HostPort::parse(entry))
+        .collect::<Result<_, _>>()
+        .map_err(AgentError::Address)?;
+    let mut announce_to = crate::addrs::resolve_all(&bootstrap, RESOLVE_TIMEOUT).await;
+    announce_to.extend(remembered_members(&members_file));
+    announce_to.sort();
+    announce_to.dedup();
+    let external = match &config.external_addr {
+        Some(entry) => {
+            let entry = HostPort::parse(entry).map_err(AgentError::Address)?;
+            let found = entry
+                .resolve(RESOLVE_TIMEOUT)
+                .await
+                .map_err(|e| AgentError::Address(format!("gossip.external_addr: {e}")))?;
+            Some(*found.first().ok_or_else(|| {
+                AgentError::Address(format!("gossip.external_addr {entry} has no address"))
+            })?)
+        }
+        None => None,
+    };
+    let advertised = crate::addrs::advertised(transport.local_addr(), external, &announce_to)
+        .map_err(AgentError::Address)?;
+    if advertised != transport.local_addr() {
+        tracing::info!(
+            "gossip bound on {}, advertised as {advertised}",
+            transport.local_addr()
+        );
+    }
+    announce_to.retain(|addr| *addr != advertised && *addr != transport.local_addr());
     let me = Actor {
-        addr: transport.local_addr(),
+        addr: advertised,
         site: site.0,
         bump,
         cluster: config.cluster_id,
     };
     let seed = u64::from_le_bytes(site.0[..8].try_into().expect("8 bytes")) ^ bump;
-    let mut announce_to = config.bootstrap.clone();
-    announce_to.extend(remembered_members(&members_file));
-    announce_to.sort();
-    announce_to.dedup();
     Ok(GossipTask {
         site,
         cluster: config.cluster_id,
@@ -829,6 +865,8 @@ fn start_gossip(
         commits,
         store,
         announce_to,
+        bootstrap,
+        advertised,
         members_file,
         members_file_hash: None,
         tick_ms: config.tick_ms,

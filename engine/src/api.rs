@@ -192,10 +192,14 @@ fn store_status(e: &StoreError) -> StatusCode {
     }
 }
 
-/// Bearer token, then the in-flight limit (health is exempt: it must answer when the node is
-/// busiest). A request holds its slot until its answer has started; a stream then runs on a
-/// slot of `streams_max` instead, so open streams never starve plain requests.
+/// Bearer token, then the in-flight limit. Health is exempt from both: probes of load
+/// balancers and orchestrators carry no token, and it must answer when the node is busiest.
+/// A request holds its slot until its answer has started; a stream then runs on a slot of
+/// `streams_max` instead, so open streams never starve plain requests.
 async fn guard(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    if request.uri().path() == "/v1/health" {
+        return next.run(request).await;
+    }
     if let Some(token) = &state.bearer_token {
         let given = request
             .headers()
@@ -205,9 +209,6 @@ async fn guard(State(state): State<Arc<ApiState>>, request: Request, next: Next)
         if given != Some(token.as_str()) {
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }
-    }
-    if request.uri().path() == "/v1/health" {
-        return next.run(request).await;
     }
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return error(

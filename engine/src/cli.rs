@@ -74,6 +74,15 @@ enum Command {
         #[arg(long)]
         skip_rows: bool,
     },
+    /// Ask a node whether it is healthy (`GET /v1/health`): prints the answer, exits 0 when the
+    /// node answers 200 and non-zero otherwise (for container health checks).
+    Health {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
     /// Make a running node re-read its schema files (additive changes only).
     Reload {
         #[command(flatten)]
@@ -544,6 +553,26 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             )?;
             let out: ExecResponse = serde_json::from_slice(&body)?;
             println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::Health { api, timeout } => {
+            let rt = runtime()?;
+            let (target, token) = api.resolve(&rt)?;
+            let wait = std::time::Duration::from_secs_f64(timeout.clamp(0.001, 3600.0));
+            let answer = rt.block_on(async {
+                let request = client::request(
+                    &target,
+                    Method::GET,
+                    "/v1/health",
+                    token.as_deref(),
+                    Vec::new(),
+                );
+                tokio::time::timeout(wait, request).await
+            });
+            let (status, body) = answer.map_err(|_| format!("no answer within {timeout} s"))??;
+            println!("{}", String::from_utf8_lossy(&body).trim());
+            if !status.is_success() {
+                return Err(format!("not healthy: {status}").into());
+            }
         }
         Command::Query {
             api,

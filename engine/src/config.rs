@@ -144,10 +144,16 @@ pub struct TelemetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GossipConfig {
-    /// Listen address (UDP, QUIC).
+    /// Listen address (UDP, QUIC); `0.0.0.0:port` or `[::]:port` binds every interface.
     pub addr: SocketAddr,
-    /// Nodes to join through (and the members remembered from the last run).
-    pub bootstrap: Vec<SocketAddr>,
+    /// The address peers reach this node at, as `host:port` (a name is resolved once at
+    /// start). Default: `addr`, or for a wildcard `addr` the local address on the route to the
+    /// first bootstrap peer. Needed behind NAT or port mapping.
+    pub external_addr: Option<String>,
+    /// Nodes to join through, as `host:port` (IPs or DNS names; a name with several records
+    /// stands for all of them). Resolved at start and again while no member is known; the
+    /// members remembered from the last run are added.
+    pub bootstrap: Vec<String>,
     /// Nodes of different clusters ignore each other.
     pub cluster_id: u16,
     /// No certificate checks. Needed explicitly unless the address is loopback.
@@ -210,6 +216,7 @@ impl Default for GossipConfig {
     fn default() -> Self {
         GossipConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            external_addr: None,
             bootstrap: Vec::new(),
             cluster_id: 0,
             plaintext: false,
@@ -247,6 +254,10 @@ pub struct GossipTlsConfig {
     pub key_file: PathBuf,
     /// The cluster CA certificate (PEM).
     pub ca_file: PathBuf,
+    /// The DNS name every node's certificate carries, checked instead of the peer's IP: lets
+    /// one node certificate serve every node (a Kubernetes Secret, a Compose volume) where
+    /// addresses are not known in advance. Default: the peer's IP must be in its certificate.
+    pub server_name: Option<String>,
 }
 
 /// `[db]`.
@@ -625,6 +636,31 @@ impl Config {
             1_000,
             3_600_000,
         )?;
+        if let Some(external) = &self.gossip.external_addr {
+            crate::addrs::HostPort::parse(external).map_err(|message| ConfigError::Invalid {
+                key: "gossip.external_addr",
+                message,
+            })?;
+        }
+        for entry in &self.gossip.bootstrap {
+            crate::addrs::HostPort::parse(entry).map_err(|message| ConfigError::Invalid {
+                key: "gossip.bootstrap",
+                message,
+            })?;
+        }
+        if let Some(name) = self
+            .gossip
+            .tls
+            .as_ref()
+            .and_then(|t| t.server_name.as_ref())
+        {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "gossip.tls.server_name",
+                    message: format!("{name:?} is not a DNS name"),
+                });
+            }
+        }
         if self.gossip.plaintext && self.gossip.tls.is_some() {
             return Err(ConfigError::Invalid {
                 key: "gossip.plaintext",
@@ -780,6 +816,28 @@ mod tests {
             "test"
         )
         .is_ok());
+        for (key, bad) in [
+            ("bootstrap", "[\"node1\"]"),
+            ("bootstrap", "[\"node 1:8787\"]"),
+            ("external_addr", "\"10.0.0.1\""),
+        ] {
+            let e = Config::parse(&format!("[gossip]\n{key} = {bad}\n"), "test")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("gossip.{key}")), "{e}");
+        }
+        let c = Config::parse(
+            "[gossip]\naddr = \"0.0.0.0:8787\"\nexternal_addr = \"node1:8787\"\n\
+             bootstrap = [\"node1:8787\", \"[fd00::2]:8787\", \"10.0.0.3:8787\"]\n\
+             [gossip.tls]\ncert_file = \"a\"\nkey_file = \"b\"\nca_file = \"c\"\nserver_name = \"patina\"\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(c.gossip.bootstrap.len(), 3);
+        assert_eq!(
+            c.gossip.tls.and_then(|t| t.server_name).as_deref(),
+            Some("patina")
+        );
         for (key, bad) in [
             ("swim_probe_period_ms", "50"),
             ("connections_max", "2"),

@@ -113,6 +113,11 @@ pub struct GossipTask {
     /// Addresses to announce to at start, and again while no member is known (bootstrap plus
     /// remembered members).
     pub announce_to: Vec<SocketAddr>,
+    /// The configured bootstrap entries; names among them are resolved again while no member
+    /// is known (a Kubernetes pod's name has no record until it runs).
+    pub bootstrap: Vec<crate::addrs::HostPort>,
+    /// The address peers reach this node at (this node's identity in membership).
+    pub advertised: SocketAddr,
     /// Where live members are remembered across restarts.
     pub members_file: PathBuf,
     /// Hash of what the members file holds, once this task wrote it.
@@ -140,6 +145,9 @@ const REJOIN_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between two announces while no member is known.
 const REJOIN_MAX: Duration = Duration::from_secs(30);
 
+/// Longest wait for the system resolver when bootstrap names are looked up again.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Most inbox messages handled in one turn, so local commits and timers are never starved.
 const INBOX_BATCH_MAX: usize = 512;
 
@@ -148,8 +156,10 @@ impl GossipTask {
     pub async fn run(mut self) {
         let start = Instant::now();
         let now_ms = |at: Instant| Millis(at.duration_since(start).as_millis() as u64);
-        self.announce_to
-            .retain(|addr| *addr != self.transport.local_addr());
+        let own = [self.transport.local_addr(), self.advertised];
+        self.announce_to.retain(|addr| !own.contains(addr));
+        let (resolved_tx, mut resolved) = mpsc::channel::<Vec<SocketAddr>>(1);
+        let mut resolving = false;
         for addr in &self.announce_to {
             self.membership.announce(*addr, self.cluster);
         }
@@ -211,6 +221,18 @@ impl GossipTask {
                 _ = tokio::time::sleep_until(timer_due.into()) => {
                     self.membership.handle_timers(Instant::now());
                 }
+                Some(addrs) = resolved.recv() => {
+                    resolving = false;
+                    for addr in addrs {
+                        if !own.contains(&addr) && !self.announce_to.contains(&addr) {
+                            tracing::info!("bootstrap: a name now resolves to {addr}");
+                            self.announce_to.push(addr);
+                            if self.membership.members().is_empty() {
+                                self.membership.announce(addr, self.cluster);
+                            }
+                        }
+                    }
+                }
                 result = sync_results.recv() => {
                     let ok = matches!(result, Some(Ok(_)));
                     match result {
@@ -258,10 +280,18 @@ impl GossipTask {
                     if !self.membership.members().is_empty() {
                         rejoin_wait = REJOIN_FIRST;
                         rejoin_at = now + rejoin_wait;
-                    } else if now >= rejoin_at && !self.announce_to.is_empty() {
+                    } else if now >= rejoin_at && !(self.announce_to.is_empty() && self.bootstrap.is_empty()) {
                         tracing::debug!("no member known: announcing again to {} addresses", self.announce_to.len());
                         for addr in &self.announce_to {
                             self.membership.announce(*addr, self.cluster);
+                        }
+                        if !resolving && self.bootstrap.iter().any(|entry| entry.literal().is_none()) {
+                            resolving = true;
+                            let (entries, done) = (self.bootstrap.clone(), resolved_tx.clone());
+                            tokio::spawn(async move {
+                                let addrs = crate::addrs::resolve_all(&entries, RESOLVE_TIMEOUT).await;
+                                let _ = done.send(addrs).await;
+                            });
                         }
                         rejoin_wait = (rejoin_wait * 2).min(REJOIN_MAX);
                         rejoin_at = now + rejoin_wait;

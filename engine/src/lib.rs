@@ -4,6 +4,7 @@
 //! - [`store`]: the CRDT store over SQLite, the only code that opens a database. Local
 //!   transactions with change capture, remote changeset apply through core's merge rule,
 //!   changeset extraction, read-only queries, schema files.
+//! - [`addrs`]: `host:port` entries (IPs or DNS names), resolution, the advertised address.
 //! - [`config`]: the agent's TOML configuration, with built-in defaults.
 //! - [`agent`]: the running node: the store thread, the reader pool, the API and admin servers.
 //! - [`api`]: the HTTP API (Corrosion-compatible v1) and the admin routes.
@@ -19,6 +20,7 @@
 //! The protocol itself (merge rule, changesets, version bookkeeping, wire format) lives in
 //! `patina-core`; this crate only does I/O around it.
 
+pub mod addrs;
 pub mod agent;
 pub mod api;
 pub mod cli;

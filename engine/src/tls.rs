@@ -128,6 +128,8 @@ pub struct NodeTls {
     pub key: Vec<u8>,
     /// The cluster CA.
     pub ca: CertificateDer<'static>,
+    /// The name checked in a peer's certificate instead of its IP (`[gossip.tls] server_name`).
+    pub server_name: Option<String>,
 }
 
 impl NodeTls {
@@ -155,6 +157,7 @@ impl NodeTls {
             chain,
             key: key.secret_der().to_vec(),
             ca,
+            server_name: None,
         })
     }
 

@@ -153,6 +153,8 @@ struct PeerQueue {
 struct Shared {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
+    /// The name a peer's certificate must carry; its IP when `None`.
+    server_name: Option<String>,
     config: TransportConfig,
     connections: Mutex<HashMap<SocketAddr, Pooled>>,
     queues: Mutex<HashMap<SocketAddr, Arc<PeerQueue>>>,
@@ -306,6 +308,10 @@ impl Transport {
         config: TransportConfig,
         inbox: mpsc::Sender<Received>,
     ) -> Result<Transport, TransportError> {
+        let server_name = match tls {
+            TlsMode::Mutual(node) => node.server_name.clone(),
+            TlsMode::Plaintext => None,
+        };
         let (server_tls, client_tls) = match tls {
             TlsMode::Mutual(node) => (node.server_config()?, node.client_config()?),
             TlsMode::Plaintext => insecure_configs()?,
@@ -349,6 +355,7 @@ impl Transport {
         let shared = Arc::new(Shared {
             endpoint,
             client,
+            server_name,
             config,
             connections: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
@@ -474,6 +481,11 @@ pub const SOCKET_RECV_BUFFER_BYTES: usize = 4 << 20;
 fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // `[::]` serves IPv4 peers too (as mapped addresses, made canonical on receipt),
+        // whatever the host's bindv6only default.
+        socket.set_only_v6(false)?;
+    }
     if let Err(e) = socket.set_recv_buffer_size(SOCKET_RECV_BUFFER_BYTES) {
         tracing::debug!("cannot enlarge the UDP receive buffer: {e}");
     }
@@ -487,7 +499,7 @@ async fn accept_loop(shared: Arc<Shared>) {
         tokio::spawn(async move {
             match incoming.await {
                 Ok(conn) => {
-                    let peer = conn.remote_address();
+                    let peer = crate::addrs::canonical(conn.remote_address());
                     shared
                         .stats
                         .connections_accepted
@@ -513,7 +525,7 @@ async fn accept_loop(shared: Arc<Shared>) {
 }
 
 async fn receive_loop(shared: Arc<Shared>, conn: quinn::Connection) {
-    let from = conn.remote_address();
+    let from = crate::addrs::canonical(conn.remote_address());
     loop {
         tokio::select! {
             stream = conn.accept_uni() => {
@@ -659,7 +671,14 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr) -> Option<quinn::Conne
     }
     let connecting = shared
         .endpoint
-        .connect_with(shared.client.clone(), to, &to.ip().to_string())
+        .connect_with(
+            shared.client.clone(),
+            to,
+            shared
+                .server_name
+                .as_deref()
+                .unwrap_or(&to.ip().to_string()),
+        )
         .ok()?;
     match tokio::time::timeout(Duration::from_secs(5), connecting).await {
         Ok(Ok(conn)) => {

@@ -12,6 +12,7 @@ use patina::http::types::{parse_ndjson, ApiStatement, QueryEvent};
 use patina::tls::{generate_signed, CertUse, PemPair};
 use serde_json::Value as Json;
 
+pub mod netns;
 pub mod procs;
 
 /// The schema of the cluster tests.
@@ -35,7 +36,7 @@ pub fn node_config_with(dir: &Path, bootstrap: &[SocketAddr], schema: &str) -> C
     config.api.addr = "127.0.0.1:0".parse().unwrap();
     config.admin.path = dir.join("admin.sock");
     config.gossip.addr = "127.0.0.1:0".parse().unwrap();
-    config.gossip.bootstrap = bootstrap.to_vec();
+    config.gossip.bootstrap = bootstrap.iter().map(|a| a.to_string()).collect();
     config.telemetry.prometheus_addr = Some("127.0.0.1:0".parse().unwrap());
     config
 }
@@ -50,6 +51,7 @@ pub fn with_tls(mut config: Config, dir: &Path, ca: &PemPair) -> Config {
         cert_file: dir.join("node.pem"),
         key_file: dir.join("node.key"),
         ca_file: dir.join("ca.pem"),
+        server_name: None,
     });
     config
 }

@@ -101,6 +101,12 @@ impl AgentProcess {
 
     /// Starts the agent on an existing config file.
     pub fn start_with_config(binary: &Path, dir: &Path, config: &Path) -> AgentProcess {
+        AgentProcess::start_command(Command::new(binary), dir, config)
+    }
+
+    /// Starts `command agent -c config`, where `command` runs the agent binary (possibly
+    /// through a wrapper that execs it, such as `ip netns exec`).
+    pub fn start_command(mut command: Command, dir: &Path, config: &Path) -> AgentProcess {
         // The agent's log goes to `dir/agent.log` (appended across restarts), at the level of
         // PATINA_TEST_LOG (default warn).
         let log = std::fs::OpenOptions::new()
@@ -109,14 +115,15 @@ impl AgentProcess {
             .open(dir.join("agent.log"))
             .expect("opening the agent's log file");
         let level = std::env::var("PATINA_TEST_LOG").unwrap_or_else(|_| "warn".into());
-        let mut child = Command::new(binary)
+        let program = command.get_program().to_string_lossy().into_owned();
+        let mut child = command
             .args(["agent", "-c"])
             .arg(config)
             .env("RUST_LOG", level)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
         // "patina agent: API on http://A, gossip on G, site S"
         let mut line = String::new();
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));

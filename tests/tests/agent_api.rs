@@ -311,6 +311,9 @@ async fn bearer_token_is_required_when_configured() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+    // Health answers without the token: load balancers and orchestrator probes have none.
+    let (status, _) = call_raw(&agent, Method::GET, "/v1/health", None, Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
     agent.shutdown().await;
 }
 

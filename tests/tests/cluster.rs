@@ -496,3 +496,28 @@ async fn a_node_started_before_its_bootstrap_node_joins_when_it_comes_up() {
     early.shutdown().await;
     late.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_bound_to_every_interface_joins_by_name_and_advertises_its_route() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Agent::start(&node_config(a_dir.path(), &[])).await.unwrap();
+    // b binds the wildcard and knows a only by a name.
+    let mut b_config = node_config(b_dir.path(), &[]);
+    b_config.gossip.addr = "0.0.0.0:0".parse().unwrap();
+    b_config.gossip.plaintext = true;
+    b_config.gossip.bootstrap = vec![format!("localhost:{}", a.gossip_addr().port())];
+    let b = Agent::start(&b_config).await.unwrap();
+    // b advertises the address on its route to a, not the wildcard.
+    assert_eq!(b.gossip_addr().ip().to_string(), "127.0.0.1");
+    assert_ne!(b.gossip_addr().port(), 0);
+    wait_members(&[&a, &b], 2).await;
+    let b_seen_by_a: Vec<std::net::SocketAddr> = a.gossip().members.values().copied().collect();
+    assert_eq!(b_seen_by_a, vec![b.gossip_addr()]);
+    exec(&b, "INSERT INTO kv (k, v) VALUES ('from-b', 'x')").await;
+    wait_for("b's write on a", || async {
+        rows(&a, "SELECT k FROM kv").await == vec![json!(["from-b"])]
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -302,3 +302,44 @@ async fn the_pool_keeps_at_most_connections_max() {
     );
     assert_eq!(recv(rx).await.unwrap().bytes.as_ref(), b"again");
 }
+
+#[tokio::test]
+async fn one_certificate_for_a_name_serves_every_node_with_server_name() {
+    // Where addresses are not known in advance (pods, containers), every node presents one
+    // certificate for the name "patina"; peers check that name instead of the peer's IP.
+    let ca = generate_ca().unwrap();
+    let shared = generate_signed(&ca.key_pem, &["patina".to_string()], CertUse::Node).unwrap();
+    let tls = |server_name: Option<&str>| {
+        let mut node = NodeTls::from_pem(&shared.cert_pem, &shared.key_pem, &ca.cert_pem).unwrap();
+        node.server_name = server_name.map(str::to_owned);
+        TlsMode::Mutual(node)
+    };
+    let (a, _a_rx) = bind(tls(Some("patina")));
+    let (b, mut b_rx) = bind(tls(Some("patina")));
+    a.send(
+        b.local_addr(),
+        Channel::Stream,
+        Bytes::from_static(b"by name"),
+    );
+    assert_eq!(
+        recv(&mut b_rx).await.expect("b got nothing").bytes.as_ref(),
+        b"by name"
+    );
+    // Checked against the IP, the same certificate is refused: the name is what lets it in.
+    let (c, _c_rx) = bind(tls(None));
+    c.send(
+        b.local_addr(),
+        Channel::Stream,
+        Bytes::from_static(b"by ip"),
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), b_rx.recv())
+            .await
+            .is_err(),
+        "a certificate without the peer's IP was accepted"
+    );
+    assert!(c.stats().handshake_failures.load(Ordering::Relaxed) >= 1);
+    for t in [a, b, c] {
+        t.close().await;
+    }
+}
