@@ -7,11 +7,17 @@
 //! plus optional loss); drives writes at a set rate on random nodes; and records when each node
 //! applied each write. `sim` runs the same scenario on the deterministic simulator.
 //!
-//! Both produce a [`Report`]: time to all nodes per write, per-node delivery, coverage, sends
+//! `remote` measures nodes that run elsewhere through their HTTP APIs only ([`remote`]), and
+//! `procs` starts real `patina agent` processes on this machine and measures them the same
+//! way ([`procs`]).
+//!
+//! All produce a [`Report`]: time to all nodes per write, per-node delivery, coverage, sends
 //! and bytes per change per node, and (live) CPU and memory per node; printed as a table,
 //! written as JSON, and plotted as a latency CDF (PNG).
 
 pub mod png;
+pub mod procs;
+pub mod remote;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -142,6 +148,8 @@ pub struct Report {
     pub idle_swim_slowdown: Option<f64>,
     /// Wall time of the run (s).
     pub wall_s: f64,
+    /// The options of the run (seed, rate, nodes, writes, latency model...), as given.
+    pub options: Json,
 }
 
 impl Report {
@@ -186,10 +194,13 @@ impl Report {
             "  coverage            {reached}/{} writes reached every node ({mean_coverage:.2}% of deliveries)\n",
             self.coverage.len()
         ));
-        out.push_str(&format!(
-            "  per change per node {:.2} sends, {:.0} bytes\n",
-            self.sends_per_change_per_node, self.bytes_per_change_per_node
-        ));
+        // Messages and bytes are counted inside the agents: not by remote runs.
+        if self.mode == "live" || self.mode == "sim" {
+            out.push_str(&format!(
+                "  per change per node {:.2} sends, {:.0} bytes\n",
+                self.sends_per_change_per_node, self.bytes_per_change_per_node
+            ));
+        }
         if let Some(broadcast) = self.broadcast_sends_per_change_per_node {
             out.push_str(&format!(
                 "  of which broadcast  {broadcast:.2} sends per change per node\n"
@@ -236,6 +247,9 @@ impl Report {
             ));
         }
         out.push_str(&format!("  wall time           {:.1} s\n", self.wall_s));
+        if !self.options.is_null() {
+            out.push_str(&format!("  options             {}\n", self.options));
+        }
         out
     }
 
@@ -271,6 +285,7 @@ impl Report {
             "swim_probe_ms": self.swim_probe_ms,
             "idle_swim_slowdown": self.idle_swim_slowdown,
             "wall_s": self.wall_s,
+            "options": self.options,
         })
     }
 
@@ -375,8 +390,8 @@ fn broadcast_sent(gossip: &patina::gossip::GossipSnapshot) -> u64 {
     b.gossip_sent + b.ihave_sent + b.grafts_sent + b.prunes_sent
 }
 
-fn bar(options: &Options, len: usize, what: &str) -> indicatif::ProgressBar {
-    if !options.progress {
+pub(crate) fn bar(progress: bool, len: usize, what: &str) -> indicatif::ProgressBar {
+    if !progress {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len as u64);
@@ -400,7 +415,7 @@ pub async fn run_live(options: &Options) -> Report {
     };
     // Start the nodes, each joining through the first and one other random node.
     let mut agents: Vec<Agent> = Vec::with_capacity(options.nodes);
-    let starting = bar(options, options.nodes, "starting");
+    let starting = bar(options.progress, options.nodes, "starting");
     let mut rng = patina_sim::Rng::new(options.seed);
     for i in 0..options.nodes {
         let dir = root.path().join(format!("n{i}"));
@@ -450,7 +465,7 @@ pub async fn run_live(options: &Options) -> Report {
         );
     }
     let last_started = Instant::now();
-    let settling = bar(options, options.nodes, "membership");
+    let settling = bar(options.progress, options.nodes, "membership");
     let deadline = Instant::now() + Duration::from_secs(60 + options.nodes as u64 / 4);
     let mut settled = 0;
     let mut formation_s = None;
@@ -558,7 +573,7 @@ pub async fn run_live(options: &Options) -> Report {
     let write_phase = Instant::now();
 
     // Writes at the set rate on random nodes.
-    let writing = bar(options, options.writes, "writing");
+    let writing = bar(options.progress, options.writes, "writing");
     let interval = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
     let mut writes: Vec<(ChangesetId, Instant)> = Vec::with_capacity(options.writes);
     for w in 0..options.writes {
@@ -598,7 +613,7 @@ pub async fn run_live(options: &Options) -> Report {
     }
     writing.finish_and_clear();
     // Wait for every write to reach every node, or give up after `settle`.
-    let spreading = bar(options, options.writes * n, "spreading");
+    let spreading = bar(options.progress, options.writes * n, "spreading");
     let deadline = Instant::now() + options.settle;
     loop {
         let reached: usize = {
@@ -661,7 +676,7 @@ pub async fn run_live(options: &Options) -> Report {
     report.broadcast_sends_per_change_per_node =
         Some(broadcast_after.saturating_sub(broadcast_before) as f64 / per);
     // All at once: each shutdown waits up to a second for its endpoint to drain.
-    let stopping = bar(options, n, "stopping");
+    let stopping = bar(options.progress, n, "stopping");
     let mut shutdowns = tokio::task::JoinSet::new();
     for agent in agents {
         shutdowns.spawn(agent.shutdown());

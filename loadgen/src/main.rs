@@ -3,13 +3,17 @@
 //! ```text
 //! cargo run --release -p loadgen -- live --nodes 100 --writes 100 --rate 10 --latency wan
 //! cargo run --release -p loadgen -- sim --nodes 10000 --writes 100 --latency uniform:100
+//! cargo build --release -p patina -p loadgen && target/release/loadgen procs --nodes 50
+//! target/release/loadgen remote --apis 10.0.0.1:8080,10.0.0.2:8080 --writes 100 --rate 5
 //! ```
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use loadgen::{run_live, run_sim, Latency, Options};
+use loadgen::procs::{run_procs, sibling_binary, ProcsOptions};
+use loadgen::remote::{run_remote, wait_formation, RemoteOptions};
+use loadgen::{run_live, run_sim, Latency, Options, Report};
 
 /// Hundreds of agents share this process, each with its own store thread: glibc's allocator
 /// serves them from a few shared arenas whose locks they contend for, and it returns and
@@ -35,6 +39,205 @@ enum Mode {
     Live(Common),
     /// The same scenario on the deterministic simulator.
     Sim(Common),
+    /// Nodes that run elsewhere, through their HTTP APIs only: streams `/v1/updates/<table>`
+    /// from every node, writes on random nodes, times each write on this clock.
+    Remote(RemoteArgs),
+    /// N real `patina agent` processes on this machine (configs, ports and certificates made
+    /// here, removed after, also when interrupted), measured as `remote` does.
+    Procs(ProcsArgs),
+}
+
+/// What `remote` and `procs` share.
+#[derive(Args)]
+struct Measure {
+    /// Writes to make, each on a random node.
+    #[arg(long, default_value_t = 100)]
+    writes: usize,
+    /// Writes per second.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Seed of the writers' choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Seconds to wait for the last write to spread.
+    #[arg(long, default_value_t = 30)]
+    settle_s: u64,
+    /// The table to write (a text primary key `id`; see `loadgen::remote::SCHEMA`).
+    #[arg(long, default_value = loadgen::remote::TABLE)]
+    table: String,
+    /// Bearer token of the APIs.
+    #[arg(long, env = "PATINA_API__AUTHZ__BEARER_TOKEN")]
+    token: Option<String>,
+    /// Longest wait for every node to count every node before the writes (s).
+    #[arg(long, default_value_t = 120)]
+    formation_timeout_s: u64,
+    /// Where to write the raw figures.
+    #[arg(long, default_value = "loadgen-report.json")]
+    json: PathBuf,
+    /// Where to write the latency CDF plot.
+    #[arg(long, default_value = "loadgen-cdf.png")]
+    png: PathBuf,
+}
+
+impl Measure {
+    fn options(&self) -> Result<RemoteOptions, String> {
+        if self.rate <= 0.0 || self.writes == 0 {
+            return Err("--rate and --writes must be positive".into());
+        }
+        Ok(RemoteOptions {
+            writes: self.writes,
+            rate: self.rate,
+            seed: self.seed,
+            settle: Duration::from_secs(self.settle_s),
+            table: self.table.clone(),
+            token: self.token.clone(),
+            formation_timeout: Duration::from_secs(self.formation_timeout_s),
+            progress: true,
+        })
+    }
+}
+
+#[derive(Args)]
+struct RemoteArgs {
+    /// The nodes' API addresses (host:port), comma-separated, or a file with one per line
+    /// (`#` starts a comment).
+    #[arg(long)]
+    apis: String,
+    /// What the network between the nodes is, for the report (loadgen does not change it).
+    #[arg(long, default_value = "as deployed")]
+    latency: String,
+    #[command(flatten)]
+    measure: Measure,
+}
+
+#[derive(Args)]
+struct ProcsArgs {
+    /// Agent processes to start.
+    #[arg(long, default_value_t = 20)]
+    nodes: usize,
+    /// The patina binary [default: the one next to loadgen].
+    #[arg(long)]
+    patina: Option<PathBuf>,
+    /// SWIM probe period of every agent (ms); default: 10 ms per node, at least 1 s.
+    #[arg(long)]
+    swim_probe_ms: Option<u64>,
+    /// Seconds between formation and the idle measurement and writes.
+    #[arg(long, default_value_t = 5)]
+    warmup_s: u64,
+    #[command(flatten)]
+    measure: Measure,
+}
+
+/// `host:port` entries from a comma-separated list or a file, resolved.
+fn api_list(apis: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+    let text = if std::path::Path::new(apis).is_file() {
+        std::fs::read_to_string(apis).map_err(|e| format!("{apis}: {e}"))?
+    } else {
+        apis.replace(',', "\n")
+    };
+    let mut out = Vec::new();
+    for entry in text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+    {
+        if entry.is_empty() {
+            continue;
+        }
+        let mut found =
+            std::net::ToSocketAddrs::to_socket_addrs(entry).map_err(|e| format!("{entry}: {e}"))?;
+        out.push(found.next().ok_or_else(|| format!("{entry}: no address"))?);
+    }
+    if out.len() < 2 {
+        return Err("--apis needs at least two nodes".into());
+    }
+    Ok(out)
+}
+
+fn write_outputs(report: &Report, json: &std::path::Path, png: &std::path::Path) {
+    print!("{}", report.table());
+    let bytes = serde_json::to_vec_pretty(&report.to_json()).expect("JSON");
+    if let Err(e) = std::fs::write(json, bytes) {
+        eprintln!("loadgen: writing {}: {e}", json.display());
+    }
+    if let Err(e) = std::fs::write(png, report.cdf_png()) {
+        eprintln!("loadgen: writing {}: {e}", png.display());
+    }
+    println!(
+        "raw figures: {}; CDF plot: {}",
+        json.display(),
+        png.display()
+    );
+}
+
+fn fail(message: String) -> ! {
+    eprintln!("loadgen: {message}");
+    std::process::exit(2);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+fn run_against_nodes(mode: &Mode) {
+    match mode {
+        Mode::Remote(args) => {
+            let apis = api_list(&args.apis).unwrap_or_else(|e| fail(e));
+            let options = args.measure.options().unwrap_or_else(|e| fail(e));
+            let mut report = runtime().block_on(async {
+                let (settled, _) = wait_formation(
+                    &apis,
+                    options.token.as_deref(),
+                    options.formation_timeout,
+                    true,
+                )
+                .await;
+                let mut report = run_remote(&apis, &options, "remote").await;
+                report.settled_nodes = Some(settled);
+                report
+            });
+            report.options = serde_json::json!({
+                "mode": "remote", "nodes": apis.len(), "writes": options.writes,
+                "rate": options.rate, "seed": options.seed, "latency": args.latency,
+                "table": options.table, "settle_s": args.measure.settle_s,
+            });
+            write_outputs(&report, &args.measure.json, &args.measure.png);
+        }
+        Mode::Procs(args) => {
+            if args.nodes < 2 {
+                fail("--nodes must be at least 2".into());
+            }
+            let binary = args
+                .patina
+                .clone()
+                .or_else(sibling_binary)
+                .unwrap_or_else(|| {
+                    fail("no patina binary next to loadgen: build it (cargo build --release -p patina) or pass --patina".into())
+                });
+            let remote = args.measure.options().unwrap_or_else(|e| fail(e));
+            let options = ProcsOptions {
+                nodes: args.nodes,
+                binary,
+                swim_probe_ms: args
+                    .swim_probe_ms
+                    .unwrap_or_else(|| loadgen::default_swim_probe_ms(args.nodes)),
+                warmup: Duration::from_secs(args.warmup_s),
+                remote,
+            };
+            let mut report = runtime().block_on(run_procs(&options));
+            report.options = serde_json::json!({
+                "mode": "procs", "nodes": options.nodes, "writes": options.remote.writes,
+                "rate": options.remote.rate, "seed": options.remote.seed,
+                "latency": "loopback (none added)", "swim_probe_ms": options.swim_probe_ms,
+                "settle_s": args.measure.settle_s, "warmup_s": args.warmup_s,
+                "patina": options.binary.display().to_string(),
+            });
+            write_outputs(&report, &args.measure.json, &args.measure.png);
+        }
+        Mode::Live(_) | Mode::Sim(_) => unreachable!("handled by main"),
+    }
 }
 
 #[derive(Args)]
@@ -131,6 +334,7 @@ fn main() {
     let (common, live) = match &cli.mode {
         Mode::Live(c) => (c, true),
         Mode::Sim(c) => (c, false),
+        other => return run_against_nodes(other),
     };
     let options = match options(common) {
         Ok(o) => o,
@@ -140,26 +344,17 @@ fn main() {
         }
     };
     println!("seed {}", options.seed);
-    let report = if live {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        runtime.block_on(run_live(&options))
+    let mut report = if live {
+        runtime().block_on(run_live(&options))
     } else {
         run_sim(&options)
     };
-    print!("{}", report.table());
-    let json = serde_json::to_vec_pretty(&report.to_json()).expect("JSON");
-    if let Err(e) = std::fs::write(&common.json, json) {
-        eprintln!("loadgen: writing {}: {e}", common.json.display());
-    }
-    if let Err(e) = std::fs::write(&common.png, report.cdf_png()) {
-        eprintln!("loadgen: writing {}: {e}", common.png.display());
-    }
-    println!(
-        "raw figures: {}; CDF plot: {}",
-        common.json.display(),
-        common.png.display()
-    );
+    report.options = serde_json::json!({
+        "mode": if live { "live" } else { "sim" }, "nodes": options.nodes,
+        "writes": options.writes, "rate": options.rate, "seed": options.seed,
+        "latency": common.latency, "loss": options.loss, "tls": options.tls,
+        "settle_s": common.settle_s, "warmup_s": common.warmup_s,
+        "swim_probe_ms": options.swim_probe_ms,
+    });
+    write_outputs(&report, &common.json, &common.png);
 }

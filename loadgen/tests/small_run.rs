@@ -40,3 +40,67 @@ fn the_same_scenario_on_the_simulator() {
     assert!(report.complete(), "{}", report.table());
     assert_eq!(report.mode, "sim");
 }
+
+/// Nodes measured through their APIs only: three in-process agents stand in for a fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_nodes_measured_through_their_apis() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let schema = format!("{}\n{}", patina_tests::SCHEMA, loadgen::remote::SCHEMA);
+    let agents = patina_tests::start_cluster_with(&dirs, None, |config| {
+        std::fs::write(config.db.schema_paths[0].join("schema.sql"), &schema).unwrap();
+    })
+    .await;
+    let apis: Vec<_> = agents.iter().map(|a| a.api_addr()).collect();
+    let options = loadgen::remote::RemoteOptions {
+        writes: 6,
+        rate: 30.0,
+        ..Default::default()
+    };
+    let (settled, formed) =
+        loadgen::remote::wait_formation(&apis, None, Duration::from_secs(30), false).await;
+    assert_eq!((settled, formed.is_some()), (3, true));
+    let report = loadgen::remote::run_remote(&apis, &options, "remote").await;
+    assert!(report.complete(), "{}", report.table());
+    assert_eq!(report.delivery_ms.len(), 6 * 3);
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
+/// `loadgen procs` on three real agent processes, when the agent binary was built beside
+/// this test (as `cargo test --workspace` does); they are gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agent_processes_measured_and_stopped() {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("patina");
+    if !binary.is_file() {
+        eprintln!(
+            "skipped: no agent binary at {} (cargo build -p patina)",
+            binary.display()
+        );
+        return;
+    }
+    let options = loadgen::procs::ProcsOptions {
+        nodes: 3,
+        binary,
+        swim_probe_ms: 1_000,
+        warmup: Duration::ZERO,
+        remote: loadgen::remote::RemoteOptions {
+            writes: 5,
+            rate: 20.0,
+            ..Default::default()
+        },
+    };
+    let report = loadgen::procs::run_procs(&options).await;
+    assert!(report.complete(), "{}", report.table());
+    assert_eq!(report.settled_nodes, Some(3));
+    assert!(
+        report.memory_per_node_mib.unwrap() > 1.0,
+        "{}",
+        report.table()
+    );
+}
