@@ -617,7 +617,8 @@ impl Agent {
             "binding the admin socket {}",
             admin_path.display()
         )))?;
-        let admin_router = api::admin_router(handle, gossip_snapshot.clone());
+        let admin_router =
+            api::admin_router(handle, gossip_snapshot.clone(), config.db.path.clone());
         let admin_task = tokio::spawn(serve(admin, admin_router, api_limits, shutdown_rx.clone()));
         // Started last: nothing after it can fail and leave the thread running.
         let checkpoints_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

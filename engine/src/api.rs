@@ -142,14 +142,20 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// The admin API on the unix socket: `POST /reload`, `GET /members`.
+/// The admin API on the unix socket: `POST /reload`, `GET /members`, `POST /backup`.
 pub fn admin_router(
     store: StoreHandle,
     gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
+    db_path: std::path::PathBuf,
 ) -> Router {
     Router::new()
         .route("/reload", post(reload))
         .with_state(store)
+        .merge(
+            Router::new()
+                .route("/backup", post(backup))
+                .with_state(Arc::new(db_path)),
+        )
         .merge(
             Router::new()
                 .route("/members", get(members))
@@ -933,6 +939,42 @@ async fn sync_state(State(state): State<Arc<ApiState>>) -> Response {
             .collect(),
     })
     .into_response()
+}
+
+/// An online backup on a read connection of its own (see [`crate::store::backup`]): writes go
+/// on meanwhile.
+async fn backup(
+    State(db_path): State<Arc<std::path::PathBuf>>,
+    axum::Json(request): axum::Json<crate::http::types::BackupRequest>,
+) -> Response {
+    let to = std::path::PathBuf::from(&request.path);
+    if !to.is_absolute() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the backup path must be absolute (it is a path on the node's host)",
+        );
+    }
+    let db = db_path.as_ref().clone();
+    let done = tokio::task::spawn_blocking(move || crate::store::backup::backup(&db, &to)).await;
+    match done {
+        Ok(Ok(report)) => {
+            tracing::info!(
+                "backup of {} bytes written to {} in {:.3} s",
+                report.bytes,
+                report.path.display(),
+                report.elapsed.as_secs_f64()
+            );
+            axum::Json(crate::http::types::BackupResponse {
+                path: report.path.display().to_string(),
+                bytes: report.bytes,
+                site_id: report.site.to_hex(),
+                seconds: report.elapsed.as_secs_f64(),
+            })
+            .into_response()
+        }
+        Ok(Err(e)) => error(store_status(&e), e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
 async fn reload(State(store): State<StoreHandle>) -> Response {

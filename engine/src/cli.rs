@@ -83,6 +83,34 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         timeout: f64,
     },
+    /// Write a consistent snapshot of a running node's database to FILE (a path on the node's
+    /// host, which must not exist), without stopping its writes.
+    Backup {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The backup file.
+        file: PathBuf,
+    },
+    /// Install a backup as the database of a stopped node, under a new site id (so it never
+    /// writes under the identity of the node the backup came from), unless --keep-site-id.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The node's config file, for its database path (and admin socket, to make sure it is
+        /// stopped).
+        #[arg(short, long, env = "PATINA_CONFIG")]
+        config: Option<PathBuf>,
+        /// The database file instead of the config's.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Keep the backup's site id: only when the node it came from is gone for good and
+        /// this one replaces it.
+        #[arg(long)]
+        keep_site_id: bool,
+        /// Replace an existing database.
+        #[arg(long)]
+        force: bool,
+    },
     /// Make a running node re-read its schema files (additive changes only).
     Reload {
         #[command(flatten)]
@@ -697,6 +725,75 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let out: MembersResponse = serde_json::from_slice(&body)?;
             for member in out.members {
                 println!("{}\t{}", member.site_id, member.addr);
+            }
+        }
+        Command::Backup { admin, file } => {
+            // The node writes the file: a relative path means the caller's folder.
+            let path = std::path::absolute(&file)?;
+            let body = api_call(
+                &runtime()?,
+                &admin.target()?,
+                Method::POST,
+                "/backup",
+                None,
+                serde_json::to_vec(&crate::http::types::BackupRequest {
+                    path: path.display().to_string(),
+                })?,
+            )?;
+            let out: crate::http::types::BackupResponse = serde_json::from_slice(&body)?;
+            println!(
+                "backup of site {} written to {} ({} bytes, {:.3} s)",
+                out.site_id, out.path, out.bytes, out.seconds
+            );
+        }
+        Command::Restore {
+            file,
+            config,
+            db,
+            keep_site_id,
+            force,
+        } => {
+            let node = Config::load_with_env(config.as_deref(), crate::config::environment())?;
+            let db = db.unwrap_or(node.db.path.clone());
+            // A node still running on this database would keep its open files: refuse.
+            let admin = Target::Unix(node.admin.path.clone());
+            let running = runtime()?.block_on(async {
+                let probe = client::request(&admin, Method::GET, "/members", None, Vec::new());
+                matches!(
+                    tokio::time::timeout(std::time::Duration::from_secs(2), probe).await,
+                    Ok(Ok(_))
+                )
+            });
+            if running {
+                return Err(format!(
+                    "the node is running (its admin socket {} answers): stop it first",
+                    node.admin.path.display()
+                )
+                .into());
+            }
+            if db.exists() && !force {
+                return Err(format!(
+                    "{} exists: pass --force to replace it with the backup",
+                    db.display()
+                )
+                .into());
+            }
+            let out = crate::store::backup::restore(&file, &db, keep_site_id)?;
+            if out.site == out.backup_site {
+                println!(
+                    "restored {} to {} under the backup's site id {}",
+                    file.display(),
+                    db.display(),
+                    out.site
+                );
+            } else {
+                println!(
+                    "restored {} to {} under the new site id {} (the backup's {} is now a remote site)",
+                    file.display(),
+                    db.display(),
+                    out.site,
+                    out.backup_site
+                );
             }
         }
         Command::Reload { admin } => {

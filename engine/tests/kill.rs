@@ -2,7 +2,9 @@
 //! restarted on its data folder has every write it acknowledged, and the cluster converges.
 //! A node killed while the others write to it, and restarted on its data folder and addresses
 //! after they declared it down, is back within seconds. And `patina subscribe` prints a
-//! subscription's events as they happen, and goes on across a restart of the node.
+//! subscription's events as they happen, and goes on across a restart of the node. A backup
+//! taken while a node writes, restored onto a fresh host, joins under a new identity and
+//! converges.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -293,4 +295,117 @@ async fn patina_subscribe_prints_changes_as_they_happen() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// `patina <args>`, which must succeed; its standard output.
+fn cli(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(patina()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "patina {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_during_writes_restores_onto_a_fresh_host_under_a_new_identity() {
+    let root = tempfile::tempdir().unwrap();
+    let a = start(&root.path().join("a"), None);
+    let b = start(&root.path().join("b"), Some(a.gossip));
+    // a keeps writing while its backup is taken.
+    let a_api = a.api;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut written = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = serde_json::to_vec(&json!([format!(
+                    "INSERT INTO kv (k, v) VALUES ('w{written:05}', 'x')"
+                )]))
+                .unwrap();
+                let answer = request(
+                    &Target::Tcp(a_api),
+                    Method::POST,
+                    "/v1/transactions",
+                    None,
+                    body,
+                )
+                .await;
+                assert!(
+                    matches!(answer, Ok((StatusCode::OK, _))),
+                    "a write failed during the backup"
+                );
+                written += 1;
+            }
+            written
+        }
+    });
+    wait_for("writes under way", || async { keys(&a).await.len() >= 50 }).await;
+    let backup = root.path().join("a-backup.db");
+    let said = cli(&[
+        "backup".as_ref(),
+        "--admin".as_ref(),
+        a.dir.join("admin.sock").as_os_str(),
+        backup.as_os_str(),
+    ]);
+    assert!(said.contains("written to"), "{said}");
+
+    // A fresh host: its config, the backup restored into its data folder, then started.
+    let c_dir = root.path().join("c");
+    let c_config = patina_tests::procs::write_config(
+        &c_dir,
+        patina_tests::procs::Ports::default(),
+        &[a.gossip],
+        "sync_interval_ms = 200",
+    );
+    let said = cli(&[
+        "restore".as_ref(),
+        backup.as_os_str(),
+        "-c".as_ref(),
+        c_config.as_os_str(),
+    ]);
+    assert!(said.contains("new site id"), "{said}");
+    // Restoring again over it needs --force.
+    let again = Command::new(patina())
+        .args([
+            "restore".as_ref(),
+            backup.as_os_str(),
+            "-c".as_ref(),
+            c_config.as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let c = AgentProcess::start_with_config(patina(), &c_dir, &c_config);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    let site = |node: &Node| {
+        let node = node.api;
+        async move {
+            let (_, body) = request(
+                &Target::Tcp(node),
+                Method::GET,
+                "/v1/sync/state",
+                None,
+                vec![],
+            )
+            .await
+            .unwrap();
+            serde_json::from_slice::<Json>(&body).unwrap()["actor_id"].clone()
+        }
+    };
+    assert_ne!(
+        site(&c).await,
+        site(&a).await,
+        "the restored node kept a's identity"
+    );
+    assert!(exec(&c, "INSERT INTO kv (k, v) VALUES ('from-c', 'x')").await);
+    for node in [&a, &b, &c] {
+        wait_for("every write on every node", || async {
+            keys(node).await.len() == written + 1
+        })
+        .await;
+    }
 }

@@ -476,3 +476,23 @@ mod tests {
         );
     }
 }
+
+/// The body of the admin socket's `POST /backup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupRequest {
+    /// Where the node writes the backup (a path on the node's host; must not exist).
+    pub path: String,
+}
+
+/// The answer of `POST /backup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupResponse {
+    /// The backup file.
+    pub path: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// The site id of the node (hex).
+    pub site_id: String,
+    /// How long it took, in seconds.
+    pub seconds: f64,
+}

@@ -150,6 +150,9 @@ pub enum StoreError {
     /// The store's own metadata is unreadable (corruption or a foreign database).
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
+    /// A backup or restore could not use a file (it exists, a folder is missing, no space).
+    #[error("{0}")]
+    Backup(String),
 }
 
 impl StoreError {
@@ -160,6 +163,7 @@ impl StoreError {
             StoreError::TransactionTooLarge { .. }
             | StoreError::EmptyTransaction
             | StoreError::NotReadOnly
+            | StoreError::Backup(_)
             | StoreError::Query(_) => true,
             _ => false,
         }
