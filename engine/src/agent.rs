@@ -263,9 +263,11 @@ fn spawn_store(
     row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
 ) -> StoreHandle {
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(queue_len);
+    let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("patina-store".into())
         .spawn(move || {
+            let _in_node = span.enter();
             while let Some(request) = rx.blocking_recv() {
                 match request {
                     StoreRequest::Transact {
@@ -481,6 +483,13 @@ impl Agent {
     /// Opens the store and starts the API and the admin socket. With `api.addr` port 0 the
     /// OS picks a port: see [`Agent::api_addr`].
     pub async fn start(config: &Config) -> Result<Agent, AgentError> {
+        // Every line the node logs, from any of its tasks and threads, carries its site id
+        // (recorded once the store is open): many agents can share one process and one log.
+        let span = tracing::info_span!("node", site = tracing::field::Empty);
+        tracing::Instrument::instrument(Agent::start_in_span(config, span.clone()), span).await
+    }
+
+    async fn start_in_span(config: &Config, span: tracing::Span) -> Result<Agent, AgentError> {
         let io = |what: String| move |source| AgentError::Io { what, source };
         for dir in [config.db.path.parent(), config.admin.path.parent()]
             .into_iter()
@@ -506,6 +515,7 @@ impl Agent {
         })?;
         store.checkpoint_in_background()?;
         let site = store.site_id();
+        span.record("site", tracing::field::display(site));
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
         let (applied, _) = tokio::sync::broadcast::channel(APPLIED_EVENTS_CAPACITY);
         let store_metrics = Arc::new(StoreMetrics::default());
@@ -558,7 +568,7 @@ impl Agent {
             &config.gossip,
             shutdown_rx.clone(),
         );
-        let gossip_join = tokio::spawn(gossip_task.run());
+        let gossip_join = crate::logging::spawn(gossip_task.run());
 
         let listener = tokio::net::TcpListener::bind(config.api.addr)
             .await
@@ -582,7 +592,8 @@ impl Agent {
             connections_max: config.api.connections_max,
             idle_timeout: Duration::from_millis(config.api.idle_timeout_ms),
         };
-        let api_task = tokio::spawn(serve(listener, router, api_limits, shutdown_rx.clone()));
+        let api_task =
+            crate::logging::spawn(serve(listener, router, api_limits, shutdown_rx.clone()));
 
         let mut tasks = vec![api_task, gossip_join];
         let metrics_addr = match config.telemetry.prometheus_addr {
@@ -596,7 +607,7 @@ impl Agent {
                 let router =
                     crate::metrics::router(store_metrics, handle.clone(), gossip_snapshot.clone());
                 let mut rx = shutdown_rx.clone();
-                tasks.push(tokio::spawn(async move {
+                tasks.push(crate::logging::spawn(async move {
                     let stop = async move {
                         let _ = rx.wait_for(|stop| *stop).await;
                     };
@@ -619,7 +630,8 @@ impl Agent {
         )))?;
         let admin_router =
             api::admin_router(handle, gossip_snapshot.clone(), config.db.path.clone());
-        let admin_task = tokio::spawn(serve(admin, admin_router, api_limits, shutdown_rx.clone()));
+        let admin_task =
+            crate::logging::spawn(serve(admin, admin_router, api_limits, shutdown_rx.clone()));
         // Started last: nothing after it can fail and leave the thread running.
         let checkpoints_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let checkpointer = crate::store::spawn_checkpointer(
@@ -628,7 +640,7 @@ impl Agent {
             checkpoints_stop.clone(),
         )?;
         let mut stop = shutdown_rx;
-        tasks.push(tokio::spawn(async move {
+        tasks.push(crate::logging::spawn(async move {
             let _ = stop.wait_for(|stop| *stop).await;
             checkpoints_stop.store(true, Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || checkpointer.join()).await;
@@ -720,7 +732,7 @@ fn start_sync_server(
         changeset_bytes_max: config.message_bytes_max,
         ..Limits::default()
     };
-    tokio::spawn(async move {
+    crate::logging::spawn(async move {
         loop {
             let session = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => return,
@@ -731,7 +743,7 @@ fn start_sync_server(
                 return;
             };
             let store = store.clone();
-            tokio::spawn(async move {
+            crate::logging::spawn(async move {
                 let _permit = permit;
                 let from = session.from;
                 if let Err(e) =

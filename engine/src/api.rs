@@ -142,7 +142,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// The admin API on the unix socket: `POST /reload`, `GET /members`, `POST /backup`.
+/// The admin API on the unix socket: `POST /reload`, `GET /members`, `POST /backup`,
+/// `GET /log`, `POST /log/set`, `POST /log/reset`.
 pub fn admin_router(
     store: StoreHandle,
     gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
@@ -156,6 +157,9 @@ pub fn admin_router(
                 .route("/backup", post(backup))
                 .with_state(Arc::new(db_path)),
         )
+        .route("/log", get(log_show))
+        .route("/log/set", post(log_set))
+        .route("/log/reset", post(log_reset))
         .merge(
             Router::new()
                 .route("/members", get(members))
@@ -975,6 +979,26 @@ async fn backup(
         Ok(Err(e)) => error(store_status(&e), e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+fn log_answer(result: Result<String, crate::logging::LogError>) -> Response {
+    match result {
+        Ok(filter) => axum::Json(crate::http::types::LogFilter { filter }).into_response(),
+        Err(e @ crate::logging::LogError::BadFilter(_)) => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn log_show() -> Response {
+    log_answer(crate::logging::current().ok_or(crate::logging::LogError::NoControl))
+}
+
+async fn log_set(axum::Json(request): axum::Json<crate::http::types::LogFilter>) -> Response {
+    log_answer(crate::logging::set(&request.filter))
+}
+
+async fn log_reset() -> Response {
+    log_answer(crate::logging::reset())
 }
 
 async fn reload(State(store): State<StoreHandle>) -> Response {

@@ -116,6 +116,9 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// The log filter of a running node.
+    #[command(subcommand)]
+    Log(LogCommand),
     /// Anti-entropy state of a running node.
     #[command(subcommand)]
     Sync(SyncCommand),
@@ -128,6 +131,28 @@ enum Command {
     /// Certificates for the gossip transport.
     #[command(subcommand)]
     Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum LogCommand {
+    /// Print the filter in force.
+    Show {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Replace the filter (`RUST_LOG` syntax, e.g. `info,patina::gossip=debug`) until the node
+    /// restarts or `log reset`.
+    Set {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The filter.
+        filter: String,
+    },
+    /// Put back the filter the node started with.
+    Reset {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -550,13 +575,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Agent { config } => {
             let config = Config::load_with_env(config.as_deref(), crate::config::environment())?;
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
+            crate::logging::init(&config.log)?;
             runtime()?.block_on(crate::agent::run(config))?;
         }
         Command::Exec {
@@ -795,6 +814,29 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     out.backup_site
                 );
             }
+        }
+        Command::Log(command) => {
+            let (admin, path, body) = match command {
+                LogCommand::Show { admin } => (admin, "/log", None),
+                LogCommand::Set { admin, filter } => (
+                    admin,
+                    "/log/set",
+                    Some(crate::http::types::LogFilter { filter }),
+                ),
+                LogCommand::Reset { admin } => (admin, "/log/reset", None),
+            };
+            let method = if path == "/log" {
+                Method::GET
+            } else {
+                Method::POST
+            };
+            let body = match body {
+                Some(b) => serde_json::to_vec(&b)?,
+                None => Vec::new(),
+            };
+            let out = api_call(&runtime()?, &admin.target()?, method, path, None, body)?;
+            let out: crate::http::types::LogFilter = serde_json::from_slice(&out)?;
+            println!("log filter: {}", out.filter);
         }
         Command::Reload { admin } => {
             api_call(

@@ -95,6 +95,39 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// `[subscriptions]`: SQL subscriptions.
     pub subscriptions: SubscriptionsConfig,
+    /// `[log]`: the agent's log.
+    pub log: LogConfig,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields, spans).
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// Which events are written, in `RUST_LOG` syntax (`info`, `info,patina::gossip=debug`);
+    /// `RUST_LOG`, when set, wins. `patina log set` changes it on a running node.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
 }
 
 /// `[subscriptions]`.
@@ -636,6 +669,10 @@ impl Config {
             1_000,
             3_600_000,
         )?;
+        crate::logging::parse_filter(&self.log.filter).map_err(|message| ConfigError::Invalid {
+            key: "log.filter",
+            message,
+        })?;
         if let Some(external) = &self.gossip.external_addr {
             crate::addrs::HostPort::parse(external).map_err(|message| ConfigError::Invalid {
                 key: "gossip.external_addr",

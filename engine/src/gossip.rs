@@ -268,7 +268,7 @@ impl GossipTask {
                                 }
                                 let (transport, store, done) = (self.transport.clone(), self.store.clone(), sync_done.clone());
                                 let (cluster, limits) = (self.cluster, self.limits);
-                                tokio::spawn(async move {
+                                crate::logging::spawn(async move {
                                     let result = pull(&transport, addr, &store, cluster, &limits).await;
                                     let _ = done.send(result).await;
                                 });
@@ -288,7 +288,7 @@ impl GossipTask {
                         if !resolving && self.bootstrap.iter().any(|entry| entry.literal().is_none()) {
                             resolving = true;
                             let (entries, done) = (self.bootstrap.clone(), resolved_tx.clone());
-                            tokio::spawn(async move {
+                            crate::logging::spawn(async move {
                                 let addrs = crate::addrs::resolve_all(&entries, RESOLVE_TIMEOUT).await;
                                 let _ = done.send(addrs).await;
                             });

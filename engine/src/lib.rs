@@ -9,6 +9,7 @@
 //! - [`agent`]: the running node: the store thread, the reader pool, the API and admin servers.
 //! - [`api`]: the HTTP API (Corrosion-compatible v1) and the admin routes.
 //! - [`client`]: a small HTTP client for the CLI (TCP or the admin unix socket).
+//! - [`logging`]: the log subscriber (text or JSON) and its filter, changeable while running.
 //! - [`membership`]: SWIM through foca: identities, timers, member events.
 //! - [`gossip`]: the task that drives membership, the broadcast core and the transport.
 //! - [`metrics`]: Prometheus text exposition of store and gossip counters.
@@ -28,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod gossip;
 pub mod http;
+pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod store;

@@ -283,16 +283,20 @@ pub fn spawn(
         pending: Vec::new(),
     };
     manager.load()?;
+    let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("patina-subs".into())
-        .spawn(move || manager.run(rx))
+        .spawn(move || {
+            let _in_node = span.enter();
+            manager.run(rx)
+        })
         .map_err(|e| SubsError::Internal(e.to_string()))?;
     // Collection of subscriptions nobody listens to, a few times per idle timeout.
     let collect = tx.clone();
     let mut stop = shutdown.clone();
     let every =
         (config.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
-    tokio::spawn(async move {
+    crate::logging::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return,
@@ -305,7 +309,7 @@ pub fn spawn(
     });
     // Change notices from the store thread; a lag means some were lost: reconcile all.
     let forward = tx.clone();
-    tokio::spawn(async move {
+    crate::logging::spawn(async move {
         loop {
             let received = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => return,

@@ -21,7 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -155,6 +155,8 @@ struct Shared {
     client: quinn::ClientConfig,
     /// The name a peer's certificate must carry; its IP when `None`.
     server_name: Option<String>,
+    /// When a refused peer was last logged, by IP.
+    refused_logged: Mutex<HashMap<std::net::IpAddr, Instant>>,
     config: TransportConfig,
     connections: Mutex<HashMap<SocketAddr, Pooled>>,
     queues: Mutex<HashMap<SocketAddr, Arc<PeerQueue>>>,
@@ -356,6 +358,7 @@ impl Transport {
             endpoint,
             client,
             server_name,
+            refused_logged: Mutex::new(HashMap::new()),
             config,
             connections: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
@@ -368,8 +371,8 @@ impl Transport {
             sessions: Mutex::new(None),
             faults: Arc::new(Faults::default()),
         });
-        tokio::spawn(accept_loop(shared.clone()));
-        tokio::spawn(reap_loop(Arc::downgrade(&shared)));
+        crate::logging::spawn(accept_loop(shared.clone()));
+        crate::logging::spawn(reap_loop(Arc::downgrade(&shared)));
         Ok(Transport { shared })
     }
 
@@ -400,7 +403,10 @@ impl Transport {
                         messages: Mutex::new(VecDeque::new()),
                         wake: Notify::new(),
                     });
-                    tokio::spawn(send_loop(self.shared.clone(), to, queue.clone()));
+                    crate::logging::spawn(tracing::Instrument::instrument(
+                        send_loop(self.shared.clone(), to, queue.clone()),
+                        tracing::info_span!("peer", addr = %to),
+                    ));
                     queue
                 })
                 .clone();
@@ -496,31 +502,66 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            match incoming.await {
-                Ok(conn) => {
-                    let peer = crate::addrs::canonical(conn.remote_address());
-                    shared
-                        .stats
-                        .connections_accepted
-                        .fetch_add(1, Ordering::Relaxed);
-                    shared
-                        .connections
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(peer, Pooled::new(conn.clone()));
-                    receive_loop(shared, conn).await;
+        let remote = crate::addrs::canonical(incoming.remote_address());
+        let span = tracing::info_span!("peer", addr = %remote);
+        crate::logging::spawn(tracing::Instrument::instrument(
+            async move {
+                match incoming.await {
+                    Ok(conn) => {
+                        let peer = crate::addrs::canonical(conn.remote_address());
+                        shared
+                            .stats
+                            .connections_accepted
+                            .fetch_add(1, Ordering::Relaxed);
+                        shared
+                            .connections
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(peer, Pooled::new(conn.clone()));
+                        receive_loop(shared, conn).await;
+                    }
+                    Err(e) => {
+                        // A peer without a certificate signed by our CA ends here.
+                        shared
+                            .stats
+                            .handshake_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        log_refused(&shared, remote, &e);
+                    }
                 }
-                Err(e) => {
-                    // A peer without a certificate signed by our CA ends here.
-                    shared
-                        .stats
-                        .handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("refused connection: {e}");
-                }
-            }
-        });
+            },
+            span,
+        ));
+    }
+}
+
+/// How long after logging a refused peer further refusals of it are only counted.
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Logs a failed handshake at info level once per peer and [`REFUSED_LOG_INTERVAL`]: a peer
+/// without a certificate of the cluster's CA retries for as long as it runs, and must neither
+/// go unseen nor flood the log.
+fn log_refused(shared: &Shared, peer: SocketAddr, why: &dyn std::fmt::Display) {
+    let now = Instant::now();
+    let mut logged = shared
+        .refused_logged
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if logged.len() >= 4096 {
+        logged.retain(|_, at| now.duration_since(*at) < REFUSED_LOG_INTERVAL);
+    }
+    let due = logged
+        .get(&peer.ip())
+        .is_none_or(|at| now.duration_since(*at) >= REFUSED_LOG_INTERVAL);
+    if due && logged.len() < 4096 {
+        logged.insert(peer.ip(), now);
+        tracing::info!(
+            %peer,
+            "refused a TLS handshake with {peer}: {why} (more from it within {} s are only counted in patina_handshake_failures_total)",
+            REFUSED_LOG_INTERVAL.as_secs()
+        );
+    } else {
+        tracing::debug!(%peer, "refused a TLS handshake: {why}");
     }
 }
 
@@ -531,7 +572,7 @@ async fn receive_loop(shared: Arc<Shared>, conn: quinn::Connection) {
             stream = conn.accept_uni() => {
                 let Ok(mut stream) = stream else { break };
                 let shared = shared.clone();
-                tokio::spawn(async move {
+                crate::logging::spawn(async move {
                     match stream.read_to_end(shared.config.message_bytes_max).await {
                         Ok(bytes) => deliver(&shared, Received { from, channel: Channel::Stream, bytes: Bytes::from(bytes) }),
                         Err(e) => tracing::debug!(%from, "refused message: {e}"),
@@ -691,7 +732,10 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr) -> Option<quinn::Conne
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(to, Pooled::new(conn.clone()));
-            tokio::spawn(receive_loop(shared.clone(), conn.clone()));
+            crate::logging::spawn(tracing::Instrument::instrument(
+                receive_loop(shared.clone(), conn.clone()),
+                tracing::info_span!("peer", addr = %to),
+            ));
             Some(conn)
         }
         Ok(Err(e)) => {
@@ -699,7 +743,7 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr) -> Option<quinn::Conne
                 .stats
                 .handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%to, "connect failed: {e}");
+            log_refused(shared, to, &e);
             None
         }
         Err(_) => None,
@@ -752,7 +796,7 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
             send_now(&shared, conn, channel, bytes).await;
         } else {
             let shared = shared.clone();
-            tokio::spawn(async move {
+            crate::logging::spawn(async move {
                 tokio::time::sleep(delay).await;
                 send_now(&shared, conn, channel, bytes).await;
             });

@@ -114,12 +114,15 @@ impl AgentProcess {
             .append(true)
             .open(dir.join("agent.log"))
             .expect("opening the agent's log file");
-        let level = std::env::var("PATINA_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        // A RUST_LOG the caller put on the command wins.
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            let level = std::env::var("PATINA_TEST_LOG").unwrap_or_else(|_| "warn".into());
+            command.env("RUST_LOG", level);
+        }
         let program = command.get_program().to_string_lossy().into_owned();
         let mut child = command
             .args(["agent", "-c"])
             .arg(config)
-            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

@@ -40,8 +40,9 @@ pub trait Listener: Send + 'static {
 impl Listener for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
     async fn accept(&self) -> std::io::Result<Self::Io> {
-        let (stream, _) = tokio::net::TcpListener::accept(self).await?;
+        let (stream, peer) = tokio::net::TcpListener::accept(self).await?;
         stream.set_nodelay(true)?;
+        tracing::debug!(%peer, "API connection accepted");
         Ok(stream)
     }
 }
@@ -82,12 +83,13 @@ pub async fn serve<L: Listener>(
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("connection refused: {connections_max} open already");
             drop(io);
             continue;
         };
         let router = router.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        crate::logging::spawn(async move {
             serve_connection(io, router, limits.idle_timeout, shutdown).await;
             drop(slot);
         });

@@ -496,3 +496,10 @@ pub struct BackupResponse {
     /// How long it took, in seconds.
     pub seconds: f64,
 }
+
+/// The body of the admin socket's `POST /log/set`, and the answer of its log routes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogFilter {
+    /// A filter in `RUST_LOG` syntax.
+    pub filter: String,
+}
