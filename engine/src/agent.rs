@@ -19,7 +19,7 @@ use crate::config::GossipConfig;
 use crate::gossip::{remembered_members, GossipSnapshot, GossipTask};
 use crate::http::serve::{serve, ServeLimits};
 use crate::membership::{Actor, Membership};
-use crate::metrics::StoreMetrics;
+use crate::metrics::{NodeMetrics, StoreMetrics};
 use crate::store::{
     ApplyOutcome, Digest, Reader, Statement, Store, StoreConfig, StoreError, TxOutcome,
 };
@@ -112,6 +112,7 @@ enum StoreRequest {
     Transact {
         statements: Vec<Statement>,
         deadline: Option<Instant>,
+        queued_at: Instant,
         reply: oneshot::Sender<Result<TxOutcome, TxError>>,
     },
     Status {
@@ -170,6 +171,7 @@ impl StoreHandle {
             .try_send(StoreRequest::Transact {
                 statements,
                 deadline,
+                queued_at: Instant::now(),
                 reply,
             })
             .map_err(|e| match e {
@@ -259,9 +261,10 @@ fn spawn_store(
     queue_len: usize,
     commits: mpsc::Sender<Arc<Changeset>>,
     applied: tokio::sync::broadcast::Sender<AppliedEvent>,
-    metrics: Arc<StoreMetrics>,
+    node_metrics: Arc<NodeMetrics>,
     row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
 ) -> StoreHandle {
+    let metrics = node_metrics.store.clone();
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(queue_len);
     let span = tracing::Span::current();
     std::thread::Builder::new()
@@ -273,8 +276,10 @@ fn spawn_store(
                     StoreRequest::Transact {
                         statements,
                         deadline,
+                        queued_at,
                         reply,
                     } => {
+                        node_metrics.queue_wait("transaction", queued_at.elapsed());
                         let result = if deadline.is_some_and(|d| Instant::now() > d) {
                             Err(TxError::TimedOut)
                         } else {
@@ -344,8 +349,14 @@ fn spawn_store(
                         metrics
                             .apply_lag_us_last
                             .store(queued_at.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        node_metrics.queue_wait("apply", queued_at.elapsed());
                         metrics.apply_batches.fetch_add(1, Ordering::Relaxed);
-                        match store.apply_changesets(&changesets) {
+                        let apply_started = Instant::now();
+                        let applied_batch = store.apply_changesets(&changesets);
+                        node_metrics
+                            .apply_batch_seconds
+                            .observe(apply_started.elapsed().as_secs_f64());
+                        match applied_batch {
                             Ok(outcomes) => {
                                 let at = Instant::now();
                                 let mut changed_rows = Vec::new();
@@ -518,7 +529,7 @@ impl Agent {
         span.record("site", tracing::field::display(site));
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
         let (applied, _) = tokio::sync::broadcast::channel(APPLIED_EVENTS_CAPACITY);
-        let store_metrics = Arc::new(StoreMetrics::default());
+        let node_metrics = Arc::new(NodeMetrics::new(Arc::new(StoreMetrics::default())));
         let (row_changes, _) = tokio::sync::broadcast::channel(ROW_CHANGES_CAPACITY);
         let handle = spawn_store(
             store,
@@ -526,7 +537,7 @@ impl Agent {
             config.api.store_queue_len,
             commits_tx,
             applied.clone(),
-            store_metrics.clone(),
+            node_metrics.clone(),
             row_changes.clone(),
         );
         let readers = Arc::new(ReaderPool::new(
@@ -560,6 +571,8 @@ impl Agent {
             gossip_snapshot_tx,
         )
         .await?;
+        let mut gossip_task = gossip_task;
+        gossip_task.metrics = Some(node_metrics.clone());
         let gossip_addr = gossip_task.advertised;
         let faults = gossip_task.transport.faults();
         start_sync_server(
@@ -585,6 +598,7 @@ impl Agent {
                 row_changes,
                 subs,
                 shutdown: shutdown_rx.clone(),
+                metrics: node_metrics.clone(),
             },
             &config.api,
         ));
@@ -604,8 +618,11 @@ impl Agent {
                 let bound = listener
                     .local_addr()
                     .map_err(io("reading the metrics address".into()))?;
-                let router =
-                    crate::metrics::router(store_metrics, handle.clone(), gossip_snapshot.clone());
+                let router = crate::metrics::router(
+                    node_metrics.clone(),
+                    handle.clone(),
+                    gossip_snapshot.clone(),
+                );
                 let mut rx = shutdown_rx.clone();
                 tasks.push(crate::logging::spawn(async move {
                     let stop = async move {
@@ -880,6 +897,7 @@ async fn start_gossip(
         announce_to,
         bootstrap,
         advertised,
+        metrics: None,
         members_file,
         members_file_hash: None,
         tick_ms: config.tick_ms,

@@ -52,6 +52,7 @@ pub struct ApiState {
     row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
     subs: SubsHandle,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
 /// The parts of the agent the API reads from, besides the store.
@@ -65,6 +66,8 @@ pub struct ApiFeeds {
     pub subs: SubsHandle,
     /// Stop signal.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Where request latencies and stream cut-offs are counted.
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
 impl ApiState {
@@ -81,6 +84,7 @@ impl ApiState {
             row_changes,
             subs,
             shutdown,
+            metrics,
         } = feeds;
         Arc::new(ApiState {
             store,
@@ -96,6 +100,7 @@ impl ApiState {
             row_changes,
             subs,
             shutdown,
+            metrics,
         })
     }
 
@@ -139,7 +144,37 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/sync/state", get(sync_state))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(limit))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe_latency,
+        ))
         .with_state(state)
+}
+
+/// Observes each request's time from arrival to its answer's head, by route template (never
+/// the raw path: ids would make the label set unbounded), method and status.
+async fn observe_latency(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().as_str().to_string();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .api_request_seconds
+        .get_or_create(&vec![
+            ("route", route),
+            ("method", method),
+            ("status", response.status().as_u16().to_string()),
+        ])
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// The admin API on the unix socket: `POST /reload`, `GET /members`, `POST /backup`,
@@ -675,6 +710,7 @@ async fn updates(
     };
     let mut changes = state.row_changes.subscribe();
     let mut shutdown = state.shutdown.clone();
+    let metrics = state.metrics.clone();
     let (lines, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
         loop {
@@ -686,6 +722,7 @@ async fn updates(
             let batch = match batch {
                 Ok(batch) => batch,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    metrics.cutoff("updates");
                     let _ = lines.try_send(ndjson_line(&NotifyEvent::Error(format!(
                         "consumer too slow: {n} commits skipped"
                     ))));
@@ -705,6 +742,7 @@ async fn updates(
                     .is_err()
                 {
                     // The client does not read: cut it off rather than buffer without bound.
+                    metrics.cutoff("updates");
                     let _ = lines
                         .try_send(ndjson_line(&NotifyEvent::Error("consumer too slow".into())));
                     return;
@@ -846,6 +884,7 @@ fn subscription_stream(
     let mut shutdown = state.shutdown.clone();
     let mut last = attached.change_id;
     let mut live = attached.live;
+    let metrics = state.metrics.clone();
     tokio::spawn(async move {
         if lines.send(Bytes::from(head)).await.is_err() {
             return;
@@ -859,6 +898,7 @@ fn subscription_stream(
             let event = match event {
                 Ok(event) => event,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    metrics.cutoff("subscription");
                     let _ = lines
                         .send(ndjson_line(&QueryEvent::Error(format!(
                             "subscriber too slow: {n} changes dropped; resume with from={last}"
@@ -883,6 +923,7 @@ fn subscription_stream(
             last = event.change_id;
             if lines.try_send(change_line(&event)).is_err() {
                 // The client does not read: cut it off rather than buffer without bound.
+                metrics.cutoff("subscription");
                 let _ = lines.try_send(ndjson_line(&QueryEvent::Error(format!(
                     "subscriber too slow; resume with from={}",
                     last - 1

@@ -118,6 +118,8 @@ pub struct GossipTask {
     pub bootstrap: Vec<crate::addrs::HostPort>,
     /// The address peers reach this node at (this node's identity in membership).
     pub advertised: SocketAddr,
+    /// Where sync sessions are timed.
+    pub metrics: Option<Arc<crate::metrics::NodeMetrics>>,
     /// Where live members are remembered across restarts.
     pub members_file: PathBuf,
     /// Hash of what the members file holds, once this task wrote it.
@@ -268,8 +270,17 @@ impl GossipTask {
                                 }
                                 let (transport, store, done) = (self.transport.clone(), self.store.clone(), sync_done.clone());
                                 let (cluster, limits) = (self.cluster, self.limits);
+                                let metrics = self.metrics.clone();
                                 crate::logging::spawn(async move {
+                                    let started = Instant::now();
                                     let result = pull(&transport, addr, &store, cluster, &limits).await;
+                                    if let Some(metrics) = metrics {
+                                        let outcome = if result.is_ok() { "ok" } else { "failed" };
+                                        metrics
+                                            .sync_session_seconds
+                                            .get_or_create(&vec![("result", outcome.to_string())])
+                                            .observe(started.elapsed().as_secs_f64());
+                                    }
                                     let _ = done.send(result).await;
                                 });
                             }

@@ -1,7 +1,14 @@
-//! Prometheus metrics, served as text on their own address (`[telemetry] prometheus_addr`).
-//! Counters come from the store thread ([`StoreMetrics`]) and the gossip task's snapshot.
+//! Prometheus metrics of one node, served on their own address (`[telemetry]
+//! prometheus_addr`) in the OpenMetrics text format.
+//!
+//! Built on `prometheus-client`, the Prometheus project's Rust client: a registry is a value,
+//! not process-global state, so every agent in a process (loadgen runs hundreds, the tests
+//! several) keeps and serves its own figures. Latencies are histograms observed where they
+//! happen ([`NodeMetrics`]); counters the store thread and the gossip task already keep are
+//! read at scrape time ([`Counters`]), as are process figures from `/proc/self`.
+//!
+//! The names are documented in the README (Metrics).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -10,6 +17,14 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::agent::StoreHandle;
@@ -40,178 +55,456 @@ pub struct StoreMetrics {
     pub gaps: AtomicU64,
 }
 
-struct MetricsState {
+/// Labels as (name, value) pairs.
+pub type Labels = Vec<(&'static str, String)>;
+
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Buckets from 50 µs to about 100 s, doubling: API calls, store waits and applies live
+/// between tens of microseconds and seconds.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
+}
+
+/// Replication lag buckets, 1 ms to about 4 minutes.
+fn lag_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 18))
+}
+
+/// The histograms and event counters of one node, observed where things happen. Cheap to
+/// clone handles out of; every handle is shared.
+#[derive(Debug)]
+pub struct NodeMetrics {
+    /// Store counters (read at scrape time).
+    pub store: Arc<StoreMetrics>,
+    /// `patina_api_request_duration_seconds{route, method, status}`: request to answer head.
+    pub api_request_seconds: HistogramFamily,
+    /// `patina_store_queue_wait_seconds{kind}`: time a request waited for the store thread
+    /// (`transaction` or `apply`).
+    pub store_queue_wait_seconds: HistogramFamily,
+    /// `patina_apply_batch_duration_seconds`: one batch of remote changesets merged.
+    pub apply_batch_seconds: Histogram,
+    /// `patina_sync_session_duration_seconds{result}`: one anti-entropy pull.
+    pub sync_session_seconds: HistogramFamily,
+    /// `patina_replication_lag_seconds`: origin's commit (its wall clock) to applied here.
+    pub replication_lag_seconds: Histogram,
+    /// `patina_subscriber_cutoffs_total{stream}`: streams ended because their reader fell behind.
+    pub subscriber_cutoffs: Family<Labels, Counter>,
+    registry: std::sync::Mutex<Option<Registry>>,
+}
+
+impl NodeMetrics {
+    /// Fresh metrics around the store's counters.
+    pub fn new(store: Arc<StoreMetrics>) -> NodeMetrics {
+        NodeMetrics {
+            store,
+            api_request_seconds: Family::new_with_constructor(latency_histogram),
+            store_queue_wait_seconds: Family::new_with_constructor(latency_histogram),
+            apply_batch_seconds: latency_histogram(),
+            sync_session_seconds: Family::new_with_constructor(latency_histogram),
+            replication_lag_seconds: lag_histogram(),
+            subscriber_cutoffs: Family::default(),
+            registry: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Observes how long a request waited for the store thread.
+    pub fn queue_wait(&self, kind: &'static str, waited: std::time::Duration) {
+        self.store_queue_wait_seconds
+            .get_or_create(&vec![("kind", kind.to_string())])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// Counts a stream cut off because its reader fell behind.
+    pub fn cutoff(&self, stream: &'static str) {
+        self.subscriber_cutoffs
+            .get_or_create(&vec![("stream", stream.to_string())])
+            .inc();
+    }
+
+    /// Builds the registry that serves these metrics with the scrape-time counters.
+    fn install(&self, counters: Counters) {
+        let mut registry = Registry::default();
+        registry.register(
+            "patina_api_request_duration_seconds",
+            "HTTP API requests, from arrival to the answer's head, by route, method and status",
+            self.api_request_seconds.clone(),
+        );
+        registry.register(
+            "patina_store_queue_wait_seconds",
+            "Time a request waited for the store thread, by kind (transaction, apply)",
+            self.store_queue_wait_seconds.clone(),
+        );
+        registry.register(
+            "patina_apply_batch_duration_seconds",
+            "Time to merge one batch of remote changesets",
+            self.apply_batch_seconds.clone(),
+        );
+        registry.register(
+            "patina_sync_session_duration_seconds",
+            "Anti-entropy pulls from one peer, by result (ok, failed)",
+            self.sync_session_seconds.clone(),
+        );
+        registry.register(
+            "patina_replication_lag_seconds",
+            "Origin's commit (its wall clock) to applied here, per remote changeset",
+            self.replication_lag_seconds.clone(),
+        );
+        registry.register(
+            "patina_subscriber_cutoffs",
+            "Streams ended because their reader fell behind, by stream (subscription, updates)",
+            self.subscriber_cutoffs.clone(),
+        );
+        registry.register_collector(Box::new(counters));
+        registry.register_collector(Box::new(ProcessCollector));
+        *self.registry.lock().unwrap_or_else(|e| e.into_inner()) = Some(registry);
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Some(registry) = self
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+        }
+        out
+    }
+}
+
+/// The counters and gauges kept elsewhere (the store thread, the gossip task), read at scrape.
+#[derive(Debug)]
+struct Counters {
     store: Arc<StoreMetrics>,
     queue: StoreHandle,
     gossip: watch::Receiver<GossipSnapshot>,
 }
 
-/// The `/metrics` route.
+/// One metric: (name, help, type, samples by label set).
+type Sample = (Labels, f64);
+
+fn emit(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: &[Sample],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    if let [(labels, value)] = samples {
+        if labels.is_empty() {
+            // No labels: `name value`, not `name{} value`.
+            return match kind {
+                MetricType::Counter => ConstCounter::new(*value as u64).encode(metric),
+                _ => ConstGauge::new(*value).encode(metric),
+            };
+        }
+    }
+    for (labels, value) in samples {
+        let family = metric.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(*value as u64).encode(family)?,
+            _ => ConstGauge::new(*value).encode(family)?,
+        }
+    }
+    Ok(())
+}
+
+fn one(value: f64) -> Vec<Sample> {
+    vec![(Vec::new(), value)]
+}
+
+fn by(label: &'static str, values: &[(&str, f64)]) -> Vec<Sample> {
+    values
+        .iter()
+        .map(|(v, x)| (vec![(label, v.to_string())], *x))
+        .collect()
+}
+
+impl Collector for Counters {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use MetricType::{Counter as C, Gauge as G};
+        let s = &self.store;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let gossip = self.gossip.borrow().clone();
+        let b = gossip.broadcast;
+        let e = &mut encoder;
+        emit(
+            e,
+            "patina_build_info",
+            "The running build (value 1)",
+            G,
+            &[(
+                vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+                1.0,
+            )],
+        )?;
+        emit(
+            e,
+            "patina_changesets_committed",
+            "Local transactions that changed rows",
+            C,
+            &one(load(&s.committed_changesets)),
+        )?;
+        emit(
+            e,
+            "patina_changes_committed",
+            "Changes in local transactions",
+            C,
+            &one(load(&s.committed_changes)),
+        )?;
+        emit(
+            e,
+            "patina_changesets_applied",
+            "Remote changesets merged",
+            C,
+            &one(load(&s.applied_changesets)),
+        )?;
+        emit(
+            e,
+            "patina_changes_applied",
+            "Remote changes that won the merge",
+            C,
+            &one(load(&s.applied_changes_won)),
+        )?;
+        emit(
+            e,
+            "patina_changesets_rejected",
+            "Remote changesets refused",
+            C,
+            &one(load(&s.apply_rejected)),
+        )?;
+        emit(
+            e,
+            "patina_apply_failed",
+            "Batches of remote changesets whose transaction failed (full disk, I/O)",
+            C,
+            &one(load(&s.apply_failed)),
+        )?;
+        emit(
+            e,
+            "patina_changeset_parts_buffered",
+            "Parts of large remote changesets kept until the rest arrive",
+            C,
+            &one(load(&s.parts_buffered)),
+        )?;
+        emit(
+            e,
+            "patina_apply_batches",
+            "Remote batches applied",
+            C,
+            &one(load(&s.apply_batches)),
+        )?;
+        emit(
+            e,
+            "patina_apply_lag_seconds",
+            "Time the last remote batch waited for the store (see patina_store_queue_wait_seconds)",
+            G,
+            &one(load(&s.apply_lag_us_last) / 1e6),
+        )?;
+        emit(
+            e,
+            "patina_gaps",
+            "Versions heard of but not applied",
+            G,
+            &one(load(&s.gaps)),
+        )?;
+        emit(
+            e,
+            "patina_members",
+            "Live members besides this node",
+            G,
+            &one(gossip.members.len() as f64),
+        )?;
+        emit(
+            e,
+            "patina_broadcast_sent",
+            "Broadcast messages sent, by kind",
+            C,
+            &by(
+                "kind",
+                &[
+                    ("gossip", b.gossip_sent as f64),
+                    ("ihave", b.ihave_sent as f64),
+                    ("graft", b.grafts_sent as f64),
+                    ("prune", b.prunes_sent as f64),
+                    ("ping", b.pings_sent as f64),
+                ],
+            ),
+        )?;
+        emit(
+            e,
+            "patina_kept_links",
+            "Kept links: asked of near members, of random members, and served to members",
+            G,
+            &by(
+                "kind",
+                &[
+                    ("near", gossip.kept_links.0 as f64),
+                    ("far", gossip.kept_links.1 as f64),
+                    ("served", gossip.kept_links.2 as f64),
+                ],
+            ),
+        )?;
+        emit(
+            e,
+            "patina_broadcast_received",
+            "Changesets received by broadcast for the first time",
+            C,
+            &one(b.delivered as f64),
+        )?;
+        emit(
+            e,
+            "patina_broadcast_duplicates",
+            "Changesets received again",
+            C,
+            &one(b.duplicates as f64),
+        )?;
+        emit(
+            e,
+            "patina_broadcast_dropped",
+            "Messages or changesets dropped under load (left to sync)",
+            C,
+            &by(
+                "where",
+                &[
+                    ("transport", gossip.transport_dropped as f64),
+                    ("store_queue", gossip.apply_dropped as f64),
+                ],
+            ),
+        )?;
+        emit(
+            e,
+            "patina_transport_sent",
+            "Messages handed to QUIC",
+            C,
+            &one(gossip.transport_sent as f64),
+        )?;
+        emit(e, "patina_handshake_failures", "QUIC handshakes refused or failed (peers without a certificate of the cluster CA among them)", C, &one(gossip.handshake_failures as f64))?;
+        emit(
+            e,
+            "patina_peer_messages_refused",
+            "Malformed or foreign peer messages",
+            C,
+            &one(gossip.refused as f64),
+        )?;
+        emit(
+            e,
+            "patina_sync_rounds",
+            "Anti-entropy pulls, by result",
+            C,
+            &by(
+                "result",
+                &[
+                    ("ok", gossip.sync_rounds as f64),
+                    ("failed", gossip.sync_failures as f64),
+                ],
+            ),
+        )?;
+        emit(
+            e,
+            "patina_connections_open",
+            "Pooled QUIC connections",
+            G,
+            &one(gossip.connections_open as f64),
+        )?;
+        emit(
+            e,
+            "patina_store_queue_size",
+            "Requests waiting for the store thread",
+            G,
+            &one(self.queue.queue_len() as f64),
+        )?;
+        Ok(())
+    }
+}
+
+/// Resident memory, CPU time, open files and threads of this process, from /proc/self.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| -> Option<f64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        };
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+        let e = &mut encoder;
+        if let Some(kib) = field("VmRSS:") {
+            emit(
+                e,
+                "process_resident_memory_bytes",
+                "Resident memory",
+                MetricType::Gauge,
+                &one(kib * 1024.0),
+            )?;
+        }
+        if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+            // USER_HZ: Linux fixes it at 100 for /proc.
+            emit(
+                e,
+                "process_cpu_seconds",
+                "User and system CPU time",
+                MetricType::Counter,
+                &one((user + system) / 100.0),
+            )?;
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            emit(
+                e,
+                "process_open_fds",
+                "Open file descriptors",
+                MetricType::Gauge,
+                &one(dir.count() as f64),
+            )?;
+        }
+        if let Some(threads) = field("Threads:") {
+            emit(
+                e,
+                "process_threads",
+                "Threads",
+                MetricType::Gauge,
+                &one(threads),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The `/metrics` route over `metrics`, with the counters read at scrape time.
 pub fn router(
-    store: Arc<StoreMetrics>,
+    metrics: Arc<NodeMetrics>,
     queue: StoreHandle,
     gossip: watch::Receiver<GossipSnapshot>,
 ) -> Router {
+    metrics.install(Counters {
+        store: metrics.store.clone(),
+        queue,
+        gossip,
+    });
     Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(Arc::new(MetricsState {
-            store,
-            queue,
-            gossip,
-        }))
+        .route("/metrics", get(serve_metrics))
+        .with_state(metrics)
 }
 
-async fn metrics(State(state): State<Arc<MetricsState>>) -> impl IntoResponse {
-    let gossip = state.gossip.borrow().clone();
+async fn serve_metrics(State(metrics): State<Arc<NodeMetrics>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render(&state.store, &gossip, state.queue.queue_len()),
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
     )
-}
-
-/// The exposition text.
-pub fn render(store: &StoreMetrics, gossip: &GossipSnapshot, store_queue: usize) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-    let b = gossip.broadcast;
-    metric(
-        "patina_changesets_committed_total",
-        "counter",
-        "Local transactions that changed rows.",
-        &[("", load(&store.committed_changesets))],
-    );
-    metric(
-        "patina_changes_committed_total",
-        "counter",
-        "Changes in local transactions.",
-        &[("", load(&store.committed_changes))],
-    );
-    metric(
-        "patina_changesets_applied_total",
-        "counter",
-        "Remote changesets merged.",
-        &[("", load(&store.applied_changesets))],
-    );
-    metric(
-        "patina_changes_applied_total",
-        "counter",
-        "Remote changes that won the merge.",
-        &[("", load(&store.applied_changes_won))],
-    );
-    metric(
-        "patina_changesets_rejected_total",
-        "counter",
-        "Remote changesets refused.",
-        &[("", load(&store.apply_rejected))],
-    );
-    metric(
-        "patina_apply_failed_total",
-        "counter",
-        "Batches of remote changesets whose transaction failed (full disk, I/O).",
-        &[("", load(&store.apply_failed))],
-    );
-    metric(
-        "patina_changeset_parts_buffered_total",
-        "counter",
-        "Parts of large remote changesets kept until the rest arrive.",
-        &[("", load(&store.parts_buffered))],
-    );
-    metric(
-        "patina_apply_batches_total",
-        "counter",
-        "Remote batches applied.",
-        &[("", load(&store.apply_batches))],
-    );
-    metric(
-        "patina_apply_lag_seconds",
-        "gauge",
-        "Time the last remote batch waited for the store.",
-        &[("", load(&store.apply_lag_us_last) / 1e6)],
-    );
-    metric(
-        "patina_gaps",
-        "gauge",
-        "Versions heard of but not applied.",
-        &[("", load(&store.gaps))],
-    );
-    metric(
-        "patina_members",
-        "gauge",
-        "Live members besides this node.",
-        &[("", gossip.members.len() as f64)],
-    );
-    metric(
-        "patina_broadcast_sent_total",
-        "counter",
-        "Broadcast messages sent, by kind.",
-        &[
-            ("{kind=\"gossip\"}", b.gossip_sent as f64),
-            ("{kind=\"ihave\"}", b.ihave_sent as f64),
-            ("{kind=\"graft\"}", b.grafts_sent as f64),
-            ("{kind=\"prune\"}", b.prunes_sent as f64),
-            ("{kind=\"ping\"}", b.pings_sent as f64),
-        ],
-    );
-    metric(
-        "patina_kept_links",
-        "gauge",
-        "Kept links: asked of near members, of random members, and served to members.",
-        &[
-            ("{kind=\"near\"}", gossip.kept_links.0 as f64),
-            ("{kind=\"far\"}", gossip.kept_links.1 as f64),
-            ("{kind=\"served\"}", gossip.kept_links.2 as f64),
-        ],
-    );
-    metric(
-        "patina_broadcast_received_total",
-        "counter",
-        "Changesets received by broadcast for the first time.",
-        &[("", b.delivered as f64)],
-    );
-    metric(
-        "patina_broadcast_duplicates_total",
-        "counter",
-        "Changesets received again.",
-        &[("", b.duplicates as f64)],
-    );
-    metric(
-        "patina_broadcast_dropped_total",
-        "counter",
-        "Messages or changesets dropped under load (left to sync).",
-        &[
-            ("{where=\"transport\"}", gossip.transport_dropped as f64),
-            ("{where=\"store_queue\"}", gossip.apply_dropped as f64),
-        ],
-    );
-    metric(
-        "patina_transport_sent_total",
-        "counter",
-        "Messages handed to QUIC.",
-        &[("", gossip.transport_sent as f64)],
-    );
-    metric(
-        "patina_handshake_failures_total",
-        "counter",
-        "QUIC handshakes refused or failed.",
-        &[("", gossip.handshake_failures as f64)],
-    );
-    metric(
-        "patina_peer_messages_refused_total",
-        "counter",
-        "Malformed or foreign peer messages.",
-        &[("", gossip.refused as f64)],
-    );
-    metric(
-        "patina_store_queue_size",
-        "gauge",
-        "Requests waiting for the store thread.",
-        &[("", store_queue as f64)],
-    );
-    out
 }
