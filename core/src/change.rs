@@ -114,6 +114,47 @@ pub struct Changeset {
     pub span: SeqSpan,
     /// The changes, ordered by seq, each inside `span`.
     pub changes: Vec<Change>,
+    /// When the author committed it, by the author's wall clock, if known.
+    pub committed_at: CommitTime,
+}
+
+/// When a changeset's author committed it: milliseconds since the Unix epoch on the author's
+/// wall clock, 0 when unknown (a changeset read back from storage by sync). It only measures
+/// replication lag: clocks of different hosts disagree, so it never decides anything, and it
+/// is no part of a changeset's identity: two changesets that differ only in it are equal,
+/// hash and order alike.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitTime(pub u64);
+
+impl CommitTime {
+    /// Whether the time is known.
+    pub fn is_known(self) -> bool {
+        self.0 != 0
+    }
+}
+
+impl PartialEq for CommitTime {
+    fn eq(&self, _: &CommitTime) -> bool {
+        true
+    }
+}
+
+impl Eq for CommitTime {}
+
+impl PartialOrd for CommitTime {
+    fn partial_cmp(&self, other: &CommitTime) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for CommitTime {
+    fn cmp(&self, _: &CommitTime) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+impl std::hash::Hash for CommitTime {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
 }
 
 impl Changeset {
@@ -124,6 +165,7 @@ impl Changeset {
             id,
             span: SeqSpan::whole(last),
             changes,
+            committed_at: CommitTime::default(),
         }
     }
 

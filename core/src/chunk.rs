@@ -64,6 +64,7 @@ pub fn split(changeset: &Changeset, bytes_max: usize) -> Vec<Changeset> {
                     last: changeset.span.last,
                 },
                 changes: std::mem::take(&mut current),
+                committed_at: changeset.committed_at,
             });
             start = Seq(end.get() + 1);
             current_bytes = header;
@@ -79,6 +80,7 @@ pub fn split(changeset: &Changeset, bytes_max: usize) -> Vec<Changeset> {
             last: changeset.span.last,
         },
         changes: current,
+        committed_at: changeset.committed_at,
     });
     parts
 }
@@ -89,6 +91,7 @@ pub struct Partial {
     covered: RangeSet,
     last: Option<Seq>,
     changes: BTreeMap<Seq, Change>,
+    committed_at: crate::change::CommitTime,
 }
 
 impl Partial {
@@ -115,6 +118,9 @@ impl Partial {
     /// Adds a part of the changeset, changes and all. Returns false if it added nothing new.
     pub fn add(&mut self, part: &Changeset) -> bool {
         let grew = self.cover(part.span);
+        if part.committed_at.is_known() {
+            self.committed_at = part.committed_at;
+        }
         for change in &part.changes {
             self.changes
                 .entry(change.seq)
@@ -149,6 +155,7 @@ impl Partial {
             id,
             span: SeqSpan::whole(last),
             changes,
+            committed_at: self.committed_at,
         })
     }
 }

@@ -19,13 +19,16 @@
 
 use std::collections::BTreeMap;
 
-use crate::change::{Change, Changeset, ChangesetId, Column, PartId, SeqSpan};
+use crate::change::{Change, Changeset, ChangesetId, Column, CommitTime, PartId, SeqSpan};
 use crate::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};
 use crate::pk::{PackedPk, PkError};
 use crate::value::Value;
 
-/// The only format this code writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
+/// The format this code writes (it also reads [`FORMAT_VERSION_WITHOUT_TIME`]).
+pub const FORMAT_VERSION: u8 = 2;
+/// The format before changesets carried their commit time (still read: parts stored by an
+/// older node, peers not yet upgraded).
+pub const FORMAT_VERSION_WITHOUT_TIME: u8 = 1;
 
 /// Bounds on what a decoder accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +117,7 @@ pub fn encode_changeset(changeset: &Changeset, out: &mut Vec<u8>) {
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&changeset.id.site.0);
     put_varint(out, changeset.id.version.get());
+    put_varint(out, changeset.committed_at.0);
     for seq in [
         changeset.span.start,
         changeset.span.end,
@@ -163,12 +167,17 @@ pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, Deco
     }
     let mut r = Reader { bytes, limits };
     let format = r.u8("format")?;
-    if format != FORMAT_VERSION {
+    if format != FORMAT_VERSION && format != FORMAT_VERSION_WITHOUT_TIME {
         return Err(DecodeError::UnknownFormat(format));
     }
     let site = SiteId::from_slice(r.take(SITE_ID_LEN, "site id")?)
         .map_err(|_| DecodeError::Truncated("site id"))?;
     let version = DbVersion(r.varint()?);
+    let committed_at = if format == FORMAT_VERSION {
+        r.varint()?
+    } else {
+        0
+    };
     let mut seq = || -> Result<Seq, DecodeError> {
         Ok(Seq(
             u32::try_from(r.varint()?).map_err(|_| DecodeError::Range("seq"))?
@@ -226,6 +235,7 @@ pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, Deco
         id: ChangesetId { site, version },
         span,
         changes,
+        committed_at: CommitTime(committed_at),
     })
 }
 
@@ -437,6 +447,31 @@ mod tests {
     }
 
     #[test]
+    fn the_commit_time_travels_and_older_encodings_still_read() {
+        let limits = Limits::default();
+        let mut stamped = sample();
+        stamped.committed_at = CommitTime(1_764_650_000_123);
+        let bytes = changeset_to_bytes(&stamped);
+        assert_eq!(
+            decode_changeset(&bytes, &limits).unwrap().committed_at.0,
+            1_764_650_000_123
+        );
+        // Identity ignores it: the same changeset read back by sync (time unknown) is equal.
+        assert_eq!(stamped, sample());
+        // The format before the commit time: the same bytes without its varint.
+        let mut old = vec![FORMAT_VERSION_WITHOUT_TIME];
+        let plain = changeset_to_bytes(&sample());
+        let header = 1 + SITE_ID_LEN;
+        let mut version = Vec::new();
+        put_varint(&mut version, sample().id.version.get());
+        old.extend_from_slice(&plain[1..header + version.len()]);
+        old.extend_from_slice(&plain[header + version.len() + 1..]);
+        let decoded = decode_changeset(&old, &limits).unwrap();
+        assert_eq!(decoded, sample());
+        assert!(!decoded.committed_at.is_known());
+    }
+
+    #[test]
     fn parts_round_trip_and_bad_spans_are_refused() {
         let mut cs = sample();
         cs.span = SeqSpan {
@@ -531,8 +566,9 @@ mod tests {
         // Claims 2^40 changes in a few bytes: refused before any allocation.
         let mut bytes = vec![FORMAT_VERSION];
         bytes.extend_from_slice(&[0; 16]);
-        // version 1, span 0..=0 of 0, no tables, no columns, then the forged count.
-        for n in [1, 0, 0, 0, 0, 0] {
+        // version 1, no commit time, span 0..=0 of 0, no tables, no columns, then the forged
+        // count.
+        for n in [1, 0, 0, 0, 0, 0, 0] {
             put_varint(&mut bytes, n);
         }
         put_varint(&mut bytes, 1 << 40);
@@ -554,8 +590,8 @@ mod tests {
         );
         let mut bytes = changeset_to_bytes(&sample());
         // Corrupt the first table name into invalid UTF-8 (after format, site, 2-byte version,
-        // the span's three 1-byte seqs, table count, name length).
-        let at = 1 + 16 + 2 + 3 + 1 + 1;
+        // 1-byte unknown commit time, the span's three 1-byte seqs, table count, name length).
+        let at = 1 + 16 + 2 + 1 + 3 + 1 + 1;
         assert_eq!(bytes[at], b'h');
         bytes[at] = 0xff;
         assert_eq!(

@@ -297,8 +297,11 @@ fn spawn_store(
                             metrics
                                 .committed_changes
                                 .fetch_add(changeset.changes.len() as u64, Ordering::Relaxed);
-                            // Broadcast at once; a full queue only delays it until sync.
-                            if commits.try_send(Arc::new(changeset.clone())).is_err() {
+                            // Broadcast at once; a full queue only delays it until sync. It
+                            // carries this host's clock, for the receivers' lag figures.
+                            let mut outgoing = changeset.clone();
+                            outgoing.committed_at = crate::metrics::commit_time_now();
+                            if commits.try_send(Arc::new(outgoing)).is_err() {
                                 tracing::warn!("broadcast queue full: changeset left to sync");
                             }
                         }
@@ -383,6 +386,7 @@ fn spawn_store(
                                                 id: changeset.id,
                                                 at,
                                             });
+                                            node_metrics.replicated(changeset.committed_at);
                                         }
                                         ApplyOutcome::Buffered => {
                                             metrics.parts_buffered.fetch_add(1, Ordering::Relaxed);

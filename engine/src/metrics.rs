@@ -90,7 +90,23 @@ pub struct NodeMetrics {
     pub replication_lag_seconds: Histogram,
     /// `patina_subscriber_cutoffs_total{stream}`: streams ended because their reader fell behind.
     pub subscriber_cutoffs: Family<Labels, Counter>,
+    /// Recent replication lags (when observed, seconds), for the health's p99.
+    recent_lags: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, f64)>>,
     registry: std::sync::Mutex<Option<Registry>>,
+}
+
+/// Lags kept for the health's p99: at most this many...
+const RECENT_LAGS_MAX: usize = 4096;
+/// ...and none older than this.
+const RECENT_LAGS_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// This host's wall clock as a changeset's commit time.
+pub fn commit_time_now() -> patina_core::change::CommitTime {
+    patina_core::change::CommitTime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis().max(1) as u64),
+    )
 }
 
 impl NodeMetrics {
@@ -104,6 +120,7 @@ impl NodeMetrics {
             sync_session_seconds: Family::new_with_constructor(latency_histogram),
             replication_lag_seconds: lag_histogram(),
             subscriber_cutoffs: Family::default(),
+            recent_lags: std::sync::Mutex::new(std::collections::VecDeque::new()),
             registry: std::sync::Mutex::new(None),
         }
     }
@@ -113,6 +130,43 @@ impl NodeMetrics {
         self.store_queue_wait_seconds
             .get_or_create(&vec![("kind", kind.to_string())])
             .observe(waited.as_secs_f64());
+    }
+
+    /// Records the lag of a remote changeset applied now, when its commit time is known. A
+    /// clock behind the author's gives a negative figure: counted as 0.
+    pub fn replicated(&self, committed_at: patina_core::change::CommitTime) {
+        if !committed_at.is_known() {
+            return;
+        }
+        let lag = (commit_time_now().0.saturating_sub(committed_at.0)) as f64 / 1000.0;
+        self.replication_lag_seconds.observe(lag);
+        let now = std::time::Instant::now();
+        let mut recent = self.recent_lags.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= RECENT_LAGS_MAX {
+            recent.pop_front();
+        }
+        recent.push_back((now, lag));
+    }
+
+    /// The 99th percentile of the replication lags of the last five minutes (at most the last
+    /// 4,096), seconds; 0 when none was observed.
+    pub fn p99_lag(&self) -> f64 {
+        let now = std::time::Instant::now();
+        let mut recent = self.recent_lags.lock().unwrap_or_else(|e| e.into_inner());
+        while recent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RECENT_LAGS_AGE)
+        {
+            recent.pop_front();
+        }
+        let mut lags: Vec<f64> = recent.iter().map(|(_, lag)| *lag).collect();
+        drop(recent);
+        if lags.is_empty() {
+            return 0.0;
+        }
+        lags.sort_by(f64::total_cmp);
+        let rank = ((lags.len() as f64) * 0.99).ceil() as usize;
+        lags[rank.clamp(1, lags.len()) - 1]
     }
 
     /// Counts a stream cut off because its reader fell behind.

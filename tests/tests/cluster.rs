@@ -534,3 +534,40 @@ async fn a_node_bound_to_every_interface_joins_by_name_and_advertises_its_route(
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_lag_is_measured_from_the_authors_commit_time() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Sync would bring the write without its commit time: keep it out of the way.
+    let agents = start_cluster_with(&dirs, None, |c| c.gossip.sync_interval_ms = 600_000).await;
+    let (a, b) = (&agents[0], &agents[1]);
+    async fn health(agent: &Agent, query: &str) -> (StatusCode, Json) {
+        let (status, body) = request(
+            &Target::Tcp(agent.api_addr()),
+            Method::GET,
+            &format!("/v1/health{query}"),
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+    assert_eq!(health(b, "?p99_lag=1").await.1["response"]["p99_lag"], 0.0);
+    // Everything a sends now takes 1.5 s to arrive.
+    a.faults()
+        .set_latency(std::sync::Arc::new(|_| Duration::from_millis(1_500)));
+    exec(a, "INSERT INTO kv (k, v) VALUES ('late', 'x')").await;
+    wait_for("the write on b", || async {
+        rows(b, "SELECT k FROM kv").await == vec![json!(["late"])]
+    })
+    .await;
+    let (status, answer) = health(b, "?p99_lag=1").await;
+    let lag = answer["response"]["p99_lag"].as_f64().unwrap();
+    assert!((1.5..10.0).contains(&lag), "{answer}");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(health(b, "?p99_lag=20").await.0, StatusCode::OK);
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
