@@ -150,6 +150,9 @@ pub struct Report {
     pub wall_s: f64,
     /// The options of the run (seed, rate, nodes, writes, latency model...), as given.
     pub options: Json,
+    /// The highest of the nodes' own p99 replication lag after the run (`/v1/health`, from
+    /// the writers' commit times; remote and procs runs), ms.
+    pub node_p99_lag_ms: Option<f64>,
 }
 
 impl Report {
@@ -247,6 +250,11 @@ impl Report {
             ));
         }
         out.push_str(&format!("  wall time           {:.1} s\n", self.wall_s));
+        if let Some(lag) = self.node_p99_lag_ms {
+            out.push_str(&format!(
+                "  nodes' own p99 lag  {lag:.1} ms at most (their /v1/health, from the writers' commit times)\n"
+            ));
+        }
         if !self.options.is_null() {
             out.push_str(&format!("  options             {}\n", self.options));
         }
@@ -286,6 +294,7 @@ impl Report {
             "idle_swim_slowdown": self.idle_swim_slowdown,
             "wall_s": self.wall_s,
             "options": self.options,
+            "node_p99_lag_ms": self.node_p99_lag_ms,
         })
     }
 

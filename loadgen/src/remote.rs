@@ -58,7 +58,8 @@ impl Default for RemoteOptions {
     }
 }
 
-async fn health(api: SocketAddr, token: Option<&str>) -> Option<u64> {
+/// (members, p99 replication lag in seconds) from a node's health.
+async fn health(api: SocketAddr, token: Option<&str>) -> Option<(u64, f64)> {
     let target = Target::Tcp(api);
     let call = request(&target, Method::GET, "/v1/health", token, Vec::new());
     let (_, body) = tokio::time::timeout(Duration::from_secs(2), call)
@@ -66,7 +67,9 @@ async fn health(api: SocketAddr, token: Option<&str>) -> Option<u64> {
         .ok()?
         .ok()?;
     match serde_json::from_slice(&body).ok()? {
-        HealthResponse::Response { members, .. } => Some(members),
+        HealthResponse::Response {
+            members, p99_lag, ..
+        } => Some((members, p99_lag)),
         HealthResponse::Error(_) => None,
     }
 }
@@ -85,7 +88,7 @@ pub async fn wait_formation(
     loop {
         let mut settled = 0;
         for api in apis {
-            if health(*api, token).await == Some(n) {
+            if health(*api, token).await.map(|(members, _)| members) == Some(n) {
                 settled += 1;
             }
         }
@@ -238,10 +241,18 @@ pub async fn run_remote(apis: &[SocketAddr], options: &RemoteOptions, mode: &str
     for follower in followers {
         follower.abort();
     }
+    // What the nodes measured themselves: their p99 lag from the writers' commit times.
+    let mut node_lags = Vec::new();
+    for api in apis {
+        if let Some((_, lag)) = health(*api, options.token.as_deref()).await {
+            node_lags.push(lag * 1e3);
+        }
+    }
     let map = arrivals.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut report = Report {
         mode: mode.into(),
         nodes: n,
+        node_p99_lag_ms: node_lags.iter().copied().reduce(f64::max),
         ..Report::default()
     };
     for (id, sent) in &writes {
