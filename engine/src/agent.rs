@@ -563,6 +563,7 @@ impl Agent {
             row_changes.subscribe(),
             shutdown_rx.clone(),
         )?;
+        let admin_subs = subs.clone();
 
         let (gossip_snapshot_tx, gossip_snapshot) = watch::channel(GossipSnapshot::default());
         let gossip_task = start_gossip(
@@ -577,6 +578,7 @@ impl Agent {
         .await?;
         let mut gossip_task = gossip_task;
         gossip_task.metrics = Some(node_metrics.clone());
+        let gossip_control = gossip_task.control_tx.clone();
         let gossip_addr = gossip_task.advertised;
         let faults = gossip_task.transport.faults();
         start_sync_server(
@@ -649,8 +651,13 @@ impl Agent {
             "binding the admin socket {}",
             admin_path.display()
         )))?;
-        let admin_router =
-            api::admin_router(handle, gossip_snapshot.clone(), config.db.path.clone());
+        let admin_router = api::admin_router(api::AdminState {
+            store: handle,
+            gossip: gossip_snapshot.clone(),
+            db_path: config.db.path.clone(),
+            control: gossip_control,
+            subs: admin_subs,
+        });
         let admin_task =
             crate::logging::spawn(serve(admin, admin_router, api_limits, shutdown_rx.clone()));
         // Started last: nothing after it can fail and leave the thread running.
@@ -876,6 +883,7 @@ async fn start_gossip(
         cluster: config.cluster_id,
     };
     let seed = u64::from_le_bytes(site.0[..8].try_into().expect("8 bytes")) ^ bump;
+    let (control_tx, control) = mpsc::channel(16);
     Ok(GossipTask {
         site,
         cluster: config.cluster_id,
@@ -902,6 +910,8 @@ async fn start_gossip(
         bootstrap,
         advertised,
         metrics: None,
+        control,
+        control_tx,
         members_file,
         members_file_hash: None,
         tick_ms: config.tick_ms,

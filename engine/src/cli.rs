@@ -125,6 +125,9 @@ enum Command {
     /// Cluster membership, as a running node sees it.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// The subscriptions of a running node.
+    #[command(subcommand)]
+    Subs(SubsCommand),
     /// Work directly on a node's database file (no agent needed).
     #[command(subcommand)]
     Db(DbCommand),
@@ -167,6 +170,16 @@ enum SyncCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Pull what this node lacks from one member now (its site id or gossip address).
+    Reconcile {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The member: site id (hex) or gossip address (IP:port).
+        peer: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +188,48 @@ enum ClusterCommand {
     Members {
         #[command(flatten)]
         admin: AdminArgs,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every member SWIM knows, down ones included, with its state and incarnation.
+    MembershipStates {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Announce this node again to its bootstrap entries (names resolved again) and the
+    /// members it remembers, as after a long partition.
+    Rejoin {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SubsCommand {
+    /// Every subscription of a running node.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One subscription.
+    Info {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Its id.
+        id: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -475,6 +530,18 @@ fn api_call(
     Err(format!("{status}: {message}").into())
 }
 
+/// `GET path` on the admin socket.
+fn admin_get(admin: &AdminArgs, path: &str) -> Result<bytes::Bytes, Box<dyn std::error::Error>> {
+    api_call(
+        &runtime()?,
+        &admin.target()?,
+        Method::GET,
+        path,
+        None,
+        Vec::new(),
+    )
+}
+
 /// How long `patina subscribe` keeps trying to re-attach before it gives up.
 const RESUME_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -707,10 +774,30 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 &crate::tls::generate_signed(&ca_key, &[], crate::tls::CertUse::Client)?,
             )?;
         }
+        Command::Sync(SyncCommand::Reconcile { admin, peer, json }) => {
+            let body = api_call(
+                &runtime()?,
+                &admin.target()?,
+                Method::POST,
+                "/sync/reconcile",
+                None,
+                serde_json::to_vec(&crate::http::types::ReconcileRequest { peer })?,
+            )?;
+            let out: crate::http::types::ReconcileResponse = serde_json::from_slice(&body)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "pulled {} changesets ({} bytes) from {} in {:.3} s",
+                    out.changesets, out.bytes_received, out.peer, out.seconds
+                );
+            }
+        }
         Command::Sync(command) => {
             let (api, path) = match &command {
                 SyncCommand::Digest { api } => (api, "/v1/sync/digest"),
                 SyncCommand::Generate { api } => (api, "/v1/sync/state"),
+                SyncCommand::Reconcile { .. } => unreachable!("matched above"),
             };
             let rt = runtime()?;
             let (target, token) = api.resolve(&rt)?;
@@ -729,21 +816,74 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 SyncCommand::Generate { .. } => serde_json::to_string_pretty(
                     &serde_json::from_slice::<SyncStateResponse>(&body)?,
                 ),
+                SyncCommand::Reconcile { .. } => unreachable!("matched above"),
             }?;
             println!("{pretty}");
         }
-        Command::Cluster(ClusterCommand::Members { admin }) => {
+        Command::Cluster(ClusterCommand::Members { admin, json }) => {
+            let body = admin_get(&admin, "/members")?;
+            let out: MembersResponse = serde_json::from_slice(&body)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for member in out.members {
+                    println!("{}\t{}", member.site_id, member.addr);
+                }
+            }
+        }
+        Command::Cluster(ClusterCommand::MembershipStates { admin, json }) => {
+            let body = admin_get(&admin, "/membership-states")?;
+            let out: crate::http::types::MembershipStatesResponse = serde_json::from_slice(&body)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for m in out.members {
+                    println!(
+                        "{}\t{}\t{}\tincarnation {}",
+                        m.site_id, m.addr, m.state, m.incarnation
+                    );
+                }
+            }
+        }
+        Command::Cluster(ClusterCommand::Rejoin { admin, json }) => {
             let body = api_call(
                 &runtime()?,
                 &admin.target()?,
-                Method::GET,
-                "/members",
+                Method::POST,
+                "/rejoin",
                 None,
                 Vec::new(),
             )?;
-            let out: MembersResponse = serde_json::from_slice(&body)?;
-            for member in out.members {
-                println!("{}\t{}", member.site_id, member.addr);
+            let out: crate::http::types::RejoinResponse = serde_json::from_slice(&body)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("announced to {}", out.announced_to.join(", "));
+            }
+        }
+        Command::Subs(SubsCommand::List { admin, json }) => {
+            let body = admin_get(&admin, "/subs")?;
+            let out: crate::http::types::SubscriptionsResponse = serde_json::from_slice(&body)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for sub in out.subscriptions {
+                    println!(
+                        "{}\t{} rows\tchange {}\t{} subscribers\t{}",
+                        sub.id, sub.rows, sub.last_change_id, sub.subscribers, sub.sql
+                    );
+                }
+            }
+        }
+        Command::Subs(SubsCommand::Info { admin, id, json }) => {
+            let body = admin_get(&admin, &format!("/subs/{id}"))?;
+            let out: crate::http::types::SubscriptionInfo = serde_json::from_slice(&body)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("id\t{}\nhash\t{}\nsql\t{}\ncolumns\t{}\nrows\t{}\nlast change id\t{}\nsubscribers\t{}\nidle\t{}",
+                    out.id, out.hash, out.sql, out.columns.join(", "), out.rows, out.last_change_id, out.subscribers,
+                    out.idle_s.map_or("no (someone listens)".to_string(), |s| format!("{s:.1} s")));
             }
         }
         Command::Backup { admin, file } => {

@@ -91,6 +91,26 @@ pub struct ColdSends {
     pub swim_by_kind: [u64; crate::membership::SWIM_KINDS.len()],
 }
 
+/// What a reconcile reports: the address pulled from, the session, how long it took.
+pub type Reconciled = Result<(SocketAddr, PullReport, Duration), String>;
+
+/// Requests of the admin socket to the gossip task.
+#[derive(Debug)]
+pub enum GossipControl {
+    /// Every member SWIM knows: (identity, state, incarnation).
+    States(tokio::sync::oneshot::Sender<Vec<(crate::membership::Actor, &'static str, u64)>>),
+    /// Announce again to the bootstrap entries (names resolved again) and remembered members,
+    /// whatever the membership; answers what was announced to.
+    Rejoin(tokio::sync::oneshot::Sender<Vec<String>>),
+    /// One anti-entropy pull now from `peer` (a site id in hex, or a gossip address).
+    Reconcile {
+        /// The member.
+        peer: String,
+        /// The outcome.
+        reply: tokio::sync::oneshot::Sender<Reconciled>,
+    },
+}
+
 /// Everything the gossip task needs.
 #[derive(Debug)]
 pub struct GossipTask {
@@ -120,6 +140,10 @@ pub struct GossipTask {
     pub advertised: SocketAddr,
     /// Where sync sessions are timed.
     pub metrics: Option<Arc<crate::metrics::NodeMetrics>>,
+    /// Requests of the admin socket.
+    pub control: mpsc::Receiver<GossipControl>,
+    /// The way to send them (cloned out before the task runs).
+    pub control_tx: mpsc::Sender<GossipControl>,
     /// Where live members are remembered across restarts.
     pub members_file: PathBuf,
     /// Hash of what the members file holds, once this task wrote it.
@@ -222,6 +246,9 @@ impl GossipTask {
                 }
                 _ = tokio::time::sleep_until(timer_due.into()) => {
                     self.membership.handle_timers(Instant::now());
+                }
+                Some(control) = self.control.recv() => {
+                    self.handle_control(control, &resolved_tx);
                 }
                 Some(addrs) = resolved.recv() => {
                     resolving = false;
@@ -442,6 +469,73 @@ impl GossipTask {
     }
 
     /// Writes the live members next to the database, for the next start.
+    fn handle_control(&mut self, control: GossipControl, resolved: &mpsc::Sender<Vec<SocketAddr>>) {
+        match control {
+            GossipControl::States(reply) => {
+                let _ = reply.send(self.membership.states());
+            }
+            GossipControl::Rejoin(reply) => {
+                for addr in &self.announce_to {
+                    self.membership.announce(*addr, self.cluster);
+                }
+                let mut told: Vec<String> =
+                    self.announce_to.iter().map(|a| a.to_string()).collect();
+                let names: Vec<_> = self
+                    .bootstrap
+                    .iter()
+                    .filter(|entry| entry.literal().is_none())
+                    .cloned()
+                    .collect();
+                if !names.is_empty() {
+                    told.extend(names.iter().map(|n| format!("{n} (resolving)")));
+                    let done = resolved.clone();
+                    crate::logging::spawn(async move {
+                        let addrs = crate::addrs::resolve_all(&names, RESOLVE_TIMEOUT).await;
+                        let _ = done.send(addrs).await;
+                    });
+                }
+                tracing::info!("rejoin asked: announcing to {}", told.join(", "));
+                let _ = reply.send(told);
+            }
+            GossipControl::Reconcile { peer, reply } => {
+                let target = match SiteId::from_hex(&peer) {
+                    Ok(site) => self
+                        .membership
+                        .addr_of(&site)
+                        .ok_or_else(|| format!("{peer} is not a live member")),
+                    Err(_) => crate::addrs::HostPort::parse(&peer).and_then(|hp| {
+                        hp.literal()
+                            .or_else(|| {
+                                self.membership
+                                    .members()
+                                    .values()
+                                    .copied()
+                                    .find(|a| a.to_string() == peer)
+                            })
+                            .ok_or_else(|| format!("{peer}: give a site id or a member's IP:port"))
+                    }),
+                };
+                let addr = match target {
+                    Ok(addr) => addr,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let (transport, store) = (self.transport.clone(), self.store.clone());
+                let (cluster, limits) = (self.cluster, self.limits);
+                crate::logging::spawn(async move {
+                    let started = Instant::now();
+                    let outcome = pull(&transport, addr, &store, cluster, &limits)
+                        .await
+                        .map(|report| (addr, report, started.elapsed()))
+                        .map_err(|e| format!("sync with {addr}: {e}"));
+                    let _ = reply.send(outcome);
+                });
+            }
+        }
+    }
+
     fn remember_members(&mut self) {
         let remembered: String = self
             .membership

@@ -271,6 +271,21 @@ impl Membership {
         &self.members
     }
 
+    /// Every member foca knows, down ones included: (identity, state, incarnation).
+    pub fn states(&self) -> Vec<(Actor, &'static str, u64)> {
+        self.foca
+            .iter_membership_state()
+            .map(|m| {
+                let state = match m.state() {
+                    foca::State::Alive => "alive",
+                    foca::State::Suspect => "suspect",
+                    foca::State::Down => "down",
+                };
+                (m.id().clone(), state, u64::from(m.incarnation()))
+            })
+            .collect()
+    }
+
     /// Members foca itself counts as active (for diagnostics; should match `members`).
     pub fn foca_member_count(&self) -> usize {
         self.foca.num_members()

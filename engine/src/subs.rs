@@ -157,6 +157,10 @@ enum Command {
         id: String,
         reply: oneshot::Sender<Result<(), SubsError>>,
     },
+    /// Describe every subscription.
+    List {
+        reply: oneshot::Sender<Vec<crate::http::types::SubscriptionInfo>>,
+    },
 }
 
 /// The handle the API uses.
@@ -174,6 +178,7 @@ impl std::fmt::Debug for Command {
             Command::Resync => "Resync",
             Command::Collect => "Collect",
             Command::Remove { .. } => "Remove",
+            Command::List { .. } => "List",
         })
     }
 }
@@ -228,6 +233,17 @@ impl SubsHandle {
             .await
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+
+    /// Every subscription, described (for operators).
+    pub async fn list(&self) -> Result<Vec<crate::http::types::SubscriptionInfo>, SubsError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || SubsError::Internal("the subscription thread stopped".into());
+        self.tx
+            .send(Command::List { reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
     }
 
     async fn call(
@@ -805,6 +821,24 @@ impl Manager {
                     None => Err(SubsError::Unknown(id)),
                 };
                 let _ = reply.send(result);
+            }
+            Command::List { reply } => {
+                let now = Instant::now();
+                let _ = reply.send(
+                    self.matchers
+                        .iter()
+                        .map(|m| crate::http::types::SubscriptionInfo {
+                            id: m.id.clone(),
+                            hash: m.hash.clone(),
+                            sql: m.sql.clone(),
+                            columns: m.columns.clone(),
+                            rows: m.rows.len(),
+                            last_change_id: m.last_change_id,
+                            subscribers: m.live.receiver_count(),
+                            idle_s: m.idle_since.map(|at| now.duration_since(at).as_secs_f64()),
+                        })
+                        .collect(),
+                );
             }
         }
     }

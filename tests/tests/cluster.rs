@@ -571,3 +571,112 @@ async fn replication_lag_is_measured_from_the_authors_commit_time() {
         agent.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_socket_shows_members_and_subscriptions_and_reconciles_on_demand() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Periodic sync out of the way: only an asked-for reconcile pulls.
+    let agents = start_cluster_with(&dirs, None, |c| c.gossip.sync_interval_ms = 600_000).await;
+    let (a, b) = (&agents[0], &agents[1]);
+    async fn admin(agent: &Agent, method: Method, path: &str, body: Json) -> (StatusCode, Json) {
+        let body = if body.is_null() {
+            vec![]
+        } else {
+            serde_json::to_vec(&body).unwrap()
+        };
+        let (status, out) = request(
+            &Target::Unix(agent.admin_path().to_path_buf()),
+            method,
+            path,
+            None,
+            body,
+        )
+        .await
+        .unwrap();
+        (status, serde_json::from_slice(&out).unwrap_or(Json::Null))
+    }
+    let (status, states) = admin(b, Method::GET, "/membership-states", Json::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        states["members"][0]["addr"],
+        a.gossip_addr().to_string(),
+        "{states}"
+    );
+    assert_eq!(states["members"][0]["state"], "alive", "{states}");
+
+    // Everything a sends is lost from now on: its write can reach b only by a sync session.
+    a.faults()
+        .drop_per_mille
+        .store(1000, std::sync::atomic::Ordering::Relaxed);
+    exec(a, "INSERT INTO kv (k, v) VALUES ('by-sync', 'x')").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rows(b, "SELECT k FROM kv").await.is_empty());
+    let (status, pulled) = admin(
+        b,
+        Method::POST,
+        "/sync/reconcile",
+        json!({"peer": a.gossip_addr().to_string()}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{pulled}");
+    assert_eq!(pulled["changesets"], 1, "{pulled}");
+    assert_eq!(rows(b, "SELECT k FROM kv").await, vec![json!(["by-sync"])]);
+    let (status, _) = admin(
+        b,
+        Method::POST,
+        "/sync/reconcile",
+        json!({"peer": "nobody"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // A subscription with a listener, as operators see it.
+    let (status, headers, stream) = patina::client::request_stream_with_headers(
+        &Target::Tcp(b.api_addr()),
+        Method::POST,
+        "/v1/subscriptions",
+        None,
+        serde_json::to_vec(&json!("SELECT k FROM kv")).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let id = headers["corro-query-id"].to_str().unwrap().to_string();
+    let (_, listed) = admin(b, Method::GET, "/subs", Json::Null).await;
+    let sub = &listed["subscriptions"][0];
+    assert_eq!(
+        (
+            sub["id"].as_str(),
+            sub["sql"].as_str(),
+            sub["rows"].as_u64(),
+            sub["subscribers"].as_u64()
+        ),
+        (
+            Some(id.as_str()),
+            Some("SELECT k FROM kv"),
+            Some(1),
+            Some(1)
+        ),
+        "{listed}"
+    );
+    let (status, info) = admin(b, Method::GET, &format!("/subs/{id}"), Json::Null).await;
+    assert_eq!((status, &info), (StatusCode::OK, sub));
+    assert_eq!(
+        admin(b, Method::GET, "/subs/nope", Json::Null).await.0,
+        StatusCode::NOT_FOUND
+    );
+    drop(stream);
+
+    let (status, rejoined) = admin(b, Method::POST, "/rejoin", Json::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        rejoined["announced_to"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(a.gossip_addr().to_string())),
+        "{rejoined}"
+    );
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}

@@ -503,3 +503,80 @@ pub struct LogFilter {
     /// A filter in `RUST_LOG` syntax.
     pub filter: String,
 }
+
+/// One member as SWIM sees it, in the admin socket's `GET /membership-states`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberState {
+    /// Site id (hex).
+    pub site_id: String,
+    /// Gossip address.
+    pub addr: String,
+    /// `alive`, `suspect` or `down`.
+    pub state: String,
+    /// SWIM incarnation (raised by the member to refute a suspicion).
+    pub incarnation: u64,
+    /// When this identity of the member started (ms since the epoch; a restart renews it).
+    pub started_ms: u64,
+}
+
+/// The answer of `GET /membership-states`: every member SWIM knows, down ones included.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MembershipStatesResponse {
+    /// The members, this node excluded.
+    pub members: Vec<MemberState>,
+}
+
+/// The answer of `POST /rejoin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejoinResponse {
+    /// The addresses announced to (bootstrap entries, resolved again, and remembered members).
+    pub announced_to: Vec<String>,
+}
+
+/// The body of `POST /sync/reconcile`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileRequest {
+    /// The member to pull from: its site id (hex) or its gossip address (`host:port`).
+    pub peer: String,
+}
+
+/// The answer of `POST /sync/reconcile`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReconcileResponse {
+    /// The address pulled from.
+    pub peer: String,
+    /// Changesets received.
+    pub changesets: usize,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// How long the session took, in seconds.
+    pub seconds: f64,
+}
+
+/// One subscription, in the admin socket's `GET /subs` and `GET /subs/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionInfo {
+    /// Its id (`corro-query-id`).
+    pub id: String,
+    /// Hash of its SQL (`corro-query-hash`).
+    pub hash: String,
+    /// The SQL.
+    pub sql: String,
+    /// Its columns.
+    pub columns: Vec<String>,
+    /// Rows in its result now.
+    pub rows: usize,
+    /// The last change id it issued.
+    pub last_change_id: u64,
+    /// Streams attached now.
+    pub subscribers: usize,
+    /// Seconds since its last subscriber left (None while someone listens).
+    pub idle_s: Option<f64>,
+}
+
+/// The answer of `GET /subs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionsResponse {
+    /// Every subscription of the node.
+    pub subscriptions: Vec<SubscriptionInfo>,
+}
