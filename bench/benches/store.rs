@@ -293,5 +293,32 @@ fn wire(c: &mut Criterion) {
     println!("wire: 400 changes encode to {} bytes", bytes.len());
 }
 
-criterion_group!(benches, local_write, remote_apply, extraction, wire);
+/// What metrics add to one write through the API: the request histogram with its route,
+/// method and status labels (as the API's middleware builds them) and the store queue wait.
+/// Compare with `local_write` and with a whole API write (docs/BENCHMARKS.md).
+fn metrics_per_write(c: &mut Criterion) {
+    let metrics = patina::metrics::NodeMetrics::new(Default::default());
+    c.bench_function("metrics_per_write", |b| {
+        b.iter(|| {
+            metrics
+                .api_request_seconds
+                .get_or_create(&vec![
+                    ("route", "/v1/transactions".to_string()),
+                    ("method", "POST".to_string()),
+                    ("status", 200u16.to_string()),
+                ])
+                .observe(0.000_4);
+            metrics.queue_wait("transaction", Duration::from_micros(12));
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    local_write,
+    remote_apply,
+    extraction,
+    wire,
+    metrics_per_write
+);
 criterion_main!(benches);
