@@ -680,3 +680,30 @@ async fn the_admin_socket_shows_members_and_subscriptions_and_reconciles_on_dema
         agent.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_and_replicate_over_ipv6() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a_config = node_config(a_dir.path(), &[]);
+    a_config.gossip.addr = "[::1]:0".parse().unwrap();
+    let a = Agent::start(&a_config).await.unwrap();
+    // b binds every interface of both families and joins a by its IPv6 address.
+    let mut b_config = node_config(b_dir.path(), &[]);
+    b_config.gossip.addr = "[::]:0".parse().unwrap();
+    b_config.gossip.plaintext = true;
+    b_config.gossip.bootstrap = vec![format!("[::1]:{}", a.gossip_addr().port())];
+    let b = Agent::start(&b_config).await.unwrap();
+    assert_eq!(b.gossip_addr().ip().to_string(), "::1");
+    wait_members(&[&a, &b], 2).await;
+    exec(&a, "INSERT INTO kv (k, v) VALUES ('over-v6', 'x')").await;
+    wait_for("a's write on b", || async {
+        rows(&b, "SELECT k FROM kv").await == vec![json!(["over-v6"])]
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
