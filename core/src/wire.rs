@@ -24,10 +24,14 @@ use crate::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};
 use crate::pk::{PackedPk, PkError};
 use crate::value::Value;
 
-/// The format this code writes (it also reads [`FORMAT_VERSION_WITHOUT_TIME`]).
-pub const FORMAT_VERSION: u8 = 2;
-/// The format before changesets carried their commit time (still read: parts stored by an
-/// older node, peers not yet upgraded).
+/// The format of peer message frames and sync requests (unchanged since the first release, so
+/// nodes of both releases keep their membership and sync sessions during a rolling upgrade).
+pub const FORMAT_VERSION: u8 = 1;
+/// The format of changesets this code writes: [`FORMAT_VERSION_WITHOUT_TIME`] plus the commit
+/// time after the version.
+pub const CHANGESET_FORMAT: u8 = 2;
+/// The changeset format before changesets carried their commit time (still read: parts stored
+/// by an older node, peers not yet upgraded).
 pub const FORMAT_VERSION_WITHOUT_TIME: u8 = 1;
 
 /// Bounds on what a decoder accepts.
@@ -114,7 +118,7 @@ pub fn encode_changeset(changeset: &Changeset, out: &mut Vec<u8>) {
             }
         }
     }
-    out.push(FORMAT_VERSION);
+    out.push(CHANGESET_FORMAT);
     out.extend_from_slice(&changeset.id.site.0);
     put_varint(out, changeset.id.version.get());
     put_varint(out, changeset.committed_at.0);
@@ -167,13 +171,13 @@ pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, Deco
     }
     let mut r = Reader { bytes, limits };
     let format = r.u8("format")?;
-    if format != FORMAT_VERSION && format != FORMAT_VERSION_WITHOUT_TIME {
+    if format != CHANGESET_FORMAT && format != FORMAT_VERSION_WITHOUT_TIME {
         return Err(DecodeError::UnknownFormat(format));
     }
     let site = SiteId::from_slice(r.take(SITE_ID_LEN, "site id")?)
         .map_err(|_| DecodeError::Truncated("site id"))?;
     let version = DbVersion(r.varint()?);
-    let committed_at = if format == FORMAT_VERSION {
+    let committed_at = if format == CHANGESET_FORMAT {
         r.varint()?
     } else {
         0
@@ -564,7 +568,7 @@ mod tests {
     #[test]
     fn forged_counts_do_not_allocate() {
         // Claims 2^40 changes in a few bytes: refused before any allocation.
-        let mut bytes = vec![FORMAT_VERSION];
+        let mut bytes = vec![CHANGESET_FORMAT];
         bytes.extend_from_slice(&[0; 16]);
         // version 1, no commit time, span 0..=0 of 0, no tables, no columns, then the forged
         // count.
@@ -598,7 +602,7 @@ mod tests {
             decode_changeset(&bytes, &Limits::default()),
             Err(DecodeError::InvalidUtf8("table"))
         );
-        let mut overlong = vec![FORMAT_VERSION];
+        let mut overlong = vec![CHANGESET_FORMAT];
         overlong.extend_from_slice(&[0; 16]);
         overlong.extend_from_slice(&[0xff; 11]);
         assert_eq!(

@@ -135,7 +135,12 @@ pub fn advertised(
     if !bound.ip().is_unspecified() {
         return Ok(bound);
     }
-    for peer in peers {
+    // A peer on loopback (this host's own name often maps to 127.0.1.1) says nothing about
+    // the address others reach this host at: routes to other hosts first, loopback only when
+    // every peer is on this host.
+    let (remote, local): (Vec<&SocketAddr>, Vec<&SocketAddr>) =
+        peers.iter().partition(|p| !p.ip().is_loopback());
+    for peer in remote.into_iter().chain(local) {
         if let Some(ip) = route_source(bound.ip(), *peer) {
             if !ip.is_unspecified() {
                 return Ok(SocketAddr::new(ip, bound.port()));

@@ -188,6 +188,14 @@ impl StoreHandle {
         rx.await.ok()
     }
 
+    /// The store's status, asked only if the queue has room now (health must never wait for
+    /// a slot that writes need).
+    pub async fn status_if_room(&self) -> Option<StoreStatus> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.try_send(StoreRequest::Status { reply }).ok()?;
+        rx.await.ok()
+    }
+
     /// Re-reads the schema files.
     pub async fn reload(&self) -> Result<(), TxError> {
         let (reply, rx) = oneshot::channel();
@@ -492,6 +500,8 @@ pub struct Agent {
     site: SiteId,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Held for the agent's life (see [`crate::store::backup::lock_database`]).
+    _db_lock: std::fs::File,
 }
 
 impl Agent {
@@ -521,6 +531,9 @@ impl Agent {
                     .map_err(io(format!("creating {}", schema.display())))?;
             }
         }
+        // One agent per database: a second one (or `patina restore`) on the same file is
+        // refused while this one runs; the lock goes with the process, also when it crashes.
+        let db_lock = crate::store::backup::lock_database(&config.db.path)?;
         let mut store = Store::open(&StoreConfig {
             path: config.db.path.clone(),
             schema_paths: config.db.schema_paths.clone(),
@@ -688,6 +701,7 @@ impl Agent {
                 tasks.push(admin_task);
                 tasks
             },
+            _db_lock: db_lock,
         })
     }
 

@@ -53,7 +53,11 @@ pub struct ApiState {
     subs: SubsHandle,
     shutdown: tokio::sync::watch::Receiver<bool>,
     metrics: Arc<crate::metrics::NodeMetrics>,
+    health_slots: Arc<Semaphore>,
 }
+
+/// Health checks answered at once; more get 503 at once.
+const HEALTH_CHECKS_MAX: usize = 8;
 
 /// The parts of the agent the API reads from, besides the store.
 #[derive(Debug)]
@@ -101,6 +105,7 @@ impl ApiState {
             subs,
             shutdown,
             metrics,
+            health_slots: Arc::new(Semaphore::new(HEALTH_CHECKS_MAX)),
         })
     }
 
@@ -163,7 +168,15 @@ async fn observe_latency(
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = request.method().as_str().to_string();
+    // Only the methods the API serves: any other would add a label value per request.
+    let method = match *request.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::HEAD => "HEAD",
+        _ => "other",
+    }
+    .to_string();
     let response = next.run(request).await;
     state
         .metrics
@@ -283,6 +296,9 @@ async fn reconcile(
             seconds: took.as_secs_f64(),
         })
         .into_response(),
+        // A peer that is not a member or not an address is the request's fault; a session
+        // that failed is the peer's.
+        Ok(Err(e)) if e.starts_with("sync with") => error(StatusCode::BAD_GATEWAY, e),
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
         Err(response) => response,
     }
@@ -706,9 +722,22 @@ async fn health(
     State(state): State<Arc<ApiState>>,
     Query(params): Query<HealthParams>,
 ) -> Response {
-    let status = match tokio::time::timeout(HEALTH_STORE_WAIT, state.store.status()).await {
+    // Health needs no token and skips the in-flight limit, so it has a small limit of its own:
+    // a flood of health checks must not fill the store queue that writes need.
+    let Ok(_health_slot) = state.health_slots.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("more than {HEALTH_CHECKS_MAX} health checks in flight"),
+        );
+    };
+    let status = match tokio::time::timeout(HEALTH_STORE_WAIT, state.store.status_if_room()).await {
         Ok(Some(status)) => status,
-        Ok(None) => return error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+        Ok(None) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store queue is full or the store is gone",
+            )
+        }
         Err(_) => {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,

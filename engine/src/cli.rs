@@ -103,8 +103,9 @@ enum Command {
         /// The database file instead of the config's.
         #[arg(long)]
         db: Option<PathBuf>,
-        /// Keep the backup's site id: only when the node it came from is gone for good and
-        /// this one replaces it.
+        /// Keep the backup's site id: only when the node it came from is gone for good, this
+        /// one replaces it, and it wrote nothing after the backup that reached other nodes
+        /// (those version numbers would be reused, and skipped by the peers that hold them).
         #[arg(long)]
         keep_site_id: bool,
         /// Replace an existing database.

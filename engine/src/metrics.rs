@@ -252,6 +252,9 @@ fn emit(
         if labels.is_empty() {
             // No labels: `name value`, not `name{} value`.
             return match kind {
+                MetricType::Counter if value.fract() != 0.0 => {
+                    ConstCounter::new(*value).encode(metric)
+                }
                 MetricType::Counter => ConstCounter::new(*value as u64).encode(metric),
                 _ => ConstGauge::new(*value).encode(metric),
             };
@@ -260,6 +263,9 @@ fn emit(
     for (labels, value) in samples {
         let family = metric.encode_family(labels)?;
         match kind {
+            MetricType::Counter if value.fract() != 0.0 => {
+                ConstCounter::new(*value).encode(family)?
+            }
             MetricType::Counter => ConstCounter::new(*value as u64).encode(family)?,
             _ => ConstGauge::new(*value).encode(family)?,
         }

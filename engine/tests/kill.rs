@@ -367,6 +367,16 @@ async fn a_backup_taken_during_writes_restores_onto_a_fresh_host_under_a_new_ide
         c_config.as_os_str(),
     ]);
     assert!(said.contains("new site id"), "{said}");
+    // What was restored is a's data, before c has talked to anyone.
+    let restored = cli(&[
+        "db".as_ref(),
+        "query".as_ref(),
+        "--db".as_ref(),
+        c_dir.join("state.db").as_os_str(),
+        "SELECT count(*) FROM kv".as_ref(),
+    ]);
+    let restored_rows: usize = restored.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert!(restored_rows >= 50, "{restored}");
     // Restoring again over it needs --force.
     let again = Command::new(patina())
         .args([

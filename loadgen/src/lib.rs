@@ -153,6 +153,9 @@ pub struct Report {
     /// The highest of the nodes' own p99 replication lag after the run (`/v1/health`, from
     /// the writers' commit times; remote and procs runs), ms.
     pub node_p99_lag_ms: Option<f64>,
+    /// Nodes whose update stream ended during a remote or procs run, and why: their later
+    /// deliveries are unknown (counted as missing), not necessarily lost.
+    pub streams_lost: Vec<String>,
 }
 
 impl Report {
@@ -255,6 +258,13 @@ impl Report {
                 "  nodes' own p99 lag  {lag:.1} ms at most (their /v1/health, from the writers' commit times)\n"
             ));
         }
+        if !self.streams_lost.is_empty() {
+            out.push_str(&format!(
+                "  WARNING             {} node streams ended during the run, their later deliveries are unknown: {}\n",
+                self.streams_lost.len(),
+                self.streams_lost.join("; ")
+            ));
+        }
         if !self.options.is_null() {
             out.push_str(&format!("  options             {}\n", self.options));
         }
@@ -295,6 +305,7 @@ impl Report {
             "wall_s": self.wall_s,
             "options": self.options,
             "node_p99_lag_ms": self.node_p99_lag_ms,
+            "streams_lost": self.streams_lost,
         })
     }
 

@@ -68,6 +68,15 @@ fn on_signal_clean_up(running: Arc<Mutex<Running>>) {
             .arg("-KILL")
             .args(running.pids.iter().map(u32::to_string))
             .status();
+        // An agent still starting is not in the list yet; its command line names its config
+        // under the run's folder.
+        if let Some(root) = &running.root {
+            let _ = std::process::Command::new("pkill")
+                .arg("-KILL")
+                .arg("-f")
+                .arg(root.as_os_str())
+                .status();
+        }
         if let Some(root) = &running.root {
             let _ = std::fs::remove_dir_all(root);
         }

@@ -108,14 +108,16 @@ pub async fn wait_formation(
 /// When each write reached each node, by the write's row id.
 type Arrivals = Arc<Mutex<HashMap<String, Vec<Option<Instant>>>>>;
 
-/// Follows one node's `/v1/updates/<table>` stream and records the rows it names.
+/// Follows one node's `/v1/updates/<table>` stream and records the rows it names; returns
+/// why the stream ended, if it ended before the run did (the node cut a reader that fell
+/// behind, or went away): that node's later deliveries are unknown, not lost.
 async fn follow(
     i: usize,
     api: SocketAddr,
     options: RemoteOptions,
     arrivals: Arrivals,
     ready: tokio::sync::oneshot::Sender<Result<(), String>>,
-) {
+) -> Option<String> {
     let path = format!("/v1/updates/{}", options.table);
     let answer = request_stream(
         &Target::Tcp(api),
@@ -132,11 +134,11 @@ async fn follow(
         }
         Ok((status, _)) => {
             let _ = ready.send(Err(format!("{api}: {path} answered {status}")));
-            return;
+            return None;
         }
         Err(e) => {
             let _ = ready.send(Err(format!("{api}: {e}")));
-            return;
+            return None;
         }
     };
     let mut buffer: Vec<u8> = Vec::new();
@@ -145,8 +147,10 @@ async fn follow(
         buffer.extend_from_slice(&chunk);
         while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buffer.drain(..=end).collect();
-            let Ok(NotifyEvent::Notify(_, pk)) = serde_json::from_slice(&line) else {
-                continue;
+            let pk = match serde_json::from_slice(&line) {
+                Ok(NotifyEvent::Notify(_, pk)) => pk,
+                Ok(NotifyEvent::Error(e)) => return Some(format!("node {i} ({api}): {e}")),
+                Err(_) => continue,
             };
             let Some(SqlValue::Text(id)) = pk.into_iter().next() else {
                 continue;
@@ -157,6 +161,7 @@ async fn follow(
             }
         }
     }
+    Some(format!("node {i} ({api}): its stream ended"))
 }
 
 /// Measures the nodes whose APIs are `apis`; the report's mode is `mode`.
@@ -238,8 +243,15 @@ pub async fn run_remote(apis: &[SocketAddr], options: &RemoteOptions, mode: &str
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     spreading.finish_and_clear();
+    let mut streams_lost = Vec::new();
     for follower in followers {
-        follower.abort();
+        if follower.is_finished() {
+            if let Ok(Some(why)) = follower.await {
+                streams_lost.push(why);
+            }
+        } else {
+            follower.abort();
+        }
     }
     // What the nodes measured themselves: their p99 lag from the writers' commit times.
     let mut node_lags = Vec::new();
@@ -253,6 +265,7 @@ pub async fn run_remote(apis: &[SocketAddr], options: &RemoteOptions, mode: &str
         mode: mode.into(),
         nodes: n,
         node_p99_lag_ms: node_lags.iter().copied().reduce(f64::max),
+        streams_lost,
         ..Report::default()
     };
     for (id, sent) in &writes {

@@ -103,4 +103,24 @@ async fn real_agent_processes_measured_and_stopped() {
         "{}",
         report.table()
     );
+    // Gone afterwards: no agent of the run left, no run folder.
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "loadgen-procs-"])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "agents left: {:?}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    let folders = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("loadgen-procs-")
+        })
+        .count();
+    assert_eq!(folders, 0);
 }

@@ -658,3 +658,49 @@ async fn reload_adds_tables_and_restart_keeps_rows() {
     assert_eq!((status, out["version"].clone()), (StatusCode::OK, json!(3)));
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_health_checks_does_not_crowd_writes_out_of_the_store_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.api.store_queue_len = 16;
+    cfg.api.authz.bearer_token = Some("s3cret".into());
+    let agent = Agent::start(&cfg).await.unwrap();
+    let api = agent.api_addr();
+    // The store is busy for a second...
+    let runaway = tokio::spawn(async move {
+        request(
+            &Target::Tcp(api),
+            Method::POST,
+            "/v1/transactions?timeout=1",
+            Some("s3cret"),
+            serde_json::to_vec(&json!([RUNAWAY])).unwrap(),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...while anyone, without a token, sends many health checks at once.
+    let mut checks = Vec::new();
+    for _ in 0..64 {
+        checks.push(tokio::spawn(async move {
+            request(&Target::Tcp(api), Method::GET, "/v1/health", None, vec![]).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A write still finds room in the queue and runs once the store is free.
+    let (status, out) = request(
+        &Target::Tcp(api),
+        Method::POST,
+        "/v1/transactions?timeout=10",
+        Some("s3cret"),
+        serde_json::to_vec(&json!(["INSERT INTO hosts (id) VALUES (1)"])).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&out));
+    let _ = runaway.await;
+    for check in checks {
+        let _ = check.await;
+    }
+    agent.shutdown().await;
+}

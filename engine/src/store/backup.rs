@@ -72,8 +72,16 @@ pub fn backup(db: &Path, to: &Path) -> Result<BackupReport, StoreError> {
             to.display()
         )));
     }
-    let partial = with_suffix(to, ".partial");
-    let _ = std::fs::remove_file(&partial);
+    // A name of its own, so two backups to one destination never write one file.
+    static BACKUPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let partial = with_suffix(
+        to,
+        &format!(
+            ".partial-{}-{}",
+            std::process::id(),
+            BACKUPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ),
+    );
     let conn = Connection::open_with_flags(
         db,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -92,7 +100,10 @@ pub fn backup(db: &Path, to: &Path) -> Result<BackupReport, StoreError> {
     std::fs::File::open(&partial)
         .and_then(|f| f.sync_all())
         .map_err(io)?;
-    std::fs::rename(&partial, to).map_err(io)?;
+    // A hard link fails if `to` appeared meanwhile: a backup never replaces a file.
+    let linked = std::fs::hard_link(&partial, to);
+    let _ = std::fs::remove_file(&partial);
+    linked.map_err(io)?;
     if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
         let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     }
@@ -106,10 +117,36 @@ pub fn backup(db: &Path, to: &Path) -> Result<BackupReport, StoreError> {
     })
 }
 
+/// Takes the exclusive lock of the database at `db` (on `<db>.lock`, created if missing): the
+/// running agent holds it, so a second agent or a restore on the same file is refused. The
+/// lock lasts as long as the returned file stays open (and ends with the process).
+pub fn lock_database(db: &Path) -> Result<std::fs::File, StoreError> {
+    let path = with_suffix(db, ".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Backup(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Backup(format!(
+            "{} is in use: an agent runs on this database (its lock {} is held)",
+            db.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Backup(format!(
+            "locking {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 /// Installs the backup `from` as the database at `db` (whose node must be stopped), under a
 /// new site id unless `keep_site`. The previous database file, its WAL and the node's
 /// subscriptions (whose change ids belong to the replaced database) are removed.
 pub fn restore(from: &Path, db: &Path, keep_site: bool) -> Result<RestoreReport, StoreError> {
+    let _lock = lock_database(db)?;
     {
         let check = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         let verdict: String = check.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
@@ -311,6 +348,22 @@ mod tests {
         let kept = restore(&backup_file, &dir.path().join("c.db"), true).unwrap();
         assert_eq!(kept.site, old_site);
         assert_eq!(open(dir.path(), "c.db").site_id(), old_site);
+    }
+
+    #[test]
+    fn a_database_in_use_is_neither_restored_over_nor_locked_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = open(dir.path(), "a.db");
+        write(&mut node, "INSERT INTO kv (k, v) VALUES ('a', '1')");
+        let backup_file = dir.path().join("backup.db");
+        backup(&dir.path().join("a.db"), &backup_file).unwrap();
+        let held = lock_database(&dir.path().join("a.db")).unwrap();
+        let e = lock_database(&dir.path().join("a.db")).unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        let e = restore(&backup_file, &dir.path().join("a.db"), false).unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(held);
+        restore(&backup_file, &dir.path().join("a.db"), false).unwrap();
     }
 
     #[test]
