@@ -309,6 +309,23 @@ impl Report {
         })
     }
 
+    /// Adds one write sent at `sent`, with when each node had it (None: never): its
+    /// deliveries, its coverage and, if every node had it, its time to all. Sort
+    /// `delivery_ms` once all writes are in.
+    pub fn record_write(&mut self, sent: Instant, arrived: &[Option<Instant>]) {
+        let delays: Vec<f64> = arrived
+            .iter()
+            .flatten()
+            .map(|t| t.saturating_duration_since(sent).as_secs_f64() * 1e3)
+            .collect();
+        self.delivery_ms.extend(&delays);
+        self.coverage
+            .push(delays.len() as f64 / arrived.len().max(1) as f64);
+        self.time_to_all_ms.push(
+            (delays.len() == arrived.len()).then(|| delays.iter().copied().fold(0.0, f64::max)),
+        );
+    }
+
     /// A PNG of the CDF of time to all nodes (and of per-node delivery).
     pub fn cdf_png(&self) -> Vec<u8> {
         let mut all: Vec<f64> = self.time_to_all_ms.iter().flatten().copied().collect();
@@ -677,17 +694,8 @@ pub async fn run_live(options: &Options) -> Report {
         ..Report::default()
     };
     for (id, sent) in &writes {
-        let arrived = map.get(id).cloned().unwrap_or_else(|| vec![None; n]);
-        let delays: Vec<Option<f64>> = arrived
-            .iter()
-            .map(|t| t.map(|t| t.saturating_duration_since(*sent).as_secs_f64() * 1e3))
-            .collect();
-        report.delivery_ms.extend(delays.iter().flatten());
-        let got = delays.iter().flatten().count();
-        report.coverage.push(got as f64 / n as f64);
-        report
-            .time_to_all_ms
-            .push((got == n).then(|| delays.iter().flatten().copied().fold(0.0, f64::max)));
+        let none = vec![None; n];
+        report.record_write(*sent, map.get(id).unwrap_or(&none));
     }
     report.delivery_ms.sort_by(f64::total_cmp);
     let per = (options.writes.max(1) * n) as f64;

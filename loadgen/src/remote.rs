@@ -269,16 +269,7 @@ pub async fn run_remote(apis: &[SocketAddr], options: &RemoteOptions, mode: &str
         ..Report::default()
     };
     for (id, sent) in &writes {
-        let delays: Vec<Option<f64>> = map[id]
-            .iter()
-            .map(|t| t.map(|t| t.saturating_duration_since(*sent).as_secs_f64() * 1e3))
-            .collect();
-        report.delivery_ms.extend(delays.iter().flatten());
-        let got = delays.iter().flatten().count();
-        report.coverage.push(got as f64 / n as f64);
-        report
-            .time_to_all_ms
-            .push((got == n).then(|| delays.iter().flatten().copied().fold(0.0, f64::max)));
+        report.record_write(*sent, &map[id]);
     }
     report.delivery_ms.sort_by(f64::total_cmp);
     report.wall_s = started.elapsed().as_secs_f64();
