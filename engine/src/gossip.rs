@@ -505,13 +505,6 @@ impl GossipTask {
                         .ok_or_else(|| format!("{peer} is not a live member")),
                     Err(_) => crate::addrs::HostPort::parse(&peer).and_then(|hp| {
                         hp.literal()
-                            .or_else(|| {
-                                self.membership
-                                    .members()
-                                    .values()
-                                    .copied()
-                                    .find(|a| a.to_string() == peer)
-                            })
                             .ok_or_else(|| format!("{peer}: give a site id or a member's IP:port"))
                     }),
                 };
@@ -530,6 +523,10 @@ impl GossipTask {
                         .await
                         .map(|report| (addr, report, started.elapsed()))
                         .map_err(|e| format!("sync with {addr}: {e}"));
+                    // The pull only queued what it fetched; a status request goes through the
+                    // same queue after it, so once it answers the rows are committed and the
+                    // operator who asked sees them.
+                    let _ = store.status().await;
                     let _ = reply.send(outcome);
                 });
             }

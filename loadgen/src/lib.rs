@@ -440,6 +440,27 @@ pub(crate) fn bar(progress: bool, len: usize, what: &str) -> indicatif::Progress
     bar
 }
 
+/// Polls `reached` (deliveries so far) until it counts `total` or `settle` passes, showing
+/// progress.
+pub(crate) async fn wait_until_spread(
+    progress: bool,
+    total: usize,
+    settle: Duration,
+    mut reached: impl FnMut() -> usize,
+) {
+    let spreading = bar(progress, total, "spreading");
+    let deadline = Instant::now() + settle;
+    loop {
+        let now_reached = reached();
+        spreading.set_position(now_reached as u64);
+        if now_reached == total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    spreading.finish_and_clear();
+}
+
 /// Runs the scenario with real agents in this process.
 pub async fn run_live(options: &Options) -> Report {
     let started = Instant::now();
@@ -650,23 +671,14 @@ pub async fn run_live(options: &Options) -> Report {
     }
     writing.finish_and_clear();
     // Wait for every write to reach every node, or give up after `settle`.
-    let spreading = bar(options.progress, options.writes * n, "spreading");
-    let deadline = Instant::now() + options.settle;
-    loop {
-        let reached: usize = {
-            let map = arrivals.lock().unwrap_or_else(|e| e.into_inner());
-            writes
-                .iter()
-                .map(|(id, _)| map.get(id).map_or(0, |v| v.iter().flatten().count()))
-                .sum()
-        };
-        spreading.set_position(reached as u64);
-        if reached == options.writes * n || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    spreading.finish_and_clear();
+    wait_until_spread(options.progress, options.writes * n, options.settle, || {
+        let map = arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        writes
+            .iter()
+            .map(|(id, _)| map.get(id).map_or(0, |v| v.iter().flatten().count()))
+            .sum()
+    })
+    .await;
     let phase = write_phase.elapsed().as_secs_f64();
     let (_, cpu_after) = patina_tests::process_usage();
     let sent_after: (u64, u64) = agents.iter().fold((0, 0), |(m, b), a| {

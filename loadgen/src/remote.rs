@@ -229,20 +229,11 @@ pub async fn run_remote(apis: &[SocketAddr], options: &RemoteOptions, mode: &str
         writing.inc(1);
     }
     writing.finish_and_clear();
-    let spreading = bar(options.progress, options.writes * n, "spreading");
-    let deadline = Instant::now() + options.settle;
-    loop {
-        let reached: usize = {
-            let map = arrivals.lock().unwrap_or_else(|e| e.into_inner());
-            map.values().map(|v| v.iter().flatten().count()).sum()
-        };
-        spreading.set_position(reached as u64);
-        if reached == options.writes * n || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    spreading.finish_and_clear();
+    crate::wait_until_spread(options.progress, options.writes * n, options.settle, || {
+        let map = arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().map(|v| v.iter().flatten().count()).sum()
+    })
+    .await;
     let mut streams_lost = Vec::new();
     for follower in followers {
         if follower.is_finished() {
