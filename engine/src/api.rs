@@ -355,6 +355,8 @@ fn store_status(e: &StoreError) -> StatusCode {
     match e {
         StoreError::DeadlinePassed(_) => StatusCode::REQUEST_TIMEOUT,
         StoreError::ReadersBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // Passes once the readers holding the WAL end, by their deadline at the latest.
+        StoreError::WalFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
         // The client is gone; nobody reads this.
         StoreError::Cancelled => StatusCode::REQUEST_TIMEOUT,
         e if e.is_client_fault() => StatusCode::BAD_REQUEST,

@@ -301,7 +301,8 @@ pub struct DbConfig {
     pub path: PathBuf,
     /// Schema files or folders of `.sql` files.
     pub schema_paths: Vec<PathBuf>,
-    /// Cap on the database size in bytes; writes past it fail cleanly. None: no cap.
+    /// Cap on the database file and its write-ahead log together, bytes (a quarter for the
+    /// WAL); writes past it fail cleanly. None: no cap.
     pub max_db_bytes: Option<u64>,
     /// Largest local transaction, as its encoded changeset (bytes); larger ones are refused.
     /// 64 KiB..=1 GiB.

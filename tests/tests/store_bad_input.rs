@@ -380,6 +380,73 @@ fn a_full_database_fails_cleanly_and_keeps_working() {
         .unwrap();
 }
 
+/// The cap covers the write-ahead log too: a reader that keeps an old snapshot stops
+/// checkpoints, and every commit then grows the WAL; past the WAL's share writes are refused,
+/// nothing is lost, and they resume once the reader lets go.
+#[test]
+fn a_pinned_reader_cannot_grow_the_wal_past_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap: u64 = 512 * 1024;
+    let cfg = StoreConfig {
+        max_db_bytes: Some(cap),
+        ..config(&dir, SCHEMA)
+    };
+    let mut store = Store::open(&cfg).unwrap();
+    // As in the agent: checkpoints come from another thread, here none at all.
+    store.checkpoint_in_background().unwrap();
+    let blob = "x".repeat(3000);
+    let update = |i: usize| {
+        Statement::with_params(
+            "INSERT OR REPLACE INTO hosts (id, name, port) VALUES (1, ?, ?)",
+            vec![blob.clone().into(), (i as i64).into()],
+        )
+    };
+    store.transact(&[update(0)]).unwrap();
+    let pinned = rusqlite::Connection::open(&cfg.path).unwrap();
+    pinned.execute_batch("BEGIN").unwrap();
+    let _: i64 = pinned
+        .query_row("SELECT count(*) FROM hosts", [], |r| r.get(0))
+        .unwrap();
+    let files = || {
+        let size = |name: &str| std::fs::metadata(dir.path().join(name)).map_or(0, |m| m.len());
+        size("db.sqlite") + size("db.sqlite-wal")
+    };
+    let mut written = 1;
+    let refused = loop {
+        assert!(
+            written < 2000,
+            "the WAL grew to {} bytes unrefused",
+            files()
+        );
+        match store.transact(&[update(written)]) {
+            Ok(_) => written += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(refused, StoreError::WalFull { .. }), "{refused}");
+    assert!(refused.to_string().contains("full"), "{refused}");
+    // Over by at most one transaction's frames (a few pages).
+    assert!(files() <= cap + 64 * 1024, "{} bytes on disk", files());
+    // Remote changesets wait the same way, with nothing applied.
+    assert!(store
+        .apply_changesets(&[remote(1, vec![change("hosts", 9, None, Value::Null, 1, 0)])])
+        .is_err());
+    assert!(store.bookkeeping().site(&SiteId([7; 16])).is_none());
+    drop(pinned);
+    store.transact(&[update(written)]).unwrap();
+    assert_eq!(store.db_version(), DbVersion(written as u64 + 1));
+    assert_eq!(
+        rows(&store, "SELECT port FROM hosts WHERE id = 1"),
+        vec![vec![(written as i64).into()]]
+    );
+    assert!(
+        store.wal_bytes() <= cap / 4,
+        "{} bytes in the WAL",
+        store.wal_bytes()
+    );
+    assert!(files() <= cap + 64 * 1024, "{} bytes on disk", files());
+}
+
 #[test]
 fn reopen_keeps_rows_clocks_versions_and_site() {
     let dir = tempfile::tempdir().unwrap();

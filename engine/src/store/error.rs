@@ -128,6 +128,15 @@ pub enum StoreError {
         /// The limit.
         limit: u64,
     },
+    /// The write-ahead log is over its share of `db.max_db_bytes` and readers still use it;
+    /// nothing was written. Writes resume once they let go (queries end by their deadline).
+    #[error("database full: the write-ahead log holds {bytes} bytes, over its share of {limit} bytes of db.max_db_bytes, and readers still use it")]
+    WalFull {
+        /// Bytes in the WAL.
+        bytes: u64,
+        /// Its share of the cap.
+        limit: u64,
+    },
     /// A transaction with no statements.
     #[error("empty transaction")]
     EmptyTransaction,

@@ -21,6 +21,7 @@ mod clock;
 pub mod error;
 pub mod guard;
 pub mod schema;
+mod wal;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -132,7 +133,8 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Schema files or folders of `.sql` files.
     pub schema_paths: Vec<PathBuf>,
-    /// Cap on the database size in bytes (SQLite's max_page_count); writes past it fail cleanly.
+    /// Cap on the database and its write-ahead log, bytes (a quarter for the WAL, see
+    /// `store::wal`); writes past it fail cleanly. None: no cap.
     pub max_db_bytes: Option<u64>,
     /// Largest encoded changeset a local transaction may produce (None: 64 MiB); a larger
     /// transaction is refused with [`StoreError::TransactionTooLarge`] and nothing is committed.
@@ -315,6 +317,8 @@ pub struct Store {
     partials: BTreeMap<ChangesetId, Partial>,
     parts_bytes: u64,
     parts_bytes_max: u64,
+    /// The WAL's share of `max_db_bytes`, checked before every write transaction.
+    wal: wal::WalBudget,
 }
 
 impl Store {
@@ -325,14 +329,7 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
              PRAGMA recursive_triggers = ON; PRAGMA foreign_keys = OFF;",
         )?;
-        if let Some(bytes) = config.max_db_bytes {
-            let page_size: i64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-            let page_size = page_size.max(512) as u64;
-            writer.execute_batch(&format!(
-                "PRAGMA max_page_count = {}",
-                (bytes / page_size).max(1)
-            ))?;
-        }
+        let wal = wal::WalBudget::install(&mut writer, config.max_db_bytes)?;
         writer.set_prepared_statement_cache_capacity(256);
         writer.execute_batch(INTERNAL_SCHEMA)?;
         let site_row: Option<Vec<u8>> = writer
@@ -378,6 +375,7 @@ impl Store {
             partials: BTreeMap::new(),
             parts_bytes: 0,
             parts_bytes_max: config.parts_bytes_max.unwrap_or(DEFAULT_PARTS_BYTES_MAX),
+            wal,
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
@@ -403,9 +401,13 @@ impl Store {
     /// copies pages into the database file and syncs it, which made every few hundredth commit
     /// take milliseconds longer.
     pub fn checkpoint_in_background(&mut self) -> Result<(), StoreError> {
-        self.writer
-            .execute_batch("PRAGMA wal_autocheckpoint = 0;")?;
+        self.wal.checkpoint_elsewhere();
         Ok(())
+    }
+
+    /// Bytes in the write-ahead log after the last commit.
+    pub fn wal_bytes(&self) -> u64 {
+        self.wal.bytes()
     }
 
     /// Records that a remote changeset exists that this store could not apply (refused, or
@@ -742,6 +744,7 @@ impl Store {
         &mut self,
         body: impl FnOnce(&mut Store) -> Result<Vec<usize>, StoreError>,
     ) -> Result<TxOutcome, StoreError> {
+        self.wal.ensure_room(&self.writer)?;
         self.writer.execute_batch("BEGIN IMMEDIATE")?;
         {
             let mut st = self.capture.lock();
@@ -1055,6 +1058,7 @@ impl Store {
         &mut self,
         batch: &[C],
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        self.wal.ensure_room(&self.writer)?;
         self.writer.execute_batch("BEGIN IMMEDIATE")?;
         let mut book = self.book.clone();
         let mut touched_sites = BTreeSet::new();
@@ -1635,8 +1639,8 @@ pub fn spawn_checkpointer(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let conn = Connection::open(path)?;
-    // The WAL file keeps its largest size unless told otherwise.
-    conn.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA journal_size_limit = 67108864;")?;
+    // (The WAL's size kept on disk is the writer's setting: the writer resets it.)
+    conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
     let checkpoint = |conn: &Connection| {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!("WAL checkpoint failed: {e}");
