@@ -10,10 +10,11 @@
 //! insert, update and delete events, numbered by contiguous change ids. Identical SQL shares one
 //! matcher.
 //!
-//! Everything lives on one thread with its own read-only connection to the database (and TEMP
-//! tables for the changed keys), plus a small SQLite file of its own for persistence: each
-//! subscription's SQL, rows and the last `history_len` changes, written in one transaction
-//! before the events are sent. After a restart a subscription is reconciled with the data (any
+//! One thread (the manager) holds every subscription's rows and a small SQLite file of its own
+//! for persistence: each subscription's SQL, rows and the last `history_len` changes, written
+//! in one transaction before the events are sent. The queries run on two threads of their own
+//! ([`workers`]), each with a read-only connection to the database (and TEMP tables for the
+//! changed keys), so a costly subscription never holds up the others. After a restart a subscription is reconciled with the data (any
 //! change it missed becomes events), so a client resuming from its last change id gets exactly
 //! what it missed; one resuming from before the kept history gets an error, never a silent gap.
 //! A subscriber that does not keep up is cut off with an error and can resume by change id.
@@ -33,8 +34,9 @@ use sqlparser::parser::Parser;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::http::types::ChangeType;
-use crate::store::guard::{Interrupt, Stopped};
-use crate::store::{to_value, SqlValue};
+use workers::{Done, Job, Lane, Query, Workers};
+
+mod workers;
 
 /// Bounds and retention.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +56,7 @@ pub struct SubsConfig {
 }
 
 /// Why a subscription request failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SubsError {
     /// The SQL cannot be a subscription (syntax, a write, an unsupported shape, a table that
     /// is not replicated).
@@ -148,6 +150,8 @@ enum Command {
         reply: oneshot::Sender<Result<Attached, SubsError>>,
     },
     Changes(Arc<Vec<RowChange>>),
+    /// A query thread's answer.
+    Done(Done),
     /// Change notices were lost: reconcile every subscription with the data.
     Resync,
     /// Remove subscriptions nobody listened to for the idle timeout.
@@ -175,6 +179,7 @@ impl std::fmt::Debug for Command {
             Command::Subscribe { .. } => "Subscribe",
             Command::Attach { .. } => "Attach",
             Command::Changes(_) => "Changes",
+            Command::Done(_) => "Done",
             Command::Resync => "Resync",
             Command::Collect => "Collect",
             Command::Remove { .. } => "Remove",
@@ -266,14 +271,12 @@ pub fn spawn(
     mut row_changes: broadcast::Receiver<Arc<Vec<RowChange>>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SubsHandle, SubsError> {
-    let mut reader = Connection::open_with_flags(
+    // Only plans queries (prepares them, runs none).
+    let reader = Connection::open_with_flags(
         db,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    let interrupt = Interrupt::install(&mut reader)?;
     reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
-    // Each subscription runs one restricted query per table it reads: keep them all prepared.
-    reader.set_prepared_statement_cache_capacity((config.max_subscriptions * 2 + 16).min(8192));
     let storage = Connection::open(path)?;
     storage.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
@@ -291,11 +294,10 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(1024);
     let mut manager = Manager {
         reader,
-        interrupt,
+        workers: Workers::new(db, config, tx.downgrade()),
         storage,
         config,
         matchers: Vec::new(),
-        key_tables: BTreeSet::new(),
         pending: Vec::new(),
     };
     manager.load()?;
@@ -663,6 +665,9 @@ struct Matcher {
     live: broadcast::Sender<Arc<ChangeEvent>>,
     /// Since when nobody has listened (None while someone does).
     idle_since: Option<Instant>,
+    /// False until its first rows are in (a query thread runs them).
+    ready: bool,
+    work: Work,
 }
 
 impl Matcher {
@@ -733,15 +738,62 @@ impl Matcher {
     }
 }
 
+/// A reply to a subscriber waiting for its subscription.
+type Reply = oneshot::Sender<Result<Attached, SubsError>>;
+
+/// A subscriber waiting for rows from the query threads.
+struct Waiter {
+    skip_rows: bool,
+    reply: Reply,
+}
+
+/// What the query out for a subscription is for.
+enum Purpose {
+    /// A new subscription's first rows, in the query's order; its subscribers wait in
+    /// `Work::waiting`.
+    First,
+    /// The whole result, to reconcile with (notices were lost, or after a restart).
+    Full,
+    /// The rows in the query's order, for these subscribers.
+    Ordered(Vec<Waiter>),
+    /// The rows of these changed keys (packed, per alias queried, in the order of the
+    /// job's queries).
+    Keys(Vec<(usize, Vec<Vec<u8>>)>),
+}
+
+/// A subscription's dealings with the query threads.
+struct Work {
+    /// The query out, if any: one at a time, so answers apply in the order the data changed.
+    busy: Option<Purpose>,
+    /// Its last query took longer than [`workers::QUICK`]: its next ones are heavy.
+    slow: bool,
+    /// Reconcile with the whole result next.
+    full: bool,
+    /// Changed keys per alias (packed -> values) not yet queried.
+    keys: Vec<BTreeMap<Vec<u8>, Vec<Value>>>,
+    /// Subscribers waiting for the rows.
+    waiting: Vec<Waiter>,
+}
+
+impl Work {
+    fn new(aliases: usize) -> Work {
+        Work {
+            busy: None,
+            slow: false,
+            full: false,
+            keys: vec![BTreeMap::new(); aliases],
+            waiting: Vec::new(),
+        }
+    }
+}
+
 struct Manager {
+    /// Plans subscriptions (prepares their queries); runs none: the query threads do.
     reader: Connection,
-    /// Stops a pass of a subscription's query at its deadline.
-    interrupt: Interrupt,
+    workers: Workers,
     storage: Connection,
     config: SubsConfig,
     matchers: Vec<Matcher>,
-    /// Arities of the TEMP key tables created so far.
-    key_tables: BTreeSet<usize>,
     /// Events stored in the open transaction, sent when it commits.
     pending: Vec<(usize, Vec<Arc<ChangeEvent>>)>,
 }
@@ -765,13 +817,10 @@ impl Manager {
                             }
                         }
                     }
-                    let result = if resync {
-                        self.resync()
+                    if resync {
+                        self.resync();
                     } else {
-                        self.on_changes(&batches)
-                    };
-                    if let Err(e) = result {
-                        tracing::error!("subscriptions: applying changes failed: {e}");
+                        self.on_changes(&batches);
                     }
                     if let Some(command) = later {
                         self.handle(command);
@@ -789,34 +838,24 @@ impl Manager {
                 skip_rows,
                 from,
                 reply,
-            } => {
-                let _ = reply.send(self.subscribe(&sql, skip_rows, from));
-            }
+            } => self.subscribe(&sql, skip_rows, from, reply),
             Command::Attach {
                 id,
                 skip_rows,
                 from,
                 reply,
-            } => {
-                let result = match self.matchers.iter().position(|m| m.id == id) {
-                    Some(index) => self.attach(index, skip_rows, from),
-                    None => Err(SubsError::Unknown(id)),
-                };
-                let _ = reply.send(result);
-            }
-            Command::Changes(batch) => {
-                if let Err(e) = self.on_changes(&[batch]) {
-                    tracing::error!("subscriptions: applying changes failed: {e}");
+            } => match self.position(&id) {
+                Some(index) => self.attach(index, skip_rows, from, reply),
+                None => {
+                    let _ = reply.send(Err(SubsError::Unknown(id)));
                 }
-            }
-            Command::Resync => {
-                if let Err(e) = self.resync() {
-                    tracing::error!("subscriptions: resync failed: {e}");
-                }
-            }
+            },
+            Command::Changes(batch) => self.on_changes(&[batch]),
+            Command::Resync => self.resync(),
+            Command::Done(done) => self.on_done(done),
             Command::Collect => self.collect(Instant::now()),
             Command::Remove { id, reply } => {
-                let result = match self.matchers.iter().position(|m| m.id == id) {
+                let result = match self.position(&id) {
                     Some(index) => self.remove(index, "deleted by a client"),
                     None => Err(SubsError::Unknown(id)),
                 };
@@ -843,13 +882,18 @@ impl Manager {
         }
     }
 
-    /// The subscription nobody has listened to for the longest, if any.
+    fn position(&self, id: &str) -> Option<usize> {
+        self.matchers.iter().position(|m| m.id == id)
+    }
+
+    /// The subscription nobody has listened to for the longest, if any (one still running its
+    /// first query is not a candidate).
     fn longest_unused(&self) -> Option<usize> {
         let now = Instant::now();
         self.matchers
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.live.receiver_count() == 0)
+            .filter(|(_, m)| m.ready && m.work.waiting.is_empty() && m.live.receiver_count() == 0)
             .min_by_key(|(_, m)| m.idle_since.unwrap_or(now))
             .map(|(index, _)| index)
     }
@@ -859,7 +903,12 @@ impl Manager {
         let idle_timeout = self.config.idle_timeout;
         let mut expired = Vec::new();
         for (index, matcher) in self.matchers.iter_mut().enumerate() {
-            if matcher.live.receiver_count() > 0 {
+            let waited_on = !matcher.work.waiting.is_empty()
+                || matches!(
+                    matcher.work.busy,
+                    Some(Purpose::First | Purpose::Ordered(_))
+                );
+            if matcher.live.receiver_count() > 0 || waited_on {
                 matcher.idle_since = None;
                 continue;
             }
@@ -876,7 +925,7 @@ impl Manager {
     }
 
     /// Forgets a subscription: storage, rows, history; its subscribers' streams end (their
-    /// receiver is closed).
+    /// receiver is closed), and those still waiting for rows are told it is gone.
     fn remove(&mut self, index: usize, why: &str) -> Result<(), SubsError> {
         let id = self.matchers[index].id.clone();
         let tx = self.storage.transaction()?;
@@ -885,7 +934,14 @@ impl Manager {
             tx.execute(&format!("DELETE FROM {table} WHERE {column} = ?1"), [&id])?;
         }
         tx.commit()?;
-        self.matchers.remove(index);
+        let matcher = self.matchers.remove(index);
+        let mut waiters = matcher.work.waiting;
+        if let Some(Purpose::Ordered(more)) = matcher.work.busy {
+            waiters.extend(more);
+        }
+        for waiter in waiters {
+            let _ = waiter.reply.send(Err(SubsError::Unknown(id.clone())));
+        }
         tracing::info!(subscription = %id, "subscription removed: {why}");
         Ok(())
     }
@@ -895,9 +951,6 @@ impl Manager {
     fn prepare(&mut self, sql: &str) -> Result<(Plan, String, Vec<String>), SubsError> {
         let tables = replicated_tables(&self.reader)?;
         let (mut plan, normalized) = plan(sql, &tables)?;
-        for alias in &plan.aliases {
-            self.ensure_key_table(alias.key_len)?;
-        }
         // Every table the query reads must be one of its FROM tables (a subquery reading
         // another table would miss that table's changes).
         let read = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
@@ -939,81 +992,36 @@ impl Manager {
         Ok((plan, normalized, columns))
     }
 
-    fn ensure_key_table(&mut self, arity: usize) -> Result<(), SubsError> {
-        if self.key_tables.insert(arity) {
-            let cols: Vec<String> = (0..arity).map(|j| format!("c{j}")).collect();
-            self.reader.execute_batch(&format!(
-                "CREATE TEMP TABLE IF NOT EXISTS __patina_keys_{arity} ({})",
-                cols.join(", ")
-            ))?;
-        }
-        Ok(())
-    }
-
-    /// Runs one of a plan's queries; rows as (identity, visible values). A pass returning
-    /// more than `rows_max` rows or running past `pass_timeout` is stopped: TooCostly.
-    fn run_query(&self, plan: &Plan, sql: &str) -> Result<FoundRows, SubsError> {
-        let SubsConfig {
-            rows_max,
-            pass_timeout,
-            ..
-        } = self.config;
-        self.interrupt
-            .arm(Some(Instant::now() + pass_timeout), None);
-        let result = (|| {
-            let mut stmt = self.reader.prepare_cached(sql)?;
-            let width = plan.visible + plan.key_columns;
-            let mut rows = stmt.query([])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                if out.len() >= rows_max {
-                    return Err(SubsError::TooCostly(format!(
-                        "the query returns more than {rows_max} rows (subscriptions.rows_max)"
-                    )));
-                }
-                let mut values = Vec::with_capacity(width);
-                for i in 0..width {
-                    values.push(to_value(row.get_ref(i)?));
-                }
-                let keys = values.split_off(plan.visible);
-                out.push((pack(&keys), values));
+    /// A new subscription (or a subscriber to the one with the same SQL). A new one's first
+    /// rows come from a query thread; `reply` is answered then.
+    fn subscribe(&mut self, sql: &str, skip_rows: bool, from: Option<u64>, reply: Reply) {
+        let (plan, normalized, columns) = match self.prepare(sql) {
+            Ok(planned) => planned,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
             }
-            Ok(out)
-        })();
-        self.interrupt.disarm();
-        match (result, self.interrupt.stopped()) {
-            (Err(_), Some(Stopped::Deadline)) => Err(SubsError::TooCostly(format!(
-                "the query runs longer than {pass_timeout:?} (subscriptions.pass_timeout_ms)"
-            ))),
-            (result, _) => result,
-        }
-    }
-
-    fn subscribe(
-        &mut self,
-        sql: &str,
-        skip_rows: bool,
-        from: Option<u64>,
-    ) -> Result<Attached, SubsError> {
-        let (plan, normalized, columns) = self.prepare(sql)?;
+        };
         let hash = fnv(&normalized);
         if let Some(index) = self.matchers.iter().position(|m| m.hash == hash) {
-            return self.attach(index, skip_rows, from);
+            return self.attach(index, skip_rows, from, reply);
         }
         if from.is_some() {
-            return Err(SubsError::BadQuery(
+            let _ = reply.send(Err(SubsError::BadQuery(
                 "from needs an existing subscription (GET /v1/subscriptions/{id})".into(),
-            ));
+            )));
+            return;
         }
         // Full, with no subscription to make room: refused before any work.
-        let full = self.matchers.len() >= self.config.max_subscriptions;
-        if full && self.longest_unused().is_none() {
-            return Err(SubsError::TooMany(self.config.max_subscriptions));
+        if self.matchers.len() >= self.config.max_subscriptions && self.longest_unused().is_none() {
+            let _ = reply.send(Err(SubsError::TooMany(self.config.max_subscriptions)));
+            return;
         }
-        let id = random_uuid();
         let (live, _) = broadcast::channel(self.config.subscriber_buffer);
-        let mut matcher = Matcher {
-            id: id.clone(),
+        let mut work = Work::new(plan.aliases.len());
+        work.waiting.push(Waiter { skip_rows, reply });
+        self.matchers.push(Matcher {
+            id: random_uuid(),
             hash,
             sql: sql.to_string(),
             by_alias: vec![HashMap::new(); plan.aliases.len()],
@@ -1024,16 +1032,290 @@ impl Manager {
             last_change_id: 0,
             live,
             idle_since: None,
+            ready: false,
+            work,
+        });
+        let index = self.matchers.len() - 1;
+        let matcher = &mut self.matchers[index];
+        matcher.work.busy = Some(Purpose::First);
+        let job = Job {
+            sub: matcher.id.clone(),
+            // Its cost is not known yet.
+            lane: Lane::Heavy,
+            queries: vec![Query {
+                sql: matcher.plan.ordered_sql.clone(),
+                keys: None,
+            }],
+            visible: matcher.plan.visible,
+            key_columns: matcher.plan.key_columns,
         };
-        let found = self.run_query(&matcher.plan, &matcher.plan.full_sql)?;
-        // The first rows are the starting point, not changes.
-        let _ = matcher.diff(None, found);
-        // Only now, with the new one known to work, an unused one makes room.
-        if full {
-            if let Some(index) = self.longest_unused() {
-                self.remove(index, "room for a new subscription")?;
+        if let Err(e) = self.workers.submit(job) {
+            let matcher = self.matchers.remove(index);
+            for waiter in matcher.work.waiting {
+                let _ = waiter.reply.send(Err(e.clone()));
             }
         }
+    }
+
+    /// A subscriber to an existing subscription: answered at once when it resumes from a change
+    /// id or skips the rows; otherwise once a query thread has read the rows in order.
+    fn attach(&mut self, index: usize, skip_rows: bool, from: Option<u64>, reply: Reply) {
+        let matcher = &mut self.matchers[index];
+        if !matcher.ready {
+            if from.is_some() {
+                let _ = reply.send(Err(SubsError::BadQuery(format!(
+                    "subscription {} has no changes yet (its first query is running)",
+                    matcher.id
+                ))));
+            } else {
+                matcher.work.waiting.push(Waiter { skip_rows, reply });
+            }
+            return;
+        }
+        match from {
+            Some(from) => {
+                let _ = reply.send(self.replay(index, from));
+            }
+            None if skip_rows => {
+                let _ = reply.send(Ok(self.attached(index, None, false, Vec::new())));
+            }
+            None => {
+                matcher.work.waiting.push(Waiter { skip_rows, reply });
+                self.dispatch(index);
+            }
+        }
+    }
+
+    /// A subscriber resuming after change id `from`: the changes since, from the history.
+    fn replay(&mut self, index: usize, from: u64) -> Result<Attached, SubsError> {
+        let matcher = &self.matchers[index];
+        if from > matcher.last_change_id {
+            return Err(SubsError::BadQuery(format!(
+                "change id {from} is ahead of this subscription (last {})",
+                matcher.last_change_id
+            )));
+        }
+        let oldest: Option<i64> = self
+            .storage
+            .query_row(
+                "SELECT min(change_id) FROM sub_changes WHERE sub = ?1",
+                [&matcher.id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        let oldest = oldest.map_or(matcher.last_change_id + 1, |o| o as u64);
+        if from + 1 < oldest {
+            return Err(SubsError::Resume(format!(
+                "change id {from} is older than the history kept (changes {oldest} to {}): subscribe again without from",
+                matcher.last_change_id
+            )));
+        }
+        let mut replay = Vec::new();
+        let mut stmt = self.storage.prepare_cached(
+            "SELECT change_id, kind, row_id, vals FROM sub_changes
+             WHERE sub = ?1 AND change_id > ?2 ORDER BY change_id",
+        )?;
+        let mut found = stmt.query(params![matcher.id, from as i64])?;
+        while let Some(row) = found.next()? {
+            replay.push(Arc::new(ChangeEvent {
+                change_id: row.get::<_, i64>(0)? as u64,
+                kind: kind_from_code(row.get(1)?),
+                row_id: row.get::<_, i64>(2)? as u64,
+                values: unpack(&row.get::<_, Vec<u8>>(3)?)?,
+            }));
+        }
+        Ok(self.attached(index, None, true, replay))
+    }
+
+    fn attached(
+        &self,
+        index: usize,
+        rows: Option<Vec<(u64, Vec<Value>)>>,
+        resumed: bool,
+        replay: Vec<Arc<ChangeEvent>>,
+    ) -> Attached {
+        let matcher = &self.matchers[index];
+        Attached {
+            id: matcher.id.clone(),
+            hash: matcher.hash.clone(),
+            columns: matcher.columns.clone(),
+            rows,
+            resumed,
+            replay,
+            change_id: matcher.last_change_id,
+            live: matcher.live.subscribe(),
+        }
+    }
+
+    /// Sends a subscription's next query, if it has work and none is out.
+    fn dispatch(&mut self, index: usize) {
+        let matcher = &mut self.matchers[index];
+        let work = &mut matcher.work;
+        if work.busy.is_some() || !matcher.ready {
+            return;
+        }
+        let (purpose, queries) = if work.full {
+            work.full = false;
+            // The whole result covers every changed key.
+            work.keys.iter_mut().for_each(BTreeMap::clear);
+            let sql = matcher.plan.full_sql.clone();
+            (Purpose::Full, vec![Query { sql, keys: None }])
+        } else if !work.waiting.is_empty() {
+            let sql = matcher.plan.ordered_sql.clone();
+            let waiters = std::mem::take(&mut work.waiting);
+            (Purpose::Ordered(waiters), vec![Query { sql, keys: None }])
+        } else if work.keys.iter().any(|keys| !keys.is_empty()) {
+            let mut scope = Vec::new();
+            let mut queries = Vec::new();
+            for (alias, keys) in work.keys.iter_mut().enumerate() {
+                if keys.is_empty() {
+                    continue;
+                }
+                let keys = std::mem::take(keys);
+                let plan = &matcher.plan.aliases[alias];
+                scope.push((alias, keys.keys().cloned().collect()));
+                queries.push(Query {
+                    sql: plan.restricted_sql.clone(),
+                    keys: Some((plan.key_len, keys.into_values().collect())),
+                });
+            }
+            (Purpose::Keys(scope), queries)
+        } else {
+            return;
+        };
+        let job = Job {
+            sub: matcher.id.clone(),
+            lane: if work.slow { Lane::Heavy } else { Lane::Quick },
+            queries,
+            visible: matcher.plan.visible,
+            key_columns: matcher.plan.key_columns,
+        };
+        work.busy = Some(purpose);
+        if let Err(e) = self.workers.submit(job) {
+            tracing::error!("subscriptions: {e}");
+            if let Some(Purpose::Ordered(waiters)) = self.matchers[index].work.busy.take() {
+                for waiter in waiters {
+                    let _ = waiter.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// A query thread's answer: applied to its subscription (unless it was removed meanwhile),
+    /// whose next query then goes out.
+    fn on_done(&mut self, done: Done) {
+        let Some(index) = self.position(&done.sub) else {
+            return;
+        };
+        let matcher = &mut self.matchers[index];
+        matcher.work.slow = done.took > workers::QUICK;
+        let Some(purpose) = matcher.work.busy.take() else {
+            return;
+        };
+        let result = match purpose {
+            Purpose::First => self.first_rows(index, done.found),
+            Purpose::Ordered(waiters) => {
+                self.ordered_rows(index, done.found, waiters);
+                Ok(())
+            }
+            Purpose::Full => done.found.and_then(|mut found| {
+                let found = found.pop().unwrap_or_default();
+                self.batch(|manager| {
+                    let changes = manager.matchers[index].diff(None, found);
+                    manager.emit(index, changes)
+                })
+            }),
+            Purpose::Keys(scopes) => done.found.and_then(|found| {
+                self.batch(|manager| {
+                    for ((alias, keys), found) in scopes.into_iter().zip(found) {
+                        let matcher = &mut manager.matchers[index];
+                        let mut scope = BTreeSet::new();
+                        for key in &keys {
+                            if let Some(ids) = matcher.by_alias[alias].get(key) {
+                                scope.extend(ids.iter().cloned());
+                            }
+                        }
+                        let changes = matcher.diff(Some(scope), found);
+                        manager.emit(index, changes)?;
+                    }
+                    Ok(())
+                })
+            }),
+        };
+        match result {
+            Err(SubsError::TooCostly(why)) => {
+                // It cannot be kept exact: it ends, and the others go on.
+                if let Some(index) = self.position(&done.sub) {
+                    let why = format!("too costly to maintain: {why}");
+                    if let Err(e) = self.remove(index, &why) {
+                        tracing::error!("subscriptions: removing failed: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(subscription = %done.sub, "subscriptions: applying changes failed: {e}")
+            }
+            Ok(()) => {}
+        }
+        if let Some(index) = self.position(&done.sub) {
+            self.dispatch(index);
+        }
+    }
+
+    /// A new subscription's first rows: stored, then every waiting subscriber answered. On
+    /// failure it is forgotten and they get the error.
+    fn first_rows(
+        &mut self,
+        index: usize,
+        found: Result<Vec<FoundRows>, SubsError>,
+    ) -> Result<(), SubsError> {
+        let stored = found.and_then(|mut found| {
+            let found = found.pop().unwrap_or_default();
+            let order: Vec<Vec<u8>> = found.iter().map(|(identity, _)| identity.clone()).collect();
+            // The first rows are the starting point, not changes.
+            let _ = self.matchers[index].diff(None, found);
+            self.store_new(index)?;
+            Ok(order)
+        });
+        let order = match stored {
+            Ok(order) => order,
+            Err(e) => {
+                let matcher = self.matchers.remove(index);
+                for waiter in matcher.work.waiting {
+                    let _ = waiter.reply.send(Err(e.clone()));
+                }
+                return Ok(());
+            }
+        };
+        let id = self.matchers[index].id.clone();
+        // Only now, with the new one known to work, an unused one makes room.
+        if self.matchers.len() > self.config.max_subscriptions {
+            if let Some(unused) = self.longest_unused().filter(|&i| i != index) {
+                self.remove(unused, "room for a new subscription")?;
+            }
+        }
+        let Some(index) = self.position(&id) else {
+            return Ok(());
+        };
+        let matcher = &mut self.matchers[index];
+        matcher.ready = true;
+        let rows: Vec<(u64, Vec<Value>)> = order
+            .iter()
+            .filter_map(|identity| matcher.rows.get(identity).cloned())
+            .collect();
+        for waiter in std::mem::take(&mut matcher.work.waiting) {
+            let rows = (!waiter.skip_rows).then(|| rows.clone());
+            let _ = waiter
+                .reply
+                .send(Ok(self.attached(index, rows, false, Vec::new())));
+        }
+        Ok(())
+    }
+
+    /// Saves a new subscription with its first rows.
+    fn store_new(&mut self, index: usize) -> Result<(), SubsError> {
+        let matcher = &self.matchers[index];
         let tx = self.storage.transaction()?;
         tx.execute(
             "INSERT INTO subs (id, sql, hash, last_change_id, next_row_id) VALUES (?1, ?2, ?3, 0, ?4)",
@@ -1048,101 +1330,47 @@ impl Manager {
             }
         }
         tx.commit()?;
-        self.matchers.push(matcher);
-        let index = self.matchers.len() - 1;
-        self.attach(index, skip_rows, None)
+        Ok(())
     }
 
-    fn attach(
+    /// The rows in the query's order for subscribers attaching: any difference from the held
+    /// rows (a commit not yet announced) becomes events first, so the rows agree with the
+    /// stream.
+    fn ordered_rows(
         &mut self,
         index: usize,
-        skip_rows: bool,
-        from: Option<u64>,
-    ) -> Result<Attached, SubsError> {
-        let mut replay = Vec::new();
-        let mut rows = None;
-        match from {
-            Some(from) => {
-                let matcher = &self.matchers[index];
-                if from > matcher.last_change_id {
-                    return Err(SubsError::BadQuery(format!(
-                        "change id {from} is ahead of this subscription (last {})",
-                        matcher.last_change_id
-                    )));
-                }
-                let oldest: Option<i64> = self
-                    .storage
-                    .query_row(
-                        "SELECT min(change_id) FROM sub_changes WHERE sub = ?1",
-                        [&matcher.id],
-                        |r| r.get(0),
-                    )
-                    .optional()?
-                    .flatten();
-                let oldest = oldest.map_or(matcher.last_change_id + 1, |o| o as u64);
-                if from + 1 < oldest {
-                    return Err(SubsError::Resume(format!(
-                        "change id {from} is older than the history kept (changes {oldest} to {}): subscribe again without from",
-                        matcher.last_change_id
-                    )));
-                }
-                let mut stmt = self.storage.prepare_cached(
-                    "SELECT change_id, kind, row_id, vals FROM sub_changes
-                     WHERE sub = ?1 AND change_id > ?2 ORDER BY change_id",
-                )?;
-                let mut found = stmt.query(params![matcher.id, from as i64])?;
-                while let Some(row) = found.next()? {
-                    replay.push(Arc::new(ChangeEvent {
-                        change_id: row.get::<_, i64>(0)? as u64,
-                        kind: kind_from_code(row.get(1)?),
-                        row_id: row.get::<_, i64>(2)? as u64,
-                        values: unpack(&row.get::<_, Vec<u8>>(3)?)?,
-                    }));
+        found: Result<Vec<FoundRows>, SubsError>,
+        waiters: Vec<Waiter>,
+    ) {
+        let result = found.and_then(|mut found| {
+            let found = found.pop().unwrap_or_default();
+            let mut stale = Vec::new();
+            for (identity, values) in &found {
+                if self.matchers[index].rows.get(identity).map(|(_, v)| v) != Some(values) {
+                    stale.push((identity.clone(), values.clone()));
                 }
             }
-            None if !skip_rows => {
-                // The rows in the query's order; any difference from the held rows (a commit
-                // not yet announced) becomes events first, so the rows agree with the stream.
-                let found = {
-                    let matcher = &self.matchers[index];
-                    self.run_query(&matcher.plan, &matcher.plan.ordered_sql)?
-                };
-                let mut stale = Vec::new();
-                for (identity, values) in &found {
-                    if self.matchers[index].rows.get(identity).map(|(_, v)| v) != Some(values) {
-                        stale.push((identity.clone(), values.clone()));
-                    }
-                }
-                if !stale.is_empty() {
-                    let scope: BTreeSet<Vec<u8>> = stale.iter().map(|(i, _)| i.clone()).collect();
-                    self.batch(|manager| {
-                        let changes = manager.matchers[index].diff(Some(scope), stale);
-                        manager.emit(index, changes)
-                    })?;
-                }
-                let matcher = &self.matchers[index];
-                rows = Some(
-                    found
-                        .into_iter()
-                        .filter_map(|(identity, values)| {
-                            matcher.rows.get(&identity).map(|(id, _)| (*id, values))
-                        })
-                        .collect(),
-                );
+            if !stale.is_empty() {
+                let scope: BTreeSet<Vec<u8>> = stale.iter().map(|(i, _)| i.clone()).collect();
+                self.batch(|manager| {
+                    let changes = manager.matchers[index].diff(Some(scope), stale);
+                    manager.emit(index, changes)
+                })?;
             }
-            None => {}
+            let matcher = &self.matchers[index];
+            Ok(found
+                .into_iter()
+                .filter_map(|(identity, values)| {
+                    matcher.rows.get(&identity).map(|(id, _)| (*id, values))
+                })
+                .collect::<Vec<_>>())
+        });
+        for waiter in waiters {
+            let _ = waiter.reply.send(match &result {
+                Ok(rows) => Ok(self.attached(index, Some(rows.clone()), false, Vec::new())),
+                Err(e) => Err(e.clone()),
+            });
         }
-        let matcher = &self.matchers[index];
-        Ok(Attached {
-            id: matcher.id.clone(),
-            hash: matcher.hash.clone(),
-            columns: matcher.columns.clone(),
-            rows,
-            resumed: from.is_some(),
-            replay,
-            change_id: matcher.last_change_id,
-            live: matcher.live.subscribe(),
-        })
     }
 
     /// Runs `body` in one storage transaction; the events it emitted are sent to subscribers
@@ -1230,7 +1458,9 @@ impl Manager {
         Ok(())
     }
 
-    fn on_changes(&mut self, batches: &[Arc<Vec<RowChange>>]) -> Result<(), SubsError> {
+    /// Records the changed keys for every subscription reading their tables, and sends the
+    /// queries of those with none out.
+    fn on_changes(&mut self, batches: &[Arc<Vec<RowChange>>]) {
         // Changed keys per table, deduplicated across the batches.
         let mut changed: BTreeMap<String, BTreeMap<Vec<u8>, Vec<Value>>> = BTreeMap::new();
         for batch in batches {
@@ -1241,101 +1471,31 @@ impl Manager {
                     .insert(row.pk.as_bytes().to_vec(), row.pk.values());
             }
         }
-        // Subscriptions whose pass cost too much: they cannot be kept exact, so they end
-        // (after the batch), and the others go on.
-        let mut doomed: Vec<(usize, String)> = Vec::new();
-        self.batch(|manager| {
-            for (table, keys) in &changed {
-                // Every (subscription, FROM table) reading this table.
-                let readers: Vec<(usize, usize)> = manager
-                    .matchers
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(index, m)| {
-                        m.plan
-                            .aliases
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, a)| &a.table == table)
-                            .map(move |(alias, _)| (index, alias))
-                    })
-                    .collect();
-                let Some(&(first, alias)) = readers.first() else {
-                    continue;
-                };
-                // The changed keys go into the TEMP table once, for all of them.
-                let key_len = manager.matchers[first].plan.aliases[alias].key_len;
-                manager
-                    .reader
-                    .execute(&format!("DELETE FROM temp.__patina_keys_{key_len}"), [])?;
-                {
-                    let marks = vec!["?"; key_len].join(", ");
-                    let mut insert = manager.reader.prepare_cached(&format!(
-                        "INSERT INTO temp.__patina_keys_{key_len} VALUES ({marks})"
-                    ))?;
-                    for values in keys.values() {
-                        let binds: Vec<SqlValue<'_>> = values.iter().map(SqlValue).collect();
-                        insert.execute(rusqlite::params_from_iter(binds))?;
-                    }
-                }
-                for (index, alias) in readers {
-                    if doomed.iter().any(|(i, _)| *i == index) {
-                        continue;
-                    }
-                    let matcher = &manager.matchers[index];
-                    let found = match manager
-                        .run_query(&matcher.plan, &matcher.plan.aliases[alias].restricted_sql)
-                    {
-                        Err(SubsError::TooCostly(why)) => {
-                            doomed.push((index, why));
-                            continue;
-                        }
-                        other => other?,
-                    };
-                    let mut scope = BTreeSet::new();
-                    for key in keys.keys() {
-                        if let Some(ids) = matcher.by_alias[alias].get(key) {
-                            scope.extend(ids.iter().cloned());
-                        }
-                    }
-                    let changes = manager.matchers[index].diff(Some(scope), found);
-                    manager.emit(index, changes)?;
+        let mut touched = Vec::new();
+        for (index, matcher) in self.matchers.iter_mut().enumerate() {
+            let mut reads = false;
+            for (alias, plan) in matcher.plan.aliases.iter().enumerate() {
+                if let Some(keys) = changed.get(&plan.table) {
+                    let pending = &mut matcher.work.keys[alias];
+                    pending.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    reads = true;
                 }
             }
-            Ok(())
-        })?;
-        self.end_doomed(doomed)
-    }
-
-    /// Removes the subscriptions a pass found too costly.
-    fn end_doomed(&mut self, mut doomed: Vec<(usize, String)>) -> Result<(), SubsError> {
-        doomed.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
-        doomed.dedup_by_key(|(index, _)| *index);
-        for (index, why) in doomed {
-            self.remove(index, &format!("too costly to maintain: {why}"))?;
+            if reads {
+                touched.push(index);
+            }
         }
-        Ok(())
+        for index in touched {
+            self.dispatch(index);
+        }
     }
 
     /// Compares every subscription with the whole data and emits the difference.
-    fn resync(&mut self) -> Result<(), SubsError> {
-        let mut doomed = Vec::new();
-        self.batch(|manager| {
-            for index in 0..manager.matchers.len() {
-                let m = &manager.matchers[index];
-                let found = match manager.run_query(&m.plan, &m.plan.full_sql) {
-                    Err(SubsError::TooCostly(why)) => {
-                        doomed.push((index, why));
-                        continue;
-                    }
-                    other => other?,
-                };
-                let changes = manager.matchers[index].diff(None, found);
-                manager.emit(index, changes)?;
-            }
-            Ok(())
-        })?;
-        self.end_doomed(doomed)
+    fn resync(&mut self) {
+        for index in 0..self.matchers.len() {
+            self.matchers[index].work.full = true;
+            self.dispatch(index);
+        }
     }
 
     /// Loads the stored subscriptions and reconciles them with the data.
@@ -1369,7 +1529,10 @@ impl Manager {
                 live,
                 // Nobody listens yet after a restart: collected unless someone resumes it.
                 idle_since: Some(Instant::now()),
+                ready: true,
+                work: Work::new(0),
             };
+            matcher.work = Work::new(matcher.plan.aliases.len());
             let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = self
                 .storage
                 .prepare("SELECT identity, row_id, vals FROM sub_rows WHERE sub = ?1")?
@@ -1383,8 +1546,9 @@ impl Manager {
             }
             self.matchers.push(matcher);
         }
-        // Anything committed while subscriptions were not watching becomes events now.
-        self.resync()
+        // Anything committed while subscriptions were not watching becomes events (soon).
+        self.resync();
+        Ok(())
     }
 }
 
