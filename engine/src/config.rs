@@ -345,9 +345,12 @@ pub struct ApiConfig {
     /// Open connections to the API; more are closed at once (also capped at half the
     /// process's open-file limit). 1..=1,000,000.
     pub connections_max: usize,
-    /// A connection with no request in flight and no traffic for this long is closed, and an
-    /// HTTP/1.1 request head must arrive within it, in ms. 100..=3,600,000.
+    /// A connection with no request in flight and no traffic for this long is closed, in ms.
+    /// 100..=3,600,000.
     pub idle_timeout_ms: u64,
+    /// An HTTP/1.1 request head, once begun, must be complete within this, in ms; else the
+    /// connection is closed. 100..=3,600,000.
+    pub header_timeout_ms: u64,
     /// Open streams (subscriptions, `/v1/updates`); more get 503. They do not count against
     /// `concurrency_limit`. 1..=1,000,000.
     pub streams_max: usize,
@@ -365,6 +368,7 @@ impl Default for ApiConfig {
             statement_timeout_ms: 10_000,
             connections_max: 4096,
             idle_timeout_ms: 60_000,
+            header_timeout_ms: 10_000,
             streams_max: 1024,
         }
     }
@@ -534,6 +538,12 @@ impl Config {
         within(
             "api.idle_timeout_ms",
             self.api.idle_timeout_ms as usize,
+            100,
+            3_600_000,
+        )?;
+        within(
+            "api.header_timeout_ms",
+            self.api.header_timeout_ms as usize,
             100,
             3_600_000,
         )?;

@@ -520,6 +520,75 @@ async fn idle_and_half_sent_connections_are_closed_and_connections_are_capped() 
     agent.shutdown().await;
 }
 
+/// A request head sent slowly is cut at the header timeout, much shorter than the idle
+/// timeout that keeps a quiet kept-alive connection (HTTP/1.1 and HTTP/2) open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_head_is_cut_long_before_an_idle_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.api.idle_timeout_ms = 60_000;
+    cfg.api.header_timeout_ms = 300;
+    let agent = Agent::start(&cfg).await.unwrap();
+    let api = agent.api_addr();
+    // A kept-alive HTTP/1.1 connection after one answered request.
+    let mut kept = tokio::net::TcpStream::connect(api).await.unwrap();
+    kept.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // An HTTP/2 connection that sent its preface and settings, then nothing.
+    let mut h2 = tokio::net::TcpStream::connect(api).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // A head that never ends, a byte now and then.
+    let mut slow = tokio::net::TcpStream::connect(api).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut cut = None;
+    for byte in b"POST /v1/queries HTTP/1.1\r\nHost: x\r\nX-Slow: "
+        .iter()
+        .cycle()
+        .take(200)
+    {
+        if slow.write_all(&[*byte]).await.is_err() {
+            cut = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = Some(started.elapsed());
+                break;
+            }
+            _ => {}
+        }
+    }
+    let cut = cut.expect("a head sent for 10 s was never cut");
+    assert!(cut < Duration::from_secs(5), "cut after {cut:?}");
+    // The quiet ones are still open: reading finds no end of stream.
+    let still_open = |stream: &mut tokio::net::TcpStream| {
+        let mut probe = [0u8; 256];
+        matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    };
+    // HTTP/2: the server's settings frames first.
+    let _ = tokio::time::timeout(Duration::from_millis(200), h2.read(&mut buf)).await;
+    assert!(
+        still_open(&mut kept),
+        "the kept-alive connection was closed"
+    );
+    assert!(still_open(&mut h2), "the HTTP/2 connection was closed");
+    kept.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop((kept, h2));
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_cut_off_by_its_deadline_never_looks_complete() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -7,7 +7,7 @@
 //! small segment waits for the ACK of the first, which a client with delayed ACKs holds for
 //! ~40 ms, so every request on a kept-alive connection paid 40 ms.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,9 +24,12 @@ use tokio::sync::{watch, Semaphore};
 pub struct ServeLimits {
     /// Open connections; a connection beyond it is closed at once.
     pub connections_max: usize,
-    /// A connection with no request in flight and no bytes either way for this long is closed;
-    /// for HTTP/1.1 this is also the time allowed to send a request head.
+    /// A connection with no request in flight and no bytes either way for this long is closed
+    /// (also one kept alive and waiting for its next request).
     pub idle_timeout: Duration,
+    /// An HTTP/1.1 request head begun must be complete within this, else the connection is
+    /// closed (a client sending its head a byte at a time holds nothing longer).
+    pub header_timeout: Duration,
 }
 
 /// A listener [`serve`] accepts from: TCP (with TCP_NODELAY set) or a unix socket.
@@ -90,7 +93,7 @@ pub async fn serve<L: Listener>(
         let router = router.clone();
         let shutdown = shutdown.clone();
         crate::logging::spawn(async move {
-            serve_connection(io, router, limits.idle_timeout, shutdown).await;
+            serve_connection(io, router, limits, shutdown).await;
             drop(slot);
         });
     }
@@ -111,12 +114,42 @@ struct Activity {
     last_ms: AtomicU64,
     /// Requests whose answer has not been fully sent (streams included).
     in_flight: AtomicUsize,
+    /// 1 + milliseconds after `started` of the first byte of an HTTP/1.1 request head not yet
+    /// complete; 0 when none is.
+    head_since_ms: AtomicU64,
+    /// The connection speaks HTTP/2 (its first bytes were the preface): its frames are no
+    /// request heads, and hyper bounds them.
+    http2: AtomicBool,
 }
 
 impl Activity {
     fn touch(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Bytes arrived: outside a request they begin a request head (HTTP/1.1).
+    fn read(&self) {
+        self.touch();
+        if !self.http2.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since_ms.load(Ordering::Relaxed) == 0
+        {
+            let ms = self.started.elapsed().as_millis() as u64;
+            self.head_since_ms.store(ms + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// How long a request head has been arriving, if one is.
+    fn head_for(&self) -> Option<Duration> {
+        match self.head_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(
+                self.started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since - 1)),
+            ),
+        }
     }
 
     fn idle_for(&self) -> Duration {
@@ -137,17 +170,25 @@ impl Drop for InFlight {
 async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     io: Io,
     router: Router,
-    idle_timeout: Duration,
+    limits: ServeLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let ServeLimits {
+        idle_timeout,
+        header_timeout,
+        ..
+    } = limits;
     let activity = Arc::new(Activity {
         started: Instant::now(),
         last_ms: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
+        head_since_ms: AtomicU64::new(0),
+        http2: AtomicBool::new(false),
     });
     let io = Tracked {
         inner: io,
         activity: activity.clone(),
+        first: Some(Vec::with_capacity(HTTP2_PREFACE.len())),
     };
     let service_activity = activity.clone();
     let service =
@@ -156,6 +197,8 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             let router = router.clone();
             async move {
                 activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                // The head is complete.
+                activity.head_since_ms.store(0, Ordering::Relaxed);
                 let guard = InFlight(activity);
                 let response = tower::ServiceExt::oneshot(router, request.map(Body::new)).await?;
                 // The guard lives as long as the body: a stream counts as work until it ends.
@@ -178,7 +221,9 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let mut check = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(10)));
+    let mut check = tokio::time::interval(
+        (idle_timeout.min(header_timeout) / 4).max(Duration::from_millis(10)),
+    );
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
     loop {
@@ -194,6 +239,10 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 closing = true;
             }
             _ = check.tick() => {
+                if activity.head_for().is_some_and(|t| t >= header_timeout) {
+                    tracing::debug!("closing a connection whose request head took over {header_timeout:?}");
+                    return;
+                }
                 let idle = activity.in_flight.load(Ordering::Relaxed) == 0
                     && activity.idle_for() >= idle_timeout;
                 if idle && !closing {
@@ -208,10 +257,16 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     }
 }
 
+/// The first bytes of an HTTP/2 connection with prior knowledge, enough to tell it from an
+/// HTTP/1.1 request line.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 /// A socket that records when bytes last moved.
 struct Tracked<Io> {
     inner: Io,
     activity: Arc<Activity>,
+    /// The connection's first bytes, until they tell HTTP/2 from HTTP/1.1 (then None).
+    first: Option<Vec<u8>>,
 }
 
 impl<Io: AsyncRead + Unpin> AsyncRead for Tracked<Io> {
@@ -223,7 +278,22 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Tracked<Io> {
         let before = buf.filled().len();
         let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
+            let Tracked {
+                first, activity, ..
+            } = &mut *self;
+            if let Some(seen) = first {
+                let new = &buf.filled()[before..];
+                let take = new.len().min(HTTP2_PREFACE.len() - seen.len());
+                seen.extend_from_slice(&new[..take]);
+                if !HTTP2_PREFACE.starts_with(seen) {
+                    *first = None;
+                } else if seen.len() == HTTP2_PREFACE.len() {
+                    activity.http2.store(true, Ordering::Relaxed);
+                    activity.head_since_ms.store(0, Ordering::Relaxed);
+                    *first = None;
+                }
+            }
+            activity.read();
         }
         poll
     }
