@@ -5,7 +5,7 @@
 //!
 //! Order of work in each turn: handle one input (plus whatever else is already waiting in the
 //! inbox, up to a bound), then drain membership (packets out, member events into the broadcast
-//! core), then perform broadcast effects (sends, deliveries), then hand deliveries to the store.
+//! core), hand the changesets to deliver to the store, then perform the sends.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -204,7 +204,6 @@ impl GossipTask {
         let mut peer_addrs: BTreeMap<SiteId, SocketAddr> = BTreeMap::new();
         let mut snapshot = GossipSnapshot::default();
         let mut effects = Vec::new();
-        let mut deliveries: Vec<Arc<Changeset>> = Vec::new();
         // The members file is rewritten at most once per interval: at startup in a large
         // cluster every node hears of hundreds of members within seconds.
         let mut members_dirty = self.flush_membership(Instant::now(), &mut snapshot);
@@ -363,6 +362,24 @@ impl GossipTask {
                 }
             }
             members_dirty |= self.flush_membership(Instant::now(), &mut snapshot);
+            // Changesets to apply go to the store before anything is forwarded: the store
+            // thread commits while this task encodes and queues the sends.
+            let batch: Vec<Arc<Changeset>> = effects
+                .iter()
+                .filter_map(|effect| match effect {
+                    Effect::Deliver(changeset) => Some(changeset.clone()),
+                    Effect::Send { .. } => None,
+                })
+                .collect();
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                if self.store.apply(batch) {
+                    snapshot.delivered_to_store += n;
+                } else {
+                    // Anti-entropy sync repairs what is dropped here.
+                    snapshot.apply_dropped += n;
+                }
+            }
             for effect in effects.drain(..) {
                 match effect {
                     Effect::Send { to, msg } => {
@@ -392,17 +409,7 @@ impl GossipTask {
                                 .send(addr, Channel::Stream, Bytes::from(bytes));
                         }
                     }
-                    Effect::Deliver(changeset) => deliveries.push(changeset),
-                }
-            }
-            if !deliveries.is_empty() {
-                let batch = std::mem::take(&mut deliveries);
-                let n = batch.len() as u64;
-                if self.store.apply(batch) {
-                    snapshot.delivered_to_store += n;
-                } else {
-                    // Anti-entropy sync repairs what is dropped here.
-                    snapshot.apply_dropped += n;
+                    Effect::Deliver(_) => {}
                 }
             }
         }

@@ -565,19 +565,45 @@ fn log_refused(shared: &Shared, peer: SocketAddr, why: &dyn std::fmt::Display) {
     }
 }
 
+/// Hands a message read from a stream to the inbox.
+fn deliver_stream(shared: &Shared, from: SocketAddr, read: Result<Vec<u8>, quinn::ReadToEndError>) {
+    match read {
+        Ok(bytes) => deliver(
+            shared,
+            Received {
+                from,
+                channel: Channel::Stream,
+                bytes: Bytes::from(bytes),
+            },
+        ),
+        Err(e) => tracing::debug!(%from, "refused message: {e}"),
+    }
+}
+
 async fn receive_loop(shared: Arc<Shared>, conn: quinn::Connection) {
     let from = crate::addrs::canonical(conn.remote_address());
     loop {
         tokio::select! {
             stream = conn.accept_uni() => {
                 let Ok(mut stream) = stream else { break };
-                let shared = shared.clone();
-                crate::logging::spawn(async move {
-                    match stream.read_to_end(shared.config.message_bytes_max).await {
-                        Ok(bytes) => deliver(&shared, Received { from, channel: Channel::Stream, bytes: Bytes::from(bytes) }),
-                        Err(e) => tracing::debug!(%from, "refused message: {e}"),
+                let limit = shared.config.message_bytes_max;
+                let mut reading = Box::pin(async move { stream.read_to_end(limit).await });
+                // A small message usually arrives whole with its stream: read it here, and
+                // leave only the rest to a task of its own (one slow stream must not hold up
+                // the others), saving a task and a wake-up per message.
+                let first = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(std::future::Future::poll(reading.as_mut(), cx))
+                })
+                .await;
+                match first {
+                    std::task::Poll::Ready(read) => deliver_stream(&shared, from, read),
+                    std::task::Poll::Pending => {
+                        let shared = shared.clone();
+                        crate::logging::spawn(async move {
+                            deliver_stream(&shared, from, reading.await);
+                        });
                     }
-                });
+                }
             }
             session = conn.accept_bi() => {
                 let Ok((mut send, mut recv)) = session else { break };

@@ -299,8 +299,10 @@ pub fn spawn(
         config,
         matchers: Vec::new(),
         pending: Vec::new(),
+        any: Arc::default(),
     };
     manager.load()?;
+    let any_subscription = manager.any.clone();
     let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("patina-subs".into())
@@ -327,6 +329,7 @@ pub fn spawn(
     });
     // Change notices from the store thread; a lag means some were lost: reconcile all.
     let forward = tx.clone();
+    let any = any_subscription;
     crate::logging::spawn(async move {
         loop {
             let received = tokio::select! {
@@ -334,6 +337,10 @@ pub fn spawn(
                 received = row_changes.recv() => received,
             };
             let command = match received {
+                // Nobody to tell: no wake-up of the manager thread for every commit. (Set
+                // before a new subscription's first query starts, so a commit after that
+                // query's snapshot is always forwarded.)
+                Ok(_) if !any.load(std::sync::atomic::Ordering::SeqCst) => continue,
                 Ok(batch) => Command::Changes(batch),
                 Err(broadcast::error::RecvError::Lagged(_)) => Command::Resync,
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -796,9 +803,16 @@ struct Manager {
     matchers: Vec<Matcher>,
     /// Events stored in the open transaction, sent when it commits.
     pending: Vec<(usize, Vec<Arc<ChangeEvent>>)>,
+    /// True while any subscription exists: change notices are forwarded only then.
+    any: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Manager {
+    fn note_any(&self) {
+        let any = !self.matchers.is_empty();
+        self.any.store(any, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(command) = rx.blocking_recv() {
             match command {
@@ -828,6 +842,7 @@ impl Manager {
                 }
                 other => self.handle(other),
             }
+            self.note_any();
         }
     }
 
@@ -1035,6 +1050,7 @@ impl Manager {
             ready: false,
             work,
         });
+        self.note_any();
         let index = self.matchers.len() - 1;
         let matcher = &mut self.matchers[index];
         matcher.work.busy = Some(Purpose::First);
@@ -1546,6 +1562,7 @@ impl Manager {
             }
             self.matchers.push(matcher);
         }
+        self.note_any();
         // Anything committed while subscriptions were not watching becomes events (soon).
         self.resync();
         Ok(())
