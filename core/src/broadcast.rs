@@ -23,6 +23,7 @@
 //! perform. Peer selection uses a seeded generator owned by the state machine, so a run is a
 //! function of its inputs and seed. Every collection is bounded (see [`BroadcastConfig`]).
 
+use crate::stats::SplitMix64;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -179,7 +180,7 @@ pub struct BroadcastStats {
 pub struct Broadcast {
     me: SiteId,
     config: BroadcastConfig,
-    rng: u64,
+    rng: SplitMix64,
     eager: BTreeSet<SiteId>,
     lazy: BTreeSet<SiteId>,
     /// Known members outside the active view.
@@ -222,7 +223,7 @@ impl Broadcast {
         Broadcast {
             me,
             config,
-            rng: seed ^ 0x9e37_79b9_7f4a_7c15,
+            rng: SplitMix64::new(seed ^ 0x9e37_79b9_7f4a_7c15),
             eager: BTreeSet::new(),
             lazy: BTreeSet::new(),
             passive: BTreeSet::new(),
@@ -255,11 +256,6 @@ impl Broadcast {
     /// Counters so far, resetting them (the model checker keeps them out of its states).
     pub fn take_stats(&mut self) -> BroadcastStats {
         std::mem::take(&mut self.stats)
-    }
-
-    /// Current eager peers.
-    pub fn eager_peers(&self) -> &BTreeSet<SiteId> {
-        &self.eager
     }
 
     /// Current lazy peers.
@@ -302,13 +298,8 @@ impl Broadcast {
         self.missing.len()
     }
 
-    /// SplitMix64: small, seedable, good enough to pick peers.
     fn next_random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.rng.next_u64()
     }
 
     /// A peer joined: it becomes eager while there is room, then lazy, then passive.
@@ -443,11 +434,6 @@ impl Broadcast {
         }
     }
 
-    /// True if the part was seen (delivered or committed here) recently.
-    pub fn has_seen(&self, id: &PartId) -> bool {
-        self.seen.contains(id)
-    }
-
     /// True while announcements wait to be sent or announced ids wait for their graft: the
     /// caller should tick soon.
     pub fn has_pending(&self) -> bool {
@@ -455,12 +441,6 @@ impl Broadcast {
             || !self.missing.is_empty()
             || !self.pending_keep.is_empty()
             || !self.pending_release.is_empty()
-    }
-
-    /// Marks a changeset as known without broadcasting it (e.g. it came by sync).
-    pub fn mark_seen(&mut self, id: PartId) {
-        self.remember(id);
-        self.missing.remove(&id);
     }
 
     /// A changeset committed here: push it to eager peers, announce it to lazy ones.

@@ -135,11 +135,6 @@ impl Partial {
             .is_some_and(|last| self.covered.gaps(0, u64::from(last.get())).is_empty())
     }
 
-    /// Seqs covered so far (for bounds and metrics).
-    pub fn covered_count(&self) -> u64 {
-        self.covered.count()
-    }
-
     /// The whole changeset, once complete (None before).
     pub fn assemble(self, id: ChangesetId) -> Option<Changeset> {
         if !self.is_complete() {

@@ -28,6 +28,7 @@ pub mod mem;
 pub mod merge;
 pub mod node;
 pub mod pk;
+pub mod stats;
 pub mod sync;
 pub mod validate;
 pub mod value;

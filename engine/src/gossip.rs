@@ -35,8 +35,6 @@ pub struct GossipSnapshot {
     pub broadcast: BroadcastStats,
     /// Kept links this node asked for: (near, far); and how many members it feeds.
     pub kept_links: (usize, usize, usize),
-    /// Changesets handed to the store.
-    pub delivered_to_store: u64,
     /// Changesets dropped because the store queue was full.
     pub apply_dropped: u64,
     /// Peer messages refused (malformed, other cluster).
@@ -373,9 +371,7 @@ impl GossipTask {
                 .collect();
             if !batch.is_empty() {
                 let n = batch.len() as u64;
-                if self.store.apply(batch) {
-                    snapshot.delivered_to_store += n;
-                } else {
+                if !self.store.apply(batch) {
                     // Anti-entropy sync repairs what is dropped here.
                     snapshot.apply_dropped += n;
                 }

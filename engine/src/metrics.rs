@@ -165,8 +165,7 @@ impl NodeMetrics {
             return 0.0;
         }
         lags.sort_by(f64::total_cmp);
-        let rank = ((lags.len() as f64) * 0.99).ceil() as usize;
-        lags[rank.clamp(1, lags.len()) - 1]
+        patina_core::stats::percentile(&lags, 0.99).unwrap_or(0.0)
     }
 
     /// Counts a stream cut off because its reader fell behind.

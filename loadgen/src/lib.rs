@@ -29,8 +29,8 @@ use patina::client::{request, Method, StatusCode, Target};
 use patina::config::Config;
 use patina_core::change::ChangesetId;
 use patina_core::ids::DbVersion;
+use patina_core::stats::percentile;
 use patina_sim::network::Network;
-use patina_sim::percentile;
 use serde_json::{json, Value as Json};
 
 /// Latency between nodes.
@@ -474,7 +474,7 @@ pub async fn run_live(options: &Options) -> Report {
     // Start the nodes, each joining through the first and one other random node.
     let mut agents: Vec<Agent> = Vec::with_capacity(options.nodes);
     let starting = bar(options.progress, options.nodes, "starting");
-    let mut rng = patina_sim::Rng::new(options.seed);
+    let mut rng = patina_core::stats::SplitMix64::new(options.seed);
     for i in 0..options.nodes {
         let dir = root.path().join(format!("n{i}"));
         let mut bootstrap = Vec::new();

@@ -168,7 +168,7 @@ pub async fn run_procs(options: &ProcsOptions) -> Report {
     std::fs::write(tls.join("node.pem"), &node.cert_pem).expect("node.pem");
     std::fs::write(tls.join("node.key"), &node.key_pem).expect("node.key");
 
-    let mut rng = patina_sim::Rng::new(options.remote.seed ^ 0x9e37_79b9);
+    let mut rng = patina_core::stats::SplitMix64::new(options.remote.seed ^ 0x9e37_79b9);
     let mut agents: Vec<AgentProcess> = Vec::with_capacity(options.nodes);
     let starting = bar(options.remote.progress, options.nodes, "starting");
     for i in 0..options.nodes {

@@ -190,7 +190,7 @@ pub async fn run_remote(apis: &[SocketAddr], options: &RemoteOptions, mode: &str
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
-    let mut rng = patina_sim::Rng::new(options.seed);
+    let mut rng = patina_core::stats::SplitMix64::new(options.seed);
     let writing = bar(options.progress, options.writes, "writing");
     let interval = Duration::from_secs_f64(1.0 / options.rate.max(0.001));
     let write_phase = Instant::now();

@@ -20,6 +20,7 @@ use patina_core::broadcast::{BroadcastConfig, Millis};
 use patina_core::change::ChangesetId;
 use patina_core::ids::SiteId;
 use patina_core::node::{Node, NodeConfig, NodeMsg, Output};
+use patina_core::stats::{percentile, SplitMix64};
 use patina_core::sync::SyncScheduler;
 use patina_core::wire::{changeset_to_bytes, encode_peer_message, encode_sync_state, PeerMessage};
 use patina_core::{PackedPk, Value};
@@ -128,44 +129,6 @@ impl Report {
     }
 }
 
-/// The p-th percentile (0..=1) of sorted values (nearest rank).
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
-}
-
-/// Deterministic generator (SplitMix64).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    /// The next number.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
     /// A message arrives.
@@ -220,7 +183,7 @@ fn wire_bytes(from: SiteId, msg: &NodeMsg) -> usize {
 /// Runs a scenario until every write reached every node, or `settle_ms` after the last write.
 pub fn run(scenario: &Scenario, network: &Network) -> Report {
     let n = scenario.nodes;
-    let mut rng = Rng::new(scenario.seed);
+    let mut rng = SplitMix64::new(scenario.seed);
     let config = NodeConfig {
         broadcast: scenario.broadcast,
         ..NodeConfig::default()

@@ -4,7 +4,7 @@
 //! (each region at least one node): RTT between regions = 4 ms + great-circle km / 75, within a
 //! region 1 ms; one-way latency is half, with up to 5% jitter per message.
 
-use crate::Rng;
+use patina_core::stats::SplitMix64;
 
 /// The region model, as shipped in the repository.
 const WAN_REGIONS: &str = include_str!("../data/wan-regions.csv");
@@ -98,7 +98,7 @@ impl Network {
             k += 1;
         }
         region_of.truncate(nodes);
-        let mut rng = Rng::new(seed ^ 0xa11ce);
+        let mut rng = SplitMix64::new(seed ^ 0xa11ce);
         for i in (1..region_of.len()).rev() {
             let j = rng.below(i as u64 + 1) as usize;
             region_of.swap(i, j);
@@ -129,7 +129,7 @@ impl Network {
     }
 
     /// One-way latency of a message from `a` to `b` (µs), with jitter.
-    pub fn latency_us(&self, a: usize, b: usize, rng: &mut Rng) -> u64 {
+    pub fn latency_us(&self, a: usize, b: usize, rng: &mut SplitMix64) -> u64 {
         let base = match &self.latency {
             Latency::Uniform { one_way_us } => *one_way_us,
             Latency::Wan {
@@ -152,7 +152,7 @@ impl Network {
     }
 
     /// True if this message is lost.
-    pub fn loses(&self, rng: &mut Rng) -> bool {
+    pub fn loses(&self, rng: &mut SplitMix64) -> bool {
         self.loss > 0.0 && rng.unit() < self.loss
     }
 }

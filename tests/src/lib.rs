@@ -235,10 +235,8 @@ pub fn process_usage() -> (f64, f64) {
     (rss_mib, cpu_s)
 }
 
-/// The sample at quantile `p` (0..=1) of sorted samples, nearest rank; zero when empty.
+/// The sample at quantile `p` (0..=1) of sorted samples (the workspace's one rule,
+/// [`patina_core::stats::percentile`]); zero when empty.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize]
+    patina_core::stats::percentile(sorted, p).unwrap_or(Duration::ZERO)
 }
