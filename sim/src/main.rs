@@ -9,58 +9,126 @@ use std::time::Instant;
 use patina_sim::network::Network;
 use patina_sim::{run, Scenario};
 
+/// Runs one scenario of the simulator and prints its seed and report. Unset options keep the
+/// scenario's defaults (those of the production configuration).
+#[derive(clap::Parser)]
+#[command(name = "patina-sim")]
+struct Args {
+    /// Nodes.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Writes, each on a random node that is up.
+    #[arg(long)]
+    writes: Option<usize>,
+    /// Seed of everything random.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Peers each node knows (default: every other).
+    #[arg(long)]
+    view: Option<usize>,
+    /// Eager broadcast peers.
+    #[arg(long)]
+    eager: Option<usize>,
+    /// Lazy broadcast peers.
+    #[arg(long)]
+    lazy: Option<usize>,
+    /// Kept links to the nearest peers.
+    #[arg(long)]
+    near: Option<usize>,
+    /// Kept links to random far peers.
+    #[arg(long)]
+    far: Option<usize>,
+    /// Peers probed for round-trip times per round.
+    #[arg(long)]
+    probe_sample: Option<usize>,
+    /// Time between probe rounds (ms).
+    #[arg(long)]
+    probe_ms: Option<u64>,
+    /// Virtual time before the first write (ms).
+    #[arg(long)]
+    warmup_ms: Option<u64>,
+    /// Latency model.
+    #[arg(long, value_enum, default_value = "wan")]
+    model: LatencyModel,
+    /// One-way latency of the uniform model (ms).
+    #[arg(long, default_value_t = 100.0)]
+    latency_ms: f64,
+    /// Share of messages lost (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Time between sync rounds of one node (ms).
+    #[arg(long, conflicts_with = "no_sync")]
+    sync_ms: Option<u64>,
+    /// No anti-entropy sync.
+    #[arg(long)]
+    no_sync: bool,
+    /// Cut the cluster in two halves from FROM to TO (ms after the first write): FROM..TO.
+    #[arg(long, value_parser = parse_span)]
+    partition_ms: Option<(u64, u64)>,
+    /// Share of nodes that crash during the writes (0..=1).
+    #[arg(long)]
+    crash_share: Option<f64>,
+    /// How long a crashed node stays down (ms).
+    #[arg(long)]
+    crash_down_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LatencyModel {
+    /// Nodes placed in regions with measured inter-region latencies.
+    Wan,
+    /// The same latency between every pair.
+    Uniform,
+}
+
+fn parse_span(text: &str) -> Result<(u64, u64), String> {
+    let (from, to) = text
+        .split_once("..")
+        .ok_or_else(|| format!("{text}: expected FROM..TO"))?;
+    let ms = |v: &str| v.parse::<u64>().map_err(|e| format!("{v}: {e}"));
+    Ok((ms(from)?, ms(to)?))
+}
+
 fn main() {
+    let args = <Args as clap::Parser>::parse();
     let mut scenario = Scenario::default();
-    let mut model = String::from("wan");
-    let mut latency_ms = 100.0;
-    let mut loss = 0.0;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().expect("a value after the flag");
-        match a.as_str() {
-            "--nodes" => scenario.nodes = value().parse().expect("--nodes N"),
-            "--writes" => scenario.writes = value().parse().expect("--writes N"),
-            "--seed" => scenario.seed = value().parse().expect("--seed N"),
-            "--view" => scenario.view_size = value().parse().expect("--view N"),
-            "--eager" => scenario.broadcast.eager_peers_max = value().parse().expect("--eager N"),
-            "--lazy" => scenario.broadcast.lazy_peers_max = value().parse().expect("--lazy N"),
-            "--near" => scenario.broadcast.near_peers = value().parse().expect("--near N"),
-            "--far" => scenario.broadcast.far_peers = value().parse().expect("--far N"),
-            "--probe-sample" => {
-                scenario.broadcast.probe_sample = value().parse().expect("--probe-sample N")
-            }
-            "--probe-ms" => {
-                scenario.broadcast.probe_interval_ms = value().parse().expect("--probe-ms N")
-            }
-            "--warmup-ms" => scenario.warmup_ms = value().parse().expect("--warmup-ms N"),
-            "--model" => model = value(),
-            "--latency-ms" => latency_ms = value().parse().expect("--latency-ms X"),
-            "--loss" => loss = value().parse().expect("--loss X"),
-            "--sync-ms" => scenario.sync_interval_ms = Some(value().parse().expect("--sync-ms N")),
-            "--no-sync" => scenario.sync_interval_ms = None,
-            "--partition-ms" => {
-                let v = value();
-                let (a, b) = v.split_once("..").expect("--partition-ms FROM..TO");
-                scenario.partition_ms = Some((
-                    a.parse().expect("--partition-ms FROM..TO"),
-                    b.parse().expect("--partition-ms FROM..TO"),
-                ));
-            }
-            "--crash-share" => scenario.crash_share = value().parse().expect("--crash-share X"),
-            "--crash-down-ms" => {
-                scenario.crash_down_ms = value().parse().expect("--crash-down-ms N")
-            }
-            other => panic!("unknown argument {other}"),
+    let set = |slot: &mut usize, value: Option<usize>| {
+        if let Some(v) = value {
+            *slot = v;
         }
+    };
+    set(&mut scenario.nodes, args.nodes);
+    set(&mut scenario.writes, args.writes);
+    set(&mut scenario.view_size, args.view);
+    set(&mut scenario.broadcast.eager_peers_max, args.eager);
+    set(&mut scenario.broadcast.lazy_peers_max, args.lazy);
+    set(&mut scenario.broadcast.near_peers, args.near);
+    set(&mut scenario.broadcast.far_peers, args.far);
+    set(&mut scenario.broadcast.probe_sample, args.probe_sample);
+    scenario.seed = args.seed.unwrap_or(scenario.seed);
+    scenario.broadcast.probe_interval_ms = args
+        .probe_ms
+        .unwrap_or(scenario.broadcast.probe_interval_ms);
+    scenario.warmup_ms = args.warmup_ms.unwrap_or(scenario.warmup_ms);
+    if args.no_sync {
+        scenario.sync_interval_ms = None;
+    } else if let Some(ms) = args.sync_ms {
+        scenario.sync_interval_ms = Some(ms);
     }
-    let network = match model.as_str() {
-        "wan" => Network::wan(scenario.nodes, loss, scenario.seed),
-        "uniform" => Network::uniform(scenario.nodes, latency_ms, loss),
-        other => panic!("unknown model {other} (wan, uniform)"),
+    scenario.partition_ms = args.partition_ms.or(scenario.partition_ms);
+    scenario.crash_share = args.crash_share.unwrap_or(scenario.crash_share);
+    scenario.crash_down_ms = args.crash_down_ms.unwrap_or(scenario.crash_down_ms);
+    let (model, loss) = (args.model, args.loss);
+    let network = match model {
+        LatencyModel::Wan => Network::wan(scenario.nodes, loss, scenario.seed),
+        LatencyModel::Uniform => Network::uniform(scenario.nodes, args.latency_ms, loss),
     };
     println!(
-        "seed {} nodes {} writes {} model {model} loss {loss}",
-        scenario.seed, scenario.nodes, scenario.writes
+        "seed {} nodes {} writes {} model {} loss {loss}",
+        scenario.seed,
+        scenario.nodes,
+        scenario.writes,
+        format!("{model:?}").to_lowercase()
     );
     let started = Instant::now();
     let report = run(&scenario, &network);

@@ -21,11 +21,28 @@ use patina_tests::percentile;
 use patina_tests::procs::AgentProcess;
 use serde_json::json;
 
+/// Read and write latency of the HTTP API over kept-alive connections.
+#[derive(clap::Parser)]
 struct Args {
+    /// Agent processes.
+    #[arg(long, default_value_t = 3)]
     nodes: usize,
+    /// Requests of each kind.
+    #[arg(long, default_value_t = 2000)]
     requests: usize,
+    /// The agent binary.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/patina"))]
     patina: PathBuf,
-    protos: Vec<Proto>,
+    /// Protocols to measure.
+    #[arg(long, value_enum, default_value = "both")]
+    proto: ProtoChoice,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ProtoChoice {
+    H1,
+    H2,
+    Both,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,35 +51,14 @@ enum Proto {
     H2,
 }
 
-fn parse_args() -> Args {
-    let mut args = Args {
-        nodes: 3,
-        requests: 2000,
-        patina: PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/release/patina"
-        )),
-        protos: vec![Proto::H1, Proto::H2],
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || it.next().expect("a value after the flag");
-        match a.as_str() {
-            "--nodes" => args.nodes = value().parse().expect("a number of nodes"),
-            "--requests" => args.requests = value().parse().expect("a number of requests"),
-            "--patina" => args.patina = PathBuf::from(value()),
-            "--proto" => {
-                args.protos = match value().as_str() {
-                    "h1" => vec![Proto::H1],
-                    "h2" => vec![Proto::H2],
-                    "both" => vec![Proto::H1, Proto::H2],
-                    other => panic!("--proto h1|h2|both, not {other}"),
-                }
-            }
-            other => panic!("unknown argument {other}"),
+impl ProtoChoice {
+    fn protos(self) -> Vec<Proto> {
+        match self {
+            ProtoChoice::H1 => vec![Proto::H1],
+            ProtoChoice::H2 => vec![Proto::H2],
+            ProtoChoice::Both => vec![Proto::H1, Proto::H2],
         }
     }
-    args
 }
 
 /// One kept-alive connection, either protocol.
@@ -212,7 +208,7 @@ async fn run(args: &Args, proto: Proto, nodes: &[AgentProcess]) -> Result<(), St
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
-    let args = parse_args();
+    let args = <Args as clap::Parser>::parse();
     assert!(
         args.patina.exists(),
         "no agent binary at {} (cargo build --release -p patina, or --patina PATH)",
@@ -268,7 +264,7 @@ async fn main() {
         args.patina.display(),
         args.requests
     );
-    for &proto in &args.protos {
+    for proto in args.proto.protos() {
         if let Err(e) = run(&args, proto, &nodes).await {
             println!("{proto:?}: failed: {e}");
         }

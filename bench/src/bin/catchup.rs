@@ -41,25 +41,23 @@ async fn count(agent: &Agent) -> u64 {
     json["row"][1][0].as_u64().unwrap()
 }
 
+/// How fast a new node catches up with a big database, or a partition heals.
+#[derive(clap::Parser)]
+struct Args {
+    /// Rows in the source's database.
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+    /// Rows per transaction while filling it.
+    #[arg(long, default_value_t = 1_000)]
+    per_tx: u64,
+    /// Instead: N nodes, a partition that heals.
+    #[arg(long)]
+    heal: Option<usize>,
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let mut rows = 100_000u64;
-    let mut heal = None;
-    let mut per_tx = 1_000u64;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--rows" => rows = args.next().and_then(|v| v.parse().ok()).expect("--rows N"),
-            "--per-tx" => {
-                per_tx = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .expect("--per-tx N")
-            }
-            "--heal" => heal = Some(args.next().and_then(|v| v.parse().ok()).expect("--heal N")),
-            other => panic!("unknown argument {other}"),
-        }
-    }
+    let Args { rows, per_tx, heal } = clap::Parser::parse();
     if let Some(nodes) = heal {
         return measure_heal(nodes).await;
     }

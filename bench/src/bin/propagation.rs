@@ -19,35 +19,25 @@ use patina::tls::generate_ca;
 use patina_core::change::ChangesetId;
 use patina_core::ids::DbVersion;
 
+/// Time from a write on one node until every node applied it, in process.
+#[derive(clap::Parser)]
 struct Args {
+    /// Nodes.
+    #[arg(long, default_value_t = 3)]
     nodes: usize,
+    /// Writes measured.
+    #[arg(long, default_value_t = 1000)]
     writes: usize,
+    /// Nodes writing (round robin), at most every node.
+    #[arg(long, default_value_t = 1)]
     writers: usize,
+    /// Mutual TLS between the nodes.
+    #[arg(long)]
     tls: bool,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        nodes: 3,
-        writes: 1000,
-        writers: 1,
-        tls: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .expect("a number after the flag")
-        };
-        match a.as_str() {
-            "--nodes" => args.nodes = value(),
-            "--writes" => args.writes = value(),
-            "--writers" => args.writers = value(),
-            "--tls" => args.tls = true,
-            other => panic!("unknown argument {other}"),
-        }
-    }
+    let mut args = <Args as clap::Parser>::parse();
     args.writers = args.writers.clamp(1, args.nodes);
     args
 }

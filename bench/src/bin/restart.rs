@@ -19,39 +19,28 @@ use patina::client::{request, Method, StatusCode, Target};
 use patina::http::types::{parse_ndjson, ApiStatement, HealthResponse, QueryEvent, SqlValue};
 use patina_tests::procs::AgentProcess;
 
+/// A crashed node's way back: agent processes all written to, one SIGKILLed and restarted.
+#[derive(clap::Parser)]
 struct Args {
-    nodes: usize,
+    /// Agent processes (2 at least).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..))]
+    nodes: u16,
+    /// The agent binary.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/patina"))]
     patina: PathBuf,
+    /// Seconds of writing before the kill.
+    #[arg(long, default_value_t = 2.0)]
     before_s: f64,
+    /// Seconds the killed node stays down.
+    #[arg(long, default_value_t = 5.0)]
     down_s: f64,
+    /// Seconds of writing after the restart.
+    #[arg(long, default_value_t = 3.0)]
     after_s: f64,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        nodes: 3,
-        patina: PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/release/patina"
-        )),
-        before_s: 2.0,
-        down_s: 5.0,
-        after_s: 3.0,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || it.next().expect("a value after the flag");
-        match a.as_str() {
-            "--nodes" => args.nodes = value().parse().expect("a number"),
-            "--patina" => args.patina = PathBuf::from(value()),
-            "--before-s" => args.before_s = value().parse().expect("seconds"),
-            "--after-s" => args.after_s = value().parse().expect("seconds"),
-            "--down-s" => args.down_s = value().parse().expect("seconds"),
-            other => panic!("unknown argument {other}"),
-        }
-    }
-    assert!(args.nodes >= 2, "--nodes 2 at least");
-    args
+    <Args as clap::Parser>::parse()
 }
 
 async fn members(api: SocketAddr) -> Option<u64> {
