@@ -15,7 +15,7 @@
 //! and bytes per change per node, and (live) CPU and memory per node; printed as a table,
 //! written as JSON, and plotted as a latency CDF (PNG).
 
-pub mod png;
+pub mod plot;
 pub mod procs;
 pub mod remote;
 
@@ -172,16 +172,21 @@ impl Report {
     }
 
     /// The report as a table.
+    /// "<mode> run, N nodes, W writes".
+    pub fn title(&self) -> String {
+        format!(
+            "{} run, {} nodes, {} writes",
+            self.mode,
+            self.nodes,
+            self.coverage.len()
+        )
+    }
+
     pub fn table(&self) -> String {
         let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
         let reached = self.coverage.iter().filter(|c| **c >= 1.0).count();
         let mut out = String::new();
-        out.push_str(&format!(
-            "{} run, {} nodes, {} writes\n",
-            self.mode,
-            self.nodes,
-            self.coverage.len()
-        ));
+        out.push_str(&format!("{}\n", self.title()));
         out.push_str(&format!(
             "  time to all nodes   p50 {}  p90 {}  p99 {}  max {}\n",
             ms(self.time_to_all(0.5)),
@@ -326,11 +331,24 @@ impl Report {
         );
     }
 
-    /// A PNG of the CDF of time to all nodes (and of per-node delivery).
-    pub fn cdf_png(&self) -> Vec<u8> {
-        let mut all: Vec<f64> = self.time_to_all_ms.iter().flatten().copied().collect();
-        all.sort_by(f64::total_cmp);
-        png::cdf_plot(&[(&all, [200, 40, 40]), (&self.delivery_ms, [40, 90, 200])])
+    /// An SVG of the CDF of time to all nodes (and of per-node delivery), titled `title`.
+    pub fn cdf_svg(&self, title: &str) -> Result<String, String> {
+        let all: Vec<f64> = self.time_to_all_ms.iter().flatten().copied().collect();
+        plot::cdf_svg(
+            title,
+            &[
+                plot::Series {
+                    samples: &all,
+                    label: "time to all nodes (per write)",
+                    color: plotters::style::RGBColor(200, 40, 40),
+                },
+                plot::Series {
+                    samples: &self.delivery_ms,
+                    label: "per-node delivery",
+                    color: plotters::style::RGBColor(40, 90, 200),
+                },
+            ],
+        )
     }
 }
 

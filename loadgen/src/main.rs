@@ -74,9 +74,9 @@ struct Measure {
     /// Where to write the raw figures.
     #[arg(long, default_value = "loadgen-report.json")]
     json: PathBuf,
-    /// Where to write the latency CDF plot.
-    #[arg(long, default_value = "loadgen-cdf.png")]
-    png: PathBuf,
+    /// Where to write the latency CDF plot (SVG).
+    #[arg(long, alias = "png", default_value = "loadgen-cdf.svg")]
+    plot: PathBuf,
 }
 
 impl Measure {
@@ -153,19 +153,25 @@ fn api_list(apis: &str) -> Result<Vec<std::net::SocketAddr>, String> {
     Ok(out)
 }
 
-fn write_outputs(report: &Report, json: &std::path::Path, png: &std::path::Path) {
+fn write_outputs(report: &Report, json: &std::path::Path, plot: &std::path::Path) {
     print!("{}", report.table());
     let bytes = serde_json::to_vec_pretty(&report.to_json()).expect("JSON");
     if let Err(e) = std::fs::write(json, bytes) {
         eprintln!("loadgen: writing {}: {e}", json.display());
     }
-    if let Err(e) = std::fs::write(png, report.cdf_png()) {
-        eprintln!("loadgen: writing {}: {e}", png.display());
+    let title = format!("loadgen: {}", report.title());
+    match report.cdf_svg(&title) {
+        Ok(svg) => {
+            if let Err(e) = std::fs::write(plot, svg) {
+                eprintln!("loadgen: writing {}: {e}", plot.display());
+            }
+        }
+        Err(e) => eprintln!("loadgen: drawing the CDF: {e}"),
     }
     println!(
         "raw figures: {}; CDF plot: {}",
         json.display(),
-        png.display()
+        plot.display()
     );
 }
 
@@ -203,7 +209,7 @@ fn run_against_nodes(mode: &Mode) {
                 "rate": options.rate, "seed": options.seed, "latency": args.latency,
                 "table": options.table, "settle_s": args.measure.settle_s,
             });
-            write_outputs(&report, &args.measure.json, &args.measure.png);
+            write_outputs(&report, &args.measure.json, &args.measure.plot);
         }
         Mode::Procs(args) => {
             if args.nodes < 2 {
@@ -234,7 +240,7 @@ fn run_against_nodes(mode: &Mode) {
                 "settle_s": args.measure.settle_s, "warmup_s": args.warmup_s,
                 "patina": options.binary.display().to_string(),
             });
-            write_outputs(&report, &args.measure.json, &args.measure.png);
+            write_outputs(&report, &args.measure.json, &args.measure.plot);
         }
         Mode::Live(_) | Mode::Sim(_) => unreachable!("handled by main"),
     }
@@ -280,9 +286,9 @@ struct Common {
     /// Where to write the raw figures.
     #[arg(long, default_value = "loadgen-report.json")]
     json: PathBuf,
-    /// Where to write the latency CDF plot.
-    #[arg(long, default_value = "loadgen-cdf.png")]
-    png: PathBuf,
+    /// Where to write the latency CDF plot (SVG).
+    #[arg(long, alias = "png", default_value = "loadgen-cdf.svg")]
+    plot: PathBuf,
 }
 
 fn options(c: &Common) -> Result<Options, String> {
@@ -356,5 +362,5 @@ fn main() {
         "settle_s": common.settle_s, "warmup_s": common.warmup_s,
         "swim_probe_ms": options.swim_probe_ms,
     });
-    write_outputs(&report, &common.json, &common.png);
+    write_outputs(&report, &common.json, &common.plot);
 }

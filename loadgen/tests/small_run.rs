@@ -24,8 +24,8 @@ async fn twenty_nodes_every_write_reaches_every_node() {
     assert_eq!(json["nodes"], 20);
     assert_eq!(json["writes"], 5);
     assert!(report.table().contains("time to all nodes"));
-    let png = report.cdf_png();
-    assert_eq!(&png[1..4], b"PNG");
+    let svg = report.cdf_svg(&report.title()).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("time to all nodes (per write) (n = 5)"));
 }
 
 #[test]
