@@ -12,19 +12,19 @@ use patina_core::ids::{DbVersion, SiteId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::addrs::HostPort;
-use crate::api;
+use crate::net::addrs::HostPort;
+use crate::http::api;
 use crate::config::Config;
 use crate::config::GossipConfig;
-use crate::gossip::{remembered_members, GossipSnapshot, GossipTask};
+use crate::net::gossip::{remembered_members, GossipSnapshot, GossipTask};
 use crate::http::serve::{serve, ServeLimits};
-use crate::membership::{Actor, Membership};
+use crate::net::membership::{Actor, Membership};
 use crate::metrics::{NodeMetrics, StoreMetrics};
 use crate::store::{
     ApplyOutcome, Digest, Reader, Statement, Store, StoreConfig, StoreError, TxOutcome,
 };
-use crate::tls::{NodeTls, TlsError};
-use crate::transport::{TlsMode, Transport, TransportConfig, TransportError};
+use crate::net::tls::{NodeTls, TlsError};
+use crate::net::transport::{TlsMode, Transport, TransportConfig, TransportError};
 use patina_core::broadcast::{Broadcast, BroadcastConfig};
 use patina_core::change::{Changeset, RowChange};
 use patina_core::sync::{versions_to_send, SyncScheduler, SyncState};
@@ -495,7 +495,7 @@ pub struct Agent {
     gossip: watch::Receiver<GossipSnapshot>,
     applied: tokio::sync::broadcast::Sender<AppliedEvent>,
     metrics_addr: Option<SocketAddr>,
-    faults: Arc<crate::transport::Faults>,
+    faults: Arc<crate::net::transport::Faults>,
     admin_path: PathBuf,
     site: SiteId,
     shutdown: watch::Sender<bool>,
@@ -717,7 +717,7 @@ impl Agent {
     }
 
     /// The transport's fault injector, for tests: loss, cut-offs, delay.
-    pub fn faults(&self) -> Arc<crate::transport::Faults> {
+    pub fn faults(&self) -> Arc<crate::net::transport::Faults> {
         self.faults.clone()
     }
 
@@ -790,7 +790,7 @@ fn start_sync_server(
                 let _permit = permit;
                 let from = session.from;
                 if let Err(e) =
-                    crate::sync::serve(session, store, cluster, limits, versions_max, part_bytes)
+                    crate::net::sync::serve(session, store, cluster, limits, versions_max, part_bytes)
                         .await
                 {
                     tracing::debug!(%from, "sync session refused or failed: {e}");
@@ -865,7 +865,7 @@ async fn start_gossip(
         .map(|entry| HostPort::parse(entry))
         .collect::<Result<_, _>>()
         .map_err(AgentError::Address)?;
-    let mut announce_to = crate::addrs::resolve_all(&bootstrap, RESOLVE_TIMEOUT).await;
+    let mut announce_to = crate::net::addrs::resolve_all(&bootstrap, RESOLVE_TIMEOUT).await;
     announce_to.extend(remembered_members(&members_file));
     announce_to.sort();
     announce_to.dedup();
@@ -882,7 +882,7 @@ async fn start_gossip(
         }
         None => None,
     };
-    let advertised = crate::addrs::advertised(transport.local_addr(), external, &announce_to)
+    let advertised = crate::net::addrs::advertised(transport.local_addr(), external, &announce_to)
         .map_err(AgentError::Address)?;
     if advertised != transport.local_addr() {
         tracing::info!(

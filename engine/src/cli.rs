@@ -12,7 +12,7 @@ use patina_core::ids::{DbVersion, SiteId};
 
 use hyper::Method;
 
-use crate::client::{self, Target};
+use crate::http::client::{self, Target};
 use crate::config::Config;
 use crate::http::types::{
     parse_ndjson, ApiStatement, DigestResponse, ErrorResponse, ExecResponse, ExecResult,
@@ -144,7 +144,7 @@ enum LogCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Replace the filter (`RUST_LOG` syntax, e.g. `info,patina::gossip=debug`) until the node
+    /// Replace the filter (`RUST_LOG` syntax, e.g. `info,patina::net::gossip=debug`) until the node
     /// restarts or `log reset`.
     Set {
         #[command(flatten)]
@@ -294,7 +294,7 @@ enum TlsClient {
 fn write_pair(
     out: &std::path::Path,
     name: &str,
-    pair: &crate::tls::PemPair,
+    pair: &crate::net::tls::PemPair,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(out)?;
@@ -753,7 +753,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             ))?;
         }
         Command::Tls(TlsCommand::Ca(TlsGenerate::Generate { out })) => {
-            write_pair(&out, "ca", &crate::tls::generate_ca()?)?;
+            write_pair(&out, "ca", &crate::net::tls::generate_ca()?)?;
         }
         Command::Tls(TlsCommand::Server {
             action: TlsServer::Generate { ip, ca_key, out },
@@ -762,7 +762,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             write_pair(
                 &out,
                 "server",
-                &crate::tls::generate_signed(&ca_key, &[ip], crate::tls::CertUse::Node)?,
+                &crate::net::tls::generate_signed(&ca_key, &[ip], crate::net::tls::CertUse::Node)?,
             )?;
         }
         Command::Tls(TlsCommand::Client {
@@ -772,7 +772,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             write_pair(
                 &out,
                 "client",
-                &crate::tls::generate_signed(&ca_key, &[], crate::tls::CertUse::Client)?,
+                &crate::net::tls::generate_signed(&ca_key, &[], crate::net::tls::CertUse::Client)?,
             )?;
         }
         Command::Sync(SyncCommand::Reconcile { admin, peer, json }) => {

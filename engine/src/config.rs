@@ -116,7 +116,7 @@ pub enum LogFormat {
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: LogFormat,
-    /// Which events are written, in `RUST_LOG` syntax (`info`, `info,patina::gossip=debug`);
+    /// Which events are written, in `RUST_LOG` syntax (`info`, `info,patina::net::gossip=debug`);
     /// `RUST_LOG`, when set, wins. `patina log set` changes it on a running node.
     pub filter: String,
 }
@@ -685,13 +685,13 @@ impl Config {
             message,
         })?;
         if let Some(external) = &self.gossip.external_addr {
-            crate::addrs::HostPort::parse(external).map_err(|message| ConfigError::Invalid {
+            crate::net::addrs::HostPort::parse(external).map_err(|message| ConfigError::Invalid {
                 key: "gossip.external_addr",
                 message,
             })?;
         }
         for entry in &self.gossip.bootstrap {
-            crate::addrs::HostPort::parse(entry).map_err(|message| ConfigError::Invalid {
+            crate::net::addrs::HostPort::parse(entry).map_err(|message| ConfigError::Invalid {
                 key: "gossip.bootstrap",
                 message,
             })?;

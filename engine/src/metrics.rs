@@ -28,7 +28,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::agent::StoreHandle;
-use crate::gossip::GossipSnapshot;
+use crate::net::gossip::GossipSnapshot;
 
 /// Counters kept by the store thread.
 #[derive(Debug, Default)]

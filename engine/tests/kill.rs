@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use patina_tests::procs::AgentProcess;
 
-use patina::client::{request, Method, StatusCode, Target};
+use patina::http::client::{request, Method, StatusCode, Target};
 use serde_json::{json, Value as Json};
 
 type Node = AgentProcess;

@@ -86,8 +86,8 @@ fn json_log_lines_carry_the_site_and_the_filter_changes_while_running() {
         (true, "log filter: info\n".into())
     );
     assert_eq!(
-        log_command(&dir, &["set", "debug,patina::gossip=trace"]),
-        (true, "log filter: debug,patina::gossip=trace\n".into())
+        log_command(&dir, &["set", "debug,patina::net::gossip=trace"]),
+        (true, "log filter: debug,patina::net::gossip=trace\n".into())
     );
     // The new filter is in force: an API connection is logged at debug level.
     let health = Command::new(patina())
@@ -113,11 +113,11 @@ fn a_peer_without_the_cluster_certificate_is_logged_once_per_interval() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("a");
     std::fs::create_dir_all(&dir).unwrap();
-    let ca = patina::tls::generate_ca().unwrap();
-    let node = patina::tls::generate_signed(
+    let ca = patina::net::tls::generate_ca().unwrap();
+    let node = patina::net::tls::generate_signed(
         &ca.key_pem,
         &["127.0.0.1".to_string()],
-        patina::tls::CertUse::Node,
+        patina::net::tls::CertUse::Node,
     )
     .unwrap();
     for (name, text) in [
@@ -136,20 +136,20 @@ fn a_peer_without_the_cluster_certificate_is_logged_once_per_interval() {
     // A stranger: a certificate of another CA, trying again and again.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let failures = runtime.block_on(async {
-        let other = patina::tls::generate_ca().unwrap();
-        let pair = patina::tls::generate_signed(
+        let other = patina::net::tls::generate_ca().unwrap();
+        let pair = patina::net::tls::generate_signed(
             &other.key_pem,
             &["127.0.0.1".to_string()],
-            patina::tls::CertUse::Node,
+            patina::net::tls::CertUse::Node,
         )
         .unwrap();
         let stranger_tls =
-            patina::tls::NodeTls::from_pem(&pair.cert_pem, &pair.key_pem, &other.cert_pem).unwrap();
+            patina::net::tls::NodeTls::from_pem(&pair.cert_pem, &pair.key_pem, &other.cert_pem).unwrap();
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
-        let stranger = patina::transport::Transport::bind(
+        let stranger = patina::net::transport::Transport::bind(
             "127.0.0.1:0".parse().unwrap(),
-            &patina::transport::TlsMode::Mutual(stranger_tls),
-            patina::transport::TransportConfig::default(),
+            &patina::net::transport::TlsMode::Mutual(stranger_tls),
+            patina::net::transport::TransportConfig::default(),
             tx,
         )
         .unwrap();
@@ -163,7 +163,7 @@ fn a_peer_without_the_cluster_certificate_is_logged_once_per_interval() {
             let before = failures();
             stranger.send(
                 agent.gossip,
-                patina::transport::Channel::Stream,
+                patina::net::transport::Channel::Stream,
                 bytes::Bytes::from_static(b"let me in"),
             );
             let deadline = Instant::now() + Duration::from_secs(10);

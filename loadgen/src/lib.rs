@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
-use patina::client::{request, Method, StatusCode, Target};
+use patina::http::client::{request, Method, StatusCode, Target};
 use patina::config::Config;
 use patina_core::change::ChangesetId;
 use patina_core::ids::DbVersion;
@@ -395,10 +395,10 @@ pub fn run_sim(options: &Options) -> Report {
 }
 
 /// Messages that needed a new connection, summed over the agents.
-fn cold_sends(agents: &[Agent]) -> patina::gossip::ColdSends {
+fn cold_sends(agents: &[Agent]) -> patina::net::gossip::ColdSends {
     agents
         .iter()
-        .fold(patina::gossip::ColdSends::default(), |mut sum, a| {
+        .fold(patina::net::gossip::ColdSends::default(), |mut sum, a| {
             let c = a.gossip().cold_sends;
             sum.swim += c.swim;
             sum.probes += c.probes;
@@ -422,11 +422,11 @@ fn mean_swim_slowdown(agents: &[Agent]) -> f64 {
 }
 
 /// SWIM's cold sends by message kind, the most frequent first ("ping-req 120, ping 40").
-fn swim_kinds(cold: &patina::gossip::ColdSends) -> String {
+fn swim_kinds(cold: &patina::net::gossip::ColdSends) -> String {
     let mut kinds: Vec<(u64, &str)> = cold
         .swim_by_kind
         .iter()
-        .zip(patina::membership::SWIM_KINDS)
+        .zip(patina::net::membership::SWIM_KINDS)
         .filter(|(n, _)| **n > 0)
         .map(|(n, kind)| (*n, kind))
         .collect();
@@ -440,7 +440,7 @@ fn swim_kinds(cold: &patina::gossip::ColdSends) -> String {
 
 /// Broadcast messages a node sent, the simulator's measure: pushes, announcements, grafts and
 /// prunes (gossip_sent includes pushes over kept links).
-fn broadcast_sent(gossip: &patina::gossip::GossipSnapshot) -> u64 {
+fn broadcast_sent(gossip: &patina::net::gossip::GossipSnapshot) -> u64 {
     let b = gossip.broadcast;
     b.gossip_sent + b.ihave_sent + b.grafts_sent + b.prunes_sent
 }
@@ -483,7 +483,7 @@ pub(crate) async fn wait_until_spread(
 pub async fn run_live(options: &Options) -> Report {
     let started = Instant::now();
     let root = tempfile::tempdir().expect("a temporary folder");
-    let ca = patina::tls::generate_ca().expect("a CA");
+    let ca = patina::net::tls::generate_ca().expect("a CA");
     let network = match options.latency {
         Latency::Wan => Some(Network::wan(options.nodes, 0.0, options.seed)),
         Latency::Uniform(ms) => Some(Network::uniform(options.nodes, ms, 0.0)),
@@ -605,7 +605,7 @@ pub async fn run_live(options: &Options) -> Report {
     let handshakes = (opened(&agents) - opened_before) as f64 / idle_s / options.nodes as f64;
     let cold_after = cold_sends(&agents);
     let idle_slowdown = mean_swim_slowdown(&agents);
-    let mut idle_cold_swim: Vec<(String, f64)> = patina::membership::SWIM_KINDS
+    let mut idle_cold_swim: Vec<(String, f64)> = patina::net::membership::SWIM_KINDS
         .iter()
         .enumerate()
         .map(|(i, kind)| {

@@ -157,11 +157,11 @@ pub async fn run_procs(options: &ProcsOptions) -> Report {
     running.lock().unwrap_or_else(|e| e.into_inner()).root = Some(root.path().to_path_buf());
     let tls = root.path().join("tls");
     std::fs::create_dir_all(&tls).expect("the tls folder");
-    let ca = patina::tls::generate_ca().expect("a CA");
-    let node = patina::tls::generate_signed(
+    let ca = patina::net::tls::generate_ca().expect("a CA");
+    let node = patina::net::tls::generate_signed(
         &ca.key_pem,
         &["patina".to_string()],
-        patina::tls::CertUse::Node,
+        patina::net::tls::CertUse::Node,
     )
     .expect("a node certificate");
     std::fs::write(tls.join("ca.pem"), &ca.cert_pem).expect("ca.pem");

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use patina::client::{request, request_stream, Method, StatusCode, Target};
+use patina::http::client::{request, request_stream, Method, StatusCode, Target};
 use patina::http::types::{ApiStatement, HealthResponse, NotifyEvent, SqlParam, SqlValue};
 
 use crate::{bar, Report};

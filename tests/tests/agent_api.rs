@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use patina::agent::Agent;
-use patina::client::{request, request_stream, Method, StatusCode, Target};
+use patina::http::client::{request, request_stream, Method, StatusCode, Target};
 use patina::config::Config;
 use serde_json::{json, Value as Json};
 

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
-use patina::client::{request, request_stream, Method, StatusCode, Target};
-use patina::tls::generate_ca;
+use patina::http::client::{request, request_stream, Method, StatusCode, Target};
+use patina::net::tls::generate_ca;
 use patina_tests::{
     exec, node_config, rows, start_cluster, start_cluster_with, wait_for, wait_members, with_tls,
     WAIT,
@@ -432,7 +432,7 @@ async fn a_large_transaction_travels_in_parts() {
 /// harms nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_sync_input_is_refused() {
-    use patina::transport::{TlsMode, Transport, TransportConfig};
+    use patina::net::transport::{TlsMode, Transport, TransportConfig};
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&node_config(dir.path(), &[])).await.unwrap();
     exec(&agent, "INSERT INTO kv (k, v) VALUES ('a', 'b')").await;
@@ -631,7 +631,7 @@ async fn the_admin_socket_shows_members_and_subscriptions_and_reconciles_on_dema
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // A subscription with a listener, as operators see it.
-    let (status, headers, stream) = patina::client::request_stream_with_headers(
+    let (status, headers, stream) = patina::http::client::request_stream_with_headers(
         &Target::Tcp(b.api_addr()),
         Method::POST,
         "/v1/subscriptions",

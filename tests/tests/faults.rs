@@ -148,7 +148,7 @@ async fn every_write_survives_five_percent_loss() {
 /// behind (gaps), not report a healthy node with no gaps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_cannot_apply_reports_gaps() {
-    use patina::client::{request, Method, StatusCode, Target};
+    use patina::http::client::{request, Method, StatusCode, Target};
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let full_db = dirs[1].path().join("state.db");
     let agents = patina_tests::start_cluster_with(&dirs, None, |config| {

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use patina::tls::{generate_ca, generate_signed, CertUse, NodeTls};
-use patina::transport::{Channel, Received, TlsMode, Transport, TransportConfig};
+use patina::net::tls::{generate_ca, generate_signed, CertUse, NodeTls};
+use patina::net::transport::{Channel, Received, TlsMode, Transport, TransportConfig};
 use tokio::sync::mpsc;
 
 fn node_tls(ca_cert: &str, ca_key: &str) -> NodeTls {

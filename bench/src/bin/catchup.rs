@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
-use patina::client::{request, Method, Target};
+use patina::http::client::{request, Method, Target};
 use patina::config::Config;
 use patina_tests::{digest, exec};
 
@@ -126,7 +126,7 @@ async fn main() {
 
     // Idle traffic of the converged pair.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let sum = |f: fn(&patina::gossip::GossipSnapshot) -> u64| -> u64 {
+    let sum = |f: fn(&patina::net::gossip::GossipSnapshot) -> u64| -> u64 {
         [&source, &fresh].iter().map(|a| f(&a.gossip())).sum()
     };
     let (messages, rounds, bytes) = (

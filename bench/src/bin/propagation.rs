@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use patina_tests::percentile;
 
 use patina::agent::Agent;
-use patina::client::{request, Method, StatusCode, Target};
-use patina::tls::generate_ca;
+use patina::http::client::{request, Method, StatusCode, Target};
+use patina::net::tls::generate_ca;
 use patina_core::change::ChangesetId;
 use patina_core::ids::DbVersion;
 

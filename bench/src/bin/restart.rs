@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use patina::client::{request, Method, StatusCode, Target};
+use patina::http::client::{request, Method, StatusCode, Target};
 use patina::http::types::{parse_ndjson, ApiStatement, HealthResponse, QueryEvent, SqlValue};
 use patina_tests::procs::AgentProcess;
 

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use patina_tests::percentile;
 
-use patina::client::{request_stream_with_headers, Method, Target};
+use patina::http::client::{request_stream_with_headers, Method, Target};
 use patina_tests::{exec, start_cluster_with, Ndjson};
 use serde_json::json;
 

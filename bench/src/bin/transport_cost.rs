@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use patina::tls::{generate_ca, generate_signed, CertUse, NodeTls};
-use patina::transport::{Channel, Received, TlsMode, Transport, TransportConfig};
+use patina::net::tls::{generate_ca, generate_signed, CertUse, NodeTls};
+use patina::net::transport::{Channel, Received, TlsMode, Transport, TransportConfig};
 use tokio::sync::mpsc;
 
 fn rss_mib() -> f64 {

@@ -21,9 +21,9 @@ use patina_core::wire::{decode_peer_message, encode_peer_message, Limits, PeerMe
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::StoreHandle;
-use crate::membership::{MemberEvent, Membership};
-use crate::sync::{pull, PullReport, SyncError};
-use crate::transport::{Channel, Received, Transport};
+use crate::net::membership::{MemberEvent, Membership};
+use crate::net::sync::{pull, PullReport, SyncError};
+use crate::net::transport::{Channel, Received, Transport};
 use patina_core::sync::SyncScheduler;
 
 /// What the gossip task reports, refreshed every tick.
@@ -85,8 +85,8 @@ pub struct ColdSends {
     pub changes: u64,
     /// Sync sessions this node started.
     pub sync: u64,
-    /// The SWIM packets among them, by kind (see [`crate::membership::SWIM_KINDS`]).
-    pub swim_by_kind: [u64; crate::membership::SWIM_KINDS.len()],
+    /// The SWIM packets among them, by kind (see [`crate::net::membership::SWIM_KINDS`]).
+    pub swim_by_kind: [u64; crate::net::membership::SWIM_KINDS.len()],
 }
 
 /// What a reconcile reports: the address pulled from, the session, how long it took.
@@ -96,7 +96,7 @@ pub type Reconciled = Result<(SocketAddr, PullReport, Duration), String>;
 #[derive(Debug)]
 pub enum GossipControl {
     /// Every member SWIM knows: (identity, state, incarnation).
-    States(tokio::sync::oneshot::Sender<Vec<(crate::membership::Actor, &'static str, u64)>>),
+    States(tokio::sync::oneshot::Sender<Vec<(crate::net::membership::Actor, &'static str, u64)>>),
     /// Announce again to the bootstrap entries (names resolved again) and remembered members,
     /// whatever the membership; answers what was announced to.
     Rejoin(tokio::sync::oneshot::Sender<Vec<String>>),
@@ -133,7 +133,7 @@ pub struct GossipTask {
     pub announce_to: Vec<SocketAddr>,
     /// The configured bootstrap entries; names among them are resolved again while no member
     /// is known (a Kubernetes pod's name has no record until it runs).
-    pub bootstrap: Vec<crate::addrs::HostPort>,
+    pub bootstrap: Vec<crate::net::addrs::HostPort>,
     /// The address peers reach this node at (this node's identity in membership).
     pub advertised: SocketAddr,
     /// Where sync sessions are timed.
@@ -324,7 +324,7 @@ impl GossipTask {
                             resolving = true;
                             let (entries, done) = (self.bootstrap.clone(), resolved_tx.clone());
                             crate::logging::spawn(async move {
-                                let addrs = crate::addrs::resolve_all(&entries, RESOLVE_TIMEOUT).await;
+                                let addrs = crate::net::addrs::resolve_all(&entries, RESOLVE_TIMEOUT).await;
                                 let _ = done.send(addrs).await;
                             });
                         }
@@ -449,7 +449,7 @@ impl GossipTask {
         for (addr, packet) in packets {
             if !self.transport.is_connected(addr) {
                 snapshot.cold_sends.swim += 1;
-                if let Some(kind) = crate::membership::packet_kind(&packet) {
+                if let Some(kind) = crate::net::membership::packet_kind(&packet) {
                     snapshot.cold_sends.swim_by_kind[kind] += 1;
                 }
             }
@@ -493,7 +493,7 @@ impl GossipTask {
                     told.extend(names.iter().map(|n| format!("{n} (resolving)")));
                     let done = resolved.clone();
                     crate::logging::spawn(async move {
-                        let addrs = crate::addrs::resolve_all(&names, RESOLVE_TIMEOUT).await;
+                        let addrs = crate::net::addrs::resolve_all(&names, RESOLVE_TIMEOUT).await;
                         let _ = done.send(addrs).await;
                     });
                 }
@@ -506,7 +506,7 @@ impl GossipTask {
                         .membership
                         .addr_of(&site)
                         .ok_or_else(|| format!("{peer} is not a live member")),
-                    Err(_) => crate::addrs::HostPort::parse(&peer).and_then(|hp| {
+                    Err(_) => crate::net::addrs::HostPort::parse(&peer).and_then(|hp| {
                         hp.literal()
                             .ok_or_else(|| format!("{peer}: give a site id or a member's IP:port"))
                     }),

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::{mpsc, Notify};
 
-use crate::tls::{insecure_configs, NodeTls, TlsError};
+use crate::net::tls::{insecure_configs, NodeTls, TlsError};
 
 /// How the endpoint authenticates.
 #[derive(Debug, Clone)]
@@ -502,13 +502,13 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
         let shared = shared.clone();
-        let remote = crate::addrs::canonical(incoming.remote_address());
+        let remote = crate::net::addrs::canonical(incoming.remote_address());
         let span = tracing::info_span!("peer", addr = %remote);
         crate::logging::spawn(tracing::Instrument::instrument(
             async move {
                 match incoming.await {
                     Ok(conn) => {
-                        let peer = crate::addrs::canonical(conn.remote_address());
+                        let peer = crate::net::addrs::canonical(conn.remote_address());
                         shared
                             .stats
                             .connections_accepted
@@ -581,7 +581,7 @@ fn deliver_stream(shared: &Shared, from: SocketAddr, read: Result<Vec<u8>, quinn
 }
 
 async fn receive_loop(shared: Arc<Shared>, conn: quinn::Connection) {
-    let from = crate::addrs::canonical(conn.remote_address());
+    let from = crate::net::addrs::canonical(conn.remote_address());
     loop {
         tokio::select! {
             stream = conn.accept_uni() => {

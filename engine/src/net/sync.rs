@@ -18,7 +18,7 @@ use patina_core::wire::{
 };
 
 use crate::agent::StoreHandle;
-use crate::transport::{Session, Transport};
+use crate::net::transport::{Session, Transport};
 
 /// How long a session may wait for the other side at any step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);

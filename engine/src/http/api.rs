@@ -26,7 +26,7 @@ use tokio_stream::StreamExt as _;
 
 use crate::agent::{ReaderPool, StoreHandle, TxError};
 use crate::config::ApiConfig;
-use crate::gossip::GossipSnapshot;
+use crate::net::gossip::GossipSnapshot;
 use crate::http::types::{
     ApiStatement, ChangeType, DigestResponse, ErrorResponse, ExecResponse, ExecResult,
     HealthResponse, Member, MembersResponse, NotifyEvent, QueryEvent, SiteSyncState, SqlValue,
@@ -200,7 +200,7 @@ pub struct AdminState {
     /// The database file (backups read it on a connection of their own).
     pub db_path: std::path::PathBuf,
     /// Requests to the gossip task (membership states, rejoin, reconcile).
-    pub control: tokio::sync::mpsc::Sender<crate::gossip::GossipControl>,
+    pub control: tokio::sync::mpsc::Sender<crate::net::gossip::GossipControl>,
     /// The subscription thread.
     pub subs: SubsHandle,
 }
@@ -228,7 +228,7 @@ pub fn admin_router(state: AdminState) -> Router {
 /// Sends a request to the gossip task and waits (bounded) for its answer.
 async fn ask_gossip<T>(
     state: &AdminState,
-    make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> crate::gossip::GossipControl,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> crate::net::gossip::GossipControl,
 ) -> Result<T, Response> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     let unavailable = || {
@@ -250,7 +250,7 @@ async fn ask_gossip<T>(
 }
 
 async fn membership_states(State(state): State<Arc<AdminState>>) -> Response {
-    match ask_gossip(&state, crate::gossip::GossipControl::States).await {
+    match ask_gossip(&state, crate::net::gossip::GossipControl::States).await {
         Ok(states) => axum::Json(crate::http::types::MembershipStatesResponse {
             members: states
                 .into_iter()
@@ -271,7 +271,7 @@ async fn membership_states(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn rejoin(State(state): State<Arc<AdminState>>) -> Response {
-    match ask_gossip(&state, crate::gossip::GossipControl::Rejoin).await {
+    match ask_gossip(&state, crate::net::gossip::GossipControl::Rejoin).await {
         Ok(announced_to) => {
             axum::Json(crate::http::types::RejoinResponse { announced_to }).into_response()
         }
@@ -283,7 +283,7 @@ async fn reconcile(
     State(state): State<Arc<AdminState>>,
     axum::Json(request): axum::Json<crate::http::types::ReconcileRequest>,
 ) -> Response {
-    let answer = ask_gossip(&state, |reply| crate::gossip::GossipControl::Reconcile {
+    let answer = ask_gossip(&state, |reply| crate::net::gossip::GossipControl::Reconcile {
         peer: request.peer,
         reply,
     })
