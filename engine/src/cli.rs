@@ -12,8 +12,8 @@ use patina_core::ids::{DbVersion, SiteId};
 
 use hyper::Method;
 
-use crate::http::client::{self, Target};
 use crate::config::Config;
+use crate::http::client::{self, Target};
 use crate::http::types::{
     parse_ndjson, ApiStatement, DigestResponse, ErrorResponse, ExecResponse, ExecResult,
     MembersResponse, QueryEvent, SqlParam, SqlValue, SyncStateResponse,

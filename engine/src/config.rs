@@ -4,6 +4,7 @@
 //! Unknown keys are refused (a typo must not be silently ignored) and every bounded knob is
 //! checked; errors name the key.
 
+pub use crate::logging::{LogConfig, LogFormat};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -97,37 +98,6 @@ pub struct Config {
     pub subscriptions: SubscriptionsConfig,
     /// `[log]`: the agent's log.
     pub log: LogConfig,
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One human-readable line per event.
-    #[default]
-    Text,
-    /// One JSON object per line (timestamp, level, target, fields, spans).
-    Json,
-}
-
-/// `[log]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `text` or `json`.
-    pub format: LogFormat,
-    /// Which events are written, in `RUST_LOG` syntax (`info`, `info,patina::net::gossip=debug`);
-    /// `RUST_LOG`, when set, wins. `patina log set` changes it on a running node.
-    pub filter: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            filter: "info".into(),
-        }
-    }
 }
 
 /// `[subscriptions]`.
@@ -685,9 +655,11 @@ impl Config {
             message,
         })?;
         if let Some(external) = &self.gossip.external_addr {
-            crate::net::addrs::HostPort::parse(external).map_err(|message| ConfigError::Invalid {
-                key: "gossip.external_addr",
-                message,
+            crate::net::addrs::HostPort::parse(external).map_err(|message| {
+                ConfigError::Invalid {
+                    key: "gossip.external_addr",
+                    message,
+                }
             })?;
         }
         for entry in &self.gossip.bootstrap {

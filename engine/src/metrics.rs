@@ -5,11 +5,12 @@
 //! not process-global state, so every agent in a process (loadgen runs hundreds, the tests
 //! several) keeps and serves its own figures. Latencies are histograms observed where they
 //! happen ([`NodeMetrics`]); counters the store thread and the gossip task already keep are
-//! read at scrape time ([`Counters`]), as are process figures from `/proc/self`.
+//! read at scrape time (the agent's collector, handed to [`router`]), as are process figures from
+//! `/proc/self`.
 //!
 //! The names are documented in the README (Metrics).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -25,10 +26,6 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
-
-use crate::agent::StoreHandle;
-use crate::net::gossip::GossipSnapshot;
 
 /// Counters kept by the store thread.
 #[derive(Debug, Default)]
@@ -176,7 +173,7 @@ impl NodeMetrics {
     }
 
     /// Builds the registry that serves these metrics with the scrape-time counters.
-    fn install(&self, counters: Counters) {
+    fn install(&self, counters: Box<dyn Collector>) {
         let mut registry = Registry::default();
         registry.register(
             "patina_api_request_duration_seconds",
@@ -208,7 +205,7 @@ impl NodeMetrics {
             "Streams ended because their reader fell behind, by stream (subscription, updates)",
             self.subscriber_cutoffs.clone(),
         );
-        registry.register_collector(Box::new(counters));
+        registry.register_collector(counters);
         registry.register_collector(Box::new(ProcessCollector));
         *self.registry.lock().unwrap_or_else(|e| e.into_inner()) = Some(registry);
     }
@@ -228,18 +225,10 @@ impl NodeMetrics {
     }
 }
 
-/// The counters and gauges kept elsewhere (the store thread, the gossip task), read at scrape.
-#[derive(Debug)]
-struct Counters {
-    store: Arc<StoreMetrics>,
-    queue: StoreHandle,
-    gossip: watch::Receiver<GossipSnapshot>,
-}
-
 /// One metric: (name, help, type, samples by label set).
-type Sample = (Labels, f64);
+pub(crate) type Sample = (Labels, f64);
 
-fn emit(
+pub(crate) fn emit(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
@@ -272,213 +261,15 @@ fn emit(
     Ok(())
 }
 
-fn one(value: f64) -> Vec<Sample> {
+pub(crate) fn one(value: f64) -> Vec<Sample> {
     vec![(Vec::new(), value)]
 }
 
-fn by(label: &'static str, values: &[(&str, f64)]) -> Vec<Sample> {
+pub(crate) fn by(label: &'static str, values: &[(&str, f64)]) -> Vec<Sample> {
     values
         .iter()
         .map(|(v, x)| (vec![(label, v.to_string())], *x))
         .collect()
-}
-
-impl Collector for Counters {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        use MetricType::{Counter as C, Gauge as G};
-        let s = &self.store;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-        let gossip = self.gossip.borrow().clone();
-        let b = gossip.broadcast;
-        let e = &mut encoder;
-        emit(
-            e,
-            "patina_build_info",
-            "The running build (value 1)",
-            G,
-            &[(
-                vec![("version", env!("CARGO_PKG_VERSION").to_string())],
-                1.0,
-            )],
-        )?;
-        emit(
-            e,
-            "patina_changesets_committed",
-            "Local transactions that changed rows",
-            C,
-            &one(load(&s.committed_changesets)),
-        )?;
-        emit(
-            e,
-            "patina_changes_committed",
-            "Changes in local transactions",
-            C,
-            &one(load(&s.committed_changes)),
-        )?;
-        emit(
-            e,
-            "patina_changesets_applied",
-            "Remote changesets merged",
-            C,
-            &one(load(&s.applied_changesets)),
-        )?;
-        emit(
-            e,
-            "patina_changes_applied",
-            "Remote changes that won the merge",
-            C,
-            &one(load(&s.applied_changes_won)),
-        )?;
-        emit(
-            e,
-            "patina_changesets_rejected",
-            "Remote changesets refused",
-            C,
-            &one(load(&s.apply_rejected)),
-        )?;
-        emit(
-            e,
-            "patina_apply_failed",
-            "Batches of remote changesets whose transaction failed (full disk, I/O)",
-            C,
-            &one(load(&s.apply_failed)),
-        )?;
-        emit(
-            e,
-            "patina_changeset_parts_buffered",
-            "Parts of large remote changesets kept until the rest arrive",
-            C,
-            &one(load(&s.parts_buffered)),
-        )?;
-        emit(
-            e,
-            "patina_apply_batches",
-            "Remote batches applied",
-            C,
-            &one(load(&s.apply_batches)),
-        )?;
-        emit(
-            e,
-            "patina_apply_lag_seconds",
-            "Time the last remote batch waited for the store (see patina_store_queue_wait_seconds)",
-            G,
-            &one(load(&s.apply_lag_us_last) / 1e6),
-        )?;
-        emit(
-            e,
-            "patina_gaps",
-            "Versions heard of but not applied",
-            G,
-            &one(load(&s.gaps)),
-        )?;
-        emit(
-            e,
-            "patina_members",
-            "Live members besides this node",
-            G,
-            &one(gossip.members.len() as f64),
-        )?;
-        emit(
-            e,
-            "patina_broadcast_sent",
-            "Broadcast messages sent, by kind",
-            C,
-            &by(
-                "kind",
-                &[
-                    ("gossip", b.gossip_sent as f64),
-                    ("ihave", b.ihave_sent as f64),
-                    ("graft", b.grafts_sent as f64),
-                    ("prune", b.prunes_sent as f64),
-                    ("ping", b.pings_sent as f64),
-                ],
-            ),
-        )?;
-        emit(
-            e,
-            "patina_kept_links",
-            "Kept links: asked of near members, of random members, and served to members",
-            G,
-            &by(
-                "kind",
-                &[
-                    ("near", gossip.kept_links.0 as f64),
-                    ("far", gossip.kept_links.1 as f64),
-                    ("served", gossip.kept_links.2 as f64),
-                ],
-            ),
-        )?;
-        emit(
-            e,
-            "patina_broadcast_received",
-            "Changesets received by broadcast for the first time",
-            C,
-            &one(b.delivered as f64),
-        )?;
-        emit(
-            e,
-            "patina_broadcast_duplicates",
-            "Changesets received again",
-            C,
-            &one(b.duplicates as f64),
-        )?;
-        emit(
-            e,
-            "patina_broadcast_dropped",
-            "Messages or changesets dropped under load (left to sync)",
-            C,
-            &by(
-                "where",
-                &[
-                    ("transport", gossip.transport_dropped as f64),
-                    ("store_queue", gossip.apply_dropped as f64),
-                ],
-            ),
-        )?;
-        emit(
-            e,
-            "patina_transport_sent",
-            "Messages handed to QUIC",
-            C,
-            &one(gossip.transport_sent as f64),
-        )?;
-        emit(e, "patina_handshake_failures", "QUIC handshakes refused or failed (peers without a certificate of the cluster CA among them)", C, &one(gossip.handshake_failures as f64))?;
-        emit(
-            e,
-            "patina_peer_messages_refused",
-            "Malformed or foreign peer messages",
-            C,
-            &one(gossip.refused as f64),
-        )?;
-        emit(
-            e,
-            "patina_sync_rounds",
-            "Anti-entropy pulls, by result",
-            C,
-            &by(
-                "result",
-                &[
-                    ("ok", gossip.sync_rounds as f64),
-                    ("failed", gossip.sync_failures as f64),
-                ],
-            ),
-        )?;
-        emit(
-            e,
-            "patina_connections_open",
-            "Pooled QUIC connections",
-            G,
-            &one(gossip.connections_open as f64),
-        )?;
-        emit(
-            e,
-            "patina_store_queue_size",
-            "Requests waiting for the store thread",
-            G,
-            &one(self.queue.queue_len() as f64),
-        )?;
-        Ok(())
-    }
 }
 
 /// Resident memory, CPU time, open files and threads of this process, from /proc/self.
@@ -542,17 +333,10 @@ impl Collector for ProcessCollector {
     }
 }
 
-/// The `/metrics` route over `metrics`, with the counters read at scrape time.
-pub fn router(
-    metrics: Arc<NodeMetrics>,
-    queue: StoreHandle,
-    gossip: watch::Receiver<GossipSnapshot>,
-) -> Router {
-    metrics.install(Counters {
-        store: metrics.store.clone(),
-        queue,
-        gossip,
-    });
+/// The `/metrics` route over `metrics`, with `counters`: the figures other parts keep, read at
+/// scrape time.
+pub fn router(metrics: Arc<NodeMetrics>, counters: impl Collector + 'static) -> Router {
+    metrics.install(Box::new(counters));
     Router::new()
         .route("/metrics", get(serve_metrics))
         .with_state(metrics)

@@ -144,7 +144,8 @@ fn a_peer_without_the_cluster_certificate_is_logged_once_per_interval() {
         )
         .unwrap();
         let stranger_tls =
-            patina::net::tls::NodeTls::from_pem(&pair.cert_pem, &pair.key_pem, &other.cert_pem).unwrap();
+            patina::net::tls::NodeTls::from_pem(&pair.cert_pem, &pair.key_pem, &other.cert_pem)
+                .unwrap();
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
         let stranger = patina::net::transport::Transport::bind(
             "127.0.0.1:0".parse().unwrap(),

@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
-use patina::http::client::{request, Method, StatusCode, Target};
 use patina::config::Config;
+use patina::http::client::{request, Method, StatusCode, Target};
 use patina_core::change::ChangesetId;
 use patina_core::ids::DbVersion;
 use patina_core::stats::percentile;

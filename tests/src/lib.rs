@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
-use patina::http::client::{request, Method, StatusCode, Target};
 use patina::config::{Config, GossipTlsConfig};
+use patina::http::client::{request, Method, StatusCode, Target};
 use patina::http::types::{parse_ndjson, ApiStatement, QueryEvent};
 use patina::net::tls::{generate_signed, CertUse, PemPair};
 use serde_json::Value as Json;

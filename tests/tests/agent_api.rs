@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use patina::agent::Agent;
-use patina::http::client::{request, request_stream, Method, StatusCode, Target};
 use patina::config::Config;
+use patina::http::client::{request, request_stream, Method, StatusCode, Target};
 use serde_json::{json, Value as Json};
 
 /// A statement that never ends on its own.

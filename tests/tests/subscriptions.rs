@@ -4,8 +4,8 @@
 //! the subscription limit; a slow consumer cut off while the node stays healthy.
 
 use patina::agent::Agent;
-use patina::http::client::{request, request_stream_with_headers, Method, StatusCode, Target};
 use patina::config::Config;
+use patina::http::client::{request, request_stream_with_headers, Method, StatusCode, Target};
 use patina_tests::{exec, node_config_with, rows, start_cluster_with, wait_for, Ndjson};
 use serde_json::{json, Value as Json};
 

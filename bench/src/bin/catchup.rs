@@ -14,8 +14,8 @@
 use std::time::{Duration, Instant};
 
 use patina::agent::Agent;
-use patina::http::client::{request, Method, Target};
 use patina::config::Config;
+use patina::http::client::{request, Method, Target};
 use patina_tests::{digest, exec};
 
 const SCHEMA: &str = "CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);";

@@ -24,14 +24,15 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_stream::StreamExt as _;
 
-use crate::agent::{ReaderPool, StoreHandle, TxError};
 use crate::config::ApiConfig;
-use crate::net::gossip::GossipSnapshot;
 use crate::http::types::{
     ApiStatement, ChangeType, DigestResponse, ErrorResponse, ExecResponse, ExecResult,
     HealthResponse, Member, MembersResponse, NotifyEvent, QueryEvent, SiteSyncState, SqlValue,
     SyncStateResponse, TableDigest, TableStatsRequest, TableStatsResponse,
 };
+use crate::net::gossip::GossipSnapshot;
+use crate::store::actor::{StoreHandle, TxError};
+use crate::store::readers::ReaderPool;
 use crate::store::{Params, Statement, StoreError};
 use crate::subs::{Attached, ChangeEvent, SubsError, SubsHandle};
 use patina_core::change::RowChange;
@@ -283,9 +284,11 @@ async fn reconcile(
     State(state): State<Arc<AdminState>>,
     axum::Json(request): axum::Json<crate::http::types::ReconcileRequest>,
 ) -> Response {
-    let answer = ask_gossip(&state, |reply| crate::net::gossip::GossipControl::Reconcile {
-        peer: request.peer,
-        reply,
+    let answer = ask_gossip(&state, |reply| {
+        crate::net::gossip::GossipControl::Reconcile {
+            peer: request.peer,
+            reply,
+        }
     })
     .await;
     match answer {

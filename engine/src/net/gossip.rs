@@ -20,10 +20,10 @@ use patina_core::ids::SiteId;
 use patina_core::wire::{decode_peer_message, encode_peer_message, Limits, PeerMessage};
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::StoreHandle;
 use crate::net::membership::{MemberEvent, Membership};
 use crate::net::sync::{pull, PullReport, SyncError};
 use crate::net::transport::{Channel, Received, Transport};
+use crate::store::actor::StoreHandle;
 use patina_core::sync::SyncScheduler;
 
 /// What the gossip task reports, refreshed every tick.

@@ -17,8 +17,8 @@ use patina_core::wire::{
     changeset_to_bytes, decode_changeset, decode_sync_state, encode_sync_state, Limits,
 };
 
-use crate::agent::StoreHandle;
 use crate::net::transport::{Session, Transport};
+use crate::store::actor::StoreHandle;
 
 /// How long a session may wait for the other side at any step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);

@@ -15,11 +15,13 @@
 //!   extraction by version range cheap. Kept exact: an origin is removed from it as soon as no
 //!   clock of the row refers to it any more, so a version with no entry left is cleared.
 
+pub mod actor;
 pub mod backup;
 mod capture;
 mod clock;
 pub mod error;
 pub mod guard;
+pub mod readers;
 pub mod schema;
 mod wal;
 

@@ -3,31 +3,33 @@
 //! it through a [`StoreHandle`]. Queries go to a pool of read-only connections and never wait
 //! for writes.
 
+mod counters;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use patina_core::ids::{DbVersion, SiteId};
-use tokio::sync::{mpsc, oneshot, watch};
+use patina_core::ids::SiteId;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::net::addrs::HostPort;
-use crate::http::api;
 use crate::config::Config;
 use crate::config::GossipConfig;
-use crate::net::gossip::{remembered_members, GossipSnapshot, GossipTask};
+use crate::http::api;
 use crate::http::serve::{serve, ServeLimits};
-use crate::net::membership::{Actor, Membership};
 use crate::metrics::{NodeMetrics, StoreMetrics};
-use crate::store::{
-    ApplyOutcome, Digest, Reader, Statement, Store, StoreConfig, StoreError, TxOutcome,
-};
+use crate::net::addrs::HostPort;
+use crate::net::gossip::{remembered_members, GossipSnapshot, GossipTask};
+use crate::net::membership::{Actor, Membership};
 use crate::net::tls::{NodeTls, TlsError};
 use crate::net::transport::{TlsMode, Transport, TransportConfig, TransportError};
+use crate::store::actor::{spawn_store, AppliedEvent, StoreHandle};
+use crate::store::readers::ReaderPool;
+use crate::store::{Store, StoreConfig, StoreError};
 use patina_core::broadcast::{Broadcast, BroadcastConfig};
-use patina_core::change::{Changeset, RowChange};
-use patina_core::sync::{versions_to_send, SyncScheduler, SyncState};
+use patina_core::change::Changeset;
+use patina_core::sync::SyncScheduler;
 use patina_core::wire::Limits;
 use std::sync::atomic::Ordering;
 
@@ -59,33 +61,6 @@ pub enum AgentError {
         source: std::io::Error,
     },
 }
-
-/// Why a transaction was not run.
-#[derive(Debug, thiserror::Error)]
-pub enum TxError {
-    /// The store refused or failed it; nothing was committed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// It waited past its deadline before the store got to it; it was not run.
-    #[error("timed out waiting for the store")]
-    TimedOut,
-    /// The store queue is full.
-    #[error("store queue full")]
-    Overloaded,
-    /// The store thread is gone (shutting down).
-    #[error("store unavailable")]
-    Unavailable,
-}
-
-/// A remote changeset this node committed, and when.
-#[derive(Debug, Clone, Copy)]
-pub struct AppliedEvent {
-    /// The changeset.
-    pub id: patina_core::change::ChangesetId,
-    /// When its transaction committed here.
-    pub at: Instant,
-}
-
 /// Commits' changed rows kept for slow `/v1/updates` streams (past this they are cut off).
 const ROW_CHANGES_CAPACITY: usize = 1024;
 
@@ -94,398 +69,6 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// Applied events kept for slow listeners (they skip ahead past this).
 const APPLIED_EVENTS_CAPACITY: usize = 4096;
-
-/// A snapshot of the store for health checks and table stats.
-#[derive(Debug, Clone)]
-pub struct StoreStatus {
-    /// This node's site id.
-    pub site: SiteId,
-    /// Its last local version.
-    pub db_version: DbVersion,
-    /// Versions of other sites heard of but not applied.
-    pub gaps: u64,
-    /// Replicated tables.
-    pub tables: Vec<String>,
-}
-
-enum StoreRequest {
-    Transact {
-        statements: Vec<Statement>,
-        deadline: Option<Instant>,
-        queued_at: Instant,
-        reply: oneshot::Sender<Result<TxOutcome, TxError>>,
-    },
-    Status {
-        reply: oneshot::Sender<StoreStatus>,
-    },
-    Reload {
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Apply {
-        changesets: Vec<Arc<Changeset>>,
-        queued_at: Instant,
-    },
-    SyncState {
-        reply: oneshot::Sender<SyncState>,
-    },
-    Digest {
-        reply: oneshot::Sender<Result<Digest, StoreError>>,
-    },
-    SyncServe {
-        state: SyncState,
-        versions_max: u64,
-        reply: oneshot::Sender<Vec<Changeset>>,
-    },
-}
-
-/// The way to the store thread. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct StoreHandle {
-    tx: mpsc::Sender<StoreRequest>,
-}
-
-impl std::fmt::Debug for StoreRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            StoreRequest::Transact { .. } => "Transact",
-            StoreRequest::Status { .. } => "Status",
-            StoreRequest::Reload { .. } => "Reload",
-            StoreRequest::Apply { .. } => "Apply",
-            StoreRequest::SyncState { .. } => "SyncState",
-            StoreRequest::Digest { .. } => "Digest",
-            StoreRequest::SyncServe { .. } => "SyncServe",
-        })
-    }
-}
-
-impl StoreHandle {
-    /// Runs a transaction; a full queue is refused at once rather than waited on.
-    pub async fn transact(
-        &self,
-        statements: Vec<Statement>,
-        timeout: Option<Duration>,
-    ) -> Result<TxOutcome, TxError> {
-        let (reply, rx) = oneshot::channel();
-        let deadline = timeout.map(|t| Instant::now() + t);
-        self.tx
-            .try_send(StoreRequest::Transact {
-                statements,
-                deadline,
-                queued_at: Instant::now(),
-                reply,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => TxError::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => TxError::Unavailable,
-            })?;
-        rx.await.map_err(|_| TxError::Unavailable)?
-    }
-
-    /// The store's status.
-    pub async fn status(&self) -> Option<StoreStatus> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(StoreRequest::Status { reply }).await.ok()?;
-        rx.await.ok()
-    }
-
-    /// The store's status, asked only if the queue has room now (health must never wait for
-    /// a slot that writes need).
-    pub async fn status_if_room(&self) -> Option<StoreStatus> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.try_send(StoreRequest::Status { reply }).ok()?;
-        rx.await.ok()
-    }
-
-    /// Re-reads the schema files.
-    pub async fn reload(&self) -> Result<(), TxError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(StoreRequest::Reload { reply })
-            .await
-            .map_err(|_| TxError::Unavailable)?;
-        Ok(rx.await.map_err(|_| TxError::Unavailable)??)
-    }
-
-    /// Hands remote changesets to the store to merge, without waiting. False if the queue is
-    /// full (the changesets are dropped; anti-entropy sync brings them later).
-    pub fn apply(&self, changesets: Vec<Arc<Changeset>>) -> bool {
-        self.tx
-            .try_send(StoreRequest::Apply {
-                changesets,
-                queued_at: Instant::now(),
-            })
-            .is_ok()
-    }
-
-    /// Hands remote changesets to the store, waiting for room in the queue (sync uses this:
-    /// it must not lose what it fetched). False if the store is gone.
-    pub async fn apply_wait(&self, changesets: Vec<Arc<Changeset>>) -> bool {
-        self.tx
-            .send(StoreRequest::Apply {
-                changesets,
-                queued_at: Instant::now(),
-            })
-            .await
-            .is_ok()
-    }
-
-    /// This node's sync state (heads and needs per site).
-    pub async fn sync_state(&self) -> Option<SyncState> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(StoreRequest::SyncState { reply }).await.ok()?;
-        rx.await.ok()
-    }
-
-    /// The store's convergence digest.
-    pub async fn digest(&self) -> Option<Result<Digest, StoreError>> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(StoreRequest::Digest { reply }).await.ok()?;
-        rx.await.ok()
-    }
-
-    /// The changesets a peer with `state` lacks, at most `versions_max` versions.
-    pub async fn sync_serve(&self, state: SyncState, versions_max: u64) -> Option<Vec<Changeset>> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(StoreRequest::SyncServe {
-                state,
-                versions_max,
-                reply,
-            })
-            .await
-            .ok()?;
-        rx.await.ok()
-    }
-
-    /// Requests waiting in the queue.
-    pub fn queue_len(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
-    }
-}
-
-fn spawn_store(
-    mut store: Store,
-    schema_paths: Vec<PathBuf>,
-    queue_len: usize,
-    commits: mpsc::Sender<Arc<Changeset>>,
-    applied: tokio::sync::broadcast::Sender<AppliedEvent>,
-    node_metrics: Arc<NodeMetrics>,
-    row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
-) -> StoreHandle {
-    let metrics = node_metrics.store.clone();
-    let (tx, mut rx) = mpsc::channel::<StoreRequest>(queue_len);
-    let span = tracing::Span::current();
-    std::thread::Builder::new()
-        .name("patina-store".into())
-        .spawn(move || {
-            let _in_node = span.enter();
-            while let Some(request) = rx.blocking_recv() {
-                match request {
-                    StoreRequest::Transact {
-                        statements,
-                        deadline,
-                        queued_at,
-                        reply,
-                    } => {
-                        node_metrics.queue_wait("transaction", queued_at.elapsed());
-                        let result = if deadline.is_some_and(|d| Instant::now() > d) {
-                            Err(TxError::TimedOut)
-                        } else {
-                            store
-                                .transact_until(&statements, deadline)
-                                .map_err(TxError::from)
-                        };
-                        if let Ok(TxOutcome {
-                            changeset: Some(changeset),
-                            ..
-                        }) = &result
-                        {
-                            metrics.committed_changesets.fetch_add(1, Ordering::Relaxed);
-                            let _ = row_changes.send(Arc::new(changeset.rows()));
-                            metrics
-                                .committed_changes
-                                .fetch_add(changeset.changes.len() as u64, Ordering::Relaxed);
-                            // Broadcast at once; a full queue only delays it until sync. It
-                            // carries this host's clock, for the receivers' lag figures.
-                            let mut outgoing = changeset.clone();
-                            outgoing.committed_at = crate::metrics::commit_time_now();
-                            if commits.try_send(Arc::new(outgoing)).is_err() {
-                                tracing::warn!("broadcast queue full: changeset left to sync");
-                            }
-                        }
-                        let _ = reply.send(result);
-                    }
-                    StoreRequest::Status { reply } => {
-                        let _ = reply.send(StoreStatus {
-                            site: store.site_id(),
-                            db_version: store.db_version(),
-                            gaps: store.bookkeeping().gap_count(),
-                            tables: store.table_names(),
-                        });
-                    }
-                    StoreRequest::SyncState { reply } => {
-                        let _ = reply.send(SyncState::of(store.bookkeeping()));
-                    }
-                    StoreRequest::Digest { reply } => {
-                        let _ = reply.send(store.digest());
-                    }
-                    StoreRequest::SyncServe {
-                        state,
-                        versions_max,
-                        reply,
-                    } => {
-                        let mut out = Vec::new();
-                        for (site, first, last) in
-                            versions_to_send(store.bookkeeping(), &state, versions_max)
-                        {
-                            match store.changesets(
-                                site,
-                                DbVersion(first),
-                                DbVersion(last),
-                                usize::MAX,
-                            ) {
-                                Ok(found) => out.extend(found),
-                                Err(e) => tracing::warn!("sync: reading changesets of {site}: {e}"),
-                            }
-                        }
-                        let _ = reply.send(out);
-                    }
-                    StoreRequest::Reload { reply } => {
-                        let _ = reply.send(store.apply_schema_files(&schema_paths));
-                    }
-                    StoreRequest::Apply {
-                        changesets,
-                        queued_at,
-                    } => {
-                        metrics
-                            .apply_lag_us_last
-                            .store(queued_at.elapsed().as_micros() as u64, Ordering::Relaxed);
-                        node_metrics.queue_wait("apply", queued_at.elapsed());
-                        metrics.apply_batches.fetch_add(1, Ordering::Relaxed);
-                        let apply_started = Instant::now();
-                        let applied_batch = store.apply_changesets(&changesets);
-                        node_metrics
-                            .apply_batch_seconds
-                            .observe(apply_started.elapsed().as_secs_f64());
-                        match applied_batch {
-                            Ok(outcomes) => {
-                                let at = Instant::now();
-                                let mut changed_rows = Vec::new();
-                                for (outcome, changeset) in outcomes.into_iter().zip(&changesets) {
-                                    match outcome {
-                                        ApplyOutcome::Rejected(e) => {
-                                            metrics.apply_rejected.fetch_add(1, Ordering::Relaxed);
-                                            store.note_unapplied(changeset.id);
-                                            tracing::warn!("remote changeset refused: {e}")
-                                        }
-                                        ApplyOutcome::Applied {
-                                            changes_won,
-                                            changed,
-                                            ..
-                                        } => {
-                                            changed_rows.extend(changed);
-                                            metrics
-                                                .applied_changesets
-                                                .fetch_add(1, Ordering::Relaxed);
-                                            metrics
-                                                .applied_changes_won
-                                                .fetch_add(changes_won as u64, Ordering::Relaxed);
-                                            let _ = applied.send(AppliedEvent {
-                                                id: changeset.id,
-                                                at,
-                                            });
-                                            node_metrics.replicated(changeset.committed_at);
-                                        }
-                                        ApplyOutcome::Buffered => {
-                                            metrics.parts_buffered.fetch_add(1, Ordering::Relaxed);
-                                        }
-                                        ApplyOutcome::AlreadyApplied => {}
-                                    }
-                                }
-                                if !changed_rows.is_empty() {
-                                    let _ = row_changes.send(Arc::new(changed_rows));
-                                }
-                            }
-                            Err(e) => {
-                                metrics.apply_failed.fetch_add(1, Ordering::Relaxed);
-                                for changeset in &changesets {
-                                    store.note_unapplied(changeset.id);
-                                }
-                                tracing::error!(
-                                    "applying {} remote changesets failed: {e}",
-                                    changesets.len()
-                                )
-                            }
-                        }
-                        metrics
-                            .gaps
-                            .store(store.bookkeeping().gap_count(), Ordering::Relaxed);
-                    }
-                }
-            }
-            tracing::debug!("store thread stopped");
-        })
-        .expect("spawning a thread only fails when the OS is out of resources");
-    StoreHandle { tx }
-}
-
-/// A pool of read-only connections; at most `size` queries run at once.
-#[derive(Debug)]
-pub struct ReaderPool {
-    path: PathBuf,
-    idle: std::sync::Mutex<Vec<Reader>>,
-    permits: Arc<tokio::sync::Semaphore>,
-    size: usize,
-}
-
-impl ReaderPool {
-    fn new(path: PathBuf, size: usize) -> ReaderPool {
-        ReaderPool {
-            path,
-            idle: std::sync::Mutex::new(Vec::new()),
-            permits: Arc::new(tokio::sync::Semaphore::new(size)),
-            size,
-        }
-    }
-
-    /// Waits for a free slot until `deadline`, then runs `f` with a reader on a blocking
-    /// thread. A reader that comes back with a transaction open is closed, never reused: the
-    /// next query must not see an old snapshot.
-    pub async fn with_reader<T: Send + 'static>(
-        self: &Arc<Self>,
-        deadline: Instant,
-        f: impl FnOnce(&Reader) -> T + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let permit = tokio::time::timeout_at(
-            tokio::time::Instant::from_std(deadline),
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| StoreError::ReadersBusy(self.size))?
-        .expect("the pool's semaphore is never closed");
-        let pool = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let reader = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let reader = match reader {
-                Some(r) => r,
-                None => Reader::open(&pool.path)?,
-            };
-            let out = f(&reader);
-            if reader.is_clean() {
-                pool.idle
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(reader);
-            } else {
-                tracing::warn!("a query connection came back inside a transaction: closed");
-            }
-            Ok(out)
-        })
-        .await
-        .expect("query closures do not panic")
-    }
-}
 
 /// A running agent.
 #[derive(Debug)]
@@ -640,8 +223,11 @@ impl Agent {
                     .map_err(io("reading the metrics address".into()))?;
                 let router = crate::metrics::router(
                     node_metrics.clone(),
-                    handle.clone(),
-                    gossip_snapshot.clone(),
+                    counters::Counters {
+                        store: node_metrics.store.clone(),
+                        queue: handle.clone(),
+                        gossip: gossip_snapshot.clone(),
+                    },
                 );
                 let mut rx = shutdown_rx.clone();
                 tasks.push(crate::logging::spawn(async move {
@@ -789,9 +375,15 @@ fn start_sync_server(
             crate::logging::spawn(async move {
                 let _permit = permit;
                 let from = session.from;
-                if let Err(e) =
-                    crate::net::sync::serve(session, store, cluster, limits, versions_max, part_bytes)
-                        .await
+                if let Err(e) = crate::net::sync::serve(
+                    session,
+                    store,
+                    cluster,
+                    limits,
+                    versions_max,
+                    part_bytes,
+                )
+                .await
                 {
                     tracing::debug!(%from, "sync session refused or failed: {e}");
                 }
