@@ -74,6 +74,10 @@ pub struct BroadcastConfig {
     /// [`PROBE_SLOW_NEW`] more random members. Each member probed for the first time usually
     /// costs a QUIC handshake. 1..=1,024.
     pub probe_sample: usize,
+    /// A changeset committed here whose encoding is larger (estimated) leaves in parts of at
+    /// most this many bytes, each broadcast as its own message (`chunk::split`); receivers
+    /// apply it once they hold every part. The engine's `gossip.part_bytes`.
+    pub part_bytes: usize,
 }
 
 /// How much longer the interval between probes is once `probe_sample` members are measured.
@@ -104,6 +108,7 @@ impl Default for BroadcastConfig {
             far_peers: 2,
             probe_interval_ms: 50,
             probe_sample: 32,
+            part_bytes: 64 * 1024,
         }
     }
 }
@@ -446,8 +451,20 @@ impl Broadcast {
     /// A changeset committed here: push it to eager peers, announce it to lazy ones.
     pub fn local_commit(&mut self, changeset: Arc<Changeset>) -> Vec<Effect> {
         let mut effects = Vec::new();
+        if crate::chunk::estimate_bytes(&changeset) <= self.config.part_bytes {
+            self.commit_part(changeset, &mut effects);
+        } else {
+            for part in crate::chunk::split(&changeset, self.config.part_bytes) {
+                self.commit_part(Arc::new(part), &mut effects);
+            }
+        }
+        effects
+    }
+
+    /// Broadcasts one changeset committed here, or one part of it.
+    fn commit_part(&mut self, changeset: Arc<Changeset>, effects: &mut Vec<Effect>) {
         if self.remember(changeset.part_id()) {
-            self.forward(&changeset, None, &mut effects);
+            self.forward(&changeset, None, effects);
             // Our own changes also go up our kept links: a node that nobody asked for kept
             // links (it happens to a few) would otherwise reach nobody.
             let parents: BTreeSet<SiteId> = self.near.union(&self.far).copied().collect();
@@ -461,7 +478,6 @@ impl Broadcast {
                 }
             }
         }
-        effects
     }
 
     fn forward(

@@ -53,6 +53,9 @@ pub struct NodeFaults {
     /// Sync requests claim every version up to the head (the needs are left out), so a version
     /// that broadcast lost below a later one is never asked for again.
     pub sync_skips_gaps: bool,
+    /// The first part of a large changeset marks the whole changeset applied, so its other
+    /// parts are skipped as known (a bug of the apply path).
+    pub part_marks_applied: bool,
 }
 
 /// How a node behaves.
@@ -210,7 +213,18 @@ impl Node {
                     version: DbVersion(version),
                 };
                 if self.durable.book.contains(id) {
-                    out.push(Arc::new(self.durable.replica.changeset(id)));
+                    // In parts when large, as the engine's sync sessions send them.
+                    let whole = self.durable.replica.changeset(id);
+                    let part_bytes = self.config.broadcast.part_bytes;
+                    if crate::chunk::estimate_bytes(&whole) <= part_bytes {
+                        out.push(Arc::new(whole));
+                    } else {
+                        out.extend(
+                            crate::chunk::split(&whole, part_bytes)
+                                .into_iter()
+                                .map(Arc::new),
+                        );
+                    }
                 }
             }
         }
@@ -226,6 +240,10 @@ impl Node {
         }
         let whole = match self.parts.add(changeset) {
             PartOutcome::Complete(whole) => whole,
+            PartOutcome::Buffered if self.config.faults.part_marks_applied => {
+                self.durable.book.mark_applied(id);
+                return None;
+            }
             PartOutcome::Buffered | PartOutcome::Dropped => return None,
         };
         validate_changeset(&whole).ok()?;

@@ -92,12 +92,15 @@ pub struct Scenario {
     /// Broadcast over kept links (each node asks every other for one, as the agents' far
     /// links) instead of the Plumtree tree.
     pub kept_links: bool,
+    /// Every changeset leaves in parts of one change each (broadcast and sync), as large ones
+    /// do in the agents.
+    pub parts: bool,
 }
 
 impl Scenario {
     /// The node configuration every actor uses.
     pub fn node_config(&self) -> NodeConfig {
-        NodeConfig {
+        let mut config = NodeConfig {
             broadcast: if self.kept_links {
                 // The agents' default without the tree; near links need measured distance,
                 // which the model's clocks do not have, so every link is a far one.
@@ -124,7 +127,12 @@ impl Scenario {
             },
             faults: self.faults,
             ..NodeConfig::default()
+        };
+        if self.parts {
+            // Below any one change's size: one change per part.
+            config.broadcast.part_bytes = 1;
         }
+        config
     }
 
     /// The stateright model of this scenario.
@@ -481,6 +489,7 @@ pub mod scenarios {
             crashes: 1,
             faults: NodeFaults::default(),
             kept_links: false,
+            parts: false,
         }
     }
 
@@ -494,6 +503,7 @@ pub mod scenarios {
             crashes: 0,
             faults,
             kept_links: false,
+            parts: false,
         }
     }
 
@@ -510,6 +520,7 @@ pub mod scenarios {
             crashes: 0,
             faults,
             kept_links: false,
+            parts: false,
         }
     }
 
@@ -522,6 +533,7 @@ pub mod scenarios {
             crashes: 0,
             faults,
             kept_links: false,
+            parts: false,
         }
     }
 
@@ -539,6 +551,22 @@ pub mod scenarios {
             crashes: 0,
             faults: NodeFaults::default(),
             kept_links: false,
+            parts: false,
+        }
+    }
+
+    /// Two nodes write the same row; every changeset travels in parts (a sentinel and a cell:
+    /// two parts per insert); messages are lost, duplicated and reordered. A receiver must
+    /// apply a changeset only once it holds every part.
+    pub fn parts(faults: NodeFaults) -> Scenario {
+        Scenario {
+            name: "parts",
+            scripts: vec![vec![Write::Insert(1, "a")], vec![Write::Insert(1, "b")]],
+            lossy: true,
+            crashes: 0,
+            faults,
+            kept_links: true,
+            parts: true,
         }
     }
 
@@ -552,6 +580,7 @@ pub mod scenarios {
             update_against_resurrect(NodeFaults::default()),
             two_writes_lossy(NodeFaults::default()),
             kept_links(),
+            parts(NodeFaults::default()),
         ]
     }
 
@@ -579,6 +608,7 @@ pub mod scenarios {
             crashes: 0,
             faults: NodeFaults::default(),
             kept_links: false,
+            parts: false,
         }
     }
 }

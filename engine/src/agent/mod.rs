@@ -505,6 +505,7 @@ async fn start_gossip(
                 far_peers: config.far_peers,
                 probe_interval_ms: config.probe_interval_ms,
                 probe_sample: config.probe_sample,
+                part_bytes: config.part_bytes,
                 ..BroadcastConfig::default()
             },
             seed,
@@ -522,7 +523,6 @@ async fn start_gossip(
         members_file,
         members_file_hash: None,
         tick_ms: config.tick_ms,
-        part_bytes: config.part_bytes,
         limits: Limits {
             changeset_bytes_max: config.message_bytes_max,
             ..Limits::default()

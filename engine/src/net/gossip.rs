@@ -148,8 +148,6 @@ pub struct GossipTask {
     pub members_file_hash: Option<u64>,
     /// Broadcast tick (ms).
     pub tick_ms: u64,
-    /// Changesets larger than this are broadcast in parts (bytes).
-    pub part_bytes: usize,
     /// Decode limits for peer messages.
     pub limits: Limits,
     /// Stop signal.
@@ -233,13 +231,8 @@ impl GossipTask {
                 }
                 commit = self.commits.recv() => {
                     let Some(changeset) = commit else { break };
-                    if patina_core::chunk::estimate_bytes(&changeset) <= self.part_bytes {
-                        effects.extend(self.broadcast.local_commit(changeset));
-                    } else {
-                        for part in patina_core::chunk::split(&changeset, self.part_bytes) {
-                            effects.extend(self.broadcast.local_commit(Arc::new(part)));
-                        }
-                    }
+                    // Large ones leave in parts (the broadcast core splits them).
+                    effects.extend(self.broadcast.local_commit(changeset));
                 }
                 _ = tokio::time::sleep_until(timer_due.into()) => {
                     self.membership.handle_timers(Instant::now());
