@@ -309,6 +309,11 @@ impl Broadcast {
 
     /// A peer joined: it becomes eager while there is room, then lazy, then passive.
     pub fn peer_up(&mut self, peer: SiteId) {
+        self.add_peer(peer);
+        self.debug_check();
+    }
+
+    fn add_peer(&mut self, peer: SiteId) {
         if peer == self.me
             || self.eager.contains(&peer)
             || self.lazy.contains(&peer)
@@ -361,6 +366,11 @@ impl Broadcast {
 
     /// A peer left or failed: its place in the active view is refilled.
     pub fn peer_down(&mut self, peer: SiteId) {
+        self.remove_peer(peer);
+        self.debug_check();
+    }
+
+    fn remove_peer(&mut self, peer: SiteId) {
         self.eager.remove(&peer);
         self.lazy.remove(&peer);
         self.passive.remove(&peer);
@@ -458,7 +468,59 @@ impl Broadcast {
                 self.commit_part(Arc::new(part), &mut effects);
             }
         }
+        self.debug_check();
         effects
+    }
+
+    /// The state machine's invariants, asserted in debug builds at the end of every input
+    /// handler, so the model checker and the simulator check them in every state they reach.
+    fn debug_check(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let me = &self.me;
+        let peer_sets = [
+            &self.eager,
+            &self.lazy,
+            &self.passive,
+            &self.near,
+            &self.far,
+        ];
+        debug_assert!(
+            peer_sets.iter().all(|set| !set.contains(me)) && !self.children.contains_key(me),
+            "a node is its own peer"
+        );
+        debug_assert!(
+            self.eager.is_disjoint(&self.lazy)
+                && self.eager.is_disjoint(&self.passive)
+                && self.lazy.is_disjoint(&self.passive),
+            "a member in two of the eager, lazy and passive sets"
+        );
+        // Not asserted: a bound on the tree's active view. A graft from a member outside it
+        // (passive, or not yet known) makes that member eager, so with the optional tree on,
+        // eager + lazy can grow past eager_peers_max + lazy_peers_max (found by this check
+        // in `sends_per_change_stay_small`; the tree is off by default).
+        debug_assert!(
+            self.near.len() <= self.config.near_peers && self.far.len() <= self.config.far_peers,
+            "more kept links asked for than configured"
+        );
+        debug_assert!(
+            self.children.len() <= CHILDREN_MAX,
+            "more kept links given than allowed"
+        );
+        debug_assert!(
+            self.seen.len() == self.seen_order.len() && self.seen.len() <= self.config.seen_max,
+            "the dedup memory lost its bound"
+        );
+        debug_assert!(
+            self.cache.len() <= self.config.cache_max,
+            "the graft cache lost its bound"
+        );
+        debug_assert!(
+            self.missing.len() <= self.config.missing_max
+                && self.missing.keys().all(|id| !self.seen.contains(id)),
+            "a missing id is unbounded or already seen"
+        );
     }
 
     /// Broadcasts one changeset committed here, or one part of it.
@@ -517,6 +579,12 @@ impl Broadcast {
 
     /// A message from a peer.
     pub fn receive(&mut self, now: Millis, from: SiteId, msg: BroadcastMsg) -> Vec<Effect> {
+        let effects = self.handle_message(now, from, msg);
+        self.debug_check();
+        effects
+    }
+
+    fn handle_message(&mut self, now: Millis, from: SiteId, msg: BroadcastMsg) -> Vec<Effect> {
         let mut effects = Vec::new();
         if from == self.me {
             return effects;
@@ -798,6 +866,12 @@ impl Broadcast {
 
     /// Time passes: flush batched announcements, graft what did not arrive in time, probe.
     pub fn tick(&mut self, now: Millis) -> Vec<Effect> {
+        let effects = self.on_tick(now);
+        self.debug_check();
+        effects
+    }
+
+    fn on_tick(&mut self, now: Millis) -> Vec<Effect> {
         let mut effects = Vec::new();
         if self.config.probe_interval_ms > 0 && now >= self.next_probe_at {
             if let Some(peer) = self.probe_target() {

@@ -185,6 +185,16 @@ impl Reassembly {
 
     /// Adds a part (a whole changeset passes straight through).
     pub fn add(&mut self, part: &Changeset) -> PartOutcome {
+        let outcome = self.add_part(part);
+        debug_assert!(
+            self.partials.len() <= self.partials_max
+                && self.partials.values().all(|p| !p.is_complete()),
+            "the parts buffer lost its bound or kept a complete changeset"
+        );
+        outcome
+    }
+
+    fn add_part(&mut self, part: &Changeset) -> PartOutcome {
         if part.is_whole() {
             self.partials.remove(&part.id);
             return PartOutcome::Complete(part.clone());
