@@ -20,6 +20,7 @@
 //! - [`sync`]: anti-entropy sync: the state nodes exchange, what a peer owes, when to sync.
 //! - [`validate`]: structural checks of a remote changeset before it reaches a store.
 
+pub mod apply;
 pub mod broadcast;
 pub mod change;
 pub mod chunk;

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use crate::apply::{apply_changeset, ApplyFaults, ApplyTarget, Applied, PartStep};
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis};
 use crate::change::{Changeset, ChangesetId};
 use crate::chunk::{PartOutcome, Reassembly};
@@ -19,6 +20,39 @@ use crate::merge::MergeFaults;
 use crate::sync::{versions_to_send, SyncState};
 use crate::validate::validate_changeset;
 use crate::versions::Bookkeeping;
+
+/// The in-memory replica and its parts buffer, as the apply rule sees them.
+struct MemTarget<'a> {
+    replica: &'a mut MemReplica,
+    parts: &'a mut Reassembly,
+}
+
+impl ApplyTarget for MemTarget<'_> {
+    type Rejection = ();
+    type Error = std::convert::Infallible;
+    type Merged = ();
+
+    fn keep_part(&mut self, part: &Changeset) -> Result<PartStep<()>, Self::Error> {
+        Ok(match self.parts.add(part) {
+            PartOutcome::Complete(whole) => PartStep::Complete(whole),
+            PartOutcome::Buffered => PartStep::Buffered,
+            PartOutcome::Dropped => PartStep::Rejected(()),
+        })
+    }
+
+    fn forget_parts(&mut self, id: ChangesetId) -> Result<(), Self::Error> {
+        self.parts.forget(&id);
+        Ok(())
+    }
+
+    fn merge(&mut self, whole: &Changeset) -> Result<Result<(), ()>, Self::Error> {
+        if validate_changeset(whole).is_err() {
+            return Ok(Err(()));
+        }
+        self.replica.apply_changeset(whole);
+        Ok(Ok(()))
+    }
+}
 
 /// A message between two nodes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -231,29 +265,22 @@ impl Node {
         out
     }
 
-    /// Applies a remote changeset (or a part of one) as the store does; returns its id if it
-    /// was applied now.
+    /// Applies a remote changeset (or a part of one) by the rule the store follows too
+    /// ([`apply_changeset`]); returns its id if it was applied now.
     pub fn apply(&mut self, changeset: &Changeset) -> Option<ChangesetId> {
-        let id = changeset.id;
-        if id.site == self.site() || self.durable.book.contains(id) {
-            return None;
-        }
-        let whole = match self.parts.add(changeset) {
-            PartOutcome::Complete(whole) => whole,
-            PartOutcome::Buffered if self.config.faults.part_marks_applied => {
-                self.durable.book.mark_applied(id);
-                return None;
-            }
-            PartOutcome::Buffered | PartOutcome::Dropped => return None,
+        let faults = ApplyFaults {
+            part_marks_applied: self.config.faults.part_marks_applied,
         };
-        validate_changeset(&whole).ok()?;
-        self.durable.replica.apply_changeset(&whole);
-        if whole.is_cleared() {
-            self.durable.book.mark_cleared(id);
-        } else {
-            self.durable.book.mark_applied(id);
+        let me = self.site();
+        let mut target = MemTarget {
+            replica: &mut self.durable.replica,
+            parts: &mut self.parts,
+        };
+        match apply_changeset(&mut target, me, &mut self.durable.book, changeset, faults) {
+            Ok(Applied::Merged(id, ())) => Some(id),
+            Ok(_) => None,
+            Err(never) => match never {},
         }
-        Some(id)
     }
 
     fn outputs(&mut self, effects: Vec<Effect>) -> Vec<Output> {

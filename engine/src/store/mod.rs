@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use patina_core::apply::{apply_changeset, ApplyFaults, ApplyTarget, Applied, PartStep};
 use patina_core::change::{Change, Changeset, ChangesetId, Column, RowChange, SeqSpan};
 use patina_core::chunk::Partial;
 use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};
@@ -1067,58 +1068,28 @@ impl Store {
         let mut outcomes = Vec::with_capacity(batch.len());
         let result = (|| {
             for changeset in batch {
-                let mut changeset: &Changeset = changeset.borrow();
-                if changeset.id.site == self.site || book.contains(changeset.id) {
-                    outcomes.push(ApplyOutcome::AlreadyApplied);
-                    continue;
-                }
-                let assembled;
-                if changeset.is_whole() {
-                    if self.partials.contains_key(&changeset.id) {
-                        self.drop_parts(changeset.id)?;
-                    }
-                } else {
-                    match self.buffer_part(changeset) {
-                        Ok(Some(whole)) => {
-                            assembled = whole;
-                            changeset = &assembled;
-                        }
-                        Ok(None) => {
-                            outcomes.push(ApplyOutcome::Buffered);
-                            continue;
-                        }
-                        Err(
-                            e @ (StoreError::Change { .. } | StoreError::PartsBufferFull { .. }),
-                        ) => {
-                            outcomes.push(ApplyOutcome::Rejected(e));
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                self.writer.execute_batch("SAVEPOINT changeset")?;
-                match self.apply_one(changeset) {
-                    Ok((changes_won, changed)) => {
-                        self.writer.execute_batch("RELEASE changeset")?;
-                        if changeset.is_cleared() {
-                            book.mark_cleared(changeset.id);
-                        } else {
-                            book.mark_applied(changeset.id);
-                        }
-                        touched_sites.insert(changeset.id.site);
-                        outcomes.push(ApplyOutcome::Applied {
+                let site = self.site;
+                // The rule Node follows too (core::apply): skip, keep a part, or merge whole.
+                let applied = apply_changeset(
+                    &mut *self,
+                    site,
+                    &mut book,
+                    changeset.borrow(),
+                    ApplyFaults::default(),
+                )?;
+                outcomes.push(match applied {
+                    Applied::Merged(id, (changes_won, changed)) => {
+                        touched_sites.insert(id.site);
+                        ApplyOutcome::Applied {
                             changes_won,
                             rows_changed: changed.len(),
                             changed,
-                        });
+                        }
                     }
-                    Err(e @ StoreError::Change { .. }) => {
-                        self.writer
-                            .execute_batch("ROLLBACK TO changeset; RELEASE changeset")?;
-                        outcomes.push(ApplyOutcome::Rejected(e));
-                    }
-                    Err(e) => return Err(e),
-                }
+                    Applied::Buffered => ApplyOutcome::Buffered,
+                    Applied::Known => ApplyOutcome::AlreadyApplied,
+                    Applied::Rejected(e) => ApplyOutcome::Rejected(e),
+                });
             }
             for site in &touched_sites {
                 let versions = book.site(site).cloned().unwrap_or_default();
@@ -1628,6 +1599,51 @@ impl Store {
     /// Path-independent description of the database file, for logs.
     pub fn path(&self) -> Option<&Path> {
         self.writer.path().map(Path::new)
+    }
+}
+
+/// The SQLite store as the apply rule (`core::apply`) sees it: parts kept in `__patina_parts`,
+/// each whole changeset merged in a savepoint of the batch's transaction.
+impl ApplyTarget for Store {
+    type Rejection = StoreError;
+    type Error = StoreError;
+    type Merged = (usize, Vec<RowChange>);
+
+    fn keep_part(&mut self, part: &Changeset) -> Result<PartStep<StoreError>, StoreError> {
+        match self.buffer_part(part) {
+            Ok(Some(whole)) => Ok(PartStep::Complete(whole)),
+            Ok(None) => Ok(PartStep::Buffered),
+            Err(e @ (StoreError::Change { .. } | StoreError::PartsBufferFull { .. })) => {
+                Ok(PartStep::Rejected(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn forget_parts(&mut self, id: ChangesetId) -> Result<(), StoreError> {
+        if self.partials.contains_key(&id) {
+            self.drop_parts(id)?;
+        }
+        Ok(())
+    }
+
+    fn merge(
+        &mut self,
+        whole: &Changeset,
+    ) -> Result<Result<(usize, Vec<RowChange>), StoreError>, StoreError> {
+        self.writer.execute_batch("SAVEPOINT changeset")?;
+        match self.apply_one(whole) {
+            Ok(merged) => {
+                self.writer.execute_batch("RELEASE changeset")?;
+                Ok(Ok(merged))
+            }
+            Err(e @ StoreError::Change { .. }) => {
+                self.writer
+                    .execute_batch("ROLLBACK TO changeset; RELEASE changeset")?;
+                Ok(Err(e))
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
