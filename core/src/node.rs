@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use crate::apply::{apply_changeset, ApplyFaults, ApplyTarget, Applied, PartStep};
+use crate::apply::{apply_changeset, Applied, ApplyFaults, ApplyTarget, PartStep};
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis};
 use crate::change::{Changeset, ChangesetId};
 use crate::chunk::{PartOutcome, Reassembly};

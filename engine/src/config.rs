@@ -319,7 +319,8 @@ pub struct ApiConfig {
     /// 100..=3,600,000.
     pub idle_timeout_ms: u64,
     /// An HTTP/1.1 request head, once begun, must be complete within this, in ms; else the
-    /// connection is closed. 100..=3,600,000.
+    /// connection is closed. 100..=3,600,000; at most `idle_timeout_ms` in effect (that timer
+    /// also runs while a head is awaited).
     pub header_timeout_ms: u64,
     /// Open streams (subscriptions, `/v1/updates`); more get 503. They do not count against
     /// `concurrency_limit`. 1..=1,000,000.

@@ -123,8 +123,8 @@ fn finish<C: Checker<ActorModel<PatinaActor, Scenario, ()>>>(
                 .collect();
             return Err(format!(
                 "{name}: {search} stopped at the memory limit ({held} MiB of {limit_mib}) after \
-                 {:.1} s: {} states, {} unique, depth {} reached; {}. Go deeper with --dfs, \
-                 or raise --max-memory-mib.",
+                 {:.1} s: {} states, {} unique, depth {} reached; {}. Raise --max-memory-mib, \
+                 lower --depth, or search depth-first (without --bfs).",
                 start.elapsed().as_secs_f64(),
                 checker.state_count(),
                 checker.unique_state_count(),
@@ -205,7 +205,8 @@ fn main() {
                     Ok(ok) => failed |= !ok,
                     Err(stopped) => {
                         println!("{stopped}");
-                        std::process::exit(3);
+                        // A failure already found outranks the stop.
+                        std::process::exit(if failed { 1 } else { 3 });
                     }
                 }
             }

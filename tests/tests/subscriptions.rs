@@ -439,6 +439,38 @@ async fn costly_subscriptions_are_refused_or_ended_and_the_others_go_on() {
     }
 }
 
+/// ORDER BY and LIMIT shape the first rows only: the subscription follows the whole result,
+/// so a row beyond the limit that changes is an update of a row it holds, not a new row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_shapes_only_the_first_rows() {
+    let (_dirs, agents) = cluster(1, |_| {}).await;
+    let agent = &agents[0];
+    exec(
+        agent,
+        "INSERT INTO kv (k, v) VALUES ('a', '1'), ('b', '2'), ('c', '3'), ('d', '4')",
+    )
+    .await;
+    let (status, _, mut stream) = subscribe(
+        agent,
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT k, v FROM kv ORDER BY k LIMIT 2"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let head = stream.take(4).await;
+    assert_eq!(head[1]["row"][1], json!(["a", "1"]), "{head:?}");
+    assert_eq!(head[2]["row"][1], json!(["b", "2"]), "{head:?}");
+    assert!(head[3].get("eoq").is_some(), "{head:?}");
+    exec(agent, "UPDATE kv SET v = '33' WHERE k = 'c'").await;
+    let change = stream.next().await.expect("a change");
+    assert_eq!(change["change"][0], json!("update"), "{change}");
+    assert_eq!(change["change"][2], json!(["c", "33"]), "{change}");
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
 /// A subscription whose query runs for seconds holds up only itself: another subscription's
 /// changes keep flowing while it runs (its queries and the others' run on separate threads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -207,7 +207,9 @@ impl Agent {
         let api_limits = ServeLimits {
             connections_max: config.api.connections_max,
             idle_timeout: Duration::from_millis(config.api.idle_timeout_ms),
-            header_timeout: Duration::from_millis(config.api.header_timeout_ms),
+            header_timeout: Duration::from_millis(
+                config.api.header_timeout_ms.min(config.api.idle_timeout_ms),
+            ),
         };
         let api_task =
             crate::logging::spawn(serve(listener, router, api_limits, shutdown_rx.clone()));

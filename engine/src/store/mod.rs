@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use patina_core::apply::{apply_changeset, ApplyFaults, ApplyTarget, Applied, PartStep};
+use patina_core::apply::{apply_changeset, Applied, ApplyFaults, ApplyTarget, PartStep};
 use patina_core::change::{Change, Changeset, ChangesetId, Column, RowChange, SeqSpan};
 use patina_core::chunk::Partial;
 use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId, SITE_ID_LEN};

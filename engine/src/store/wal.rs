@@ -24,6 +24,9 @@ const UNCAPPED_WAL_KEPT_BYTES: u64 = 64 * 1024 * 1024;
 const AUTO_CHECKPOINT_PAGES: u64 = 1000;
 /// How long a write over the WAL's share waits for readers to let go of it.
 const CHECKPOINT_WAIT: Duration = Duration::from_millis(20);
+/// After a checkpoint found readers in the way, writes are refused at once this long before
+/// the next attempt (so a long query does not cost every write its 20 ms wait).
+const RETRY_AFTER: Duration = Duration::from_millis(250);
 /// The writer's busy timeout outside that wait (as set when the store opens).
 const WRITER_BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
@@ -37,6 +40,8 @@ pub(super) struct WalBudget {
     page_size: u64,
     /// The WAL's share of the cap, bytes; None without a cap.
     limit: Option<u64>,
+    /// Until when writes are refused without another checkpoint attempt.
+    retry_at: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 impl WalBudget {
@@ -79,6 +84,7 @@ impl WalBudget {
             auto_checkpoint,
             page_size,
             limit,
+            retry_at: std::cell::Cell::new(None),
         })
     }
 
@@ -101,6 +107,13 @@ impl WalBudget {
         if self.bytes() <= limit {
             return Ok(());
         }
+        let now = std::time::Instant::now();
+        if self.retry_at.get().is_some_and(|at| now < at) {
+            return Err(StoreError::WalFull {
+                bytes: self.bytes(),
+                limit,
+            });
+        }
         writer.busy_timeout(CHECKPOINT_WAIT)?;
         let result = writer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
@@ -112,8 +125,10 @@ impl WalBudget {
         }
         let bytes = self.bytes();
         if bytes <= limit {
+            self.retry_at.set(None);
             return Ok(());
         }
+        self.retry_at.set(Some(now + RETRY_AFTER));
         Err(StoreError::WalFull { bytes, limit })
     }
 }

@@ -12,9 +12,10 @@
 //!
 //! One thread (the manager) holds every subscription's rows and a small SQLite file of its own
 //! for persistence: each subscription's SQL, rows and the last `history_len` changes, written
-//! in one transaction before the events are sent. The queries run on two threads of their own
-//! ([`workers`]), each with a read-only connection to the database (and TEMP tables for the
-//! changed keys), so a costly subscription never holds up the others. After a restart a subscription is reconciled with the data (any
+//! in one transaction before the events are sent. Quick queries run on the manager thread,
+//! costly ones on a thread of their own (`workers`), each with a read-only connection to the
+//! database (and TEMP tables for the changed keys), so a costly subscription never holds up
+//! the others. After a restart a subscription is reconciled with the data (any
 //! change it missed becomes events), so a client resuming from its last change id gets exactly
 //! what it missed; one resuming from before the kept history gets an error, never a silent gap.
 //! A subscriber that does not keep up is cut off with an error and can resume by change id.
@@ -34,7 +35,7 @@ use sqlparser::parser::Parser;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::http::types::ChangeType;
-use workers::{Done, Job, Lane, Query, Workers};
+use workers::{Done, Job, Lane, Query, Worker, Workers};
 
 mod workers;
 
@@ -295,6 +296,7 @@ pub fn spawn(
     let mut manager = Manager {
         reader,
         workers: Workers::new(db, config, tx.downgrade()),
+        inline: None,
         storage,
         config,
         matchers: Vec::new(),
@@ -678,6 +680,12 @@ struct Matcher {
 }
 
 impl Matcher {
+    /// Subscribers are waiting for its rows (a first or an ordered query is out for them).
+    fn waited_on(&self) -> bool {
+        !self.work.waiting.is_empty()
+            || matches!(self.work.busy, Some(Purpose::First | Purpose::Ordered(_)))
+    }
+
     fn alias_key(&self, alias: usize, identity_values: &[Value]) -> Vec<u8> {
         let a = &self.plan.aliases[alias];
         pack(&identity_values[a.key_start..a.key_start + a.key_len])
@@ -797,7 +805,10 @@ impl Work {
 struct Manager {
     /// Plans subscriptions (prepares their queries); runs none: the query threads do.
     reader: Connection,
+    /// Heavy queries' thread.
     workers: Workers,
+    /// Quick queries run here, on the manager thread (None until the first).
+    inline: Option<Worker>,
     storage: Connection,
     config: SubsConfig,
     matchers: Vec<Matcher>,
@@ -897,6 +908,14 @@ impl Manager {
         }
     }
 
+    /// The connection quick queries run on, opened with the first.
+    fn inline_worker(&mut self) -> Result<&mut Worker, SubsError> {
+        if self.inline.is_none() {
+            self.inline = Some(self.workers.open_inline()?);
+        }
+        Ok(self.inline.as_mut().expect("opened just now"))
+    }
+
     fn position(&self, id: &str) -> Option<usize> {
         self.matchers.iter().position(|m| m.id == id)
     }
@@ -908,7 +927,7 @@ impl Manager {
         self.matchers
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.ready && m.work.waiting.is_empty() && m.live.receiver_count() == 0)
+            .filter(|(_, m)| m.ready && !m.waited_on() && m.live.receiver_count() == 0)
             .min_by_key(|(_, m)| m.idle_since.unwrap_or(now))
             .map(|(index, _)| index)
     }
@@ -918,12 +937,7 @@ impl Manager {
         let idle_timeout = self.config.idle_timeout;
         let mut expired = Vec::new();
         for (index, matcher) in self.matchers.iter_mut().enumerate() {
-            let waited_on = !matcher.work.waiting.is_empty()
-                || matches!(
-                    matcher.work.busy,
-                    Some(Purpose::First | Purpose::Ordered(_))
-                );
-            if matcher.live.receiver_count() > 0 || waited_on {
+            if matcher.live.receiver_count() > 0 || matcher.waited_on() {
                 matcher.idle_since = None;
                 continue;
             }
@@ -1058,10 +1072,19 @@ impl Manager {
             sub: matcher.id.clone(),
             // Its cost is not known yet.
             lane: Lane::Heavy,
-            queries: vec![Query {
-                sql: matcher.plan.ordered_sql.clone(),
-                keys: None,
-            }],
+            // The whole result to hold (ORDER BY and LIMIT shape only the answer), and the
+            // answer, from one snapshot.
+            queries: vec![
+                Query {
+                    sql: matcher.plan.full_sql.clone(),
+                    keys: None,
+                },
+                Query {
+                    sql: matcher.plan.ordered_sql.clone(),
+                    keys: None,
+                },
+            ],
+            one_snapshot: true,
             visible: matcher.plan.visible,
             key_columns: matcher.plan.key_columns,
         };
@@ -1200,14 +1223,31 @@ impl Manager {
         } else {
             return;
         };
+        // Whole results and ordered answers may be large whatever the last pass cost.
+        let heavy = work.slow || !matches!(purpose, Purpose::Keys(_));
         let job = Job {
             sub: matcher.id.clone(),
-            lane: if work.slow { Lane::Heavy } else { Lane::Quick },
+            lane: if heavy { Lane::Heavy } else { Lane::Quick },
             queries,
+            one_snapshot: false,
             visible: matcher.plan.visible,
             key_columns: matcher.plan.key_columns,
         };
         work.busy = Some(purpose);
+        if job.lane == Lane::Quick {
+            match self.inline_worker() {
+                Ok(worker) => {
+                    let done = worker.run(job);
+                    return self.on_done(done);
+                }
+                Err(e) => {
+                    tracing::error!("subscriptions: {e}");
+                    self.matchers[index].work.busy = None;
+                    self.matchers[index].work.full = true;
+                }
+            }
+            return;
+        }
         if let Err(e) = self.workers.submit(job) {
             tracing::error!("subscriptions: {e}");
             if let Some(Purpose::Ordered(waiters)) = self.matchers[index].work.busy.take() {
@@ -1270,7 +1310,13 @@ impl Manager {
                 }
             }
             Err(e) => {
-                tracing::error!(subscription = %done.sub, "subscriptions: applying changes failed: {e}")
+                tracing::error!(subscription = %done.sub, "subscriptions: applying changes failed: {e}");
+                // The changes it carried are not lost: the next query reconciles the whole
+                // result. Not at once (a lasting failure would spin): with the next change.
+                if let Some(index) = self.position(&done.sub) {
+                    self.matchers[index].work.full = true;
+                }
+                return;
             }
             Ok(()) => {}
         }
@@ -1279,46 +1325,74 @@ impl Manager {
         }
     }
 
-    /// A new subscription's first rows: stored, then every waiting subscriber answered. On
-    /// failure it is forgotten and they get the error.
+    /// A new subscription's first rows: the whole result (held, stored) and the rows in the
+    /// query's order (the answer), read in one snapshot; then every waiting subscriber is
+    /// answered. On failure, or with no room left, it is forgotten and they get the error.
     fn first_rows(
         &mut self,
         index: usize,
         found: Result<Vec<FoundRows>, SubsError>,
     ) -> Result<(), SubsError> {
-        let stored = found.and_then(|mut found| {
-            let found = found.pop().unwrap_or_default();
-            let order: Vec<Vec<u8>> = found.iter().map(|(identity, _)| identity.clone()).collect();
-            // The first rows are the starting point, not changes.
-            let _ = self.matchers[index].diff(None, found);
-            self.store_new(index)?;
-            Ok(order)
-        });
-        let order = match stored {
-            Ok(order) => order,
-            Err(e) => {
-                let matcher = self.matchers.remove(index);
+        let id = self.matchers[index].id.clone();
+        let fail = |manager: &mut Manager, e: SubsError| {
+            if let Some(index) = manager.position(&id) {
+                let matcher = manager.matchers.remove(index);
                 for waiter in matcher.work.waiting {
                     let _ = waiter.reply.send(Err(e.clone()));
                 }
+            }
+        };
+        let (whole, ordered) = match found {
+            Ok(mut found) if found.len() == 2 => {
+                let ordered = found.pop().unwrap_or_default();
+                (found.pop().unwrap_or_default(), ordered)
+            }
+            Ok(_) => {
+                fail(
+                    self,
+                    SubsError::Internal("a first query answered wrongly".into()),
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                fail(self, e);
                 return Ok(());
             }
         };
-        let id = self.matchers[index].id.clone();
-        // Only now, with the new one known to work, an unused one makes room.
+        // Only now, with the new one known to work, an unused one makes room; with none to
+        // spare (others were added meanwhile), the new one is refused.
         if self.matchers.len() > self.config.max_subscriptions {
-            if let Some(unused) = self.longest_unused().filter(|&i| i != index) {
-                self.remove(unused, "room for a new subscription")?;
+            match self.longest_unused().filter(|&i| i != index) {
+                Some(unused) => {
+                    if let Err(e) = self.remove(unused, "room for a new subscription") {
+                        tracing::warn!("subscriptions: making room failed: {e}");
+                    }
+                }
+                None => {
+                    fail(self, SubsError::TooMany(self.config.max_subscriptions));
+                    return Ok(());
+                }
             }
         }
         let Some(index) = self.position(&id) else {
             return Ok(());
         };
+        // The whole result is the starting point, not changes.
+        let _ = self.matchers[index].diff(None, whole);
+        if let Err(e) = self.store_new(index) {
+            fail(self, e);
+            return Ok(());
+        }
         let matcher = &mut self.matchers[index];
         matcher.ready = true;
-        let rows: Vec<(u64, Vec<Value>)> = order
-            .iter()
-            .filter_map(|identity| matcher.rows.get(identity).cloned())
+        let rows: Vec<(u64, Vec<Value>)> = ordered
+            .into_iter()
+            .filter_map(|(identity, values)| {
+                matcher
+                    .rows
+                    .get(&identity)
+                    .map(|(row_id, _)| (*row_id, values))
+            })
             .collect();
         for waiter in std::mem::take(&mut matcher.work.waiting) {
             let rows = (!waiter.skip_rows).then(|| rows.clone());
@@ -1487,8 +1561,8 @@ impl Manager {
                     .insert(row.pk.as_bytes().to_vec(), row.pk.values());
             }
         }
-        let mut touched = Vec::new();
-        for (index, matcher) in self.matchers.iter_mut().enumerate() {
+        let mut touched: Vec<String> = Vec::new();
+        for matcher in self.matchers.iter_mut() {
             let mut reads = false;
             for (alias, plan) in matcher.plan.aliases.iter().enumerate() {
                 if let Some(keys) = changed.get(&plan.table) {
@@ -1498,19 +1572,25 @@ impl Manager {
                 }
             }
             if reads {
-                touched.push(index);
+                touched.push(matcher.id.clone());
             }
         }
-        for index in touched {
-            self.dispatch(index);
+        // By id: a quick query runs at once and may end its subscription (indices shift).
+        for id in touched {
+            if let Some(index) = self.position(&id) {
+                self.dispatch(index);
+            }
         }
     }
 
     /// Compares every subscription with the whole data and emits the difference.
     fn resync(&mut self) {
-        for index in 0..self.matchers.len() {
-            self.matchers[index].work.full = true;
-            self.dispatch(index);
+        let ids: Vec<String> = self.matchers.iter().map(|m| m.id.clone()).collect();
+        for id in ids {
+            if let Some(index) = self.position(&id) {
+                self.matchers[index].work.full = true;
+                self.dispatch(index);
+            }
         }
     }
 

@@ -1,16 +1,16 @@
-//! The threads that run subscriptions' queries, so that no subscription waits on another's.
+//! Where subscriptions' queries run, so that a costly subscription holds up only the costly
+//! ones.
 //!
-//! The manager thread owns every subscription's rows and storage and never runs a query of
-//! its own: it hands each query to these threads and applies the answer when it comes back.
-//! Each subscription has at most one query out at a time (answers apply in the order the data
-//! changed); changes that arrive meanwhile wait, merged, for the next one.
-//!
-//! Two lanes: a query whose cost is not known yet (a new subscription's first rows) or whose
-//! subscription's last query took longer than [`QUICK`] is heavy; the rest are quick. One
-//! thread runs only quick queries, the other heavy ones first and quick ones when no heavy one
-//! waits. So a costly subscription (up to `pass_timeout` per query) delays the costly ones
-//! only; the others keep a thread of their own. Both threads start with the first query:
-//! a node without subscriptions has none.
+//! The manager thread owns every subscription's rows and storage. Each subscription has at
+//! most one query out at a time (answers apply in the order the data changed); changes that
+//! arrive meanwhile wait, merged, for the next one. Two lanes: a query whose cost is not known
+//! or may be large (a new subscription's first rows, a whole-result reconcile, the rows in
+//! order for a subscriber attaching) or whose subscription's last query took longer than
+//! [`QUICK`] is heavy, and runs on a thread of its own ([`Workers`]); the rest are quick and
+//! run at once on the manager thread, on a connection of its own ([`Worker`]), as a change
+//! notice arrives. So quick subscriptions see each change with no hand-off, and a heavy query
+//! (up to `pass_timeout` each) delays only other heavy ones. The heavy thread starts with the
+//! first subscription: a node without subscriptions has none.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ use crate::store::{to_value, SqlValue};
 /// A subscription whose last query took longer than this is heavy.
 pub(super) const QUICK: Duration = Duration::from_millis(50);
 
-/// Which thread may run a query.
+/// Where a query runs: on the manager thread at once, or on the heavy thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Lane {
     Quick,
@@ -50,6 +50,8 @@ pub(super) struct Job {
     pub sub: String,
     pub lane: Lane,
     pub queries: Vec<Query>,
+    /// Run the queries in one read transaction, so their answers agree.
+    pub one_snapshot: bool,
     /// Visible columns, then key columns, of every row.
     pub visible: usize,
     pub key_columns: usize,
@@ -64,15 +66,14 @@ pub(super) struct Done {
 }
 
 #[derive(Default)]
-struct Queues {
-    quick: VecDeque<Job>,
-    heavy: VecDeque<Job>,
+struct Queue {
+    jobs: VecDeque<Job>,
     stop: bool,
 }
 
-/// The two query threads and their queues.
+/// The heavy thread and its queue.
 pub(super) struct Workers {
-    shared: Arc<(Mutex<Queues>, Condvar)>,
+    shared: Arc<(Mutex<Queue>, Condvar)>,
     db: PathBuf,
     config: SubsConfig,
     /// Answers go back on the manager's own channel; weak, so that the manager still ends
@@ -92,36 +93,23 @@ impl Workers {
         }
     }
 
-    /// Queues a job; its answer arrives as [`Command::Done`].
-    pub(super) fn submit(&mut self, job: Job) -> Result<(), SubsError> {
-        if !self.started {
-            self.start()?;
-        }
-        let (queues, ready) = &*self.shared;
-        let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
-        match job.lane {
-            Lane::Quick => queues.quick.push_back(job),
-            Lane::Heavy => queues.heavy.push_back(job),
-        }
-        ready.notify_all();
-        Ok(())
+    /// A connection for the quick lane, run by the caller.
+    pub(super) fn open_inline(&self) -> Result<Worker, SubsError> {
+        Worker::open(&self.db, self.config)
     }
 
-    fn start(&mut self) -> Result<(), SubsError> {
-        for lane in [Lane::Quick, Lane::Heavy] {
+    /// Queues a heavy job; its answer arrives as [`Command::Done`].
+    pub(super) fn submit(&mut self, job: Job) -> Result<(), SubsError> {
+        if !self.started {
             let mut worker = Worker::open(&self.db, self.config)?;
             let shared = self.shared.clone();
             let answers = self.answers.clone();
             let span = tracing::Span::current();
-            let name = match lane {
-                Lane::Quick => "patina-subs-quick",
-                Lane::Heavy => "patina-subs-heavy",
-            };
             std::thread::Builder::new()
-                .name(name.into())
+                .name("patina-subs-heavy".into())
                 .spawn(move || {
                     let _in_node = span.enter();
-                    while let Some(job) = next_job(&shared, lane) {
+                    while let Some(job) = next_job(&shared) {
                         let done = worker.run(job);
                         let Some(answers) = answers.upgrade() else {
                             return;
@@ -132,44 +120,44 @@ impl Workers {
                     }
                 })
                 .map_err(|e| SubsError::Internal(format!("starting a query thread: {e}")))?;
+            self.started = true;
         }
-        self.started = true;
+        let (queue, ready) = &*self.shared;
+        queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .jobs
+            .push_back(job);
+        ready.notify_one();
         Ok(())
     }
 }
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        let (queues, ready) = &*self.shared;
-        queues.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        let (queue, ready) = &*self.shared;
+        queue.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
         ready.notify_all();
     }
 }
 
-/// Waits for a job this lane's thread may run; None once stopped.
-fn next_job(shared: &(Mutex<Queues>, Condvar), lane: Lane) -> Option<Job> {
-    let (queues, ready) = shared;
-    let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
+/// Waits for a job; None once stopped.
+fn next_job(shared: &(Mutex<Queue>, Condvar)) -> Option<Job> {
+    let (queue, ready) = shared;
+    let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        if queues.stop {
+        if queue.stop {
             return None;
         }
-        let job = match lane {
-            Lane::Quick => queues.quick.pop_front(),
-            Lane::Heavy => queues
-                .heavy
-                .pop_front()
-                .or_else(|| queues.quick.pop_front()),
-        };
-        if job.is_some() {
-            return job;
+        if let Some(job) = queue.jobs.pop_front() {
+            return Some(job);
         }
-        queues = ready.wait(queues).unwrap_or_else(|e| e.into_inner());
+        queue = ready.wait(queue).unwrap_or_else(|e| e.into_inner());
     }
 }
 
-/// A query thread's read-only connection to the replicated database.
-struct Worker {
+/// A read-only connection to the replicated database that runs jobs.
+pub(super) struct Worker {
     reader: Connection,
     /// Stops a query at its deadline.
     interrupt: Interrupt,
@@ -196,18 +184,34 @@ impl Worker {
         })
     }
 
-    fn run(&mut self, job: Job) -> Done {
+    pub(super) fn run(&mut self, job: Job) -> Done {
         let started = Instant::now();
-        let found = job
-            .queries
-            .iter()
-            .map(|query| self.query(&job, query))
-            .collect();
+        let found = if job.one_snapshot {
+            self.in_one_snapshot(&job)
+        } else {
+            job.queries
+                .iter()
+                .map(|query| self.query(&job, query))
+                .collect()
+        };
         Done {
             sub: job.sub,
             found,
             took: started.elapsed(),
         }
+    }
+
+    /// The job's queries inside one read transaction.
+    fn in_one_snapshot(&mut self, job: &Job) -> Result<Vec<FoundRows>, SubsError> {
+        self.reader.execute_batch("BEGIN")?;
+        let found = job
+            .queries
+            .iter()
+            .map(|query| self.query(job, query))
+            .collect();
+        // A read transaction: ending it cannot lose anything.
+        let _ = self.reader.execute_batch("COMMIT");
+        found
     }
 
     /// Runs one query; rows as (identity, visible values). One returning more than `rows_max`
