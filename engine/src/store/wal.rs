@@ -24,8 +24,8 @@ const UNCAPPED_WAL_KEPT_BYTES: u64 = 64 * 1024 * 1024;
 const AUTO_CHECKPOINT_PAGES: u64 = 1000;
 /// How long a write over the WAL's share waits for readers to let go of it.
 const CHECKPOINT_WAIT: Duration = Duration::from_millis(20);
-/// After a checkpoint found readers in the way, writes are refused at once this long before
-/// the next attempt (so a long query does not cost every write its 20 ms wait).
+/// After a checkpoint found readers in the way, attempts during this long do not wait for them
+/// (so a long query does not cost every write 20 ms of the store thread).
 const RETRY_AFTER: Duration = Duration::from_millis(250);
 /// The writer's busy timeout outside that wait (as set when the store opens).
 const WRITER_BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
@@ -108,13 +108,12 @@ impl WalBudget {
             return Ok(());
         }
         let now = std::time::Instant::now();
-        if self.retry_at.get().is_some_and(|at| now < at) {
-            return Err(StoreError::WalFull {
-                bytes: self.bytes(),
-                limit,
-            });
-        }
-        writer.busy_timeout(CHECKPOINT_WAIT)?;
+        let backing_off = self.retry_at.get().is_some_and(|at| now < at);
+        writer.busy_timeout(if backing_off {
+            Duration::ZERO
+        } else {
+            CHECKPOINT_WAIT
+        })?;
         let result = writer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
         });
@@ -128,7 +127,9 @@ impl WalBudget {
             self.retry_at.set(None);
             return Ok(());
         }
-        self.retry_at.set(Some(now + RETRY_AFTER));
+        if !backing_off {
+            self.retry_at.set(Some(now + RETRY_AFTER));
+        }
         Err(StoreError::WalFull { bytes, limit })
     }
 }
