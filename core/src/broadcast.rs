@@ -298,6 +298,16 @@ impl Broadcast {
         all.into_iter().collect()
     }
 
+    /// True if `peer` is a member this node knows.
+    pub fn is_member(&self, peer: &SiteId) -> bool {
+        self.eager.contains(peer) || self.lazy.contains(peer) || self.passive.contains(peer)
+    }
+
+    /// How many members this node knows.
+    pub fn member_count(&self) -> usize {
+        self.eager.len() + self.lazy.len() + self.passive.len()
+    }
+
     /// Ids announced but not yet received.
     pub fn missing_count(&self) -> usize {
         self.missing.len()
@@ -766,8 +776,8 @@ impl Broadcast {
         self.near = chosen;
     }
 
-    /// Every member this node knows.
-    fn members(&self) -> BTreeSet<SiteId> {
+    /// Every member this node knows (active and passive views).
+    pub fn members(&self) -> BTreeSet<SiteId> {
         self.eager
             .iter()
             .chain(&self.lazy)

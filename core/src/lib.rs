@@ -13,8 +13,10 @@
 //! - [`chunk`]: large changesets split by seq into parts that fit a message, and reassembled.
 //! - [`merge`]: the merge rule ([`merge::decide`]) and the per-row clock it updates.
 //! - [`mem`]: an in-memory replica over the merge rule (the model's and the tests' reference).
-//! - [`node`]: a whole node without I/O (in-memory store, broadcast, sync): what the simulator
-//!   and the model checker run.
+//! - [`protocol`]: one node's protocol decisions without storage (broadcast, sync scheduling,
+//!   rejoin): what the engine's gossip task drives.
+//! - [`node`]: a whole node without I/O: [`protocol`] over an in-memory store, what the
+//!   simulator and the model checker run.
 //! - [`versions`]: per-site bookkeeping of applied versions as compact range sets; needs, heads.
 //! - [`wire`]: compact binary encoding of changesets and a bounded decoder for untrusted bytes.
 //! - [`sync`]: anti-entropy sync: the state nodes exchange, what a peer owes, when to sync.
@@ -29,6 +31,7 @@ pub mod mem;
 pub mod merge;
 pub mod node;
 pub mod pk;
+pub mod protocol;
 pub mod stats;
 pub mod sync;
 pub mod validate;

@@ -1,22 +1,22 @@
-//! A whole replica without I/O: the in-memory store ([`MemReplica`] and its [`Bookkeeping`]),
-//! [`Broadcast`] and anti-entropy sync, glued the way the engine glues its SQLite store to the
-//! same state machines. The simulator runs thousands of these; the model checker explores every
-//! interleaving of a few.
+//! A whole replica without I/O: the in-memory store ([`MemReplica`] and its [`Bookkeeping`])
+//! driven by the [`Protocol`] the engine runs. The simulator runs thousands of these; the model
+//! checker explores every interleaving of a few.
 //!
-//! What the engine does with SQLite, this does with maps, by the same rules: a remote changeset
-//! is skipped when bookkeeping has it (or it is our own), validated, merged change by change
-//! with the one merge rule, then recorded as applied (cleared when it holds no change). A sync
-//! request is answered with [`versions_to_send`] and the changesets read back from the replica.
+//! This is a driver of [`Protocol`] like the engine's gossip task, with maps where the engine
+//! has SQLite and messages where it has QUIC streams: delivered changesets go through the one
+//! apply rule ([`apply_changeset`]), a sync session is a [`NodeMsg::SyncRequest`] answered with
+//! [`versions_to_send`] and the changesets read back from the replica.
 
 use std::sync::Arc;
 
 use crate::apply::{apply_changeset, Applied, ApplyFaults, ApplyTarget, PartStep};
-use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis};
+use crate::broadcast::{BroadcastMsg, Millis};
 use crate::change::{Changeset, ChangesetId};
 use crate::chunk::{PartOutcome, Reassembly};
 use crate::ids::{DbVersion, SiteId};
 use crate::mem::MemReplica;
 use crate::merge::MergeFaults;
+use crate::protocol::{Action, Protocol, ProtocolConfig};
 use crate::sync::{versions_to_send, SyncState};
 use crate::validate::validate_changeset;
 use crate::versions::Bookkeeping;
@@ -95,8 +95,8 @@ pub struct NodeFaults {
 /// How a node behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NodeConfig {
-    /// Broadcast settings.
-    pub broadcast: BroadcastConfig,
+    /// Broadcast, sync scheduling, rejoin.
+    pub protocol: ProtocolConfig,
     /// Most changesets one sync reply carries.
     pub sync_versions_max: u64,
     /// Changesets held in parts at once.
@@ -108,7 +108,7 @@ pub struct NodeConfig {
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
-            broadcast: BroadcastConfig::default(),
+            protocol: ProtocolConfig::default(),
             sync_versions_max: 10_000,
             partials_max: 64,
             faults: NodeFaults::default(),
@@ -130,8 +130,8 @@ pub struct Durable {
 pub struct Node {
     /// Data, clocks and bookkeeping.
     pub durable: Durable,
-    /// Broadcast state (lost in a crash).
-    pub broadcast: Broadcast,
+    /// Protocol state: broadcast, sync scheduling (lost in a crash).
+    pub protocol: Protocol,
     /// Parts of large changesets (lost in a crash here; the engine keeps them in SQLite).
     pub parts: Reassembly,
     config: NodeConfig,
@@ -152,10 +152,11 @@ impl Node {
         )
     }
 
-    /// A node back from a crash: its durable state, fresh broadcast state, no peers yet.
+    /// A node back from a crash: its durable state, fresh protocol state, no peers yet (its
+    /// clock starts at zero again).
     pub fn restart(durable: Durable, config: NodeConfig, seed: u64) -> Node {
         Node {
-            broadcast: Broadcast::new(durable.replica.site, config.broadcast, seed),
+            protocol: Protocol::new(durable.replica.site, config.protocol, Millis(0), seed),
             parts: Reassembly::new(config.partials_max),
             durable,
             config,
@@ -169,12 +170,12 @@ impl Node {
 
     /// A member joined.
     pub fn peer_up(&mut self, peer: SiteId) {
-        self.broadcast.peer_up(peer);
+        self.protocol.peer_up(peer);
     }
 
     /// A member left or failed.
     pub fn peer_down(&mut self, peer: SiteId) {
-        self.broadcast.peer_down(peer);
+        self.protocol.peer_down(peer);
     }
 
     /// Runs a local write against the replica (`write` returns its changeset, or None if it
@@ -189,16 +190,16 @@ impl Node {
         };
         let changeset = Arc::new(changeset);
         self.durable.book.mark_applied(changeset.id);
-        let effects = self.broadcast.local_commit(changeset.clone());
-        (Some(changeset), self.outputs(effects))
+        let actions = self.protocol.local_commit(changeset.clone());
+        (Some(changeset), self.outputs(actions))
     }
 
     /// A message from a peer. `now` drives broadcast timers.
     pub fn receive(&mut self, now: Millis, from: SiteId, msg: NodeMsg) -> Vec<Output> {
         match msg {
             NodeMsg::Broadcast(msg) => {
-                let effects = self.broadcast.receive(now, from, msg);
-                self.outputs(effects)
+                let actions = self.protocol.receive(now, from, msg);
+                self.outputs(actions)
             }
             NodeMsg::SyncRequest(state) => {
                 vec![Output::Send {
@@ -207,6 +208,11 @@ impl Node {
                 }]
             }
             NodeMsg::SyncReply(changesets) => {
+                if let Some((peer, session)) = self.protocol.running_sync() {
+                    if peer == from {
+                        self.protocol.sync_finished(now, session, true);
+                    }
+                }
                 let mut out = Vec::new();
                 for changeset in changesets {
                     if let Some(id) = self.apply(&changeset) {
@@ -218,10 +224,10 @@ impl Node {
         }
     }
 
-    /// Time passes: broadcast flushes announcements and grafts.
+    /// Time passes: broadcast flushes announcements and grafts, a sync round starts when due.
     pub fn tick(&mut self, now: Millis) -> Vec<Output> {
-        let effects = self.broadcast.tick(now);
-        self.outputs(effects)
+        let actions = self.protocol.tick(now);
+        self.outputs(actions)
     }
 
     /// The request that starts a sync session with a peer.
@@ -249,7 +255,7 @@ impl Node {
                 if self.durable.book.contains(id) {
                     // In parts when large, as the engine's sync sessions send them.
                     let whole = self.durable.replica.changeset(id);
-                    let part_bytes = self.config.broadcast.part_bytes;
+                    let part_bytes = self.config.protocol.broadcast.part_bytes;
                     if crate::chunk::estimate_bytes(&whole) <= part_bytes {
                         out.push(Arc::new(whole));
                     } else {
@@ -283,19 +289,25 @@ impl Node {
         }
     }
 
-    fn outputs(&mut self, effects: Vec<Effect>) -> Vec<Output> {
-        let mut out = Vec::with_capacity(effects.len());
-        for effect in effects {
-            match effect {
-                Effect::Send { to, msg } => out.push(Output::Send {
+    fn outputs(&mut self, actions: Vec<Action>) -> Vec<Output> {
+        let mut out = Vec::with_capacity(actions.len());
+        for action in actions {
+            match action {
+                Action::Send { to, msg } => out.push(Output::Send {
                     to,
                     msg: NodeMsg::Broadcast(msg),
                 }),
-                Effect::Deliver(changeset) => {
+                Action::Deliver(changeset) => {
                     if let Some(id) = self.apply(&changeset) {
                         out.push(Output::Applied(id));
                     }
                 }
+                Action::StartSync { peer, .. } => out.push(Output::Send {
+                    to: peer,
+                    msg: self.sync_request(),
+                }),
+                // Membership is given to this node by its caller: nothing to announce to.
+                Action::Announce => {}
             }
         }
         out

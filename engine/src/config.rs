@@ -8,6 +8,9 @@ pub use crate::logging::{LogConfig, LogFormat};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use patina_core::broadcast::BroadcastConfig;
+use patina_core::node::NodeConfig;
+use patina_core::protocol::ProtocolConfig;
 use serde::Deserialize;
 
 /// Why a configuration could not be used.
@@ -217,6 +220,11 @@ pub struct GossipConfig {
 
 impl Default for GossipConfig {
     fn default() -> Self {
+        // The protocol's defaults are core's, written once there (the simulator and the model
+        // start from the same ones).
+        let protocol = ProtocolConfig::default();
+        let broadcast = protocol.broadcast;
+        let node = NodeConfig::default();
         GossipConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8787)),
             external_addr: None,
@@ -225,24 +233,46 @@ impl Default for GossipConfig {
             plaintext: false,
             tls: None,
             tick_ms: 10,
-            eager_peers_max: 0,
-            lazy_peers_max: 0,
-            graft_timeout_ms: 80,
-            near_peers: 4,
-            far_peers: 2,
-            probe_interval_ms: 50,
-            probe_sample: 32,
+            eager_peers_max: broadcast.eager_peers_max,
+            lazy_peers_max: broadcast.lazy_peers_max,
+            graft_timeout_ms: broadcast.graft_timeout_ms,
+            near_peers: broadcast.near_peers,
+            far_peers: broadcast.far_peers,
+            probe_interval_ms: broadcast.probe_interval_ms,
+            probe_sample: broadcast.probe_sample,
             send_queue_len_max: 4096,
             message_bytes_max: 16 * 1024 * 1024,
-            part_bytes: 64 * 1024,
+            part_bytes: broadcast.part_bytes,
             send_bytes_per_sec_max: 16 * 1024 * 1024,
             send_in_flight_max: 256,
-            sync_interval_ms: 500,
-            sync_versions_max: 10_000,
+            sync_interval_ms: protocol.sync_interval_ms.unwrap_or(500),
+            sync_versions_max: node.sync_versions_max,
             sync_sessions_max: 4,
             swim_probe_period_ms: 1_000,
             connections_max: 128,
             connection_idle_ms: 20_000,
+        }
+    }
+}
+
+impl GossipConfig {
+    /// The protocol state machine's settings: core's defaults with this section's values.
+    pub fn protocol(&self) -> ProtocolConfig {
+        let defaults = ProtocolConfig::default();
+        ProtocolConfig {
+            broadcast: BroadcastConfig {
+                eager_peers_max: self.eager_peers_max,
+                lazy_peers_max: self.lazy_peers_max,
+                graft_timeout_ms: self.graft_timeout_ms,
+                near_peers: self.near_peers,
+                far_peers: self.far_peers,
+                probe_interval_ms: self.probe_interval_ms,
+                probe_sample: self.probe_sample,
+                part_bytes: self.part_bytes,
+                ..defaults.broadcast
+            },
+            sync_interval_ms: Some(self.sync_interval_ms),
+            ..defaults
         }
     }
 }

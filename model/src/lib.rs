@@ -30,6 +30,7 @@ use patina_core::broadcast::{BroadcastConfig, Millis};
 use patina_core::change::Changeset;
 use patina_core::mem::MemReplica;
 use patina_core::node::{Durable, Node, NodeConfig, NodeFaults, NodeMsg, Output};
+use patina_core::protocol::ProtocolConfig;
 use patina_core::sync::SyncState;
 use patina_core::{PackedPk, SiteId, Value};
 use stateright::actor::{
@@ -100,37 +101,44 @@ pub struct Scenario {
 impl Scenario {
     /// The node configuration every actor uses.
     pub fn node_config(&self) -> NodeConfig {
+        let broadcast = if self.kept_links {
+            // The agents' default without the tree; near links need measured distance,
+            // which the model's clocks do not have, so every link is a far one.
+            BroadcastConfig {
+                eager_peers_max: 0,
+                lazy_peers_max: 0,
+                near_peers: 0,
+                far_peers: 3,
+                probe_interval_ms: 0,
+                ..BroadcastConfig::default()
+            }
+        } else {
+            BroadcastConfig {
+                // One eager peer, the rest lazy: with 3 nodes both the push path and the
+                // announce-and-graft path carry writes.
+                eager_peers_max: 1,
+                lazy_peers_max: 3,
+                graft_timeout_ms: GRAFT_TIMEOUT_MS,
+                near_peers: 0,
+                far_peers: 0,
+                probe_interval_ms: 0,
+                ..BroadcastConfig::default()
+            }
+        };
         let mut config = NodeConfig {
-            broadcast: if self.kept_links {
-                // The agents' default without the tree; near links need measured distance,
-                // which the model's clocks do not have, so every link is a far one.
-                BroadcastConfig {
-                    eager_peers_max: 0,
-                    lazy_peers_max: 0,
-                    near_peers: 0,
-                    far_peers: 3,
-                    probe_interval_ms: 0,
-                    ..BroadcastConfig::default()
-                }
-            } else {
-                BroadcastConfig {
-                    // One eager peer, the rest lazy: with 3 nodes both the push path and the
-                    // announce-and-graft path carry writes.
-                    eager_peers_max: 1,
-                    lazy_peers_max: 3,
-                    graft_timeout_ms: GRAFT_TIMEOUT_MS,
-                    near_peers: 0,
-                    far_peers: 0,
-                    probe_interval_ms: 0,
-                    ..BroadcastConfig::default()
-                }
+            protocol: ProtocolConfig {
+                broadcast,
+                // The model starts sync sessions itself, with every peer in every order (a
+                // timer per peer), which covers any choice the scheduler could make.
+                sync_interval_ms: None,
+                ..ProtocolConfig::default()
             },
             faults: self.faults,
             ..NodeConfig::default()
         };
         if self.parts {
             // Below any one change's size: one change per part.
-            config.broadcast.part_bytes = 1;
+            config.protocol.broadcast.part_bytes = 1;
         }
         config
     }
@@ -284,7 +292,7 @@ impl PatinaActor {
     ) {
         let mut next = (**state).clone();
         let outputs = step(&mut next);
-        next.node.broadcast.take_stats();
+        next.node.protocol.take_stats();
         let durable_changed = next.node.durable != state.node.durable;
         if next != **state {
             if durable_changed || next.next_write != state.next_write {

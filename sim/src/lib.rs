@@ -20,8 +20,8 @@ use patina_core::broadcast::{BroadcastConfig, Millis};
 use patina_core::change::ChangesetId;
 use patina_core::ids::SiteId;
 use patina_core::node::{Node, NodeConfig, NodeMsg, Output};
+use patina_core::protocol::ProtocolConfig;
 use patina_core::stats::{percentile, SplitMix64};
-use patina_core::sync::SyncScheduler;
 use patina_core::wire::{changeset_to_bytes, encode_peer_message, encode_sync_state, PeerMessage};
 use patina_core::{PackedPk, Value};
 
@@ -137,10 +137,8 @@ enum Event {
         from: usize,
         msg_id: usize,
     },
-    /// A node's broadcast tick.
+    /// A node's tick: broadcast flushes, a sync round when one is due.
     Tick { node: usize },
-    /// A node's sync timer.
-    Sync { node: usize },
     /// A write on a node.
     Write { write: usize },
     /// A node crashes (loses everything but its durable state).
@@ -185,7 +183,14 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
     let n = scenario.nodes;
     let mut rng = SplitMix64::new(scenario.seed);
     let config = NodeConfig {
-        broadcast: scenario.broadcast,
+        protocol: ProtocolConfig {
+            broadcast: scenario.broadcast,
+            sync_interval_ms: scenario.sync_interval_ms,
+            // A lost request or answer (loss, a crashed peer) ends the round after a few
+            // intervals, as a failed session does in the engine.
+            sync_timeout_ms: scenario.sync_interval_ms.unwrap_or(500) * 4,
+            ..ProtocolConfig::default()
+        },
         ..NodeConfig::default()
     };
     let mut nodes: Vec<Node> = (0..n)
@@ -209,28 +214,11 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
             }
         }
     }
-    let view_sites: Vec<Vec<SiteId>> = views
-        .iter()
-        .map(|v| {
-            let mut sites: Vec<SiteId> = v.iter().map(|j| site(*j)).collect();
-            sites.sort();
-            sites
-        })
-        .collect();
     for (i, view) in views.iter().enumerate() {
         for &j in view {
             nodes[i].peer_up(site(j));
         }
     }
-    let mut schedulers: Vec<SyncScheduler> = (0..n)
-        .map(|i| {
-            SyncScheduler::new(
-                scenario.sync_interval_ms.unwrap_or(u64::MAX / 4),
-                Millis(0),
-                node_seed(scenario, i),
-            )
-        })
-        .collect();
     let mut up = vec![true; n];
 
     // Virtual time in µs. Events ordered by (time, sequence) for determinism.
@@ -248,13 +236,6 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
             rng.below(scenario.tick_ms * 1000),
             Event::Tick { node: i },
         );
-        if let Some(interval) = scenario.sync_interval_ms {
-            push(
-                &mut queue,
-                rng.below(interval * 1000),
-                Event::Sync { node: i },
-            );
-        }
     }
     let first_write_at = 1_000 + scenario.warmup_ms * 1000;
     let cut = |a: usize, b: usize, now_us: u64| {
@@ -330,26 +311,6 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
                     continue;
                 }
                 (node, nodes[node].tick(now_ms))
-            }
-            Event::Sync { node } => {
-                let interval = scenario.sync_interval_ms.unwrap_or(500);
-                push(&mut queue, now + interval * 1000 / 4, Event::Sync { node });
-                let neighbours = nodes[node].broadcast.neighbours();
-                let Some(peer) =
-                    schedulers[node].due_preferring(now_ms, &neighbours, &view_sites[node])
-                else {
-                    continue;
-                };
-                // The session's outcome is not tracked: the next round comes after the interval.
-                schedulers[node].finished(now_ms, true);
-                if !up[node] {
-                    continue;
-                }
-                let request = Output::Send {
-                    to: peer,
-                    msg: nodes[node].sync_request(),
-                };
-                (node, vec![request])
             }
             Event::Deliver { to, from, msg_id } => {
                 let msg = messages[msg_id]

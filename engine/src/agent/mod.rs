@@ -27,9 +27,9 @@ use crate::net::transport::{TlsMode, Transport, TransportConfig, TransportError}
 use crate::store::actor::{spawn_store, AppliedEvent, StoreHandle};
 use crate::store::readers::ReaderPool;
 use crate::store::{Store, StoreConfig, StoreError};
-use patina_core::broadcast::{Broadcast, BroadcastConfig};
+use patina_core::broadcast::Millis;
 use patina_core::change::Changeset;
-use patina_core::sync::SyncScheduler;
+use patina_core::protocol::Protocol;
 use patina_core::wire::Limits;
 use std::sync::atomic::Ordering;
 
@@ -497,21 +497,7 @@ async fn start_gossip(
         site,
         cluster: config.cluster_id,
         membership: Membership::new(me, seed, Duration::from_millis(config.swim_probe_period_ms)),
-        broadcast: Broadcast::new(
-            site,
-            BroadcastConfig {
-                eager_peers_max: config.eager_peers_max,
-                lazy_peers_max: config.lazy_peers_max,
-                graft_timeout_ms: config.graft_timeout_ms,
-                near_peers: config.near_peers,
-                far_peers: config.far_peers,
-                probe_interval_ms: config.probe_interval_ms,
-                probe_sample: config.probe_sample,
-                part_bytes: config.part_bytes,
-                ..BroadcastConfig::default()
-            },
-            seed,
-        ),
+        protocol: Protocol::new(site, config.protocol(), Millis(0), seed),
         transport,
         inbox,
         commits,
@@ -531,11 +517,6 @@ async fn start_gossip(
         },
         shutdown,
         snapshot,
-        sync: SyncScheduler::new(
-            config.sync_interval_ms,
-            patina_core::broadcast::Millis(0),
-            seed,
-        ),
     })
 }
 

@@ -1,11 +1,13 @@
-//! The gossip task: one task owns the membership shell (foca) and the broadcast state machine
-//! (core), and drives them with the transport's messages, local commits from the store thread,
-//! foca's timers and a broadcast tick. Changesets delivered by broadcast go to the store thread
-//! in batches.
+//! The gossip task: the engine's driver of the node's protocol state machine
+//! ([`patina_core::protocol::Protocol`], the one the simulator and the model checker drive
+//! too). It owns the membership shell (foca) and the protocol, feeds them the transport's
+//! messages, local commits from the store thread, foca's timers and a tick, and performs the
+//! protocol's actions: sends on QUIC, changesets to the store thread in batches (where the
+//! apply rule runs), sync sessions, announces while no member is known.
 //!
 //! Order of work in each turn: handle one input (plus whatever else is already waiting in the
-//! inbox, up to a bound), then drain membership (packets out, member events into the broadcast
-//! core), hand the changesets to deliver to the store, then perform the sends.
+//! inbox, up to a bound), then drain membership (packets out, member events into the
+//! protocol), hand the changesets to deliver to the store, then perform the sends.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use patina_core::broadcast::{Broadcast, BroadcastMsg, BroadcastStats, Effect, Millis};
+use patina_core::broadcast::{BroadcastMsg, BroadcastStats, Millis};
 use patina_core::change::Changeset;
 use patina_core::ids::SiteId;
 use patina_core::wire::{decode_peer_message, encode_peer_message, Limits, PeerMessage};
@@ -24,7 +26,7 @@ use crate::net::membership::{MemberEvent, Membership};
 use crate::net::sync::{pull, PullReport, SyncError};
 use crate::net::transport::{Channel, Received, Transport};
 use crate::store::actor::StoreHandle;
-use patina_core::sync::SyncScheduler;
+use patina_core::protocol::{Action, Protocol};
 
 /// What the gossip task reports, refreshed every tick.
 #[derive(Debug, Clone, Default)]
@@ -118,8 +120,8 @@ pub struct GossipTask {
     pub cluster: u16,
     /// Membership shell.
     pub membership: Membership,
-    /// Broadcast core.
-    pub broadcast: Broadcast,
+    /// The protocol state machine: broadcast, sync scheduling, rejoin.
+    pub protocol: Protocol,
     /// QUIC endpoint.
     pub transport: Transport,
     /// Messages from peers.
@@ -154,18 +156,10 @@ pub struct GossipTask {
     pub shutdown: watch::Receiver<bool>,
     /// Snapshot output.
     pub snapshot: watch::Sender<GossipSnapshot>,
-    /// When and with whom to sync.
-    pub sync: SyncScheduler,
 }
 
 /// Least time between two rewrites of the members file.
 const MEMBERS_FILE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// First wait before announcing again while no member is known; it doubles up to
-/// [`REJOIN_MAX`].
-const REJOIN_FIRST: Duration = Duration::from_secs(1);
-/// Longest wait between two announces while no member is known.
-const REJOIN_MAX: Duration = Duration::from_secs(30);
 
 /// Longest wait for the system resolver when bootstrap names are looked up again.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -187,10 +181,8 @@ impl GossipTask {
         }
         // An announce is one packet: if it is lost (the bootstrap node not up yet, a
         // handshake timing out on a loaded machine), foca never learns a member and never
-        // retries by itself. So while this node knows no member, it announces again, waiting
-        // twice as long each time, up to a bound.
-        let mut rejoin_wait = REJOIN_FIRST;
-        let mut rejoin_at = Instant::now() + rejoin_wait;
+        // retries by itself. So while this node knows no member, the protocol asks for
+        // announces again, waiting twice as long each time, up to a bound.
         // Ticks every `tick_ms` while broadcast has announcements to send or ids to graft;
         // ten times less often when idle (sync rounds and counters only), so an idle node
         // costs little.
@@ -199,19 +191,20 @@ impl GossipTask {
         let mut last_tick = Instant::now();
         let mut peer_addrs: BTreeMap<SiteId, SocketAddr> = BTreeMap::new();
         let mut snapshot = GossipSnapshot::default();
-        let mut effects = Vec::new();
+        let mut actions: Vec<Action> = Vec::new();
         // The members file is rewritten at most once per interval: at startup in a large
         // cluster every node hears of hundreds of members within seconds.
         let mut members_dirty = self.flush_membership(Instant::now(), &mut snapshot);
         let mut members_written = Instant::now() - MEMBERS_FILE_INTERVAL;
-        let (sync_done, mut sync_results) = mpsc::channel::<Result<PullReport, SyncError>>(4);
+        let (sync_done, mut sync_results) =
+            mpsc::channel::<(u64, Result<PullReport, SyncError>)>(4);
         loop {
             let timer_due = self
                 .membership
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             let tick_due = last_tick
-                + if self.broadcast.has_pending() {
+                + if self.protocol.has_pending() {
                     busy_tick
                 } else {
                     idle_tick
@@ -221,10 +214,10 @@ impl GossipTask {
                 received = self.inbox.recv() => {
                     let Some(received) = received else { break };
                     let now = Instant::now();
-                    self.handle(now_ms(now), received, &mut peer_addrs, &mut effects, &mut snapshot);
+                    self.handle(now_ms(now), received, &mut peer_addrs, &mut actions, &mut snapshot);
                     for _ in 0..INBOX_BATCH_MAX {
                         match self.inbox.try_recv() {
-                            Ok(r) => self.handle(now_ms(now), r, &mut peer_addrs, &mut effects, &mut snapshot),
+                            Ok(r) => self.handle(now_ms(now), r, &mut peer_addrs, &mut actions, &mut snapshot),
                             Err(_) => break,
                         }
                     }
@@ -232,7 +225,7 @@ impl GossipTask {
                 commit = self.commits.recv() => {
                     let Some(changeset) = commit else { break };
                     // Large ones leave in parts (the broadcast core splits them).
-                    effects.extend(self.broadcast.local_commit(changeset));
+                    actions.extend(self.protocol.local_commit(changeset));
                 }
                 _ = tokio::time::sleep_until(timer_due.into()) => {
                     self.membership.handle_timers(Instant::now());
@@ -252,88 +245,59 @@ impl GossipTask {
                         }
                     }
                 }
-                result = sync_results.recv() => {
-                    let ok = matches!(result, Some(Ok(_)));
+                Some((session, result)) = sync_results.recv() => {
+                    let ok = result.is_ok();
                     match result {
-                        Some(Ok(report)) => {
+                        Ok(report) => {
                             snapshot.sync_rounds += 1;
                             snapshot.sync_received += report.changesets as u64;
                             snapshot.sync_bytes += report.bytes_sent + report.bytes_received;
                         }
-                        Some(Err(e)) => {
+                        Err(e) => {
                             snapshot.sync_failures += 1;
                             tracing::debug!("sync round failed: {e}");
                         }
-                        None => {}
                     }
-                    self.sync.finished(now_ms(Instant::now()), ok);
+                    self.protocol.sync_finished(now_ms(Instant::now()), session, ok);
                 }
                 _ = tokio::time::sleep_until(tick_due.into()) => {
                     let now = Instant::now();
                     last_tick = now;
-                    let (neighbours, members): (Vec<SiteId>, Vec<SiteId>) = if self.sync.is_due(now_ms(now)) {
-                        let members = self.membership.members();
-                        let mut neighbours = self.broadcast.neighbours();
-                        neighbours.retain(|site| members.contains_key(site));
-                        (neighbours, members.keys().copied().collect())
-                    } else {
-                        (Vec::new(), Vec::new())
-                    };
-                    if let Some(peer) = self.sync.due_preferring(now_ms(now), &neighbours, &members) {
-                        match self.membership.addr_of(&peer) {
-                            Some(addr) => {
-                                if !self.transport.is_connected(addr) {
-                                    snapshot.cold_sends.sync += 1;
-                                }
-                                let (transport, store, done) = (self.transport.clone(), self.store.clone(), sync_done.clone());
-                                let (cluster, limits) = (self.cluster, self.limits);
-                                let metrics = self.metrics.clone();
-                                crate::logging::spawn(async move {
-                                    let started = Instant::now();
-                                    let result = pull(&transport, addr, &store, cluster, &limits).await;
-                                    if let Some(metrics) = metrics {
-                                        let outcome = if result.is_ok() { "ok" } else { "failed" };
-                                        metrics
-                                            .sync_session_seconds
-                                            .get_or_create(&vec![("result", outcome.to_string())])
-                                            .observe(started.elapsed().as_secs_f64());
-                                    }
-                                    let _ = done.send(result).await;
-                                });
+                    for action in self.protocol.tick(now_ms(now)) {
+                        match action {
+                            Action::StartSync { peer, session } => {
+                                self.start_sync(now_ms(now), peer, session, &sync_done, &mut snapshot);
                             }
-                            None => self.sync.finished(now_ms(now), false),
+                            Action::Announce => {
+                                if !(self.announce_to.is_empty() && self.bootstrap.is_empty()) {
+                                    tracing::debug!("no member known: announcing again to {} addresses", self.announce_to.len());
+                                    for addr in &self.announce_to {
+                                        self.membership.announce(*addr, self.cluster);
+                                    }
+                                    if !resolving && self.bootstrap.iter().any(|entry| entry.literal().is_none()) {
+                                        resolving = true;
+                                        let (entries, done) = (self.bootstrap.clone(), resolved_tx.clone());
+                                        crate::logging::spawn(async move {
+                                            let addrs = crate::net::addrs::resolve_all(&entries, RESOLVE_TIMEOUT).await;
+                                            let _ = done.send(addrs).await;
+                                        });
+                                    }
+                                }
+                            }
+                            other => actions.push(other),
                         }
-                    }
-                    effects.extend(self.broadcast.tick(now_ms(now)));
-                    if !self.membership.members().is_empty() {
-                        rejoin_wait = REJOIN_FIRST;
-                        rejoin_at = now + rejoin_wait;
-                    } else if now >= rejoin_at && !(self.announce_to.is_empty() && self.bootstrap.is_empty()) {
-                        tracing::debug!("no member known: announcing again to {} addresses", self.announce_to.len());
-                        for addr in &self.announce_to {
-                            self.membership.announce(*addr, self.cluster);
-                        }
-                        if !resolving && self.bootstrap.iter().any(|entry| entry.literal().is_none()) {
-                            resolving = true;
-                            let (entries, done) = (self.bootstrap.clone(), resolved_tx.clone());
-                            crate::logging::spawn(async move {
-                                let addrs = crate::net::addrs::resolve_all(&entries, RESOLVE_TIMEOUT).await;
-                                let _ = done.send(addrs).await;
-                            });
-                        }
-                        rejoin_wait = (rejoin_wait * 2).min(REJOIN_MAX);
-                        rejoin_at = now + rejoin_wait;
                     }
                     if members_dirty && now >= members_written + MEMBERS_FILE_INTERVAL {
                         self.remember_members();
                         members_dirty = false;
                         members_written = now;
                     }
-                    snapshot.broadcast = self.broadcast.stats();
+                    let broadcast = self.protocol.broadcast();
+                    snapshot.broadcast = broadcast.stats();
                     snapshot.kept_links = (
-                        self.broadcast.near_peers().len(),
-                        self.broadcast.far_peers().len(),
-                        self.broadcast.kept_children().count(),
+                        broadcast.near_peers().len(),
+                        broadcast.far_peers().len(),
+                        broadcast.kept_children().count(),
                     );
                     snapshot.foca_members = self.membership.foca_member_count();
                     snapshot.swim_slowdown = self.membership.slowdown();
@@ -355,11 +319,11 @@ impl GossipTask {
             members_dirty |= self.flush_membership(Instant::now(), &mut snapshot);
             // Changesets to apply go to the store before anything is forwarded: the store
             // thread commits while this task encodes and queues the sends.
-            let batch: Vec<Arc<Changeset>> = effects
+            let batch: Vec<Arc<Changeset>> = actions
                 .iter()
-                .filter_map(|effect| match effect {
-                    Effect::Deliver(changeset) => Some(changeset.clone()),
-                    Effect::Send { .. } => None,
+                .filter_map(|action| match action {
+                    Action::Deliver(changeset) => Some(changeset.clone()),
+                    _ => None,
                 })
                 .collect();
             if !batch.is_empty() {
@@ -369,9 +333,9 @@ impl GossipTask {
                     snapshot.apply_dropped += n;
                 }
             }
-            for effect in effects.drain(..) {
-                match effect {
-                    Effect::Send { to, msg } => {
+            for action in actions.drain(..) {
+                match action {
+                    Action::Send { to, msg } => {
                         let addr = self
                             .membership
                             .addr_of(&to)
@@ -398,7 +362,8 @@ impl GossipTask {
                                 .send(addr, Channel::Stream, Bytes::from(bytes));
                         }
                     }
-                    Effect::Deliver(_) => {}
+                    // Delivered above; sync and announces come only from ticks.
+                    Action::Deliver(_) | Action::StartSync { .. } | Action::Announce => {}
                 }
             }
         }
@@ -417,14 +382,14 @@ impl GossipTask {
         now: Millis,
         received: Received,
         peer_addrs: &mut BTreeMap<SiteId, SocketAddr>,
-        effects: &mut Vec<Effect>,
+        actions: &mut Vec<Action>,
         snapshot: &mut GossipSnapshot,
     ) {
         match decode_peer_message(&received.bytes, self.cluster, &self.limits) {
             Ok(PeerMessage::Membership(packet)) => self.membership.handle_packet(&packet),
             Ok(PeerMessage::Broadcast { from, msg }) => {
                 peer_addrs.insert(from, received.from);
-                effects.extend(self.broadcast.receive(now, from, msg));
+                actions.extend(self.protocol.receive(now, from, msg));
             }
             Err(e) => {
                 snapshot.refused += 1;
@@ -455,8 +420,8 @@ impl GossipTask {
         }
         for event in events {
             match event {
-                MemberEvent::Up { site, .. } => self.broadcast.peer_up(site),
-                MemberEvent::Down { site } => self.broadcast.peer_down(site),
+                MemberEvent::Up { site, .. } => self.protocol.peer_up(site),
+                MemberEvent::Down { site } => self.protocol.peer_down(site),
             }
         }
         snapshot.members = Arc::new(self.membership.members().clone());
@@ -464,7 +429,41 @@ impl GossipTask {
         true
     }
 
-    /// Writes the live members next to the database, for the next start.
+    /// Starts sync session `session` with `peer` as a task of its own; its outcome comes back
+    /// through `done` with the session's number.
+    fn start_sync(
+        &mut self,
+        now: Millis,
+        peer: SiteId,
+        session: u64,
+        done: &mpsc::Sender<(u64, Result<PullReport, SyncError>)>,
+        snapshot: &mut GossipSnapshot,
+    ) {
+        let Some(addr) = self.membership.addr_of(&peer) else {
+            self.protocol.sync_finished(now, session, false);
+            return;
+        };
+        if !self.transport.is_connected(addr) {
+            snapshot.cold_sends.sync += 1;
+        }
+        let (transport, store, done) = (self.transport.clone(), self.store.clone(), done.clone());
+        let (cluster, limits) = (self.cluster, self.limits);
+        let metrics = self.metrics.clone();
+        crate::logging::spawn(async move {
+            let started = Instant::now();
+            let result = pull(&transport, addr, &store, cluster, &limits).await;
+            if let Some(metrics) = metrics {
+                let outcome = if result.is_ok() { "ok" } else { "failed" };
+                metrics
+                    .sync_session_seconds
+                    .get_or_create(&vec![("result", outcome.to_string())])
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            let _ = done.send((session, result)).await;
+        });
+    }
+
+    /// Answers a request of the admin socket.
     fn handle_control(&mut self, control: GossipControl, resolved: &mpsc::Sender<Vec<SocketAddr>>) {
         match control {
             GossipControl::States(reply) => {
@@ -529,6 +528,7 @@ impl GossipTask {
         }
     }
 
+    /// Writes the live members next to the database, for the next start.
     fn remember_members(&mut self) {
         let remembered: String = self
             .membership

@@ -1,0 +1,338 @@
+//! The protocol decisions of one node, without storage: broadcast, when and with whom to sync,
+//! and when to announce again while no member is known. Storage and I/O stay with the caller.
+//!
+//! The engine's gossip task drives it with real time, the transport's messages and foca's
+//! member events, and performs its [`Action`]s (a send on QUIC, a batch to the store thread, a
+//! sync session over a stream, an announce to the bootstrap addresses). [`crate::node::Node`]
+//! drives the same type in memory for the simulator and the model checker, applying delivered
+//! changesets to its in-memory replica by the same apply rule as the store
+//! ([`crate::apply::apply_changeset`]). So each decision is written once, here, and the model
+//! checks the one the engine makes.
+//!
+//! Sync sessions are numbered: the caller reports each one's end with its number
+//! ([`Protocol::sync_finished`]). A session that has not ended after
+//! [`ProtocolConfig::sync_timeout_ms`] counts as failed (its request or answer may be lost), and
+//! a late report of it changes nothing.
+
+use std::sync::Arc;
+
+use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis};
+use crate::change::Changeset;
+use crate::ids::SiteId;
+use crate::sync::SyncScheduler;
+
+/// How a node's protocol behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProtocolConfig {
+    /// Broadcast settings.
+    pub broadcast: BroadcastConfig,
+    /// Time between two sync rounds (ms, plus up to a quarter of it as jitter); None: this
+    /// node starts no sync session by itself (the model checker starts them in every order).
+    pub sync_interval_ms: Option<u64>,
+    /// A sync session not reported finished after this long counts as failed (ms).
+    pub sync_timeout_ms: u64,
+    /// First wait before announcing again while no member is known (ms); it doubles up to
+    /// `rejoin_max_ms`.
+    pub rejoin_first_ms: u64,
+    /// Longest wait between two announces while no member is known (ms).
+    pub rejoin_max_ms: u64,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig {
+            broadcast: BroadcastConfig::default(),
+            sync_interval_ms: Some(500),
+            sync_timeout_ms: 30_000,
+            rejoin_first_ms: 1_000,
+            rejoin_max_ms: 30_000,
+        }
+    }
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Send a broadcast message to a member.
+    Send {
+        /// The member.
+        to: SiteId,
+        /// The message.
+        msg: BroadcastMsg,
+    },
+    /// A changeset (or part of one) seen for the first time: apply it by the apply rule.
+    Deliver(Arc<Changeset>),
+    /// Start sync session `session` with `peer`; report its end with
+    /// [`Protocol::sync_finished`].
+    StartSync {
+        /// The member to pull from.
+        peer: SiteId,
+        /// The session's number.
+        session: u64,
+    },
+    /// No member is known: announce this node again to the addresses it was told to join
+    /// through (and those it remembers).
+    Announce,
+}
+
+/// The running sync session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Running {
+    peer: SiteId,
+    session: u64,
+    started: Millis,
+}
+
+/// One node's protocol state (lost in a crash; rebuilt from membership after a restart).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Protocol {
+    broadcast: Broadcast,
+    sync: Option<SyncScheduler>,
+    running: Option<Running>,
+    sessions: u64,
+    /// While no member is known: when to announce next, and the wait after that.
+    rejoin: Option<(Millis, u64)>,
+    config: ProtocolConfig,
+}
+
+impl Protocol {
+    /// A node that knows no member yet; `now` starts its timers.
+    pub fn new(me: SiteId, config: ProtocolConfig, now: Millis, seed: u64) -> Protocol {
+        let protocol = Protocol {
+            broadcast: Broadcast::new(me, config.broadcast, seed),
+            sync: config
+                .sync_interval_ms
+                .map(|interval| SyncScheduler::new(interval, now, seed)),
+            running: None,
+            sessions: 0,
+            rejoin: Some((now.plus(config.rejoin_first_ms), config.rejoin_first_ms)),
+            config,
+        };
+        protocol.debug_check();
+        protocol
+    }
+
+    /// The broadcast state machine (read-only: counters, kept links, neighbours).
+    pub fn broadcast(&self) -> &Broadcast {
+        &self.broadcast
+    }
+
+    /// Broadcast counters since the last call (the model drops them from its states).
+    pub fn take_stats(&mut self) -> crate::broadcast::BroadcastStats {
+        self.broadcast.take_stats()
+    }
+
+    /// True while broadcast has announcements or grafts waiting: tick at the busy rate.
+    pub fn has_pending(&self) -> bool {
+        self.broadcast.has_pending()
+    }
+
+    /// A member joined.
+    pub fn peer_up(&mut self, peer: SiteId) {
+        self.broadcast.peer_up(peer);
+        if self.broadcast.member_count() > 0 {
+            self.rejoin = None;
+        }
+        self.debug_check();
+    }
+
+    /// A member left or failed.
+    pub fn peer_down(&mut self, peer: SiteId) {
+        self.broadcast.peer_down(peer);
+        self.debug_check();
+    }
+
+    /// A changeset committed here (large ones leave in parts).
+    pub fn local_commit(&mut self, changeset: Arc<Changeset>) -> Vec<Action> {
+        let effects = self.broadcast.local_commit(changeset);
+        actions(effects)
+    }
+
+    /// A broadcast message from a member.
+    pub fn receive(&mut self, now: Millis, from: SiteId, msg: BroadcastMsg) -> Vec<Action> {
+        let effects = self.broadcast.receive(now, from, msg);
+        actions(effects)
+    }
+
+    /// Time passes: broadcast flushes announcements and grafts, a sync round starts when one
+    /// is due, and a node that knows no member announces itself again when its wait is over.
+    pub fn tick(&mut self, now: Millis) -> Vec<Action> {
+        let mut out = actions(self.broadcast.tick(now));
+        if let Some(running) = self.running {
+            if now >= running.started.plus(self.config.sync_timeout_ms) {
+                self.end_sync(now, false);
+            }
+        }
+        if let Some(sync) = &mut self.sync {
+            if sync.is_due(now) {
+                let members: Vec<SiteId> = self.broadcast.members().into_iter().collect();
+                let mut neighbours = self.broadcast.neighbours();
+                neighbours.retain(|site| self.broadcast.is_member(site));
+                if let Some(peer) = sync.due_preferring(now, &neighbours, &members) {
+                    self.sessions += 1;
+                    self.running = Some(Running {
+                        peer,
+                        session: self.sessions,
+                        started: now,
+                    });
+                    out.push(Action::StartSync {
+                        peer,
+                        session: self.sessions,
+                    });
+                }
+            }
+        }
+        if self.broadcast.member_count() > 0 {
+            self.rejoin = None;
+        } else {
+            match self.rejoin {
+                None => {
+                    self.rejoin = Some((
+                        now.plus(self.config.rejoin_first_ms),
+                        self.config.rejoin_first_ms,
+                    ))
+                }
+                Some((at, wait)) if now >= at => {
+                    let next = (wait * 2).min(self.config.rejoin_max_ms);
+                    self.rejoin = Some((now.plus(next), next));
+                    out.push(Action::Announce);
+                }
+                Some(_) => {}
+            }
+        }
+        self.debug_check();
+        out
+    }
+
+    /// Sync session `session` ended; `ok` false backs the next round off. A session that
+    /// already timed out (or any other number) changes nothing.
+    pub fn sync_finished(&mut self, now: Millis, session: u64, ok: bool) {
+        if self.running.is_some_and(|r| r.session == session) {
+            self.end_sync(now, ok);
+        }
+        self.debug_check();
+    }
+
+    /// The sync session running now, if any: (peer, number).
+    pub fn running_sync(&self) -> Option<(SiteId, u64)> {
+        self.running.map(|r| (r.peer, r.session))
+    }
+
+    fn end_sync(&mut self, now: Millis, ok: bool) {
+        self.running = None;
+        if let Some(sync) = &mut self.sync {
+            sync.finished(now, ok);
+        }
+    }
+
+    /// Invariants after every input (debug builds: the simulator and the model check them in
+    /// every state they reach).
+    fn debug_check(&self) {
+        debug_assert!(
+            self.running.is_none() || self.sync.is_some(),
+            "a sync session runs only when this node schedules them"
+        );
+        debug_assert!(
+            self.running.is_none_or(|r| r.session <= self.sessions),
+            "a running session has a number already given out"
+        );
+        debug_assert!(
+            self.rejoin.is_none() || self.broadcast.member_count() == 0,
+            "announces are scheduled only while no member is known"
+        );
+    }
+}
+
+fn actions(effects: Vec<Effect>) -> Vec<Action> {
+    effects
+        .into_iter()
+        .map(|effect| match effect {
+            Effect::Send { to, msg } => Action::Send { to, msg },
+            Effect::Deliver(changeset) => Action::Deliver(changeset),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(n: u8) -> SiteId {
+        SiteId([n; 16])
+    }
+
+    fn syncs(actions: &[Action]) -> Vec<(SiteId, u64)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::StartSync { peer, session } => Some((*peer, *session)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_sync_session_at_a_time_and_a_lost_one_times_out() {
+        let config = ProtocolConfig {
+            sync_interval_ms: Some(100),
+            sync_timeout_ms: 1_000,
+            ..ProtocolConfig::default()
+        };
+        let mut p = Protocol::new(site(0), config, Millis(0), 7);
+        p.peer_up(site(1));
+        p.peer_up(site(2));
+        let first = syncs(&p.tick(Millis(200)));
+        assert_eq!(first.len(), 1);
+        let (_, session) = first[0];
+        // While it runs, no second session starts.
+        assert!(syncs(&p.tick(Millis(400))).is_empty());
+        // Its answer never comes: after the timeout it counts as failed, and a round starts
+        // again after the backed-off interval.
+        assert!(syncs(&p.tick(Millis(1_300))).is_empty());
+        assert_eq!(p.running_sync(), None);
+        let second = syncs(&p.tick(Millis(1_600)));
+        assert_eq!(second.len(), 1);
+        assert_ne!(second[0].1, session);
+        // The late report of the first session changes nothing.
+        p.sync_finished(Millis(1_650), session, true);
+        assert_eq!(p.running_sync(), Some(second[0]));
+        p.sync_finished(Millis(1_700), second[0].1, true);
+        assert_eq!(p.running_sync(), None);
+    }
+
+    #[test]
+    fn no_sync_without_members_or_without_a_schedule() {
+        let mut p = Protocol::new(site(0), ProtocolConfig::default(), Millis(0), 1);
+        assert!(syncs(&p.tick(Millis(10_000))).is_empty());
+        let unscheduled = ProtocolConfig {
+            sync_interval_ms: None,
+            ..ProtocolConfig::default()
+        };
+        let mut p = Protocol::new(site(0), unscheduled, Millis(0), 1);
+        p.peer_up(site(1));
+        assert!(syncs(&p.tick(Millis(10_000))).is_empty());
+    }
+
+    #[test]
+    fn a_lonely_node_announces_again_less_and_less_often() {
+        let mut p = Protocol::new(site(0), ProtocolConfig::default(), Millis(0), 1);
+        let mut announced = Vec::new();
+        for ms in (0..70_000).step_by(100) {
+            if p.tick(Millis(ms)).contains(&Action::Announce) {
+                announced.push(ms);
+            }
+        }
+        assert_eq!(announced, [1_000, 3_000, 7_000, 15_000, 31_000, 61_000]);
+        // A member: no more announces; losing it starts the waits over.
+        p.peer_up(site(1));
+        assert!(!p.tick(Millis(100_000)).contains(&Action::Announce));
+        p.peer_down(site(1));
+        let mut again = Vec::new();
+        for ms in (100_100..104_000).step_by(100) {
+            if p.tick(Millis(ms)).contains(&Action::Announce) {
+                again.push(ms);
+            }
+        }
+        assert_eq!(again, [101_100, 103_100]);
+    }
+}
