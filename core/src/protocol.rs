@@ -286,8 +286,8 @@ mod tests {
         let (_, session) = first[0];
         // While it runs, no second session starts.
         assert!(syncs(&p.tick(Millis(400))).is_empty());
-        // Its answer never comes: after the timeout it counts as failed, and a round starts
-        // again after the backed-off interval.
+        // Its answer never comes: after the timeout it counts as failed, and the next round
+        // starts an interval later.
         assert!(syncs(&p.tick(Millis(1_300))).is_empty());
         assert_eq!(p.running_sync(), None);
         let second = syncs(&p.tick(Millis(1_600)));

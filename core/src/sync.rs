@@ -78,6 +78,9 @@ pub fn versions_to_send(
 /// round-robin over the node's broadcast neighbours (see [`SyncScheduler::due_preferring`]).
 pub const WIDE_ROUND_EVERY: u64 = 16;
 
+/// Failed sync rounds in a row before the next round waits longer than the interval.
+pub const FAILURES_BEFORE_BACKOFF: u32 = 3;
+
 /// Picks when and with whom to sync: one session at a time, every `interval_ms` plus jitter,
 /// round-robin over the live members (so every peer is asked in turn), with a backoff after a
 /// failure. Given neighbours, most rounds go to them instead (see
@@ -177,11 +180,18 @@ impl SyncScheduler {
         Some(next)
     }
 
-    /// The running round ended; `ok` false backs off (doubling, at most 32 intervals).
+    /// The running round ended. Failures back off only once [`FAILURES_BEFORE_BACKOFF`] came
+    /// in a row (then doubling, at most 32 intervals): the next round goes to the next peer,
+    /// so one member that is down or cut off must not slow sync with all the others, while a
+    /// node that reaches no one stops trying every interval.
     pub fn finished(&mut self, now: Millis, ok: bool) {
         self.in_flight = false;
-        self.failures = if ok { 0 } else { (self.failures + 1).min(5) };
-        let wait = self.interval_ms << self.failures;
+        self.failures = if ok {
+            0
+        } else {
+            (self.failures + 1).min(FAILURES_BEFORE_BACKOFF + 5)
+        };
+        let wait = self.interval_ms << self.failures.saturating_sub(FAILURES_BEFORE_BACKOFF);
         let jitter = self.jitter();
         self.next_at = now.plus(wait + jitter);
     }
@@ -232,15 +242,25 @@ mod tests {
         assert_eq!(s.due(Millis(101), &members), None, "one round at a time");
         s.finished(Millis(110), true);
         assert_eq!(s.due(Millis(300), &members), Some(site(2)));
+        // One member down: the next round goes to the next member after the usual interval.
         s.finished(Millis(300), false);
+        assert_eq!(s.due(Millis(430), &members), Some(site(3)));
+        s.finished(Millis(430), true);
+        assert_eq!(s.due(Millis(560), &members), Some(site(1)));
+        // No member answers: after three failures in a row the rounds space out.
+        let mut now = 560;
+        for _ in 0..FAILURES_BEFORE_BACKOFF {
+            s.finished(Millis(now), false);
+            now += 130;
+            assert!(s.due(Millis(now), &members).is_some());
+        }
+        s.finished(Millis(now), false);
         assert_eq!(
-            s.due(Millis(450), &members),
+            s.due(Millis(now + 130), &members),
             None,
-            "backed off after a failure"
+            "backed off after failures in a row"
         );
-        assert_eq!(s.due(Millis(600), &members), Some(site(3)));
-        s.finished(Millis(600), true);
-        assert_eq!(s.due(Millis(800), &members), Some(site(1)));
+        assert!(s.due(Millis(now + 260), &members).is_some());
     }
 
     #[test]

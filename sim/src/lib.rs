@@ -186,9 +186,9 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
         protocol: ProtocolConfig {
             broadcast: scenario.broadcast,
             sync_interval_ms: scenario.sync_interval_ms,
-            // A lost request or answer (loss, a crashed peer) ends the round after a few
-            // intervals, as a failed session does in the engine.
-            sync_timeout_ms: scenario.sync_interval_ms.unwrap_or(500) * 4,
+            // A lost request or answer (loss, a crashed or cut-off peer) fails the round after
+            // two intervals, about when the engine's connection attempt would give up.
+            sync_timeout_ms: scenario.sync_interval_ms.unwrap_or(500) * 2,
             ..ProtocolConfig::default()
         },
         ..NodeConfig::default()
