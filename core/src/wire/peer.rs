@@ -1,0 +1,233 @@
+//! Peer message frames: a SWIM packet or a broadcast message, with the format and cluster id.
+
+use super::*;
+
+/// A message between two nodes, as it travels in one QUIC stream or datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMessage {
+    /// A SWIM packet (opaque here: the membership shell encodes it).
+    Membership(Vec<u8>),
+    /// A broadcast message and the site that sent it.
+    Broadcast {
+        /// The sender.
+        from: SiteId,
+        /// The message.
+        msg: crate::broadcast::BroadcastMsg,
+    },
+}
+
+const TAG_MEMBERSHIP: u8 = 1;
+const TAG_BROADCAST: u8 = 2;
+const MSG_GOSSIP: u8 = 1;
+const MSG_IHAVE: u8 = 2;
+const MSG_GRAFT: u8 = 3;
+const MSG_PRUNE: u8 = 4;
+const MSG_PING: u8 = 5;
+const MSG_PONG: u8 = 6;
+const MSG_KEPT_GOSSIP: u8 = 7;
+const MSG_KEEP: u8 = 8;
+
+/// Most ids in one "I have" or graft.
+pub const IDS_PER_MESSAGE_MAX: usize = 4096;
+
+/// Encodes a peer message: format byte, cluster id (u16 little-endian), kind, payload.
+pub fn encode_peer_message(cluster: u16, message: &PeerMessage) -> Vec<u8> {
+    let mut out = vec![FORMAT_VERSION];
+    out.extend_from_slice(&cluster.to_le_bytes());
+    match message {
+        PeerMessage::Membership(bytes) => {
+            out.push(TAG_MEMBERSHIP);
+            out.extend_from_slice(bytes);
+        }
+        PeerMessage::Broadcast { from, msg } => {
+            use crate::broadcast::BroadcastMsg;
+            out.push(TAG_BROADCAST);
+            out.extend_from_slice(&from.0);
+            match msg {
+                BroadcastMsg::Gossip(cs) => {
+                    out.push(MSG_GOSSIP);
+                    encode_changeset(cs, &mut out);
+                }
+                BroadcastMsg::KeptGossip(cs) => {
+                    out.push(MSG_KEPT_GOSSIP);
+                    encode_changeset(cs, &mut out);
+                }
+                BroadcastMsg::IHave(ids) | BroadcastMsg::Graft(ids) => {
+                    out.push(if matches!(msg, BroadcastMsg::IHave(_)) {
+                        MSG_IHAVE
+                    } else {
+                        MSG_GRAFT
+                    });
+                    put_varint(&mut out, ids.len() as u64);
+                    for part in ids {
+                        out.extend_from_slice(&part.id.site.0);
+                        put_varint(&mut out, part.id.version.get());
+                        put_varint(&mut out, u64::from(part.start.get()));
+                    }
+                }
+                BroadcastMsg::Prune => out.push(MSG_PRUNE),
+                BroadcastMsg::Keep => out.push(MSG_KEEP),
+                BroadcastMsg::Ping(at) | BroadcastMsg::Pong(at) => {
+                    out.push(if matches!(msg, BroadcastMsg::Ping(_)) {
+                        MSG_PING
+                    } else {
+                        MSG_PONG
+                    });
+                    put_varint(&mut out, *at);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Why a peer message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerMessageError {
+    /// The message is for another cluster.
+    #[error("message for cluster {0}")]
+    OtherCluster(u16),
+    /// The bytes are malformed.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// Decodes a peer message from untrusted bytes.
+pub fn decode_peer_message(
+    bytes: &[u8],
+    cluster: u16,
+    limits: &Limits,
+) -> Result<PeerMessage, PeerMessageError> {
+    use crate::broadcast::BroadcastMsg;
+    let mut r = Reader::for_cluster(bytes, cluster, limits)?;
+    match r.u8("message kind")? {
+        TAG_MEMBERSHIP => Ok(PeerMessage::Membership(r.bytes.to_vec())),
+        TAG_BROADCAST => {
+            let from = SiteId::from_slice(r.take(SITE_ID_LEN, "sender")?)
+                .map_err(|_| DecodeError::Truncated("sender"))?;
+            let msg = match r.u8("broadcast kind")? {
+                kind @ (MSG_GOSSIP | MSG_KEPT_GOSSIP) => {
+                    let rest = std::mem::take(&mut r.bytes);
+                    let cs = std::sync::Arc::new(decode_changeset(rest, limits)?);
+                    if kind == MSG_GOSSIP {
+                        BroadcastMsg::Gossip(cs)
+                    } else {
+                        BroadcastMsg::KeptGossip(cs)
+                    }
+                }
+                kind @ (MSG_IHAVE | MSG_GRAFT) => {
+                    let n = r.count("id count", IDS_PER_MESSAGE_MAX, SITE_ID_LEN + 2)?;
+                    let mut ids = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let site = SiteId::from_slice(r.take(SITE_ID_LEN, "site id")?)
+                            .map_err(|_| DecodeError::Truncated("site id"))?;
+                        let version = DbVersion(r.varint()?);
+                        let start =
+                            Seq(u32::try_from(r.varint()?)
+                                .map_err(|_| DecodeError::Range("seq"))?);
+                        ids.push(PartId {
+                            id: ChangesetId { site, version },
+                            start,
+                        });
+                    }
+                    if kind == MSG_IHAVE {
+                        BroadcastMsg::IHave(ids)
+                    } else {
+                        BroadcastMsg::Graft(ids)
+                    }
+                }
+                MSG_PRUNE => BroadcastMsg::Prune,
+                MSG_KEEP => BroadcastMsg::Keep,
+                MSG_PING => BroadcastMsg::Ping(r.varint()?),
+                MSG_PONG => BroadcastMsg::Pong(r.varint()?),
+                other => return Err(DecodeError::ValueTag(other).into()),
+            };
+            if !r.bytes.is_empty() {
+                return Err(DecodeError::Trailing(r.bytes.len()).into());
+            }
+            Ok(PeerMessage::Broadcast { from, msg })
+        }
+        other => Err(DecodeError::ValueTag(other).into()),
+    }
+}
+
+#[cfg(test)]
+mod peer_message_tests {
+    use super::*;
+    use crate::broadcast::BroadcastMsg;
+    use proptest::prelude::*;
+
+    #[test]
+    fn peer_messages_round_trip() {
+        let from = SiteId([3; 16]);
+        let id = ChangesetId {
+            site: SiteId([4; 16]),
+            version: DbVersion(1 << 40),
+        };
+        let cs = std::sync::Arc::new(Changeset::whole(id, vec![]));
+        let id = PartId {
+            id,
+            start: Seq(70_000),
+        };
+        for msg in [
+            PeerMessage::Membership(vec![1, 2, 3]),
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Gossip(cs.clone()),
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::KeptGossip(cs),
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::IHave(vec![id, id]),
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Graft(vec![id]),
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Prune,
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Keep,
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Ping(u64::MAX),
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Pong(12_345),
+            },
+        ] {
+            let bytes = encode_peer_message(7, &msg);
+            assert_eq!(
+                decode_peer_message(&bytes, 7, &Limits::default()),
+                Ok(msg.clone())
+            );
+            assert_eq!(
+                decode_peer_message(&bytes, 8, &Limits::default()),
+                Err(PeerMessageError::OtherCluster(7))
+            );
+            if let PeerMessage::Broadcast { .. } = msg {
+                for len in 0..bytes.len() {
+                    assert!(decode_peer_message(&bytes[..len], 7, &Limits::default()).is_err());
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn peer_message_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let mut framed = vec![FORMAT_VERSION, 7, 0, TAG_BROADCAST];
+            framed.extend_from_slice(&bytes);
+            let _ = decode_peer_message(&framed, 7, &Limits::default());
+            let _ = decode_peer_message(&bytes, 7, &Limits::default());
+        }
+    }
+}
