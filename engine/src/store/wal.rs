@@ -9,6 +9,7 @@
 //! is refused as "full" if it cannot. The files can exceed the cap by at most one
 //! transaction's frames.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,4 +133,33 @@ impl WalBudget {
         }
         Err(StoreError::WalFull { bytes, limit })
     }
+}
+
+/// Starts the thread that checkpoints the WAL of the database at `path` off the commit path
+/// (see [`Store::checkpoint_in_background`]): a passive checkpoint every `every`, which never
+/// blocks the writer or readers and costs nothing when no commit came since; one more when
+/// `stop` turns true.
+pub fn spawn_checkpointer(
+    path: &Path,
+    every: std::time::Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    let conn = Connection::open(path)?;
+    // (The WAL's size kept on disk is the writer's setting: the writer resets it.)
+    conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
+    let checkpoint = |conn: &Connection| {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!("WAL checkpoint failed: {e}");
+        }
+    };
+    std::thread::Builder::new()
+        .name("patina-checkpoint".into())
+        .spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(every);
+                checkpoint(&conn);
+            }
+            checkpoint(&conn);
+        })
+        .map_err(|e| StoreError::Corrupt(format!("starting the checkpoint thread: {e}")))
 }

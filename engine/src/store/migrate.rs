@@ -1,0 +1,201 @@
+//! Schema changes: building a table's description, migrating to the desired schema, the capture triggers, and backfilling clocks for rows written before.
+
+use super::*;
+
+impl Store {
+    pub(super) fn build_table(&self, def: TableDef, ord: u32) -> Result<Table, StoreError> {
+        let mut stmt = self
+            .writer
+            .prepare("SELECT ord, name FROM __patina_columns WHERE tbl = ?1")?;
+        let known: HashMap<String, ColOrd> = stmt
+            .query_map([ord], |r| Ok((r.get(1)?, r.get(0)?)))?
+            .collect::<Result<_, _>>()?;
+        let pk = def.pk_columns();
+        let mut col_ords = Vec::new();
+        let mut col_by_ord = HashMap::new();
+        for (i, col) in def.columns.iter().enumerate() {
+            if col.pk_position > 0 {
+                col_ords.push(None);
+                continue;
+            }
+            let ord = *known.get(&col.name).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "table {}: column {} has no ordinal",
+                    def.name, col.name
+                ))
+            })?;
+            col_ords.push(Some(ord));
+            col_by_ord.insert(ord, i);
+        }
+        Ok(Table {
+            col_by_name: def
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.clone(), i))
+                .collect(),
+            affinities: def
+                .columns
+                .iter()
+                .map(|c| Affinity::of(&c.decl_type, def.strict))
+                .collect(),
+            def,
+            ord,
+            pk,
+            col_ords,
+            col_by_ord,
+        })
+    }
+
+    /// Reads the schema files and applies them: new tables, new columns, new indexes. Anything
+    /// else is refused with nothing changed. Tables already replicated but absent from the files
+    /// stay replicated (schema changes are additive only).
+    pub fn apply_schema_files(&mut self, paths: &[PathBuf]) -> Result<(), StoreError> {
+        let files = schema::read_schema_files(paths)?;
+        let sql: String = files
+            .iter()
+            .map(|(_, s)| s.as_str())
+            .collect::<Vec<_>>()
+            .join(";\n");
+        self.apply_schema_sql(&sql)
+    }
+
+    /// [`Store::apply_schema_files`] from SQL text.
+    pub fn apply_schema_sql(&mut self, sql: &str) -> Result<(), StoreError> {
+        let desired = schema::parse_schema(sql)?;
+        self.writer.execute_batch("BEGIN IMMEDIATE")?;
+        let result = self.migrate(&desired);
+        let result = result.and_then(|backfill| {
+            self.writer.execute_batch("COMMIT")?;
+            Ok(backfill)
+        });
+        match result {
+            Ok(backfill) => {
+                self.load_state()?;
+                self.install_triggers()?;
+                if !backfill.is_empty() {
+                    self.backfill(&backfill)?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.writer.execute_batch("ROLLBACK");
+                self.load_state()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies the schema inside the open transaction; returns tables whose pre-existing rows
+    /// need clocks.
+    pub(super) fn migrate(
+        &mut self,
+        desired: &BTreeMap<String, TableDef>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut backfill = Vec::new();
+        for (name, def) in desired {
+            let existing_sql: Option<String> = self
+                .writer
+                .query_row(
+                    "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let registered = self.tables.contains_key(name);
+            let table_ord = match &existing_sql {
+                Some(sql) => {
+                    let existing = schema::introspect_table(&self.writer, name, sql)?;
+                    let plan = schema::migration(&existing, def)?;
+                    for (_, alter) in &plan.add_columns {
+                        self.writer.execute_batch(alter)?;
+                    }
+                    for index in &plan.add_indexes {
+                        self.writer.execute_batch(index)?;
+                    }
+                    if !registered {
+                        backfill.push(name.clone());
+                    }
+                    self.register_table(name)?
+                }
+                None => {
+                    self.writer.execute_batch(&def.sql)?;
+                    for index in def.indexes.values() {
+                        self.writer.execute_batch(index)?;
+                    }
+                    self.register_table(name)?
+                }
+            };
+            // Column ordinals are assigned once and never reused, in declaration order.
+            for col in def.columns.iter().filter(|c| c.pk_position == 0) {
+                let known: Option<i64> = self
+                    .writer
+                    .query_row(
+                        "SELECT ord FROM __patina_columns WHERE tbl = ?1 AND name = ?2",
+                        params![table_ord, col.name],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if known.is_none() {
+                    self.writer.execute(
+                        "INSERT INTO __patina_columns (tbl, ord, name)
+                         SELECT ?1, coalesce(max(ord) + 1, 0), ?2 FROM __patina_columns WHERE tbl = ?1",
+                        params![table_ord, col.name],
+                    )?;
+                }
+            }
+        }
+        Ok(backfill)
+    }
+
+    pub(super) fn register_table(&mut self, name: &str) -> Result<u32, StoreError> {
+        self.writer.execute(
+            "INSERT OR IGNORE INTO __patina_tables (name) VALUES (?1)",
+            [name],
+        )?;
+        Ok(self.writer.query_row(
+            "SELECT ord FROM __patina_tables WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub(super) fn install_triggers(&mut self) -> Result<(), StoreError> {
+        for table in self.tables.values() {
+            let cols: Vec<String> = table.def.columns.iter().map(|c| c.name.clone()).collect();
+            self.writer
+                .execute_batch(&trigger_sql(&table.def.name, table.ord, &cols))?;
+        }
+        let mut st = self.capture.lock();
+        st.writable_tables = self.tables.keys().cloned().collect();
+        Ok(())
+    }
+
+    /// Gives clocks to rows that existed before their table became replicated, as one local
+    /// transaction of this replica.
+    pub(super) fn backfill(&mut self, tables: &[String]) -> Result<(), StoreError> {
+        self.local_transaction(|store| {
+            let mut writes = Vec::new();
+            for name in tables {
+                let table = &store.tables[name];
+                let mut stmt = store
+                    .writer
+                    .prepare(&format!("SELECT * FROM main.{}", quote_ident(name)))?;
+                let ncols = table.def.columns.len();
+                let mut rows = stmt.query([])?;
+                while let Some(row) = rows.next()? {
+                    let new = (0..ncols)
+                        .map(|i| row.get_ref(i).map(capture::to_value))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    writes.push(capture::CapturedWrite {
+                        table_ord: table.ord,
+                        write: RowWrite::Insert { new },
+                    });
+                }
+            }
+            store.capture.lock().writes = writes;
+            Ok(Vec::new())
+        })
+        .map(|_| ())
+    }
+}

@@ -1,0 +1,257 @@
+//! Remote changesets: the store's side of the one apply rule (core::apply), merging a whole changeset in a savepoint.
+
+use super::*;
+
+impl Store {
+    /// Applies remote changesets in one SQLite transaction, each through the merge rule and each
+    /// all-or-nothing (a savepoint per changeset): a bad changeset is refused alone. Returns one
+    /// outcome per changeset, in order.
+    pub fn apply_changesets<C: std::borrow::Borrow<Changeset>>(
+        &mut self,
+        batch: &[C],
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        self.wal.ensure_room(&self.writer)?;
+        self.writer.execute_batch("BEGIN IMMEDIATE")?;
+        let mut book = self.book.clone();
+        let mut touched_sites = BTreeSet::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let result = (|| {
+            for changeset in batch {
+                let site = self.site;
+                // The rule Node follows too (core::apply): skip, keep a part, or merge whole.
+                let applied = apply_changeset(
+                    &mut *self,
+                    site,
+                    &mut book,
+                    changeset.borrow(),
+                    ApplyFaults::default(),
+                )?;
+                outcomes.push(match applied {
+                    Applied::Merged(id, (changes_won, changed)) => {
+                        touched_sites.insert(id.site);
+                        ApplyOutcome::Applied {
+                            changes_won,
+                            rows_changed: changed.len(),
+                            changed,
+                        }
+                    }
+                    Applied::Buffered => ApplyOutcome::Buffered,
+                    Applied::Known => ApplyOutcome::AlreadyApplied,
+                    Applied::Rejected(e) => ApplyOutcome::Rejected(e),
+                });
+            }
+            for site in &touched_sites {
+                let versions = book.site(site).cloned().unwrap_or_default();
+                let ord = self.ensure_site(*site)?;
+                self.writer
+                    .prepare_cached("UPDATE __patina_sites SET head = ?1, applied = ?2, cleared = ?3 WHERE ord = ?4")?
+                    .execute(params![
+                        versions.head.get() as i64,
+                        clock::encode_ranges(&versions.applied),
+                        clock::encode_ranges(&versions.cleared),
+                        ord
+                    ])?;
+            }
+            self.writer.execute_batch("COMMIT")?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                self.book = book;
+                Ok(outcomes)
+            }
+            Err(e) => {
+                let _ = self.writer.execute_batch("ROLLBACK");
+                self.load_state()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Merges one changeset inside the open savepoint; returns (changes won, rows changed).
+    pub(super) fn apply_one(
+        &mut self,
+        changeset: &Changeset,
+    ) -> Result<(usize, Vec<RowChange>), StoreError> {
+        let reject = |source: ChangeError| StoreError::Change {
+            site: changeset.id.site.to_hex(),
+            version: changeset.id.version.get(),
+            source,
+        };
+        validate_changeset(changeset).map_err(|e| reject(e.into()))?;
+        // Check everything against the schema before writing anything.
+        let mut groups: BTreeMap<(&str, &PackedPk), RowChanges<'_>> = BTreeMap::new();
+        for change in &changeset.changes {
+            let table = self
+                .tables
+                .get(&change.table)
+                .ok_or_else(|| reject(ChangeError::UnknownTable(change.table.clone())))?;
+            let pk_values = change.pk.values();
+            if pk_values.len() != table.pk.len() {
+                return Err(reject(ChangeError::PkArity {
+                    table: table.def.name.clone(),
+                    got: pk_values.len(),
+                    expected: table.pk.len(),
+                }));
+            }
+            for (value, &idx) in pk_values.iter().zip(&table.pk) {
+                table.check_type(idx, value).map_err(reject)?;
+            }
+            let col_ord = match &change.column {
+                Column::Sentinel => None,
+                Column::Name(name) => {
+                    let unknown = || {
+                        reject(ChangeError::UnknownColumn {
+                            table: table.def.name.clone(),
+                            column: name.clone(),
+                        })
+                    };
+                    let idx = *table.col_by_name.get(name).ok_or_else(unknown)?;
+                    let ord = table.col_ords[idx].ok_or_else(unknown)?;
+                    table.check_type(idx, &change.value).map_err(reject)?;
+                    Some(ord)
+                }
+            };
+            groups
+                .entry((change.table.as_str(), &change.pk))
+                .or_default()
+                .push((change, col_ord));
+        }
+        self.ensure_site(changeset.id.site)?;
+        let mut changes_won = 0;
+        let mut changed = Vec::new();
+        let mut clock_writes: Vec<(u32, &PackedPk, RowClock<ColOrd>, RowClock<ColOrd>)> =
+            Vec::new();
+        for ((table_name, pk), changes) in groups {
+            let table = self.tables[table_name].clone();
+            let before = load_row_clock(&self.writer, &self.sites, table.ord, pk)?;
+            let mut clock = before.clone();
+            let mut writes: BTreeMap<usize, &Value> = BTreeMap::new();
+            let mut deleted = false;
+            let mut ensure_row = false;
+            let mut data_changed = false;
+            let pk_values = pk.values();
+            for (change, col_ord) in changes {
+                let incoming = Incoming {
+                    cl: change.cl,
+                    is_sentinel: col_ord.is_none(),
+                    col_version: change.col_version,
+                    value: &change.value,
+                    origin: Origin {
+                        site: changeset.id.site,
+                        version: changeset.id.version,
+                        seq: change.seq,
+                    },
+                };
+                let idx = col_ord.map(|o| table.col_by_ord[&o]);
+                let was_live = clock.cl.is_live();
+                let decision = clock.merge(
+                    col_ord.as_ref(),
+                    &incoming,
+                    || read_cell(&self.writer, &table, idx.unwrap_or(0), &pk_values),
+                    MergeFaults::default(),
+                )?;
+                if decision != MergeDecision::Noop {
+                    changes_won += 1;
+                }
+                data_changed |= decision.changes_data();
+                if decision == MergeDecision::Delete || (decision.resurrects() && was_live) {
+                    // A new incarnation (or none): the old row's data goes, defaults come back.
+                    deleted = true;
+                    writes.clear();
+                }
+                ensure_row |= decision.resurrects();
+                if matches!(
+                    decision,
+                    MergeDecision::ResurrectWithCell | MergeDecision::Cell
+                ) {
+                    if let Some(i) = idx {
+                        writes.insert(i, &change.value);
+                    }
+                }
+            }
+            if clock == before {
+                continue;
+            }
+            if data_changed {
+                changed.push(RowChange {
+                    table: table.def.name.clone(),
+                    pk: pk.clone(),
+                    deleted: !clock.cl.is_live(),
+                });
+                if deleted || !clock.cl.is_live() {
+                    let sql = format!(
+                        "DELETE FROM main.{} WHERE {}",
+                        quote_ident(&table.def.name),
+                        table.pk_where(1)
+                    );
+                    let mut stmt = self.writer.prepare_cached(&sql)?;
+                    let binds: Vec<SqlValue<'_>> = pk_values.iter().map(SqlValue).collect();
+                    stmt.execute(rusqlite::params_from_iter(binds))?;
+                }
+                if clock.cl.is_live() && (ensure_row || !writes.is_empty()) {
+                    upsert_row(&self.writer, &table, &pk_values, &writes)?;
+                }
+            }
+            clock_writes.push((table.ord, pk, clock, before));
+        }
+        let writes: Vec<ClockWrite<'_>> = clock_writes
+            .iter()
+            .map(|(table_ord, pk, clock, before)| ClockWrite {
+                table_ord: *table_ord,
+                pk,
+                clock,
+                before,
+            })
+            .collect();
+        if self.write_row_clocks(&writes)? {
+            self.persist_head()?;
+        }
+        Ok((changes_won, changed))
+    }
+}
+
+/// The SQLite store as the apply rule (`core::apply`) sees it: parts kept in `__patina_parts`,
+/// each whole changeset merged in a savepoint of the batch's transaction.
+impl ApplyTarget for Store {
+    type Rejection = StoreError;
+    type Error = StoreError;
+    type Merged = (usize, Vec<RowChange>);
+
+    fn keep_part(&mut self, part: &Changeset) -> Result<PartStep<StoreError>, StoreError> {
+        match self.buffer_part(part) {
+            Ok(Some(whole)) => Ok(PartStep::Complete(whole)),
+            Ok(None) => Ok(PartStep::Buffered),
+            Err(e @ (StoreError::Change { .. } | StoreError::PartsBufferFull { .. })) => {
+                Ok(PartStep::Rejected(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn forget_parts(&mut self, id: ChangesetId) -> Result<(), StoreError> {
+        if self.partials.contains_key(&id) {
+            self.drop_parts(id)?;
+        }
+        Ok(())
+    }
+
+    fn merge(
+        &mut self,
+        whole: &Changeset,
+    ) -> Result<Result<(usize, Vec<RowChange>), StoreError>, StoreError> {
+        self.writer.execute_batch("SAVEPOINT changeset")?;
+        match self.apply_one(whole) {
+            Ok(merged) => {
+                self.writer.execute_batch("RELEASE changeset")?;
+                Ok(Ok(merged))
+            }
+            Err(e @ StoreError::Change { .. }) => {
+                self.writer
+                    .execute_batch("ROLLBACK TO changeset; RELEASE changeset")?;
+                Ok(Err(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

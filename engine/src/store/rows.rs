@@ -1,0 +1,116 @@
+//! Row-level SQLite helpers shared by local writes and remote apply: a row's clock, its cells, and upserts.
+
+use super::*;
+
+pub(super) fn load_row_clock(
+    conn: &Connection,
+    sites: &SiteTable,
+    table_ord: u32,
+    pk: &PackedPk,
+) -> Result<RowClock<ColOrd>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT cl, sentinel, cells FROM __patina_rows WHERE tbl = ?1 AND pk = ?2",
+    )?;
+    let row: Option<(i64, Option<Vec<u8>>, Vec<u8>)> = stmt
+        .query_row(params![table_ord, pk.as_bytes()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    match row {
+        None => Ok(RowClock::default()),
+        Some((cl, sentinel, cells)) => {
+            clock::decode_row_clock(cl as u64, sentinel.as_deref(), &cells, sites)
+        }
+    }
+}
+
+/// Reads every column of one row, None if absent.
+pub(super) fn read_row(
+    conn: &Connection,
+    table: &Table,
+    pk: &[Value],
+) -> Result<Option<Vec<Value>>, StoreError> {
+    let sql = format!(
+        "SELECT * FROM main.{} WHERE {}",
+        quote_ident(&table.def.name),
+        table.pk_where(1)
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let binds: Vec<SqlValue<'_>> = pk.iter().map(SqlValue).collect();
+    let n = table.def.columns.len();
+    Ok(stmt
+        .query_row(rusqlite::params_from_iter(binds), |r| {
+            (0..n)
+                .map(|i| r.get_ref(i).map(capture::to_value))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .optional()?)
+}
+
+/// Reads one cell (the merge rule asks only when versions tie).
+pub(super) fn read_cell(
+    conn: &Connection,
+    table: &Table,
+    idx: usize,
+    pk: &[Value],
+) -> Result<Value, StoreError> {
+    let sql = format!(
+        "SELECT {} FROM main.{} WHERE {}",
+        quote_ident(&table.def.columns[idx].name),
+        quote_ident(&table.def.name),
+        table.pk_where(1)
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let binds: Vec<SqlValue<'_>> = pk.iter().map(SqlValue).collect();
+    Ok(stmt
+        .query_row(rusqlite::params_from_iter(binds), |r| {
+            r.get_ref(0).map(capture::to_value)
+        })
+        .optional()?
+        .unwrap_or(Value::Null))
+}
+
+/// Inserts the row if absent (key + defaults + `writes`), else sets the `writes` columns.
+pub(super) fn upsert_row(
+    conn: &Connection,
+    table: &Table,
+    pk: &[Value],
+    writes: &BTreeMap<usize, &Value>,
+) -> Result<(), StoreError> {
+    let cols: Vec<String> = table
+        .pk
+        .iter()
+        .chain(writes.keys())
+        .map(|&i| quote_ident(&table.def.columns[i].name))
+        .collect();
+    let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+    let conflict: Vec<&str> = cols[..table.pk.len()].iter().map(String::as_str).collect();
+    let action = if writes.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        format!(
+            "UPDATE SET {}",
+            cols[table.pk.len()..]
+                .iter()
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let sql = format!(
+        "INSERT INTO main.{} ({}) VALUES ({}) ON CONFLICT ({}) DO {}",
+        quote_ident(&table.def.name),
+        cols.join(", "),
+        placeholders.join(", "),
+        conflict.join(", "),
+        action
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let binds: Vec<SqlValue<'_>> = pk
+        .iter()
+        .chain(writes.values().copied())
+        .map(SqlValue)
+        .collect();
+    stmt.execute(rusqlite::params_from_iter(binds))?;
+    Ok(())
+}
