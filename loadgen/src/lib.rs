@@ -156,6 +156,10 @@ pub struct Report {
     /// Nodes whose update stream ended during a remote or procs run, and why: their later
     /// deliveries are unknown (counted as missing), not necessarily lost.
     pub streams_lost: Vec<String>,
+    /// Live runs: the nodes that missed some write at the end, with what their gossip state
+    /// says (members known, how many others know them, connections, sync rounds): the
+    /// evidence for why they were cut off.
+    pub stragglers: Vec<String>,
 }
 
 impl Report {
@@ -269,6 +273,15 @@ impl Report {
                 self.streams_lost.len(),
                 self.streams_lost.join("; ")
             ));
+        }
+        if !self.stragglers.is_empty() {
+            out.push_str(&format!(
+                "  STRAGGLERS          {} nodes missed writes:\n",
+                self.stragglers.len()
+            ));
+            for line in &self.stragglers {
+                out.push_str(&format!("                      {line}\n"));
+            }
         }
         if !self.options.is_null() {
             out.push_str(&format!("  options             {}\n", self.options));
@@ -477,6 +490,59 @@ pub(crate) async fn wait_until_spread(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     spreading.finish_and_clear();
+}
+
+/// The nodes that missed some write (at most 20 described), each with its gossip state.
+fn stragglers(
+    agents: &[Agent],
+    writes: &[(ChangesetId, Instant)],
+    arrivals: &HashMap<ChangesetId, Vec<Option<Instant>>>,
+) -> Vec<String> {
+    let mut known_by: HashMap<SocketAddr, usize> = HashMap::new();
+    for agent in agents {
+        for addr in agent.gossip().members.values() {
+            *known_by.entry(*addr).or_default() += 1;
+        }
+    }
+    let mut out = Vec::new();
+    let mut count = 0;
+    for (i, agent) in agents.iter().enumerate() {
+        let missed = writes
+            .iter()
+            .filter(|(id, _)| arrivals.get(id).is_none_or(|v| v[i].is_none()))
+            .count();
+        if missed == 0 {
+            continue;
+        }
+        count += 1;
+        if out.len() < 20 {
+            let g = agent.gossip();
+            out.push(format!(
+                "node {i} ({}): missed {missed}/{} writes; knows {} members (foca {}), known by {}; {} connections open, {} opened, {} handshake failures; sync {} ok / {} failed, {} changesets; broadcast delivered {}, {} dropped at the store, {} refused; kept links near {} far {} feeding {}",
+                agent.gossip_addr(),
+                writes.len(),
+                g.members.len(),
+                g.foca_members,
+                known_by.get(&agent.gossip_addr()).copied().unwrap_or(0),
+                g.connections_open,
+                g.connections_opened,
+                g.handshake_failures,
+                g.sync_rounds,
+                g.sync_failures,
+                g.sync_received,
+                g.broadcast.delivered,
+                g.apply_dropped,
+                g.refused,
+                g.kept_links.0,
+                g.kept_links.1,
+                g.kept_links.2,
+            ));
+        }
+    }
+    if count > out.len() {
+        out.push(format!("... and {} more", count - out.len()));
+    }
+    out
 }
 
 /// Runs the scenario with real agents in this process.
@@ -708,6 +774,7 @@ pub async fn run_live(options: &Options) -> Report {
         l.abort();
     }
     let map = arrivals.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let stragglers = stragglers(&agents, &writes, &map);
     let mut report = Report {
         mode: "live".into(),
         nodes: n,
@@ -721,6 +788,7 @@ pub async fn run_live(options: &Options) -> Report {
         memory_per_node_mib: Some(idle_rss / n as f64),
         idle_cpu_per_node: Some(idle_cpu),
         cpu_per_node: Some((cpu_after - cpu_before) / phase / n as f64),
+        stragglers,
         ..Report::default()
     };
     for (id, sent) in &writes {

@@ -658,6 +658,11 @@ async fn health_thresholds_answer_503() {
     )
     .await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    // A node alone (it counts itself): healthy only if one member is enough.
+    let (status, body) = call_raw(&agent, Method::GET, "/v1/health?members=2", None, vec![]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    let (status, _) = call_raw(&agent, Method::GET, "/v1/health?members=1", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
     agent.shutdown().await;
 }
 

@@ -1,0 +1,121 @@
+//! The manager's own SQLite file: each subscription's SQL, rows and recent changes, written before events leave; read back after a restart and for resuming subscribers.
+
+use super::*;
+
+impl Manager {
+    /// Saves a new subscription with its first rows.
+    pub(super) fn store_new(&mut self, index: usize) -> Result<(), SubsError> {
+        let matcher = &self.matchers[index];
+        let tx = self.storage.transaction()?;
+        tx.execute(
+            "INSERT INTO subs (id, sql, hash, last_change_id, next_row_id) VALUES (?1, ?2, ?3, 0, ?4)",
+            params![matcher.id, matcher.sql, matcher.hash, matcher.next_row_id as i64],
+        )?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO sub_rows (sub, identity, row_id, vals) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (identity, (row_id, values)) in &matcher.rows {
+                insert.execute(params![matcher.id, identity, *row_id as i64, pack(values)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A subscriber resuming after change id `from`: the changes since, from the history.
+    pub(super) fn replay(&mut self, index: usize, from: u64) -> Result<Attached, SubsError> {
+        let matcher = &self.matchers[index];
+        if from > matcher.last_change_id {
+            return Err(SubsError::BadQuery(format!(
+                "change id {from} is ahead of this subscription (last {})",
+                matcher.last_change_id
+            )));
+        }
+        let oldest: Option<i64> = self
+            .storage
+            .query_row(
+                "SELECT min(change_id) FROM sub_changes WHERE sub = ?1",
+                [&matcher.id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        let oldest = oldest.map_or(matcher.last_change_id + 1, |o| o as u64);
+        if from + 1 < oldest {
+            return Err(SubsError::Resume(format!(
+                "change id {from} is older than the history kept (changes {oldest} to {}): subscribe again without from",
+                matcher.last_change_id
+            )));
+        }
+        let mut replay = Vec::new();
+        let mut stmt = self.storage.prepare_cached(
+            "SELECT change_id, kind, row_id, vals FROM sub_changes
+             WHERE sub = ?1 AND change_id > ?2 ORDER BY change_id",
+        )?;
+        let mut found = stmt.query(params![matcher.id, from as i64])?;
+        while let Some(row) = found.next()? {
+            replay.push(Arc::new(ChangeEvent {
+                change_id: row.get::<_, i64>(0)? as u64,
+                kind: kind_from_code(row.get(1)?),
+                row_id: row.get::<_, i64>(2)? as u64,
+                values: unpack(&row.get::<_, Vec<u8>>(3)?)?,
+            }));
+        }
+        Ok(self.attached(index, None, true, replay))
+    }
+
+    /// Loads the stored subscriptions and reconciles them with the data.
+    pub(super) fn load(&mut self) -> Result<(), SubsError> {
+        let stored: Vec<(String, String, String, i64, i64)> = self
+            .storage
+            .prepare("SELECT id, sql, hash, last_change_id, next_row_id FROM subs")?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (id, sql, hash, last_change_id, next_row_id) in stored {
+            let (plan, _, columns) = match self.prepare(&sql) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("subscription {id} can no longer run ({e}); dropped");
+                    continue;
+                }
+            };
+            let (live, _) = broadcast::channel(self.config.subscriber_buffer);
+            let mut matcher = Matcher {
+                id: id.clone(),
+                hash,
+                sql,
+                by_alias: vec![HashMap::new(); plan.aliases.len()],
+                plan,
+                columns,
+                rows: HashMap::new(),
+                next_row_id: next_row_id as u64,
+                last_change_id: last_change_id as u64,
+                live,
+                // Nobody listens yet after a restart: collected unless someone resumes it.
+                idle_since: Some(Instant::now()),
+                ready: true,
+                work: Work::new(0),
+            };
+            matcher.work = Work::new(matcher.plan.aliases.len());
+            let rows: Vec<(Vec<u8>, i64, Vec<u8>)> = self
+                .storage
+                .prepare("SELECT identity, row_id, vals FROM sub_rows WHERE sub = ?1")?
+                .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            for (identity, row_id, vals) in rows {
+                matcher
+                    .rows
+                    .insert(identity.clone(), (row_id as u64, unpack(&vals)?));
+                matcher.index(&identity, true);
+            }
+            self.matchers.push(matcher);
+        }
+        self.note_any();
+        // Anything committed while subscriptions were not watching becomes events (soon).
+        self.resync();
+        Ok(())
+    }
+}
