@@ -29,3 +29,6 @@ pub mod metrics;
 pub mod net;
 pub mod store;
 pub mod subs;
+
+#[cfg(test)]
+mod layout_tests;

@@ -81,7 +81,11 @@ impl Store {
                 return Err(StoreError::Corrupt(e));
             }
             let changeset = self.record_local_writes(writes)?;
-            if let Some(cs) = &changeset {
+            // The exact size needs the whole encoding: only when the cheap upper bound is over.
+            if let Some(cs) = changeset
+                .as_ref()
+                .filter(|cs| patina_core::chunk::estimate_bytes(cs) > self.changeset_bytes_max)
+            {
                 let bytes = patina_core::wire::changeset_to_bytes(cs).len();
                 if bytes > self.changeset_bytes_max {
                     return Err(StoreError::TransactionTooLarge {
@@ -276,17 +280,12 @@ impl Store {
     /// Returns true if an index entry of this replica's own changesets was removed (the caller
     /// must then make sure the head is persisted, see [`Store::persist_head`]).
     pub(super) fn write_row_clocks(&self, rows: &[ClockWrite<'_>]) -> Result<bool, StoreError> {
-        const ROWS_PER_STATEMENT: usize = 64;
         let mut removed_own = false;
         let mut index_inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = Vec::new();
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO __patina_rows (tbl, pk, cl, sentinel, cells) VALUES {}
-                 ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, sentinel = excluded.sentinel,
-                 cells = excluded.cells",
-                vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ")
-            );
-            let mut stmt = self.writer.prepare_cached(&sql)?;
+            let mut stmt = self
+                .writer
+                .prepare_cached(multi_row_sql(MultiRow::Clocks, chunk.len()))?;
             for (n, row) in chunk.iter().enumerate() {
                 let at = n * 5;
                 stmt.raw_bind_parameter(at + 1, row.table_ord)?;
@@ -319,11 +318,9 @@ impl Store {
             }
         }
         for chunk in index_inserts.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT OR IGNORE INTO __patina_changes (site, version, tbl, pk) VALUES {}",
-                vec!["(?, ?, ?, ?)"; chunk.len()].join(", ")
-            );
-            let mut stmt = self.writer.prepare_cached(&sql)?;
+            let mut stmt = self
+                .writer
+                .prepare_cached(multi_row_sql(MultiRow::Index, chunk.len()))?;
             for (n, (site, version, table_ord, pk)) in chunk.iter().enumerate() {
                 let at = n * 4;
                 stmt.raw_bind_parameter(at + 1, site)?;
@@ -369,6 +366,45 @@ impl Store {
         Ok(self.sites.push(site))
     }
 }
+/// Rows per multi-row statement of [`Store::write_row_clocks`].
+const ROWS_PER_STATEMENT: usize = 64;
+
+/// The two multi-row statements of [`Store::write_row_clocks`].
+#[derive(Clone, Copy)]
+enum MultiRow {
+    /// Upserts of row clocks.
+    Clocks,
+    /// Inserts into the changes index.
+    Index,
+}
+
+/// The SQL of a multi-row statement for `rows` rows (1..=[`ROWS_PER_STATEMENT`]), built once
+/// per process: formatting it on every transaction was a measurable part of a one-row write.
+fn multi_row_sql(kind: MultiRow, rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<[Vec<String>; 2]> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        let build = |head: &str, tuple: &str, tail: &str| -> Vec<String> {
+            (1..=ROWS_PER_STATEMENT)
+                .map(|n| format!("{head} {}{tail}", vec![tuple; n].join(", ")))
+                .collect()
+        };
+        [
+            build(
+                "INSERT INTO __patina_rows (tbl, pk, cl, sentinel, cells) VALUES",
+                "(?, ?, ?, ?, ?)",
+                " ON CONFLICT (tbl, pk) DO UPDATE SET cl = excluded.cl, \
+                 sentinel = excluded.sentinel, cells = excluded.cells",
+            ),
+            build(
+                "INSERT OR IGNORE INTO __patina_changes (site, version, tbl, pk) VALUES",
+                "(?, ?, ?, ?)",
+                "",
+            ),
+        ]
+    });
+    &all[kind as usize][rows - 1]
+}
+
 /// A row clock to store, with the clock it replaces.
 pub(super) struct ClockWrite<'a> {
     pub(super) table_ord: u32,

@@ -119,3 +119,30 @@ impl Manager {
         Ok(())
     }
 }
+
+/// Opens the connections the manager keeps: `db`, the replicated database, read only (it only
+/// plans queries: prepares them, runs none), and `path`, the subscriptions' own file, created
+/// with its tables if new.
+pub(super) fn open(db: &Path, path: &Path) -> Result<(Connection, Connection), SubsError> {
+    // Only plans queries (prepares them, runs none).
+    let reader = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
+    let storage = Connection::open(path)?;
+    storage.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+         CREATE TABLE IF NOT EXISTS subs (
+           id TEXT PRIMARY KEY, sql TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
+           last_change_id INTEGER NOT NULL, next_row_id INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS sub_rows (
+           sub TEXT NOT NULL, identity BLOB NOT NULL, row_id INTEGER NOT NULL, vals BLOB NOT NULL,
+           PRIMARY KEY (sub, identity)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS sub_changes (
+           sub TEXT NOT NULL, change_id INTEGER NOT NULL, kind INTEGER NOT NULL,
+           row_id INTEGER NOT NULL, vals BLOB NOT NULL,
+           PRIMARY KEY (sub, change_id)) WITHOUT ROWID;",
+    )?;
+    Ok((reader, storage))
+}

@@ -1,0 +1,152 @@
+//! The invariants of docs/ARCHITECTURE.md that the source itself can show, checked on it:
+//! only the store and the subscriptions open SQLite, core does no I/O, and the engine's
+//! folders import only downward.
+
+use std::path::{Path, PathBuf};
+
+/// Every `.rs` file under `dir`, with its text.
+fn sources(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("a source folder") {
+            let path = entry.expect("an entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("a source file");
+                out.push((path, text));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The code of a file without its comments and tests (the part after `#[cfg(test)]`), so
+/// words in documentation and test helpers do not count.
+fn code(text: &str) -> String {
+    let text = text.split("#[cfg(test)]").next().unwrap_or(text);
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn relative(path: &Path, root: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/")
+}
+
+#[test]
+fn only_the_store_and_the_subscriptions_open_sqlite() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let allowed = |file: &str| {
+        file.starts_with("store/") || file == "subs/storage.rs" || file == "subs/workers.rs"
+    };
+    let mut offenders = Vec::new();
+    let mut openers = 0;
+    for (path, text) in sources(&root) {
+        let file = relative(&path, &root);
+        if code(&text).contains("Connection::open") {
+            openers += 1;
+            if !allowed(&file) {
+                offenders.push(file);
+            }
+        }
+    }
+    assert!(
+        openers >= 2,
+        "the scan found no opener: is the source where it should be?"
+    );
+    assert!(
+        offenders.is_empty(),
+        "SQLite opened outside store/ and subs/: {offenders:?}"
+    );
+}
+
+#[test]
+fn core_does_no_io() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/src");
+    let forbidden = [
+        "std::fs",
+        "std::net",
+        "std::thread",
+        "tokio",
+        "rusqlite",
+        "Instant::now",
+        "SystemTime",
+        "rand::",
+    ];
+    let files = sources(&root);
+    assert!(
+        files.len() > 10,
+        "core's source not found at {}",
+        root.display()
+    );
+    let mut offenders = Vec::new();
+    for (path, text) in files {
+        let code = code(&text);
+        for word in forbidden {
+            if code.contains(word) {
+                offenders.push(format!("{}: {word}", relative(&path, &root)));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "I/O, clocks or global randomness in core: {offenders:?}"
+    );
+}
+
+#[test]
+fn the_engine_folders_import_only_downward() {
+    // docs/ARCHITECTURE.md: metrics, logging < store < net, subs < config < http < agent < cli.
+    let layer = |module: &str| match module {
+        "metrics" | "logging" => Some(0),
+        "store" => Some(1),
+        "net" | "subs" => Some(2),
+        "config" => Some(3),
+        "http" => Some(4),
+        "agent" => Some(5),
+        "cli" => Some(6),
+        _ => None,
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut offenders = Vec::new();
+    for (path, text) in sources(&root) {
+        let file = relative(&path, &root);
+        let own = file
+            .split(['/', '.'])
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let Some(own_layer) = layer(&own) else {
+            continue;
+        };
+        let code = code(&text);
+        for (at, _) in code.match_indices("crate::") {
+            let target: String = code[at + "crate::".len()..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            let Some(target_layer) = layer(&target) else {
+                continue;
+            };
+            // The one upward edge by design: subscriptions use the API's shapes, which depend
+            // on nothing of the engine.
+            let shapes = own == "subs" && code[at..].starts_with("crate::http::types");
+            if target_layer > own_layer && !shapes {
+                offenders.push(format!("{file} -> {target}"));
+            }
+        }
+    }
+    offenders.sort();
+    offenders.dedup();
+    assert!(
+        offenders.is_empty(),
+        "imports against the layering: {offenders:?}"
+    );
+}
