@@ -14,6 +14,7 @@
 //! [`ProtocolConfig::sync_timeout_ms`] counts as failed (its request or answer may be lost), and
 //! a late report of it changes nothing.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis};
@@ -87,6 +88,10 @@ struct Running {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Protocol {
     broadcast: Broadcast,
+    /// The members the caller reported up and not down since. Broadcast keeps lists of its own,
+    /// which also take in senders it hears from; sync partners and the decision to announce
+    /// again come from this set only, as the membership layer sees it.
+    members: BTreeSet<SiteId>,
     sync: Option<SyncScheduler>,
     running: Option<Running>,
     sessions: u64,
@@ -100,6 +105,7 @@ impl Protocol {
     pub fn new(me: SiteId, config: ProtocolConfig, now: Millis, seed: u64) -> Protocol {
         let protocol = Protocol {
             broadcast: Broadcast::new(me, config.broadcast, seed),
+            members: BTreeSet::new(),
             sync: config
                 .sync_interval_ms
                 .map(|interval| SyncScheduler::new(interval, now, seed)),
@@ -127,17 +133,29 @@ impl Protocol {
         self.broadcast.has_pending()
     }
 
+    /// How many members the caller reported up (and not down since).
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// The settings this protocol runs with.
+    pub fn config(&self) -> &ProtocolConfig {
+        &self.config
+    }
+
     /// A member joined.
     pub fn peer_up(&mut self, peer: SiteId) {
-        self.broadcast.peer_up(peer);
-        if self.broadcast.member_count() > 0 {
+        if peer != self.broadcast.me() {
+            self.members.insert(peer);
             self.rejoin = None;
         }
+        self.broadcast.peer_up(peer);
         self.debug_check();
     }
 
     /// A member left or failed.
     pub fn peer_down(&mut self, peer: SiteId) {
+        self.members.remove(&peer);
         self.broadcast.peer_down(peer);
         self.debug_check();
     }
@@ -145,12 +163,14 @@ impl Protocol {
     /// A changeset committed here (large ones leave in parts).
     pub fn local_commit(&mut self, changeset: Arc<Changeset>) -> Vec<Action> {
         let effects = self.broadcast.local_commit(changeset);
+        self.debug_check();
         actions(effects)
     }
 
-    /// A broadcast message from a member.
+    /// A broadcast message from a peer.
     pub fn receive(&mut self, now: Millis, from: SiteId, msg: BroadcastMsg) -> Vec<Action> {
         let effects = self.broadcast.receive(now, from, msg);
+        self.debug_check();
         actions(effects)
     }
 
@@ -165,9 +185,9 @@ impl Protocol {
         }
         if let Some(sync) = &mut self.sync {
             if sync.is_due(now) {
-                let members: Vec<SiteId> = self.broadcast.members().into_iter().collect();
+                let members: Vec<SiteId> = self.members.iter().copied().collect();
                 let mut neighbours = self.broadcast.neighbours();
-                neighbours.retain(|site| self.broadcast.is_member(site));
+                neighbours.retain(|site| self.members.contains(site));
                 if let Some(peer) = sync.due_preferring(now, &neighbours, &members) {
                     self.sessions += 1;
                     self.running = Some(Running {
@@ -182,7 +202,7 @@ impl Protocol {
                 }
             }
         }
-        if self.broadcast.member_count() > 0 {
+        if !self.members.is_empty() {
             self.rejoin = None;
         } else {
             match self.rejoin {
@@ -237,7 +257,7 @@ impl Protocol {
             "a running session has a number already given out"
         );
         debug_assert!(
-            self.rejoin.is_none() || self.broadcast.member_count() == 0,
+            self.rejoin.is_none() || self.members.is_empty(),
             "announces are scheduled only while no member is known"
         );
     }
@@ -298,6 +318,45 @@ mod tests {
         assert_eq!(p.running_sync(), Some(second[0]));
         p.sync_finished(Millis(1_700), second[0].1, true);
         assert_eq!(p.running_sync(), None);
+    }
+
+    #[test]
+    fn only_members_reported_up_count_for_sync_and_rejoin() {
+        let config = ProtocolConfig {
+            sync_interval_ms: Some(100),
+            broadcast: BroadcastConfig {
+                // The tree takes senders it hears from into its peer lists.
+                eager_peers_max: 2,
+                lazy_peers_max: 2,
+                ..BroadcastConfig::default()
+            },
+            ..ProtocolConfig::default()
+        };
+        let mut p = Protocol::new(site(0), config, Millis(0), 3);
+        p.peer_up(site(1));
+        assert!(syncs(&p.tick(Millis(200)))
+            .iter()
+            .all(|(peer, _)| *peer == site(1)));
+        p.peer_down(site(1));
+        let _ = p.tick(Millis(300));
+        // A changeset from a peer membership never reported: broadcast takes it in, but it
+        // is no member here, so the node still announces itself and syncs with no one.
+        let changeset = Arc::new(Changeset::whole(
+            crate::change::ChangesetId {
+                site: site(9),
+                version: crate::ids::DbVersion(1),
+            },
+            Vec::new(),
+        ));
+        let _ = p.receive(Millis(350), site(9), BroadcastMsg::Gossip(changeset));
+        p.sync_finished(Millis(360), 1, true);
+        let mut announced = false;
+        for ms in (400..5_000).step_by(100) {
+            let out = p.tick(Millis(ms));
+            assert!(syncs(&out).is_empty(), "no sync with a non-member");
+            announced |= out.contains(&Action::Announce);
+        }
+        assert!(announced);
     }
 
     #[test]

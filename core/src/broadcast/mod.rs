@@ -305,14 +305,9 @@ impl Broadcast {
         all.into_iter().collect()
     }
 
-    /// True if `peer` is a member this node knows.
-    pub fn is_member(&self, peer: &SiteId) -> bool {
-        self.eager.contains(peer) || self.lazy.contains(peer) || self.passive.contains(peer)
-    }
-
-    /// How many members this node knows.
-    pub fn member_count(&self) -> usize {
-        self.eager.len() + self.lazy.len() + self.passive.len()
+    /// This node's site.
+    pub fn me(&self) -> SiteId {
+        self.me
     }
 
     /// Ids announced but not yet received.
@@ -684,7 +679,7 @@ impl Broadcast {
     }
 
     /// Every member this node knows (active and passive views).
-    pub fn members(&self) -> BTreeSet<SiteId> {
+    fn members(&self) -> BTreeSet<SiteId> {
         self.eager
             .iter()
             .chain(&self.lazy)

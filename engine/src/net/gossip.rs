@@ -449,9 +449,15 @@ impl GossipTask {
         let (transport, store, done) = (self.transport.clone(), self.store.clone(), done.clone());
         let (cluster, limits) = (self.cluster, self.limits);
         let metrics = self.metrics.clone();
+        // A pull ends before the protocol gives up on it, so two never overlap and every
+        // session is counted once, as done or failed.
+        let limit = Duration::from_millis(self.protocol.config().sync_timeout_ms * 9 / 10);
         crate::logging::spawn(async move {
             let started = Instant::now();
-            let result = pull(&transport, addr, &store, cluster, &limits).await;
+            let result =
+                tokio::time::timeout(limit, pull(&transport, addr, &store, cluster, &limits))
+                    .await
+                    .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}"))));
             if let Some(metrics) = metrics {
                 let outcome = if result.is_ok() { "ok" } else { "failed" };
                 metrics
