@@ -59,10 +59,11 @@ impl ApplyTarget for MemTarget<'_> {
 pub enum NodeMsg {
     /// Broadcast traffic.
     Broadcast(BroadcastMsg),
-    /// "This is what I have": the start of a sync session.
-    SyncRequest(SyncState),
-    /// The changesets the requester lacked.
-    SyncReply(Vec<Arc<Changeset>>),
+    /// "This is what I have": the start of sync session `.0` (0 for sessions the caller starts
+    /// itself, as the model does).
+    SyncRequest(u64, SyncState),
+    /// The changesets the requester of session `.0` lacked.
+    SyncReply(u64, Vec<Arc<Changeset>>),
 }
 
 /// What the caller must do.
@@ -201,17 +202,16 @@ impl Node {
                 let actions = self.protocol.receive(now, from, msg);
                 self.outputs(actions)
             }
-            NodeMsg::SyncRequest(state) => {
+            NodeMsg::SyncRequest(session, state) => {
                 vec![Output::Send {
                     to: from,
-                    msg: NodeMsg::SyncReply(self.sync_reply(&state)),
+                    msg: NodeMsg::SyncReply(session, self.sync_reply(&state)),
                 }]
             }
-            NodeMsg::SyncReply(changesets) => {
-                if let Some((peer, session)) = self.protocol.running_sync() {
-                    if peer == from {
-                        self.protocol.sync_finished(now, session, true);
-                    }
+            NodeMsg::SyncReply(session, changesets) => {
+                // A late answer to a session that timed out ends nothing.
+                if self.protocol.running_sync() == Some((from, session)) {
+                    self.protocol.sync_finished(now, session, true);
                 }
                 let mut out = Vec::new();
                 for changeset in changesets {
@@ -230,15 +230,20 @@ impl Node {
         self.outputs(actions)
     }
 
-    /// The request that starts a sync session with a peer.
+    /// The request that starts a sync session with a peer (session 0: one the caller starts
+    /// itself, not the protocol's schedule).
     pub fn sync_request(&self) -> NodeMsg {
+        self.sync_request_for(0)
+    }
+
+    fn sync_request_for(&self, session: u64) -> NodeMsg {
         let mut state = SyncState::of(&self.durable.book);
         if self.config.faults.sync_skips_gaps {
             for (_, needs) in state.sites.values_mut() {
                 needs.clear();
             }
         }
-        NodeMsg::SyncRequest(state)
+        NodeMsg::SyncRequest(session, state)
     }
 
     /// What this node sends a peer whose state is `state`.
@@ -302,9 +307,9 @@ impl Node {
                         out.push(Output::Applied(id));
                     }
                 }
-                Action::StartSync { peer, .. } => out.push(Output::Send {
+                Action::StartSync { peer, session } => out.push(Output::Send {
                     to: peer,
-                    msg: self.sync_request(),
+                    msg: self.sync_request_for(session),
                 }),
                 // Membership is given to this node by its caller: nothing to announce to.
                 Action::Announce => {}
@@ -417,7 +422,7 @@ mod tests {
             });
             b.apply(&v2);
             let reply = a.sync_reply(match &b.sync_request() {
-                NodeMsg::SyncRequest(state) => state,
+                NodeMsg::SyncRequest(_, state) => state,
                 _ => unreachable!(),
             });
             for cs in reply {

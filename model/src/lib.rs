@@ -348,7 +348,7 @@ impl Actor for PatinaActor {
             let mut outputs = s.node.receive(Millis(0), site(usize::from(src)), msg);
             // An empty sync reply says nothing: leave it out.
             outputs.retain(|out| {
-                !matches!(out, Output::Send { msg: NodeMsg::SyncReply(v), .. } if v.is_empty())
+                !matches!(out, Output::Send { msg: NodeMsg::SyncReply(_, v), .. } if v.is_empty())
             });
             outputs
         });
@@ -448,7 +448,7 @@ pub mod properties {
             let mut changed = false;
             for to in 0..n {
                 for from in (0..n).filter(|f| *f != to) {
-                    let NodeMsg::SyncRequest(request) = nodes[to].sync_request() else {
+                    let NodeMsg::SyncRequest(_, request) = nodes[to].sync_request() else {
                         unreachable!("sync_request makes a request")
                     };
                     for changeset in nodes[from].sync_reply(&request) {

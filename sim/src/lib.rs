@@ -168,8 +168,8 @@ fn wire_bytes(from: SiteId, msg: &NodeMsg) -> usize {
             },
         )
         .len(),
-        NodeMsg::SyncRequest(state) => encode_sync_state(0, state).len() + 4,
-        NodeMsg::SyncReply(changesets) => {
+        NodeMsg::SyncRequest(_, state) => encode_sync_state(0, state).len() + 4,
+        NodeMsg::SyncReply(_, changesets) => {
             4 + changesets
                 .iter()
                 .map(|cs| changeset_to_bytes(cs).len() + 4)
@@ -319,7 +319,7 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
                 if !up[to] || cut(from, to, now) {
                     continue;
                 }
-                by_sync = matches!(msg, NodeMsg::SyncReply(_));
+                by_sync = matches!(msg, NodeMsg::SyncReply(..));
                 (to, nodes[to].receive(now_ms, site(from), msg))
             }
             Event::Crash { node } => {
