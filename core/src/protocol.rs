@@ -133,11 +133,6 @@ impl Protocol {
         self.broadcast.has_pending()
     }
 
-    /// How many members the caller reported up (and not down since).
-    pub fn member_count(&self) -> usize {
-        self.members.len()
-    }
-
     /// The settings this protocol runs with.
     pub fn config(&self) -> &ProtocolConfig {
         &self.config
