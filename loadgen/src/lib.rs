@@ -138,6 +138,8 @@ pub struct Report {
     pub connections_per_node: Option<f64>,
     /// New QUIC connections (handshakes) per node per second, idle (live).
     pub handshakes_per_node_per_s: Option<f64>,
+    /// Share of those handshakes resumed from a session ticket, idle (live).
+    pub handshakes_resumed_share: Option<f64>,
     /// SWIM packets sent to members without a pooled connection, per node per second by
     /// message kind, idle (live): what the handshakes are for.
     pub idle_cold_swim_per_node_per_s: Vec<(String, f64)>,
@@ -236,7 +238,10 @@ impl Report {
             (self.connections_per_node, self.handshakes_per_node_per_s)
         {
             out.push_str(&format!(
-                "  connections         {conns:.1} pooled per node, {handshakes:.3} handshakes per node per second (idle)\n"
+                "  connections         {conns:.1} pooled per node, {handshakes:.3} handshakes per node per second (idle){}\n",
+                self.handshakes_resumed_share
+                    .map(|share| format!(", {:.0}% of them resumed", share * 100.0))
+                    .unwrap_or_default()
             ));
         }
         if !self.idle_cold_swim_per_node_per_s.is_empty() {
@@ -313,6 +318,7 @@ impl Report {
             "formation_s": self.formation_s,
             "connections_per_node": self.connections_per_node,
             "handshakes_per_node_per_s": self.handshakes_per_node_per_s,
+            "handshakes_resumed_share": self.handshakes_resumed_share,
             "idle_cold_swim_per_node_per_s": self
                 .idle_cold_swim_per_node_per_s
                 .iter()
@@ -662,13 +668,19 @@ pub async fn run_live(options: &Options) -> Report {
         |agents: &[Agent]| -> u64 { agents.iter().map(|a| a.gossip().connections_opened).sum() };
     let idle_window = Duration::from_secs(5);
     let (_, idle_cpu_before) = patina_tests::process_usage();
+    let resumed =
+        |agents: &[Agent]| -> u64 { agents.iter().map(|a| a.gossip().handshakes_resumed).sum() };
     let opened_before = opened(&agents);
+    let resumed_before = resumed(&agents);
     let cold_before = cold_sends(&agents);
     tokio::time::sleep(idle_window).await;
     let (idle_rss, idle_cpu_after) = patina_tests::process_usage();
     let idle_s = idle_window.as_secs_f64();
     let idle_cpu = (idle_cpu_after - idle_cpu_before) / idle_s / options.nodes as f64;
-    let handshakes = (opened(&agents) - opened_before) as f64 / idle_s / options.nodes as f64;
+    let idle_opened = opened(&agents) - opened_before;
+    let handshakes = idle_opened as f64 / idle_s / options.nodes as f64;
+    let handshakes_resumed_share =
+        (idle_opened > 0).then(|| (resumed(&agents) - resumed_before) as f64 / idle_opened as f64);
     let cold_after = cold_sends(&agents);
     let idle_slowdown = mean_swim_slowdown(&agents);
     let mut idle_cold_swim: Vec<(String, f64)> = patina::net::membership::SWIM_KINDS
@@ -782,6 +794,7 @@ pub async fn run_live(options: &Options) -> Report {
         formation_s,
         connections_per_node: Some(connections),
         handshakes_per_node_per_s: Some(handshakes),
+        handshakes_resumed_share,
         idle_cold_swim_per_node_per_s: idle_cold_swim,
         idle_swim_slowdown: Some(idle_slowdown),
         swim_probe_ms: Some(options.swim_probe_ms),

@@ -343,3 +343,97 @@ async fn one_certificate_for_a_name_serves_every_node_with_server_name() {
         t.close().await;
     }
 }
+
+/// A node that talked to a peer before opens its next connection to it with the session
+/// ticket it was given (no certificates checked again, no signatures), not with a full
+/// handshake, even when every peer presents the same name (here 127.0.0.1: tickets are filed
+/// by address); a ticket from a node that has since restarted on the same address is refused
+/// by the new process, and the connection falls back to a full handshake.
+#[tokio::test]
+async fn reconnects_resume_the_tls_session_and_a_restarted_peer_gets_a_full_handshake() {
+    let ca = generate_ca().unwrap();
+    let quick_idle = TransportConfig {
+        connection_idle_ms: 300,
+        ..TransportConfig::default()
+    };
+    let (a, _a_rx) = bind_with(
+        TlsMode::Mutual(node_tls(&ca.cert_pem, &ca.key_pem)),
+        quick_idle,
+    );
+    let b_tls = node_tls(&ca.cert_pem, &ca.key_pem);
+    let (b, mut b_rx) = bind_with(TlsMode::Mutual(b_tls.clone()), quick_idle);
+    let (c, mut c_rx) = bind_with(
+        TlsMode::Mutual(node_tls(&ca.cert_pem, &ca.key_pem)),
+        quick_idle,
+    );
+    let b_addr = b.local_addr();
+    let resumed = |t: &Transport| t.stats().handshakes_resumed.load(Ordering::Relaxed);
+
+    for (peer, rx) in [(&b, &mut b_rx), (&c, &mut c_rx)] {
+        a.send(
+            peer.local_addr(),
+            Channel::Stream,
+            Bytes::from_static(b"first"),
+        );
+        assert_eq!(recv(rx).await.unwrap().bytes.as_ref(), b"first");
+        assert_eq!(resumed(peer), 0, "a first connection cannot resume");
+    }
+    for round in 1..=2 {
+        for (peer, rx) in [(&b, &mut b_rx), (&c, &mut c_rx)] {
+            let addr = peer.local_addr();
+            assert!(
+                eventually(Duration::from_secs(5), || !a.is_connected(addr)).await,
+                "the idle connection stayed open"
+            );
+            a.send(addr, Channel::Stream, Bytes::from_static(b"again"));
+            assert_eq!(recv(rx).await.unwrap().bytes.as_ref(), b"again");
+            assert_eq!(
+                resumed(peer),
+                round,
+                "reconnect {round} did a full handshake"
+            );
+        }
+    }
+    assert_eq!(
+        a.stats().connections_opened.load(Ordering::Relaxed),
+        6,
+        "each round opened one connection per peer"
+    );
+    c.close().await;
+
+    // b restarts on the same address: its tickets die with it.
+    b.close().await;
+    drop((b, b_rx));
+    assert!(eventually(Duration::from_secs(5), || !a.is_connected(b_addr)).await);
+    let (tx, mut b_rx) = mpsc::channel(64);
+    // The old endpoint's socket goes when its driver task ends.
+    let mut rebound = None;
+    for _ in 0..100 {
+        match Transport::bind(
+            b_addr,
+            &TlsMode::Mutual(b_tls.clone()),
+            quick_idle,
+            tx.clone(),
+        ) {
+            Ok(t) => {
+                rebound = Some(t);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let b = rebound.expect("the address stayed in use");
+    a.send(
+        b_addr,
+        Channel::Stream,
+        Bytes::from_static(b"after restart"),
+    );
+    assert_eq!(
+        recv(&mut b_rx).await.unwrap().bytes.as_ref(),
+        b"after restart"
+    );
+    assert_eq!(resumed(&b), 0, "a ticket of the old process was honoured");
+    for t in [a, b] {
+        t.close().await;
+    }
+}

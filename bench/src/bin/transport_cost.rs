@@ -4,7 +4,8 @@
 //! hundreds of agents share two cores (loadgen).
 //!
 //! One node opens a connection to each of K others (one message each), then sends M messages
-//! round-robin over the open connections, then stays idle; the process CPU time of each phase
+//! round-robin over the open connections, then stays idle, then (once its connections closed
+//! for being idle) sends one message to each peer again; the process CPU time of each phase
 //! is divided by its count.
 //!
 //! `cargo run --release -p patina-bench --bin transport_cost -- [--peers 200] [--messages 20000] [--idle-s 10]`
@@ -148,5 +149,35 @@ async fn main() {
     println!(
         "idle: {peers} open connections for {idle_s} s: {:.2} µs CPU per connection per second",
         idle_cpu / idle_s as f64 / peers as f64 * 1e6
+    );
+
+    // The sender's connections close after the idle time; the next message to each peer opens
+    // a connection again, resuming the TLS session with the peer's ticket.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while others.iter().any(|p| sender.is_connected(p.local_addr())) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resumed = || -> u64 {
+        others
+            .iter()
+            .map(|p| p.stats().handshakes_resumed.load(Ordering::Relaxed))
+            .sum()
+    };
+    let before = received.load(Ordering::Relaxed);
+    let resumed_before = resumed();
+    let cpu = cpu_seconds();
+    let wall = Instant::now();
+    for (i, peer) in others.iter().enumerate() {
+        sender.send(peer.local_addr(), Channel::Stream, payload.clone());
+        if i % 10 == 9 {
+            wait_for(&received, before + i as u64 + 1).await;
+        }
+    }
+    wait_for(&received, before + peers as u64).await;
+    println!(
+        "connections opened again after idle: {peers} in {:.2} s wall, {:.3} ms CPU each (both ends), {} of {peers} resumed from a ticket",
+        wall.elapsed().as_secs_f64(),
+        (cpu_seconds() - cpu) / peers as f64 * 1e3,
+        resumed() - resumed_before
     );
 }

@@ -180,6 +180,13 @@ impl Collector for Counters {
             C,
             &one(gossip.transport_sent as f64),
         )?;
+        emit(
+            e,
+            "patina_handshakes_resumed",
+            "QUIC handshakes peers resumed with a session ticket of this node",
+            C,
+            &one(gossip.handshakes_resumed as f64),
+        )?;
         emit(e, "patina_handshake_failures", "QUIC handshakes refused or failed (peers without a certificate of the cluster CA among them)", C, &one(gossip.handshake_failures as f64))?;
         emit(
             e,

@@ -56,6 +56,9 @@ pub struct GossipSnapshot {
     pub handshake_failures: u64,
     /// Transport: connections this node opened (handshakes it started).
     pub connections_opened: u64,
+    /// Transport: handshakes peers resumed with a ticket of this node (no certificates checked
+    /// again, no signatures).
+    pub handshakes_resumed: u64,
     /// Transport: connections pooled now (at the last check of idle ones).
     pub connections_open: u64,
     /// Transport: connections closed for being idle or over the cap.
@@ -309,6 +312,8 @@ impl GossipTask {
                         transport.handshake_failures.load(std::sync::atomic::Ordering::Relaxed);
                     snapshot.connections_opened =
                         transport.connections_opened.load(std::sync::atomic::Ordering::Relaxed);
+                    snapshot.handshakes_resumed =
+                        transport.handshakes_resumed.load(std::sync::atomic::Ordering::Relaxed);
                     snapshot.connections_open =
                         transport.connections_open.load(std::sync::atomic::Ordering::Relaxed);
                     snapshot.connections_closed_idle =

@@ -210,8 +210,19 @@ impl NodeTls {
 /// Application protocol name, so a Patina endpoint never talks to anything else by accident.
 pub const ALPN: &[u8] = b"patina/1";
 
+/// ring's algorithms, with AES-128-GCM/SHA-256 first: SHA-256 runs on the CPU's SHA
+/// instructions where SHA-384 (the default first suite's hash) runs in software, and a
+/// handshake's key schedule hashes a lot (measured with `transport_cost`: see BENCHMARKS).
+/// Both ends run this list, so every node-to-node connection uses the first suite.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ];
+    Arc::new(provider)
 }
 
 /// Plaintext mode: a throwaway self-signed certificate and no verification either way.

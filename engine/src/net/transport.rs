@@ -27,6 +27,7 @@ use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::{mpsc, Notify};
 
+use crate::net::resume::{self, CountingTicketer, PeerTickets};
 use crate::net::tls::{insecure_configs, NodeTls, TlsError};
 
 /// How the endpoint authenticates.
@@ -115,6 +116,8 @@ pub struct TransportStats {
     pub handshake_failures: AtomicU64,
     /// Connections opened by this node (handshakes it started).
     pub connections_opened: AtomicU64,
+    /// Handshakes with this node resumed from a ticket it issued (see [`super::resume`]).
+    pub handshakes_resumed: Arc<AtomicU64>,
     /// Connections accepted from peers.
     pub connections_accepted: AtomicU64,
     /// Connections closed because they were idle or over `connections_max`.
@@ -152,7 +155,12 @@ struct PeerQueue {
 
 struct Shared {
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// TLS of connections this node opens; each gets its peer's ticket store added.
+    client_tls: rustls::ClientConfig,
+    /// QUIC settings of every connection.
+    quic: Arc<quinn::TransportConfig>,
+    /// Session tickets from peers, by address.
+    tickets: Arc<PeerTickets>,
     /// The name a peer's certificate must carry; its IP when `None`.
     server_name: Option<String>,
     /// When a refused peer was last logged, by IP.
@@ -314,10 +322,16 @@ impl Transport {
             TlsMode::Mutual(node) => node.server_name.clone(),
             TlsMode::Plaintext => None,
         };
-        let (server_tls, client_tls) = match tls {
+        let (mut server_tls, client_tls) = match tls {
             TlsMode::Mutual(node) => (node.server_config()?, node.client_config()?),
             TlsMode::Plaintext => insecure_configs()?,
         };
+        let stats = TransportStats::default();
+        resume::issue_tickets(
+            &mut server_tls,
+            CountingTicketer::new(stats.handshakes_resumed.clone())
+                .map_err(|e| TransportError::Crypto(e.to_string()))?,
+        );
         let crypto_err =
             |e: quinn::crypto::rustls::NoInitialCipherSuite| TransportError::Crypto(e.to_string());
         // quinn's own idle timeout only closes what the pool lost track of (both peers opened a
@@ -344,10 +358,8 @@ impl Transport {
             QuicServerConfig::try_from(server_tls).map_err(crypto_err)?,
         ));
         server.transport_config(transport.clone());
-        let mut client = quinn::ClientConfig::new(Arc::new(
-            QuicClientConfig::try_from(client_tls).map_err(crypto_err)?,
-        ));
-        client.transport_config(transport);
+        // Checked once here, so that building a connection's config later cannot fail.
+        QuicClientConfig::try_from(client_tls.clone()).map_err(crypto_err)?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -356,14 +368,16 @@ impl Transport {
         )?;
         let shared = Arc::new(Shared {
             endpoint,
-            client,
+            client_tls,
+            quic: transport,
+            tickets: Arc::new(PeerTickets::default()),
             server_name,
             refused_logged: Mutex::new(HashMap::new()),
             config,
             connections: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
             inbox,
-            stats: TransportStats::default(),
+            stats,
             budget: Mutex::new(TokenBucket::new(config.send_bytes_per_sec_max.max(1))),
             in_flight: Arc::new(tokio::sync::Semaphore::new(
                 config.send_in_flight_max.max(1),
@@ -725,6 +739,16 @@ fn deliver(shared: &Shared, received: Received) {
     }
 }
 
+/// The QUIC client config of a connection to `to`: the node's TLS with `to`'s tickets.
+fn client_config(shared: &Shared, to: SocketAddr) -> Option<quinn::ClientConfig> {
+    let mut tls = shared.client_tls.clone();
+    tls.resumption = rustls::client::Resumption::store(shared.tickets.for_peer(to))
+        .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).ok()?));
+    client.transport_config(shared.quic.clone());
+    Some(client)
+}
+
 async fn connection(shared: &Arc<Shared>, to: SocketAddr) -> Option<quinn::Connection> {
     let existing = shared
         .connections
@@ -739,7 +763,7 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr) -> Option<quinn::Conne
     let connecting = shared
         .endpoint
         .connect_with(
-            shared.client.clone(),
+            client_config(shared, to)?,
             to,
             shared
                 .server_name
