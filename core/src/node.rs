@@ -17,7 +17,7 @@ use crate::ids::{DbVersion, SiteId};
 use crate::mem::MemReplica;
 use crate::merge::MergeFaults;
 use crate::protocol::{Action, Protocol, ProtocolConfig};
-use crate::sync::{versions_to_send, SyncState};
+use crate::sync::{versions_to_send, SyncOutcome, SyncState};
 use crate::validate::validate_changeset;
 use crate::versions::Bookkeeping;
 
@@ -211,7 +211,12 @@ impl Node {
             NodeMsg::SyncReply(session, changesets) => {
                 // A late answer to a session that timed out ends nothing.
                 if self.protocol.running_sync() == Some((from, session)) {
-                    self.protocol.sync_finished(now, session, true);
+                    let outcome = if changesets.is_empty() {
+                        SyncOutcome::NothingNew
+                    } else {
+                        SyncOutcome::Received
+                    };
+                    self.protocol.sync_finished(now, session, outcome);
                 }
                 let mut out = Vec::new();
                 for changeset in changesets {

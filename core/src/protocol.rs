@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis};
 use crate::change::Changeset;
 use crate::ids::SiteId;
-use crate::sync::SyncScheduler;
+use crate::sync::{SyncOutcome, SyncScheduler};
 
 /// How a node's protocol behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -97,6 +97,9 @@ pub struct Protocol {
     sessions: u64,
     /// While no member is known: when to announce next, and the wait after that.
     rejoin: Option<(Millis, u64)>,
+    /// Something sync may have to repair happened since the last tick (see
+    /// [`SyncScheduler::activity`]); only kept while this node schedules sync.
+    active: bool,
     config: ProtocolConfig,
 }
 
@@ -112,6 +115,7 @@ impl Protocol {
             running: None,
             sessions: 0,
             rejoin: Some((now.plus(config.rejoin_first_ms), config.rejoin_first_ms)),
+            active: false,
             config,
         };
         protocol.debug_check();
@@ -143,6 +147,8 @@ impl Protocol {
         if peer != self.broadcast.me() {
             self.members.insert(peer);
             self.rejoin = None;
+            // A member back from a partition or a restart may hold what this node lacks.
+            self.note_activity();
         }
         self.broadcast.peer_up(peer);
         self.debug_check();
@@ -157,6 +163,7 @@ impl Protocol {
 
     /// A changeset committed here (large ones leave in parts).
     pub fn local_commit(&mut self, changeset: Arc<Changeset>) -> Vec<Action> {
+        self.note_activity();
         let effects = self.broadcast.local_commit(changeset);
         self.debug_check();
         actions(effects)
@@ -165,17 +172,51 @@ impl Protocol {
     /// A broadcast message from a peer.
     pub fn receive(&mut self, now: Millis, from: SiteId, msg: BroadcastMsg) -> Vec<Action> {
         let effects = self.broadcast.receive(now, from, msg);
+        if effects.iter().any(|e| matches!(e, Effect::Deliver(_))) {
+            self.note_activity();
+        }
         self.debug_check();
         actions(effects)
+    }
+
+    fn note_activity(&mut self) {
+        if self.sync.is_some() {
+            self.active = true;
+        }
+    }
+
+    /// The earliest time something is due here: a broadcast timer, a sync round or its
+    /// timeout, an announce. The caller need not tick before it (nor before the next input)
+    /// unless [`Protocol::has_pending`].
+    pub fn next_due(&self) -> Millis {
+        let sync = self.sync.as_ref().and_then(|s| s.next_at());
+        let timeout = self
+            .running
+            .map(|r| r.started.plus(self.config.sync_timeout_ms));
+        let rejoin = match (self.rejoin, self.members.is_empty()) {
+            (Some((at, _)), _) => Some(at),
+            // The first tick with no member schedules the announces.
+            (None, true) => Some(Millis(0)),
+            (None, false) => None,
+        };
+        [sync, timeout, rejoin]
+            .into_iter()
+            .flatten()
+            .fold(self.broadcast.next_due(), Millis::min)
     }
 
     /// Time passes: broadcast flushes announcements and grafts, a sync round starts when one
     /// is due, and a node that knows no member announces itself again when its wait is over.
     pub fn tick(&mut self, now: Millis) -> Vec<Action> {
         let mut out = actions(self.broadcast.tick(now));
+        if std::mem::take(&mut self.active) {
+            if let Some(sync) = &mut self.sync {
+                sync.activity(now);
+            }
+        }
         if let Some(running) = self.running {
             if now >= running.started.plus(self.config.sync_timeout_ms) {
-                self.end_sync(now, false);
+                self.end_sync(now, SyncOutcome::Failed);
             }
         }
         if let Some(sync) = &mut self.sync {
@@ -219,11 +260,12 @@ impl Protocol {
         out
     }
 
-    /// Sync session `session` ended; `ok` false backs the next round off. A session that
-    /// already timed out (or any other number) changes nothing.
-    pub fn sync_finished(&mut self, now: Millis, session: u64, ok: bool) {
+    /// Sync session `session` ended (see [`SyncScheduler::finished`] for how the outcome
+    /// sets the next round). A session that already timed out (or any other number) changes
+    /// nothing.
+    pub fn sync_finished(&mut self, now: Millis, session: u64, outcome: SyncOutcome) {
         if self.running.is_some_and(|r| r.session == session) {
-            self.end_sync(now, ok);
+            self.end_sync(now, outcome);
         }
         self.debug_check();
     }
@@ -233,10 +275,10 @@ impl Protocol {
         self.running.map(|r| (r.peer, r.session))
     }
 
-    fn end_sync(&mut self, now: Millis, ok: bool) {
+    fn end_sync(&mut self, now: Millis, outcome: SyncOutcome) {
         self.running = None;
         if let Some(sync) = &mut self.sync {
-            sync.finished(now, ok);
+            sync.finished(now, outcome);
         }
     }
 
@@ -254,6 +296,10 @@ impl Protocol {
         debug_assert!(
             self.rejoin.is_none() || self.members.is_empty(),
             "announces are scheduled only while no member is known"
+        );
+        debug_assert!(
+            !self.active || self.sync.is_some(),
+            "activity is noted only for a node that schedules sync"
         );
     }
 }
@@ -309,9 +355,9 @@ mod tests {
         assert_eq!(second.len(), 1);
         assert_ne!(second[0].1, session);
         // The late report of the first session changes nothing.
-        p.sync_finished(Millis(1_650), session, true);
+        p.sync_finished(Millis(1_650), session, SyncOutcome::NothingNew);
         assert_eq!(p.running_sync(), Some(second[0]));
-        p.sync_finished(Millis(1_700), second[0].1, true);
+        p.sync_finished(Millis(1_700), second[0].1, SyncOutcome::NothingNew);
         assert_eq!(p.running_sync(), None);
     }
 
@@ -344,7 +390,7 @@ mod tests {
             Vec::new(),
         ));
         let _ = p.receive(Millis(350), site(9), BroadcastMsg::Gossip(changeset));
-        p.sync_finished(Millis(360), 1, true);
+        p.sync_finished(Millis(360), 1, SyncOutcome::NothingNew);
         let mut announced = false;
         for ms in (400..5_000).step_by(100) {
             let out = p.tick(Millis(ms));

@@ -81,9 +81,27 @@ pub const WIDE_ROUND_EVERY: u64 = 16;
 /// Failed sync rounds in a row before the next round waits longer than the interval.
 pub const FAILURES_BEFORE_BACKOFF: u32 = 3;
 
+/// Rounds in a row that brought nothing new, with nothing delivered or committed meanwhile,
+/// before the next round waits longer than the interval (see [`SyncScheduler::finished`]).
+pub const QUIET_ROUNDS_BEFORE_BACKOFF: u32 = 3;
+
+/// The longest wait between rounds of a quiet node: the interval doubled this many times.
+pub const QUIET_BACKOFF_DOUBLINGS: u32 = 3;
+
+/// How a sync round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncOutcome {
+    /// The peer did not answer in time, or the session broke.
+    Failed,
+    /// The peer had nothing this node lacked.
+    NothingNew,
+    /// The peer sent changesets this node lacked.
+    Received,
+}
+
 /// Picks when and with whom to sync: one session at a time, every `interval_ms` plus jitter,
 /// round-robin over the live members (so every peer is asked in turn), with a backoff after a
-/// failure. Given neighbours, most rounds go to them instead (see
+/// failure and while nothing happens. Given neighbours, most rounds go to them instead (see
 /// [`SyncScheduler::due_preferring`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SyncScheduler {
@@ -94,6 +112,8 @@ pub struct SyncScheduler {
     last_neighbour: Option<SiteId>,
     rounds: u64,
     failures: u32,
+    /// Rounds in a row that found nothing new, since the last activity.
+    quiet: u32,
     rng: u64,
 }
 
@@ -108,6 +128,7 @@ impl SyncScheduler {
             last_neighbour: None,
             rounds: 0,
             failures: 0,
+            quiet: 0,
             rng: seed | 1,
         }
     }
@@ -184,16 +205,49 @@ impl SyncScheduler {
     /// in a row (then doubling, at most 32 intervals): the next round goes to the next peer,
     /// so one member that is down or cut off must not slow sync with all the others, while a
     /// node that reaches no one stops trying every interval.
-    pub fn finished(&mut self, now: Millis, ok: bool) {
+    ///
+    /// Rounds that find nothing new back off too, once [`QUIET_ROUNDS_BEFORE_BACKOFF`] came in
+    /// a row (then doubling, at most 2^[`QUIET_BACKOFF_DOUBLINGS`] intervals), until
+    /// [`SyncScheduler::activity`]: an idle cluster has nothing to repair, and a thousand idle
+    /// nodes syncing every interval cost a core between them; anything that could leave a gap
+    /// (a write, a delivery, a member coming up) brings the interval back.
+    pub fn finished(&mut self, now: Millis, outcome: SyncOutcome) {
         self.in_flight = false;
-        self.failures = if ok {
-            0
-        } else {
-            (self.failures + 1).min(FAILURES_BEFORE_BACKOFF + 5)
-        };
-        let wait = self.interval_ms << self.failures.saturating_sub(FAILURES_BEFORE_BACKOFF);
+        match outcome {
+            SyncOutcome::Failed => {
+                self.failures = (self.failures + 1).min(FAILURES_BEFORE_BACKOFF + 5);
+            }
+            SyncOutcome::NothingNew => {
+                self.failures = 0;
+                self.quiet =
+                    (self.quiet + 1).min(QUIET_ROUNDS_BEFORE_BACKOFF + QUIET_BACKOFF_DOUBLINGS);
+            }
+            SyncOutcome::Received => {
+                self.failures = 0;
+                self.quiet = 0;
+            }
+        }
+        let doublings = self
+            .failures
+            .saturating_sub(FAILURES_BEFORE_BACKOFF)
+            .max(self.quiet.saturating_sub(QUIET_ROUNDS_BEFORE_BACKOFF));
+        let wait = self.interval_ms << doublings;
         let jitter = self.jitter();
         self.next_at = now.plus(wait + jitter);
+    }
+
+    /// Something happened that sync may have to repair (a local commit, a delivery, a member
+    /// up): quiet rounds start over, and a round backed off for quiet is due within an interval.
+    pub fn activity(&mut self, now: Millis) {
+        if self.quiet > QUIET_ROUNDS_BEFORE_BACKOFF && self.failures <= FAILURES_BEFORE_BACKOFF {
+            self.next_at = self.next_at.min(now.plus(self.interval_ms));
+        }
+        self.quiet = 0;
+    }
+
+    /// When the next round is due (if none is running).
+    pub fn next_at(&self) -> Option<Millis> {
+        (!self.in_flight).then_some(self.next_at)
     }
 }
 
@@ -240,27 +294,61 @@ mod tests {
         assert_eq!(s.due(Millis(50), &members), None);
         assert_eq!(s.due(Millis(100), &members), Some(site(1)));
         assert_eq!(s.due(Millis(101), &members), None, "one round at a time");
-        s.finished(Millis(110), true);
+        s.finished(Millis(110), SyncOutcome::Received);
         assert_eq!(s.due(Millis(300), &members), Some(site(2)));
         // One member down: the next round goes to the next member after the usual interval.
-        s.finished(Millis(300), false);
+        s.finished(Millis(300), SyncOutcome::Failed);
         assert_eq!(s.due(Millis(430), &members), Some(site(3)));
-        s.finished(Millis(430), true);
+        s.finished(Millis(430), SyncOutcome::Received);
         assert_eq!(s.due(Millis(560), &members), Some(site(1)));
         // No member answers: after three failures in a row the rounds space out.
         let mut now = 560;
         for _ in 0..FAILURES_BEFORE_BACKOFF {
-            s.finished(Millis(now), false);
+            s.finished(Millis(now), SyncOutcome::Failed);
             now += 130;
             assert!(s.due(Millis(now), &members).is_some());
         }
-        s.finished(Millis(now), false);
+        s.finished(Millis(now), SyncOutcome::Failed);
         assert_eq!(
             s.due(Millis(now + 130), &members),
             None,
             "backed off after failures in a row"
         );
         assert!(s.due(Millis(now + 260), &members).is_some());
+    }
+
+    #[test]
+    fn quiet_rounds_back_off_until_something_happens() {
+        let members = [site(1), site(2)];
+        let interval = 100;
+        let mut s = SyncScheduler::new(interval, Millis(0), 7);
+        let mut now = Millis(interval);
+        // Waits between rounds that found nothing: the interval (plus a quarter of jitter at
+        // most) for the first QUIET_ROUNDS_BEFORE_BACKOFF, then doubling up to the cap.
+        let mut waits = Vec::new();
+        for _ in 0..(QUIET_ROUNDS_BEFORE_BACKOFF + QUIET_BACKOFF_DOUBLINGS + 2) {
+            assert!(s.due(now, &members).is_some());
+            s.finished(now, SyncOutcome::NothingNew);
+            let next = s.next_at().unwrap();
+            waits.push((next.0 - now.0) / interval);
+            now = next;
+        }
+        assert_eq!(waits, [1, 1, 1, 2, 4, 8, 8, 8], "waits in intervals");
+        // A delivery (or a commit, or a member up): the next round within an interval.
+        assert!(s.due(now, &members).is_some());
+        s.finished(now, SyncOutcome::NothingNew);
+        assert!(s.next_at().unwrap().0 - now.0 >= 8 * interval);
+        s.activity(now.plus(10));
+        assert_eq!(s.next_at(), Some(now.plus(10 + interval)));
+        // A round that brought something keeps the interval too.
+        let mut s = SyncScheduler::new(interval, Millis(0), 7);
+        let mut now = Millis(interval);
+        for _ in 0..10 {
+            assert!(s.due(now, &members).is_some());
+            s.finished(now, SyncOutcome::Received);
+            now = s.next_at().unwrap();
+        }
+        assert!(now.0 <= 11 * interval + 10 * interval / 4);
     }
 
     #[test]
@@ -273,7 +361,7 @@ mod tests {
         for _ in 0..(2 * WIDE_ROUND_EVERY) {
             let peer = s.due_preferring(now, &neighbours, &members).expect("due");
             picked.push(peer);
-            s.finished(now, true);
+            s.finished(now, SyncOutcome::Received);
             now = now.plus(200);
         }
         let wide: Vec<SiteId> = picked
@@ -297,7 +385,7 @@ mod tests {
         // Without neighbours every round is wide.
         let mut s = SyncScheduler::new(100, Millis(0), 7);
         let first = s.due_preferring(Millis(100), &[], &members).expect("due");
-        s.finished(Millis(100), true);
+        s.finished(Millis(100), SyncOutcome::Received);
         let second = s.due_preferring(Millis(300), &[], &members).expect("due");
         assert_ne!(first, second);
     }

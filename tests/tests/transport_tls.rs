@@ -437,3 +437,60 @@ async fn reconnects_resume_the_tls_session_and_a_restarted_peer_gets_a_full_hand
         t.close().await;
     }
 }
+
+/// Certificates made before `patina tls` switched to Ed25519 keys keep working: a cluster CA
+/// with a P-256 key signs new (Ed25519) node certificates, and a node whose own certificate
+/// has a P-256 key talks both ways with one whose certificate has an Ed25519 key.
+#[tokio::test]
+async fn p256_certificates_made_before_still_work_beside_ed25519_ones() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    };
+    // As `patina tls ca generate` made it, subject name included (new certificates name
+    // their issuer by it).
+    let ca_params = || {
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "Patina cluster CA");
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params
+    };
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let ca_cert = ca_params().self_signed(&ca_key).unwrap();
+    let (ca_pem, ca_key_pem) = (ca_cert.pem(), ca_key.serialize_pem());
+    let old_leaf = {
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = params
+            .signed_by(&key, &Issuer::new(ca_params(), ca_key))
+            .unwrap();
+        NodeTls::from_pem(&cert.pem(), &key.serialize_pem(), &ca_pem).unwrap()
+    };
+    let (old, mut old_rx) = bind(TlsMode::Mutual(old_leaf));
+    let (new, mut new_rx) = bind(TlsMode::Mutual(node_tls(&ca_pem, &ca_key_pem)));
+    old.send(
+        new.local_addr(),
+        Channel::Stream,
+        Bytes::from_static(b"old"),
+    );
+    assert_eq!(recv(&mut new_rx).await.unwrap().bytes.as_ref(), b"old");
+    new.send(
+        old.local_addr(),
+        Channel::Stream,
+        Bytes::from_static(b"new"),
+    );
+    assert_eq!(recv(&mut old_rx).await.unwrap().bytes.as_ref(), b"new");
+    for t in [old, new] {
+        t.close().await;
+    }
+}

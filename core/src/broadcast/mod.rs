@@ -434,6 +434,18 @@ impl Broadcast {
             || !self.pending_release.is_empty()
     }
 
+    /// The earliest time a tick has something to do besides what [`Broadcast::has_pending`]
+    /// reports (which is due at once): the next round-trip probe, the next kept-link refresh, the
+    /// next graft.
+    pub fn next_due(&self) -> Millis {
+        let probe = (self.config.probe_interval_ms > 0).then_some(self.next_probe_at);
+        let graft = self.missing.values().map(|(due, _)| *due).min();
+        [probe, graft]
+            .into_iter()
+            .flatten()
+            .fold(self.next_keep_refresh_at, Millis::min)
+    }
+
     /// A changeset committed here: push it to eager peers, announce it to lazy ones.
     pub fn local_commit(&mut self, changeset: Arc<Changeset>) -> Vec<Effect> {
         let mut effects = Vec::new();

@@ -124,7 +124,7 @@ impl Agent {
             changeset_bytes_max: Some(config.db.transaction_bytes_max),
             parts_bytes_max: Some(config.db.parts_bytes_max),
         })?;
-        store.checkpoint_in_background()?;
+        let wal_commits = store.checkpoint_in_background()?;
         let site = store.site_id();
         span.record("site", tracing::field::display(site));
         let (commits_tx, commits_rx) = mpsc::channel(COMMITS_QUEUE_LEN);
@@ -267,12 +267,14 @@ impl Agent {
         let checkpointer = crate::store::spawn_checkpointer(
             &config.db.path,
             CHECKPOINT_EVERY,
+            wal_commits.clone(),
             checkpoints_stop.clone(),
         )?;
         let mut stop = shutdown_rx;
         tasks.push(crate::logging::spawn(async move {
             let _ = stop.wait_for(|stop| *stop).await;
             checkpoints_stop.store(true, Ordering::Relaxed);
+            wal_commits.wake();
             let _ = tokio::task::spawn_blocking(move || checkpointer.join()).await;
         }));
         tracing::info!(%api_addr, %gossip_addr, site = %site, "agent started");

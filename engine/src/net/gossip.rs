@@ -27,6 +27,7 @@ use crate::net::sync::{pull, PullReport, SyncError};
 use crate::net::transport::{Channel, Received, Transport};
 use crate::store::actor::StoreHandle;
 use patina_core::protocol::{Action, Protocol};
+use patina_core::sync::SyncOutcome;
 
 /// What the gossip task reports, refreshed every tick.
 #[derive(Debug, Clone, Default)]
@@ -167,6 +168,10 @@ const MEMBERS_FILE_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait for the system resolver when bootstrap names are looked up again.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest time between two ticks of an idle node: the counters it publishes (health,
+/// metrics) are at most this old.
+const IDLE_TICK_MAX: Duration = Duration::from_secs(1);
+
 /// Most inbox messages handled in one turn, so local commits and timers are never starved.
 const INBOX_BATCH_MAX: usize = 512;
 
@@ -187,10 +192,10 @@ impl GossipTask {
         // retries by itself. So while this node knows no member, the protocol asks for
         // announces again, waiting twice as long each time, up to a bound.
         // Ticks every `tick_ms` while broadcast has announcements to send or ids to graft;
-        // ten times less often when idle (sync rounds and counters only), so an idle node
-        // costs little.
+        // otherwise only when the protocol has something due (a sync round, a round-trip
+        // probe, a kept-link refresh), and at least every IDLE_TICK_MAX for the counters: an
+        // idle node woke ten times a second for nothing.
         let busy_tick = Duration::from_millis(self.tick_ms);
-        let idle_tick = busy_tick * 10;
         let mut last_tick = Instant::now();
         let mut peer_addrs: BTreeMap<SiteId, SocketAddr> = BTreeMap::new();
         let mut snapshot = GossipSnapshot::default();
@@ -206,12 +211,16 @@ impl GossipTask {
                 .membership
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-            let tick_due = last_tick
-                + if self.protocol.has_pending() {
-                    busy_tick
-                } else {
-                    idle_tick
-                };
+            let tick_due = if self.protocol.has_pending() {
+                last_tick + busy_tick
+            } else {
+                let due = self
+                    .protocol
+                    .next_due()
+                    .0
+                    .saturating_sub(now_ms(last_tick).0);
+                last_tick + Duration::from_millis(due).clamp(busy_tick, IDLE_TICK_MAX)
+            };
             tokio::select! {
                 _ = self.shutdown.changed() => break,
                 received = self.inbox.recv() => {
@@ -249,7 +258,11 @@ impl GossipTask {
                     }
                 }
                 Some((session, result)) = sync_results.recv() => {
-                    let ok = result.is_ok();
+                    let outcome = match &result {
+                        Ok(report) if report.changesets > 0 => SyncOutcome::Received,
+                        Ok(_) => SyncOutcome::NothingNew,
+                        Err(_) => SyncOutcome::Failed,
+                    };
                     match result {
                         Ok(report) => {
                             snapshot.sync_rounds += 1;
@@ -261,7 +274,9 @@ impl GossipTask {
                             tracing::debug!("sync round failed: {e}");
                         }
                     }
-                    self.protocol.sync_finished(now_ms(Instant::now()), session, ok);
+                    self.protocol.sync_finished(now_ms(Instant::now()), session, outcome);
+                    // Published at once: an idle node's tick may be a second away.
+                    self.snapshot.send_replace(snapshot.clone());
                 }
                 _ = tokio::time::sleep_until(tick_due.into()) => {
                     let now = Instant::now();
@@ -445,7 +460,8 @@ impl GossipTask {
         snapshot: &mut GossipSnapshot,
     ) {
         let Some(addr) = self.membership.addr_of(&peer) else {
-            self.protocol.sync_finished(now, session, false);
+            self.protocol
+                .sync_finished(now, session, SyncOutcome::Failed);
             return;
         };
         if !self.transport.is_connected(addr) {

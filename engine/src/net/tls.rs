@@ -66,9 +66,14 @@ fn ca_params() -> CertificateParams {
     params
 }
 
+/// Keys of the certificates `patina tls` makes: Ed25519, whose signatures are cheaper to make
+/// and check than P-256's, and a full handshake between two nodes makes two and checks four
+/// (see BENCHMARKS). Certificates with other keys (P-256, RSA) made elsewhere work as well.
+const CERT_KEY_ALGORITHM: &rcgen::SignatureAlgorithm = &rcgen::PKCS_ED25519;
+
 /// A new cluster CA.
 pub fn generate_ca() -> Result<PemPair, TlsError> {
-    let key = KeyPair::generate()?;
+    let key = KeyPair::generate_for(CERT_KEY_ALGORITHM)?;
     let cert = ca_params().self_signed(&key)?;
     Ok(PemPair {
         cert_pem: cert.pem(),
@@ -111,7 +116,7 @@ pub fn generate_signed(
         ],
         CertUse::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
-    let key = KeyPair::generate()?;
+    let key = KeyPair::generate_for(CERT_KEY_ALGORITHM)?;
     let cert = params.signed_by(&key, &issuer)?;
     Ok(PemPair {
         cert_pem: cert.pem(),

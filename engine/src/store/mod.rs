@@ -44,7 +44,7 @@ use local::ClockWrite;
 use query::bind;
 pub use query::Reader;
 use rows::{load_row_clock, read_cell, read_row, upsert_row};
-pub use wal::spawn_checkpointer;
+pub use wal::{spawn_checkpointer, WalCommits};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -408,9 +408,9 @@ impl Store {
     /// Leaves WAL checkpoints to [`spawn_checkpointer`]: a checkpoint on the commit path
     /// copies pages into the database file and syncs it, which made every few hundredth commit
     /// take milliseconds longer.
-    pub fn checkpoint_in_background(&mut self) -> Result<(), StoreError> {
-        self.wal.checkpoint_elsewhere();
-        Ok(())
+    /// The returned signal is what [`spawn_checkpointer`] waits on.
+    pub fn checkpoint_in_background(&mut self) -> Result<WalCommits, StoreError> {
+        Ok(self.wal.checkpoint_elsewhere())
     }
 
     /// Bytes in the write-ahead log after the last commit.

@@ -38,6 +38,8 @@ pub(super) struct WalBudget {
     pages: Arc<AtomicU64>,
     /// True until the agent checkpoints on a thread of its own.
     auto_checkpoint: Arc<AtomicBool>,
+    /// Tells that thread a commit came.
+    commits: WalCommits,
     page_size: u64,
     /// The WAL's share of the cap, bytes; None without a cap.
     limit: Option<u64>,
@@ -67,11 +69,13 @@ impl WalBudget {
         ))?;
         let pages = Arc::new(AtomicU64::new(0));
         let auto_checkpoint = Arc::new(AtomicBool::new(true));
-        let (seen, auto) = (pages.clone(), auto_checkpoint.clone());
+        let commits = WalCommits::default();
+        let (seen, auto, committed) = (pages.clone(), auto_checkpoint.clone(), commits.clone());
         writer.wal_hook(Some(
             move |wal: &mut rusqlite::hooks::Wal, frames: std::ffi::c_int| {
                 let frames = frames.max(0) as u64;
                 seen.store(frames, Ordering::Relaxed);
+                committed.committed();
                 if auto.load(Ordering::Relaxed) && frames >= AUTO_CHECKPOINT_PAGES {
                     // As SQLite's own hook: a checkpoint that cannot finish now is no error of
                     // the commit, which has happened.
@@ -83,15 +87,18 @@ impl WalBudget {
         Ok(WalBudget {
             pages,
             auto_checkpoint,
+            commits,
             page_size,
             limit,
             retry_at: std::cell::Cell::new(None),
         })
     }
 
-    /// Stops checkpointing on the commit path: the agent does it on a thread of its own.
-    pub(super) fn checkpoint_elsewhere(&self) {
+    /// Stops checkpointing on the commit path: the agent does it on a thread of its own,
+    /// which the returned signal wakes.
+    pub(super) fn checkpoint_elsewhere(&self) -> WalCommits {
         self.auto_checkpoint.store(false, Ordering::Relaxed);
+        self.commits.clone()
     }
 
     /// Bytes in the WAL after the last commit (or the last checkpoint made here).
@@ -135,13 +142,61 @@ impl WalBudget {
     }
 }
 
+/// Commits the checkpointer has not seen yet: the writer's WAL hook raises the flag, the
+/// checkpointer sleeps until it is raised. An idle store's checkpointer never wakes (it woke
+/// five times a second, for nothing, in each of a thousand idle agents).
+#[derive(Debug, Clone, Default)]
+pub struct WalCommits(Arc<WalCommitsInner>);
+
+#[derive(Debug, Default)]
+struct WalCommitsInner {
+    pending: std::sync::Mutex<bool>,
+    wake: std::sync::Condvar,
+    /// Lock-free fast path of the hook: set while `pending` is known to be true.
+    raised: AtomicBool,
+}
+
+impl WalCommits {
+    /// A commit came (called by the WAL hook, on the commit path: one atomic swap unless the
+    /// flag was down).
+    fn committed(&self) {
+        if !self.0.raised.swap(true, Ordering::AcqRel) {
+            self.raise();
+        }
+    }
+
+    /// Wakes the checkpointer (after setting its stop flag, so it stops at once).
+    pub fn wake(&self) {
+        self.0.raised.store(true, Ordering::Release);
+        self.raise();
+    }
+
+    fn raise(&self) {
+        *self.0.pending.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.0.wake.notify_one();
+    }
+
+    /// Waits until a commit (or [`WalCommits::wake`]) came since the last wait, and lowers
+    /// the flag.
+    fn wait(&self) {
+        let mut pending = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
+        while !*pending {
+            pending = self.0.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
+        }
+        *pending = false;
+        self.0.raised.store(false, Ordering::Release);
+    }
+}
+
 /// Starts the thread that checkpoints the WAL of the database at `path` off the commit path
-/// (see [`Store::checkpoint_in_background`]): a passive checkpoint every `every`, which never
-/// blocks the writer or readers and costs nothing when no commit came since; one more when
-/// `stop` turns true.
+/// (see [`Store::checkpoint_in_background`]): after a commit, a passive checkpoint once
+/// `every` has passed (commits in between share it), which never blocks the writer or
+/// readers; nothing while no commit comes; one more when `stop` turns true (the caller then
+/// calls [`WalCommits::wake`]).
 pub fn spawn_checkpointer(
     path: &Path,
     every: std::time::Duration,
+    commits: WalCommits,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let conn = Connection::open(path)?;
@@ -155,11 +210,86 @@ pub fn spawn_checkpointer(
     std::thread::Builder::new()
         .name("patina-checkpoint".into())
         .spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            loop {
+                commits.wait();
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 std::thread::sleep(every);
                 checkpoint(&conn);
             }
             checkpoint(&conn);
         })
         .map_err(|e| StoreError::Corrupt(format!("starting the checkpoint thread: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_checkpointer_sleeps_until_a_commit_comes() {
+        let commits = WalCommits::default();
+        let waiter = {
+            let commits = commits.clone();
+            std::thread::spawn(move || commits.wait())
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "woke with no commit");
+        commits.committed();
+        waiter.join().unwrap();
+        // The flag went down with that wait; commits in a row raise it once.
+        commits.committed();
+        commits.committed();
+        let started = Instant::now();
+        commits.wait();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(!*commits.0.pending.lock().unwrap());
+    }
+
+    /// The data of a commit reaches the database file (read here as an immutable file, which
+    /// ignores the WAL) through the checkpointer, and the checkpointer stops when told.
+    #[test]
+    fn a_commit_is_checkpointed_in_the_background_and_the_thread_stops_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER);")
+            .unwrap();
+        let budget = WalBudget::install(&mut writer, None).unwrap();
+        let commits = budget.checkpoint_elsewhere();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn_checkpointer(
+            &path,
+            Duration::from_millis(10),
+            commits.clone(),
+            stop.clone(),
+        )
+        .unwrap();
+        let in_file = || -> i64 {
+            let uri = format!("file:{}?immutable=1", path.display());
+            let conn = Connection::open_with_flags(
+                uri,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+            )
+            .unwrap();
+            conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap_or(0)
+        };
+        // The table itself was created before the checkpointer started: give it a commit.
+        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while in_file() != 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(in_file(), 1, "the commit never reached the database file");
+        stop.store(true, Ordering::Relaxed);
+        commits.wake();
+        let started = Instant::now();
+        thread.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
 }
