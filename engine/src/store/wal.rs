@@ -75,7 +75,7 @@ impl WalBudget {
             move |wal: &mut rusqlite::hooks::Wal, frames: std::ffi::c_int| {
                 let frames = frames.max(0) as u64;
                 seen.store(frames, Ordering::Relaxed);
-                committed.committed();
+                committed.committed(frames);
                 if auto.load(Ordering::Relaxed) && frames >= AUTO_CHECKPOINT_PAGES {
                     // As SQLite's own hook: a checkpoint that cannot finish now is no error of
                     // the commit, which has happened.
@@ -142,57 +142,99 @@ impl WalBudget {
     }
 }
 
-/// Commits the checkpointer has not seen yet: the writer's WAL hook raises the flag, the
+/// Commits the checkpointer has not seen yet: the writer's WAL hook raises a flag, the
 /// checkpointer sleeps until it is raised. An idle store's checkpointer never wakes (it woke
-/// five times a second, for nothing, in each of a thousand idle agents).
+/// five times a second, for nothing, in each of a thousand idle agents). A WAL past
+/// [`AUTO_CHECKPOINT_PAGES`] frames (SQLite's own rule) cuts the checkpointer's wait short.
 #[derive(Debug, Clone, Default)]
 pub struct WalCommits(Arc<WalCommitsInner>);
 
 #[derive(Debug, Default)]
 struct WalCommitsInner {
-    pending: std::sync::Mutex<bool>,
+    state: std::sync::Mutex<WalCommitsState>,
     wake: std::sync::Condvar,
     /// Lock-free fast path of the hook: set while `pending` is known to be true.
     raised: AtomicBool,
+    /// Lock-free fast path of the hook: set while `urgent` is known to be true.
+    raised_urgent: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct WalCommitsState {
+    /// A commit came since the checkpointer last looked.
+    pending: bool,
+    /// The WAL is long (or the agent stops): checkpoint without waiting out the interval.
+    urgent: bool,
 }
 
 impl WalCommits {
-    /// A commit came (called by the WAL hook, on the commit path: one atomic swap unless the
-    /// flag was down).
-    fn committed(&self) {
-        if !self.0.raised.swap(true, Ordering::AcqRel) {
-            self.raise();
+    /// A commit came, leaving `frames` in the WAL (called by the WAL hook, on the commit path:
+    /// atomic swaps only, unless a flag was down).
+    fn committed(&self, frames: u64) {
+        let first = !self.0.raised.swap(true, Ordering::AcqRel);
+        let urgent =
+            frames >= AUTO_CHECKPOINT_PAGES && !self.0.raised_urgent.swap(true, Ordering::AcqRel);
+        if first || urgent {
+            self.raise(urgent);
         }
     }
 
     /// Wakes the checkpointer (after setting its stop flag, so it stops at once).
     pub fn wake(&self) {
         self.0.raised.store(true, Ordering::Release);
-        self.raise();
+        self.0.raised_urgent.store(true, Ordering::Release);
+        self.raise(true);
     }
 
-    fn raise(&self) {
-        *self.0.pending.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.0.wake.notify_one();
+    fn lock(&self) -> std::sync::MutexGuard<'_, WalCommitsState> {
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn raise(&self, urgent: bool) {
+        let mut state = self.lock();
+        state.pending = true;
+        state.urgent |= urgent;
+        self.0.wake.notify_all();
     }
 
     /// Waits until a commit (or [`WalCommits::wake`]) came since the last wait, and lowers
     /// the flag.
     fn wait(&self) {
-        let mut pending = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
-        while !*pending {
-            pending = self.0.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
+        while !state.pending {
+            state = self.0.wake.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        *pending = false;
+        state.pending = false;
         self.0.raised.store(false, Ordering::Release);
+    }
+
+    /// Sleeps for `interval`, less if the checkpoint becomes urgent; lowers the urgency.
+    fn sleep(&self, interval: std::time::Duration) {
+        let deadline = std::time::Instant::now() + interval;
+        let mut state = self.lock();
+        while !state.urgent {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self
+                .0
+                .wake
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.urgent = false;
+        self.0.raised_urgent.store(false, Ordering::Release);
     }
 }
 
 /// Starts the thread that checkpoints the WAL of the database at `path` off the commit path
 /// (see [`Store::checkpoint_in_background`]): after a commit, a passive checkpoint once
-/// `every` has passed (commits in between share it), which never blocks the writer or
-/// readers; nothing while no commit comes; one more when `stop` turns true (the caller then
-/// calls [`WalCommits::wake`]).
+/// `every` has passed (commits in between share it; sooner if the WAL grows past
+/// [`AUTO_CHECKPOINT_PAGES`] frames), which never blocks the writer or readers; nothing while
+/// no commit comes; one more when `stop` turns true (the caller then calls
+/// [`WalCommits::wake`]).
 pub fn spawn_checkpointer(
     path: &Path,
     every: std::time::Duration,
@@ -215,7 +257,7 @@ pub fn spawn_checkpointer(
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                std::thread::sleep(every);
+                commits.sleep(every);
                 checkpoint(&conn);
             }
             checkpoint(&conn);
@@ -238,15 +280,27 @@ mod tests {
         };
         std::thread::sleep(Duration::from_millis(100));
         assert!(!waiter.is_finished(), "woke with no commit");
-        commits.committed();
+        commits.committed(1);
         waiter.join().unwrap();
         // The flag went down with that wait; commits in a row raise it once.
-        commits.committed();
-        commits.committed();
+        commits.committed(2);
+        commits.committed(3);
         let started = Instant::now();
         commits.wait();
         assert!(started.elapsed() < Duration::from_secs(1));
-        assert!(!*commits.0.pending.lock().unwrap());
+        assert!(!commits.lock().pending);
+        // A short WAL waits out the interval; a long one cuts the wait short.
+        let started = Instant::now();
+        commits.sleep(Duration::from_millis(200));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        commits.committed(AUTO_CHECKPOINT_PAGES);
+        let started = Instant::now();
+        commits.sleep(Duration::from_secs(30));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a long WAL waited"
+        );
+        assert!(!commits.lock().urgent);
     }
 
     /// The data of a commit reaches the database file (read here as an immutable file, which
