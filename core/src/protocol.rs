@@ -171,8 +171,11 @@ impl Protocol {
 
     /// A broadcast message from a peer.
     pub fn receive(&mut self, now: Millis, from: SiteId, msg: BroadcastMsg) -> Vec<Action> {
+        // An announcement means a changeset is going round: if its delivery fails here (no
+        // announcer answers a graft), sync is what brings it, so it must not be backed off.
+        let announced = matches!(msg, BroadcastMsg::IHave(_));
         let effects = self.broadcast.receive(now, from, msg);
-        if effects.iter().any(|e| matches!(e, Effect::Deliver(_))) {
+        if announced || effects.iter().any(|e| matches!(e, Effect::Deliver(_))) {
             self.note_activity();
         }
         self.debug_check();
@@ -189,7 +192,17 @@ impl Protocol {
     /// timeout, an announce. The caller need not tick before it (nor before the next input)
     /// unless [`Protocol::has_pending`].
     pub fn next_due(&self) -> Millis {
-        let sync = self.sync.as_ref().and_then(|s| s.next_at());
+        if self.active {
+            // The next tick brings a backed-off sync round in.
+            return Millis(0);
+        }
+        // With no member, no round can start (the scheduler keeps its due time until one
+        // comes up, which is an input anyway): only the announces are due.
+        let sync = self
+            .sync
+            .as_ref()
+            .filter(|_| !self.members.is_empty())
+            .and_then(|s| s.next_at());
         let timeout = self
             .running
             .map(|r| r.started.plus(self.config.sync_timeout_ms));
@@ -320,6 +333,60 @@ mod tests {
 
     fn site(n: u8) -> SiteId {
         SiteId([n; 16])
+    }
+
+    #[test]
+    fn a_node_without_members_is_not_due_again_at_once() {
+        // Its sync round stays due (no member to ask): that must not make every tick due.
+        let mut p = Protocol::new(site(1), ProtocolConfig::default(), Millis(0), 1);
+        for now in [0, 600, 700, 2_000, 5_000] {
+            p.tick(Millis(now));
+            assert!(p.next_due() > Millis(now), "due again at once at {now} ms");
+        }
+    }
+
+    /// Ticks every 10 ms from `from` to `to`; every sync round started ends at once with
+    /// `outcome`. Returns when the rounds started.
+    fn run(p: &mut Protocol, from: u64, to: u64, outcome: SyncOutcome) -> Vec<u64> {
+        let mut started = Vec::new();
+        for now in (from..to).step_by(10) {
+            for (_, session) in syncs(&p.tick(Millis(now))) {
+                started.push(now);
+                p.sync_finished(Millis(now), session, outcome);
+            }
+        }
+        started
+    }
+
+    #[test]
+    fn an_announcement_brings_a_backed_off_sync_round_back() {
+        let config = ProtocolConfig {
+            sync_interval_ms: Some(100),
+            ..ProtocolConfig::default()
+        };
+        let mut p = Protocol::new(site(1), config, Millis(0), 1);
+        p.peer_up(site(2));
+        let quiet = run(&mut p, 0, 6_000, SyncOutcome::NothingNew);
+        let gaps: Vec<u64> = quiet.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.iter().rev().take(3).all(|gap| *gap >= 800),
+            "quiet rounds did not back off: {gaps:?}"
+        );
+        // A peer announces a changeset this node has not seen.
+        let announced = crate::change::PartId {
+            id: crate::change::ChangesetId {
+                site: site(2),
+                version: crate::ids::DbVersion(1),
+            },
+            start: crate::ids::Seq(0),
+        };
+        p.receive(Millis(6_000), site(2), BroadcastMsg::IHave(vec![announced]));
+        assert_eq!(p.next_due(), Millis(0), "the announcement is due at once");
+        let next = run(&mut p, 6_000, 7_000, SyncOutcome::NothingNew);
+        assert!(
+            next.first().is_some_and(|at| *at <= 6_000 + 100 + 10),
+            "the next round did not come back to the interval: {next:?}"
+        );
     }
 
     fn syncs(actions: &[Action]) -> Vec<(SiteId, u64)> {

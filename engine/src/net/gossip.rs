@@ -219,7 +219,8 @@ impl GossipTask {
                     .next_due()
                     .0
                     .saturating_sub(now_ms(last_tick).0);
-                last_tick + Duration::from_millis(due).clamp(busy_tick, IDLE_TICK_MAX)
+                // (max, then min: `clamp` would panic if `tick_ms` were above a second.)
+                last_tick + Duration::from_millis(due).max(busy_tick).min(IDLE_TICK_MAX)
             };
             tokio::select! {
                 _ = self.shutdown.changed() => break,

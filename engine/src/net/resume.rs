@@ -14,6 +14,12 @@
 //! ticket never replaces the first handshake with a node: a peer without a certificate the CA
 //! signed never gets one.
 //!
+//! Limit: a resumed handshake does not check the certificates again, and it is given a new
+//! ticket, so a peer that keeps reconnecting within the ticket lifetime (rustls: 6 h per key,
+//! the previous key still accepted) stays accepted past its certificate's expiry, as a pooled
+//! connection that never goes idle does. Restarting a node (new ticket key) or the cluster
+//! with a new CA ends that.
+//!
 //! Client side: rustls files tickets by server name, but every node may present the same name
 //! (one certificate for `server_name = "patina"`, or one IP for a cluster on loopback), and a
 //! ticket offered to another node than its issuer is wasted. So tickets are filed by the
@@ -32,6 +38,10 @@ use rustls::NamedGroup;
 /// Peers whose tickets are kept at most. A ticket with its session is about 1 KiB.
 pub const PEERS_MAX: usize = 1024;
 
+// When full, a random peer's entry goes, not the least recently used one: SWIM probes members
+// round-robin, and in a cluster of more than PEERS_MAX members that order would evict every
+// ticket just before its use, where random eviction keeps PEERS_MAX / members of them useful.
+
 /// The most recent ticket (and key-exchange group) of each peer, by address.
 #[derive(Debug, Default)]
 pub struct PeerTickets {
@@ -41,16 +51,15 @@ pub struct PeerTickets {
 #[derive(Debug, Default)]
 struct PeerMap {
     by_addr: HashMap<SocketAddr, PeerEntry>,
-    /// Stamps entries so the least recently used one goes first when full.
-    clock: u64,
+    /// Picks the entry that goes when full (xorshift).
+    rng: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct PeerEntry {
     kx_hint: Option<NamedGroup>,
     /// One ticket suffices: each connection uses one and is given a new one.
     ticket: Option<Tls13ClientSessionValue>,
-    used_at: u64,
 }
 
 impl PeerTickets {
@@ -77,25 +86,22 @@ impl PeerTickets {
 
     fn update(&self, peer: SocketAddr, change: impl FnOnce(&mut PeerEntry)) {
         let mut map = self.lock();
-        map.clock += 1;
-        let now = map.clock;
         if !map.by_addr.contains_key(&peer) && map.by_addr.len() >= PEERS_MAX {
-            let oldest = map
+            let mut x = map.rng | 1;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            map.rng = x;
+            let victim = map
                 .by_addr
-                .iter()
-                .min_by_key(|(_, e)| e.used_at)
-                .map(|(addr, _)| *addr);
-            if let Some(oldest) = oldest {
-                map.by_addr.remove(&oldest);
+                .keys()
+                .nth((x % map.by_addr.len() as u64) as usize)
+                .copied();
+            if let Some(victim) = victim {
+                map.by_addr.remove(&victim);
             }
         }
-        let entry = map.by_addr.entry(peer).or_insert(PeerEntry {
-            kx_hint: None,
-            ticket: None,
-            used_at: now,
-        });
-        entry.used_at = now;
-        change(entry);
+        change(map.by_addr.entry(peer).or_default());
     }
 }
 
@@ -144,7 +150,9 @@ impl ClientSessionStore for PeerView {
     }
 }
 
-/// rustls' ticketer, counting the tickets it took back: each is a resumed handshake.
+/// rustls' ticketer, counting the tickets it could decrypt: each is a resumed handshake unless
+/// rustls then refuses the ticket (too old, or for another protocol version or suite), which
+/// between two nodes of one cluster does not happen.
 #[derive(Debug)]
 pub struct CountingTicketer {
     inner: Arc<dyn ProducesTickets>,
@@ -197,19 +205,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_least_recently_used_peer_goes_first_when_full() {
+    fn peers_are_bounded_and_a_new_one_always_gets_in() {
         let tickets = Arc::new(PeerTickets::default());
         let addr = |i: usize| SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16));
-        for i in 0..PEERS_MAX {
+        for i in 0..3 * PEERS_MAX {
             tickets.update(addr(i), |e| e.kx_hint = Some(NamedGroup::X25519));
+            assert!(tickets.lock().by_addr.contains_key(&addr(i)));
         }
-        // Peer 0 is used again, so peer 1 is now the oldest.
-        tickets.update(addr(0), |_| {});
-        tickets.update(addr(PEERS_MAX), |_| {});
         let map = tickets.lock();
         assert_eq!(map.by_addr.len(), PEERS_MAX);
-        assert!(map.by_addr.contains_key(&addr(0)));
-        assert!(!map.by_addr.contains_key(&addr(1)));
-        assert!(map.by_addr.contains_key(&addr(PEERS_MAX)));
+        // Random eviction keeps some of every era, where the least recently used would keep
+        // only the last PEERS_MAX.
+        assert!((0..PEERS_MAX).any(|i| map.by_addr.contains_key(&addr(i))));
     }
 }

@@ -68,7 +68,8 @@ fn ca_params() -> CertificateParams {
 
 /// Keys of the certificates `patina tls` makes: Ed25519, whose signatures are cheaper to make
 /// and check than P-256's, and a full handshake between two nodes makes two and checks four
-/// (see BENCHMARKS). Certificates with other keys (P-256, RSA) made elsewhere work as well.
+/// (see BENCHMARKS). Certificates with P-256 keys, as `patina tls` made them before, work as
+/// well (keys in PKCS#8 files).
 const CERT_KEY_ALGORITHM: &rcgen::SignatureAlgorithm = &rcgen::PKCS_ED25519;
 
 /// A new cluster CA.

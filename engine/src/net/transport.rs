@@ -116,7 +116,8 @@ pub struct TransportStats {
     pub handshake_failures: AtomicU64,
     /// Connections opened by this node (handshakes it started).
     pub connections_opened: AtomicU64,
-    /// Handshakes with this node resumed from a ticket it issued (see [`super::resume`]).
+    /// Handshakes with this node resumed from a ticket it issued (tickets it decrypted; see
+    /// [`super::resume`]).
     pub handshakes_resumed: Arc<AtomicU64>,
     /// Connections accepted from peers.
     pub connections_accepted: AtomicU64,

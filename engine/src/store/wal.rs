@@ -23,6 +23,9 @@ use super::StoreError;
 const UNCAPPED_WAL_KEPT_BYTES: u64 = 64 * 1024 * 1024;
 /// Frames after which the hook checkpoints when nobody else does (SQLite's own default).
 const AUTO_CHECKPOINT_PAGES: u64 = 1000;
+
+/// Shortest time between two background checkpoints, however urgent.
+const CHECKPOINT_GAP_MIN: Duration = Duration::from_millis(200);
 /// How long a write over the WAL's share waits for readers to let go of it.
 const CHECKPOINT_WAIT: Duration = Duration::from_millis(20);
 /// After a checkpoint found readers in the way, attempts during this long do not wait for them
@@ -70,6 +73,15 @@ impl WalBudget {
         let pages = Arc::new(AtomicU64::new(0));
         let auto_checkpoint = Arc::new(AtomicBool::new(true));
         let commits = WalCommits::default();
+        // Half the WAL's share, so the background checkpoint comes before a write would have to
+        // empty the WAL on the commit path.
+        if let Some(limit) = limit {
+            let half_share = (limit / page_size / 2).max(1);
+            commits
+                .0
+                .urgent_frames
+                .store(half_share.min(AUTO_CHECKPOINT_PAGES), Ordering::Relaxed);
+        }
         let (seen, auto, committed) = (pages.clone(), auto_checkpoint.clone(), commits.clone());
         writer.wal_hook(Some(
             move |wal: &mut rusqlite::hooks::Wal, frames: std::ffi::c_int| {
@@ -145,12 +157,15 @@ impl WalBudget {
 /// Commits the checkpointer has not seen yet: the writer's WAL hook raises a flag, the
 /// checkpointer sleeps until it is raised. An idle store's checkpointer never wakes (it woke
 /// five times a second, for nothing, in each of a thousand idle agents). A WAL past
-/// [`AUTO_CHECKPOINT_PAGES`] frames (SQLite's own rule) cuts the checkpointer's wait short.
+/// [`AUTO_CHECKPOINT_PAGES`] frames (SQLite's own rule), or past half the WAL's share of a
+/// capped database, cuts the checkpointer's wait short.
 #[derive(Debug, Clone, Default)]
 pub struct WalCommits(Arc<WalCommitsInner>);
 
 #[derive(Debug, Default)]
 struct WalCommitsInner {
+    /// WAL frames past which a checkpoint is urgent (0: [`AUTO_CHECKPOINT_PAGES`]).
+    urgent_frames: AtomicU64,
     state: std::sync::Mutex<WalCommitsState>,
     wake: std::sync::Condvar,
     /// Lock-free fast path of the hook: set while `pending` is known to be true.
@@ -172,8 +187,11 @@ impl WalCommits {
     /// atomic swaps only, unless a flag was down).
     fn committed(&self, frames: u64) {
         let first = !self.0.raised.swap(true, Ordering::AcqRel);
-        let urgent =
-            frames >= AUTO_CHECKPOINT_PAGES && !self.0.raised_urgent.swap(true, Ordering::AcqRel);
+        let urgent_frames = match self.0.urgent_frames.load(Ordering::Relaxed) {
+            0 => AUTO_CHECKPOINT_PAGES,
+            n => n,
+        };
+        let urgent = frames >= urgent_frames && !self.0.raised_urgent.swap(true, Ordering::AcqRel);
         if first || urgent {
             self.raise(urgent);
         }
@@ -259,6 +277,11 @@ pub fn spawn_checkpointer(
                 }
                 commits.sleep(every);
                 checkpoint(&conn);
+                // A WAL that readers keep from restarting stays long, and every commit would
+                // make the next checkpoint urgent: at most one per CHECKPOINT_GAP_MIN then.
+                if !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(CHECKPOINT_GAP_MIN.min(every));
+                }
             }
             checkpoint(&conn);
         })
