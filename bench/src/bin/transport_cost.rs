@@ -50,6 +50,26 @@ async fn wait_for(counter: &AtomicU64, target: u64) {
     );
 }
 
+/// Sends one message from `from` to each of `peers` and waits until all arrived (`received`
+/// counted `before` when this began). Ten at a time: a burst of hundreds of handshakes
+/// overflows the UDP receive buffers, and the lost packets then cost QUIC's retransmission
+/// timers, not CPU.
+async fn send_to_each(
+    from: &Transport,
+    peers: &[Transport],
+    payload: &bytes::Bytes,
+    received: &AtomicU64,
+    before: u64,
+) {
+    for (i, peer) in peers.iter().enumerate() {
+        from.send(peer.local_addr(), Channel::Stream, payload.clone());
+        if i % 10 == 9 {
+            wait_for(received, before + i as u64 + 1).await;
+        }
+    }
+    wait_for(received, before + peers.len() as u64).await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -107,15 +127,7 @@ async fn main() {
         let rss = rss_mib();
         let cpu = cpu_seconds();
         let wall = Instant::now();
-        // Ten handshakes at a time: a burst of hundreds overflows the UDP receive buffers and
-        // the lost packets then cost QUIC's retransmission timers, not CPU.
-        for (i, peer) in others.iter().enumerate() {
-            from.send(peer.local_addr(), Channel::Stream, payload.clone());
-            if i % 10 == 9 {
-                wait_for(&received, before + i as u64 + 1).await;
-            }
-        }
-        wait_for(&received, before + peers as u64).await;
+        send_to_each(from, &others, &payload, &received, before).await;
         println!(
             "new connections, {round} round: {peers} in {:.2} s wall, {:.3} ms CPU and {:.1} KiB resident each (both ends, handshake and first message)",
             wall.elapsed().as_secs_f64(),
@@ -167,13 +179,7 @@ async fn main() {
     let resumed_before = resumed();
     let cpu = cpu_seconds();
     let wall = Instant::now();
-    for (i, peer) in others.iter().enumerate() {
-        sender.send(peer.local_addr(), Channel::Stream, payload.clone());
-        if i % 10 == 9 {
-            wait_for(&received, before + i as u64 + 1).await;
-        }
-    }
-    wait_for(&received, before + peers as u64).await;
+    send_to_each(&sender, &others, &payload, &received, before).await;
     println!(
         "connections opened again after idle: {peers} in {:.2} s wall, {:.3} ms CPU each (both ends), {} of {peers} resumed from a ticket",
         wall.elapsed().as_secs_f64(),
