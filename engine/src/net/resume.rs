@@ -71,15 +71,6 @@ impl PeerTickets {
         })
     }
 
-    /// Peers with a ticket now.
-    pub fn tickets_held(&self) -> usize {
-        self.lock()
-            .by_addr
-            .values()
-            .filter(|e| e.ticket.is_some())
-            .count()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, PeerMap> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
