@@ -135,6 +135,28 @@ async fn plaintext_nodes_talk_to_each_other() {
 }
 
 #[tokio::test]
+async fn a_message_too_large_for_a_datagram_goes_on_a_stream() {
+    let ca = generate_ca().unwrap();
+    let (a, _a_rx) = bind(TlsMode::Mutual(node_tls(&ca.cert_pem, &ca.key_pem)));
+    let (b, mut b_rx) = bind(TlsMode::Mutual(node_tls(&ca.cert_pem, &ca.key_pem)));
+    // Gossip sends SWIM packets (up to 16 KiB) and changesets as datagrams when they fit.
+    let large = Bytes::from(vec![9u8; 8 * 1024]);
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"small"),
+    );
+    let got = recv(&mut b_rx).await.expect("the small datagram");
+    assert_eq!(
+        (got.bytes.as_ref(), got.channel),
+        (&b"small"[..], Channel::Datagram)
+    );
+    a.send(b.local_addr(), Channel::Datagram, large.clone());
+    let got = recv(&mut b_rx).await.expect("the large message was lost");
+    assert_eq!((got.bytes, got.channel), (large, Channel::Stream));
+}
+
+#[tokio::test]
 async fn oversized_messages_are_refused() {
     let (tx, mut b_rx) = mpsc::channel(8);
     let config = TransportConfig {
@@ -153,6 +175,12 @@ async fn oversized_messages_are_refused() {
         b.local_addr(),
         Channel::Stream,
         Bytes::from(vec![0u8; 4096]),
+    );
+    // Small enough for a datagram (about 1,150 bytes on a new connection), too large here.
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from(vec![0u8; 1050]),
     );
     a.send(
         b.local_addr(),

@@ -8,7 +8,7 @@
 //! for being idle) sends one message to each peer again; the process CPU time of each phase
 //! is divided by its count.
 //!
-//! `cargo run --release -p patina-bench --bin transport_cost -- [--peers 200] [--messages 20000] [--idle-s 10]`
+//! `cargo run --release -p patina-bench --bin transport_cost -- [--peers 200] [--messages 20000] [--idle-s 10] [--datagrams]`
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,6 +77,12 @@ async fn main() {
     let messages = arg(&args, "--messages", 20_000);
     let idle_s = arg(&args, "--idle-s", 10);
     let plaintext = args.iter().any(|a| a == "--plaintext");
+    // The channel of the pooled-connection messages (a uni stream each, or a QUIC datagram).
+    let message_channel = if args.iter().any(|a| a == "--datagrams") {
+        Channel::Datagram
+    } else {
+        Channel::Stream
+    };
 
     let ca = generate_ca().expect("a CA");
     let tls = || {
@@ -141,7 +147,7 @@ async fn main() {
     let wall = Instant::now();
     for i in 0..messages {
         let peer = &others[i as usize % peers];
-        sender.send(peer.local_addr(), Channel::Stream, payload.clone());
+        sender.send(peer.local_addr(), message_channel, payload.clone());
         if i % 256 == 255 {
             // Let the queues drain: the per-peer queues shed their oldest when full.
             wait_for(&received, base + i - 512.min(i)).await;
@@ -150,7 +156,7 @@ async fn main() {
     wait_for(&received, base + messages).await;
     let message_cpu = cpu_seconds() - cpu;
     println!(
-        "messages on pooled connections: {messages} in {:.2} s wall, {:.1} µs CPU each (both ends)",
+        "messages on pooled connections ({message_channel:?}): {messages} in {:.2} s wall, {:.1} µs CPU each (both ends)",
         wall.elapsed().as_secs_f64(),
         message_cpu / messages as f64 * 1e6
     );

@@ -12,7 +12,9 @@ impl Store {
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
         self.wal.ensure_room(&self.writer)?;
         self.writer.execute_batch("BEGIN IMMEDIATE")?;
-        let mut book = self.book.clone();
+        // Worked on in place (cloning it cost 5% of a busy store thread at 300 sites): a
+        // failed batch rolls back and reloads the bookkeeping from the database below.
+        let mut book = std::mem::take(&mut self.book);
         let mut touched_sites = BTreeSet::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         let result = (|| {
@@ -62,6 +64,7 @@ impl Store {
             }
             Err(e) => {
                 let _ = self.writer.execute_batch("ROLLBACK");
+                self.book = book;
                 self.load_state()?;
                 Err(e)
             }
