@@ -219,11 +219,13 @@ impl Node {
                     self.protocol.sync_finished(now, session, outcome);
                 }
                 let mut out = Vec::new();
-                for changeset in changesets {
-                    if let Some(id) = self.apply(&changeset) {
+                for changeset in &changesets {
+                    if let Some(id) = self.apply(changeset) {
                         out.push(Output::Applied(id));
                     }
                 }
+                let relayed = self.protocol.synced(&changesets);
+                out.extend(self.outputs(relayed));
                 out
             }
         }
@@ -308,8 +310,14 @@ impl Node {
                     msg: NodeMsg::Broadcast(msg),
                 }),
                 Action::Deliver(changeset) => {
+                    let id = changeset.id;
+                    let head = self.durable.book.site(&id.site).map_or(0, |v| v.head.get());
                     if let Some(id) = self.apply(&changeset) {
                         out.push(Output::Applied(id));
+                    }
+                    if id.version.get() > head + 1 {
+                        // Versions between the site's last one and this one are missing here.
+                        self.protocol.versions_missing();
                     }
                 }
                 Action::StartSync { peer, session } => out.push(Output::Send {

@@ -81,12 +81,29 @@ pub const WIDE_ROUND_EVERY: u64 = 16;
 /// Failed sync rounds in a row before the next round waits longer than the interval.
 pub const FAILURES_BEFORE_BACKOFF: u32 = 3;
 
-/// Rounds in a row that brought nothing new, with nothing delivered or committed meanwhile,
-/// before the next round waits longer than the interval (see [`SyncScheduler::finished`]).
+/// Rounds in a row that brought nothing new, with no sign of a gap meanwhile, before the next
+/// round waits longer than the interval (see [`SyncScheduler::finished`]).
 pub const QUIET_ROUNDS_BEFORE_BACKOFF: u32 = 3;
 
 /// The longest wait between rounds of a quiet node: the interval doubled this many times.
 pub const QUIET_BACKOFF_DOUBLINGS: u32 = 3;
+
+/// The longest wait between rounds while changesets are being delivered here (a cluster that
+/// writes) and their rounds find nothing: the interval doubled this many times. Deliveries
+/// are no sign of a gap, but a write whose every copy was lost on the way here leaves none
+/// either: this bounds how long such a loss waits for repair while the cluster writes.
+pub const DELIVERING_BACKOFF_DOUBLINGS: u32 = 1;
+
+/// What happened that sync may have to repair (see [`SyncScheduler::activity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Activity {
+    /// Changesets were delivered by broadcast: the cluster writes. Quiet rounds back off at
+    /// most [`DELIVERING_BACKOFF_DOUBLINGS`] times.
+    Delivering,
+    /// A sign of a gap: a version skipped, a member up, an announcement of an unseen
+    /// changeset. Sync comes back to the interval.
+    GapLikely,
+}
 
 /// How a sync round ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -236,13 +253,23 @@ impl SyncScheduler {
         self.next_at = now.plus(wait + jitter);
     }
 
-    /// Something happened that sync may have to repair (a local commit, a delivery, a member
-    /// up): quiet rounds start over, and a round backed off for quiet is due within an interval.
-    pub fn activity(&mut self, now: Millis) {
-        if self.quiet > QUIET_ROUNDS_BEFORE_BACKOFF && self.failures <= FAILURES_BEFORE_BACKOFF {
-            self.next_at = self.next_at.min(now.plus(self.interval_ms));
+    /// Something happened that sync may have to repair. A likely gap: quiet rounds start over,
+    /// and a round backed off for quiet is due within an interval. Deliveries: the back-off
+    /// shrinks to at most [`DELIVERING_BACKOFF_DOUBLINGS`] doublings.
+    pub fn activity(&mut self, now: Millis, what: Activity) {
+        let doublings = match what {
+            Activity::GapLikely => 0,
+            Activity::Delivering => DELIVERING_BACKOFF_DOUBLINGS,
+        };
+        if self.quiet > QUIET_ROUNDS_BEFORE_BACKOFF + doublings
+            && self.failures <= FAILURES_BEFORE_BACKOFF
+        {
+            self.next_at = self.next_at.min(now.plus(self.interval_ms << doublings));
         }
-        self.quiet = 0;
+        self.quiet = match what {
+            Activity::GapLikely => 0,
+            Activity::Delivering => self.quiet.min(QUIET_ROUNDS_BEFORE_BACKOFF + doublings),
+        };
     }
 
     /// When the next round is due (if none is running).
@@ -334,11 +361,33 @@ mod tests {
             now = next;
         }
         assert_eq!(waits, [1, 1, 1, 2, 4, 8, 8, 8], "waits in intervals");
-        // A delivery (or a commit, or a member up): the next round within an interval.
+        // Deliveries (a cluster that writes): the next round within two intervals, and quiet
+        // rounds back off no further than that while deliveries go on.
         assert!(s.due(now, &members).is_some());
         s.finished(now, SyncOutcome::NothingNew);
         assert!(s.next_at().unwrap().0 - now.0 >= 8 * interval);
-        s.activity(now.plus(10));
+        s.activity(now.plus(10), Activity::Delivering);
+        assert_eq!(s.next_at(), Some(now.plus(10 + 2 * interval)));
+        let mut delivering = Vec::new();
+        now = s.next_at().unwrap();
+        for _ in 0..4 {
+            assert!(s.due(now, &members).is_some());
+            s.finished(now, SyncOutcome::NothingNew);
+            s.activity(now.plus(1), Activity::Delivering);
+            let next = s.next_at().unwrap();
+            delivering.push((next.0 - now.0) / interval);
+            now = next;
+        }
+        assert_eq!(
+            delivering,
+            [2, 2, 2, 2],
+            "waits in intervals while delivering"
+        );
+        // A likely gap (a version skipped, a member up): the next round within an interval.
+        assert!(s.due(now, &members).is_some());
+        s.finished(now, SyncOutcome::NothingNew);
+        assert!(s.next_at().unwrap().0 - now.0 >= 4 * interval);
+        s.activity(now.plus(10), Activity::GapLikely);
         assert_eq!(s.next_at(), Some(now.plus(10 + interval)));
         // A round that brought something keeps the interval too.
         let mut s = SyncScheduler::new(interval, Millis(0), 7);

@@ -70,9 +70,16 @@ pub struct Options {
     pub swim_probe_ms: u64,
     /// How long an agent keeps an unused connection (ms, live); `None`: the agent's default.
     pub connection_idle_ms: Option<u64>,
+    /// Anti-entropy sync interval of every agent (ms, live).
+    pub sync_interval_ms: u64,
     /// Show progress bars.
     pub progress: bool,
 }
+
+/// The sync interval loadgen gives its agents (ms): fewer, larger sync rounds than the agent's
+/// default, because at hundreds of nodes per core sync competes with the broadcast being
+/// measured. Sync still repairs loss.
+pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 2_000;
 
 /// The SWIM probe period loadgen gives its agents: 10 ms per node, at least 1 s (the agent's
 /// default). A probe usually goes to a member not talked to recently, so it costs a QUIC
@@ -97,6 +104,7 @@ impl Default for Options {
             warmup: Duration::from_secs(15),
             swim_probe_ms: 1_000,
             connection_idle_ms: None,
+            sync_interval_ms: DEFAULT_SYNC_INTERVAL_MS,
             progress: false,
         }
     }
@@ -145,6 +153,8 @@ pub struct Report {
     pub idle_cold_swim_per_node_per_s: Vec<(String, f64)>,
     /// SWIM probe period of the agents (ms, live).
     pub swim_probe_ms: Option<u64>,
+    /// Sync rounds started per node per second: idle, and while writing (live).
+    pub sync_rounds_per_node_per_s: Option<(f64, f64)>,
     /// How many times slower than that SWIM ran, on average over the nodes, idle (live; 1 when
     /// no node was overloaded).
     pub idle_swim_slowdown: Option<f64>,
@@ -244,6 +254,11 @@ impl Report {
                     .unwrap_or_default()
             ));
         }
+        if let Some((idle, writing)) = self.sync_rounds_per_node_per_s {
+            out.push_str(&format!(
+                "  sync rounds         per node per second: {idle:.3} idle, {writing:.3} while writing\n"
+            ));
+        }
         if !self.idle_cold_swim_per_node_per_s.is_empty() {
             let kinds: Vec<String> = self
                 .idle_cold_swim_per_node_per_s
@@ -325,6 +340,7 @@ impl Report {
                 .map(|(kind, rate)| (kind.clone(), json!(rate)))
                 .collect::<serde_json::Map<_, _>>(),
             "swim_probe_ms": self.swim_probe_ms,
+            "sync_rounds_per_node_per_s": self.sync_rounds_per_node_per_s.map(|(idle, writing)| json!({"idle": idle, "writing": writing})),
             "idle_swim_slowdown": self.idle_swim_slowdown,
             "wall_s": self.wall_s,
             "options": self.options,
@@ -575,9 +591,7 @@ pub async fn run_live(options: &Options) -> Report {
         }
         let mut config: Config = patina_tests::node_config(&dir, &bootstrap);
         config.telemetry.prometheus_addr = None;
-        // Fewer, larger sync rounds: at hundreds of nodes per core, sync competes with the
-        // broadcast being measured. Sync still repairs loss.
-        config.gossip.sync_interval_ms = 2_000;
+        config.gossip.sync_interval_ms = options.sync_interval_ms;
         config.gossip.swim_probe_period_ms = options.swim_probe_ms;
         if let Some(idle_ms) = options.connection_idle_ms {
             config.gossip.connection_idle_ms = idle_ms;
@@ -674,6 +688,13 @@ pub async fn run_live(options: &Options) -> Report {
     let (_, idle_cpu_before) = patina_tests::process_usage();
     let resumed =
         |agents: &[Agent]| -> u64 { agents.iter().map(|a| a.gossip().handshakes_resumed).sum() };
+    let sync_rounds = |agents: &[Agent]| -> u64 {
+        agents
+            .iter()
+            .map(|a| a.gossip().sync_rounds + a.gossip().sync_failures)
+            .sum()
+    };
+    let sync_idle_before = sync_rounds(&agents);
     let opened_before = opened(&agents);
     let resumed_before = resumed(&agents);
     let cold_before = cold_sends(&agents);
@@ -682,6 +703,8 @@ pub async fn run_live(options: &Options) -> Report {
     let idle_s = idle_window.as_secs_f64();
     let idle_cpu = (idle_cpu_after - idle_cpu_before) / idle_s / options.nodes as f64;
     let idle_opened = opened(&agents) - opened_before;
+    let idle_sync =
+        (sync_rounds(&agents) - sync_idle_before) as f64 / idle_s / options.nodes as f64;
     let handshakes = idle_opened as f64 / idle_s / options.nodes as f64;
     let handshakes_resumed_share =
         (idle_opened > 0).then(|| (resumed(&agents) - resumed_before) as f64 / idle_opened as f64);
@@ -727,6 +750,7 @@ pub async fn run_live(options: &Options) -> Report {
         (m + g.transport_sent, b + g.transport_bytes)
     });
     let broadcast_before: u64 = agents.iter().map(|a| broadcast_sent(&a.gossip())).sum();
+    let sync_before = sync_rounds(&agents);
     let (_, cpu_before) = patina_tests::process_usage();
     let write_phase = Instant::now();
 
@@ -786,6 +810,7 @@ pub async fn run_live(options: &Options) -> Report {
         (m + g.transport_sent, b + g.transport_bytes)
     });
     let broadcast_after: u64 = agents.iter().map(|a| broadcast_sent(&a.gossip())).sum();
+    let writing_sync = (sync_rounds(&agents) - sync_before) as f64 / phase / n as f64;
     for l in listeners {
         l.abort();
     }
@@ -802,6 +827,7 @@ pub async fn run_live(options: &Options) -> Report {
         idle_cold_swim_per_node_per_s: idle_cold_swim,
         idle_swim_slowdown: Some(idle_slowdown),
         swim_probe_ms: Some(options.swim_probe_ms),
+        sync_rounds_per_node_per_s: Some((idle_sync, writing_sync)),
         memory_per_node_mib: Some(idle_rss / n as f64),
         idle_cpu_per_node: Some(idle_cpu),
         cpu_per_node: Some((cpu_after - cpu_before) / phase / n as f64),

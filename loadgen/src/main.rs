@@ -283,6 +283,9 @@ struct Common {
     /// How long every agent keeps an unused connection (ms, live); default: the agent's.
     #[arg(long)]
     connection_idle_ms: Option<u64>,
+    /// Anti-entropy sync interval of every agent (ms, live).
+    #[arg(long, default_value_t = loadgen::DEFAULT_SYNC_INTERVAL_MS)]
+    sync_interval_ms: u64,
     /// Where to write the raw figures.
     #[arg(long, default_value = "loadgen-report.json")]
     json: PathBuf,
@@ -324,6 +327,7 @@ fn options(c: &Common) -> Result<Options, String> {
             .swim_probe_ms
             .unwrap_or_else(|| loadgen::default_swim_probe_ms(c.nodes)),
         connection_idle_ms: c.connection_idle_ms,
+        sync_interval_ms: c.sync_interval_ms,
         progress: true,
     })
 }
@@ -360,7 +364,7 @@ fn main() {
         "writes": options.writes, "rate": options.rate, "seed": options.seed,
         "latency": common.latency, "loss": options.loss, "tls": options.tls,
         "settle_s": common.settle_s, "warmup_s": common.warmup_s,
-        "swim_probe_ms": options.swim_probe_ms,
+        "swim_probe_ms": options.swim_probe_ms, "sync_interval_ms": options.sync_interval_ms,
     });
     write_outputs(&report, &common.json, &common.plot);
 }

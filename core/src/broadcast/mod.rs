@@ -185,6 +185,8 @@ pub struct BroadcastStats {
     pub prunes_sent: u64,
     /// Probes sent.
     pub pings_sent: u64,
+    /// Changesets sync brought that broadcast had not, broadcast again from here.
+    pub relayed: u64,
 }
 
 /// Broadcast state of one node.
@@ -563,6 +565,21 @@ impl Broadcast {
                 queue.push(changeset.part_id());
             }
         }
+    }
+
+    /// A changeset (or part) anti-entropy sync brought, already applied by the caller: if
+    /// broadcast has not seen it, it goes on from here as if it had just arrived (to the
+    /// members fed by this node), so what the broadcast missed spreads by broadcast again
+    /// rather than by one sync round per node. Nodes that hold it drop it as a duplicate.
+    pub fn relay(&mut self, changeset: Arc<Changeset>) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if self.remember(changeset.part_id()) {
+            self.missing.remove(&changeset.part_id());
+            self.stats.relayed += 1;
+            self.forward(&changeset, None, &mut effects);
+        }
+        self.debug_check();
+        effects
     }
 
     /// A message from a peer.

@@ -206,7 +206,20 @@ impl GossipTask {
         let mut members_written = Instant::now() - MEMBERS_FILE_INTERVAL;
         let (sync_done, mut sync_results) =
             mpsc::channel::<(u64, Result<PullReport, SyncError>)>(4);
+        let mut gaps_seen = 0u64;
         loop {
+            // A new gap in the store's bookkeeping (a delivery lost or late, seen when a later
+            // version of the same site was applied) brings sync back from its quiet back-off.
+            if let Some(metrics) = &self.metrics {
+                let gaps = metrics
+                    .store
+                    .gaps
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if gaps > gaps_seen {
+                    self.protocol.versions_missing();
+                }
+                gaps_seen = gaps;
+            }
             let timer_due = self
                 .membership
                 .next_deadline()
@@ -266,6 +279,8 @@ impl GossipTask {
                     };
                     match result {
                         Ok(report) => {
+                            // What the round brought that broadcast had not goes on by broadcast.
+                            actions.extend(self.protocol.synced(&report.received));
                             snapshot.sync_rounds += 1;
                             snapshot.sync_received += report.changesets as u64;
                             snapshot.sync_bytes += report.bytes_sent + report.bytes_received;

@@ -102,10 +102,14 @@ pub async fn serve(
 }
 
 /// What one pull brought.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PullReport {
     /// Changesets received.
     pub changesets: usize,
+    /// What was received (changesets or parts, in order), when at most
+    /// [`patina_core::protocol::SYNC_RELAY_MAX`]: broadcast passes on what it had not seen
+    /// (`Protocol::synced`). Empty after a larger round.
+    pub received: Vec<Arc<Changeset>>,
     /// Bytes sent (the request, framed).
     pub bytes_sent: u64,
     /// Bytes received (all frames).
@@ -140,9 +144,14 @@ pub async fn pull(
             break;
         }
         let changeset =
-            decode_changeset(&frame, limits).map_err(|e| SyncError::Bad(e.to_string()))?;
-        batch.push(Arc::new(changeset));
+            Arc::new(decode_changeset(&frame, limits).map_err(|e| SyncError::Bad(e.to_string()))?);
         report.changesets += 1;
+        if report.changesets <= patina_core::protocol::SYNC_RELAY_MAX {
+            report.received.push(changeset.clone());
+        } else {
+            report.received.clear();
+        }
+        batch.push(changeset);
         if batch.len() >= APPLY_BATCH && !store.apply_wait(std::mem::take(&mut batch)).await {
             return Err(SyncError::Store);
         }
