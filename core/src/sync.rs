@@ -226,8 +226,8 @@ impl SyncScheduler {
     /// Rounds that find nothing new back off too, once [`QUIET_ROUNDS_BEFORE_BACKOFF`] came in
     /// a row (then doubling, at most 2^[`QUIET_BACKOFF_DOUBLINGS`] intervals), until
     /// [`SyncScheduler::activity`]: an idle cluster has nothing to repair, and a thousand idle
-    /// nodes syncing every interval cost a core between them; anything that could leave a gap
-    /// (a write, a delivery, a member coming up) brings the interval back.
+    /// nodes syncing every interval cost a core between them; a sign of a gap (a version
+    /// skipped, a member coming up) brings the interval back, deliveries two intervals.
     pub fn finished(&mut self, now: Millis, outcome: SyncOutcome) {
         self.in_flight = false;
         match outcome {

@@ -50,6 +50,9 @@ pub struct StoreMetrics {
     pub apply_lag_us_last: AtomicU64,
     /// Versions of other sites heard of but not applied.
     pub gaps: AtomicU64,
+    /// Remote batches with a changeset that arrived with versions of its site missing before
+    /// it (the rule of `core::node::Node`: a version past the site's head plus one).
+    pub gaps_opened: AtomicU64,
 }
 
 /// Labels as (name, value) pairs.

@@ -323,3 +323,77 @@ fn local_write_semantics() {
         (before, version)
     );
 }
+
+/// The changes index of a store's file: (site ordinal, version), in order.
+fn index_entries(dir: &tempfile::TempDir, name: &str) -> Vec<(i64, i64)> {
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.path().join(name),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT site, version FROM __patina_changes ORDER BY site, version")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn superseded_index_entries_go_in_batches_and_a_rolled_back_write_keeps_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.sql");
+    std::fs::write(&schema, SCHEMA).unwrap();
+    let mut a = Store::open(&StoreConfig {
+        path: dir.path().join("a.db"),
+        schema_paths: vec![schema],
+        max_db_bytes: None,
+        changeset_bytes_max: Some(4096),
+        parts_bytes_max: None,
+    })
+    .unwrap();
+    let write = |a: &mut Store, sql: &str| a.transact(&[Statement::new(sql)]).unwrap();
+    write(&mut a, "INSERT INTO hosts (id, name) VALUES (1, 'one')");
+    write(&mut a, "INSERT INTO hosts (id, name) VALUES (2, 'two')");
+    // Deleting row 1 supersedes version 1 there, but the transaction is refused after its
+    // clocks were written (too large) and rolled back: version 1's entry must stay.
+    let err = a
+        .transact(&[
+            Statement::new("DELETE FROM hosts WHERE id = 1"),
+            Statement::new("INSERT INTO hosts (id, tags) VALUES (3, randomblob(8000))"),
+        ])
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::TransactionTooLarge { .. }),
+        "{err}"
+    );
+    // 100 updates of one cell of row 2: each makes the version before it stale there.
+    for i in 0..100 {
+        write(&mut a, &format!("UPDATE hosts SET cpu = {i} WHERE id = 2"));
+    }
+    assert_eq!(a.db_version(), DbVersion(102));
+    // Versions 1 and 2 (the rows' sentinels), 102, and the stale entries of the updates
+    // since the last batch: not one entry per update.
+    let entries = index_entries(&dir, "a.db");
+    assert!(
+        entries.len() < 70,
+        "{} index entries: stale ones are not deleted",
+        entries.len()
+    );
+    assert!(entries.contains(&(0, 1)) && entries.contains(&(0, 2)) && entries.contains(&(0, 102)));
+    // What extraction gives is the same whether a stale entry is deleted yet or not.
+    let site = a.site_id();
+    let all = a
+        .changesets(site, DbVersion(1), DbVersion(102), usize::MAX)
+        .unwrap();
+    assert_eq!(all.len(), 102);
+    assert!(!all[0].changes.is_empty(), "version 1 lost its entry");
+    assert!(all[2..101].iter().all(|cs| cs.changes.is_empty()));
+    assert_eq!(all[101].changes.len(), 1);
+    let mut b = open(&dir, "b.db");
+    sync(&a, &mut b);
+    let table = "SELECT id, name, cpu FROM hosts ORDER BY id";
+    assert_eq!(rows(&a, table), rows(&b, table));
+    assert_eq!(rows(&b, table).len(), 2);
+}

@@ -208,12 +208,13 @@ impl GossipTask {
             mpsc::channel::<(u64, Result<PullReport, SyncError>)>(4);
         let mut gaps_seen = 0u64;
         loop {
-            // A new gap in the store's bookkeeping (a delivery lost or late, seen when a later
-            // version of the same site was applied) brings sync back from its quiet back-off.
+            // A remote changeset that skipped versions of its site (a delivery lost or late),
+            // counted by the store thread by `Node`'s rule, brings sync back from its quiet
+            // back-off.
             if let Some(metrics) = &self.metrics {
                 let gaps = metrics
                     .store
-                    .gaps
+                    .gaps_opened
                     .load(std::sync::atomic::Ordering::Relaxed);
                 if gaps > gaps_seen {
                     self.protocol.versions_missing();
@@ -365,8 +366,10 @@ impl GossipTask {
             if !batch.is_empty() {
                 let n = batch.len() as u64;
                 if !self.store.apply(batch) {
-                    // Anti-entropy sync repairs what is dropped here.
+                    // Anti-entropy sync repairs what is dropped here (broadcast has seen it:
+                    // it will not come again), so it must not wait for a backed-off round.
                     snapshot.apply_dropped += n;
+                    self.protocol.versions_missing();
                 }
             }
             for action in actions.drain(..) {

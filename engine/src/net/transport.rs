@@ -143,6 +143,10 @@ struct Pooled {
     datagrams: u64,
     /// When `datagrams` last changed.
     active_at: std::time::Instant,
+    /// UDP datagrams received from the peer, at the last send.
+    received: u64,
+    /// The first send since the peer last sent anything (an acknowledgement will do).
+    unanswered_since: Option<std::time::Instant>,
 }
 
 impl Pooled {
@@ -151,7 +155,25 @@ impl Pooled {
             conn,
             datagrams: 0,
             active_at: std::time::Instant::now(),
+            received: 0,
+            unanswered_since: None,
         }
+    }
+
+    /// Called before each send: true if the peer has answered nothing (not even an
+    /// acknowledgement) for [`STALL_MIN`] (or four round trips) while this node sent to it. A
+    /// peer that crashed keeps its connection "open" here until quinn's idle timeout (tens of
+    /// seconds), and a restarted one at the same address cannot decrypt what comes on it:
+    /// datagrams sent there vanish without an error (a stream would stall, which closes the
+    /// connection too; see `send_on_stream`).
+    fn stalled(&mut self, now: std::time::Instant) -> bool {
+        let received = self.conn.stats().udp_rx.datagrams;
+        if received != self.received {
+            self.received = received;
+            self.unanswered_since = None;
+        }
+        let since = *self.unanswered_since.get_or_insert(now);
+        now.duration_since(since) >= STALL_MIN.max(self.conn.rtt() * 4)
     }
 }
 
@@ -186,8 +208,8 @@ struct Shared {
 /// One-way latency to add per destination (WAN emulation in user space).
 pub type LatencyFn = Arc<dyn Fn(SocketAddr) -> Duration + Send + Sync>;
 
-/// Fault injection for tests, at the level of whole messages (QUIC repairs lost packets by
-/// itself, so packet loss would only show as delay): drop a share of outgoing messages, cut the
+/// Fault injection for tests, at the level of whole messages (QUIC repairs the packets of a
+/// stream by itself, and a lost datagram is a lost message, so message loss covers both): drop a share of outgoing messages, cut the
 /// node off from a set of peers (both directions, sessions included), delay every send, or
 /// delay sends by destination (a latency model). A delayed message waits on its own timer, so
 /// delay adds latency without limiting throughput.
@@ -761,15 +783,24 @@ fn client_config(shared: &Shared, to: SocketAddr) -> Option<quinn::ClientConfig>
 }
 
 async fn connection(shared: &Arc<Shared>, to: SocketAddr) -> Option<quinn::Connection> {
-    let existing = shared
-        .connections
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&to)
-        .filter(|c| c.conn.close_reason().is_none())
-        .map(|c| c.conn.clone());
-    if existing.is_some() {
-        return existing;
+    let stalled = {
+        let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
+        match connections.get_mut(&to) {
+            Some(pooled) if pooled.conn.close_reason().is_none() => {
+                if !pooled.stalled(Instant::now()) {
+                    return Some(pooled.conn.clone());
+                }
+                connections.remove(&to).map(|pooled| pooled.conn)
+            }
+            _ => None,
+        }
+    };
+    if let Some(conn) = stalled {
+        conn.close(1u32.into(), b"peer silent");
+        shared
+            .stats
+            .connections_closed_stalled
+            .fetch_add(1, Ordering::Relaxed);
     }
     let connecting = shared
         .endpoint
@@ -842,16 +873,17 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
             }
             continue;
         };
+        // Before the connection: a message never sent must not count as unanswered there.
+        if shared.faults.is_cut(&to) || shared.faults.drops_next() {
+            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let Some(conn) = connection(&shared, to).await else {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             // Do not spin on an unreachable peer.
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        if shared.faults.is_cut(&to) || shared.faults.drops_next() {
-            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
         let delay = shared.faults.delay_to(to);
         if delay.is_zero() {
             send_now(&shared, conn, channel, bytes).await;
@@ -931,7 +963,13 @@ async fn send_now(shared: &Shared, conn: quinn::Connection, channel: Channel, by
             .max_datagram_size()
             .is_some_and(|max| bytes.len() <= max);
         let sent = match channel {
-            Channel::Datagram if fits_datagram => conn.send_datagram(bytes).is_ok(),
+            // quinn makes room in a full datagram send buffer by dropping the oldest datagrams,
+            // silently: a full buffer (a peer or a path that does not keep up) drops this one
+            // instead, where the `dropped` counter sees it.
+            Channel::Datagram if fits_datagram => {
+                conn.datagram_send_buffer_space() >= bytes.len()
+                    && conn.send_datagram(bytes).is_ok()
+            }
             Channel::Datagram | Channel::Stream => send_on_stream(shared, &conn, &bytes).await,
         };
         if sent {

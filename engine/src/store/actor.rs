@@ -210,6 +210,21 @@ impl StoreHandle {
     }
 }
 
+/// True if a changeset of the batch comes with versions of its site missing before it: past
+/// the head bookkeeping knows (or an earlier changeset of the batch brings) plus one.
+fn skips_versions(book: &patina_core::versions::Bookkeeping, batch: &[Arc<Changeset>]) -> bool {
+    let mut heads: std::collections::HashMap<SiteId, u64> = std::collections::HashMap::new();
+    batch.iter().any(|changeset| {
+        let id = changeset.id;
+        let head = heads
+            .entry(id.site)
+            .or_insert_with(|| book.site(&id.site).map_or(0, |v| v.head.get()));
+        let skipped = id.version.get() > *head + 1;
+        *head = (*head).max(id.version.get());
+        skipped
+    })
+}
+
 pub(crate) fn spawn_store(
     mut store: Store,
     schema_paths: Vec<PathBuf>,
@@ -309,6 +324,9 @@ pub(crate) fn spawn_store(
                             .store(queued_at.elapsed().as_micros() as u64, Ordering::Relaxed);
                         node_metrics.queue_wait("apply", queued_at.elapsed());
                         metrics.apply_batches.fetch_add(1, Ordering::Relaxed);
+                        if skips_versions(store.bookkeeping(), &changesets) {
+                            metrics.gaps_opened.fetch_add(1, Ordering::Relaxed);
+                        }
                         let apply_started = Instant::now();
                         let applied_batch = store.apply_changesets(&changesets);
                         node_metrics

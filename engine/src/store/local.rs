@@ -63,7 +63,8 @@ impl Store {
         body: impl FnOnce(&mut Store) -> Result<Vec<usize>, StoreError>,
     ) -> Result<TxOutcome, StoreError> {
         self.wal.ensure_room(&self.writer)?;
-        self.writer.execute_batch("BEGIN IMMEDIATE")?;
+        exec_cached(&self.writer, "BEGIN IMMEDIATE")?;
+        self.stale_entries_open.clear();
         {
             let mut st = self.capture.lock();
             st.user_mode = true;
@@ -94,11 +95,22 @@ impl Store {
                     });
                 }
             }
-            self.writer.execute_batch("COMMIT")?;
-            Ok((rows_affected, changeset))
+            let flushed =
+                self.stale_entries.len() + self.stale_entries_open.len() >= STALE_ENTRIES_BATCH;
+            if flushed {
+                self.delete_stale_entries()?;
+            }
+            exec_cached(&self.writer, "COMMIT")?;
+            Ok((rows_affected, changeset, flushed))
         });
         match result {
-            Ok((rows_affected, changeset)) => {
+            Ok((rows_affected, changeset, flushed)) => {
+                if flushed {
+                    self.stale_entries.clear();
+                    self.stale_entries_open.clear();
+                } else {
+                    self.stale_entries.append(&mut self.stale_entries_open);
+                }
                 if let Some(cs) = &changeset {
                     self.db_version = cs.id.version;
                     self.book.mark_applied(cs.id);
@@ -112,9 +124,25 @@ impl Store {
             }
             Err(e) => {
                 let _ = self.writer.execute_batch("ROLLBACK");
+                // Those entries are current again; a flush's deletes were rolled back too.
+                self.stale_entries_open.clear();
                 Err(e)
             }
         }
+    }
+
+    /// Deletes the stale changes-index entries of committed local writes and of the open
+    /// transaction, inside it (the caller forgets them once it commits).
+    fn delete_stale_entries(&mut self) -> Result<(), StoreError> {
+        let mut stmt = self.writer.prepare_cached(
+            "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
+        )?;
+        for (site, version, table_ord, pk) in
+            self.stale_entries.iter().chain(&self.stale_entries_open)
+        {
+            stmt.execute(params![site, *version as i64, table_ord, pk.as_bytes()])?;
+        }
+        Ok(())
     }
 
     /// Runs one statement of a local transaction; on failure SQLite's message and whether the
@@ -238,8 +266,9 @@ impl Store {
                 before: &row.before,
             })
             .collect();
-        // Local writes only remove own entries of versions they supersede: no head to persist.
-        self.write_row_clocks(&writes)?;
+        // Local writes only remove entries of versions they supersede, never the newest own
+        // one: no head to persist.
+        self.write_row_clocks(&writes, Superseded::Later)?;
         Ok(Some(Changeset::whole(
             ChangesetId {
                 site: self.site,
@@ -276,10 +305,15 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt(format!("unknown table ordinal {ord}")))
     }
 
-    /// Persists row clocks and keeps the changes index exact, with multi-row statements.
-    /// Returns true if an index entry of this replica's own changesets was removed (the caller
-    /// must then make sure the head is persisted, see [`Store::persist_head`]).
-    pub(super) fn write_row_clocks(&self, rows: &[ClockWrite<'_>]) -> Result<bool, StoreError> {
+    /// Persists row clocks and adds their new origins to the changes index, with multi-row
+    /// statements; the entries of origins they no longer refer to are deleted now or later
+    /// (`superseded`). Returns true if an entry of this replica's own changesets was deleted
+    /// now (the caller must then make sure the head is persisted, see [`Store::persist_head`]).
+    pub(super) fn write_row_clocks(
+        &mut self,
+        rows: &[ClockWrite<'_>],
+        superseded: Superseded,
+    ) -> Result<bool, StoreError> {
         let mut removed_own = false;
         let mut index_inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = Vec::new();
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -306,12 +340,24 @@ impl Store {
             let old = row.before.origins();
             let new = row.clock.origins();
             for (site, version) in old.difference(&new) {
-                removed_own |= *site == self.site;
-                self.writer
-                    .prepare_cached(
-                        "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
-                    )?
-                    .execute(params![self.site_ord(site)?, version.get() as i64, row.table_ord, row.pk.as_bytes()])?;
+                let entry = (
+                    self.site_ord(site)?,
+                    version.get(),
+                    row.table_ord,
+                    row.pk.clone(),
+                );
+                match superseded {
+                    Superseded::Later => self.stale_entries_open.push(entry),
+                    Superseded::DeleteNow => {
+                        removed_own |= *site == self.site;
+                        let (site, version, table_ord, pk) = entry;
+                        self.writer
+                            .prepare_cached(
+                                "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
+                            )?
+                            .execute(params![site, version as i64, table_ord, pk.as_bytes()])?;
+                    }
+                }
             }
             for (site, version) in new.difference(&old) {
                 index_inserts.push((self.site_ord(site)?, version.get(), row.table_ord, row.pk));
@@ -366,6 +412,30 @@ impl Store {
         Ok(self.sites.push(site))
     }
 }
+/// A changes-index entry: (site ordinal, version, table ordinal, primary key).
+pub(super) type IndexEntry = (SiteOrd, u64, u32, PackedPk);
+
+/// Stale changes-index entries of local writes deleted together, in the transaction that
+/// brings their number to this. Deleting each in its own writer's transaction wrote a fourth
+/// B-tree page per commit (an update supersedes an older version, whose entries lie elsewhere
+/// in the index than the new ones); a batch touches a few pages once.
+pub(super) const STALE_ENTRIES_BATCH: usize = 64;
+
+/// What [`Store::write_row_clocks`] does with the index entries of superseded origins.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Superseded {
+    /// Delete them in this transaction (remote merges).
+    DeleteNow,
+    /// Leave them for a later batch (local writes; see [`STALE_ENTRIES_BATCH`]).
+    Later,
+}
+
+/// Runs a statement without parameters through the statement cache: BEGIN and COMMIT were
+/// parsed again on every transaction.
+pub(super) fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.raw_execute().map(|_| ())
+}
+
 /// Rows per multi-row statement of [`Store::write_row_clocks`].
 const ROWS_PER_STATEMENT: usize = 64;
 

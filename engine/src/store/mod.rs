@@ -12,8 +12,12 @@
 //! - `rows`: one clock per row ever seen (tombstones included): causal length, sentinel origin,
 //!   cell clocks;
 //! - `changes`: which rows hold clocks of which changeset (site, version), the index that makes
-//!   extraction by version range cheap. Kept exact: an origin is removed from it as soon as no
-//!   clock of the row refers to it any more, so a version with no entry left is cleared.
+//!   extraction by version range cheap. Every origin a row's clock refers to has its entry.
+//!   An entry whose origin no clock of the row refers to any more is stale: a remote merge
+//!   removes it in its own transaction, a local write in a batch with later ones (see
+//!   `local::STALE_ENTRIES_BATCH`; a crash may leave up to a batch of them for good).
+//!   Extraction reads each row's clock and takes only what carries the version, so a stale
+//!   entry yields nothing and a version whose entries are all stale comes back cleared.
 //!
 //! This file holds the types, opening and loading; each concern has its own file: `migrate`,
 //! `local` (local transactions), `remote` (remote apply), `parts`, `extract`, `digest`,
@@ -40,7 +44,7 @@ mod wal;
 
 pub use digest::Digest;
 pub use extract::ClockSnapshot;
-use local::ClockWrite;
+use local::{exec_cached, ClockWrite, Superseded};
 use query::bind;
 pub use query::Reader;
 use rows::{load_row_clock, read_cell, read_row, upsert_row};
@@ -327,6 +331,10 @@ pub struct Store {
     parts_bytes_max: u64,
     /// The WAL's share of `max_db_bytes`, checked before every write transaction.
     wal: wal::WalBudget,
+    /// Changes-index entries that committed local writes made stale, not deleted yet.
+    stale_entries: Vec<local::IndexEntry>,
+    /// The same, made stale by the local transaction still open.
+    stale_entries_open: Vec<local::IndexEntry>,
 }
 
 impl Store {
@@ -384,6 +392,8 @@ impl Store {
             parts_bytes: 0,
             parts_bytes_max: config.parts_bytes_max.unwrap_or(DEFAULT_PARTS_BYTES_MAX),
             wal,
+            stale_entries: Vec::new(),
+            stale_entries_open: Vec::new(),
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
