@@ -17,7 +17,7 @@ use crate::ids::{DbVersion, SiteId};
 use crate::mem::MemReplica;
 use crate::merge::MergeFaults;
 use crate::protocol::{Action, Protocol, ProtocolConfig};
-use crate::sync::{versions_to_send, SyncOutcome, SyncState};
+use crate::sync::{versions_to_send, SyncState};
 use crate::validate::validate_changeset;
 use crate::versions::Bookkeeping;
 
@@ -209,22 +209,22 @@ impl Node {
                 }]
             }
             NodeMsg::SyncReply(session, changesets) => {
-                // A late answer to a session that timed out ends nothing.
-                if self.protocol.running_sync() == Some((from, session)) {
-                    let outcome = if changesets.is_empty() {
-                        SyncOutcome::NothingNew
-                    } else {
-                        SyncOutcome::Received
-                    };
-                    self.protocol.sync_finished(now, session, outcome);
-                }
                 let mut out = Vec::new();
                 for changeset in &changesets {
                     if let Some(id) = self.apply(changeset) {
                         out.push(Output::Applied(id));
                     }
                 }
-                let relayed = self.protocol.synced(&changesets);
+                // A late answer to a session that timed out ends nothing (the protocol checks
+                // the number), but what it brought is passed on all the same.
+                let session = if self.protocol.running_sync() == Some((from, session)) {
+                    session
+                } else {
+                    u64::MAX
+                };
+                let relayed =
+                    self.protocol
+                        .sync_answered(now, session, changesets.len(), &changesets);
                 out.extend(self.outputs(relayed));
                 out
             }

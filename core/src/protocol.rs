@@ -52,7 +52,7 @@ impl Default for ProtocolConfig {
 }
 
 /// Most changesets one sync round may bring for them to be broadcast again from the node
-/// that pulled them ([`Protocol::synced`]).
+/// that pulled them ([`Protocol::sync_answered`]).
 pub const SYNC_RELAY_MAX: usize = 64;
 
 /// What the caller must do.
@@ -197,22 +197,46 @@ impl Protocol {
         actions(effects)
     }
 
-    /// Changesets (or parts) a sync round of this node brought, in the order received and
-    /// already applied. A round that brings what broadcast did not deliver is a sign that the
-    /// broadcast missed this node, and likely its neighbours too (a healed partition, a flood
-    /// that lost its way): if it brought at most [`SYNC_RELAY_MAX`], broadcast passes on those
-    /// it has not seen, so they reach the others within a broadcast's time instead of one
-    /// sync round per node (anti-entropy feeding the epidemic again). A round that brings
-    /// more is a catch-up (a node back from a long absence), whose changesets the others
-    /// hold already: nothing is passed on.
-    pub fn synced(&mut self, changesets: &[Arc<Changeset>]) -> Vec<Action> {
-        if changesets.len() > SYNC_RELAY_MAX {
-            return Vec::new();
+    /// Sync session `session` was answered with `brought` changesets (or parts), already
+    /// applied; `changesets` holds them, in the order received, when they are at most
+    /// [`SYNC_RELAY_MAX`] (otherwise it may be empty). Ends the session (if it is the running
+    /// one; see [`Protocol::sync_finished`]) and returns what to send.
+    ///
+    /// What broadcast had delivered already (a round that raced a changeset still spreading)
+    /// is no find: such a round counts as having found nothing new, or a writing cluster
+    /// would keep every node syncing at the full rate. What broadcast had not delivered is a
+    /// sign that the broadcast missed this node, and likely its neighbours too (a healed
+    /// partition, a flood that lost its way): from a small round, broadcast passes those on,
+    /// so they reach the others within a broadcast's time instead of one sync round per node
+    /// (anti-entropy feeding the epidemic again). A larger round is a catch-up (a node back
+    /// from a long absence), whose changesets the others hold already: it counts as a find,
+    /// and nothing is passed on.
+    pub fn sync_answered(
+        &mut self,
+        now: Millis,
+        session: u64,
+        brought: usize,
+        changesets: &[Arc<Changeset>],
+    ) -> Vec<Action> {
+        let small = brought <= SYNC_RELAY_MAX;
+        let mut found = !small;
+        let mut effects = Vec::new();
+        if small {
+            for changeset in changesets {
+                if !self.broadcast.has_seen(&changeset.part_id()) {
+                    found = true;
+                    effects.extend(self.broadcast.relay(changeset.clone()));
+                }
+            }
         }
-        let effects: Vec<Effect> = changesets
-            .iter()
-            .flat_map(|changeset| self.broadcast.relay(changeset.clone()))
-            .collect();
+        if self.running.is_some_and(|r| r.session == session) {
+            let outcome = if found {
+                SyncOutcome::Received
+            } else {
+                SyncOutcome::NothingNew
+            };
+            self.end_sync(now, outcome);
+        }
         self.debug_check();
         actions(effects)
     }
@@ -485,6 +509,10 @@ mod tests {
         );
     }
 
+    fn synced(p: &mut Protocol, changesets: &[Arc<Changeset>]) -> Vec<Action> {
+        p.sync_answered(Millis(30), 0, changesets.len(), changesets)
+    }
+
     #[test]
     fn what_a_small_sync_round_brings_is_broadcast_again_once() {
         let mut p = Protocol::new(site(1), ProtocolConfig::default(), Millis(0), 1);
@@ -500,23 +528,69 @@ mod tests {
         };
         let missed = changeset(site(3), 1);
         assert_eq!(
-            pushed(&p.synced(std::slice::from_ref(&missed))),
+            pushed(&synced(&mut p, std::slice::from_ref(&missed))),
             1,
             "not passed on"
         );
-        assert_eq!(pushed(&p.synced(&[missed])), 0, "passed on twice");
+        assert_eq!(pushed(&synced(&mut p, &[missed])), 0, "passed on twice");
         // Delivered by broadcast already: nothing to pass on.
         let _ = p.receive(
             Millis(20),
             site(3),
             BroadcastMsg::KeptGossip(changeset(site(3), 2)),
         );
-        assert_eq!(pushed(&p.synced(&[changeset(site(3), 2)])), 0);
+        assert_eq!(pushed(&synced(&mut p, &[changeset(site(3), 2)])), 0);
         // A catch-up (more than SYNC_RELAY_MAX at once) is not passed on.
         let many: Vec<Arc<Changeset>> = (10..11 + SYNC_RELAY_MAX as u64)
             .map(|v| changeset(site(3), v))
             .collect();
-        assert_eq!(pushed(&p.synced(&many)), 0);
+        assert_eq!(pushed(&synced(&mut p, &many)), 0);
+    }
+
+    #[test]
+    fn a_round_that_only_races_the_broadcast_finds_nothing() {
+        let config = ProtocolConfig {
+            sync_interval_ms: Some(100),
+            ..ProtocolConfig::default()
+        };
+        let mut p = Protocol::new(site(1), config, Millis(0), 1);
+        p.peer_up(site(2));
+        let mut version = 0;
+        let mut rounds = Vec::new();
+        // Every round brings one changeset broadcast had just delivered: quiet, so it backs
+        // off (to the two intervals deliveries allow).
+        for now in (0..6_000).step_by(10) {
+            for (_, session) in syncs(&p.tick(Millis(now))) {
+                version += 1;
+                let raced = changeset(site(2), version);
+                let _ = p.receive(
+                    Millis(now),
+                    site(2),
+                    BroadcastMsg::KeptGossip(raced.clone()),
+                );
+                let _ = p.sync_answered(Millis(now), session, 1, &[raced]);
+                rounds.push(now);
+            }
+        }
+        let waits: Vec<u64> = rounds.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            waits.iter().rev().take(3).all(|w| *w >= 200),
+            "a raced round counted as a find: {waits:?}"
+        );
+        // A round that brings what broadcast never delivered keeps the interval.
+        let mut rounds = Vec::new();
+        for now in (6_000..9_000).step_by(10) {
+            for (_, session) in syncs(&p.tick(Millis(now))) {
+                version += 1;
+                let _ = p.sync_answered(Millis(now), session, 1, &[changeset(site(2), version)]);
+                rounds.push(now);
+            }
+        }
+        let waits: Vec<u64> = rounds.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            waits.iter().rev().take(3).all(|w| *w <= 130),
+            "a find did not keep the interval: {waits:?}"
+        );
     }
 
     fn syncs(actions: &[Action]) -> Vec<(SiteId, u64)> {

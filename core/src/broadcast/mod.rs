@@ -567,6 +567,11 @@ impl Broadcast {
         }
     }
 
+    /// True if this node has seen the changeset (or part) `id` (delivered it, or sent it).
+    pub fn has_seen(&self, id: &PartId) -> bool {
+        self.seen.contains(id)
+    }
+
     /// A changeset (or part) anti-entropy sync brought, already applied by the caller: if
     /// broadcast has not seen it, it goes on from here as if it had just arrived (to the
     /// members fed by this node), so what the broadcast missed spreads by broadcast again

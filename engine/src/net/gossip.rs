@@ -273,15 +273,16 @@ impl GossipTask {
                     }
                 }
                 Some((session, result)) = sync_results.recv() => {
-                    let outcome = match &result {
-                        Ok(report) if report.changesets > 0 => SyncOutcome::Received,
-                        Ok(_) => SyncOutcome::NothingNew,
-                        Err(_) => SyncOutcome::Failed,
-                    };
                     match result {
                         Ok(report) => {
-                            // What the round brought that broadcast had not goes on by broadcast.
-                            actions.extend(self.protocol.synced(&report.received));
+                            // Ends the round (a find only if broadcast had not delivered it);
+                            // what broadcast had not goes on by broadcast.
+                            actions.extend(self.protocol.sync_answered(
+                                now_ms(Instant::now()),
+                                session,
+                                report.changesets,
+                                &report.received,
+                            ));
                             snapshot.sync_rounds += 1;
                             snapshot.sync_received += report.changesets as u64;
                             snapshot.sync_bytes += report.bytes_sent + report.bytes_received;
@@ -289,9 +290,9 @@ impl GossipTask {
                         Err(e) => {
                             snapshot.sync_failures += 1;
                             tracing::debug!("sync round failed: {e}");
+                            self.protocol.sync_finished(now_ms(Instant::now()), session, SyncOutcome::Failed);
                         }
                     }
-                    self.protocol.sync_finished(now_ms(Instant::now()), session, outcome);
                     // Published at once: an idle node's tick may be a second away.
                     self.snapshot.send_replace(snapshot.clone());
                 }

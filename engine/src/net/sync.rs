@@ -108,7 +108,7 @@ pub struct PullReport {
     pub changesets: usize,
     /// What was received (changesets or parts, in order), when at most
     /// [`patina_core::protocol::SYNC_RELAY_MAX`]: broadcast passes on what it had not seen
-    /// (`Protocol::synced`). Empty after a larger round.
+    /// (`Protocol::sync_answered`). Empty after a larger round.
     pub received: Vec<Arc<Changeset>>,
     /// Bytes sent (the request, framed).
     pub bytes_sent: u64,
