@@ -184,6 +184,25 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct SubsHandle {
     tx: mpsc::Sender<Command>,
+    /// What starts the manager thread, until the first subscription (a node that never has
+    /// one runs no thread and holds no connection for them).
+    idle: Arc<std::sync::Mutex<Option<Idle>>>,
+}
+
+/// A manager not started yet: no subscription was stored, none was asked for.
+struct Idle {
+    db: std::path::PathBuf,
+    path: std::path::PathBuf,
+    config: SubsConfig,
+    rx: mpsc::Receiver<Command>,
+    any: Arc<std::sync::atomic::AtomicBool>,
+    span: tracing::Span,
+}
+
+impl std::fmt::Debug for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Idle")
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -202,6 +221,42 @@ impl std::fmt::Debug for Command {
 }
 
 impl SubsHandle {
+    /// True until the manager thread starts: then there is no subscription.
+    fn idle(&self) -> bool {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Starts the manager thread if it is not running yet.
+    fn start(&self) -> Result<(), SubsError> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(Idle {
+            db,
+            path,
+            config,
+            rx,
+            any,
+            span,
+        }) = idle.take()
+        else {
+            return Ok(());
+        };
+        let (reader, storage) = storage::open(&db, &path)?;
+        let manager = Manager {
+            reader,
+            workers: Workers::new(&db, config, self.tx.downgrade()),
+            inline: None,
+            storage,
+            config,
+            matchers: Vec::new(),
+            pending: Vec::new(),
+            any,
+        };
+        start_manager(manager, rx, span)
+    }
+
     /// Subscribes to `sql` (or attaches to the subscription with the same SQL).
     pub async fn subscribe(
         &self,
@@ -209,6 +264,7 @@ impl SubsHandle {
         skip_rows: bool,
         from: Option<u64>,
     ) -> Result<Attached, SubsError> {
+        self.start()?;
         let (reply, rx) = oneshot::channel();
         self.call(
             Command::Subscribe {
@@ -229,6 +285,9 @@ impl SubsHandle {
         skip_rows: bool,
         from: Option<u64>,
     ) -> Result<Attached, SubsError> {
+        if self.idle() {
+            return Err(SubsError::Unknown(id));
+        }
         let (reply, rx) = oneshot::channel();
         self.call(
             Command::Attach {
@@ -244,6 +303,9 @@ impl SubsHandle {
 
     /// Removes a subscription: its subscribers' streams end and its id is forgotten.
     pub async fn remove(&self, id: String) -> Result<(), SubsError> {
+        if self.idle() {
+            return Err(SubsError::Unknown(id));
+        }
         let (reply, rx) = oneshot::channel();
         let gone = || SubsError::Internal("the subscription thread stopped".into());
         self.tx
@@ -255,6 +317,9 @@ impl SubsHandle {
 
     /// Every subscription, described (for operators).
     pub async fn list(&self) -> Result<Vec<crate::http::types::SubscriptionInfo>, SubsError> {
+        if self.idle() {
+            return Ok(Vec::new());
+        }
         let (reply, rx) = oneshot::channel();
         let gone = || SubsError::Internal("the subscription thread stopped".into());
         self.tx
@@ -275,8 +340,9 @@ impl SubsHandle {
     }
 }
 
-/// Starts the subscription thread: `db` is the replicated database (read only), `path` the
-/// subscriptions' own file.
+/// Starts the subscriptions: `db` is the replicated database (read only), `path` the
+/// subscriptions' own file. The manager thread starts at once if the file holds
+/// subscriptions (they are reconciled with the data), otherwise with the first subscription.
 pub fn spawn(
     db: &Path,
     path: &Path,
@@ -286,56 +352,76 @@ pub fn spawn(
 ) -> Result<SubsHandle, SubsError> {
     let (reader, storage) = storage::open(db, path)?;
     let (tx, rx) = mpsc::channel(1024);
-    let mut manager = Manager {
-        reader,
-        workers: Workers::new(db, config, tx.downgrade()),
-        inline: None,
-        storage,
-        config,
-        matchers: Vec::new(),
-        pending: Vec::new(),
-        any: Arc::default(),
-    };
-    manager.load()?;
-    let any_subscription = manager.any.clone();
+    let any: Arc<std::sync::atomic::AtomicBool> = Arc::default();
     let span = tracing::Span::current();
-    std::thread::Builder::new()
-        .name("patina-subs".into())
-        .spawn(move || {
-            let _in_node = span.enter();
-            manager.run(rx)
+    let stored: i64 = storage.query_row("SELECT count(*) FROM subs", [], |r| r.get(0))?;
+    let idle = if stored > 0 {
+        let mut manager = Manager {
+            reader,
+            workers: Workers::new(db, config, tx.downgrade()),
+            inline: None,
+            storage,
+            config,
+            matchers: Vec::new(),
+            pending: Vec::new(),
+            any: any.clone(),
+        };
+        manager.load()?;
+        start_manager(manager, rx, span)?;
+        None
+    } else {
+        Some(Idle {
+            db: db.to_path_buf(),
+            path: path.to_path_buf(),
+            config,
+            rx,
+            any: any.clone(),
+            span,
         })
-        .map_err(|e| SubsError::Internal(e.to_string()))?;
-    // Collection of subscriptions nobody listens to, a few times per idle timeout.
-    let collect = tx.clone();
+    };
+    let handle = SubsHandle {
+        tx,
+        idle: Arc::new(std::sync::Mutex::new(idle)),
+    };
+    // Collection of subscriptions nobody listens to, a few times per idle timeout (nothing
+    // to collect while no subscription exists).
+    let collect = handle.clone();
     let mut stop = shutdown.clone();
     let every =
         (config.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
+    let any_to_collect = any.clone();
     crate::logging::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            if collect.send(Command::Collect).await.is_err() {
+            if !any_to_collect.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            if collect.tx.send(Command::Collect).await.is_err() {
                 return;
             }
         }
     });
     // Change notices from the store thread; a lag means some were lost: reconcile all.
-    let forward = tx.clone();
-    let any = any_subscription;
+    let forward = handle.tx.clone();
     crate::logging::spawn(async move {
         loop {
             let received = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => return,
                 received = row_changes.recv() => received,
             };
+            // Nobody to tell: no wake-up of the manager thread for every commit, and nothing
+            // to reconcile after a lag. (Set before a new subscription's first query starts,
+            // so a commit after that query's snapshot is always forwarded.)
+            if !any.load(std::sync::atomic::Ordering::SeqCst) {
+                if matches!(received, Err(broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+                continue;
+            }
             let command = match received {
-                // Nobody to tell: no wake-up of the manager thread for every commit. (Set
-                // before a new subscription's first query starts, so a commit after that
-                // query's snapshot is always forwarded.)
-                Ok(_) if !any.load(std::sync::atomic::Ordering::SeqCst) => continue,
                 Ok(batch) => Command::Changes(batch),
                 Err(broadcast::error::RecvError::Lagged(_)) => Command::Resync,
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -345,7 +431,23 @@ pub fn spawn(
             }
         }
     });
-    Ok(SubsHandle { tx })
+    Ok(handle)
+}
+
+/// Runs `manager` on a thread of its own until every handle is gone.
+fn start_manager(
+    manager: Manager,
+    rx: mpsc::Receiver<Command>,
+    span: tracing::Span,
+) -> Result<(), SubsError> {
+    std::thread::Builder::new()
+        .name("patina-subs".into())
+        .spawn(move || {
+            let _in_node = span.enter();
+            manager.run(rx)
+        })
+        .map(|_| ())
+        .map_err(|e| SubsError::Internal(e.to_string()))
 }
 
 /// A random (version 4) UUID, as Corrosion's clients parse subscription and stream ids.
@@ -362,4 +464,70 @@ pub fn random_uuid() -> String {
         &hex[16..20],
         &hex[20..32]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SubsConfig {
+        SubsConfig {
+            max_subscriptions: 10,
+            history_len: 100,
+            subscriber_buffer: 16,
+            rows_max: 1_000,
+            pass_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// A node that never has a subscription runs no manager thread; the first subscription
+    /// starts it, and a restart with a stored subscription starts it at once.
+    #[test]
+    fn the_manager_starts_with_the_first_subscription() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let file = dir.path().join("state.db.subscriptions");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE __patina_tables (name TEXT PRIMARY KEY);
+                 INSERT INTO __patina_tables VALUES ('kv');
+                 CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT);
+                 INSERT INTO kv VALUES ('a', 'x');",
+            )
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (changes, _) = broadcast::channel(16);
+            let (_stop, stopped) = tokio::sync::watch::channel(false);
+            let subs = spawn(&db, &file, config(), changes.subscribe(), stopped.clone()).unwrap();
+            assert!(subs.idle());
+            // Asking about subscriptions starts nothing.
+            assert!(subs.list().await.unwrap().is_empty());
+            let unknown = subs.attach("x".into(), false, None).await.unwrap_err();
+            assert!(matches!(unknown, SubsError::Unknown(_)), "{unknown:?}");
+            assert!(matches!(
+                subs.remove("x".into()).await,
+                Err(SubsError::Unknown(_))
+            ));
+            assert!(subs.idle());
+            let attached = subs
+                .subscribe("SELECT k FROM kv".into(), false, None)
+                .await
+                .unwrap();
+            assert!(!subs.idle());
+            assert_eq!(attached.rows.unwrap().len(), 1);
+            assert_eq!(subs.list().await.unwrap().len(), 1);
+            drop(subs);
+            // The stored subscription is reconciled after a restart: started at once.
+            let again = spawn(&db, &file, config(), changes.subscribe(), stopped).unwrap();
+            assert!(!again.idle());
+            assert_eq!(again.list().await.unwrap()[0].id, attached.id);
+        });
+    }
 }
