@@ -232,18 +232,22 @@ impl SubsHandle {
     /// Starts the manager thread if it is not running yet.
     fn start(&self) -> Result<(), SubsError> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(waiting) = idle.as_ref() else {
+            return Ok(());
+        };
+        // On failure it stays idle, and the next subscription tries again.
+        let (reader, storage) = storage::open(&waiting.db, &waiting.path)?;
         let Some(Idle {
             db,
-            path,
             config,
             rx,
             any,
             span,
+            ..
         }) = idle.take()
         else {
             return Ok(());
         };
-        let (reader, storage) = storage::open(&db, &path)?;
         let manager = Manager {
             reader,
             workers: Workers::new(&db, config, self.tx.downgrade()),
@@ -516,6 +520,13 @@ mod tests {
                 Err(SubsError::Unknown(_))
             ));
             assert!(subs.idle());
+            // A start that fails (the file cannot be opened) leaves it idle for the next try.
+            std::fs::remove_file(&file).unwrap();
+            std::fs::create_dir(&file).unwrap();
+            let failed = subs.subscribe("SELECT k FROM kv".into(), false, None).await;
+            assert!(matches!(failed, Err(SubsError::Internal(_))), "{failed:?}");
+            assert!(subs.idle());
+            std::fs::remove_dir(&file).unwrap();
             let attached = subs
                 .subscribe("SELECT k FROM kv".into(), false, None)
                 .await
