@@ -72,6 +72,10 @@ pub struct Options {
     pub connection_idle_ms: Option<u64>,
     /// Anti-entropy sync interval of every agent (ms, live).
     pub sync_interval_ms: u64,
+    /// Kept links every agent asks of its nearest members (live); `None`: the agent's default.
+    pub near_peers: Option<usize>,
+    /// Kept links every agent asks of random members (live); `None`: the agent's default.
+    pub far_peers: Option<usize>,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -105,6 +109,8 @@ impl Default for Options {
             swim_probe_ms: 1_000,
             connection_idle_ms: None,
             sync_interval_ms: DEFAULT_SYNC_INTERVAL_MS,
+            near_peers: None,
+            far_peers: None,
             progress: false,
         }
     }
@@ -595,6 +601,12 @@ pub async fn run_live(options: &Options) -> Report {
         config.gossip.swim_probe_period_ms = options.swim_probe_ms;
         if let Some(idle_ms) = options.connection_idle_ms {
             config.gossip.connection_idle_ms = idle_ms;
+        }
+        if let Some(near) = options.near_peers {
+            config.gossip.near_peers = near;
+        }
+        if let Some(far) = options.far_peers {
+            config.gossip.far_peers = far;
         }
         config.api.query_connections = 1;
         if options.tls {

@@ -286,6 +286,12 @@ struct Common {
     /// Anti-entropy sync interval of every agent (ms, live).
     #[arg(long, default_value_t = loadgen::DEFAULT_SYNC_INTERVAL_MS)]
     sync_interval_ms: u64,
+    /// Kept links every agent asks of its nearest members (live); default: the agent's.
+    #[arg(long)]
+    near_peers: Option<usize>,
+    /// Kept links every agent asks of random members (live); default: the agent's.
+    #[arg(long)]
+    far_peers: Option<usize>,
     /// Where to write the raw figures.
     #[arg(long, default_value = "loadgen-report.json")]
     json: PathBuf,
@@ -328,6 +334,8 @@ fn options(c: &Common) -> Result<Options, String> {
             .unwrap_or_else(|| loadgen::default_swim_probe_ms(c.nodes)),
         connection_idle_ms: c.connection_idle_ms,
         sync_interval_ms: c.sync_interval_ms,
+        near_peers: c.near_peers,
+        far_peers: c.far_peers,
         progress: true,
     })
 }
@@ -365,6 +373,7 @@ fn main() {
         "latency": common.latency, "loss": options.loss, "tls": options.tls,
         "settle_s": common.settle_s, "warmup_s": common.warmup_s,
         "swim_probe_ms": options.swim_probe_ms, "sync_interval_ms": options.sync_interval_ms,
+        "near_peers": options.near_peers, "far_peers": options.far_peers,
     });
     write_outputs(&report, &common.json, &common.plot);
 }
