@@ -68,6 +68,28 @@ impl Work {
 }
 
 impl Manager {
+    /// A manager with no subscription loaded yet; `answers` is its own channel, on which the
+    /// heavy query thread replies.
+    pub(super) fn new(
+        reader: Connection,
+        storage: Connection,
+        db: &Path,
+        config: SubsConfig,
+        answers: mpsc::WeakSender<Command>,
+        any: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Manager {
+        Manager {
+            reader,
+            workers: Workers::new(db, config, answers),
+            inline: None,
+            storage,
+            config,
+            matchers: Vec::new(),
+            pending: Vec::new(),
+            any,
+        }
+    }
+
     pub(super) fn note_any(&self) {
         let any = !self.matchers.is_empty();
         self.any.store(any, std::sync::atomic::Ordering::SeqCst);

@@ -248,16 +248,7 @@ impl SubsHandle {
         else {
             return Ok(());
         };
-        let manager = Manager {
-            reader,
-            workers: Workers::new(&db, config, self.tx.downgrade()),
-            inline: None,
-            storage,
-            config,
-            matchers: Vec::new(),
-            pending: Vec::new(),
-            any,
-        };
+        let manager = Manager::new(reader, storage, &db, config, self.tx.downgrade(), any);
         start_manager(manager, rx, span)
     }
 
@@ -360,16 +351,7 @@ pub fn spawn(
     let span = tracing::Span::current();
     let stored: i64 = storage.query_row("SELECT count(*) FROM subs", [], |r| r.get(0))?;
     let idle = if stored > 0 {
-        let mut manager = Manager {
-            reader,
-            workers: Workers::new(db, config, tx.downgrade()),
-            inline: None,
-            storage,
-            config,
-            matchers: Vec::new(),
-            pending: Vec::new(),
-            any: any.clone(),
-        };
+        let mut manager = Manager::new(reader, storage, db, config, tx.downgrade(), any.clone());
         manager.load()?;
         start_manager(manager, rx, span)?;
         None
@@ -389,7 +371,7 @@ pub fn spawn(
     };
     // Collection of subscriptions nobody listens to, a few times per idle timeout (nothing
     // to collect while no subscription exists).
-    let collect = handle.clone();
+    let collect = handle.tx.clone();
     let mut stop = shutdown.clone();
     let every =
         (config.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
@@ -403,7 +385,7 @@ pub fn spawn(
             if !any_to_collect.load(std::sync::atomic::Ordering::SeqCst) {
                 continue;
             }
-            if collect.tx.send(Command::Collect).await.is_err() {
+            if collect.send(Command::Collect).await.is_err() {
                 return;
             }
         }
