@@ -376,27 +376,30 @@ async fn subscriptions_and_updates_through_corro_client() {
     let mut updates = a.updates_typed::<Vec<SqliteValue>>("kv").await.unwrap();
 
     // Writes on the other node reach the subscription as contiguous changes.
-    for sql in [
-        "INSERT INTO kv (k, v) VALUES ('y', '1')",
-        "UPDATE kv SET v = '2' WHERE k = 'y'",
-        "DELETE FROM kv WHERE k = 'x'",
-    ] {
-        b.execute(&[Statement::Simple(sql.into())], None)
-            .await
-            .unwrap();
-    }
+    // Each write waits for the one before it to reach the subscription: two
+    // changesets that arrive together are applied in one batch, and the
+    // subscription then reports their combined effect (an insert of 'y' with
+    // '2'), as Corrosion's does.
+    let on_b = |sql: &str| {
+        let statements = [Statement::Simple(sql.into())];
+        let b = &b;
+        async move { b.execute(&statements, None).await.unwrap() }
+    };
+    on_b("INSERT INTO kv (k, v) VALUES ('y', '1')").await;
     let (kind, row_y, values, c1) = change(&mut sub).await;
     assert_eq!(
         (kind, values),
         (ChangeType::Insert, ("y".into(), Some("1".into())))
     );
     assert_eq!(c1, ChangeId(start.0 + 1));
+    on_b("UPDATE kv SET v = '2' WHERE k = 'y'").await;
     let (kind, row, values, c2) = change(&mut sub).await;
     assert_eq!(
         (kind, row, values),
         (ChangeType::Update, row_y, ("y".into(), Some("2".into())))
     );
     assert_eq!(c2, ChangeId(c1.0 + 1));
+    on_b("DELETE FROM kv WHERE k = 'x'").await;
     let (kind, row, values, c3) = change(&mut sub).await;
     assert_eq!(
         (kind, row, values),
