@@ -287,6 +287,39 @@ async fn idle_connections_close_and_open_again_when_needed() {
     b.send(a.local_addr(), Channel::Stream, Bytes::from_static(b"back"));
 }
 
+/// A datagram to a peer with a pooled connection leaves without the peer's send queue and
+/// its task (one wake-up less per broadcast copy); one to a peer not connected yet still goes
+/// through a queue, whose task connects.
+#[tokio::test]
+async fn datagrams_on_a_pooled_connection_skip_the_send_queue() {
+    let (a, mut a_rx) = bind(TlsMode::Plaintext);
+    let (b, mut b_rx) = bind(TlsMode::Plaintext);
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"hello"),
+    );
+    assert_eq!(
+        a.queued_peers(),
+        1,
+        "the first message waits for a connection"
+    );
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"hello");
+    // b accepted a's connection and pooled it: its answers need no queue.
+    for n in 0..20u8 {
+        b.send(a.local_addr(), Channel::Datagram, Bytes::from(vec![n; 100]));
+        assert_eq!(recv(&mut a_rx).await.unwrap().bytes.as_ref(), &[n; 100][..]);
+    }
+    assert_eq!(b.queued_peers(), 0, "a send queue (and task) was made");
+    assert_eq!(b.stats().sent.load(Ordering::Relaxed), 20);
+    assert_eq!(b.stats().connections_opened.load(Ordering::Relaxed), 0);
+    // A message too large for a datagram still goes through the queue, on a stream.
+    let large = Bytes::from(vec![7u8; 4_000]);
+    b.send(a.local_addr(), Channel::Datagram, large.clone());
+    assert_eq!(recv(&mut a_rx).await.unwrap().bytes, large);
+    assert_eq!(b.queued_peers(), 1);
+}
+
 #[tokio::test]
 async fn the_pool_keeps_at_most_connections_max() {
     let (a, _a_rx) = bind_with(
