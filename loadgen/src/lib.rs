@@ -142,6 +142,8 @@ pub struct Report {
     pub cpu_per_node: Option<f64>,
     /// CPU seconds per node per second while idle, before the writes (live).
     pub idle_cpu_per_node: Option<f64>,
+    /// What one write cost the machine beyond idle (live).
+    pub write_cpu: Option<WriteCpu>,
     /// Resident memory per node, idle, after the cluster formed (MiB, live).
     pub memory_per_node_mib: Option<f64>,
     /// Nodes that saw every other one before the writes (live).
@@ -178,6 +180,49 @@ pub struct Report {
     /// says (members known, how many others know them, connections, sync rounds): the
     /// evidence for why they were cut off.
     pub stragglers: Vec<String>,
+}
+
+/// The CPU one write cost beyond idle, per node and over all nodes, and the least time this
+/// machine's cores need for it: agents sharing a machine cannot all have a write sooner than
+/// that, whatever the network (BENCHMARKS, "Why live runs of 800-1,000 agents miss the
+/// simulator's figures on 2 cores").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WriteCpu {
+    /// CPU per write per node beyond idle (ms).
+    pub per_node_ms: f64,
+    /// The same over all nodes (ms).
+    pub all_nodes_ms: f64,
+    /// Cores of the machine.
+    pub cores: usize,
+}
+
+impl WriteCpu {
+    /// From the process's CPU seconds over the write phase (`phase_s` long, `writes` writes)
+    /// and its idle CPU per node per second measured before; None without writes.
+    pub fn measure(
+        phase_cpu_s: f64,
+        phase_s: f64,
+        idle_cpu_per_node: f64,
+        nodes: usize,
+        writes: usize,
+        cores: usize,
+    ) -> Option<WriteCpu> {
+        if writes == 0 || nodes == 0 || cores == 0 {
+            return None;
+        }
+        let beyond_idle = (phase_cpu_s - idle_cpu_per_node * nodes as f64 * phase_s).max(0.0);
+        let all_nodes_ms = beyond_idle / writes as f64 * 1000.0;
+        Some(WriteCpu {
+            per_node_ms: all_nodes_ms / nodes as f64,
+            all_nodes_ms,
+            cores,
+        })
+    }
+
+    /// The least wall time the machine's cores need for one write's CPU (ms).
+    pub fn floor_ms(&self) -> f64 {
+        self.all_nodes_ms / self.cores as f64
+    }
 }
 
 impl Report {
@@ -248,6 +293,15 @@ impl Report {
                 "  per node            {:.2}% of a core while writing, {:.2}% idle, {mem:.1} MiB resident (idle)\n",
                 cpu * 100.0,
                 idle * 100.0
+            ));
+        }
+        if let Some(cost) = self.write_cpu {
+            out.push_str(&format!(
+                "  CPU per write       {:.2} ms per node beyond idle, {:.0} ms over all nodes: at least {:.0} ms on this machine's {} cores\n",
+                cost.per_node_ms,
+                cost.all_nodes_ms,
+                cost.floor_ms(),
+                cost.cores
             ));
         }
         if let (Some(conns), Some(handshakes)) =
@@ -334,6 +388,12 @@ impl Report {
             "broadcast_sends_per_change_per_node": self.broadcast_sends_per_change_per_node,
             "cpu_per_node": self.cpu_per_node,
             "idle_cpu_per_node": self.idle_cpu_per_node,
+            "write_cpu": self.write_cpu.map(|c| json!({
+                "per_node_ms": c.per_node_ms,
+                "all_nodes_ms": c.all_nodes_ms,
+                "cores": c.cores,
+                "floor_ms": c.floor_ms(),
+            })),
             "memory_per_node_mib": self.memory_per_node_mib,
             "settled_nodes": self.settled_nodes,
             "formation_s": self.formation_s,
@@ -843,6 +903,14 @@ pub async fn run_live(options: &Options) -> Report {
         memory_per_node_mib: Some(idle_rss / n as f64),
         idle_cpu_per_node: Some(idle_cpu),
         cpu_per_node: Some((cpu_after - cpu_before) / phase / n as f64),
+        write_cpu: WriteCpu::measure(
+            cpu_after - cpu_before,
+            phase,
+            idle_cpu,
+            n,
+            options.writes,
+            std::thread::available_parallelism().map_or(1, |c| c.get()),
+        ),
         stragglers,
         ..Report::default()
     };
@@ -868,4 +936,28 @@ pub async fn run_live(options: &Options) -> Report {
     stopping.finish_and_clear();
     report.wall_s = started.elapsed().as_secs_f64();
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WriteCpu;
+
+    #[test]
+    fn a_writes_cpu_is_what_the_phase_took_beyond_idle() {
+        // 300 nodes idle at 0.1% of a core each (0.3 cores); 40 s of writes took 60 CPU
+        // seconds, 12 of them idle: 48 s for 200 writes is 240 ms a write, 0.8 ms per node,
+        // 120 ms of 2 cores.
+        let cost = WriteCpu::measure(60.0, 40.0, 0.001, 300, 200, 2).unwrap();
+        assert!((cost.all_nodes_ms - 240.0).abs() < 1e-9, "{cost:?}");
+        assert!((cost.per_node_ms - 0.8).abs() < 1e-9, "{cost:?}");
+        assert!((cost.floor_ms() - 120.0).abs() < 1e-9, "{cost:?}");
+        // Less than idle (noise) is no cost, not a negative one; no writes, no figure.
+        assert_eq!(
+            WriteCpu::measure(5.0, 40.0, 0.001, 300, 200, 2)
+                .unwrap()
+                .all_nodes_ms,
+            0.0
+        );
+        assert_eq!(WriteCpu::measure(60.0, 40.0, 0.001, 300, 0, 2), None);
+    }
 }

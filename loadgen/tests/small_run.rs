@@ -24,6 +24,10 @@ async fn twenty_nodes_every_write_reaches_every_node() {
     assert_eq!(json["nodes"], 20);
     assert_eq!(json["writes"], 5);
     assert!(report.table().contains("time to all nodes"));
+    let cost = report.write_cpu.expect("a live run measures a write's CPU");
+    assert!(cost.cores >= 1 && cost.all_nodes_ms >= 0.0, "{cost:?}");
+    assert!(report.table().contains("CPU per write"));
+    assert_eq!(json["write_cpu"]["cores"], cost.cores);
     let svg = report.cdf_svg(&report.title()).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("time to all nodes (per write) (n = 5)"));
 }
