@@ -446,8 +446,10 @@ impl Transport {
         &self.shared.stats
     }
 
-    /// Queues a message for a peer; never blocks. When the peer's queue is full the oldest
-    /// message is dropped.
+    /// Sends a message to a peer; never blocks. A datagram on a connection that is ready leaves
+    /// at once (see `send_datagram_direct`); anything else goes through the peer's queue, whose
+    /// task connects first if needed. When the peer's queue is full the oldest message is
+    /// dropped.
     pub fn send(&self, to: SocketAddr, channel: Channel, bytes: Bytes) {
         let bytes = match channel {
             Channel::Datagram => match self.send_datagram_direct(to, bytes) {
@@ -490,7 +492,7 @@ impl Transport {
     /// nothing is queued for the peer, its pooled connection answers, the message fits a
     /// datagram and the send budget has room. Through the queue each message cost a wake-up of
     /// the peer's task besides the queue's locks; every broadcast copy is such a message
-    /// (BENCHMARKS, "One task hop fewer per datagram"). Gives the message back when the queue
+    /// (BENCHMARKS, "Where a write's CPU goes"). Gives the message back when the queue
     /// must take it (to connect, to wait for the budget, or to send it on a stream).
     fn send_datagram_direct(&self, to: SocketAddr, bytes: Bytes) -> Option<Bytes> {
         let shared = &self.shared;
