@@ -178,7 +178,9 @@ impl Pooled {
 }
 
 struct PeerQueue {
-    messages: Mutex<VecDeque<(Channel, Bytes)>>,
+    /// Messages to send, each with whether its loss (a fault) was drawn already: the direct
+    /// datagram path draws it before it can find that the queue must take the message.
+    messages: Mutex<VecDeque<(Channel, Bytes, bool)>>,
     wake: Notify,
 }
 
@@ -451,12 +453,12 @@ impl Transport {
     /// task connects first if needed. When the peer's queue is full the oldest message is
     /// dropped.
     pub fn send(&self, to: SocketAddr, channel: Channel, bytes: Bytes) {
-        let bytes = match channel {
+        let (bytes, loss_drawn) = match channel {
             Channel::Datagram => match self.send_datagram_direct(to, bytes) {
-                Some(bytes) => bytes,
+                Some(back) => back,
                 None => return,
             },
-            Channel::Stream => bytes,
+            Channel::Stream => (bytes, false),
         };
         // The message is queued under the map's lock: a sender loop that finds its queue
         // empty removes it under the same lock, so no message lands in a queue nobody reads.
@@ -481,7 +483,7 @@ impl Transport {
                 messages.pop_front();
                 self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            messages.push_back((channel, bytes));
+            messages.push_back((channel, bytes, loss_drawn));
             drop(messages);
             queue
         };
@@ -493,8 +495,9 @@ impl Transport {
     /// datagram and the send budget has room. Through the queue each message cost a wake-up of
     /// the peer's task besides the queue's locks; every broadcast copy is such a message
     /// (BENCHMARKS, "Where a write's CPU goes"). Gives the message back when the queue
-    /// must take it (to connect, to wait for the budget, or to send it on a stream).
-    fn send_datagram_direct(&self, to: SocketAddr, bytes: Bytes) -> Option<Bytes> {
+    /// must take it (to connect, to wait for the budget, or to send it on a stream), with
+    /// whether its loss was drawn already (so the queue's task does not draw it again).
+    fn send_datagram_direct(&self, to: SocketAddr, bytes: Bytes) -> Option<(Bytes, bool)> {
         let shared = &self.shared;
         let queued = shared
             .queues
@@ -508,7 +511,7 @@ impl Transport {
                     .is_empty()
             });
         if queued {
-            return Some(bytes);
+            return Some((bytes, false));
         }
         let conn = {
             let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
@@ -516,14 +519,14 @@ impl Transport {
                 .get_mut(&to)
                 .filter(|pooled| pooled.conn.close_reason().is_none())
             else {
-                return Some(bytes);
+                return Some((bytes, false));
             };
             if pooled
                 .conn
                 .max_datagram_size()
                 .is_none_or(|max| bytes.len() > max)
             {
-                return Some(bytes);
+                return Some((bytes, false));
             }
             // As in the queue's task: faults before the silence check, so a message never
             // sent does not count as unanswered.
@@ -533,7 +536,7 @@ impl Transport {
             }
             if pooled.stalled(Instant::now()) {
                 // The queue's task closes the silent connection and connects afresh.
-                return Some(bytes);
+                return Some((bytes, true));
             }
             pooled.conn.clone()
         };
@@ -552,7 +555,7 @@ impl Transport {
             .unwrap_or_else(|e| e.into_inner())
             .try_take(bytes.len() as u64)
         {
-            return Some(bytes);
+            return Some((bytes, true));
         }
         // No in-flight permit: a datagram leaves (or is refused) at once; the permits bound
         // stream writes that wait on the peer.
@@ -950,7 +953,7 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front();
-        let Some((channel, bytes)) = next else {
+        let Some((channel, bytes, loss_drawn)) = next else {
             // A peer not sent to for a connection's idle time loses its queue and this task,
             // so a node that talked to every member of a large cluster once does not keep a
             // task per member.
@@ -975,7 +978,7 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
             continue;
         };
         // Before the connection: a message never sent must not count as unanswered there.
-        if shared.faults.is_cut(&to) || shared.faults.drops_next() {
+        if shared.faults.is_cut(&to) || (!loss_drawn && shared.faults.drops_next()) {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
