@@ -379,7 +379,7 @@ async fn subscriptions_and_updates_through_corro_client() {
     // Each write waits for the one before it to reach the subscription: two
     // changesets that arrive together are applied in one batch, and the
     // subscription then reports their combined effect (an insert of 'y' with
-    // '2'), as Corrosion's does.
+    // '2').
     let on_b = |sql: &str| {
         let statements = [Statement::Simple(sql.into())];
         let b = &b;
