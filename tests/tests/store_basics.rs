@@ -373,15 +373,6 @@ fn superseded_index_entries_go_in_batches_and_a_rolled_back_write_keeps_its_own(
         write(&mut a, &format!("UPDATE hosts SET cpu = {i} WHERE id = 2"));
     }
     assert_eq!(a.db_version(), DbVersion(102));
-    // Versions 1 and 2 (the rows' sentinels), 102, and the stale entries of the updates
-    // since the last batch: not one entry per update.
-    let entries = index_entries(&dir, "a.db");
-    assert!(
-        entries.len() < 70,
-        "{} index entries: stale ones are not deleted",
-        entries.len()
-    );
-    assert!(entries.contains(&(0, 1)) && entries.contains(&(0, 2)) && entries.contains(&(0, 102)));
     // What extraction gives is the same whether a stale entry is deleted yet or not.
     let site = a.site_id();
     let all = a
@@ -396,4 +387,115 @@ fn superseded_index_entries_go_in_batches_and_a_rolled_back_write_keeps_its_own(
     let table = "SELECT id, name, cpu FROM hosts ORDER BY id";
     assert_eq!(rows(&a, table), rows(&b, table));
     assert_eq!(rows(&b, table).len(), 2);
+    // Closed, the index holds versions 1 and 2 (the rows' sentinels), 102, and the stale
+    // entries of the updates since the last batch: not one entry per update.
+    drop(a);
+    let entries = index_entries(&dir, "a.db");
+    assert!(
+        entries.len() < 70,
+        "{} index entries: stale ones are not deleted",
+        entries.len()
+    );
+    assert!(entries.contains(&(0, 1)) && entries.contains(&(0, 2)) && entries.contains(&(0, 102)));
+}
+
+/// Rows of the `__patina_unindexed` mark in a store's file.
+fn unindexed_marks(dir: &tempfile::TempDir, name: &str) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.path().join(name),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.query_row("SELECT count(*) FROM __patina_unindexed", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn deferred_index_entries_are_served_and_a_crash_does_not_lose_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let site = a.site_id();
+    for id in 1..=10 {
+        a.transact(&[Statement::new(format!(
+            "INSERT INTO hosts (id, name) VALUES ({id}, 'h{id}')"
+        ))])
+        .unwrap();
+    }
+    // Fewer writes than a batch: their entries are not in the file yet, and the mark says so.
+    assert!(
+        index_entries(&dir, "a.db").is_empty(),
+        "entries were written per commit"
+    );
+    assert_eq!(unindexed_marks(&dir, "a.db"), 1);
+    // Extraction serves them all the same.
+    let served = a
+        .changesets(site, DbVersion(1), DbVersion(10), usize::MAX)
+        .unwrap();
+    assert_eq!(served.len(), 10);
+    // A sentinel and three cells each.
+    let sizes = |served: &[patina_core::Changeset]| -> Vec<usize> {
+        served.iter().map(|cs| cs.changes.len()).collect()
+    };
+    assert_eq!(sizes(&served), vec![4; 10]);
+    // A schema reload re-reads the head from the file: the deferred versions count.
+    a.apply_schema_sql(&format!(
+        "{SCHEMA} CREATE TABLE extra (id INTEGER PRIMARY KEY);"
+    ))
+    .unwrap();
+    assert_eq!(a.db_version(), DbVersion(10));
+
+    // A crash: no close, so nothing flushes the entries.
+    std::mem::forget(a);
+    let mut a = open(&dir, "a.db");
+    assert_eq!(a.db_version(), DbVersion(10), "versions would be reused");
+    assert_eq!(unindexed_marks(&dir, "a.db"), 0);
+    assert_eq!(index_entries(&dir, "a.db").len(), 10);
+    let served = a
+        .changesets(site, DbVersion(1), DbVersion(10), usize::MAX)
+        .unwrap();
+    assert_eq!(
+        sizes(&served),
+        vec![4; 10],
+        "a version came back empty after the crash"
+    );
+    let mut b = open(&dir, "b.db");
+    sync(&a, &mut b);
+    assert_eq!(rows(&b, "SELECT id FROM hosts").len(), 10);
+    let out = a
+        .transact(&[Statement::new("UPDATE hosts SET cpu = 1 WHERE id = 1")])
+        .unwrap();
+    assert_eq!(out.version, Some(DbVersion(11)));
+    // A clean close writes what is deferred: nothing left to rebuild.
+    drop(a);
+    assert_eq!(unindexed_marks(&dir, "a.db"), 0);
+    assert!(index_entries(&dir, "a.db").contains(&(0, 11)));
+}
+
+#[test]
+fn a_backup_with_deferred_entries_restores_under_a_new_identity_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let old_site = a.site_id();
+    for id in 1..=5 {
+        a.transact(&[Statement::new(format!(
+            "INSERT INTO hosts (id, name) VALUES ({id}, 'h{id}')"
+        ))])
+        .unwrap();
+    }
+    // Taken while `a` runs, with its entries deferred: the copy carries the mark.
+    let copy = dir.path().join("a.backup");
+    patina::store::backup::backup(&dir.path().join("a.db"), &copy).unwrap();
+    assert_eq!(unindexed_marks(&dir, "a.backup"), 1);
+    patina::store::backup::restore(&copy, &dir.path().join("c.db"), false).unwrap();
+    let c = open(&dir, "c.db");
+    assert_ne!(c.site_id(), old_site);
+    // The entries belong to the old identity, whose five versions the copy holds; the new
+    // identity has written nothing.
+    assert_eq!(c.db_version(), DbVersion(0));
+    let served = c
+        .changesets(old_site, DbVersion(1), DbVersion(5), usize::MAX)
+        .unwrap();
+    let sizes: Vec<usize> = served.iter().map(|cs| cs.changes.len()).collect();
+    assert_eq!(sizes, vec![4; 5]);
+    drop(a);
 }

@@ -197,6 +197,9 @@ pub fn restore(from: &Path, db: &Path, keep_site: bool) -> Result<RestoreReport,
 /// Returns the new id.
 fn reidentify(conn: &mut Connection) -> Result<SiteId, StoreError> {
     let tx = conn.transaction()?;
+    // The head below comes from the changes index: first the entries a backup of a running
+    // node may lack (see `local::INDEX_BATCH`).
+    super::local::rebuild_unindexed(&tx)?;
     let mut old_sites = SiteTable::default();
     {
         let mut stmt = tx.prepare("SELECT site_id FROM __patina_sites ORDER BY ord")?;

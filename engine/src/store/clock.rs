@@ -93,6 +93,32 @@ pub fn encode_cells(cells: &BTreeMap<ColOrd, CellClock>, sites: &SiteTable) -> V
     out
 }
 
+/// Calls `each` with the (site ordinal, version) of every origin in a row clock's stored
+/// parts, without resolving sites (sentinel first, then cells in column order).
+pub fn for_each_origin(
+    sentinel: Option<&[u8]>,
+    mut cells: &[u8],
+    mut each: impl FnMut(u64, u64),
+) -> Result<(), StoreError> {
+    let corrupt = || StoreError::Corrupt("truncated clock blob".into());
+    let mut origin = |input: &mut &[u8]| -> Result<(), StoreError> {
+        let site = take_varint(input).ok_or_else(corrupt)?;
+        let version = take_varint(input).ok_or_else(corrupt)?;
+        take_varint(input).ok_or_else(corrupt)?;
+        each(site, version);
+        Ok(())
+    };
+    if let Some(mut blob) = sentinel {
+        origin(&mut blob)?;
+    }
+    while !cells.is_empty() {
+        take_varint(&mut cells).ok_or_else(corrupt)?;
+        take_varint(&mut cells).ok_or_else(corrupt)?;
+        origin(&mut cells)?;
+    }
+    Ok(())
+}
+
 /// Rebuilds a row clock from its stored parts.
 pub fn decode_row_clock(
     cl: u64,

@@ -39,6 +39,19 @@ impl Store {
                     .push((row.get(1)?, row.get(2)?));
             }
         }
+        // Entries of local writes not written to the index yet (`local::INDEX_BATCH`). Their
+        // versions are above every own version the index holds, so when the query above
+        // stopped at the limit the walk below never reaches them.
+        for (_, version, table_ord, pk) in self
+            .index_pending
+            .iter()
+            .filter(|(s, v, _, _)| *s == site_ord && (start.get()..=end.get()).contains(v))
+        {
+            by_version
+                .entry(*version)
+                .or_default()
+                .push((*table_ord, pk.as_bytes().to_vec()));
+        }
         let mut out = Vec::new();
         // Walk the applied versions in range, up to the limit, filling in cleared ones.
         'ranges: for (a, b) in versions.applied.iter() {

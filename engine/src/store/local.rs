@@ -65,6 +65,7 @@ impl Store {
         self.wal.ensure_room(&self.writer)?;
         exec_cached(&self.writer, "BEGIN IMMEDIATE")?;
         self.stale_entries_open.clear();
+        self.index_open.clear();
         {
             let mut st = self.capture.lock();
             st.user_mode = true;
@@ -95,10 +96,23 @@ impl Store {
                     });
                 }
             }
-            let flushed =
-                self.stale_entries.len() + self.stale_entries_open.len() >= STALE_ENTRIES_BATCH;
+            let deferred = self.index_pending.len()
+                + self.index_open.len()
+                + self.stale_entries.len()
+                + self.stale_entries_open.len();
+            let flushed = deferred >= INDEX_BATCH;
             if flushed {
-                self.delete_stale_entries()?;
+                self.write_deferred_entries()?;
+            } else if self.index_pending.is_empty() {
+                if let Some((_, since, _, _)) = self.index_open.first() {
+                    // From this commit on the index lacks entries until the next flush; a
+                    // stop before it leaves this row, and the next open puts them back.
+                    self.writer
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO __patina_unindexed (id, since) VALUES (0, ?1)",
+                        )?
+                        .execute([*since as i64])?;
+                }
             }
             exec_cached(&self.writer, "COMMIT")?;
             Ok((rows_affected, changeset, flushed))
@@ -106,9 +120,12 @@ impl Store {
         match result {
             Ok((rows_affected, changeset, flushed)) => {
                 if flushed {
+                    self.index_pending.clear();
+                    self.index_open.clear();
                     self.stale_entries.clear();
                     self.stale_entries_open.clear();
                 } else {
+                    self.index_pending.append(&mut self.index_open);
                     self.stale_entries.append(&mut self.stale_entries_open);
                 }
                 if let Some(cs) = &changeset {
@@ -126,23 +143,66 @@ impl Store {
                 let _ = self.writer.execute_batch("ROLLBACK");
                 // Those entries are current again; a flush's deletes were rolled back too.
                 self.stale_entries_open.clear();
+                self.index_open.clear();
                 Err(e)
             }
         }
     }
 
-    /// Deletes the stale changes-index entries of committed local writes and of the open
-    /// transaction, inside it (the caller forgets them once it commits).
-    fn delete_stale_entries(&mut self) -> Result<(), StoreError> {
-        let mut stmt = self.writer.prepare_cached(
+    /// Writes the deferred changes-index work of committed local writes and of the open
+    /// transaction, inside it (the caller forgets it once it commits): the entries of new
+    /// origins, less those already superseded again, and the deletes of stale entries, less
+    /// those never written; then clears the unindexed mark.
+    fn write_deferred_entries(&mut self) -> Result<(), StoreError> {
+        let stale: HashSet<&IndexEntry> = self
+            .stale_entries
+            .iter()
+            .chain(&self.stale_entries_open)
+            .collect();
+        let fresh: HashSet<&IndexEntry> =
+            self.index_pending.iter().chain(&self.index_open).collect();
+        let inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = self
+            .index_pending
+            .iter()
+            .chain(&self.index_open)
+            .filter(|e| !stale.contains(e))
+            .map(|(site, version, table_ord, pk)| (*site, *version, *table_ord, pk))
+            .collect();
+        insert_index_entries(&self.writer, &inserts)?;
+        let mut delete = self.writer.prepare_cached(
             "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
         )?;
-        for (site, version, table_ord, pk) in
-            self.stale_entries.iter().chain(&self.stale_entries_open)
-        {
-            stmt.execute(params![site, *version as i64, table_ord, pk.as_bytes()])?;
+        for entry in stale.iter().filter(|e| !fresh.contains(*e)) {
+            let (site, version, table_ord, pk) = entry;
+            delete.execute(params![site, *version as i64, table_ord, pk.as_bytes()])?;
         }
+        exec_cached(&self.writer, "DELETE FROM __patina_unindexed")?;
         Ok(())
+    }
+
+    /// Writes the deferred changes-index entries in a transaction of their own: at close, so
+    /// the next open has nothing to put back.
+    pub(super) fn flush_deferred_entries(&mut self) -> Result<(), StoreError> {
+        if self.index_pending.is_empty() && self.stale_entries.is_empty() {
+            return Ok(());
+        }
+        exec_cached(&self.writer, "BEGIN IMMEDIATE")?;
+        self.index_open.clear();
+        self.stale_entries_open.clear();
+        let written = self
+            .write_deferred_entries()
+            .and_then(|()| Ok(exec_cached(&self.writer, "COMMIT")?));
+        match written {
+            Ok(()) => {
+                self.index_pending.clear();
+                self.stale_entries.clear();
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.writer.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
     }
 
     /// Runs one statement of a local transaction; on failure SQLite's message and whether the
@@ -267,8 +327,8 @@ impl Store {
             })
             .collect();
         // Local writes only remove entries of versions they supersede, never the newest own
-        // one: no head to persist.
-        self.write_row_clocks(&writes, Superseded::Later)?;
+        // one: no head to persist. Their index entries wait for a batch (`INDEX_BATCH`).
+        self.write_row_clocks(&writes, IndexWrites::Deferred)?;
         Ok(Some(Changeset::whole(
             ChangesetId {
                 site: self.site,
@@ -305,14 +365,15 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt(format!("unknown table ordinal {ord}")))
     }
 
-    /// Persists row clocks and adds their new origins to the changes index, with multi-row
-    /// statements; the entries of origins they no longer refer to are deleted now or later
-    /// (`superseded`). Returns true if an entry of this replica's own changesets was deleted
-    /// now (the caller must then make sure the head is persisted, see [`Store::persist_head`]).
+    /// Persists row clocks, with multi-row statements, and adds their new origins to the
+    /// changes index; the entries of origins they no longer refer to are deleted. Both now or
+    /// in a later batch (`index`). Returns true if an entry of this replica's own changesets
+    /// was deleted now (the caller must then make sure the head is persisted, see
+    /// [`Store::persist_head`]).
     pub(super) fn write_row_clocks(
         &mut self,
         rows: &[ClockWrite<'_>],
-        superseded: Superseded,
+        index: IndexWrites,
     ) -> Result<bool, StoreError> {
         let mut removed_own = false;
         let mut index_inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = Vec::new();
@@ -346,9 +407,9 @@ impl Store {
                     row.table_ord,
                     row.pk.clone(),
                 );
-                match superseded {
-                    Superseded::Later => self.stale_entries_open.push(entry),
-                    Superseded::DeleteNow => {
+                match index {
+                    IndexWrites::Deferred => self.stale_entries_open.push(entry),
+                    IndexWrites::Now => {
                         removed_own |= *site == self.site;
                         let (site, version, table_ord, pk) = entry;
                         self.writer
@@ -360,28 +421,26 @@ impl Store {
                 }
             }
             for (site, version) in new.difference(&old) {
-                index_inserts.push((self.site_ord(site)?, version.get(), row.table_ord, row.pk));
+                let site = self.site_ord(site)?;
+                match index {
+                    IndexWrites::Deferred => {
+                        self.index_open
+                            .push((site, version.get(), row.table_ord, row.pk.clone()))
+                    }
+                    IndexWrites::Now => {
+                        index_inserts.push((site, version.get(), row.table_ord, row.pk))
+                    }
+                }
             }
         }
-        for chunk in index_inserts.chunks(ROWS_PER_STATEMENT) {
-            let mut stmt = self
-                .writer
-                .prepare_cached(multi_row_sql(MultiRow::Index, chunk.len()))?;
-            for (n, (site, version, table_ord, pk)) in chunk.iter().enumerate() {
-                let at = n * 4;
-                stmt.raw_bind_parameter(at + 1, site)?;
-                stmt.raw_bind_parameter(at + 2, *version as i64)?;
-                stmt.raw_bind_parameter(at + 3, table_ord)?;
-                stmt.raw_bind_parameter(at + 4, pk.as_bytes())?;
-            }
-            stmt.raw_execute()?;
-        }
+        insert_index_entries(&self.writer, &index_inserts)?;
         Ok(removed_own)
     }
 
     /// Stores this replica's head. Not done per transaction: at open the head is the larger of
-    /// the stored one and the highest own version in the changes index, which holds every local
-    /// version until a later local write supersedes it. Only a remote merge can remove the
+    /// the stored one and the highest own version in the changes index (with the entries a
+    /// crash left unwritten put back first, see [`rebuild_unindexed`]), which holds every
+    /// local version until a later local write supersedes it. Only a remote merge can remove the
     /// entries of the newest local version without adding a newer one, so merges call this
     /// before such a removal commits; versions are never reused.
     pub(super) fn persist_head(&mut self) -> Result<(), StoreError> {
@@ -415,19 +474,96 @@ impl Store {
 /// A changes-index entry: (site ordinal, version, table ordinal, primary key).
 pub(super) type IndexEntry = (SiteOrd, u64, u32, PackedPk);
 
-/// Stale changes-index entries of local writes deleted together, in the transaction that
-/// brings their number to this. Deleting each in its own writer's transaction wrote a fourth
-/// B-tree page per commit (an update supersedes an older version, whose entries lie elsewhere
-/// in the index than the new ones); a batch touches a few pages once.
-pub(super) const STALE_ENTRIES_BATCH: usize = 64;
+/// Deferred changes-index work of local writes (entries to add, stale entries to delete)
+/// written together, in the local transaction that brings its amount to this. Writing it in
+/// each transaction put the index's B-tree pages in every commit beside the data's and the
+/// clocks' (a third of a one-row write's time); a batch touches a few pages once. Until then
+/// extraction takes the entries to add from memory, and a stop without a flush leaves the
+/// `__patina_unindexed` mark for the next open to put them back (see `rebuild_unindexed`).
+pub(super) const INDEX_BATCH: usize = 64;
 
-/// What [`Store::write_row_clocks`] does with the index entries of superseded origins.
+/// When [`Store::write_row_clocks`] writes the changes-index entries of a transaction.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Superseded {
-    /// Delete them in this transaction (remote merges).
-    DeleteNow,
-    /// Leave them for a later batch (local writes; see [`STALE_ENTRIES_BATCH`]).
-    Later,
+pub(super) enum IndexWrites {
+    /// In this transaction (remote merges).
+    Now,
+    /// In a later batch (local writes; see [`INDEX_BATCH`]).
+    Deferred,
+}
+
+/// Inserts changes-index entries with multi-row statements.
+fn insert_index_entries(
+    conn: &Connection,
+    entries: &[(SiteOrd, u64, u32, &PackedPk)],
+) -> Result<(), StoreError> {
+    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
+        let mut stmt = conn.prepare_cached(multi_row_sql(MultiRow::Index, chunk.len()))?;
+        for (n, (site, version, table_ord, pk)) in chunk.iter().enumerate() {
+            let at = n * 4;
+            stmt.raw_bind_parameter(at + 1, site)?;
+            stmt.raw_bind_parameter(at + 2, *version as i64)?;
+            stmt.raw_bind_parameter(at + 3, table_ord)?;
+            stmt.raw_bind_parameter(at + 4, pk.as_bytes())?;
+        }
+        stmt.raw_execute()?;
+    }
+    Ok(())
+}
+
+/// Puts back the changes-index entries a stop without a flush left unwritten, if the
+/// `__patina_unindexed` mark says some may be missing: every origin of this replica (site
+/// ordinal 0) from the marked version on that a row clock refers to. Only local writes defer
+/// their entries, and they only ever add versions above the mark. Runs inside the caller's
+/// transaction; reads every row clock (a crash's price, paid once at the next open). Returns
+/// the entries it found (present already or put back), None if nothing was marked.
+pub(super) fn rebuild_unindexed(conn: &Connection) -> Result<Option<usize>, StoreError> {
+    // Databases (and backups) written before the mark existed have no such table.
+    let marked: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = '__patina_unindexed'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !marked {
+        return Ok(None);
+    }
+    let since: Option<i64> =
+        conn.query_row("SELECT min(since) FROM __patina_unindexed", [], |r| {
+            r.get(0)
+        })?;
+    let Some(since) = since else {
+        return Ok(None);
+    };
+    let since = since.max(0) as u64;
+    let mut found: Vec<(u64, u32, PackedPk)> = Vec::new();
+    {
+        let mut stmt = conn.prepare("SELECT tbl, pk, sentinel, cells FROM __patina_rows")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let table_ord: u32 = row.get(0)?;
+            let sentinel: Option<Vec<u8>> = row.get(2)?;
+            let cells: Vec<u8> = row.get(3)?;
+            let mut versions = Vec::new();
+            clock::for_each_origin(sentinel.as_deref(), &cells, |site, version| {
+                if site == 0 && version >= since && !versions.contains(&version) {
+                    versions.push(version);
+                }
+            })?;
+            if !versions.is_empty() {
+                let pk = PackedPk::from_bytes(row.get(1)?)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                for version in versions {
+                    found.push((version, table_ord, pk.clone()));
+                }
+            }
+        }
+    }
+    let entries: Vec<(SiteOrd, u64, u32, &PackedPk)> = found
+        .iter()
+        .map(|(version, table_ord, pk)| (0, *version, *table_ord, pk))
+        .collect();
+    insert_index_entries(conn, &entries)?;
+    conn.execute("DELETE FROM __patina_unindexed", [])?;
+    Ok(Some(entries.len()))
 }
 
 /// Runs a statement without parameters through the statement cache: BEGIN and COMMIT were

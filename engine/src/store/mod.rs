@@ -15,9 +15,14 @@
 //!   extraction by version range cheap. Every origin a row's clock refers to has its entry.
 //!   An entry whose origin no clock of the row refers to any more is stale: a remote merge
 //!   removes it in its own transaction, a local write in a batch with later ones (see
-//!   `local::STALE_ENTRIES_BATCH`; a crash may leave up to a batch of them for good).
+//!   `local::INDEX_BATCH`; a crash may leave up to a batch of them for good).
 //!   Extraction reads each row's clock and takes only what carries the version, so a stale
 //!   entry yields nothing and a version whose entries are all stale comes back cleared.
+//!   Local writes add their entries in that batch too, not in their own commit: until then
+//!   extraction reads them from memory, and `unindexed` marks that the file lacks some;
+//! - `unindexed`: present from the first commit whose entries wait to the batch that writes
+//!   them; an open that finds it (the process stopped without closing the store) puts the
+//!   entries back from the row clocks before anything reads the index.
 //!
 //! This file holds the types, opening and loading; each concern has its own file: `migrate`,
 //! `local` (local transactions), `remote` (remote apply), `parts`, `extract`, `digest`,
@@ -44,13 +49,13 @@ mod wal;
 
 pub use digest::Digest;
 pub use extract::ClockSnapshot;
-use local::{exec_cached, ClockWrite, Superseded};
+use local::{exec_cached, ClockWrite, IndexWrites};
 use query::bind;
 pub use query::Reader;
 use rows::{load_row_clock, read_cell, read_row, upsert_row};
 pub use wal::{spawn_checkpointer, WalCommits};
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -301,6 +306,7 @@ CREATE TABLE IF NOT EXISTS __patina_changes (
   site INTEGER NOT NULL, version INTEGER NOT NULL, tbl INTEGER NOT NULL, pk BLOB NOT NULL,
   PRIMARY KEY (site, version, tbl, pk)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __patina_unindexed (id INTEGER PRIMARY KEY, since INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS __patina_parts (
   site BLOB NOT NULL, version INTEGER NOT NULL, first_seq INTEGER NOT NULL,
   end_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, bytes BLOB NOT NULL,
@@ -335,6 +341,21 @@ pub struct Store {
     stale_entries: Vec<local::IndexEntry>,
     /// The same, made stale by the local transaction still open.
     stale_entries_open: Vec<local::IndexEntry>,
+    /// Changes-index entries of committed local writes, not written yet (see
+    /// `local::INDEX_BATCH`); extraction reads them from here.
+    index_pending: Vec<local::IndexEntry>,
+    /// The same, of the local transaction still open.
+    index_open: Vec<local::IndexEntry>,
+}
+
+impl Drop for Store {
+    /// Writes the deferred index entries, so the next open has nothing to rebuild; if that
+    /// fails the mark stays and the next open rebuilds them.
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_deferred_entries() {
+            tracing::warn!("changes index left for the next open to rebuild: {e}");
+        }
+    }
 }
 
 impl Store {
@@ -361,6 +382,24 @@ impl Store {
                 "INSERT INTO __patina_sites (ord, site_id) VALUES (0, randomblob(?1))",
                 [SITE_ID_LEN as i64],
             )?;
+        }
+        let started = std::time::Instant::now();
+        writer.execute_batch("BEGIN IMMEDIATE")?;
+        match local::rebuild_unindexed(&writer) {
+            Ok(rebuilt) => {
+                writer.execute_batch("COMMIT")?;
+                if let Some(entries) = rebuilt {
+                    tracing::warn!(
+                        entries,
+                        ms = started.elapsed().as_millis() as u64,
+                        "changes index rebuilt after a stop that left it behind"
+                    );
+                }
+            }
+            Err(e) => {
+                let _ = writer.execute_batch("ROLLBACK");
+                return Err(e);
+            }
         }
         let capture = Capture::default();
         capture.install(&mut writer)?;
@@ -394,6 +433,8 @@ impl Store {
             wal,
             stale_entries: Vec::new(),
             stale_entries_open: Vec::new(),
+            index_pending: Vec::new(),
+            index_open: Vec::new(),
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
@@ -474,7 +515,11 @@ impl Store {
                         |r| r.get(0),
                     )?;
                     self.head_persisted = head;
-                    let head = head.max(DbVersion(indexed.unwrap_or(0) as u64));
+                    // Entries not written yet count too (a reload after a rolled-back batch).
+                    let pending = self.index_pending.iter().map(|e| e.1).max().unwrap_or(0);
+                    let head = head
+                        .max(DbVersion(indexed.unwrap_or(0) as u64))
+                        .max(DbVersion(pending));
                     // Our own versions are always all applied: 1..=head.
                     versions.applied.insert_range(1, head.get());
                     versions.head = head;

@@ -217,7 +217,7 @@ impl Store {
                 before,
             })
             .collect();
-        if self.write_row_clocks(&writes, Superseded::DeleteNow)? {
+        if self.write_row_clocks(&writes, IndexWrites::Now)? {
             self.persist_head()?;
         }
         Ok((changes_won, changed))
