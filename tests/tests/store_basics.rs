@@ -499,3 +499,32 @@ fn a_backup_with_deferred_entries_restores_under_a_new_identity_with_them() {
     assert_eq!(sizes, vec![4; 5]);
     drop(a);
 }
+
+#[test]
+fn a_remote_merge_superseding_a_deferred_entry_leaves_no_stale_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let mut b = open(&dir, "b.db");
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (1, 'one')",
+    )])
+    .unwrap();
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (2, 'two')",
+    )])
+    .unwrap();
+    sync(&a, &mut b);
+    // b deletes row 1: every origin of a's version 1 there is superseded, while a still
+    // holds that version's entry in memory.
+    b.transact(&[Statement::new("DELETE FROM hosts WHERE id = 1")])
+        .unwrap();
+    sync(&b, &mut a);
+    assert_eq!(rows(&a, "SELECT id FROM hosts"), vec![vec![Value::from(2)]]);
+    drop(a);
+    let entries = index_entries(&dir, "a.db");
+    assert!(
+        !entries.contains(&(0, 1)),
+        "a superseded version kept its entry: {entries:?}"
+    );
+    assert!(entries.contains(&(0, 2)), "{entries:?}");
+}

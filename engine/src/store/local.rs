@@ -410,7 +410,13 @@ impl Store {
                 match index {
                     IndexWrites::Deferred => self.stale_entries_open.push(entry),
                     IndexWrites::Now => {
-                        removed_own |= *site == self.site;
+                        if *site == self.site {
+                            removed_own = true;
+                            // Deferred still, the entry is not in the table: the batch that
+                            // would write it must leave it out (kept here until the caller
+                            // commits, see `Store::apply_changesets`).
+                            self.stale_entries_open.push(entry.clone());
+                        }
                         let (site, version, table_ord, pk) = entry;
                         self.writer
                             .prepare_cached(
@@ -485,7 +491,8 @@ pub(super) const INDEX_BATCH: usize = 64;
 /// When [`Store::write_row_clocks`] writes the changes-index entries of a transaction.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum IndexWrites {
-    /// In this transaction (remote merges).
+    /// In this transaction (remote merges). The own entries they supersede are also listed
+    /// as stale, for a local write's entry still deferred.
     Now,
     /// In a later batch (local writes; see [`INDEX_BATCH`]).
     Deferred,

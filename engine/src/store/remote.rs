@@ -12,6 +12,7 @@ impl Store {
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
         self.wal.ensure_room(&self.writer)?;
         exec_cached(&self.writer, "BEGIN IMMEDIATE")?;
+        self.stale_entries_open.clear();
         // Worked on in place (cloning it cost 5% of a busy store thread at 300 sites): a
         // failed batch rolls back and reloads the bookkeeping from the database below.
         let mut book = std::mem::take(&mut self.book);
@@ -67,9 +68,13 @@ impl Store {
         match result {
             Ok(()) => {
                 self.book = book;
+                // Own entries the merges superseded: deleted already unless still deferred,
+                // which the next batch sees to (see `IndexWrites::Now`).
+                self.stale_entries.append(&mut self.stale_entries_open);
                 Ok(outcomes)
             }
             Err(e) => {
+                self.stale_entries_open.clear();
                 let _ = self.writer.execute_batch("ROLLBACK");
                 for (site, versions) in before {
                     book.set_site(site, versions.unwrap_or_default());
@@ -254,6 +259,7 @@ impl ApplyTarget for Store {
         whole: &Changeset,
     ) -> Result<Result<(usize, Vec<RowChange>), StoreError>, StoreError> {
         self.writer.execute_batch("SAVEPOINT changeset")?;
+        let stale_before = self.stale_entries_open.len();
         match self.apply_one(whole) {
             Ok(merged) => {
                 self.writer.execute_batch("RELEASE changeset")?;
@@ -262,6 +268,8 @@ impl ApplyTarget for Store {
             Err(e @ StoreError::Change { .. }) => {
                 self.writer
                     .execute_batch("ROLLBACK TO changeset; RELEASE changeset")?;
+                // What it superseded is current again.
+                self.stale_entries_open.truncate(stale_before);
                 Ok(Err(e))
             }
             Err(e) => Err(e),
