@@ -481,17 +481,21 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn open(args: &DbArgs) -> Result<Store, Box<dyn std::error::Error>> {
+/// Opens a database for a `patina db` command, refusing one an agent runs on: opening it as a
+/// store would write to it behind the agent's back (schema, the changes-index rebuild).
+fn open(args: &DbArgs) -> Result<(Store, std::fs::File), Box<dyn std::error::Error>> {
     if let Some(parent) = args.db.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
-    Ok(Store::open(&StoreConfig {
+    let lock = crate::store::backup::lock_database(&args.db)?;
+    let store = Store::open(&StoreConfig {
         path: args.db.clone(),
         schema_paths: args.schema.clone(),
         max_db_bytes: None,
         changeset_bytes_max: None,
         parts_bytes_max: None,
-    })?)
+    })?;
+    Ok((store, lock))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
@@ -991,7 +995,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("schema reloaded");
         }
         Command::Db(DbCommand::Exec { args, sql }) => {
-            let mut store = open(&args)?;
+            let (mut store, _lock) = open(&args)?;
             let statements: Vec<Statement> = sql.into_iter().map(Statement::new).collect();
             let out = store.transact(&statements)?;
             match out.version {
@@ -1003,7 +1007,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Command::Db(DbCommand::Query { args, sql }) => {
-            let store = open(&args)?;
+            let (store, _lock) = open(&args)?;
             let rows = store.query(&Statement::new(sql))?;
             println!("{}", rows.columns.join("\t"));
             for row in rows.rows {
@@ -1017,7 +1021,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Command::Db(DbCommand::State { args }) => {
-            let store = open(&args)?;
+            let (store, _lock) = open(&args)?;
             println!("site {}", store.site_id());
             println!("db_version {}", store.db_version());
             for (site, versions) in store.bookkeeping().iter() {
@@ -1041,7 +1045,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             to,
             limit,
         }) => {
-            let store = open(&args)?;
+            let (store, _lock) = open(&args)?;
             let site = match site {
                 Some(hex) => SiteId::from_hex(&hex)?,
                 None => store.site_id(),

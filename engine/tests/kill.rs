@@ -419,3 +419,37 @@ async fn a_backup_taken_during_writes_restores_onto_a_fresh_host_under_a_new_ide
         .await;
     }
 }
+
+/// `patina db` opens a database as a store, which writes to it (its schema, putting back
+/// changes-index entries a crash left unwritten): on a database an agent runs on it would do so
+/// behind the agent's back, so it refuses, and works once the agent is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patina_db_refuses_a_database_an_agent_runs_on() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a");
+    let mut a = start(&dir, None);
+    assert!(exec(&a, "INSERT INTO kv (k, v) VALUES ('x', 'y')").await);
+    let state = |db: &Path| {
+        Command::new(patina())
+            .args([
+                "db".as_ref(),
+                "state".as_ref(),
+                "--db".as_ref(),
+                db.as_os_str(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let refused = state(&dir.join("state.db"));
+    assert!(!refused.status.success(), "patina db ran beside the agent");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("in use"), "{said}");
+    a.crash();
+    drop(a);
+    let after = state(&dir.join("state.db"));
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+}

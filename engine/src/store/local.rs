@@ -415,7 +415,9 @@ impl Store {
                             // Deferred still, the entry is not in the table: the batch that
                             // would write it must leave it out (kept here until the caller
                             // commits, see `Store::apply_changesets`).
-                            self.stale_entries_open.push(entry.clone());
+                            if self.index_pending.contains(&entry) {
+                                self.stale_entries_open.push(entry.clone());
+                            }
                         }
                         let (site, version, table_ord, pk) = entry;
                         self.writer
@@ -491,8 +493,8 @@ pub(super) const INDEX_BATCH: usize = 64;
 /// When [`Store::write_row_clocks`] writes the changes-index entries of a transaction.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum IndexWrites {
-    /// In this transaction (remote merges). The own entries they supersede are also listed
-    /// as stale, for a local write's entry still deferred.
+    /// In this transaction (remote merges). The own entries they supersede that are still
+    /// deferred are listed as stale, so the batch leaves them out.
     Now,
     /// In a later batch (local writes; see [`INDEX_BATCH`]).
     Deferred,

@@ -366,23 +366,7 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
              PRAGMA recursive_triggers = ON; PRAGMA foreign_keys = OFF;",
         )?;
-        let wal = wal::WalBudget::install(&mut writer, config.max_db_bytes)?;
-        writer.set_prepared_statement_cache_capacity(256);
-        writer.execute_batch(INTERNAL_SCHEMA)?;
-        let site_row: Option<Vec<u8>> = writer
-            .query_row(
-                "SELECT site_id FROM __patina_sites WHERE ord = 0",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if site_row.is_none() {
-            // SQLite's randomness is seeded from the OS: no RNG crate needed for 16 bytes.
-            writer.execute(
-                "INSERT INTO __patina_sites (ord, site_id) VALUES (0, randomblob(?1))",
-                [SITE_ID_LEN as i64],
-            )?;
-        }
+        // Before the size cap is installed: a store stopped at its cap must still open.
         let started = std::time::Instant::now();
         writer.execute_batch("BEGIN IMMEDIATE")?;
         match local::rebuild_unindexed(&writer) {
@@ -400,6 +384,23 @@ impl Store {
                 let _ = writer.execute_batch("ROLLBACK");
                 return Err(e);
             }
+        }
+        let wal = wal::WalBudget::install(&mut writer, config.max_db_bytes)?;
+        writer.set_prepared_statement_cache_capacity(256);
+        writer.execute_batch(INTERNAL_SCHEMA)?;
+        let site_row: Option<Vec<u8>> = writer
+            .query_row(
+                "SELECT site_id FROM __patina_sites WHERE ord = 0",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if site_row.is_none() {
+            // SQLite's randomness is seeded from the OS: no RNG crate needed for 16 bytes.
+            writer.execute(
+                "INSERT INTO __patina_sites (ord, site_id) VALUES (0, randomblob(?1))",
+                [SITE_ID_LEN as i64],
+            )?;
         }
         let capture = Capture::default();
         capture.install(&mut writer)?;
