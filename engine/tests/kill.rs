@@ -453,3 +453,43 @@ async fn patina_db_refuses_a_database_an_agent_runs_on() {
         String::from_utf8_lossy(&after.stderr)
     );
 }
+
+/// A node stopped with SIGTERM writes the changes-index entries its last local writes left
+/// waiting (`store::local::INDEX_BATCH`): its next start has nothing to put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_leaves_no_index_to_rebuild() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a");
+    let mut a = start(&dir, None);
+    for i in 0..3 {
+        assert!(exec(&a, &format!("INSERT INTO kv (k, v) VALUES ('k{i}', 'v')")).await);
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &a.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = rusqlite::Connection::open_with_flags(
+        dir.join("state.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        count("SELECT count(*) FROM __patina_unindexed"),
+        0,
+        "the stop left the index for the next start to rebuild"
+    );
+    assert_eq!(
+        count("SELECT count(DISTINCT version) FROM __patina_changes WHERE site = 0"),
+        3
+    );
+}

@@ -86,6 +86,8 @@ pub struct Agent {
     site: SiteId,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The store thread, asked at shutdown to write what it left waiting.
+    store: StoreHandle,
     /// Held for the agent's life (see [`crate::store::backup::lock_database`]).
     _db_lock: std::fs::File,
 }
@@ -257,7 +259,7 @@ impl Agent {
             admin_path.display()
         )))?;
         let admin_router = api::admin_router(api::AdminState {
-            store: handle,
+            store: handle.clone(),
             gossip: gossip_snapshot.clone(),
             db_path: config.db.path.clone(),
             control: gossip_control,
@@ -295,6 +297,7 @@ impl Agent {
                 tasks.push(admin_task);
                 tasks
             },
+            store: handle,
             _db_lock: db_lock,
         })
     }
@@ -344,6 +347,12 @@ impl Agent {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        // The store thread ends only once every handle is gone, after the process may have
+        // exited: the changes-index entries it left waiting are written now, so the next start
+        // has nothing to put back (it would, from every row clock, after a crash).
+        if let Err(e) = self.store.flush_index().await {
+            tracing::warn!("changes index left for the next start to rebuild: {e}");
         }
         let _ = std::fs::remove_file(&self.admin_path);
     }

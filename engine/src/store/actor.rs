@@ -83,6 +83,9 @@ enum StoreRequest {
         versions_max: u64,
         reply: oneshot::Sender<Vec<Changeset>>,
     },
+    FlushIndex {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 /// The way to the store thread. Cheap to clone.
@@ -101,6 +104,7 @@ impl std::fmt::Debug for StoreRequest {
             StoreRequest::SyncState { .. } => "SyncState",
             StoreRequest::Digest { .. } => "Digest",
             StoreRequest::SyncServe { .. } => "SyncServe",
+            StoreRequest::FlushIndex { .. } => "FlushIndex",
         })
     }
 }
@@ -141,6 +145,17 @@ impl StoreHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.try_send(StoreRequest::Status { reply }).ok()?;
         rx.await.ok()
+    }
+
+    /// Writes the changes-index entries local writes left waiting (see `Store`'s `Drop`):
+    /// a stopping agent asks for it, since nothing waits for the store thread to end.
+    pub async fn flush_index(&self) -> Result<(), TxError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(StoreRequest::FlushIndex { reply })
+            .await
+            .map_err(|_| TxError::Unavailable)?;
+        Ok(rx.await.map_err(|_| TxError::Unavailable)??)
     }
 
     /// Re-reads the schema files.
@@ -290,6 +305,9 @@ pub(crate) fn spawn_store(
                     }
                     StoreRequest::Digest { reply } => {
                         let _ = reply.send(store.digest());
+                    }
+                    StoreRequest::FlushIndex { reply } => {
+                        let _ = reply.send(store.flush_deferred_entries());
                     }
                     StoreRequest::SyncServe {
                         state,
