@@ -562,3 +562,68 @@ fn a_store_at_its_size_cap_still_opens_after_a_crash_left_entries_waiting() {
         .unwrap();
     assert!(served.iter().all(|cs| !cs.changes.is_empty()));
 }
+
+#[test]
+fn a_local_write_builds_on_the_stored_clock_after_a_remote_merge_or_a_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.sql");
+    std::fs::write(&schema, SCHEMA).unwrap();
+    let mut a = Store::open(&StoreConfig {
+        path: dir.path().join("a.db"),
+        schema_paths: vec![schema],
+        max_db_bytes: None,
+        changeset_bytes_max: Some(4096),
+        parts_bytes_max: None,
+    })
+    .unwrap();
+    let mut b = open(&dir, "b.db");
+    let name_version = |out: patina::store::TxOutcome| -> u64 {
+        let cs = out.changeset.unwrap();
+        let change = cs
+            .changes
+            .iter()
+            .find(|c| c.column == patina_core::Column::Name("name".into()))
+            .unwrap();
+        change.col_version.0
+    };
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (1, 'a1')",
+    )])
+    .unwrap();
+    // Rolled back after its clocks were written (too large): its clock never counts.
+    let err = a
+        .transact(&[
+            Statement::new("UPDATE hosts SET name = 'lost' WHERE id = 1"),
+            Statement::new("INSERT INTO hosts (id, tags) VALUES (2, randomblob(8000))"),
+        ])
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::TransactionTooLarge { .. }),
+        "{err}"
+    );
+    let out = a
+        .transact(&[Statement::new("UPDATE hosts SET name = 'a2' WHERE id = 1")])
+        .unwrap();
+    assert_eq!(name_version(out), 2);
+    // b overwrites the cell twice; a merges it and writes it again: on top of b's version.
+    sync(&a, &mut b);
+    for name in ["b1", "b2"] {
+        b.transact(&[Statement::new(format!(
+            "UPDATE hosts SET name = '{name}' WHERE id = 1"
+        ))])
+        .unwrap();
+    }
+    sync(&b, &mut a);
+    let out = a
+        .transact(&[Statement::new("UPDATE hosts SET name = 'a3' WHERE id = 1")])
+        .unwrap();
+    assert_eq!(
+        name_version(out),
+        5,
+        "the write did not build on the merged clock"
+    );
+    sync(&a, &mut b);
+    let table = "SELECT id, name FROM hosts ORDER BY id";
+    assert_eq!(rows(&a, table), rows(&b, table));
+    assert_eq!(rows(&b, table), vec![vec![1.into(), "a3".into()]]);
+}

@@ -66,6 +66,7 @@ impl Store {
         exec_cached(&self.writer, "BEGIN IMMEDIATE")?;
         self.stale_entries_open.clear();
         self.index_open.clear();
+        self.clock_cache_open.clear();
         {
             let mut st = self.capture.lock();
             st.user_mode = true;
@@ -128,6 +129,9 @@ impl Store {
                     self.index_pending.append(&mut self.index_open);
                     self.stale_entries.append(&mut self.stale_entries_open);
                 }
+                for (table_ord, pk, clock) in std::mem::take(&mut self.clock_cache_open) {
+                    self.clock_cache.put(table_ord, pk, clock);
+                }
                 if let Some(cs) = &changeset {
                     self.db_version = cs.id.version;
                     self.book.mark_applied(cs.id);
@@ -144,6 +148,7 @@ impl Store {
                 // Those entries are current again; a flush's deletes were rolled back too.
                 self.stale_entries_open.clear();
                 self.index_open.clear();
+                self.clock_cache_open.clear();
                 Err(e)
             }
         }
@@ -329,6 +334,11 @@ impl Store {
         // Local writes only remove entries of versions they supersede, never the newest own
         // one: no head to persist. Their index entries wait for a batch (`INDEX_BATCH`).
         self.write_row_clocks(&writes, IndexWrites::Deferred)?;
+        drop(writes);
+        self.clock_cache_open.extend(
+            rows.into_iter()
+                .map(|((table_ord, pk), row)| (table_ord, pk, row.clock)),
+        );
         Ok(Some(Changeset::whole(
             ChangesetId {
                 site: self.site,
@@ -348,7 +358,10 @@ impl Store {
         Ok(match rows.entry((table.ord, pk)) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
-                let clock = load_row_clock(&self.writer, &self.sites, table.ord, &e.key().1)?;
+                let clock = match self.clock_cache.get(table.ord, &e.key().1) {
+                    Some(clock) => clock.clone(),
+                    None => load_row_clock(&self.writer, &self.sites, table.ord, &e.key().1)?,
+                };
                 e.insert(LocalRow {
                     before: clock.clone(),
                     clock,
@@ -376,6 +389,12 @@ impl Store {
         index: IndexWrites,
     ) -> Result<bool, StoreError> {
         let mut removed_own = false;
+        if index == IndexWrites::Now {
+            // A remote merge: the cache must not keep the clocks it replaces.
+            for row in rows {
+                self.clock_cache.forget(row.table_ord, row.pk);
+            }
+        }
         let mut index_inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = Vec::new();
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut stmt = self

@@ -52,7 +52,7 @@ pub use extract::ClockSnapshot;
 use local::{exec_cached, ClockWrite, IndexWrites};
 use query::bind;
 pub use query::Reader;
-use rows::{load_row_clock, read_cell, read_row, upsert_row};
+use rows::{load_row_clock, read_cell, read_row, upsert_row, ClockCache};
 pub use wal::{spawn_checkpointer, WalCommits};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -346,6 +346,10 @@ pub struct Store {
     index_pending: Vec<local::IndexEntry>,
     /// The same, of the local transaction still open.
     index_open: Vec<local::IndexEntry>,
+    /// Clocks of rows local transactions wrote lately (see [`ClockCache`]).
+    clock_cache: ClockCache,
+    /// The clocks the open local transaction wrote, for the cache once it commits.
+    clock_cache_open: Vec<(u32, PackedPk, RowClock<ColOrd>)>,
 }
 
 impl Drop for Store {
@@ -436,6 +440,8 @@ impl Store {
             stale_entries_open: Vec::new(),
             index_pending: Vec::new(),
             index_open: Vec::new(),
+            clock_cache: ClockCache::default(),
+            clock_cache_open: Vec::new(),
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
@@ -486,6 +492,7 @@ impl Store {
 
     /// Reloads sites, bookkeeping and tables from the database (after open, or a rollback).
     fn load_state(&mut self) -> Result<(), StoreError> {
+        self.clock_cache.clear();
         let mut sites = SiteTable::default();
         let mut book = Bookkeeping::new();
         {

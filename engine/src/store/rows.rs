@@ -114,3 +114,51 @@ pub(super) fn upsert_row(
     stmt.execute(rusqlite::params_from_iter(binds))?;
     Ok(())
 }
+
+/// Clocks of rows recently written by local transactions, so writing such a row again skips
+/// reading its clock back. Holds only committed clocks equal to the stored ones: filled after
+/// a local COMMIT, an entry forgotten when a remote merge writes its row, emptied when the
+/// store reloads its state, and when full (a bound, not an LRU: rewriting the hot rows fills
+/// it again at once).
+#[derive(Debug, Default)]
+pub(super) struct ClockCache {
+    tables: HashMap<u32, HashMap<PackedPk, RowClock<ColOrd>>>,
+    rows: usize,
+}
+
+/// Rows a [`ClockCache`] holds at most.
+pub(super) const CLOCK_CACHE_ROWS: usize = 1024;
+
+impl ClockCache {
+    pub(super) fn get(&self, table_ord: u32, pk: &PackedPk) -> Option<&RowClock<ColOrd>> {
+        self.tables.get(&table_ord)?.get(pk)
+    }
+
+    pub(super) fn put(&mut self, table_ord: u32, pk: PackedPk, clock: RowClock<ColOrd>) {
+        if self.rows >= CLOCK_CACHE_ROWS {
+            self.clear();
+        }
+        if self
+            .tables
+            .entry(table_ord)
+            .or_default()
+            .insert(pk, clock)
+            .is_none()
+        {
+            self.rows += 1;
+        }
+    }
+
+    pub(super) fn forget(&mut self, table_ord: u32, pk: &PackedPk) {
+        if let Some(table) = self.tables.get_mut(&table_ord) {
+            if table.remove(pk).is_some() {
+                self.rows -= 1;
+            }
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.tables.clear();
+        self.rows = 0;
+    }
+}
