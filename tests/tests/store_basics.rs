@@ -10,16 +10,21 @@ CREATE TABLE kv (k TEXT NOT NULL, n INTEGER NOT NULL, v ANY, PRIMARY KEY (k, n))
 ";
 
 fn open(dir: &tempfile::TempDir, name: &str) -> Store {
+    Store::open(&config(dir, name)).unwrap()
+}
+
+/// The configuration [`open`] uses (SCHEMA written beside the database), for tests that
+/// change a limit.
+fn config(dir: &tempfile::TempDir, name: &str) -> StoreConfig {
     let schema = dir.path().join("schema.sql");
     std::fs::write(&schema, SCHEMA).unwrap();
-    Store::open(&StoreConfig {
+    StoreConfig {
         path: dir.path().join(name),
         schema_paths: vec![schema],
         max_db_bytes: None,
         changeset_bytes_max: None,
         parts_bytes_max: None,
-    })
-    .unwrap()
+    }
 }
 
 fn rows(store: &Store, sql: &str) -> Vec<Vec<Value>> {
@@ -343,14 +348,9 @@ fn index_entries(dir: &tempfile::TempDir, name: &str) -> Vec<(i64, i64)> {
 #[test]
 fn superseded_index_entries_go_in_batches_and_a_rolled_back_write_keeps_its_own() {
     let dir = tempfile::tempdir().unwrap();
-    let schema = dir.path().join("schema.sql");
-    std::fs::write(&schema, SCHEMA).unwrap();
     let mut a = Store::open(&StoreConfig {
-        path: dir.path().join("a.db"),
-        schema_paths: vec![schema],
-        max_db_bytes: None,
         changeset_bytes_max: Some(4096),
-        parts_bytes_max: None,
+        ..config(&dir, "a.db")
     })
     .unwrap();
     let write = |a: &mut Store, sql: &str| a.transact(&[Statement::new(sql)]).unwrap();
@@ -535,16 +535,7 @@ fn a_remote_merge_superseding_a_deferred_entry_leaves_no_stale_entry() {
 #[test]
 fn a_store_at_its_size_cap_still_opens_after_a_crash_left_entries_waiting() {
     let dir = tempfile::tempdir().unwrap();
-    let schema = dir.path().join("schema.sql");
-    std::fs::write(&schema, SCHEMA).unwrap();
-    let config = |max_db_bytes| StoreConfig {
-        path: dir.path().join("a.db"),
-        schema_paths: vec![schema.clone()],
-        max_db_bytes,
-        changeset_bytes_max: None,
-        parts_bytes_max: None,
-    };
-    let mut a = Store::open(&config(None)).unwrap();
+    let mut a = open(&dir, "a.db");
     // Long keys: the entries put back at the next open need pages of their own.
     for n in 0..10 {
         a.transact(&[Statement::with_params(
@@ -555,7 +546,11 @@ fn a_store_at_its_size_cap_still_opens_after_a_crash_left_entries_waiting() {
     }
     std::mem::forget(a);
     // Reopened under a cap below its size: it may not grow, yet it must open, with its head.
-    let a = Store::open(&config(Some(64 * 1024))).unwrap();
+    let a = Store::open(&StoreConfig {
+        max_db_bytes: Some(64 * 1024),
+        ..config(&dir, "a.db")
+    })
+    .unwrap();
     assert_eq!(a.db_version(), DbVersion(10));
     let served = a
         .changesets(a.site_id(), DbVersion(1), DbVersion(10), usize::MAX)
@@ -566,14 +561,9 @@ fn a_store_at_its_size_cap_still_opens_after_a_crash_left_entries_waiting() {
 #[test]
 fn a_local_write_builds_on_the_stored_clock_after_a_remote_merge_or_a_rollback() {
     let dir = tempfile::tempdir().unwrap();
-    let schema = dir.path().join("schema.sql");
-    std::fs::write(&schema, SCHEMA).unwrap();
     let mut a = Store::open(&StoreConfig {
-        path: dir.path().join("a.db"),
-        schema_paths: vec![schema],
-        max_db_bytes: None,
         changeset_bytes_max: Some(4096),
-        parts_bytes_max: None,
+        ..config(&dir, "a.db")
     })
     .unwrap();
     let mut b = open(&dir, "b.db");
