@@ -12,7 +12,7 @@ impl Store {
             .collect::<Result<_, _>>()?;
         let pk = def.pk_columns();
         let mut col_ords = Vec::new();
-        let mut col_by_ord = HashMap::new();
+        let mut col_by_ord = FastMap::default();
         for (i, col) in def.columns.iter().enumerate() {
             if col.pk_position > 0 {
                 col_ords.push(None);

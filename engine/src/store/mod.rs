@@ -56,6 +56,11 @@ use rows::{load_row_clock, read_cell, read_row, upsert_row, ClockCache};
 pub use wal::{spawn_checkpointer, WalCommits};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// A hash map for the write path's lookups (table and column ordinals, recent row clocks):
+/// std's SipHash was a measurable part of a local write. Seeded per process, so keys a
+/// client chooses (primary keys) cannot be aimed at one bucket.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -187,7 +192,7 @@ struct Table {
     /// Ordinal of each column (None for key columns).
     col_ords: Vec<Option<ColOrd>>,
     col_by_name: HashMap<String, usize>,
-    col_by_ord: HashMap<ColOrd, usize>,
+    col_by_ord: FastMap<ColOrd, usize>,
     affinities: Vec<Affinity>,
 }
 
@@ -329,7 +334,7 @@ pub struct Store {
     sites: SiteTable,
     book: Bookkeeping,
     tables: BTreeMap<String, Arc<Table>>,
-    table_names: HashMap<u32, String>,
+    table_names: FastMap<u32, String>,
     changeset_bytes_max: usize,
     /// Coverage of the remote changesets held in parts in `__patina_parts`.
     partials: BTreeMap<ChangesetId, Partial>,
@@ -428,7 +433,7 @@ impl Store {
             sites: SiteTable::default(),
             book: Bookkeeping::new(),
             tables: BTreeMap::new(),
-            table_names: HashMap::new(),
+            table_names: FastMap::default(),
             changeset_bytes_max: config
                 .changeset_bytes_max
                 .unwrap_or(DEFAULT_CHANGESET_BYTES_MAX),

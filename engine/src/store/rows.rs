@@ -119,10 +119,11 @@ pub(super) fn upsert_row(
 /// reading its clock back. Holds only committed clocks equal to the stored ones: filled after
 /// a local COMMIT, an entry forgotten when a remote merge writes its row, emptied when the
 /// store reloads its state, and when full (a bound, not an LRU: rewriting the hot rows fills
-/// it again at once).
+/// it again at once). Emptying keeps the maps' memory: a stream of inserts of new rows fills
+/// and empties it over and over, and growing the maps again each time was most of its cost.
 #[derive(Debug, Default)]
 pub(super) struct ClockCache {
-    tables: HashMap<u32, HashMap<PackedPk, RowClock<ColOrd>>>,
+    tables: FastMap<u32, FastMap<PackedPk, RowClock<ColOrd>>>,
     rows: usize,
 }
 
@@ -136,7 +137,7 @@ impl ClockCache {
 
     pub(super) fn put(&mut self, table_ord: u32, pk: PackedPk, clock: RowClock<ColOrd>) {
         if self.rows >= CLOCK_CACHE_ROWS {
-            self.clear();
+            self.empty();
         }
         if self
             .tables
@@ -157,8 +158,17 @@ impl ClockCache {
         }
     }
 
+    /// Drops every entry and the maps' memory (a reload: tables may have gone).
     pub(super) fn clear(&mut self) {
-        self.tables.clear();
+        self.tables = FastMap::default();
+        self.rows = 0;
+    }
+
+    /// Drops every entry, keeping each table's map for the next ones.
+    fn empty(&mut self) {
+        for table in self.tables.values_mut() {
+            table.clear();
+        }
         self.rows = 0;
     }
 }

@@ -1,0 +1,192 @@
+//! A fixed number of local write transactions, on the store or on a plain SQLite table: the
+//! same four cases as the `local_write` group of the `store` bench (insert 1 or 10 new rows,
+//! update one column of 1 or 10 rows), but a set count of them, so the CPU work of one write can
+//! be counted exactly. Criterion's times move by ±10% between runs on this machine; counted
+//! instructions do not:
+//!
+//! ```text
+//! B=target/release/write_cost
+//! for n in 1000 3000; do
+//!   valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
+//!     $B --case store-insert --rows 1 --txs $n 2>&1 | grep 'I *refs'
+//! done
+//! ```
+//!
+//! (second count - first) / 2000 is the instructions of one transaction, setup left out. The
+//! kernel's side of a commit (the WAL write) is not counted; the wall time printed is.
+//!
+//! `cargo run --release -p patina-bench --bin write_cost -- --case store-insert --rows 10 --txs 5000`
+
+use std::time::Instant;
+
+use patina::store::{Statement, Store, StoreConfig};
+use patina_core::value::Value;
+
+const SCHEMA: &str =
+    "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER NOT NULL DEFAULT 0, price REAL);";
+const INSERT: &str = "INSERT INTO items (id, name, qty, price) VALUES (?1, ?2, ?3, ?4)";
+const UPDATE: &str = "UPDATE items SET qty = ?1 WHERE id = ?2";
+/// Rows an update case writes over, round robin (as the `local_write` bench).
+const SEEDED_ROWS: i64 = 1000;
+
+/// Which transaction to run.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Case {
+    /// New rows through the store.
+    StoreInsert,
+    /// One column of existing rows through the store.
+    StoreUpdate,
+    /// New rows on a plain SQLite table.
+    PlainInsert,
+    /// One column of existing rows on a plain SQLite table.
+    PlainUpdate,
+}
+
+/// Counted local writes: a fixed number of one kind of transaction.
+#[derive(clap::Parser)]
+struct Args {
+    /// The transaction.
+    #[arg(long, value_enum)]
+    case: Case,
+    /// Rows each transaction writes.
+    #[arg(long, default_value_t = 1)]
+    rows: usize,
+    /// Transactions to run (after the setup).
+    #[arg(long, default_value_t = 2000)]
+    txs: usize,
+}
+
+fn row(id: i64) -> Vec<Value> {
+    vec![
+        id.into(),
+        format!("item-{id}").into(),
+        (id % 100).into(),
+        (id as f64 * 0.25).into(),
+    ]
+}
+
+fn to_sql(v: &Value) -> rusqlite::types::Value {
+    match v {
+        Value::Null => rusqlite::types::Value::Null,
+        Value::Integer(i) => rusqlite::types::Value::Integer(*i),
+        Value::Real(r) => rusqlite::types::Value::Real(*r),
+        Value::Text(s) => rusqlite::types::Value::Text(s.clone()),
+        Value::Blob(b) => rusqlite::types::Value::Blob(b.clone()),
+    }
+}
+
+fn open_store(dir: &tempfile::TempDir) -> Store {
+    let schema = dir.path().join("schema.sql");
+    std::fs::write(&schema, SCHEMA).expect("write schema");
+    Store::open(&StoreConfig {
+        path: dir.path().join("store.db"),
+        schema_paths: vec![schema],
+        max_db_bytes: None,
+        changeset_bytes_max: None,
+        parts_bytes_max: None,
+    })
+    .expect("open store")
+}
+
+fn open_plain(dir: &tempfile::TempDir) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(dir.path().join("plain.db")).expect("open plain");
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+        .expect("pragmas");
+    conn.execute_batch(SCHEMA).expect("schema");
+    conn
+}
+
+/// Runs `txs` transactions of `rows` statements each; `statement(n)` is the n-th statement.
+fn run_store(store: &mut Store, args: &Args, statement: impl Fn(i64) -> Statement) {
+    let mut n = 0i64;
+    for _ in 0..args.txs {
+        let statements: Vec<Statement> = (0..args.rows)
+            .map(|_| {
+                n += 1;
+                statement(n)
+            })
+            .collect();
+        store.transact(&statements).expect("store write");
+    }
+}
+
+fn run_plain(
+    conn: &rusqlite::Connection,
+    args: &Args,
+    sql: &str,
+    params: impl Fn(i64) -> Vec<Value>,
+) {
+    let mut n = 0i64;
+    for _ in 0..args.txs {
+        conn.execute_batch("BEGIN IMMEDIATE").expect("begin");
+        {
+            let mut stmt = conn.prepare_cached(sql).expect("prepare");
+            for _ in 0..args.rows {
+                n += 1;
+                stmt.execute(rusqlite::params_from_iter(params(n).iter().map(to_sql)))
+                    .expect("plain write");
+            }
+        }
+        conn.execute_batch("COMMIT").expect("commit");
+    }
+}
+
+fn update_params(n: i64) -> Vec<Value> {
+    vec![n.into(), (n % SEEDED_ROWS + 1).into()]
+}
+
+fn main() {
+    let args: Args = clap::Parser::parse();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let started;
+    match args.case {
+        Case::StoreInsert | Case::StoreUpdate => {
+            let mut store = open_store(&dir);
+            let update = matches!(args.case, Case::StoreUpdate);
+            if update {
+                let seed: Vec<Statement> = (1..=SEEDED_ROWS)
+                    .map(|id| Statement::with_params(INSERT, row(id)))
+                    .collect();
+                store.transact(&seed).expect("seed");
+            }
+            started = Instant::now();
+            if update {
+                run_store(&mut store, &args, |n| {
+                    Statement::with_params(UPDATE, update_params(n))
+                });
+            } else {
+                run_store(&mut store, &args, |n| {
+                    Statement::with_params(INSERT, row(n))
+                });
+            }
+        }
+        Case::PlainInsert | Case::PlainUpdate => {
+            let conn = open_plain(&dir);
+            let update = matches!(args.case, Case::PlainUpdate);
+            if update {
+                conn.execute_batch("BEGIN").expect("begin");
+                for id in 1..=SEEDED_ROWS {
+                    conn.execute(
+                        INSERT,
+                        rusqlite::params_from_iter(row(id).iter().map(to_sql)),
+                    )
+                    .expect("seed");
+                }
+                conn.execute_batch("COMMIT").expect("commit");
+            }
+            started = Instant::now();
+            if update {
+                run_plain(&conn, &args, UPDATE, update_params);
+            } else {
+                run_plain(&conn, &args, INSERT, row);
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{} transactions of {} rows: {:.2} us each",
+        args.txs,
+        args.rows,
+        elapsed.as_secs_f64() * 1e6 / args.txs as f64
+    );
+}
