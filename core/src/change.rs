@@ -1,6 +1,8 @@
 //! Changes and changesets: what a transaction did, in the form that is broadcast, synced and
 //! merged.
 
+use std::sync::Arc;
+
 use crate::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
 use crate::pk::PackedPk;
 use crate::value::Value;
@@ -10,8 +12,8 @@ use crate::value::Value;
 pub enum Column {
     /// The row itself: its causal length (insert, delete, re-insert). Carries no value.
     Sentinel,
-    /// One non-primary-key column, by name.
-    Name(String),
+    /// One non-primary-key column, by name (shared: every change of a column names it).
+    Name(Arc<str>),
 }
 
 impl Column {
@@ -27,8 +29,8 @@ impl Column {
 /// One cell (or row sentinel) written by one changeset.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Change {
-    /// Table name.
-    pub table: String,
+    /// Table name (shared: a changeset's changes name a handful of tables, each many times).
+    pub table: Arc<str>,
     /// The row's primary key.
     pub pk: PackedPk,
     /// The column written, or the sentinel.
@@ -193,14 +195,12 @@ impl Changeset {
         let mut rows: std::collections::BTreeMap<(&str, &PackedPk), bool> =
             std::collections::BTreeMap::new();
         for change in &self.changes {
-            let deleted = rows
-                .entry((change.table.as_str(), &change.pk))
-                .or_insert(false);
+            let deleted = rows.entry((&*change.table, &change.pk)).or_insert(false);
             *deleted |= change.column == Column::Sentinel && !change.cl.is_live();
         }
         rows.into_iter()
             .map(|((table, pk), deleted)| RowChange {
-                table: table.to_owned(),
+                table: table.into(),
                 pk: pk.clone(),
                 deleted,
             })
@@ -211,8 +211,8 @@ impl Changeset {
 /// A row whose data a commit changed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RowChange {
-    /// Table name.
-    pub table: String,
+    /// Table name (shared: a changeset's changes name a handful of tables, each many times).
+    pub table: Arc<str>,
     /// Primary key.
     pub pk: PackedPk,
     /// True if the row is now deleted; false if inserted or updated.

@@ -3,6 +3,7 @@
 //! their store, and the tests use it as the reference the SQLite store must agree with.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::change::{Change, Changeset, ChangesetId, Column};
 use crate::ids::{ColVersion, DbVersion, Seq, SiteId};
@@ -11,7 +12,7 @@ use crate::pk::PackedPk;
 use crate::value::Value;
 
 /// Row key: table name and packed primary key.
-pub type RowKey = (String, PackedPk);
+pub type RowKey = (Arc<str>, PackedPk);
 
 /// One row: its clock and the values of the cells the clock has.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -121,10 +122,10 @@ impl MemReplica {
         values: BTreeMap<String, Value>,
     ) -> Changeset {
         let origin = self.local_origin();
-        let row = self.rows.entry((table.to_owned(), pk.clone())).or_default();
+        let row = self.rows.entry((Arc::from(table), pk.clone())).or_default();
         row.clock.local_insert(values.keys().cloned(), origin);
         row.values = values;
-        self.commit(vec![(table.to_owned(), pk)])
+        self.commit(vec![(Arc::from(table), pk)])
     }
 
     /// Sets one column of a live row; None if the row is not live or the value is unchanged.
@@ -136,25 +137,25 @@ impl MemReplica {
         value: Value,
     ) -> Option<Changeset> {
         let origin = self.local_origin();
-        let row = self.rows.get_mut(&(table.to_owned(), pk.clone()))?;
+        let row = self.rows.get_mut(&(Arc::from(table), pk.clone()))?;
         if !row.clock.cl.is_live() || row.values.get(column) == Some(&value) {
             return None;
         }
         row.clock.local_update(column.to_owned(), origin);
         row.values.insert(column.to_owned(), value);
-        Some(self.commit(vec![(table.to_owned(), pk)]))
+        Some(self.commit(vec![(Arc::from(table), pk)]))
     }
 
     /// Deletes a live row; None if it is not live.
     pub fn delete(&mut self, table: &str, pk: PackedPk) -> Option<Changeset> {
         let origin = self.local_origin();
-        let row = self.rows.get_mut(&(table.to_owned(), pk.clone()))?;
+        let row = self.rows.get_mut(&(Arc::from(table), pk.clone()))?;
         if !row.clock.cl.is_live() {
             return None;
         }
         row.clock.local_delete(origin);
         row.values.clear();
-        Some(self.commit(vec![(table.to_owned(), pk)]))
+        Some(self.commit(vec![(Arc::from(table), pk)]))
     }
 
     /// Numbers this transaction's clocks in (table, key, column) order, as the SQLite store does,
@@ -206,7 +207,7 @@ impl MemReplica {
                 changes.push(Change {
                     table: table.clone(),
                     pk: pk.clone(),
-                    column: Column::Name(col.clone()),
+                    column: Column::Name(col.as_str().into()),
                     value: row.values.get(col).cloned().unwrap_or(Value::Null),
                     col_version: cell.col_version,
                     cl: row.clock.cl,

@@ -316,6 +316,20 @@ impl<C: Ord + Clone> RowClock<C> {
             .map(|o| (o.site, o.version))
             .collect()
     }
+
+    /// [`RowClock::origins`] into `out` (cleared first), sorted: no allocation once `out` has
+    /// room, for the write path that compares a row's clock before and after.
+    pub fn origins_into(&self, out: &mut Vec<(SiteId, DbVersion)>) {
+        out.clear();
+        out.extend(
+            self.sentinel
+                .iter()
+                .chain(self.cells.values().map(|c| &c.origin))
+                .map(|o| (o.site, o.version)),
+        );
+        out.sort_unstable();
+        out.dedup();
+    }
 }
 
 #[cfg(test)]

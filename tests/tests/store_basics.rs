@@ -617,3 +617,69 @@ fn a_local_write_builds_on_the_stored_clock_after_a_remote_merge_or_a_rollback()
     assert_eq!(rows(&a, table), rows(&b, table));
     assert_eq!(rows(&b, table), vec![vec![1.into(), "a3".into()]]);
 }
+
+/// Remote merges build each row write's SQL once per table and set of written columns (a bit
+/// set of up to 128 columns, formatted each time beyond): rows of every shape, on a table wider
+/// than that, a delete and writes of the same shape to other rows all arrive as written.
+#[test]
+fn remote_merges_write_rows_of_every_shape_on_a_wide_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let columns: Vec<String> = (1..=140).map(|i| format!("c{i} INTEGER")).collect();
+    let schema = dir.path().join("wide.sql");
+    std::fs::write(
+        &schema,
+        format!(
+            "CREATE TABLE wide (id INTEGER PRIMARY KEY, {});",
+            columns.join(", ")
+        ),
+    )
+    .unwrap();
+    let open_wide = |name: &str| {
+        Store::open(&StoreConfig {
+            path: dir.path().join(name),
+            schema_paths: vec![schema.clone()],
+            max_db_bytes: None,
+            changeset_bytes_max: None,
+            parts_bytes_max: None,
+        })
+        .unwrap()
+    };
+    let mut a = open_wide("a.db");
+    let mut b = open_wide("b.db");
+    let write = |store: &mut Store, sql: &str| {
+        store.transact(&[Statement::new(sql)]).unwrap();
+    };
+    // Every column written (past the 128th: formatted), then one column, then the same
+    // column of other rows (the cached statement, other keys), then two columns, a delete.
+    write(
+        &mut a,
+        "INSERT INTO wide (id, c1, c140) VALUES (1, 10, 1400)",
+    );
+    write(
+        &mut a,
+        "INSERT INTO wide (id, c1, c140) VALUES (2, 20, 2400)",
+    );
+    sync(&a, &mut b);
+    write(&mut a, "UPDATE wide SET c2 = 2 WHERE id = 1");
+    sync(&a, &mut b);
+    write(&mut a, "UPDATE wide SET c2 = 3 WHERE id = 2");
+    write(&mut a, "INSERT INTO wide (id) VALUES (3)");
+    write(&mut a, "UPDATE wide SET c2 = 4 WHERE id = 3");
+    write(
+        &mut a,
+        "UPDATE wide SET c139 = 139, c140 = 140 WHERE id = 3",
+    );
+    write(&mut a, "UPDATE wide SET c140 = 141 WHERE id = 2");
+    write(&mut a, "UPDATE wide SET c1 = 21 WHERE id = 2");
+    write(&mut a, "UPDATE wide SET c1 = 5, c2 = 6 WHERE id = 3");
+    sync(&a, &mut b);
+    write(&mut a, "DELETE FROM wide WHERE id = 1");
+    sync(&a, &mut b);
+    let all = "SELECT id, c1, c2, c139, c140 FROM wide ORDER BY id";
+    let expected = vec![
+        vec![2.into(), 21.into(), 3.into(), Value::Null, 141.into()],
+        vec![3.into(), 5.into(), 6.into(), 139.into(), 140.into()],
+    ];
+    assert_eq!(rows(&a, all), expected);
+    assert_eq!(rows(&b, all), expected);
+}

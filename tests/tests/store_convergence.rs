@@ -300,7 +300,7 @@ fn reference_clocks(written: &[Changeset]) -> BTreeMap<(String, PackedPk), Clock
                     })
                     .collect(),
             };
-            (key, snapshot)
+            ((key.0.to_string(), key.1), snapshot)
         })
         .collect()
 }

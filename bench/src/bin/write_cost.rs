@@ -20,7 +20,11 @@
 use std::time::Instant;
 
 use patina::store::{Statement, Store, StoreConfig};
+use patina_core::change::{Change, Changeset, ChangesetId, Column};
+use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
+use patina_core::pk::PackedPk;
 use patina_core::value::Value;
+use patina_core::wire::{changeset_to_bytes, decode_changeset, Limits};
 
 const SCHEMA: &str =
     "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER NOT NULL DEFAULT 0, price REAL);";
@@ -40,6 +44,12 @@ enum Case {
     PlainInsert,
     /// One column of existing rows on a plain SQLite table.
     PlainUpdate,
+    /// Remote changesets as an agent receives them: `--rows` one-row changesets (a sentinel and
+    /// three cells each) from another site, built, encoded, decoded and applied in one batch.
+    RemoteApply,
+    /// The same changesets built and encoded only: subtract it from `remote-apply` to count
+    /// decoding and applying alone.
+    RemoteEncode,
 }
 
 /// Counted local writes: a fixed number of one kind of transaction.
@@ -131,6 +141,57 @@ fn run_plain(
     }
 }
 
+/// The wire bytes of a changeset from another site inserting row `version` (4 changes).
+fn remote_insert_bytes(version: u64, names: &[&str; 4]) -> Vec<u8> {
+    let values = row(version as i64);
+    let pk = PackedPk::pack(&values[..1]).expect("pack");
+    let changes = (0..4)
+        .map(|i| Change {
+            table: names[0].into(),
+            pk: pk.clone(),
+            column: if i == 0 {
+                Column::Sentinel
+            } else {
+                Column::Name(names[i].into())
+            },
+            value: if i == 0 {
+                Value::Null
+            } else {
+                values[i].clone()
+            },
+            col_version: ColVersion(1),
+            cl: CausalLength(1),
+            seq: Seq(i as u32),
+        })
+        .collect();
+    let id = ChangesetId {
+        site: SiteId([9; 16]),
+        version: DbVersion(version),
+    };
+    changeset_to_bytes(&Changeset::whole(id, changes))
+}
+
+fn run_remote(store: Option<&mut Store>, args: &Args) {
+    let names = ["items", "name", "qty", "price"];
+    let mut version = 0u64;
+    let mut store = store;
+    for _ in 0..args.txs {
+        let encoded: Vec<Vec<u8>> = (0..args.rows)
+            .map(|_| {
+                version += 1;
+                remote_insert_bytes(version, &names)
+            })
+            .collect();
+        if let Some(store) = store.as_deref_mut() {
+            let batch: Vec<Changeset> = encoded
+                .iter()
+                .map(|bytes| decode_changeset(bytes, &Limits::default()).expect("decode"))
+                .collect();
+            store.apply_changesets(&batch).expect("apply");
+        }
+    }
+}
+
 fn update_params(n: i64) -> Vec<Value> {
     vec![n.into(), (n % SEEDED_ROWS + 1).into()]
 }
@@ -159,6 +220,12 @@ fn main() {
                     Statement::with_params(INSERT, row(n))
                 });
             }
+        }
+        Case::RemoteApply | Case::RemoteEncode => {
+            let mut store = open_store(&dir);
+            started = Instant::now();
+            let apply = matches!(args.case, Case::RemoteApply);
+            run_remote(apply.then_some(&mut store), &args);
         }
         Case::PlainInsert | Case::PlainUpdate => {
             let conn = open_plain(&dir);

@@ -1,5 +1,7 @@
 //! The changeset codec (the layout is in the module's documentation).
 
+use std::sync::Arc;
+
 use super::*;
 
 /// Appends the encoding of `changeset` to `out`.
@@ -9,14 +11,14 @@ pub fn encode_changeset(changeset: &Changeset, out: &mut Vec<u8>) {
     let mut table_order = Vec::new();
     let mut column_order = Vec::new();
     for change in &changeset.changes {
-        if !tables.contains_key(change.table.as_str()) {
+        if !tables.contains_key(&*change.table) {
             tables.insert(&change.table, table_order.len() as u64);
-            table_order.push(change.table.as_str());
+            table_order.push(&*change.table);
         }
         if let Column::Name(name) = &change.column {
-            if !columns.contains_key(name.as_str()) {
+            if !columns.contains_key(&**name) {
                 columns.insert(name, column_order.len() as u64);
-                column_order.push(name.as_str());
+                column_order.push(&**name);
             }
         }
     }
@@ -39,13 +41,13 @@ pub fn encode_changeset(changeset: &Changeset, out: &mut Vec<u8>) {
     }
     put_varint(out, changeset.changes.len() as u64);
     for change in &changeset.changes {
-        put_varint(out, tables[change.table.as_str()]);
+        put_varint(out, tables[&*change.table]);
         put_bytes(out, change.pk.as_bytes());
         put_varint(
             out,
             match &change.column {
                 Column::Sentinel => 0,
-                Column::Name(n) => columns[n.as_str()] + 1,
+                Column::Name(n) => columns[&**n] + 1,
             },
         );
         put_value(out, &change.value);
@@ -97,17 +99,23 @@ pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, Deco
     if !span.is_valid() {
         return Err(DecodeError::Range("seq span"));
     }
-    let tables = r.names("table")?;
-    let columns = r.names("column")?;
+    // Each change refers to these by index: one shared copy of each name.
+    let tables: Vec<Arc<str>> = r.names("table")?.into_iter().map(Arc::from).collect();
+    let columns: Vec<Arc<str>> = r.names("column")?.into_iter().map(Arc::from).collect();
     let count = r.count("change count", limits.changes_max, 9)?;
-    let mut changes = Vec::with_capacity(count);
+    let mut changes: Vec<Change> = Vec::with_capacity(count);
     for _ in 0..count {
         let table = tables
             .get(usize::try_from(r.varint()?).unwrap_or(usize::MAX))
             .ok_or(DecodeError::Index("table"))?
             .clone();
         let pk_len = r.len("primary key", limits.value_bytes_max)?;
-        let pk = PackedPk::from_bytes(r.take(pk_len, "primary key")?.to_vec())?;
+        let pk_bytes = r.take(pk_len, "primary key")?;
+        // A row's changes come one after another with the same key: validated and held once.
+        let pk = match changes.last() {
+            Some(previous) if previous.pk.as_bytes() == pk_bytes => previous.pk.clone(),
+            _ => PackedPk::from_slice(pk_bytes)?,
+        };
         let column = match r.varint()? {
             0 => Column::Sentinel,
             i => Column::Name(

@@ -5,7 +5,7 @@
 //! ordinals (`__patina_sites.ord`), columns as ordinals of `__patina_columns`; both are local to
 //! this database and never travel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
 use patina_core::merge::{CellClock, Origin, RowClock};
@@ -23,7 +23,7 @@ pub type ColOrd = u32;
 #[derive(Debug, Default, Clone)]
 pub struct SiteTable {
     ids: Vec<SiteId>,
-    ords: HashMap<SiteId, SiteOrd>,
+    ords: super::FastMap<SiteId, SiteOrd>,
 }
 
 impl SiteTable {

@@ -100,7 +100,7 @@ impl Store {
             let clock = load_row_clock(&self.reader, &self.sites, table.ord, &pk)?;
             if let Some(s) = clock.sentinel.filter(|s| mine(s)) {
                 changes.push(Change {
-                    table: table.def.name.clone(),
+                    table: table.name.clone(),
                     pk: pk.clone(),
                     column: Column::Sentinel,
                     value: Value::Null,
@@ -121,9 +121,9 @@ impl Store {
             for (ord, cell) in cells {
                 let idx = table.col_by_ord[ord];
                 changes.push(Change {
-                    table: table.def.name.clone(),
+                    table: table.name.clone(),
                     pk: pk.clone(),
-                    column: Column::Name(table.def.columns[idx].name.clone()),
+                    column: Column::Name(table.column_names[idx].clone()),
                     value: values
                         .as_ref()
                         .map(|v| v[idx].clone())

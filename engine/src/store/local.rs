@@ -292,7 +292,7 @@ impl Store {
             if let Some(s) = row.clock.sentinel.as_mut().filter(|s| mine(s)) {
                 s.seq = Seq(seq);
                 changes.push(Change {
-                    table: table.def.name.clone(),
+                    table: table.name.clone(),
                     pk: pk.clone(),
                     column: Column::Sentinel,
                     value: Value::Null,
@@ -311,9 +311,9 @@ impl Store {
                     .map(|v| v[idx].clone())
                     .unwrap_or(Value::Null);
                 changes.push(Change {
-                    table: table.def.name.clone(),
+                    table: table.name.clone(),
                     pk: pk.clone(),
-                    column: Column::Name(table.def.columns[idx].name.clone()),
+                    column: Column::Name(table.column_names[idx].clone()),
                     value,
                     col_version: cell.col_version,
                     cl,
@@ -416,10 +416,11 @@ impl Store {
             }
             stmt.raw_execute()?;
         }
+        let (mut old, mut new) = (Vec::new(), Vec::new());
         for row in rows {
-            let old = row.before.origins();
-            let new = row.clock.origins();
-            for (site, version) in old.difference(&new) {
+            row.before.origins_into(&mut old);
+            row.clock.origins_into(&mut new);
+            for (site, version) in sorted_difference(&old, &new) {
                 let entry = (
                     self.site_ord(site)?,
                     version.get(),
@@ -447,7 +448,7 @@ impl Store {
                     }
                 }
             }
-            for (site, version) in new.difference(&old) {
+            for (site, version) in sorted_difference(&new, &old) {
                 let site = self.site_ord(site)?;
                 match index {
                     IndexWrites::Deferred => {
@@ -594,6 +595,21 @@ pub(super) fn rebuild_unindexed(conn: &Connection) -> Result<Option<usize>, Stor
     Ok(Some(entries.len()))
 }
 
+/// The items of `a` not in `b`, both sorted and without duplicates.
+fn sorted_difference<'a, T: Ord>(a: &'a [T], b: &'a [T]) -> impl Iterator<Item = &'a T> + 'a {
+    let mut rest = b;
+    a.iter().filter(move |item| {
+        while let Some((first, tail)) = rest.split_first() {
+            if first < *item {
+                rest = tail;
+            } else {
+                break;
+            }
+        }
+        rest.first() != Some(*item)
+    })
+}
+
 /// Runs a statement without parameters through the statement cache: BEGIN and COMMIT were
 /// parsed again on every transaction.
 pub(super) fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
@@ -662,4 +678,19 @@ pub(super) fn delete_local(row: &mut LocalRow, origin: Origin) {
     }
     row.clock.local_delete(origin);
     row.values = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sorted_difference;
+
+    #[test]
+    fn sorted_difference_keeps_what_the_other_side_lacks() {
+        let diff = |a: &[u32], b: &[u32]| sorted_difference(a, b).copied().collect::<Vec<_>>();
+        assert_eq!(diff(&[1, 3, 5, 7], &[2, 3, 7, 9]), vec![1, 5]);
+        assert_eq!(diff(&[2, 3, 7, 9], &[1, 3, 5, 7]), vec![2, 9]);
+        assert_eq!(diff(&[1, 2], &[]), vec![1, 2]);
+        assert_eq!(diff(&[], &[1, 2]), Vec::<u32>::new());
+        assert_eq!(diff(&[4], &[4]), Vec::<u32>::new());
+    }
 }

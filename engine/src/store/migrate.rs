@@ -28,6 +28,8 @@ impl Store {
             col_by_ord.insert(ord, i);
         }
         Ok(Table {
+            name: def.name.as_str().into(),
+            column_names: def.columns.iter().map(|c| c.name.as_str().into()).collect(),
             col_by_name: def
                 .columns
                 .iter()

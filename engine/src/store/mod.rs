@@ -52,7 +52,7 @@ pub use extract::ClockSnapshot;
 use local::{exec_cached, ClockWrite, IndexWrites};
 use query::bind;
 pub use query::Reader;
-use rows::{load_row_clock, read_cell, read_row, upsert_row, ClockCache};
+use rows::{delete_row, load_row_clock, read_cell, read_row, upsert_row, ClockCache, RowSql};
 pub use wal::{spawn_checkpointer, WalCommits};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -186,6 +186,9 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 struct Table {
     def: TableDef,
+    /// `def.name` and each column's name (by column index), shared by every change built.
+    name: Arc<str>,
+    column_names: Vec<Arc<str>>,
     ord: u32,
     /// Column indexes of the primary key, in key order.
     pk: Vec<usize>,
@@ -198,8 +201,7 @@ struct Table {
 
 impl Table {
     fn pack_pk(&self, row: &[Value]) -> Result<PackedPk, StoreError> {
-        let values: Vec<Value> = self.pk.iter().map(|&i| row[i].clone()).collect();
-        PackedPk::pack(&values)
+        PackedPk::pack_iter(self.pk.iter().map(|&i| &row[i]))
             .map_err(|e| StoreError::Corrupt(format!("table {}: {e}", self.def.name)))
     }
 
@@ -353,6 +355,8 @@ pub struct Store {
     index_open: Vec<local::IndexEntry>,
     /// Clocks of rows local transactions wrote lately (see [`ClockCache`]).
     clock_cache: ClockCache,
+    /// SQL of remote merges' row writes.
+    row_sql: RowSql,
     /// The clocks the open local transaction wrote, for the cache once it commits.
     clock_cache_open: Vec<(u32, PackedPk, RowClock<ColOrd>)>,
 }
@@ -446,6 +450,7 @@ impl Store {
             index_pending: Vec::new(),
             index_open: Vec::new(),
             clock_cache: ClockCache::default(),
+            row_sql: RowSql::default(),
             clock_cache_open: Vec::new(),
         };
         store.load_state()?;
@@ -498,6 +503,7 @@ impl Store {
     /// Reloads sites, bookkeeping and tables from the database (after open, or a rollback).
     fn load_state(&mut self) -> Result<(), StoreError> {
         self.clock_cache.clear();
+        self.row_sql.clear();
         let mut sites = SiteTable::default();
         let mut book = Bookkeeping::new();
         {

@@ -45,7 +45,7 @@ pub(super) async fn updates(
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
-            for row in batch.iter().filter(|r| r.table == table) {
+            for row in batch.iter().filter(|r| *r.table == *table) {
                 let kind = if row.deleted {
                     ChangeType::Delete
                 } else {
