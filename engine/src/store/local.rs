@@ -305,10 +305,11 @@ impl Store {
             for (ord, cell) in row.clock.cells.iter_mut().filter(|(_, c)| mine(&c.origin)) {
                 cell.origin.seq = Seq(seq);
                 let idx = table.col_by_ord[ord];
+                // Each column is visited once and the captured values serve nothing else: moved.
                 let value = row
                     .values
-                    .as_ref()
-                    .map(|v| v[idx].clone())
+                    .as_mut()
+                    .map(|v| std::mem::replace(&mut v[idx], Value::Null))
                     .unwrap_or(Value::Null);
                 changes.push(Change {
                     table: table.name.clone(),
