@@ -64,6 +64,10 @@ struct Args {
     /// Transactions to run (after the setup).
     #[arg(long, default_value_t = 2000)]
     txs: usize,
+    /// Plain cases only: give the table TEMP triggers like the store's capture triggers,
+    /// calling a function that does nothing with the row, to count what triggers cost alone.
+    #[arg(long)]
+    trigger: bool,
 }
 
 fn row(id: i64) -> Vec<Value> {
@@ -98,11 +102,28 @@ fn open_store(dir: &tempfile::TempDir) -> Store {
     .expect("open store")
 }
 
-fn open_plain(dir: &tempfile::TempDir) -> rusqlite::Connection {
+fn open_plain(dir: &tempfile::TempDir, trigger: bool) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(dir.path().join("plain.db")).expect("open plain");
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
         .expect("pragmas");
     conn.execute_batch(SCHEMA).expect("schema");
+    if trigger {
+        conn.create_scalar_function(
+            "noop_capture",
+            -1,
+            rusqlite::functions::FunctionFlags::SQLITE_UTF8,
+            |_| Ok(0i64),
+        )
+        .expect("function");
+        conn.execute_batch(
+            "CREATE TEMP TRIGGER ins AFTER INSERT ON main.items BEGIN
+               SELECT noop_capture(1, 1, NEW.id, NEW.name, NEW.qty, NEW.price); END;
+             CREATE TEMP TRIGGER upd AFTER UPDATE ON main.items BEGIN
+               SELECT noop_capture(1, 3, OLD.id, OLD.name, OLD.qty, OLD.price,
+                                   NEW.id, NEW.name, NEW.qty, NEW.price); END;",
+        )
+        .expect("triggers");
+    }
     conn
 }
 
@@ -228,7 +249,7 @@ fn main() {
             run_remote(apply.then_some(&mut store), &args);
         }
         Case::PlainInsert | Case::PlainUpdate => {
-            let conn = open_plain(&dir);
+            let conn = open_plain(&dir, args.trigger);
             let update = matches!(args.case, Case::PlainUpdate);
             if update {
                 conn.execute_batch("BEGIN").expect("begin");
