@@ -361,7 +361,7 @@ impl Store {
             Entry::Vacant(e) => {
                 let clock = match self.clock_cache.get(table.ord, &e.key().1) {
                     Some(clock) => clock.clone(),
-                    None => load_row_clock(&self.writer, &self.sites, table.ord, &e.key().1)?,
+                    None => self.stored_row_clock(table.ord, &e.key().1)?,
                 };
                 e.insert(LocalRow {
                     before: clock.clone(),
@@ -394,6 +394,14 @@ impl Store {
             // A remote merge: the cache must not keep the clocks it replaces.
             for row in rows {
                 self.clock_cache.forget(row.table_ord, row.pk);
+            }
+        }
+        for row in rows {
+            // Raised before the write: a rollback leaves it above the stored keys, which only
+            // costs reads; below them it would skip a clock that exists.
+            let max = self.clock_key_max.entry(row.table_ord).or_default();
+            if row.pk.as_bytes() > &max[..] {
+                *max = row.pk.as_bytes().into();
             }
         }
         let mut index_inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = Vec::new();

@@ -357,6 +357,9 @@ pub struct Store {
     clock_cache: ClockCache,
     /// SQL of remote merges' row writes.
     row_sql: RowSql,
+    /// Per table, the greatest key with a clock row (or above it: a rolled-back write may have
+    /// raised it); no entry when the table has none. A key above it has no clock to read.
+    clock_key_max: FastMap<u32, Box<[u8]>>,
     /// The clocks the open local transaction wrote, for the cache once it commits.
     clock_cache_open: Vec<(u32, PackedPk, RowClock<ColOrd>)>,
 }
@@ -451,6 +454,7 @@ impl Store {
             index_open: Vec::new(),
             clock_cache: ClockCache::default(),
             row_sql: RowSql::default(),
+            clock_key_max: FastMap::default(),
             clock_cache_open: Vec::new(),
         };
         store.load_state()?;
@@ -571,7 +575,32 @@ impl Store {
             self.table_names.insert(ord, name.clone());
             self.tables.insert(name, Arc::new(table));
         }
+        self.clock_key_max.clear();
+        let mut greatest = self
+            .writer
+            .prepare("SELECT max(pk) FROM __patina_rows WHERE tbl = ?1")?;
+        for ord in self.table_names.keys() {
+            let max: Option<Vec<u8>> = greatest.query_row([ord], |r| r.get(0))?;
+            if let Some(max) = max {
+                self.clock_key_max.insert(*ord, max.into_boxed_slice());
+            }
+        }
         Ok(())
+    }
+
+    /// The stored clock of a row, or the empty one without reading when its key is above every
+    /// key the table has a clock for (new rows with growing keys: most inserts).
+    fn stored_row_clock(
+        &self,
+        table_ord: u32,
+        pk: &PackedPk,
+    ) -> Result<RowClock<ColOrd>, StoreError> {
+        match self.clock_key_max.get(&table_ord) {
+            Some(max) if pk.as_bytes() <= &max[..] => {
+                load_row_clock(&self.writer, &self.sites, table_ord, pk)
+            }
+            _ => Ok(RowClock::default()),
+        }
     }
 
     /// Path-independent description of the database file, for logs.

@@ -148,7 +148,7 @@ impl Store {
             Vec::new();
         for ((table_name, pk), changes) in groups {
             let table = self.tables[table_name].clone();
-            let before = load_row_clock(&self.writer, &self.sites, table.ord, pk)?;
+            let before = self.stored_row_clock(table.ord, pk)?;
             let mut clock = before.clone();
             let mut writes: BTreeMap<usize, &Value> = BTreeMap::new();
             let mut deleted = false;
