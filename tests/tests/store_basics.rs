@@ -672,13 +672,30 @@ fn remote_merges_write_rows_of_every_shape_on_a_wide_table() {
     write(&mut a, "UPDATE wide SET c140 = 141 WHERE id = 2");
     write(&mut a, "UPDATE wide SET c1 = 21 WHERE id = 2");
     write(&mut a, "UPDATE wide SET c1 = 5, c2 = 6 WHERE id = 3");
+    // Columns 12 and 140 alone: a bit set that wrapped at 128 would give them one statement.
+    write(&mut a, "UPDATE wide SET c12 = 12 WHERE id = 2");
+    write(&mut a, "UPDATE wide SET c140 = 7 WHERE id = 3");
     sync(&a, &mut b);
     write(&mut a, "DELETE FROM wide WHERE id = 1");
     sync(&a, &mut b);
-    let all = "SELECT id, c1, c2, c139, c140 FROM wide ORDER BY id";
+    let all = "SELECT id, c1, c2, c12, c139, c140 FROM wide ORDER BY id";
     let expected = vec![
-        vec![2.into(), 21.into(), 3.into(), Value::Null, 141.into()],
-        vec![3.into(), 5.into(), 6.into(), 139.into(), 140.into()],
+        vec![
+            2.into(),
+            21.into(),
+            3.into(),
+            12.into(),
+            Value::Null,
+            141.into(),
+        ],
+        vec![
+            3.into(),
+            5.into(),
+            6.into(),
+            Value::Null,
+            139.into(),
+            7.into(),
+        ],
     ];
     assert_eq!(rows(&a, all), expected);
     assert_eq!(rows(&b, all), expected);

@@ -399,9 +399,11 @@ impl Store {
         for row in rows {
             // Raised before the write: a rollback leaves it above the stored keys, which only
             // costs reads; below them it would skip a clock that exists.
-            let max = self.clock_key_max.entry(row.table_ord).or_default();
-            if row.pk.as_bytes() > &max[..] {
-                *max = row.pk.as_bytes().into();
+            // A table without a bound reads every clock: nothing to raise.
+            if let Some(max) = self.clock_key_max.get_mut(&row.table_ord) {
+                if row.pk.as_bytes() > &max[..] {
+                    *max = row.pk.as_bytes().into();
+                }
             }
         }
         let mut index_inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = Vec::new();

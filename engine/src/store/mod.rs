@@ -358,7 +358,7 @@ pub struct Store {
     /// SQL of remote merges' row writes.
     row_sql: RowSql,
     /// Per table, the greatest key with a clock row (or above it: a rolled-back write may have
-    /// raised it); no entry when the table has none. A key above it has no clock to read.
+    /// raised it); empty when the table has none. A key above it has no clock to read.
     clock_key_max: FastMap<u32, Box<[u8]>>,
     /// The clocks the open local transaction wrote, for the cache once it commits.
     clock_cache_open: Vec<(u32, PackedPk, RowClock<ColOrd>)>,
@@ -507,6 +507,7 @@ impl Store {
     /// Reloads sites, bookkeeping and tables from the database (after open, or a rollback).
     fn load_state(&mut self) -> Result<(), StoreError> {
         self.clock_cache.clear();
+        self.clock_key_max.clear();
         self.row_sql.clear();
         let mut sites = SiteTable::default();
         let mut book = Bookkeeping::new();
@@ -575,31 +576,31 @@ impl Store {
             self.table_names.insert(ord, name.clone());
             self.tables.insert(name, Arc::new(table));
         }
-        self.clock_key_max.clear();
+        // Assigned whole or not at all: a table without an entry always reads.
+        let mut bounds = FastMap::default();
         let mut greatest = self
             .writer
             .prepare("SELECT max(pk) FROM __patina_rows WHERE tbl = ?1")?;
         for ord in self.table_names.keys() {
             let max: Option<Vec<u8>> = greatest.query_row([ord], |r| r.get(0))?;
-            if let Some(max) = max {
-                self.clock_key_max.insert(*ord, max.into_boxed_slice());
-            }
+            bounds.insert(*ord, max.unwrap_or_default().into_boxed_slice());
         }
+        drop(greatest);
+        self.clock_key_max = bounds;
         Ok(())
     }
 
     /// The stored clock of a row, or the empty one without reading when its key is above every
-    /// key the table has a clock for (new rows with growing keys: most inserts).
+    /// key the table has a clock for (new rows with growing keys: most inserts). A table without
+    /// a bound (a reload that failed half-way) always reads.
     fn stored_row_clock(
         &self,
         table_ord: u32,
         pk: &PackedPk,
     ) -> Result<RowClock<ColOrd>, StoreError> {
         match self.clock_key_max.get(&table_ord) {
-            Some(max) if pk.as_bytes() <= &max[..] => {
-                load_row_clock(&self.writer, &self.sites, table_ord, pk)
-            }
-            _ => Ok(RowClock::default()),
+            Some(max) if pk.as_bytes() > &max[..] => Ok(RowClock::default()),
+            _ => load_row_clock(&self.writer, &self.sites, table_ord, pk),
         }
     }
 

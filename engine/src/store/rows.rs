@@ -72,7 +72,7 @@ pub(super) fn read_cell(
 
 /// The SQL of remote merges' row writes, built once per table and set of written columns:
 /// formatting it for every merged row was a quarter of a one-row changeset's apply. Emptied
-/// when the schema is reloaded.
+/// when the schema is reloaded, and when it holds [`ROW_SQL_MAX`] statements.
 #[derive(Debug, Default)]
 pub(super) struct RowSql {
     /// By table ordinal and the written columns' indexes as a bit set (tables of up to 128
@@ -80,6 +80,10 @@ pub(super) struct RowSql {
     upserts: FastMap<(u32, u128), String>,
     deletes: FastMap<u32, String>,
 }
+
+/// Statements a [`RowSql`] holds at most: the sets of columns peers write are few in practice,
+/// but nothing bounds them (a table of n columns has 2^n).
+const ROW_SQL_MAX: usize = 1024;
 
 impl RowSql {
     pub(super) fn clear(&mut self) {
@@ -122,6 +126,9 @@ pub(super) fn upsert_row(
         1u128.checked_shl(i as u32).map(|bit| mask | bit)
     });
     let formatted;
+    if sql_cache.upserts.len() >= ROW_SQL_MAX {
+        sql_cache.upserts.clear();
+    }
     let sql = match mask {
         Some(mask) => sql_cache
             .upserts
