@@ -6,47 +6,16 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use patina::store::{Statement, Store, StoreConfig};
+use patina::store::Statement;
 use patina_core::change::{Change, Changeset, ChangesetId, Column};
 use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
 use patina_core::pk::PackedPk;
 use patina_core::value::Value;
 use patina_core::wire::{changeset_to_bytes, decode_changeset, Limits};
 
-const SCHEMA: &str =
-    "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER NOT NULL DEFAULT 0, price REAL);";
-
-fn store(dir: &tempfile::TempDir, name: &str) -> Store {
-    let schema = dir.path().join("schema.sql");
-    std::fs::write(&schema, SCHEMA).unwrap();
-    Store::open(&StoreConfig {
-        path: dir.path().join(name),
-        schema_paths: vec![schema],
-        max_db_bytes: None,
-        changeset_bytes_max: None,
-        parts_bytes_max: None,
-    })
-    .unwrap()
-}
-
-fn plain_sqlite(dir: &tempfile::TempDir) -> rusqlite::Connection {
-    let conn = rusqlite::Connection::open(dir.path().join("plain.db")).unwrap();
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
-        .unwrap();
-    conn.execute_batch(SCHEMA).unwrap();
-    conn
-}
-
-const INSERT: &str = "INSERT INTO items (id, name, qty, price) VALUES (?1, ?2, ?3, ?4)";
-
-fn row(id: i64) -> Vec<Value> {
-    vec![
-        id.into(),
-        format!("item-{id}").into(),
-        (id % 100).into(),
-        (id as f64 * 0.25).into(),
-    ]
-}
+use patina_bench::store_fixture::{
+    open_plain as plain_sqlite, open_store as store, row, to_sql, INSERT,
+};
 
 /// One transaction inserting `rows_per_tx` new rows (or updating one column of existing ones).
 fn local_write(c: &mut Criterion) {
@@ -151,16 +120,6 @@ fn local_write(c: &mut Criterion) {
         );
     }
     group.finish();
-}
-
-fn to_sql(v: &Value) -> rusqlite::types::Value {
-    match v {
-        Value::Null => rusqlite::types::Value::Null,
-        Value::Integer(i) => rusqlite::types::Value::Integer(*i),
-        Value::Real(r) => rusqlite::types::Value::Real(*r),
-        Value::Text(s) => rusqlite::types::Value::Text(s.clone()),
-        Value::Blob(b) => rusqlite::types::Value::Blob(b.clone()),
-    }
 }
 
 /// A remote changeset inserting one row: its sentinel and three cells (4 changes).

@@ -19,16 +19,14 @@
 
 use std::time::Instant;
 
-use patina::store::{Statement, Store, StoreConfig};
+use patina::store::{Statement, Store};
+use patina_bench::store_fixture::{self, open_store, row, to_sql, INSERT};
 use patina_core::change::{Change, Changeset, ChangesetId, Column};
 use patina_core::ids::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
 use patina_core::pk::PackedPk;
 use patina_core::value::Value;
 use patina_core::wire::{changeset_to_bytes, decode_changeset, Limits};
 
-const SCHEMA: &str =
-    "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER NOT NULL DEFAULT 0, price REAL);";
-const INSERT: &str = "INSERT INTO items (id, name, qty, price) VALUES (?1, ?2, ?3, ?4)";
 const UPDATE: &str = "UPDATE items SET qty = ?1 WHERE id = ?2";
 /// Rows an update case writes over, round robin (as the `local_write` bench).
 const SEEDED_ROWS: i64 = 1000;
@@ -70,43 +68,8 @@ struct Args {
     trigger: bool,
 }
 
-fn row(id: i64) -> Vec<Value> {
-    vec![
-        id.into(),
-        format!("item-{id}").into(),
-        (id % 100).into(),
-        (id as f64 * 0.25).into(),
-    ]
-}
-
-fn to_sql(v: &Value) -> rusqlite::types::Value {
-    match v {
-        Value::Null => rusqlite::types::Value::Null,
-        Value::Integer(i) => rusqlite::types::Value::Integer(*i),
-        Value::Real(r) => rusqlite::types::Value::Real(*r),
-        Value::Text(s) => rusqlite::types::Value::Text(s.clone()),
-        Value::Blob(b) => rusqlite::types::Value::Blob(b.clone()),
-    }
-}
-
-fn open_store(dir: &tempfile::TempDir) -> Store {
-    let schema = dir.path().join("schema.sql");
-    std::fs::write(&schema, SCHEMA).expect("write schema");
-    Store::open(&StoreConfig {
-        path: dir.path().join("store.db"),
-        schema_paths: vec![schema],
-        max_db_bytes: None,
-        changeset_bytes_max: None,
-        parts_bytes_max: None,
-    })
-    .expect("open store")
-}
-
 fn open_plain(dir: &tempfile::TempDir, trigger: bool) -> rusqlite::Connection {
-    let conn = rusqlite::Connection::open(dir.path().join("plain.db")).expect("open plain");
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
-        .expect("pragmas");
-    conn.execute_batch(SCHEMA).expect("schema");
+    let conn = store_fixture::open_plain(dir);
     if trigger {
         conn.create_scalar_function(
             "noop_capture",
@@ -223,7 +186,7 @@ fn main() {
     let started;
     match args.case {
         Case::StoreInsert | Case::StoreUpdate => {
-            let mut store = open_store(&dir);
+            let mut store = open_store(&dir, "store.db");
             let update = matches!(args.case, Case::StoreUpdate);
             if update {
                 let seed: Vec<Statement> = (1..=SEEDED_ROWS)
@@ -243,7 +206,7 @@ fn main() {
             }
         }
         Case::RemoteApply | Case::RemoteEncode => {
-            let mut store = open_store(&dir);
+            let mut store = open_store(&dir, "store.db");
             started = Instant::now();
             let apply = matches!(args.case, Case::RemoteApply);
             run_remote(apply.then_some(&mut store), &args);
