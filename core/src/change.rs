@@ -211,7 +211,7 @@ impl Changeset {
 /// A row whose data a commit changed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RowChange {
-    /// Table name (shared: a changeset's changes name a handful of tables, each many times).
+    /// Table name (shared with the changes that name it).
     pub table: Arc<str>,
     /// Primary key.
     pub pk: PackedPk,

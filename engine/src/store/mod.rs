@@ -56,11 +56,6 @@ use rows::{delete_row, load_row_clock, read_cell, read_row, upsert_row, ClockCac
 pub use wal::{spawn_checkpointer, WalCommits};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-
-/// A hash map for the write path's lookups (table and column ordinals, recent row clocks):
-/// std's SipHash was a measurable part of a local write. Seeded per process, so keys a
-/// client chooses (primary keys) cannot be aimed at one bucket.
-pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -181,6 +176,12 @@ pub struct StoreConfig {
     /// Most bytes of parts of incomplete remote changesets kept at once (None: 256 MiB).
     pub parts_bytes_max: Option<u64>,
 }
+
+/// A hash map for the write path's lookups (table and column ordinals, site ordinals, recent
+/// row clocks): std's SipHash was a measurable part of a local write. foldhash is seeded per
+/// process but makes no promise against crafted keys; the one map keyed by what clients choose
+/// (primary keys, in the clock cache) holds at most 1,024 entries, so collisions cost little.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A replicated table as the store uses it.
 #[derive(Debug, Clone)]

@@ -230,7 +230,8 @@ impl ClockCache {
         self.rows = 0;
     }
 
-    /// Drops every entry, keeping each table's map for the next ones.
+    /// Drops every entry, keeping each table's map for the next ones (at most the room of
+    /// [`CLOCK_CACHE_ROWS`] entries per table written to).
     fn empty(&mut self) {
         for table in self.tables.values_mut() {
             table.clear();
