@@ -37,6 +37,11 @@ impl SiteTable {
 
     /// The ordinal of a known site.
     pub fn ord(&self, site: &SiteId) -> Option<SiteOrd> {
+        // Ordinal 0 is this replica, the origin of every cell a local write encodes: a
+        // comparison instead of a hash.
+        if self.ids.first() == Some(site) {
+            return Some(0);
+        }
         self.ords.get(site).copied()
     }
 
@@ -77,20 +82,35 @@ fn take_origin(input: &mut &[u8], sites: &SiteTable) -> Result<Origin, StoreErro
 pub fn encode_sentinel(origin: &Option<Origin>, sites: &SiteTable) -> Option<Vec<u8>> {
     origin.as_ref().map(|o| {
         let mut out = Vec::with_capacity(8);
-        put_origin(&mut out, o, sites);
+        encode_sentinel_into(&mut out, o, sites);
         out
     })
+}
+
+/// Appends the encoding of a (present) sentinel origin to `out`.
+pub fn encode_sentinel_into(out: &mut Vec<u8>, origin: &Origin, sites: &SiteTable) {
+    put_origin(out, origin, sites);
 }
 
 /// Encodes the cell clocks.
 pub fn encode_cells(cells: &BTreeMap<ColOrd, CellClock>, sites: &SiteTable) -> Vec<u8> {
     let mut out = Vec::with_capacity(cells.len() * 8);
-    for (col, clock) in cells {
-        put_varint(&mut out, u64::from(*col));
-        put_varint(&mut out, clock.col_version.get());
-        put_origin(&mut out, &clock.origin, sites);
-    }
+    encode_cells_into(&mut out, cells, sites);
     out
+}
+
+/// Appends the encoding of the cell clocks to `out` (what [`encode_cells`] returns), so that
+/// a caller writing many rows can reuse one buffer.
+pub fn encode_cells_into(
+    out: &mut Vec<u8>,
+    cells: &BTreeMap<ColOrd, CellClock>,
+    sites: &SiteTable,
+) {
+    for (col, clock) in cells {
+        put_varint(out, u64::from(*col));
+        put_varint(out, clock.col_version.get());
+        put_origin(out, &clock.origin, sites);
+    }
 }
 
 /// Calls `each` with the (site ordinal, version) of every origin in a row clock's stored

@@ -237,8 +237,17 @@ impl Store {
             seq: Seq(0),
         };
         let mut rows: BTreeMap<(u32, PackedPk), LocalRow> = BTreeMap::new();
+        // A transaction's writes mostly go to one table: looked up when the table changes.
+        let mut last_table: Option<Arc<Table>> = None;
         for w in writes {
-            let table = self.table_by_ord(w.table_ord)?.clone();
+            let table = match &last_table {
+                Some(t) if t.ord == w.table_ord => t.clone(),
+                _ => {
+                    let t = self.table_by_ord(w.table_ord)?.clone();
+                    last_table = Some(t.clone());
+                    t
+                }
+            };
             match w.write {
                 RowWrite::Insert { new } => {
                     let row = self.touch(&mut rows, &table, table.pack_pk(&new)?)?;
@@ -284,10 +293,19 @@ impl Store {
         }
         // Number the changes in (table, key, column) order, so a changeset is 0..n-1.
         let mut seq = 0u32;
-        let mut changes = Vec::new();
+        let mut changes =
+            Vec::with_capacity(rows.values().map(|row| 1 + row.clock.cells.len()).sum());
         let mine = |o: &Origin| o.site == origin.site && o.version == version;
+        let mut last_table: Option<&Arc<Table>> = None;
         for ((table_ord, pk), row) in rows.iter_mut() {
-            let table = self.table_by_ord(*table_ord)?;
+            let table = match last_table {
+                Some(t) if t.ord == *table_ord => t,
+                _ => {
+                    let t = self.table_by_ord(*table_ord)?;
+                    last_table = Some(t);
+                    t
+                }
+            };
             let cl = row.clock.cl;
             if let Some(s) = row.clock.sentinel.as_mut().filter(|s| mine(s)) {
                 s.seq = Seq(seq);
@@ -407,6 +425,8 @@ impl Store {
             }
         }
         let mut index_inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = Vec::new();
+        // SQLite copies a bound blob at once, so one buffer serves every row's blobs.
+        let mut blob = Vec::with_capacity(64);
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut stmt = self
                 .writer
@@ -416,14 +436,17 @@ impl Store {
                 stmt.raw_bind_parameter(at + 1, row.table_ord)?;
                 stmt.raw_bind_parameter(at + 2, row.pk.as_bytes())?;
                 stmt.raw_bind_parameter(at + 3, row.clock.cl.get() as i64)?;
-                stmt.raw_bind_parameter(
-                    at + 4,
-                    clock::encode_sentinel(&row.clock.sentinel, &self.sites),
-                )?;
-                stmt.raw_bind_parameter(
-                    at + 5,
-                    clock::encode_cells(&row.clock.cells, &self.sites),
-                )?;
+                match &row.clock.sentinel {
+                    Some(origin) => {
+                        blob.clear();
+                        clock::encode_sentinel_into(&mut blob, origin, &self.sites);
+                        stmt.raw_bind_parameter(at + 4, &blob[..])?;
+                    }
+                    None => stmt.raw_bind_parameter(at + 4, rusqlite::types::Null)?,
+                }
+                blob.clear();
+                clock::encode_cells_into(&mut blob, &row.clock.cells, &self.sites);
+                stmt.raw_bind_parameter(at + 5, &blob[..])?;
             }
             stmt.raw_execute()?;
         }
