@@ -1,28 +1,30 @@
 //! Change capture: every write to a replicated table, seen from inside the writing transaction.
 //!
-//! For each replicated table the writer connection has three TEMP triggers (insert, update,
-//! delete) that call the Rust function `patina_capture` with the old and new row. The function
-//! appends the write to an in-memory buffer; the store turns the buffer into clock rows before
-//! COMMIT, so user data and clocks commit or roll back together. TEMP triggers live only on the
-//! writer connection: the database file keeps no trigger that other SQLite clients would trip on.
+//! SQLite's pre-update hook on the writer connection reports each row an INSERT, UPDATE or
+//! DELETE is about to change, with the row before and after. While user statements run, the hook
+//! appends the writes to replicated tables to an in-memory buffer; the store turns the buffer into
+//! clock rows before COMMIT, so user data and clocks commit or roll back together (a statement
+//! that fails rolls the whole transaction back, so a write reported before its failure is never
+//! recorded). The hook also reports the rows REPLACE deletes to make room, as the deletes they
+//! are. Nothing is added to the database file: other SQLite clients see plain tables.
+//!
+//! The hook replaced per-table TEMP triggers calling a Rust function: those ran a trigger program
+//! for every row written, remote merges included, and made SQLite keep a statement journal for
+//! every user statement (docs/BENCHMARKS.md, issue 21).
 //!
 //! The authorizer keeps user statements away from what would break that contract: schema
-//! changes, transaction control, pragmas, writes to internal tables, and direct calls of
-//! `patina_capture`.
+//! changes, transaction control, pragmas, and writes to internal tables.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use patina_core::value::Value;
-use rusqlite::functions::FunctionFlags;
-use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::hooks::{
+    AuthAction, AuthContext, Authorization, PreUpdateCase, PreUpdateNewValueAccessor,
+    PreUpdateOldValueAccessor,
+};
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
-
-use super::schema::quote_ident;
-
-/// Name of the capture function the triggers call.
-pub const CAPTURE_FUNCTION: &str = "patina_capture";
 
 /// One captured row write; values are in the table's column order.
 #[derive(Debug, Clone)]
@@ -62,9 +64,10 @@ pub struct CaptureState {
     pub user_mode: bool,
     /// Writes captured since the last take.
     pub writes: Vec<CapturedWrite>,
-    /// Tables user statements may write to.
-    pub writable_tables: HashSet<String>,
-    /// A malformed call of the capture function (a bug, never user input).
+    /// Replicated tables by name, with their local ordinals: the tables user statements may
+    /// write to, and whose writes are captured.
+    pub tables: HashMap<String, u32>,
+    /// A value SQLite could not hand over (out of memory, a corrupt record).
     pub error: Option<String>,
 }
 
@@ -78,85 +81,111 @@ impl Capture {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Installs the capture function and the authorizer on the writer connection.
+    /// Installs the authorizer on the writer connection.
     pub fn install(&self, conn: &mut Connection) -> rusqlite::Result<()> {
-        let state = self.clone();
-        conn.create_scalar_function(
-            CAPTURE_FUNCTION,
-            -1,
-            FunctionFlags::SQLITE_UTF8,
-            move |ctx| {
-                let mut st = state.lock();
-                if !st.user_mode {
-                    // Remote changes applied by the store are not local writes.
-                    return Ok(0i64);
-                }
-                let parsed = (|| {
-                    let table_ord = match ctx.get_raw(0) {
-                        ValueRef::Integer(i) => u32::try_from(i).ok()?,
-                        _ => return None,
-                    };
-                    let op = match ctx.get_raw(1) {
-                        ValueRef::Integer(i) => i,
-                        _ => return None,
-                    };
-                    let values: Vec<Value> =
-                        (2..ctx.len()).map(|i| to_value(ctx.get_raw(i))).collect();
-                    let write = match op {
-                        1 => RowWrite::Insert { new: values },
-                        2 => RowWrite::Delete { old: values },
-                        3 if values.len().is_multiple_of(2) => {
-                            let mut old = values;
-                            let new = old.split_off(old.len() / 2);
-                            RowWrite::Update { old, new }
-                        }
-                        _ => return None,
-                    };
-                    Some(CapturedWrite { table_ord, write })
-                })();
-                match parsed {
-                    Some(w) => st.writes.push(w),
-                    None => st.error = Some("malformed capture call".into()),
-                }
-                Ok(0i64)
-            },
-        )?;
         let state = self.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| {
             authorize(&state.lock(), &ctx)
         }))?;
         Ok(())
     }
+
+    /// Starts capturing: user mode on, the buffer emptied, the pre-update hook installed.
+    ///
+    /// The hook is there only while user statements run: the store's own writes (clock rows,
+    /// the changes index, remote merges) would each pay a call for nothing, a third of a
+    /// ten-row update's hook calls. User statements are therefore prepared with the hook in
+    /// place, which matters to SQLite in one case: a DELETE without WHERE is compiled as one
+    /// truncation, unseen by the hook, when no hook is installed. The authorizer also turns that
+    /// optimization off for user statements (see [`authorize`]), so a statement the writer's
+    /// cache compiled earlier cannot slip through either.
+    pub fn start(&self, conn: &mut Connection) -> rusqlite::Result<()> {
+        {
+            let mut st = self.lock();
+            st.user_mode = true;
+            st.writes.clear();
+            st.error = None;
+        }
+        let state = self.clone();
+        conn.preupdate_hook(Some(
+            move |_, db: &str, table: &str, case: &PreUpdateCase| {
+                let mut st = state.lock();
+                if db != "main" {
+                    return;
+                }
+                let Some(&table_ord) = st.tables.get(table) else {
+                    // The authorizer lets user statements write replicated tables only.
+                    return;
+                };
+                match row_write(case) {
+                    Ok(write) => st.writes.push(CapturedWrite { table_ord, write }),
+                    Err(e) => st.error = Some(format!("capturing a write to {table}: {e}")),
+                }
+            },
+        ))
+    }
+
+    /// Stops capturing: the hook removed, user mode off; what was captured and any error.
+    pub fn stop(&self, conn: &mut Connection) -> (Vec<CapturedWrite>, Option<String>) {
+        let removed = conn.preupdate_hook(None::<fn(_, &str, &str, &PreUpdateCase)>);
+        let mut st = self.lock();
+        st.user_mode = false;
+        let mut error = st.error.take();
+        if let Err(e) = removed {
+            // Left in place it would capture the store's own writes into the next transaction.
+            error.get_or_insert(format!("removing the capture hook: {e}"));
+        }
+        (std::mem::take(&mut st.writes), error)
+    }
+}
+
+/// Reads the row before and after a change the hook reports, in the table's column order.
+fn row_write(case: &PreUpdateCase) -> Result<RowWrite, String> {
+    let read_old = |old: &PreUpdateOldValueAccessor| {
+        (0..old.get_column_count())
+            .map(|i| old.get_old_column_value(i).map(to_value))
+            .collect::<rusqlite::Result<Vec<_>>>()
+    };
+    let read_new = |new: &PreUpdateNewValueAccessor| {
+        (0..new.get_column_count())
+            .map(|i| new.get_new_column_value(i).map(to_value))
+            .collect::<rusqlite::Result<Vec<_>>>()
+    };
+    let write = match case {
+        PreUpdateCase::Insert(new) => read_new(new).map(|new| RowWrite::Insert { new }),
+        PreUpdateCase::Delete(old) => read_old(old).map(|old| RowWrite::Delete { old }),
+        PreUpdateCase::Update {
+            old_value_accessor: old,
+            new_value_accessor: new,
+        } => read_old(old).and_then(|old| read_new(new).map(|new| RowWrite::Update { old, new })),
+        PreUpdateCase::Unknown => return Err("a change of a kind the hook did not name".into()),
+    };
+    write.map_err(|e| e.to_string())
 }
 
 fn authorize(state: &CaptureState, ctx: &AuthContext<'_>) -> Authorization {
-    if let AuthAction::Function { function_name } = ctx.action {
-        // Only our triggers may call the capture function, never top-level SQL.
-        if function_name.eq_ignore_ascii_case(CAPTURE_FUNCTION) && ctx.accessor.is_none() {
-            return Authorization::Deny;
-        }
-    }
     if !state.user_mode {
         return Authorization::Allow;
     }
-    let writable = |table: &str| {
-        // Trigger bodies write nothing; user writes must target a replicated table.
-        ctx.accessor.is_some() || state.writable_tables.contains(table)
-    };
+    // Schemas hold tables and indexes only (no triggers or views run SQL of their own): a write
+    // must target a replicated table.
+    let writable = |table: &str| state.tables.contains_key(table);
     match ctx.action {
         AuthAction::Select | AuthAction::Read { .. } | AuthAction::Function { .. } => {
             Authorization::Allow
         }
         AuthAction::Recursive => Authorization::Allow,
-        AuthAction::Insert { table_name }
-        | AuthAction::Delete { table_name }
-        | AuthAction::Update { table_name, .. } => {
+        // SQLite's documented meaning of IGNORE for a DELETE: it proceeds, row by row, never
+        // as the truncation the pre-update hook would not see (see [`Capture::start`]).
+        AuthAction::Delete { table_name } if writable(table_name) => Authorization::Ignore,
+        AuthAction::Insert { table_name } | AuthAction::Update { table_name, .. } => {
             if writable(table_name) {
                 Authorization::Allow
             } else {
                 Authorization::Deny
             }
         }
+        AuthAction::Delete { .. } => Authorization::Deny,
         // Schema changes, pragmas, ATTACH, transaction control: the store owns those.
         _ => Authorization::Deny,
     }
@@ -174,29 +203,4 @@ pub fn to_value(v: ValueRef<'_>) -> Value {
         },
         ValueRef::Blob(b) => Value::Blob(b.to_vec()),
     }
-}
-
-/// The TEMP triggers that capture writes to one table.
-pub fn trigger_sql(table: &str, table_ord: u32, columns: &[String]) -> String {
-    let cols = |prefix: &str| {
-        columns
-            .iter()
-            .map(|c| format!("{prefix}.{}", quote_ident(c)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let t = quote_ident(table);
-    format!(
-        "DROP TRIGGER IF EXISTS temp.__patina_ins_{table_ord};
-         DROP TRIGGER IF EXISTS temp.__patina_upd_{table_ord};
-         DROP TRIGGER IF EXISTS temp.__patina_del_{table_ord};
-         CREATE TEMP TRIGGER __patina_ins_{table_ord} AFTER INSERT ON main.{t}
-           BEGIN SELECT {CAPTURE_FUNCTION}({table_ord}, 1, {new}); END;
-         CREATE TEMP TRIGGER __patina_upd_{table_ord} AFTER UPDATE ON main.{t}
-           BEGIN SELECT {CAPTURE_FUNCTION}({table_ord}, 3, {old}, {new}); END;
-         CREATE TEMP TRIGGER __patina_del_{table_ord} AFTER DELETE ON main.{t}
-           BEGIN SELECT {CAPTURE_FUNCTION}({table_ord}, 2, {old}); END;",
-        new = cols("NEW"),
-        old = cols("OLD"),
-    )
 }

@@ -67,18 +67,12 @@ impl Store {
         self.stale_entries_open.clear();
         self.index_open.clear();
         self.clock_cache_open.clear();
-        {
-            let mut st = self.capture.lock();
-            st.user_mode = true;
-            st.writes.clear();
-            st.error = None;
+        if let Err(e) = self.capture.start(&mut self.writer) {
+            let _ = self.writer.execute_batch("ROLLBACK");
+            return Err(e.into());
         }
         let result = body(self);
-        let (writes, capture_error) = {
-            let mut st = self.capture.lock();
-            st.user_mode = false;
-            (std::mem::take(&mut st.writes), st.error.take())
-        };
+        let (writes, capture_error) = self.capture.stop(&mut self.writer);
         let result = result.and_then(|rows_affected| {
             if let Some(e) = capture_error {
                 return Err(StoreError::Corrupt(e));

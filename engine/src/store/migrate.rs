@@ -1,4 +1,4 @@
-//! Schema changes: building a table's description, migrating to the desired schema, the capture triggers, and backfilling clocks for rows written before.
+//! Schema changes: building a table's description, migrating to the desired schema, the tables whose writes are captured, and backfilling clocks for rows written before.
 
 use super::*;
 
@@ -74,7 +74,7 @@ impl Store {
         match result {
             Ok(backfill) => {
                 self.load_state()?;
-                self.install_triggers()?;
+                self.install_capture();
                 if !backfill.is_empty() {
                     self.backfill(&backfill)?;
                 }
@@ -162,15 +162,13 @@ impl Store {
         )?)
     }
 
-    pub(super) fn install_triggers(&mut self) -> Result<(), StoreError> {
-        for table in self.tables.values() {
-            let cols: Vec<String> = table.def.columns.iter().map(|c| c.name.clone()).collect();
-            self.writer
-                .execute_batch(&trigger_sql(&table.def.name, table.ord, &cols))?;
-        }
-        let mut st = self.capture.lock();
-        st.writable_tables = self.tables.keys().cloned().collect();
-        Ok(())
+    /// Tells the capture hook which tables are replicated, by name (the name SQLite reports).
+    pub(super) fn install_capture(&mut self) {
+        self.capture.lock().tables = self
+            .tables
+            .iter()
+            .map(|(name, table)| (name.clone(), table.ord))
+            .collect();
     }
 
     /// Gives clocks to rows that existed before their table became replicated, as one local

@@ -72,7 +72,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, ToSql};
 
 pub use capture::to_value;
-use capture::{trigger_sql, Capture, RowWrite};
+use capture::{Capture, RowWrite};
 use clock::{ColOrd, SiteOrd, SiteTable};
 pub use error::{ChangeError, SchemaError, StoreError};
 use guard::{Interrupt, Stopped};
@@ -381,7 +381,7 @@ impl Store {
         let mut writer = Connection::open(&config.path)?;
         writer.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
-             PRAGMA recursive_triggers = ON; PRAGMA foreign_keys = OFF;",
+             PRAGMA foreign_keys = OFF;",
         )?;
         // Before the size cap is installed: a store stopped at its cap must still open.
         let started = std::time::Instant::now();
