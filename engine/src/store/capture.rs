@@ -15,7 +15,6 @@
 //! The authorizer keeps user statements away from what would break that contract: schema
 //! changes, transaction control, pragmas, and writes to internal tables.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use patina_core::value::Value;
@@ -66,7 +65,7 @@ pub struct CaptureState {
     pub writes: Vec<CapturedWrite>,
     /// Replicated tables by name, with their local ordinals: the tables user statements may
     /// write to, and whose writes are captured.
-    pub tables: HashMap<String, u32>,
+    pub tables: super::FastMap<String, u32>,
     /// A value SQLite could not hand over (out of memory, a corrupt record).
     pub error: Option<String>,
 }
