@@ -99,13 +99,8 @@ impl Capture {
     /// optimization off for user statements (see [`authorize`]), so a statement the writer's
     /// cache compiled earlier cannot slip through either.
     pub fn start(&self, conn: &mut Connection) -> rusqlite::Result<()> {
-        {
-            let mut st = self.lock();
-            st.user_mode = true;
-            st.writes.clear();
-            st.error = None;
-        }
         let state = self.clone();
+        // Installed first: if that fails, nothing below has changed (user mode stays off).
         conn.preupdate_hook(Some(
             move |_, db: &str, table: &str, case: &PreUpdateCase| {
                 let mut st = state.lock();
@@ -121,7 +116,12 @@ impl Capture {
                     Err(e) => st.error = Some(format!("capturing a write to {table}: {e}")),
                 }
             },
-        ))
+        ))?;
+        let mut st = self.lock();
+        st.user_mode = true;
+        st.writes.clear();
+        st.error = None;
+        Ok(())
     }
 
     /// Stops capturing: the hook removed, user mode off; what was captured and any error.
