@@ -62,8 +62,9 @@ struct Args {
     /// Transactions to run (after the setup).
     #[arg(long, default_value_t = 2000)]
     txs: usize,
-    /// Plain cases only: give the table TEMP triggers like the store's capture triggers,
-    /// calling a function that does nothing with the row, to count what triggers cost alone.
+    /// Plain cases only: give the table TEMP triggers like those the store captured writes with
+    /// before SQLite's pre-update hook, calling a function that does nothing with the row, to
+    /// count what triggers cost alone (docs/BENCHMARKS.md, issue 21).
     #[arg(long)]
     trigger: bool,
 }
