@@ -51,8 +51,49 @@ fn width_of(n: u64) -> u8 {
     (8 - n.leading_zeros() / 8) as u8
 }
 
-fn put_uint(out: &mut Vec<u8>, n: u64, width: u8) {
-    out.extend_from_slice(&n.to_be_bytes()[8 - width as usize..]);
+/// Where a key is packed before its one copy into its shared allocation: on the stack up to
+/// [`KeyBuf::SMALL`] bytes (nearly every key), on the heap beyond. Packing into a `Vec` and
+/// converting it cost two allocations a key, and a key is packed for every row written.
+struct KeyBuf {
+    small: [u8; KeyBuf::SMALL],
+    len: usize,
+    large: Vec<u8>,
+}
+
+impl KeyBuf {
+    const SMALL: usize = 64;
+
+    fn new() -> KeyBuf {
+        KeyBuf {
+            small: [0; KeyBuf::SMALL],
+            len: 0,
+            large: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if self.large.is_empty() && self.len + bytes.len() <= KeyBuf::SMALL {
+            self.small[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        } else {
+            if self.large.is_empty() {
+                self.large.extend_from_slice(&self.small[..self.len]);
+            }
+            self.large.extend_from_slice(bytes);
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        if self.large.is_empty() {
+            &self.small[..self.len]
+        } else {
+            &self.large
+        }
+    }
+}
+
+fn put_uint(out: &mut KeyBuf, n: u64, width: u8) {
+    out.push(&n.to_be_bytes()[8 - width as usize..]);
 }
 
 impl PackedPk {
@@ -68,25 +109,25 @@ impl PackedPk {
         if values.len() == 0 || values.len() > PK_COLUMNS_MAX {
             return Err(PkError::ColumnCount(values.len()));
         }
-        let mut out = Vec::with_capacity(1 + values.len() * 9);
-        out.push(values.len() as u8);
+        let mut out = KeyBuf::new();
+        out.push(&[values.len() as u8]);
         for (i, v) in values.enumerate() {
             match v {
                 Value::Null => return Err(PkError::Null(i)),
                 Value::Integer(n) => {
                     let width = if *n < 0 { 8 } else { width_of(*n as u64) };
-                    out.push(width << 3 | TYPE_INTEGER);
+                    out.push(&[width << 3 | TYPE_INTEGER]);
                     put_uint(&mut out, *n as u64, width);
                 }
                 Value::Real(r) => {
-                    out.push(8 << 3 | TYPE_REAL);
-                    out.extend_from_slice(&r.to_bits().to_be_bytes());
+                    out.push(&[8 << 3 | TYPE_REAL]);
+                    out.push(&r.to_bits().to_be_bytes());
                 }
                 Value::Text(s) => pack_bytes(&mut out, TYPE_TEXT, s.as_bytes()),
                 Value::Blob(b) => pack_bytes(&mut out, TYPE_BLOB, b),
             }
         }
-        Ok(PackedPk(out.into()))
+        Ok(PackedPk(Arc::from(out.bytes())))
     }
 
     /// Validates untrusted bytes: they must unpack, contain no NULL, and be canonical.
@@ -129,11 +170,11 @@ impl std::fmt::Debug for PackedPk {
     }
 }
 
-fn pack_bytes(out: &mut Vec<u8>, type_code: u8, data: &[u8]) {
+fn pack_bytes(out: &mut KeyBuf, type_code: u8, data: &[u8]) {
     let width = width_of(data.len() as u64);
-    out.push(width << 3 | type_code);
+    out.push(&[width << 3 | type_code]);
     put_uint(out, data.len() as u64, width);
-    out.extend_from_slice(data);
+    out.push(data);
 }
 
 /// Unpacks any well-formed encoding (canonical or not) into its tuple.
@@ -246,6 +287,16 @@ mod tests {
             Value::Blob(vec![7; 70_000]),
             Value::Text("é".repeat(300)),
         ]);
+        // Keys packed on the stack up to 64 bytes, on the heap beyond: every length around
+        // the switch, and a switch in the middle of a column.
+        for len in 55..75 {
+            round_trip(vec![Value::Blob(vec![1; len])]);
+            round_trip(vec![
+                Value::Integer(-1),
+                Value::Text("x".repeat(len)),
+                Value::Integer(9),
+            ]);
+        }
     }
 
     #[test]

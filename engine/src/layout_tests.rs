@@ -1,6 +1,6 @@
 //! The invariants of docs/ARCHITECTURE.md that the source itself can show, checked on it:
-//! only the store and the subscriptions open SQLite, core does no I/O, and the engine's
-//! folders import only downward.
+//! only the store and the subscriptions open SQLite, core does no I/O, the engine's folders
+//! import only downward, and one module alone may use `unsafe`.
 
 use std::path::{Path, PathBuf};
 
@@ -193,4 +193,29 @@ fn the_engine_folders_import_only_downward() {
         offenders.is_empty(),
         "imports against the layering: {offenders:?}"
     );
+}
+
+#[test]
+fn unsafe_code_is_allowed_in_one_module() {
+    // The workspace denies `unsafe`; a module may lift that for itself only, and only the
+    // writer's prepared control statements do (SQLite's handles, kept beside the connection).
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = 0;
+    let mut allowed = Vec::new();
+    for member in [
+        "core", "engine", "sim", "model", "tests", "bench", "loadgen",
+    ] {
+        let root = workspace.join(member);
+        for (path, text) in sources(&root) {
+            if path.components().any(|c| c.as_os_str() == "target") {
+                continue;
+            }
+            files += 1;
+            if text.contains("allow(unsafe_code)") {
+                allowed.push(format!("{member}/{}", relative(&path, &root)));
+            }
+        }
+    }
+    assert!(files > 50, "the workspace's source not found");
+    assert_eq!(allowed, ["engine/src/store/control.rs"]);
 }

@@ -2,7 +2,8 @@
 //!
 //! SQLite's pre-update hook on the writer connection reports each row an INSERT, UPDATE or
 //! DELETE is about to change, with the row before and after. While user statements run, the hook
-//! appends the writes to replicated tables to an in-memory buffer; the store turns the buffer into
+//! appends the writes to replicated tables to an in-memory buffer (an insert's new row, a
+//! delete's old one, an update's new row with the old values of the columns it changed); the store turns the buffer into
 //! clock rows before COMMIT, so user data and clocks commit or roll back together (a statement
 //! that fails rolls the whole transaction back, so a write reported before its failure is never
 //! recorded). The hook also reports the rows REPLACE deletes to make room, as the deletes they
@@ -35,10 +36,12 @@ pub enum RowWrite {
     },
     /// A row was updated (possibly its primary key).
     Update {
-        /// The row before.
-        old: Vec<Value>,
         /// The row after.
         new: Vec<Value>,
+        /// The columns the update changed, in column order, each with its value before; a
+        /// column not listed kept its value. (Only these: reading and keeping every old value
+        /// cost an allocation a row and one more per text or blob, to be compared and dropped.)
+        old_changed: Vec<(usize, Value)>,
     },
     /// A row was deleted.
     Delete {
@@ -138,7 +141,7 @@ impl Capture {
     }
 }
 
-/// Reads the row before and after a change the hook reports, in the table's column order.
+/// Reads what the store needs of a change the hook reports, values in the table's column order.
 fn row_write(case: &PreUpdateCase) -> Result<RowWrite, String> {
     let read_old = |old: &PreUpdateOldValueAccessor| {
         (0..old.get_column_count())
@@ -156,7 +159,16 @@ fn row_write(case: &PreUpdateCase) -> Result<RowWrite, String> {
         PreUpdateCase::Update {
             old_value_accessor: old,
             new_value_accessor: new,
-        } => read_old(old).and_then(|old| read_new(new).map(|new| RowWrite::Update { old, new })),
+        } => read_new(new).and_then(|new| {
+            let mut old_changed = Vec::new();
+            for (i, value) in new.iter().enumerate() {
+                let before = old.get_old_column_value(i as i32)?;
+                if !same_value(before, value) {
+                    old_changed.push((i, to_value(before)));
+                }
+            }
+            Ok(RowWrite::Update { new, old_changed })
+        }),
         PreUpdateCase::Unknown => return Err("a change of a kind the hook did not name".into()),
     };
     write.map_err(|e| e.to_string())
@@ -190,6 +202,20 @@ fn authorize(state: &CaptureState, ctx: &AuthContext<'_>) -> Authorization {
     }
 }
 
+/// Whether `to_value(old) == *new`, without building the value.
+fn same_value(old: ValueRef<'_>, new: &Value) -> bool {
+    match (old, new) {
+        (ValueRef::Null, Value::Null) => true,
+        (ValueRef::Integer(a), Value::Integer(b)) => a == *b,
+        (ValueRef::Real(a), Value::Real(b)) => a.total_cmp(b).is_eq(),
+        (ValueRef::Text(t), Value::Text(s)) => t == s.as_bytes(),
+        // Text that is not UTF-8 is kept as a blob (see `to_value`).
+        (ValueRef::Text(t), Value::Blob(b)) => t == &b[..] && std::str::from_utf8(t).is_err(),
+        (ValueRef::Blob(a), Value::Blob(b)) => a == &b[..],
+        _ => false,
+    }
+}
+
 /// Converts a borrowed SQLite value. Invalid UTF-8 in TEXT is kept as a BLOB rather than lost.
 pub fn to_value(v: ValueRef<'_>) -> Value {
     match v {
@@ -201,5 +227,43 @@ pub fn to_value(v: ValueRef<'_>) -> Value {
             Err(_) => Value::Blob(t.to_vec()),
         },
         ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An update keeps only the old values `same_value` says changed: it must agree with
+    /// comparing the converted value, or a changed cell would go unreplicated (or an unchanged
+    /// one be sent again).
+    #[test]
+    fn same_value_agrees_with_comparing_converted_values() {
+        let not_utf8: &[u8] = &[0xff, 0xfe];
+        let olds = [
+            ValueRef::Null,
+            ValueRef::Integer(1),
+            ValueRef::Integer(-1),
+            ValueRef::Real(1.0),
+            ValueRef::Real(0.0),
+            ValueRef::Real(-0.0),
+            ValueRef::Real(f64::NAN),
+            ValueRef::Text(b"a"),
+            ValueRef::Text(b""),
+            ValueRef::Text(not_utf8),
+            ValueRef::Blob(b"a"),
+            ValueRef::Blob(not_utf8),
+            ValueRef::Blob(b""),
+        ];
+        let news: Vec<Value> = olds.iter().map(|v| to_value(*v)).collect();
+        for old in olds {
+            for new in &news {
+                assert_eq!(
+                    same_value(old, new),
+                    to_value(old) == *new,
+                    "{old:?} against {new:?}"
+                );
+            }
+        }
     }
 }

@@ -33,6 +33,7 @@ pub mod actor;
 pub mod backup;
 mod capture;
 mod clock;
+mod control;
 mod digest;
 pub mod error;
 mod extract;
@@ -47,9 +48,10 @@ mod rows;
 pub mod schema;
 mod wal;
 
+use control::{Control, ControlStatements};
 pub use digest::Digest;
 pub use extract::ClockSnapshot;
-use local::{exec_cached, ClockWrite, IndexWrites};
+use local::{ClockWrite, IndexWrites};
 use query::bind;
 pub use query::Reader;
 use rows::{delete_row, load_row_clock, read_cell, read_row, upsert_row, ClockCache, RowSql};
@@ -182,6 +184,8 @@ pub struct StoreConfig {
 /// process but makes no promise against crafted keys; the one map keyed by what clients choose
 /// (primary keys, in the clock cache) holds at most 1,024 entries, so collisions cost little.
 pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// A set hashed with foldhash (see [`FastMap`]).
+pub(crate) type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// A replicated table as the store uses it.
 #[derive(Debug, Clone)]
@@ -325,6 +329,9 @@ CREATE TABLE IF NOT EXISTS __patina_parts (
 /// A replica's database.
 #[derive(Debug)]
 pub struct Store {
+    /// BEGIN, COMMIT and savepoints of the writer, prepared once. Declared before `writer`:
+    /// they must be finalized before it closes, and fields drop in declaration order.
+    control: ControlStatements,
     writer: Connection,
     reader: Connection,
     capture: Capture,
@@ -359,8 +366,9 @@ pub struct Store {
     /// SQL of remote merges' row writes.
     row_sql: RowSql,
     /// Per table, the greatest key with a clock row (or above it: a rolled-back write may have
-    /// raised it); empty when the table has none. A key above it has no clock to read.
-    clock_key_max: FastMap<u32, Box<[u8]>>,
+    /// raised it); None when the table has none. A key above it has no clock to read. (A
+    /// shared key, not a copy of its bytes: raising it is most inserts' lot.)
+    clock_key_max: FastMap<u32, Option<PackedPk>>,
     /// The clocks the open local transaction wrote, for the cache once it commits.
     clock_cache_open: Vec<(u32, PackedPk, RowClock<ColOrd>)>,
 }
@@ -430,7 +438,9 @@ impl Store {
         )?;
         reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
         reader.set_prepared_statement_cache_capacity(64);
+        let control = ControlStatements::prepare(&writer)?;
         let mut store = Store {
+            control,
             writer,
             reader,
             capture,
@@ -584,7 +594,16 @@ impl Store {
             .prepare("SELECT max(pk) FROM __patina_rows WHERE tbl = ?1")?;
         for ord in self.table_names.keys() {
             let max: Option<Vec<u8>> = greatest.query_row([ord], |r| r.get(0))?;
-            bounds.insert(*ord, max.unwrap_or_default().into_boxed_slice());
+            match max.map(PackedPk::from_bytes) {
+                None => {
+                    bounds.insert(*ord, None);
+                }
+                Some(Ok(max)) => {
+                    bounds.insert(*ord, Some(max));
+                }
+                // Not a key this store wrote: no bound, that table's clocks are always read.
+                Some(Err(_)) => {}
+            }
         }
         drop(greatest);
         self.clock_key_max = bounds;
@@ -600,7 +619,7 @@ impl Store {
         pk: &PackedPk,
     ) -> Result<RowClock<ColOrd>, StoreError> {
         match self.clock_key_max.get(&table_ord) {
-            Some(max) if pk.as_bytes() > &max[..] => Ok(RowClock::default()),
+            Some(max) if max.as_ref().is_none_or(|max| pk > max) => Ok(RowClock::default()),
             _ => load_row_clock(&self.writer, &self.sites, table_ord, pk),
         }
     }

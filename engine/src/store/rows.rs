@@ -197,8 +197,11 @@ pub(super) struct ClockCache {
 pub(super) const CLOCK_CACHE_ROWS: usize = 1024;
 
 impl ClockCache {
-    pub(super) fn get(&self, table_ord: u32, pk: &PackedPk) -> Option<&RowClock<ColOrd>> {
-        self.tables.get(&table_ord)?.get(pk)
+    /// Removes and returns the clock of a row, if held.
+    pub(super) fn take(&mut self, table_ord: u32, pk: &PackedPk) -> Option<RowClock<ColOrd>> {
+        let clock = self.tables.get_mut(&table_ord)?.remove(pk)?;
+        self.rows -= 1;
+        Some(clock)
     }
 
     pub(super) fn put(&mut self, table_ord: u32, pk: PackedPk, clock: RowClock<ColOrd>) {

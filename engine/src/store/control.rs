@@ -1,0 +1,195 @@
+//! The writer's transaction-control statements (BEGIN, COMMIT, savepoints), prepared once at
+//! open and stepped directly.
+//!
+//! Why not rusqlite's statement cache, as every other statement: a cached statement is found by
+//! hashing its SQL, and on its way back it is hashed again, its key reallocated and its
+//! bindings cleared, about 1,200 instructions a statement. A one-row local write runs two of
+//! these (BEGIN, COMMIT) and a remote changeset two more (SAVEPOINT, RELEASE), so the cache was
+//! about 6% of either. These statements take no parameters and read no table, so a prepared
+//! one never changes; stepping it is all there is to do.
+//!
+//! The one module of the workspace that may use `unsafe` (the workspace denies it): rusqlite's
+//! `Statement` borrows its connection, so the store cannot keep one beside the connection it
+//! owns, and these are kept as SQLite's own handles instead.
+
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::ptr::NonNull;
+
+use rusqlite::ffi;
+use rusqlite::Connection;
+
+/// One transaction-control statement of the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Control {
+    BeginImmediate,
+    Commit,
+    Savepoint,
+    Release,
+    RollbackToSavepoint,
+}
+
+impl Control {
+    const ALL: [Control; 5] = [
+        Control::BeginImmediate,
+        Control::Commit,
+        Control::Savepoint,
+        Control::Release,
+        Control::RollbackToSavepoint,
+    ];
+
+    fn sql(self) -> &'static CStr {
+        match self {
+            Control::BeginImmediate => c"BEGIN IMMEDIATE",
+            Control::Commit => c"COMMIT",
+            Control::Savepoint => c"SAVEPOINT changeset",
+            Control::Release => c"RELEASE changeset",
+            Control::RollbackToSavepoint => c"ROLLBACK TO changeset",
+        }
+    }
+}
+
+/// The prepared statements of [`Control`], owned by the store beside its writer connection.
+///
+/// They must be finalized before the connection closes (SQLite refuses to close a connection
+/// with live statements, and rusqlite then leaks it): the store declares this field before
+/// `writer`, and fields drop in declaration order.
+pub(super) struct ControlStatements {
+    db: *mut ffi::sqlite3,
+    statements: [NonNull<ffi::sqlite3_stmt>; 5],
+}
+
+// The statements belong to the writer connection, which moves between threads with the store
+// (rusqlite's `Connection` is `Send`) and is only ever used by one thread at a time, the same
+// one that steps these.
+unsafe impl Send for ControlStatements {}
+
+impl std::fmt::Debug for ControlStatements {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlStatements").finish_non_exhaustive()
+    }
+}
+
+impl ControlStatements {
+    /// Prepares every control statement on `conn`.
+    pub(super) fn prepare(conn: &Connection) -> rusqlite::Result<ControlStatements> {
+        // SAFETY: the handle is only used for the calls below and, later, for statements
+        // finalized before the connection closes (see the type's doc).
+        let db = unsafe { conn.handle() };
+        let mut prepared: Vec<NonNull<ffi::sqlite3_stmt>> = Vec::with_capacity(5);
+        for control in Control::ALL {
+            let mut stmt = std::ptr::null_mut();
+            // SAFETY: `db` is an open connection, the SQL a NUL-terminated literal.
+            let rc = unsafe {
+                ffi::sqlite3_prepare_v3(
+                    db,
+                    control.sql().as_ptr(),
+                    -1,
+                    ffi::SQLITE_PREPARE_PERSISTENT,
+                    &mut stmt,
+                    std::ptr::null_mut(),
+                )
+            };
+            match NonNull::new(stmt) {
+                Some(stmt) if rc == ffi::SQLITE_OK => prepared.push(stmt),
+                other => {
+                    let error = error_of(
+                        db,
+                        if rc == ffi::SQLITE_OK {
+                            ffi::SQLITE_MISUSE
+                        } else {
+                            rc
+                        },
+                    );
+                    for stmt in prepared.into_iter().chain(other) {
+                        // SAFETY: prepared above and not used elsewhere.
+                        unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        let statements = prepared
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one statement per control"));
+        Ok(ControlStatements { db, statements })
+    }
+
+    /// Runs one control statement on the writer.
+    pub(super) fn run(&self, control: Control) -> rusqlite::Result<()> {
+        let stmt = self.statements[control as usize].as_ptr();
+        // SAFETY: `stmt` is a live statement of `db` (finalized only on drop).
+        unsafe {
+            let rc = ffi::sqlite3_step(stmt);
+            // Reset at once: a COMMIT whose step failed would otherwise stay "running" and keep
+            // the transaction from ending; the reset's own code repeats the step's error.
+            ffi::sqlite3_reset(stmt);
+            if rc == ffi::SQLITE_DONE || rc == ffi::SQLITE_ROW {
+                Ok(())
+            } else {
+                Err(error_of(self.db, rc))
+            }
+        }
+    }
+}
+
+impl Drop for ControlStatements {
+    fn drop(&mut self) {
+        for stmt in self.statements {
+            // SAFETY: each was prepared by `prepare` and is finalized once, here.
+            unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
+        }
+    }
+}
+
+/// The error SQLite reports for `rc` on `db`, as rusqlite builds it: the connection's message
+/// when it is about this error, else SQLite's text for the code.
+fn error_of(db: *mut ffi::sqlite3, rc: std::os::raw::c_int) -> rusqlite::Error {
+    // SAFETY: `db` is open; the message is copied before any other call on it.
+    let message = unsafe {
+        let text = if ffi::sqlite3_extended_errcode(db) == rc {
+            ffi::sqlite3_errmsg(db)
+        } else {
+            ffi::sqlite3_errstr(rc)
+        };
+        (!text.is_null()).then(|| CStr::from_ptr(text).to_string_lossy().into_owned())
+    };
+    rusqlite::Error::SqliteFailure(ffi::Error::new(rc), message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_statements_run_a_transaction_and_savepoints_and_report_errors() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        let control = ControlStatements::prepare(&conn).unwrap();
+        control.run(Control::BeginImmediate).unwrap();
+        conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        control.run(Control::Savepoint).unwrap();
+        conn.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        control.run(Control::RollbackToSavepoint).unwrap();
+        control.run(Control::Release).unwrap();
+        control.run(Control::Commit).unwrap();
+        let rows: i64 = conn
+            .query_row("SELECT sum(x) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
+        // COMMIT outside a transaction: SQLite's error, with its message.
+        match control.run(Control::Commit) {
+            Err(rusqlite::Error::SqliteFailure(e, Some(message))) => {
+                assert_eq!(e.code, rusqlite::ErrorCode::Unknown);
+                assert!(message.contains("no transaction is active"), "{message}");
+            }
+            other => panic!("expected SQLite's error, got {other:?}"),
+        }
+        // And it still runs once a transaction is open again.
+        control.run(Control::BeginImmediate).unwrap();
+        control.run(Control::Commit).unwrap();
+        drop(control);
+        conn.close().expect("no statement left open");
+    }
+}
