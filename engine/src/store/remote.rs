@@ -1,10 +1,11 @@
-//! Remote changesets: the store's side of the one apply rule (core::apply), merging a whole changeset in a savepoint.
+//! Remote changesets: the store's side of the one apply rule (core::apply), merging a whole changeset, checked before any of it is written.
 
 use super::*;
 
 impl Store {
     /// Applies remote changesets in one SQLite transaction, each through the merge rule and each
-    /// all-or-nothing (a savepoint per changeset): a bad changeset is refused alone. Returns one
+    /// all-or-nothing (checked whole before any of it is written): a bad changeset is refused
+    /// alone. Returns one
     /// outcome per changeset, in order.
     pub fn apply_changesets<C: std::borrow::Borrow<Changeset>>(
         &mut self,
@@ -86,7 +87,8 @@ impl Store {
         }
     }
 
-    /// Merges one changeset inside the open savepoint; returns (changes won, rows changed).
+    /// Merges one changeset; returns (changes won, rows changed). Every refusal
+    /// (`StoreError::Change`) comes before its first write.
     pub(super) fn apply_one(
         &mut self,
         changeset: &Changeset,
@@ -229,7 +231,7 @@ impl Store {
 }
 
 /// The SQLite store as the apply rule (`core::apply`) sees it: parts kept in `__patina_parts`,
-/// each whole changeset merged in a savepoint of the batch's transaction.
+/// each whole changeset checked, then merged, in the batch's transaction.
 impl ApplyTarget for Store {
     type Rejection = StoreError;
     type Error = StoreError;
@@ -257,20 +259,15 @@ impl ApplyTarget for Store {
         &mut self,
         whole: &Changeset,
     ) -> Result<Result<(usize, Vec<RowChange>), StoreError>, StoreError> {
-        // Prepared once (`control`): parsed on every changeset, these were a tenth of a
-        // one-row changeset's apply, and through the statement cache still 4%.
-        self.control.run(Control::Savepoint)?;
-        let stale_before = self.stale_entries_open.len();
+        // No savepoint around it: `apply_one` checks a changeset whole before writing any of
+        // it, so a refusal leaves nothing to undo. A savepoint cost a tenth of a one-row
+        // changeset's apply (SQLite journals every page the first write in it touches).
+        // Should a refusal ever come after a write, the batch fails whole instead (below), and
+        // its transaction rolls back: never a changeset half merged.
+        let written_before = self.writer.total_changes();
         match self.apply_one(whole) {
-            Ok(merged) => {
-                self.control.run(Control::Release)?;
-                Ok(Ok(merged))
-            }
-            Err(e @ StoreError::Change { .. }) => {
-                self.control.run(Control::RollbackToSavepoint)?;
-                self.control.run(Control::Release)?;
-                // What it superseded is current again.
-                self.stale_entries_open.truncate(stale_before);
+            Ok(merged) => Ok(Ok(merged)),
+            Err(e @ StoreError::Change { .. }) if self.writer.total_changes() == written_before => {
                 Ok(Err(e))
             }
             Err(e) => Err(e),
