@@ -461,6 +461,47 @@ fn superseded_index_entries_go_in_batches_and_a_rolled_back_write_keeps_its_own(
     assert!(entries.contains(&(0, 1)) && entries.contains(&(0, 2)) && entries.contains(&(0, 102)));
 }
 
+/// A batch of remote changesets writes its new changes-index entries at its end, in one
+/// statement: an entry a later changeset of the same batch superseded must not be among them.
+#[test]
+fn a_remote_batch_writes_no_index_entry_it_superseded_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let mut b = open(&dir, "b.db");
+    // Each changeset as written (not extracted later, which would find 2..10 cleared).
+    let mut batch = Vec::new();
+    let mut write = |sql: String| {
+        let out = a.transact(&[Statement::new(sql)]).unwrap();
+        batch.push(out.changeset.unwrap());
+    };
+    write("INSERT INTO hosts (id, name) VALUES (1, 'one')".into());
+    for i in 0..10 {
+        write(format!("UPDATE hosts SET cpu = {i} WHERE id = 1"));
+    }
+    for outcome in b.apply_changesets(&batch).unwrap() {
+        assert!(
+            matches!(outcome, ApplyOutcome::Applied { .. }),
+            "{outcome:?}"
+        );
+    }
+    let table = "SELECT id, name, cpu FROM hosts ORDER BY id";
+    assert_eq!(rows(&a, table), rows(&b, table));
+    // Version 1 still holds the row's sentinel and name, 11 its cpu; 2..10 were superseded
+    // inside the batch.
+    let site = a.site_id();
+    let served = b
+        .changesets(site, DbVersion(1), DbVersion(11), usize::MAX)
+        .unwrap();
+    assert_eq!(served.len(), 11);
+    assert!(served[1..10].iter().all(|cs| cs.changes.is_empty()));
+    drop(b);
+    let versions: Vec<i64> = index_entries(&dir, "b.db")
+        .into_iter()
+        .map(|(_, version)| version)
+        .collect();
+    assert_eq!(versions, [1, 11], "stale index entries written");
+}
+
 /// Rows of the `__patina_unindexed` mark in a store's file.
 fn unindexed_marks(dir: &tempfile::TempDir, name: &str) -> i64 {
     let conn = rusqlite::Connection::open_with_flags(

@@ -431,7 +431,6 @@ impl Store {
                 }
             }
         }
-        let mut index_inserts: Vec<(SiteOrd, u64, u32, &PackedPk)> = Vec::new();
         // SQLite copies a bound blob at once, so one buffer serves every row's blobs.
         let mut blob = Vec::with_capacity(64);
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -480,6 +479,9 @@ impl Store {
                                 self.stale_entries_open.push(entry.clone());
                             }
                         }
+                        // Added by an earlier changeset of this batch: no longer to be written.
+                        // (Deleted below all the same, should the table hold it too.)
+                        self.merged_entries_open.remove(&entry);
                         let (site, version, table_ord, pk) = entry;
                         self.writer
                             .prepare_cached(
@@ -497,13 +499,31 @@ impl Store {
                             .push((site, version.get(), row.table_ord, row.pk.clone()))
                     }
                     IndexWrites::Now => {
-                        index_inserts.push((site, version.get(), row.table_ord, row.pk))
+                        self.merged_entries_open.insert((
+                            site,
+                            version.get(),
+                            row.table_ord,
+                            row.pk.clone(),
+                        ));
                     }
                 }
             }
         }
-        insert_index_entries(&self.writer, &index_inserts)?;
         Ok(removed_own)
+    }
+
+    /// Writes the changes-index entries the remote merges of the open batch added (see
+    /// [`IndexWrites::Now`]), in key order, and forgets them.
+    pub(super) fn write_merged_entries(&mut self) -> Result<(), StoreError> {
+        let mut entries: Vec<(SiteOrd, u64, u32, &PackedPk)> = self
+            .merged_entries_open
+            .iter()
+            .map(|(site, version, table_ord, pk)| (*site, *version, *table_ord, pk))
+            .collect();
+        entries.sort_unstable();
+        insert_index_entries(&self.writer, &entries)?;
+        self.merged_entries_open.clear();
+        Ok(())
     }
 
     /// Stores this replica's head. Not done per transaction: at open the head is the larger of
@@ -554,8 +574,10 @@ pub(super) const INDEX_BATCH: usize = 64;
 /// When [`Store::write_row_clocks`] writes the changes-index entries of a transaction.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum IndexWrites {
-    /// In this transaction (remote merges). The own entries they supersede that are still
-    /// deferred are listed as stale, so the batch leaves them out.
+    /// In this transaction (remote merges): stale entries deleted at once, new ones at the
+    /// end of the batch's transaction (`Store::write_merged_entries`), one multi-row statement
+    /// for the whole batch instead of one per changeset. The own entries they supersede that
+    /// are still deferred are listed as stale, so the local batch leaves them out.
     Now,
     /// In a later batch (local writes; see [`INDEX_BATCH`]).
     Deferred,

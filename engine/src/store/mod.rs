@@ -361,6 +361,8 @@ pub struct Store {
     index_pending: Vec<local::IndexEntry>,
     /// The same, of the local transaction still open.
     index_open: Vec<local::IndexEntry>,
+    /// Changes-index entries the remote merges of the open batch added, written at its end.
+    merged_entries_open: FastSet<local::IndexEntry>,
     /// Clocks of rows local transactions wrote lately (see [`ClockCache`]).
     clock_cache: ClockCache,
     /// SQL of remote merges' row writes.
@@ -463,6 +465,7 @@ impl Store {
             stale_entries_open: Vec::new(),
             index_pending: Vec::new(),
             index_open: Vec::new(),
+            merged_entries_open: FastSet::default(),
             clock_cache: ClockCache::default(),
             row_sql: RowSql::default(),
             clock_key_max: FastMap::default(),
