@@ -5,8 +5,7 @@ use super::*;
 impl Store {
     /// Applies remote changesets in one SQLite transaction, each through the merge rule and each
     /// all-or-nothing (checked whole before any of it is written): a bad changeset is refused
-    /// alone. Returns one
-    /// outcome per changeset, in order.
+    /// alone. Returns one outcome per changeset, in order.
     pub fn apply_changesets<C: std::borrow::Borrow<Changeset>>(
         &mut self,
         batch: &[C],
