@@ -3,9 +3,9 @@
 //!
 //! Why not rusqlite's statement cache, as every other statement: a cached statement is found by
 //! hashing its SQL, and on its way back it is hashed again, its key reallocated and its
-//! bindings cleared, about 1,200 instructions a statement, and every write transaction, local
-//! or a batch of remote changesets, runs these two: 5% of a one-row local write. These statements take no parameters and read no table, so a prepared
-//! one never changes; stepping it is all there is to do.
+//! bindings cleared, about 1,200 instructions a statement; every write transaction, local or a
+//! batch of remote changesets, runs these two (5% of a one-row local write). They take no
+//! parameters and read no table, so a prepared one never changes: stepping it is all there is.
 //!
 //! The one module of the workspace that may use `unsafe` (the workspace denies it): rusqlite's
 //! `Statement` borrows its connection, so the store cannot keep one beside the connection it
@@ -44,7 +44,8 @@ impl Control {
 /// `writer`, and fields drop in declaration order.
 pub(super) struct ControlStatements {
     db: *mut ffi::sqlite3,
-    statements: [NonNull<ffi::sqlite3_stmt>; 2],
+    /// In the order of [`Control::ALL`].
+    statements: [Prepared; 2],
 }
 
 // The statements belong to the writer connection, which moves between threads with the store
@@ -64,48 +65,15 @@ impl ControlStatements {
         // SAFETY: the handle is only used for the calls below and, later, for statements
         // finalized before the connection closes (see the type's doc).
         let db = unsafe { conn.handle() };
-        let mut prepared: Vec<NonNull<ffi::sqlite3_stmt>> = Vec::with_capacity(Control::ALL.len());
-        for control in Control::ALL {
-            let mut stmt = std::ptr::null_mut();
-            // SAFETY: `db` is an open connection, the SQL a NUL-terminated literal.
-            let rc = unsafe {
-                ffi::sqlite3_prepare_v3(
-                    db,
-                    control.sql().as_ptr(),
-                    -1,
-                    ffi::SQLITE_PREPARE_PERSISTENT,
-                    &mut stmt,
-                    std::ptr::null_mut(),
-                )
-            };
-            match NonNull::new(stmt) {
-                Some(stmt) if rc == ffi::SQLITE_OK => prepared.push(stmt),
-                other => {
-                    let error = error_of(
-                        db,
-                        if rc == ffi::SQLITE_OK {
-                            ffi::SQLITE_MISUSE
-                        } else {
-                            rc
-                        },
-                    );
-                    for stmt in prepared.into_iter().chain(other) {
-                        // SAFETY: prepared above and not used elsewhere.
-                        unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
-                    }
-                    return Err(error);
-                }
-            }
-        }
-        let statements = prepared
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("one statement per control"));
+        // A failure drops (finalizes) what was prepared before it.
+        let [begin, commit] = Control::ALL;
+        let statements = [Prepared::new(db, begin)?, Prepared::new(db, commit)?];
         Ok(ControlStatements { db, statements })
     }
 
     /// Runs one control statement on the writer.
     pub(super) fn run(&self, control: Control) -> rusqlite::Result<()> {
-        let stmt = self.statements[control as usize].as_ptr();
+        let stmt = self.statements[control as usize].0.as_ptr();
         // SAFETY: `stmt` is a live statement of `db` (finalized only on drop).
         unsafe {
             let rc = ffi::sqlite3_step(stmt);
@@ -121,12 +89,36 @@ impl ControlStatements {
     }
 }
 
-impl Drop for ControlStatements {
-    fn drop(&mut self) {
-        for stmt in self.statements {
-            // SAFETY: each was prepared by `prepare` and is finalized once, here.
-            unsafe { ffi::sqlite3_finalize(stmt.as_ptr()) };
+/// One prepared statement, finalized when dropped.
+struct Prepared(NonNull<ffi::sqlite3_stmt>);
+
+impl Prepared {
+    fn new(db: *mut ffi::sqlite3, control: Control) -> rusqlite::Result<Prepared> {
+        let mut stmt = std::ptr::null_mut();
+        // SAFETY: `db` is an open connection, the SQL a NUL-terminated literal.
+        let rc = unsafe {
+            ffi::sqlite3_prepare_v3(
+                db,
+                control.sql().as_ptr(),
+                -1,
+                ffi::SQLITE_PREPARE_PERSISTENT,
+                &mut stmt,
+                std::ptr::null_mut(),
+            )
+        };
+        match (rc, NonNull::new(stmt)) {
+            (ffi::SQLITE_OK, Some(stmt)) => Ok(Prepared(stmt)),
+            // SQLite hands back no statement for SQL without one: not the case of these.
+            (ffi::SQLITE_OK, None) => Err(error_of(db, ffi::SQLITE_MISUSE)),
+            (rc, _) => Err(error_of(db, rc)),
         }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // SAFETY: prepared by `Prepared::new`, finalized once, here.
+        unsafe { ffi::sqlite3_finalize(self.0.as_ptr()) };
     }
 }
 
