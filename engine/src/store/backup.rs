@@ -199,7 +199,10 @@ fn reidentify(conn: &mut Connection) -> Result<SiteId, StoreError> {
     let tx = conn.transaction()?;
     // The head below comes from the changes index: first the entries a backup of a running
     // node may lack (see `local::INDEX_BATCH`).
-    super::local::rebuild_unindexed(&tx)?;
+    {
+        let mut statements = super::prepared::Statements::new(&tx);
+        super::local::rebuild_unindexed(&tx, &mut statements)?;
+    }
     let mut old_sites = SiteTable::default();
     {
         let mut stmt = tx.prepare("SELECT site_id FROM __patina_sites ORDER BY ord")?;

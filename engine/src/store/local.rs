@@ -63,7 +63,7 @@ impl Store {
         body: impl FnOnce(&mut Store) -> Result<Vec<usize>, StoreError>,
     ) -> Result<TxOutcome, StoreError> {
         self.wal.ensure_room(&self.writer)?;
-        self.control.run(Control::BeginImmediate)?;
+        self.statements.run(Sql::BeginImmediate)?;
         self.stale_entries_open.clear();
         self.index_open.clear();
         self.clock_cache_open.clear();
@@ -102,14 +102,12 @@ impl Store {
                 if let Some((_, since, _, _)) = self.index_open.first() {
                     // From this commit on the index lacks entries until the next flush; a
                     // stop before it leaves this row, and the next open puts them back.
-                    self.writer
-                        .prepare_cached(
-                            "INSERT OR REPLACE INTO __patina_unindexed (id, since) VALUES (0, ?1)",
-                        )?
-                        .execute([*since as i64])?;
+                    let mut mark = self.statements.get(Sql::MarkUnindexed)?;
+                    mark.int(*since as i64);
+                    mark.execute()?;
                 }
             }
-            self.control.run(Control::Commit)?;
+            self.statements.run(Sql::Commit)?;
             Ok((rows_affected, changeset, flushed))
         });
         match result {
@@ -172,15 +170,11 @@ impl Store {
             .filter(|e| !stale.contains(e))
             .map(|(site, version, table_ord, pk)| (*site, *version, *table_ord, pk))
             .collect();
-        insert_index_entries(&self.writer, &inserts)?;
-        let mut delete = self.writer.prepare_cached(
-            "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
-        )?;
+        insert_index_entries(&mut self.statements, &inserts)?;
         for entry in stale.iter().filter(|e| !fresh.contains(*e)) {
-            let (site, version, table_ord, pk) = entry;
-            delete.execute(params![site, *version as i64, table_ord, pk.as_bytes()])?;
+            delete_index_entry(&mut self.statements, entry)?;
         }
-        exec_cached(&self.writer, "DELETE FROM __patina_unindexed")?;
+        self.statements.run(Sql::ClearUnindexed)?;
         Ok(())
     }
 
@@ -190,12 +184,12 @@ impl Store {
         if self.index_pending.is_empty() && self.stale_entries.is_empty() {
             return Ok(());
         }
-        self.control.run(Control::BeginImmediate)?;
+        self.statements.run(Sql::BeginImmediate)?;
         self.index_open.clear();
         self.stale_entries_open.clear();
         let written = self
             .write_deferred_entries()
-            .and_then(|()| Ok(self.control.run(Control::Commit)?));
+            .and_then(|()| Ok(self.statements.run(Sql::Commit).map(drop)?));
         match written {
             Ok(()) => {
                 self.index_pending.clear();
@@ -434,27 +428,26 @@ impl Store {
         // SQLite copies a bound blob at once, so one buffer serves every row's blobs.
         let mut blob = Vec::with_capacity(64);
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut stmt = self
-                .writer
-                .prepare_cached(multi_row_sql(MultiRow::Clocks, chunk.len()))?;
-            for (n, row) in chunk.iter().enumerate() {
-                let at = n * 5;
-                stmt.raw_bind_parameter(at + 1, row.table_ord)?;
-                stmt.raw_bind_parameter(at + 2, row.pk.as_bytes())?;
-                stmt.raw_bind_parameter(at + 3, row.clock.cl.get() as i64)?;
+            let mut stmt = self.statements.get(Sql::Clocks(chunk.len()))?;
+            for row in chunk {
+                stmt.int(row.table_ord.into())
+                    .blob(row.pk.as_bytes())
+                    .int(row.clock.cl.get() as i64);
                 match &row.clock.sentinel {
                     Some(origin) => {
                         blob.clear();
                         clock::encode_sentinel_into(&mut blob, origin, &self.sites);
-                        stmt.raw_bind_parameter(at + 4, &blob[..])?;
+                        stmt.blob(&blob);
                     }
-                    None => stmt.raw_bind_parameter(at + 4, rusqlite::types::Null)?,
+                    None => {
+                        stmt.null();
+                    }
                 }
                 blob.clear();
                 clock::encode_cells_into(&mut blob, &row.clock.cells, &self.sites);
-                stmt.raw_bind_parameter(at + 5, &blob[..])?;
+                stmt.blob(&blob);
             }
-            stmt.raw_execute()?;
+            stmt.execute()?;
         }
         let (mut old, mut new) = (Vec::new(), Vec::new());
         for row in rows {
@@ -482,12 +475,7 @@ impl Store {
                         // Added by an earlier changeset of this batch: no longer to be written.
                         // (Deleted below all the same, should the table hold it too.)
                         self.merged_entries_open.remove(&entry);
-                        let (site, version, table_ord, pk) = entry;
-                        self.writer
-                            .prepare_cached(
-                                "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4",
-                            )?
-                            .execute(params![site, version as i64, table_ord, pk.as_bytes()])?;
+                        delete_index_entry(&mut self.statements, &entry)?;
                     }
                 }
             }
@@ -521,7 +509,7 @@ impl Store {
             .map(|(site, version, table_ord, pk)| (*site, *version, *table_ord, pk))
             .collect();
         entries.sort_unstable();
-        insert_index_entries(&self.writer, &entries)?;
+        insert_index_entries(&mut self.statements, &entries)?;
         self.merged_entries_open.clear();
         Ok(())
     }
@@ -534,9 +522,9 @@ impl Store {
     /// before such a removal commits; versions are never reused.
     pub(super) fn persist_head(&mut self) -> Result<(), StoreError> {
         if self.head_persisted < self.db_version {
-            self.writer
-                .prepare_cached("UPDATE __patina_sites SET head = ?1 WHERE ord = 0")?
-                .execute([self.db_version.get() as i64])?;
+            let mut stmt = self.statements.get(Sql::OwnHead)?;
+            stmt.int(self.db_version.get() as i64);
+            stmt.execute()?;
             self.head_persisted = self.db_version;
         }
         Ok(())
@@ -585,20 +573,31 @@ pub(super) enum IndexWrites {
 
 /// Inserts changes-index entries with multi-row statements.
 fn insert_index_entries(
-    conn: &Connection,
+    statements: &mut Statements,
     entries: &[(SiteOrd, u64, u32, &PackedPk)],
 ) -> Result<(), StoreError> {
     for chunk in entries.chunks(ROWS_PER_STATEMENT) {
-        let mut stmt = conn.prepare_cached(multi_row_sql(MultiRow::Index, chunk.len()))?;
-        for (n, (site, version, table_ord, pk)) in chunk.iter().enumerate() {
-            let at = n * 4;
-            stmt.raw_bind_parameter(at + 1, site)?;
-            stmt.raw_bind_parameter(at + 2, *version as i64)?;
-            stmt.raw_bind_parameter(at + 3, table_ord)?;
-            stmt.raw_bind_parameter(at + 4, pk.as_bytes())?;
+        let mut stmt = statements.get(Sql::IndexEntries(chunk.len()))?;
+        for (site, version, table_ord, pk) in chunk {
+            stmt.int((*site).into())
+                .int(*version as i64)
+                .int((*table_ord).into())
+                .blob(pk.as_bytes());
         }
-        stmt.raw_execute()?;
+        stmt.execute()?;
     }
+    Ok(())
+}
+
+/// Deletes one changes-index entry.
+fn delete_index_entry(statements: &mut Statements, entry: &IndexEntry) -> Result<(), StoreError> {
+    let (site, version, table_ord, pk) = entry;
+    let mut stmt = statements.get(Sql::DeleteIndexEntry)?;
+    stmt.int((*site).into())
+        .int(*version as i64)
+        .int((*table_ord).into())
+        .blob(pk.as_bytes());
+    stmt.execute()?;
     Ok(())
 }
 
@@ -608,7 +607,10 @@ fn insert_index_entries(
 /// their entries, and they only ever add versions above the mark. Runs inside the caller's
 /// transaction; reads every row clock (a crash's price, paid once at the next open). Returns
 /// the entries it found (present already or put back), None if nothing was marked.
-pub(super) fn rebuild_unindexed(conn: &Connection) -> Result<Option<usize>, StoreError> {
+pub(super) fn rebuild_unindexed(
+    conn: &Connection,
+    statements: &mut Statements,
+) -> Result<Option<usize>, StoreError> {
     // Databases (and backups) written before the mark existed have no such table.
     let marked: bool = conn.query_row(
         "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = '__patina_unindexed'",
@@ -653,8 +655,8 @@ pub(super) fn rebuild_unindexed(conn: &Connection) -> Result<Option<usize>, Stor
         .iter()
         .map(|(version, table_ord, pk)| (0, *version, *table_ord, pk))
         .collect();
-    insert_index_entries(conn, &entries)?;
-    conn.execute("DELETE FROM __patina_unindexed", [])?;
+    insert_index_entries(statements, &entries)?;
+    statements.run(Sql::ClearUnindexed)?;
     Ok(Some(entries.len()))
 }
 
@@ -671,53 +673,6 @@ fn sorted_difference<'a, T: Ord>(a: &'a [T], b: &'a [T]) -> impl Iterator<Item =
         }
         rest.first() != Some(*item)
     })
-}
-
-/// Runs a statement without parameters through the statement cache: BEGIN and COMMIT were
-/// parsed again on every transaction.
-pub(super) fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(sql)?.raw_execute().map(|_| ())
-}
-
-/// Rows per multi-row statement of [`Store::write_row_clocks`].
-const ROWS_PER_STATEMENT: usize = 64;
-
-/// The two multi-row statements of [`Store::write_row_clocks`].
-#[derive(Clone, Copy)]
-enum MultiRow {
-    /// Row clocks, written over any stored one with REPLACE: `__patina_rows` has no other
-    /// index and no trigger, so replacing a row is updating it, and costs SQLite less than an
-    /// upsert's DO UPDATE, which reads the row it then rewrites (a one-row update: 52.8k -> 51.7k
-    /// instructions).
-    Clocks,
-    /// Inserts into the changes index.
-    Index,
-}
-
-/// The SQL of a multi-row statement for `rows` rows (1..=[`ROWS_PER_STATEMENT`]), built once
-/// per process: formatting it on every transaction was a measurable part of a one-row write.
-fn multi_row_sql(kind: MultiRow, rows: usize) -> &'static str {
-    static SQL: std::sync::OnceLock<[Vec<String>; 2]> = std::sync::OnceLock::new();
-    let all = SQL.get_or_init(|| {
-        let build = |head: &str, tuple: &str, tail: &str| -> Vec<String> {
-            (1..=ROWS_PER_STATEMENT)
-                .map(|n| format!("{head} {}{tail}", vec![tuple; n].join(", ")))
-                .collect()
-        };
-        [
-            build(
-                "INSERT OR REPLACE INTO __patina_rows (tbl, pk, cl, sentinel, cells) VALUES",
-                "(?, ?, ?, ?, ?)",
-                "",
-            ),
-            build(
-                "INSERT OR IGNORE INTO __patina_changes (site, version, tbl, pk) VALUES",
-                "(?, ?, ?, ?)",
-                "",
-            ),
-        ]
-    });
-    &all[kind as usize][rows - 1]
 }
 
 /// A row clock to store, with the clock it replaces.

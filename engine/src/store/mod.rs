@@ -33,7 +33,6 @@ pub mod actor;
 pub mod backup;
 mod capture;
 mod clock;
-mod control;
 mod digest;
 pub mod error;
 mod extract;
@@ -41,6 +40,7 @@ pub mod guard;
 mod local;
 mod migrate;
 mod parts;
+mod prepared;
 mod query;
 pub mod readers;
 mod remote;
@@ -48,10 +48,10 @@ mod rows;
 pub mod schema;
 mod wal;
 
-use control::{Control, ControlStatements};
 pub use digest::Digest;
 pub use extract::ClockSnapshot;
 use local::{ClockWrite, IndexWrites};
+use prepared::{Sql, Statements, ROWS_PER_STATEMENT};
 use query::bind;
 pub use query::Reader;
 use rows::{delete_row, load_row_clock, read_cell, read_row, upsert_row, ClockCache, RowSql};
@@ -329,9 +329,9 @@ CREATE TABLE IF NOT EXISTS __patina_parts (
 /// A replica's database.
 #[derive(Debug)]
 pub struct Store {
-    /// BEGIN, COMMIT and savepoints of the writer, prepared once. Declared before `writer`:
+    /// The store's own statements on the writer, prepared once. Declared before `writer`:
     /// they must be finalized before it closes, and fields drop in declaration order.
-    control: ControlStatements,
+    statements: Statements,
     writer: Connection,
     reader: Connection,
     capture: Capture,
@@ -393,10 +393,12 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
              PRAGMA foreign_keys = OFF;",
         )?;
+        // Declared after `writer`: dropped before it, should open fail below.
+        let mut statements = Statements::new(&writer);
         // Before the size cap is installed: a store stopped at its cap must still open.
         let started = std::time::Instant::now();
         writer.execute_batch("BEGIN IMMEDIATE")?;
-        match local::rebuild_unindexed(&writer) {
+        match local::rebuild_unindexed(&writer, &mut statements) {
             Ok(rebuilt) => {
                 writer.execute_batch("COMMIT")?;
                 if let Some(entries) = rebuilt {
@@ -440,9 +442,8 @@ impl Store {
         )?;
         reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
         reader.set_prepared_statement_cache_capacity(64);
-        let control = ControlStatements::prepare(&writer)?;
         let mut store = Store {
-            control,
+            statements,
             writer,
             reader,
             capture,
@@ -617,13 +618,22 @@ impl Store {
     /// key the table has a clock for (new rows with growing keys: most inserts). A table without
     /// a bound (a reload that failed half-way) always reads.
     fn stored_row_clock(
-        &self,
+        &mut self,
         table_ord: u32,
         pk: &PackedPk,
     ) -> Result<RowClock<ColOrd>, StoreError> {
         match self.clock_key_max.get(&table_ord) {
             Some(max) if max.as_ref().is_none_or(|max| pk > max) => Ok(RowClock::default()),
-            _ => load_row_clock(&self.writer, &self.sites, table_ord, pk),
+            _ => {
+                let mut stmt = self.statements.get(Sql::RowClock)?;
+                stmt.int(table_ord.into()).blob(pk.as_bytes());
+                let sites = &self.sites;
+                stmt.query_row(|row| {
+                    let cl = row.int(0) as u64;
+                    clock::decode_row_clock(cl, row.blob(1), row.blob(2).unwrap_or(&[]), sites)
+                })?
+                .unwrap_or_else(|| Ok(RowClock::default()))
+            }
         }
     }
 

@@ -11,7 +11,7 @@ impl Store {
         batch: &[C],
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
         self.wal.ensure_room(&self.writer)?;
-        self.control.run(Control::BeginImmediate)?;
+        self.statements.run(Sql::BeginImmediate)?;
         self.stale_entries_open.clear();
         self.merged_entries_open.clear();
         // Worked on in place (cloning it cost 5% of a busy store thread at 300 sites): a
@@ -54,17 +54,15 @@ impl Store {
             for site in &touched_sites {
                 let versions = book.site(site).cloned().unwrap_or_default();
                 let ord = self.ensure_site(*site)?;
-                self.writer
-                    .prepare_cached("UPDATE __patina_sites SET head = ?1, applied = ?2, cleared = ?3 WHERE ord = ?4")?
-                    .execute(params![
-                        versions.head.get() as i64,
-                        clock::encode_ranges(&versions.applied),
-                        clock::encode_ranges(&versions.cleared),
-                        ord
-                    ])?;
+                let mut stmt = self.statements.get(Sql::SiteVersions)?;
+                stmt.int(versions.head.get() as i64)
+                    .blob(&clock::encode_ranges(&versions.applied))
+                    .blob(&clock::encode_ranges(&versions.cleared))
+                    .int(ord.into());
+                stmt.execute()?;
             }
             self.write_merged_entries()?;
-            self.control.run(Control::Commit)?;
+            self.statements.run(Sql::Commit)?;
             Ok(())
         })();
         match result {

@@ -1,0 +1,488 @@
+//! The store's own statements on the writer (transaction control, row clocks, the changes
+//! index, its mark, a site's bookkeeping), prepared once and stepped directly.
+//!
+//! Why not rusqlite's statement cache, as for the user's statements and the remote merges' row
+//! writes: a cached statement is found by hashing its SQL (a multi-row statement's runs to
+//! kilobytes), and on its way back it is hashed again, its key reallocated and its bindings
+//! cleared, about 2,000 instructions a statement with rusqlite's binding; a one-row local write
+//! runs three of these (BEGIN, its clock row, COMMIT). Their SQL is fixed, so a statement is
+//! found here by its place in a table, and bound and stepped through SQLite's own calls.
+//!
+//! The one module of the workspace that may use `unsafe` (the workspace denies it): rusqlite's
+//! `Statement` borrows its connection, so the store cannot keep one beside the connection it
+//! owns, and these are kept as SQLite's own handles instead.
+
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::marker::PhantomData;
+use std::os::raw::c_int;
+use std::ptr::NonNull;
+
+use rusqlite::ffi;
+use rusqlite::Connection;
+
+/// Rows per multi-row statement ([`Sql::Clocks`], [`Sql::IndexEntries`]).
+pub(super) const ROWS_PER_STATEMENT: usize = 64;
+
+/// One of the store's own statements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Sql {
+    BeginImmediate,
+    Commit,
+    /// Row clocks written over any stored one, (tbl, pk, cl, sentinel, cells) for each of
+    /// 1..=[`ROWS_PER_STATEMENT`] rows. REPLACE: `__patina_rows` has no other index and no
+    /// trigger, so replacing a row is updating it, and costs SQLite less than an upsert's DO
+    /// UPDATE, which reads the row it then rewrites.
+    Clocks(usize),
+    /// Changes-index entries, (site, version, tbl, pk) for each of 1..=[`ROWS_PER_STATEMENT`].
+    IndexEntries(usize),
+    /// One changes-index entry deleted: site, version, tbl, pk.
+    DeleteIndexEntry,
+    /// The mark that the index lacks this replica's entries from a version on: since.
+    MarkUnindexed,
+    ClearUnindexed,
+    /// A row's stored clock: tbl, pk; the row is cl, sentinel, cells.
+    RowClock,
+    /// A site's versions: head, applied, cleared, ord.
+    SiteVersions,
+    /// This replica's head: head.
+    OwnHead,
+}
+
+/// Statements of fixed SQL, the first places of [`Statements::slots`].
+const FIXED: [Sql; 8] = [
+    Sql::BeginImmediate,
+    Sql::Commit,
+    Sql::DeleteIndexEntry,
+    Sql::MarkUnindexed,
+    Sql::ClearUnindexed,
+    Sql::RowClock,
+    Sql::SiteVersions,
+    Sql::OwnHead,
+];
+
+impl Sql {
+    /// Its place in [`Statements::slots`].
+    fn slot(self) -> usize {
+        match self {
+            Sql::Clocks(rows) => FIXED.len() + rows - 1,
+            Sql::IndexEntries(rows) => FIXED.len() + ROWS_PER_STATEMENT + rows - 1,
+            fixed => FIXED
+                .iter()
+                .position(|f| *f == fixed)
+                .expect("listed in FIXED"),
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Sql::BeginImmediate => "BEGIN IMMEDIATE",
+            Sql::Commit => "COMMIT",
+            Sql::Clocks(rows) => multi_row_sql(0, rows),
+            Sql::IndexEntries(rows) => multi_row_sql(1, rows),
+            Sql::DeleteIndexEntry => {
+                "DELETE FROM __patina_changes WHERE site = ?1 AND version = ?2 AND tbl = ?3 AND pk = ?4"
+            }
+            Sql::MarkUnindexed => {
+                "INSERT OR REPLACE INTO __patina_unindexed (id, since) VALUES (0, ?1)"
+            }
+            Sql::ClearUnindexed => "DELETE FROM __patina_unindexed",
+            Sql::RowClock => {
+                "SELECT cl, sentinel, cells FROM __patina_rows WHERE tbl = ?1 AND pk = ?2"
+            }
+            Sql::SiteVersions => {
+                "UPDATE __patina_sites SET head = ?1, applied = ?2, cleared = ?3 WHERE ord = ?4"
+            }
+            Sql::OwnHead => "UPDATE __patina_sites SET head = ?1 WHERE ord = 0",
+        }
+    }
+}
+
+/// The SQL of the multi-row statements (0: clocks, 1: index entries) for `rows` rows, built
+/// once per process.
+fn multi_row_sql(kind: usize, rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<[Vec<String>; 2]> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        let build = |head: &str, tuple: &str| -> Vec<String> {
+            (1..=ROWS_PER_STATEMENT)
+                .map(|n| format!("{head} {}", vec![tuple; n].join(", ")))
+                .collect()
+        };
+        [
+            build(
+                "INSERT OR REPLACE INTO __patina_rows (tbl, pk, cl, sentinel, cells) VALUES",
+                "(?, ?, ?, ?, ?)",
+            ),
+            build(
+                "INSERT OR IGNORE INTO __patina_changes (site, version, tbl, pk) VALUES",
+                "(?, ?, ?, ?)",
+            ),
+        ]
+    });
+    &all[kind][rows - 1]
+}
+
+/// The store's statements on one connection, each prepared the first time it is used.
+///
+/// They must be finalized before the connection closes (SQLite refuses to close a connection
+/// with live statements, and rusqlite then leaks it): the store declares this field before
+/// `writer`, and fields drop in declaration order.
+pub(super) struct Statements {
+    db: *mut ffi::sqlite3,
+    /// By [`Sql::slot`].
+    slots: Vec<Option<Prepared>>,
+}
+
+// The statements belong to one connection, which moves between threads with its owner
+// (rusqlite's `Connection` is `Send`) and is only ever used by one thread at a time, the same
+// one that steps these.
+unsafe impl Send for Statements {}
+
+impl std::fmt::Debug for Statements {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Statements").finish_non_exhaustive()
+    }
+}
+
+impl Statements {
+    /// The statements of `conn`, none prepared yet. The owner must drop them before `conn`.
+    pub(super) fn new(conn: &Connection) -> Statements {
+        // SAFETY: the handle is only used for statements finalized before the connection
+        // closes (see the type's doc).
+        let db = unsafe { conn.handle() };
+        Statements {
+            db,
+            slots: (0..FIXED.len() + 2 * ROWS_PER_STATEMENT)
+                .map(|_| None)
+                .collect(),
+        }
+    }
+
+    /// The statement, ready to bind: every one of its parameters, in order, before
+    /// [`Bound::execute`] or [`Bound::query_row`].
+    pub(super) fn get(&mut self, sql: Sql) -> rusqlite::Result<Bound<'_>> {
+        let slot = &mut self.slots[sql.slot()];
+        let stmt = match slot {
+            Some(prepared) => prepared.0,
+            None => slot.insert(Prepared::new(self.db, sql.text())?).0,
+        };
+        Ok(Bound {
+            db: self.db,
+            stmt,
+            next: 1,
+            failed: ffi::SQLITE_OK,
+            _statements: PhantomData,
+        })
+    }
+
+    /// Runs a statement without parameters.
+    pub(super) fn run(&mut self, sql: Sql) -> rusqlite::Result<usize> {
+        self.get(sql)?.execute()
+    }
+}
+
+/// A statement being bound and run; reset when dropped, so none is ever left running.
+pub(super) struct Bound<'s> {
+    db: *mut ffi::sqlite3,
+    stmt: NonNull<ffi::sqlite3_stmt>,
+    /// The next parameter's number (SQLite counts from 1).
+    next: c_int,
+    /// The first binding's failure, reported by the run.
+    failed: c_int,
+    /// One statement of [`Statements`] bound at a time.
+    _statements: PhantomData<&'s mut Statements>,
+}
+
+impl Bound<'_> {
+    fn record(&mut self, rc: c_int) -> &mut Self {
+        if self.failed == ffi::SQLITE_OK {
+            self.failed = rc;
+        }
+        self.next += 1;
+        self
+    }
+
+    pub(super) fn int(&mut self, value: i64) -> &mut Self {
+        // SAFETY: a live statement of this connection.
+        let rc = unsafe { ffi::sqlite3_bind_int64(self.stmt.as_ptr(), self.next, value) };
+        self.record(rc)
+    }
+
+    pub(super) fn null(&mut self) -> &mut Self {
+        // SAFETY: as above.
+        let rc = unsafe { ffi::sqlite3_bind_null(self.stmt.as_ptr(), self.next) };
+        self.record(rc)
+    }
+
+    /// Binds a copy of `value` (SQLite copies it at once, so the slice may go).
+    pub(super) fn blob(&mut self, value: &[u8]) -> &mut Self {
+        let stmt = self.stmt.as_ptr();
+        let rc = match c_int::try_from(value.len()) {
+            // An empty slice's pointer is dangling: a zero-length blob says the same safely.
+            // SAFETY: as above.
+            Ok(0) => unsafe { ffi::sqlite3_bind_zeroblob(stmt, self.next, 0) },
+            // SAFETY: as above; `len` bytes readable at the pointer, copied before the call
+            // returns (SQLITE_TRANSIENT).
+            Ok(len) => unsafe {
+                ffi::sqlite3_bind_blob(
+                    stmt,
+                    self.next,
+                    value.as_ptr().cast(),
+                    len,
+                    ffi::SQLITE_TRANSIENT(),
+                )
+            },
+            Err(_) => ffi::SQLITE_TOOBIG,
+        };
+        self.record(rc)
+    }
+
+    /// A failed binding, or a count of bound parameters other than the statement's.
+    fn check_bound(&self) -> rusqlite::Result<()> {
+        if self.failed != ffi::SQLITE_OK {
+            return Err(error_of(self.db, self.failed));
+        }
+        // SAFETY: a live statement.
+        let expected = unsafe { ffi::sqlite3_bind_parameter_count(self.stmt.as_ptr()) };
+        let bound = self.next - 1;
+        if bound != expected {
+            return Err(rusqlite::Error::InvalidParameterCount(
+                bound as usize,
+                expected as usize,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a statement that returns no row; the rows it changed.
+    pub(super) fn execute(self) -> rusqlite::Result<usize> {
+        self.check_bound()?;
+        // SAFETY: a live, fully bound statement; reset on drop.
+        match unsafe { ffi::sqlite3_step(self.stmt.as_ptr()) } {
+            ffi::SQLITE_DONE => Ok(unsafe { ffi::sqlite3_changes64(self.db) } as usize),
+            ffi::SQLITE_ROW => Err(rusqlite::Error::ExecuteReturnedResults),
+            rc => Err(error_of(self.db, rc)),
+        }
+    }
+
+    /// Runs a query for its first row, read by `read`; None if it has none.
+    pub(super) fn query_row<T>(
+        self,
+        read: impl FnOnce(&Row<'_>) -> T,
+    ) -> rusqlite::Result<Option<T>> {
+        self.check_bound()?;
+        // SAFETY: as above.
+        match unsafe { ffi::sqlite3_step(self.stmt.as_ptr()) } {
+            ffi::SQLITE_ROW => Ok(Some(read(&Row {
+                stmt: self.stmt,
+                _bound: PhantomData,
+            }))),
+            ffi::SQLITE_DONE => Ok(None),
+            rc => Err(error_of(self.db, rc)),
+        }
+    }
+}
+
+impl Drop for Bound<'_> {
+    fn drop(&mut self) {
+        // SAFETY: a live statement.
+        unsafe {
+            // A COMMIT whose step failed would otherwise stay "running" and keep the
+            // transaction from ending. The reset's own code repeats the step's error, reported
+            // already.
+            ffi::sqlite3_reset(self.stmt.as_ptr());
+            // The bound copies are freed now: kept, they hold the connection's lookaside
+            // slots, and SQLite's own small allocations (the pre-update hook's unpacked rows)
+            // fall back to malloc (a one-row update cost 4,000 instructions more).
+            if self.next > 1 {
+                ffi::sqlite3_clear_bindings(self.stmt.as_ptr());
+            }
+        }
+    }
+}
+
+/// The current row of a query, valid until the statement steps again or is reset.
+pub(super) struct Row<'b> {
+    stmt: NonNull<ffi::sqlite3_stmt>,
+    _bound: PhantomData<&'b ()>,
+}
+
+impl Row<'_> {
+    /// Column `i` as an integer (SQLite's conversion for other types).
+    pub(super) fn int(&self, i: c_int) -> i64 {
+        // SAFETY: the statement is on a row (this value's lifetime).
+        unsafe { ffi::sqlite3_column_int64(self.stmt.as_ptr(), i) }
+    }
+
+    /// Column `i` as bytes, None if NULL; borrowed from SQLite until the row moves on.
+    pub(super) fn blob(&self, i: c_int) -> Option<&[u8]> {
+        let stmt = self.stmt.as_ptr();
+        // SAFETY: on a row (as above); the pointer is read before the length, as SQLite asks,
+        // and stays valid while the statement stays on this row, which `&self` ensures.
+        unsafe {
+            if ffi::sqlite3_column_type(stmt, i) == ffi::SQLITE_NULL {
+                return None;
+            }
+            let data = ffi::sqlite3_column_blob(stmt, i);
+            let len = ffi::sqlite3_column_bytes(stmt, i);
+            if data.is_null() || len <= 0 {
+                return Some(&[]);
+            }
+            Some(std::slice::from_raw_parts(data.cast::<u8>(), len as usize))
+        }
+    }
+}
+
+/// One prepared statement, finalized when dropped.
+struct Prepared(NonNull<ffi::sqlite3_stmt>);
+
+impl Prepared {
+    fn new(db: *mut ffi::sqlite3, sql: &str) -> rusqlite::Result<Prepared> {
+        let len = c_int::try_from(sql.len()).map_err(|_| error_of(db, ffi::SQLITE_TOOBIG))?;
+        let mut stmt = std::ptr::null_mut();
+        // SAFETY: `db` is an open connection; `len` bytes of SQL at the pointer.
+        let rc = unsafe {
+            ffi::sqlite3_prepare_v3(
+                db,
+                sql.as_ptr().cast(),
+                len,
+                ffi::SQLITE_PREPARE_PERSISTENT,
+                &mut stmt,
+                std::ptr::null_mut(),
+            )
+        };
+        match (rc, NonNull::new(stmt)) {
+            (ffi::SQLITE_OK, Some(stmt)) => Ok(Prepared(stmt)),
+            // SQLite hands back no statement for SQL without one: not the case of these.
+            (ffi::SQLITE_OK, None) => Err(error_of(db, ffi::SQLITE_MISUSE)),
+            (rc, _) => Err(error_of(db, rc)),
+        }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // SAFETY: prepared by `Prepared::new`, finalized once, here.
+        unsafe { ffi::sqlite3_finalize(self.0.as_ptr()) };
+    }
+}
+
+/// The error SQLite reports for `rc` on `db`, as rusqlite builds it: the connection's message
+/// when it is about this error, else SQLite's text for the code.
+fn error_of(db: *mut ffi::sqlite3, rc: c_int) -> rusqlite::Error {
+    // SAFETY: `db` is open; the message is copied before any other call on it.
+    let message = unsafe {
+        let text = if ffi::sqlite3_extended_errcode(db) == rc {
+            ffi::sqlite3_errmsg(db)
+        } else {
+            ffi::sqlite3_errstr(rc)
+        };
+        (!text.is_null()).then(|| CStr::from_ptr(text).to_string_lossy().into_owned())
+    };
+    rusqlite::Error::SqliteFailure(ffi::Error::new(rc), message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type RowRead = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
+    fn sum(conn: &Connection) -> i64 {
+        conn.query_row("SELECT coalesce(sum(x), 0) FROM t", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn control_statements_run_transactions_and_report_errors() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        let mut statements = Statements::new(&conn);
+        statements.run(Sql::BeginImmediate).unwrap();
+        conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        statements.run(Sql::Commit).unwrap();
+        statements.run(Sql::BeginImmediate).unwrap();
+        conn.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(sum(&conn), 1);
+        // COMMIT outside a transaction: SQLite's error, with its message.
+        match statements.run(Sql::Commit) {
+            Err(rusqlite::Error::SqliteFailure(e, Some(message))) => {
+                assert_eq!(e.code, rusqlite::ErrorCode::Unknown);
+                assert!(message.contains("no transaction is active"), "{message}");
+            }
+            other => panic!("expected SQLite's error, got {other:?}"),
+        }
+        // BEGIN inside a transaction: refused, and the open one is still there to commit.
+        statements.run(Sql::BeginImmediate).unwrap();
+        assert!(statements.run(Sql::BeginImmediate).is_err());
+        conn.execute("INSERT INTO t VALUES (4)", []).unwrap();
+        statements.run(Sql::Commit).unwrap();
+        assert_eq!(sum(&conn), 5);
+        drop(statements);
+        conn.close().expect("no statement left open");
+    }
+
+    #[test]
+    fn bound_values_are_written_and_read_back_and_miscounts_refused() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(super::super::INTERNAL_SCHEMA).unwrap();
+        let mut statements = Statements::new(&conn);
+        // Two clock rows in one statement, from one reused buffer (copied at each binding),
+        // one with a NULL sentinel and an empty cell list.
+        let mut buffer = vec![7u8, 8, 9];
+        let mut stmt = statements.get(Sql::Clocks(2)).unwrap();
+        stmt.int(3)
+            .blob(b"key-a")
+            .int(1)
+            .blob(&buffer)
+            .blob(b"cells");
+        buffer.clear();
+        buffer.extend_from_slice(b"overwritten");
+        stmt.int(3).blob(b"key-b").int(2).null().blob(&[]);
+        assert_eq!(stmt.execute().unwrap(), 2);
+        fn read(statements: &mut Statements, pk: &[u8]) -> Option<RowRead> {
+            let mut stmt = statements.get(Sql::RowClock).unwrap();
+            stmt.int(3).blob(pk);
+            stmt.query_row(|row| {
+                (
+                    row.int(0),
+                    row.blob(1).map(<[u8]>::to_vec),
+                    row.blob(2).map(<[u8]>::to_vec),
+                )
+            })
+            .unwrap()
+        }
+        assert_eq!(
+            read(&mut statements, b"key-a"),
+            Some((1, Some(vec![7, 8, 9]), Some(b"cells".to_vec())))
+        );
+        assert_eq!(
+            read(&mut statements, b"key-b"),
+            Some((2, None, Some(Vec::new())))
+        );
+        assert_eq!(read(&mut statements, b"key-c"), None);
+        // Too few or too many parameters: refused before the statement runs.
+        let mut stmt = statements.get(Sql::OwnHead).unwrap();
+        stmt.int(1).int(2);
+        match stmt.execute() {
+            Err(rusqlite::Error::SqliteFailure(e, _)) => {
+                assert_eq!(e.extended_code, ffi::SQLITE_RANGE)
+            }
+            other => panic!("expected SQLite's range error, got {other:?}"),
+        }
+        let stmt = statements.get(Sql::DeleteIndexEntry).unwrap();
+        assert!(matches!(
+            stmt.execute(),
+            Err(rusqlite::Error::InvalidParameterCount(0, 4))
+        ));
+        // A statement that fails leaves nothing running: the same one serves again.
+        let mut stmt = statements.get(Sql::Clocks(1)).unwrap();
+        stmt.int(3).blob(b"key-c").null().null().blob(b"");
+        assert!(stmt.execute().is_err(), "cl is NOT NULL");
+        assert_eq!(read(&mut statements, b"key-c"), None);
+        drop(statements);
+        conn.close().expect("no statement left open");
+    }
+}
