@@ -207,6 +207,29 @@ impl Store {
     /// statement is at fault (see [`error::is_client_fault`]).
     pub(super) fn execute_user(&mut self, statement: &Statement) -> Result<usize, (String, bool)> {
         let classify = |e: rusqlite::Error| (e.to_string(), error::is_client_fault(&e));
+        let values: &[Value] = match &statement.params {
+            Params::None => &[],
+            Params::Positional(values) => values,
+            Params::Named(_) => &[],
+        };
+        // The store's own cache for the common case: one statement, parameters in order and
+        // as many as it has. Every other case (and every error of preparing) goes through
+        // rusqlite below, which reports it in its own words.
+        if !matches!(statement.params, Params::Named(_)) {
+            if let Some(mut stmt) = self
+                .statements
+                .user(&statement.sql)
+                .filter(|stmt| stmt.parameter_count() == values.len())
+            {
+                for value in values {
+                    stmt.value(value);
+                }
+                if let Some(e) = stmt.binding_error() {
+                    return Err((e.to_string(), true));
+                }
+                return stmt.execute().map_err(classify);
+            }
+        }
         let mut stmt = self
             .writer
             .prepare_cached(&statement.sql)

@@ -19,8 +19,11 @@ use std::marker::PhantomData;
 use std::os::raw::c_int;
 use std::ptr::NonNull;
 
+use patina_core::value::Value;
 use rusqlite::ffi;
 use rusqlite::Connection;
+
+use super::FastMap;
 
 /// Rows per multi-row statement ([`Sql::Clocks`], [`Sql::IndexEntries`]).
 pub(super) const ROWS_PER_STATEMENT: usize = 64;
@@ -132,7 +135,13 @@ pub(super) struct Statements {
     db: *mut ffi::sqlite3,
     /// By [`Sql::slot`].
     slots: Vec<Option<Prepared>>,
+    /// The user's statements of local transactions, by their SQL (see [`Statements::user`]).
+    user: FastMap<Box<str>, Prepared>,
 }
+
+/// User statements kept at most; all are finalized when one more comes (SQL that varies with
+/// every request, such as values written into its text, is prepared each time anyway).
+const USER_STATEMENTS_MAX: usize = 256;
 
 // The statements belong to one connection, which moves between threads with its owner
 // (rusqlite's `Connection` is `Send`) and is only ever used by one thread at a time, the same
@@ -156,7 +165,34 @@ impl Statements {
             slots: (0..FIXED.len() + 2 * ROWS_PER_STATEMENT)
                 .map(|_| None)
                 .collect(),
+            user: FastMap::default(),
         }
+    }
+
+    /// A user's statement, prepared the first time its SQL comes (with whatever authorizer
+    /// and hooks the connection has then, as rusqlite's cache would). None when the SQL does
+    /// not prepare as exactly one statement (an error, none, several): the caller then goes
+    /// through rusqlite, which reports those cases with its own errors. The user's SQL is
+    /// found by one fast hash here, where rusqlite's cache hashes it twice and clears the
+    /// bindings (about 1,900 instructions a statement with its binding).
+    pub(super) fn user(&mut self, sql: &str) -> Option<Bound<'_>> {
+        let stmt = match self.user.get(sql) {
+            Some(prepared) => prepared.0,
+            None => {
+                let prepared = Prepared::single(self.db, sql)?;
+                if self.user.len() >= USER_STATEMENTS_MAX {
+                    self.user.clear();
+                }
+                self.user.entry(sql.into()).or_insert(prepared).0
+            }
+        };
+        Some(Bound {
+            db: self.db,
+            stmt,
+            next: 1,
+            failed: ffi::SQLITE_OK,
+            _statements: PhantomData,
+        })
     }
 
     /// The statement, ready to bind: every one of its parameters, in order, before
@@ -209,6 +245,56 @@ impl Bound<'_> {
         self.record(rc)
     }
 
+    /// The statement's parameters.
+    pub(super) fn parameter_count(&self) -> usize {
+        // SAFETY: a live statement.
+        unsafe { ffi::sqlite3_bind_parameter_count(self.stmt.as_ptr()) as usize }
+    }
+
+    /// Binds a value as rusqlite binds one (text and blobs copied).
+    pub(super) fn value(&mut self, value: &Value) -> &mut Self {
+        match value {
+            Value::Null => self.null(),
+            Value::Integer(i) => self.int(*i),
+            Value::Real(r) => {
+                // SAFETY: a live statement.
+                let rc = unsafe { ffi::sqlite3_bind_double(self.stmt.as_ptr(), self.next, *r) };
+                self.record(rc)
+            }
+            Value::Text(text) => self.text(text),
+            Value::Blob(blob) => self.blob(blob),
+        }
+    }
+
+    /// Binds a copy of `value`.
+    pub(super) fn text(&mut self, value: &str) -> &mut Self {
+        let stmt = self.stmt.as_ptr();
+        let rc = match c_int::try_from(value.len()) {
+            // SAFETY: a live statement; a static empty string, which SQLite may keep.
+            Ok(0) => unsafe {
+                ffi::sqlite3_bind_text(stmt, self.next, c"".as_ptr(), 0, ffi::SQLITE_STATIC())
+            },
+            // SAFETY: a live statement; `len` bytes of UTF-8 at the pointer, copied before
+            // the call returns (SQLITE_TRANSIENT).
+            Ok(len) => unsafe {
+                ffi::sqlite3_bind_text(
+                    stmt,
+                    self.next,
+                    value.as_ptr().cast(),
+                    len,
+                    ffi::SQLITE_TRANSIENT(),
+                )
+            },
+            Err(_) => ffi::SQLITE_TOOBIG,
+        };
+        self.record(rc)
+    }
+
+    /// The first binding's failure, as rusqlite reports one.
+    pub(super) fn binding_error(&self) -> Option<rusqlite::Error> {
+        (self.failed != ffi::SQLITE_OK).then(|| error_of(self.db, self.failed))
+    }
+
     pub(super) fn null(&mut self) -> &mut Self {
         // SAFETY: as above.
         let rc = unsafe { ffi::sqlite3_bind_null(self.stmt.as_ptr(), self.next) };
@@ -255,14 +341,20 @@ impl Bound<'_> {
         Ok(())
     }
 
-    /// Runs a statement that returns no row; the rows it changed.
+    /// Runs a statement that returns no row; the rows it changed. The same outcomes as
+    /// rusqlite's `Statement::raw_execute` (a statement that returns a row is an error).
     pub(super) fn execute(self) -> rusqlite::Result<usize> {
         self.check_bound()?;
-        // SAFETY: a live, fully bound statement; reset on drop.
-        match unsafe { ffi::sqlite3_step(self.stmt.as_ptr()) } {
-            ffi::SQLITE_DONE => Ok(unsafe { ffi::sqlite3_changes64(self.db) } as usize),
-            ffi::SQLITE_ROW => Err(rusqlite::Error::ExecuteReturnedResults),
-            rc => Err(error_of(self.db, rc)),
+        // SAFETY: a live, fully bound statement; reset here and again on drop (harmless).
+        unsafe {
+            match ffi::sqlite3_step(self.stmt.as_ptr()) {
+                ffi::SQLITE_DONE => match ffi::sqlite3_reset(self.stmt.as_ptr()) {
+                    ffi::SQLITE_OK => Ok(ffi::sqlite3_changes64(self.db) as usize),
+                    rc => Err(error_of(self.db, rc)),
+                },
+                ffi::SQLITE_ROW => Err(rusqlite::Error::ExecuteReturnedResults),
+                rc => Err(error_of(self.db, rc)),
+            }
         }
     }
 
@@ -358,6 +450,37 @@ impl Prepared {
             (ffi::SQLITE_OK, None) => Err(error_of(db, ffi::SQLITE_MISUSE)),
             (rc, _) => Err(error_of(db, rc)),
         }
+    }
+}
+
+impl Prepared {
+    /// `sql` prepared if it is exactly one statement, perhaps followed by blanks and
+    /// semicolons; None otherwise (errors included).
+    fn single(db: *mut ffi::sqlite3, sql: &str) -> Option<Prepared> {
+        let len = c_int::try_from(sql.len()).ok()?;
+        let mut stmt = std::ptr::null_mut();
+        let mut tail: *const std::os::raw::c_char = std::ptr::null();
+        // SAFETY: `db` is an open connection; `len` bytes of SQL at the pointer; the tail
+        // points into them.
+        let rc = unsafe {
+            ffi::sqlite3_prepare_v3(
+                db,
+                sql.as_ptr().cast(),
+                len,
+                ffi::SQLITE_PREPARE_PERSISTENT,
+                &mut stmt,
+                &mut tail,
+            )
+        };
+        let prepared = Prepared(NonNull::new(stmt)?);
+        if rc != ffi::SQLITE_OK {
+            return None;
+        }
+        let used = (tail as usize).saturating_sub(sql.as_ptr() as usize);
+        let rest = sql.as_bytes().get(used..).unwrap_or_default();
+        rest.iter()
+            .all(|b| b.is_ascii_whitespace() || *b == b';')
+            .then_some(prepared)
     }
 }
 
@@ -482,6 +605,71 @@ mod tests {
         stmt.int(3).blob(b"key-c").null().null().blob(b"");
         assert!(stmt.execute().is_err(), "cl is NOT NULL");
         assert_eq!(read(&mut statements, b"key-c"), None);
+        drop(statements);
+        conn.close().expect("no statement left open");
+    }
+
+    #[test]
+    fn user_statements_are_single_ones_kept_up_to_a_bound() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        let mut statements = Statements::new(&conn);
+        let insert = |statements: &mut Statements, sql: &str, value: Value| {
+            let mut stmt = statements.user(sql).expect("one statement");
+            assert_eq!(stmt.parameter_count(), 1);
+            stmt.value(&value);
+            stmt.execute()
+        };
+        assert_eq!(
+            insert(
+                &mut statements,
+                "INSERT INTO t VALUES (?1)",
+                Value::Integer(1)
+            )
+            .unwrap(),
+            1
+        );
+        // Blanks and semicolons after the statement are nothing more.
+        insert(
+            &mut statements,
+            "INSERT INTO t VALUES (?) ; \n",
+            Value::Integer(2),
+        )
+        .unwrap();
+        // The value's type is SQLite's to convert, as with rusqlite's binding.
+        insert(
+            &mut statements,
+            "INSERT INTO t VALUES (?1)",
+            Value::Text("4".into()),
+        )
+        .unwrap();
+        assert_eq!(sum(&conn), 7);
+        // A comment that ends the statement's text is SQLite's to skip.
+        assert!(statements.user("SELECT 1 -- a comment").is_some());
+        // Several statements, none, a comment after one, bad SQL: left to rusqlite.
+        for sql in [
+            "INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)",
+            "",
+            " ; ",
+            "-- nothing",
+            "INSERT INTO t VALUES (1); -- and a comment",
+            "INSERT INTO nowhere VALUES (1)",
+            "INSERT INTO t VALUES (",
+        ] {
+            assert!(statements.user(sql).is_none(), "{sql:?}");
+        }
+        // A statement that returns a row: refused as rusqlite refuses it.
+        let stmt = statements.user("SELECT x FROM t").unwrap();
+        assert!(matches!(
+            stmt.execute(),
+            Err(rusqlite::Error::ExecuteReturnedResults)
+        ));
+        // Kept up to the bound, then all let go at once.
+        for n in 0..USER_STATEMENTS_MAX + 10 {
+            let sql = format!("INSERT INTO t SELECT {n} WHERE 0");
+            statements.user(&sql).unwrap().execute().unwrap();
+            assert!(statements.user.len() <= USER_STATEMENTS_MAX);
+        }
         drop(statements);
         conn.close().expect("no statement left open");
     }
