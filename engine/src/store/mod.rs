@@ -51,10 +51,10 @@ mod wal;
 pub use digest::Digest;
 pub use extract::ClockSnapshot;
 use local::{ClockWrite, IndexWrites};
-use prepared::{Sql, Statements, ROWS_PER_STATEMENT};
+use prepared::{MergeWrite, Sql, Statements, ROWS_PER_STATEMENT};
 use query::bind;
 pub use query::Reader;
-use rows::{delete_row, load_row_clock, read_cell, read_row, upsert_row, ClockCache, RowSql};
+use rows::{delete_row, load_row_clock, read_cell, read_row, upsert_row, ClockCache};
 pub use wal::{spawn_checkpointer, WalCommits};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -365,8 +365,6 @@ pub struct Store {
     merged_entries_open: FastSet<local::IndexEntry>,
     /// Clocks of rows local transactions wrote lately (see [`ClockCache`]).
     clock_cache: ClockCache,
-    /// SQL of remote merges' row writes.
-    row_sql: RowSql,
     /// Per table, the greatest key with a clock row (or above it: a rolled-back write may have
     /// raised it); None when the table has none. A key above it has no clock to read. (A
     /// shared key, not a copy of its bytes: raising it is most inserts' lot.)
@@ -468,7 +466,6 @@ impl Store {
             index_open: Vec::new(),
             merged_entries_open: FastSet::default(),
             clock_cache: ClockCache::default(),
-            row_sql: RowSql::default(),
             clock_key_max: FastMap::default(),
             clock_cache_open: Vec::new(),
         };
@@ -523,7 +520,7 @@ impl Store {
     fn load_state(&mut self) -> Result<(), StoreError> {
         self.clock_cache.clear();
         self.clock_key_max.clear();
-        self.row_sql.clear();
+        self.statements.forget_row_writes();
         let mut sites = SiteTable::default();
         let mut book = Bookkeeping::new();
         {

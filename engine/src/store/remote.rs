@@ -206,10 +206,16 @@ impl Store {
                     deleted: !clock.cl.is_live(),
                 });
                 if deleted || !clock.cl.is_live() {
-                    delete_row(&self.writer, &mut self.row_sql, &table, &pk_values)?;
+                    delete_row(&mut self.statements, &table, &pk_values)?;
                 }
                 if clock.cl.is_live() && (ensure_row || !writes.is_empty()) {
-                    upsert_row(&self.writer, &mut self.row_sql, &table, &pk_values, &writes)?;
+                    upsert_row(
+                        &self.writer,
+                        &mut self.statements,
+                        &table,
+                        &pk_values,
+                        &writes,
+                    )?;
                 }
             }
             clock_writes.push((table.ord, pk, clock, before));

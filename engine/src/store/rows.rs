@@ -70,54 +70,30 @@ pub(super) fn read_cell(
         .unwrap_or(Value::Null))
 }
 
-/// The SQL of remote merges' row writes, built once per table and set of written columns:
-/// formatting it for every merged row was a quarter of a one-row changeset's apply. Emptied
-/// when the schema is reloaded, and when it holds [`ROW_SQL_MAX`] statements.
-#[derive(Debug, Default)]
-pub(super) struct RowSql {
-    /// By table ordinal and the written columns' indexes as a bit set (tables of up to 128
-    /// columns; wider ones are formatted each time).
-    upserts: FastMap<(u32, u128), String>,
-    deletes: FastMap<u32, String>,
-}
-
-/// Statements a [`RowSql`] holds at most: the sets of columns peers write are few in practice,
-/// but nothing bounds them (a table of n columns has 2^n).
-const ROW_SQL_MAX: usize = 1024;
-
-impl RowSql {
-    pub(super) fn clear(&mut self) {
-        self.upserts.clear();
-        self.deletes.clear();
-    }
-}
-
 /// Deletes one row by key.
 pub(super) fn delete_row(
-    conn: &Connection,
-    sql_cache: &mut RowSql,
+    statements: &mut Statements,
     table: &Table,
     pk: &[Value],
 ) -> Result<(), StoreError> {
-    let sql = sql_cache.deletes.entry(table.ord).or_insert_with(|| {
+    let mut stmt = statements.row_write(MergeWrite::Delete(table.ord), || {
         format!(
             "DELETE FROM main.{} WHERE {}",
             quote_ident(&table.def.name),
             table.pk_where(1)
         )
-    });
-    let mut stmt = conn.prepare_cached(sql)?;
-    for (n, value) in pk.iter().enumerate() {
-        stmt.raw_bind_parameter(n + 1, SqlValue(value))?;
+    })?;
+    for value in pk {
+        stmt.value(value);
     }
-    stmt.raw_execute()?;
+    stmt.execute()?;
     Ok(())
 }
 
 /// Inserts the row if absent (key + defaults + `writes`), else sets the `writes` columns.
 pub(super) fn upsert_row(
     conn: &Connection,
-    sql_cache: &mut RowSql,
+    statements: &mut Statements,
     table: &Table,
     pk: &[Value],
     writes: &BTreeMap<usize, &Value>,
@@ -125,26 +101,26 @@ pub(super) fn upsert_row(
     let mask = writes.keys().try_fold(0u128, |mask, &i| {
         1u128.checked_shl(i as u32).map(|bit| mask | bit)
     });
-    let formatted;
-    if sql_cache.upserts.len() >= ROW_SQL_MAX {
-        sql_cache.upserts.clear();
-    }
-    let sql = match mask {
-        Some(mask) => sql_cache
-            .upserts
-            .entry((table.ord, mask))
-            .or_insert_with(|| upsert_sql(table, writes.keys().copied()))
-            .as_str(),
-        None => {
-            formatted = upsert_sql(table, writes.keys().copied());
-            &formatted
+    let values = pk.iter().chain(writes.values().copied());
+    match mask {
+        Some(mask) => {
+            let mut stmt = statements.row_write(MergeWrite::Upsert(table.ord, mask), || {
+                upsert_sql(table, writes.keys().copied())
+            })?;
+            for value in values {
+                stmt.value(value);
+            }
+            stmt.execute()?;
         }
-    };
-    let mut stmt = conn.prepare_cached(sql)?;
-    for (n, value) in pk.iter().chain(writes.values().copied()).enumerate() {
-        stmt.raw_bind_parameter(n + 1, SqlValue(value))?;
+        // Wider tables than a mask holds: formatted each time, through rusqlite's cache.
+        None => {
+            let mut stmt = conn.prepare_cached(&upsert_sql(table, writes.keys().copied()))?;
+            for (n, value) in values.enumerate() {
+                stmt.raw_bind_parameter(n + 1, SqlValue(value))?;
+            }
+            stmt.raw_execute()?;
+        }
     }
-    stmt.raw_execute()?;
     Ok(())
 }
 
