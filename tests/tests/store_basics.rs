@@ -220,6 +220,36 @@ fn named_params_and_statement_guards() {
     assert!(matches!(a.transact(&[]), Err(StoreError::EmptyTransaction)));
 }
 
+/// The store's own statements that stay in rusqlite's cache were prepared outside user mode,
+/// with the authorizer's leave: a user statement of the very same text must still be refused
+/// (it was once handed the cached one, and ran).
+#[test]
+fn a_user_statement_with_the_text_of_an_internal_one_is_still_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let mut b = open(&dir, "b.db");
+    a.transact(&[Statement::new("INSERT INTO hosts (id) VALUES (1)")])
+        .unwrap();
+    // Registering a's site on b runs the store's own INSERT into `__patina_sites`.
+    sync(&a, &mut b);
+    for sql in [
+        "INSERT INTO __patina_sites (ord, site_id) VALUES (?1, ?2)",
+        "  INSERT INTO __patina_sites (ord, site_id) VALUES (?1, ?2)\n",
+    ] {
+        let hostile = Statement::with_params(sql, vec![100.into(), Value::Blob(vec![7; 16])]);
+        match b.transact(&[hostile]) {
+            Err(StoreError::Statement { message, .. }) => {
+                assert!(message.contains("not authorized"), "{message}")
+            }
+            other => panic!("{sql:?} was not refused: {other:?}"),
+        }
+    }
+    drop(b);
+    // Nothing was written: the store opens again and still knows two sites.
+    let b = open(&dir, "b.db");
+    assert_eq!(b.bookkeeping().iter().count(), 2);
+}
+
 fn cl_of(store: &Store, table: &str, id: i64) -> u64 {
     let pk = patina_core::PackedPk::pack(&[Value::Integer(id)]).unwrap();
     store.clock_snapshot().unwrap()[&(table.to_string(), pk)]

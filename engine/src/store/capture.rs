@@ -139,6 +139,16 @@ impl Capture {
         }
         (std::mem::take(&mut st.writes), error)
     }
+
+    /// Gives back the (drained) vector [`Capture::stop`] returned, so the next transaction's
+    /// writes need no new one.
+    pub fn recycle(&self, mut writes: Vec<CapturedWrite>) {
+        writes.clear();
+        let mut st = self.lock();
+        if st.writes.is_empty() && st.writes.capacity() < writes.capacity() {
+            st.writes = writes;
+        }
+    }
 }
 
 /// Reads what the store needs of a change the hook reports, values in the table's column order.

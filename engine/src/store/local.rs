@@ -72,12 +72,12 @@ impl Store {
             return Err(e.into());
         }
         let result = body(self);
-        let (writes, capture_error) = self.capture.stop(&mut self.writer);
+        let (mut writes, capture_error) = self.capture.stop(&mut self.writer);
         let result = result.and_then(|rows_affected| {
             if let Some(e) = capture_error {
                 return Err(StoreError::Corrupt(e));
             }
-            let changeset = self.record_local_writes(writes)?;
+            let changeset = self.record_local_writes(&mut writes)?;
             // The exact size needs the whole encoding: only when the cheap upper bound is over.
             if let Some(cs) = changeset
                 .as_ref()
@@ -121,9 +121,11 @@ impl Store {
                     self.index_pending.append(&mut self.index_open);
                     self.stale_entries.append(&mut self.stale_entries_open);
                 }
-                for (table_ord, pk, clock) in std::mem::take(&mut self.clock_cache_open) {
+                // Drained, not taken: the vector's room serves the next transaction.
+                for (table_ord, pk, clock) in self.clock_cache_open.drain(..) {
                     self.clock_cache.put(table_ord, pk, clock);
                 }
+                self.capture.recycle(writes);
                 if let Some(cs) = &changeset {
                     self.db_version = cs.id.version;
                     self.book.mark_applied(cs.id);
@@ -207,41 +209,57 @@ impl Store {
     /// statement is at fault (see [`error::is_client_fault`]).
     pub(super) fn execute_user(&mut self, statement: &Statement) -> Result<usize, (String, bool)> {
         let classify = |e: rusqlite::Error| (e.to_string(), error::is_client_fault(&e));
-        let values: &[Value] = match &statement.params {
-            Params::None => &[],
-            Params::Positional(values) => values,
-            Params::Named(_) => &[],
-        };
-        // The store's own cache for the common case: one statement, parameters in order and
-        // as many as it has. Every other case (and every error of preparing) goes through
-        // rusqlite below, which reports it in its own words.
-        if !matches!(statement.params, Params::Named(_)) {
-            if let Some(mut stmt) = self
-                .statements
-                .user(&statement.sql)
-                .filter(|stmt| stmt.parameter_count() == values.len())
-            {
-                for value in values {
-                    stmt.value(value);
+        // The store's own cache for one statement whose parameters all resolve. Every other
+        // case (several statements, none, a miscount, an unknown name, every error of
+        // preparing) goes through rusqlite below, which reports it in its own words.
+        if let Some(mut stmt) = self.statements.user(&statement.sql) {
+            let bound = match &statement.params {
+                Params::None => stmt.parameter_count() == 0,
+                Params::Positional(values) => {
+                    let fits = stmt.parameter_count() == values.len();
+                    if fits {
+                        for value in values {
+                            stmt.value(value);
+                        }
+                    }
+                    fits
                 }
+                Params::Named(values) => {
+                    let indexes: Option<Vec<_>> = values
+                        .iter()
+                        .map(|(name, _)| stmt.named_index(name))
+                        .collect();
+                    if let Some(indexes) = &indexes {
+                        for (index, (_, value)) in indexes.iter().zip(values) {
+                            stmt.value_at(*index, value);
+                        }
+                    }
+                    indexes.is_some()
+                }
+            };
+            if bound {
                 if let Some(e) = stmt.binding_error() {
                     return Err((e.to_string(), true));
                 }
                 return stmt.execute().map_err(classify);
             }
         }
+        // Not through rusqlite's statement cache: it holds the store's own statements too,
+        // prepared outside user mode with the authorizer's leave, and a user statement of the
+        // same text would be handed one of those and run past the authorizer. (Trimmed as
+        // the cache trims, so error offsets are unchanged.)
         let mut stmt = self
             .writer
-            .prepare_cached(&statement.sql)
+            .prepare(statement.sql.trim())
             .map_err(classify)?;
         bind(&mut stmt, &statement.params).map_err(|e| (e, true))?;
         stmt.raw_execute().map_err(classify)
     }
 
-    /// Turns captured writes into clock rows and the changeset of this transaction.
+    /// Turns captured writes (drained) into clock rows and the changeset of this transaction.
     pub(super) fn record_local_writes(
         &mut self,
-        writes: Vec<capture::CapturedWrite>,
+        writes: &mut Vec<capture::CapturedWrite>,
     ) -> Result<Option<Changeset>, StoreError> {
         if writes.is_empty() {
             return Ok(None);
@@ -255,7 +273,7 @@ impl Store {
         let mut rows: BTreeMap<(u32, PackedPk), LocalRow> = BTreeMap::new();
         // A transaction's writes mostly go to one table: looked up when the table changes.
         let mut last_table: Option<Arc<Table>> = None;
-        for w in writes {
+        for w in writes.drain(..) {
             let table = match &last_table {
                 Some(t) if t.ord == w.table_ord => t.clone(),
                 _ => {
@@ -448,8 +466,9 @@ impl Store {
                 }
             }
         }
-        // SQLite copies a bound blob at once, so one buffer serves every row's blobs.
-        let mut blob = Vec::with_capacity(64);
+        // SQLite copies a bound blob at once, so one buffer serves every row's blobs (and
+        // every transaction's: taken here, put back below).
+        let mut blob = std::mem::take(&mut self.clock_blob);
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut stmt = self.statements.get(Sql::Clocks(chunk.len()))?;
             for row in chunk {
@@ -472,7 +491,8 @@ impl Store {
             }
             stmt.execute()?;
         }
-        let (mut old, mut new) = (Vec::new(), Vec::new());
+        self.clock_blob = blob;
+        let (mut old, mut new) = std::mem::take(&mut self.origins_scratch);
         for row in rows {
             row.before.origins_into(&mut old);
             row.clock.origins_into(&mut new);
@@ -520,6 +540,7 @@ impl Store {
                 }
             }
         }
+        self.origins_scratch = (old, new);
         Ok(removed_own)
     }
 

@@ -371,7 +371,14 @@ pub struct Store {
     clock_key_max: FastMap<u32, Option<PackedPk>>,
     /// The clocks the open local transaction wrote, for the cache once it commits.
     clock_cache_open: Vec<(u32, PackedPk, RowClock<ColOrd>)>,
+    /// Room kept from one write to the next (see `Store::write_row_clocks`): a clock's encoded
+    /// blobs, and a row's origins before and after.
+    clock_blob: Vec<u8>,
+    origins_scratch: (RowOrigins, RowOrigins),
 }
+
+/// A row clock's origins (see `RowClock::origins_into`).
+type RowOrigins = Vec<(SiteId, DbVersion)>;
 
 impl Drop for Store {
     /// Writes the deferred index entries, so the next open has nothing to rebuild; if that
@@ -468,6 +475,8 @@ impl Store {
             clock_cache: ClockCache::default(),
             clock_key_max: FastMap::default(),
             clock_cache_open: Vec::new(),
+            clock_blob: Vec::new(),
+            origins_scratch: (Vec::new(), Vec::new()),
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;

@@ -68,6 +68,10 @@ const FIXED: [Sql; 8] = [
 impl Sql {
     /// Its place in [`Statements::slots`].
     fn slot(self) -> usize {
+        if let Sql::Clocks(rows) | Sql::IndexEntries(rows) = self {
+            // Out of range, it would name another statement's place.
+            assert!((1..=ROWS_PER_STATEMENT).contains(&rows), "{rows} rows");
+        }
         match self {
             Sql::Clocks(rows) => FIXED.len() + rows - 1,
             Sql::IndexEntries(rows) => FIXED.len() + ROWS_PER_STATEMENT + rows - 1,
@@ -171,7 +175,10 @@ impl std::fmt::Debug for Statements {
 }
 
 impl Statements {
-    /// The statements of `conn`, none prepared yet. The owner must drop them before `conn`.
+    /// The statements of `conn`, none prepared yet. The owner must drop them before `conn`
+    /// closes, and use them on the thread that uses `conn` (a safe function all the same, so
+    /// that no other module needs `unsafe`: its two callers, `Store` and the backup's
+    /// re-identification, keep both in one owner, statements declared first).
     pub(super) fn new(conn: &Connection) -> Statements {
         // SAFETY: the handle is only used for statements finalized before the connection
         // closes (see the type's doc).
@@ -209,6 +216,7 @@ impl Statements {
             stmt,
             next: 1,
             failed: ffi::SQLITE_OK,
+            by_name: false,
             _statements: PhantomData,
         })
     }
@@ -240,6 +248,7 @@ impl Statements {
             stmt,
             next: 1,
             failed: ffi::SQLITE_OK,
+            by_name: false,
             _statements: PhantomData,
         })
     }
@@ -257,6 +266,7 @@ impl Statements {
             stmt,
             next: 1,
             failed: ffi::SQLITE_OK,
+            by_name: false,
             _statements: PhantomData,
         })
     }
@@ -275,6 +285,8 @@ pub(super) struct Bound<'s> {
     next: c_int,
     /// The first binding's failure, reported by the run.
     failed: c_int,
+    /// Bound by name ([`Bound::value_at`]): parameters left out stay NULL, as with rusqlite.
+    by_name: bool,
     /// One statement of [`Statements`] bound at a time.
     _statements: PhantomData<&'s mut Statements>,
 }
@@ -298,6 +310,35 @@ impl Bound<'_> {
     pub(super) fn parameter_count(&self) -> usize {
         // SAFETY: a live statement.
         unsafe { ffi::sqlite3_bind_parameter_count(self.stmt.as_ptr()) as usize }
+    }
+
+    /// The number of the parameter a user names: `:a`, `@a` or `$a` as written, or a name
+    /// without its prefix matching any of them (the rule of `query::bind`). None if the
+    /// statement has no such parameter.
+    pub(super) fn named_index(&self, name: &str) -> Option<c_int> {
+        let index = |name: &str| {
+            let name = std::ffi::CString::new(name).ok()?;
+            // SAFETY: a live statement; a NUL-terminated name.
+            let i = unsafe { ffi::sqlite3_bind_parameter_index(self.stmt.as_ptr(), name.as_ptr()) };
+            (i > 0).then_some(i)
+        };
+        if name.starts_with([':', '@', '$']) {
+            index(name)
+        } else {
+            [":", "@", "$"]
+                .iter()
+                .find_map(|prefix| index(&format!("{prefix}{name}")))
+        }
+    }
+
+    /// Binds a value to parameter `index` (from [`Bound::named_index`]); the statement then
+    /// runs with every parameter not bound so as NULL.
+    pub(super) fn value_at(&mut self, index: c_int, value: &Value) -> &mut Self {
+        let next = std::mem::replace(&mut self.next, index);
+        self.value(value);
+        self.next = next;
+        self.by_name = true;
+        self
     }
 
     /// Binds a value as rusqlite binds one (text and blobs copied).
@@ -378,6 +419,9 @@ impl Bound<'_> {
         if self.failed != ffi::SQLITE_OK {
             return Err(error_of(self.db, self.failed));
         }
+        if self.by_name {
+            return Ok(());
+        }
         // SAFETY: a live statement.
         let expected = unsafe { ffi::sqlite3_bind_parameter_count(self.stmt.as_ptr()) };
         let bound = self.next - 1;
@@ -436,7 +480,7 @@ impl Drop for Bound<'_> {
             // The bound copies are freed now: kept, they hold the connection's lookaside
             // slots, and SQLite's own small allocations (the pre-update hook's unpacked rows)
             // fall back to malloc (a one-row update cost 4,000 instructions more).
-            if self.next > 1 {
+            if self.next > 1 || self.by_name {
                 ffi::sqlite3_clear_bindings(self.stmt.as_ptr());
             }
         }
