@@ -623,10 +623,7 @@ fn insert_index_entries(
     for chunk in entries.chunks(ROWS_PER_STATEMENT) {
         let mut stmt = statements.get(Sql::IndexEntries(chunk.len()))?;
         for (site, version, table_ord, pk) in chunk {
-            stmt.int((*site).into())
-                .int(*version as i64)
-                .int((*table_ord).into())
-                .blob(pk.as_bytes());
+            bind_entry(&mut stmt, *site, *version, *table_ord, pk);
         }
         stmt.execute()?;
     }
@@ -637,12 +634,17 @@ fn insert_index_entries(
 fn delete_index_entry(statements: &mut Statements, entry: &IndexEntry) -> Result<(), StoreError> {
     let (site, version, table_ord, pk) = entry;
     let mut stmt = statements.get(Sql::DeleteIndexEntry)?;
-    stmt.int((*site).into())
-        .int(*version as i64)
-        .int((*table_ord).into())
-        .blob(pk.as_bytes());
+    bind_entry(&mut stmt, *site, *version, *table_ord, pk);
     stmt.execute()?;
     Ok(())
+}
+
+/// Binds a changes-index entry's four columns, in the table's order.
+fn bind_entry(stmt: &mut Bound<'_>, site: SiteOrd, version: u64, table_ord: u32, pk: &PackedPk) {
+    stmt.int(site.into())
+        .int(version as i64)
+        .int(table_ord.into())
+        .blob(pk.as_bytes());
 }
 
 /// Puts back the changes-index entries a stop without a flush left unwritten, if the

@@ -51,7 +51,7 @@ mod wal;
 pub use digest::Digest;
 pub use extract::ClockSnapshot;
 use local::{ClockWrite, IndexWrites};
-use prepared::{MergeWrite, Sql, Statements, ROWS_PER_STATEMENT};
+use prepared::{Bound, MergeWrite, Sql, Statements, ROWS_PER_STATEMENT};
 use query::bind;
 pub use query::Reader;
 use rows::{delete_row, load_row_clock, read_cell, read_row, upsert_row, ClockCache};

@@ -211,14 +211,7 @@ impl Statements {
                 self.row_writes.entry(key).or_insert(prepared).0
             }
         };
-        Ok(Bound {
-            db: self.db,
-            stmt,
-            next: 1,
-            failed: ffi::SQLITE_OK,
-            by_name: false,
-            _statements: PhantomData,
-        })
+        Ok(self.bound(stmt))
     }
 
     /// Lets go of the row writes (the schema was reloaded: a table's columns may differ).
@@ -243,14 +236,7 @@ impl Statements {
                 self.user.entry(sql.into()).or_insert(prepared).0
             }
         };
-        Some(Bound {
-            db: self.db,
-            stmt,
-            next: 1,
-            failed: ffi::SQLITE_OK,
-            by_name: false,
-            _statements: PhantomData,
-        })
+        Some(self.bound(stmt))
     }
 
     /// The statement, ready to bind: every one of its parameters, in order, before
@@ -261,14 +247,19 @@ impl Statements {
             Some(prepared) => prepared.0,
             None => slot.insert(Prepared::new(self.db, sql.text())?).0,
         };
-        Ok(Bound {
+        Ok(self.bound(stmt))
+    }
+
+    /// `stmt` (one of these statements), ready to bind from its first parameter.
+    fn bound(&mut self, stmt: NonNull<ffi::sqlite3_stmt>) -> Bound<'_> {
+        Bound {
             db: self.db,
             stmt,
             next: 1,
             failed: ffi::SQLITE_OK,
             by_name: false,
             _statements: PhantomData,
-        })
+        }
     }
 
     /// Runs a statement without parameters.
@@ -358,26 +349,7 @@ impl Bound<'_> {
 
     /// Binds a copy of `value`.
     pub(super) fn text(&mut self, value: &str) -> &mut Self {
-        let stmt = self.stmt.as_ptr();
-        let rc = match c_int::try_from(value.len()) {
-            // SAFETY: a live statement; a static empty string, which SQLite may keep.
-            Ok(0) => unsafe {
-                ffi::sqlite3_bind_text(stmt, self.next, c"".as_ptr(), 0, ffi::SQLITE_STATIC())
-            },
-            // SAFETY: a live statement; `len` bytes of UTF-8 at the pointer, copied before
-            // the call returns (SQLITE_TRANSIENT).
-            Ok(len) => unsafe {
-                ffi::sqlite3_bind_text(
-                    stmt,
-                    self.next,
-                    value.as_ptr().cast(),
-                    len,
-                    ffi::SQLITE_TRANSIENT(),
-                )
-            },
-            Err(_) => ffi::SQLITE_TOOBIG,
-        };
-        self.record(rc)
+        self.bytes(value.as_bytes(), true)
     }
 
     /// The first binding's failure, as rusqlite reports one.
@@ -393,21 +365,31 @@ impl Bound<'_> {
 
     /// Binds a copy of `value` (SQLite copies it at once, so the slice may go).
     pub(super) fn blob(&mut self, value: &[u8]) -> &mut Self {
-        let stmt = self.stmt.as_ptr();
+        self.bytes(value, false)
+    }
+
+    /// Binds a copy of `value` as text (UTF-8 the caller vouches for) or as a blob, as
+    /// rusqlite binds either.
+    fn bytes(&mut self, value: &[u8], text: bool) -> &mut Self {
+        let (stmt, at) = (self.stmt.as_ptr(), self.next);
         let rc = match c_int::try_from(value.len()) {
-            // An empty slice's pointer is dangling: a zero-length blob says the same safely.
+            // An empty slice's pointer is dangling: a static empty string (which SQLite may
+            // keep) or a zero-length blob says the same safely.
+            // SAFETY: a live statement.
+            Ok(0) if text => unsafe {
+                ffi::sqlite3_bind_text(stmt, at, c"".as_ptr(), 0, ffi::SQLITE_STATIC())
+            },
             // SAFETY: as above.
-            Ok(0) => unsafe { ffi::sqlite3_bind_zeroblob(stmt, self.next, 0) },
+            Ok(0) => unsafe { ffi::sqlite3_bind_zeroblob(stmt, at, 0) },
             // SAFETY: as above; `len` bytes readable at the pointer, copied before the call
             // returns (SQLITE_TRANSIENT).
             Ok(len) => unsafe {
-                ffi::sqlite3_bind_blob(
-                    stmt,
-                    self.next,
-                    value.as_ptr().cast(),
-                    len,
-                    ffi::SQLITE_TRANSIENT(),
-                )
+                let data = value.as_ptr();
+                if text {
+                    ffi::sqlite3_bind_text(stmt, at, data.cast(), len, ffi::SQLITE_TRANSIENT())
+                } else {
+                    ffi::sqlite3_bind_blob(stmt, at, data.cast(), len, ffi::SQLITE_TRANSIENT())
+                }
             },
             Err(_) => ffi::SQLITE_TOOBIG,
         };
