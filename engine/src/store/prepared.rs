@@ -505,38 +505,14 @@ impl Row<'_> {
 struct Prepared(NonNull<ffi::sqlite3_stmt>);
 
 impl Prepared {
-    fn new(db: *mut ffi::sqlite3, sql: &str) -> rusqlite::Result<Prepared> {
-        let len = c_int::try_from(sql.len()).map_err(|_| error_of(db, ffi::SQLITE_TOOBIG))?;
-        let mut stmt = std::ptr::null_mut();
-        // SAFETY: `db` is an open connection; `len` bytes of SQL at the pointer.
-        let rc = unsafe {
-            ffi::sqlite3_prepare_v3(
-                db,
-                sql.as_ptr().cast(),
-                len,
-                ffi::SQLITE_PREPARE_PERSISTENT,
-                &mut stmt,
-                std::ptr::null_mut(),
-            )
-        };
-        match (rc, NonNull::new(stmt)) {
-            (ffi::SQLITE_OK, Some(stmt)) => Ok(Prepared(stmt)),
-            // SQLite hands back no statement for SQL without one: not the case of these.
-            (ffi::SQLITE_OK, None) => Err(error_of(db, ffi::SQLITE_MISUSE)),
-            (rc, _) => Err(error_of(db, rc)),
-        }
-    }
-}
-
-impl Prepared {
-    /// `sql` prepared if it is exactly one statement, perhaps followed by blanks and
-    /// semicolons; None otherwise (errors included).
-    fn single(db: *mut ffi::sqlite3, sql: &str) -> Option<Prepared> {
-        let len = c_int::try_from(sql.len()).ok()?;
+    /// `sql`'s first statement prepared on `db`, with the number of bytes of `sql` it took;
+    /// no statement when `sql` holds none (only blanks or comments); SQLite's code on error.
+    fn first(db: *mut ffi::sqlite3, sql: &str) -> Result<(Option<Prepared>, usize), c_int> {
+        let len = c_int::try_from(sql.len()).map_err(|_| ffi::SQLITE_TOOBIG)?;
         let mut stmt = std::ptr::null_mut();
         let mut tail: *const std::os::raw::c_char = std::ptr::null();
         // SAFETY: `db` is an open connection; `len` bytes of SQL at the pointer; the tail
-        // points into them.
+        // SQLite sets points into them.
         let rc = unsafe {
             ffi::sqlite3_prepare_v3(
                 db,
@@ -547,15 +523,33 @@ impl Prepared {
                 &mut tail,
             )
         };
-        let prepared = Prepared(NonNull::new(stmt)?);
+        // Owned at once, so an error's partial statement (SQLite leaves none) is finalized.
+        let prepared = NonNull::new(stmt).map(Prepared);
         if rc != ffi::SQLITE_OK {
-            return None;
+            return Err(rc);
         }
         let used = (tail as usize).saturating_sub(sql.as_ptr() as usize);
-        let rest = sql.as_bytes().get(used..).unwrap_or_default();
-        rest.iter()
+        Ok((prepared, used.min(sql.len())))
+    }
+
+    /// One of the store's own statements, which always holds one.
+    fn new(db: *mut ffi::sqlite3, sql: &str) -> rusqlite::Result<Prepared> {
+        match Prepared::first(db, sql) {
+            Ok((Some(prepared), _)) => Ok(prepared),
+            // SQLite hands back no statement for SQL without one: not the case of these.
+            Ok((None, _)) => Err(error_of(db, ffi::SQLITE_MISUSE)),
+            Err(rc) => Err(error_of(db, rc)),
+        }
+    }
+
+    /// `sql` prepared if it is exactly one statement, perhaps followed by blanks and
+    /// semicolons; None otherwise (errors included).
+    fn single(db: *mut ffi::sqlite3, sql: &str) -> Option<Prepared> {
+        let (prepared, used) = Prepared::first(db, sql).ok()?;
+        sql.as_bytes()[used..]
+            .iter()
             .all(|b| b.is_ascii_whitespace() || *b == b';')
-            .then_some(prepared)
+            .then_some(prepared?)
     }
 }
 
