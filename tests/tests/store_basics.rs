@@ -195,6 +195,18 @@ fn named_params_and_statement_guards() {
         rows(&a, "SELECT id, name FROM hosts"),
         vec![vec![5.into(), "n".into()]]
     );
+    // Names left out run as NULL, as `/v1/queries` runs them, even when none is given.
+    for params in [vec![("id".into(), 6.into())], vec![]] {
+        a.transact(&[Statement {
+            sql: "INSERT INTO hosts (id, cpu) VALUES (coalesce(:id, 7), :cpu)".into(),
+            params: Params::Named(params),
+        }])
+        .unwrap();
+    }
+    assert_eq!(
+        rows(&a, "SELECT id, cpu FROM hosts WHERE id > 5 ORDER BY id"),
+        vec![vec![6.into(), Value::Null], vec![7.into(), Value::Null]]
+    );
     for bad in [
         "CREATE TABLE x (id INTEGER PRIMARY KEY)",
         "DROP TABLE hosts",
@@ -208,7 +220,7 @@ fn named_params_and_statement_guards() {
             "{bad} was accepted"
         );
     }
-    assert_eq!(rows(&a, "SELECT count(*) FROM hosts"), vec![vec![1.into()]]);
+    assert_eq!(rows(&a, "SELECT count(*) FROM hosts"), vec![vec![3.into()]]);
     assert!(matches!(
         a.query(&Statement::new("DELETE FROM hosts")),
         Err(StoreError::NotReadOnly)

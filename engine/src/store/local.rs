@@ -230,6 +230,8 @@ impl Store {
                         .map(|(name, _)| stmt.named_index(name))
                         .collect();
                     if let Some(indexes) = &indexes {
+                        // An empty map too: its statement's parameters all run as NULL.
+                        stmt.by_name();
                         for (index, (_, value)) in indexes.iter().zip(values) {
                             stmt.value_at(*index, value);
                         }

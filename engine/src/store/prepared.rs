@@ -328,6 +328,11 @@ impl Bound<'_> {
         let next = std::mem::replace(&mut self.next, index);
         self.value(value);
         self.next = next;
+        self.by_name()
+    }
+
+    /// Bound by name, even with no value at all: every parameter left out runs as NULL.
+    pub(super) fn by_name(&mut self) -> &mut Self {
         self.by_name = true;
         self
     }
