@@ -555,6 +555,104 @@ fn unindexed_marks(dir: &tempfile::TempDir, name: &str) -> i64 {
         .unwrap()
 }
 
+/// The head `site` has in a store's file (`__patina_sites`), None if it has no row there.
+fn stored_head(dir: &tempfile::TempDir, name: &str, site: patina_core::SiteId) -> Option<i64> {
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.path().join(name),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.query_row(
+        "SELECT head FROM __patina_sites WHERE site_id = ?1",
+        [&site.0[..]],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+#[test]
+fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let site = a.site_id();
+    for id in 1..=3 {
+        a.transact(&[Statement::new(format!(
+            "INSERT INTO hosts (id, name) VALUES ({id}, 'h{id}')"
+        ))])
+        .unwrap();
+    }
+    let first = a
+        .changesets(site, DbVersion(1), DbVersion(3), usize::MAX)
+        .unwrap();
+    let mut b = open(&dir, "b.db");
+    // One batch per changeset, as broadcast delivers them.
+    for changeset in &first {
+        b.apply_changesets(std::slice::from_ref(changeset)).unwrap();
+    }
+    let head = |b: &Store| b.bookkeeping().site(&site).map(|v| v.head.get());
+    assert_eq!(head(&b), Some(3));
+    // The site is registered at once (extraction needs its ordinal); its versions wait.
+    assert_eq!(stored_head(&dir, "b.db", site), Some(0));
+    // A schema reload reads the versions back from the file: those not written yet stay.
+    b.apply_schema_sql(&format!(
+        "{SCHEMA} CREATE TABLE extra (id INTEGER PRIMARY KEY);"
+    ))
+    .unwrap();
+    assert_eq!(
+        head(&b),
+        Some(3),
+        "a reload forgot the versions not written yet"
+    );
+
+    // A crash: the rows are in the file, their versions not yet.
+    std::mem::forget(b);
+    let mut b = open(&dir, "b.db");
+    assert_eq!(rows(&b, "SELECT id FROM hosts ORDER BY id").len(), 3);
+    assert_eq!(head(&b).unwrap_or(0), 0);
+    // Sync fetches them again; merging them once more changes nothing.
+    for outcome in b.apply_changesets(&first).unwrap() {
+        match outcome {
+            ApplyOutcome::Applied {
+                changes_won,
+                rows_changed,
+                ..
+            } => assert_eq!((changes_won, rows_changed), (0, 0)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(head(&b), Some(3));
+    // Each index entry once (the merge wrote none again): a sync from b serves them whole.
+    let mut c = open(&dir, "c.db");
+    sync(&b, &mut c);
+    assert_eq!(rows(&c, "SELECT id FROM hosts ORDER BY id").len(), 3);
+
+    // Enough batches write the versions without a close.
+    let mut written_after = None;
+    for id in 4..=200 {
+        a.transact(&[Statement::new(format!(
+            "INSERT INTO hosts (id, name) VALUES ({id}, 'h{id}')"
+        ))])
+        .unwrap();
+        let next = a.changesets(site, DbVersion(id), DbVersion(id), 1).unwrap();
+        b.apply_changesets(&next).unwrap();
+        if stored_head(&dir, "b.db", site).unwrap_or(0) > 0 {
+            written_after = Some(id);
+            break;
+        }
+    }
+    let written_after = written_after.expect("versions never written in 198 batches");
+    assert_eq!(stored_head(&dir, "b.db", site), Some(written_after as i64));
+    // A clean close writes the rest.
+    a.transact(&[Statement::new("INSERT INTO hosts (id) VALUES (1000)")])
+        .unwrap();
+    let last = a.db_version();
+    b.apply_changesets(&a.changesets(site, last, last, 1).unwrap())
+        .unwrap();
+    assert_eq!(stored_head(&dir, "b.db", site), Some(written_after as i64));
+    drop(b);
+    assert_eq!(stored_head(&dir, "b.db", site), Some(last.get() as i64));
+}
+
 #[test]
 fn deferred_index_entries_are_served_and_a_crash_does_not_lose_them() {
     let dir = tempfile::tempdir().unwrap();

@@ -349,9 +349,10 @@ impl Agent {
             let _ = task.await;
         }
         // The store thread ends only once every handle is gone, after the process may have
-        // exited: the changes-index entries it left waiting are written now, so the next start
-        // has nothing to put back (it would, from every row clock, after a crash).
-        if let Err(e) = self.store.flush_index().await {
+        // exited: the changes-index entries and versions it left waiting are written now, so
+        // the next start has nothing to put back (it would, from every row clock, after a
+        // crash) or to fetch again.
+        if let Err(e) = self.store.flush_deferred().await {
             tracing::warn!("changes index left for the next start to rebuild: {e}");
         }
         let _ = std::fs::remove_file(&self.admin_path);

@@ -83,7 +83,7 @@ enum StoreRequest {
         versions_max: u64,
         reply: oneshot::Sender<Vec<Changeset>>,
     },
-    FlushIndex {
+    FlushDeferred {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
@@ -104,7 +104,7 @@ impl std::fmt::Debug for StoreRequest {
             StoreRequest::SyncState { .. } => "SyncState",
             StoreRequest::Digest { .. } => "Digest",
             StoreRequest::SyncServe { .. } => "SyncServe",
-            StoreRequest::FlushIndex { .. } => "FlushIndex",
+            StoreRequest::FlushDeferred { .. } => "FlushDeferred",
         })
     }
 }
@@ -147,12 +147,13 @@ impl StoreHandle {
         rx.await.ok()
     }
 
-    /// Writes the changes-index entries local writes left waiting (see `Store`'s `Drop`):
-    /// a stopping agent asks for it, since nothing waits for the store thread to end.
-    pub async fn flush_index(&self) -> Result<(), TxError> {
+    /// Writes what the store left waiting (local writes' changes-index entries, remote sites'
+    /// versions; see `Store`'s `Drop`): a stopping agent asks for it, since nothing waits for
+    /// the store thread to end.
+    pub async fn flush_deferred(&self) -> Result<(), TxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(StoreRequest::FlushIndex { reply })
+            .send(StoreRequest::FlushDeferred { reply })
             .await
             .map_err(|_| TxError::Unavailable)?;
         Ok(rx.await.map_err(|_| TxError::Unavailable)??)
@@ -306,8 +307,8 @@ pub(crate) fn spawn_store(
                     StoreRequest::Digest { reply } => {
                         let _ = reply.send(store.digest());
                     }
-                    StoreRequest::FlushIndex { reply } => {
-                        let _ = reply.send(store.flush_deferred_entries());
+                    StoreRequest::FlushDeferred { reply } => {
+                        let _ = reply.send(store.flush_deferred());
                     }
                     StoreRequest::SyncServe {
                         state,

@@ -180,22 +180,37 @@ impl Store {
         Ok(())
     }
 
-    /// Writes the deferred changes-index entries in a transaction of their own: at close, so
-    /// the next open has nothing to put back.
-    pub(super) fn flush_deferred_entries(&mut self) -> Result<(), StoreError> {
-        if self.index_pending.is_empty() && self.stale_entries.is_empty() {
+    /// Writes the deferred changes-index entries and remote sites' versions (see
+    /// `remote::VERSIONS_BATCH`) in a transaction of their own: at close, so the next open has
+    /// nothing to put back or fetch again.
+    pub(super) fn flush_deferred(&mut self) -> Result<(), StoreError> {
+        if self.index_pending.is_empty()
+            && self.stale_entries.is_empty()
+            && self.versions_unsaved.is_empty()
+        {
             return Ok(());
         }
         self.statements.run(Sql::BeginImmediate)?;
         self.index_open.clear();
         self.stale_entries_open.clear();
+        let book = std::mem::take(&mut self.book);
+        let unsaved = std::mem::take(&mut self.versions_unsaved);
         let written = self
             .write_deferred_entries()
+            .and_then(|()| {
+                unsaved
+                    .iter()
+                    .try_for_each(|site| self.write_site_versions(&book, *site))
+            })
             .and_then(|()| Ok(self.statements.run(Sql::Commit).map(drop)?));
+        self.book = book;
+        self.versions_unsaved = unsaved;
         match written {
             Ok(()) => {
                 self.index_pending.clear();
                 self.stale_entries.clear();
+                self.versions_unsaved.clear();
+                self.batches_unsaved = 0;
                 Ok(())
             }
             Err(e) => {

@@ -7,7 +7,8 @@
 //!
 //! Internal tables (all `__patina_*`):
 //! - `sites`: site id per local ordinal (0 = this replica), with each site's head and its
-//!   applied and cleared version ranges;
+//!   applied and cleared version ranges (a remote site's written every
+//!   `remote::VERSIONS_BATCH` batches and at close: the file's may lag its rows, never lead);
 //! - `tables`, `columns`: local ordinals of replicated tables and their non-key columns;
 //! - `rows`: one clock per row ever seen (tombstones included): causal length, sentinel origin,
 //!   cell clocks;
@@ -361,6 +362,11 @@ pub struct Store {
     index_pending: Vec<local::IndexEntry>,
     /// The same, of the local transaction still open.
     index_open: Vec<local::IndexEntry>,
+    /// Remote sites whose versions (head, applied, cleared) in `book` are ahead of
+    /// `__patina_sites`: written every `remote::VERSIONS_BATCH` batches, and at close.
+    versions_unsaved: BTreeSet<SiteId>,
+    /// Remote batches committed since the versions were last written.
+    batches_unsaved: usize,
     /// Changes-index entries the remote merges of the open batch added, written at its end.
     merged_entries_open: FastSet<local::IndexEntry>,
     /// Clocks of rows local transactions wrote lately (see [`ClockCache`]).
@@ -381,11 +387,12 @@ pub struct Store {
 type RowOrigins = Vec<(SiteId, DbVersion)>;
 
 impl Drop for Store {
-    /// Writes the deferred index entries, so the next open has nothing to rebuild; if that
-    /// fails the mark stays and the next open rebuilds them.
+    /// Writes the deferred index entries and versions, so the next open has nothing to rebuild
+    /// or fetch again; if that fails the mark stays and the next open rebuilds the entries
+    /// (and sync fetches the versions again).
     fn drop(&mut self) {
-        if let Err(e) = self.flush_deferred_entries() {
-            tracing::warn!("changes index left for the next open to rebuild: {e}");
+        if let Err(e) = self.flush_deferred() {
+            tracing::warn!("changes index left for the next open to rebuild, versions for sync to fetch again: {e}");
         }
     }
 }
@@ -470,6 +477,8 @@ impl Store {
             stale_entries: Vec::new(),
             stale_entries_open: Vec::new(),
             index_pending: Vec::new(),
+            versions_unsaved: BTreeSet::new(),
+            batches_unsaved: 0,
             index_open: Vec::new(),
             merged_entries_open: FastSet::default(),
             clock_cache: ClockCache::default(),
@@ -530,6 +539,13 @@ impl Store {
         self.clock_cache.clear();
         self.clock_key_max.clear();
         self.statements.forget_row_writes();
+        // Versions committed but not written yet (see `versions_unsaved`) are ahead of the
+        // file: kept from memory, or a reload after a failed batch would forget them.
+        let unsaved: Vec<(SiteId, SiteVersions)> = self
+            .versions_unsaved
+            .iter()
+            .filter_map(|site| Some((*site, self.book.site(site)?.clone())))
+            .collect();
         let mut sites = SiteTable::default();
         let mut book = Bookkeeping::new();
         {
@@ -574,6 +590,11 @@ impl Store {
             }
         }
         self.site = sites.site(0)?;
+        for (site, versions) in unsaved {
+            if site != self.site && sites.ord(&site).is_some() {
+                book.set_site(site, versions);
+            }
+        }
         self.sites = sites;
         self.book = book;
         self.load_partials()?;

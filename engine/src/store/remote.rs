@@ -2,7 +2,33 @@
 
 use super::*;
 
+/// Remote batches whose sites' versions (head, applied, cleared) stay in memory before one
+/// writes them to `__patina_sites`, with their own. Written in every batch, they were a row
+/// and a WAL frame of each commit (a tenth of a one-changeset batch's instructions, the way
+/// broadcast delivers most changesets). A crash loses at most these batches' versions, never
+/// their rows: the file's versions lag its rows, and sync fetches those versions again,
+/// whose merge changes nothing (CRDT merges are idempotent). A clean stop writes them.
+pub(super) const VERSIONS_BATCH: usize = 64;
+
 impl Store {
+    /// Writes `site`'s versions from `book` to `__patina_sites`.
+    pub(super) fn write_site_versions(
+        &mut self,
+        book: &Bookkeeping,
+        site: SiteId,
+    ) -> Result<(), StoreError> {
+        let ord = self.ensure_site(site)?;
+        let empty = SiteVersions::default();
+        let versions = book.site(&site).unwrap_or(&empty);
+        let mut stmt = self.statements.get(Sql::SiteVersions)?;
+        stmt.int(versions.head.get() as i64)
+            .blob(&clock::encode_ranges(&versions.applied))
+            .blob(&clock::encode_ranges(&versions.cleared))
+            .int(ord.into());
+        stmt.execute()?;
+        Ok(())
+    }
+
     /// Applies remote changesets in one SQLite transaction, each through the merge rule and each
     /// all-or-nothing (checked whole before any of it is written): a bad changeset is refused
     /// alone. Returns one outcome per changeset, in order.
@@ -22,6 +48,7 @@ impl Store {
         let mut before: BTreeMap<SiteId, Option<SiteVersions>> = BTreeMap::new();
         let mut touched_sites = BTreeSet::new();
         let mut outcomes = Vec::with_capacity(batch.len());
+        let versions_due = self.batches_unsaved + 1 >= VERSIONS_BATCH;
         let result = (|| {
             for changeset in batch {
                 let changeset_site = changeset.borrow().id.site;
@@ -51,15 +78,18 @@ impl Store {
                     Applied::Rejected(e) => ApplyOutcome::Rejected(e),
                 });
             }
+            // Registered now, so extraction can answer for a site whose versions all came
+            // cleared; their versions are written only every VERSIONS_BATCH batches.
             for site in &touched_sites {
-                let versions = book.site(site).cloned().unwrap_or_default();
-                let ord = self.ensure_site(*site)?;
-                let mut stmt = self.statements.get(Sql::SiteVersions)?;
-                stmt.int(versions.head.get() as i64)
-                    .blob(&clock::encode_ranges(&versions.applied))
-                    .blob(&clock::encode_ranges(&versions.cleared))
-                    .int(ord.into());
-                stmt.execute()?;
+                self.ensure_site(*site)?;
+            }
+            if versions_due {
+                let unsaved = std::mem::take(&mut self.versions_unsaved);
+                let written = touched_sites
+                    .union(&unsaved)
+                    .try_for_each(|site| self.write_site_versions(&book, *site));
+                self.versions_unsaved = unsaved;
+                written?;
             }
             self.write_merged_entries()?;
             self.statements.run(Sql::Commit)?;
@@ -68,6 +98,13 @@ impl Store {
         match result {
             Ok(()) => {
                 self.book = book;
+                if versions_due {
+                    self.versions_unsaved.clear();
+                    self.batches_unsaved = 0;
+                } else if !touched_sites.is_empty() {
+                    self.versions_unsaved.extend(touched_sites);
+                    self.batches_unsaved += 1;
+                }
                 // Own entries the merges superseded: deleted already unless still deferred,
                 // which the next batch sees to (see `IndexWrites::Now`).
                 self.stale_entries.append(&mut self.stale_entries_open);
