@@ -591,8 +591,15 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
     }
     let head = |b: &Store| b.bookkeeping().site(&site).map(|v| v.head.get());
     assert_eq!(head(&b), Some(3));
-    // The site is registered at once (extraction needs its ordinal); its versions wait.
+    // The site is registered at once (extraction needs its ordinal); its versions and the
+    // merges' index entries wait.
     assert_eq!(stored_head(&dir, "b.db", site), Some(0));
+    assert!(index_entries(&dir, "b.db").is_empty());
+    // Extraction serves them all the same.
+    let mut c = open(&dir, "c.db");
+    sync(&b, &mut c);
+    assert_eq!(rows(&c, "SELECT id FROM hosts ORDER BY id").len(), 3);
+    drop(c);
     // A schema reload reads the versions back from the file: those not written yet stay.
     b.apply_schema_sql(&format!(
         "{SCHEMA} CREATE TABLE extra (id INTEGER PRIMARY KEY);"
@@ -604,12 +611,13 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
         "a reload forgot the versions not written yet"
     );
 
-    // A crash: the rows are in the file, their versions not yet.
+    // A crash: the rows are in the file, their versions and index entries not yet.
     std::mem::forget(b);
     let mut b = open(&dir, "b.db");
     assert_eq!(rows(&b, "SELECT id FROM hosts ORDER BY id").len(), 3);
     assert_eq!(head(&b).unwrap_or(0), 0);
-    // Sync fetches them again; merging them once more changes nothing.
+    assert!(index_entries(&dir, "b.db").is_empty());
+    // Sync fetches them again; merging them once more changes no row.
     for outcome in b.apply_changesets(&first).unwrap() {
         match outcome {
             ApplyOutcome::Applied {
@@ -621,10 +629,11 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
         }
     }
     assert_eq!(head(&b), Some(3));
-    // Each index entry once (the merge wrote none again): a sync from b serves them whole.
-    let mut c = open(&dir, "c.db");
-    sync(&b, &mut c);
-    assert_eq!(rows(&c, "SELECT id FROM hosts ORDER BY id").len(), 3);
+    // But the merge put the index entries back: a sync from b serves the rows, not three
+    // cleared versions.
+    let mut d = open(&dir, "d.db");
+    sync(&b, &mut d);
+    assert_eq!(rows(&d, "SELECT id FROM hosts ORDER BY id").len(), 3);
 
     // Enough batches write the versions without a close.
     let mut written_after = None;
@@ -651,6 +660,59 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
     assert_eq!(stored_head(&dir, "b.db", site), Some(written_after as i64));
     drop(b);
     assert_eq!(stored_head(&dir, "b.db", site), Some(last.get() as i64));
+}
+
+#[test]
+fn remote_entries_superseded_before_they_are_written_are_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let site = a.site_id();
+    let mut b = open(&dir, "b.db");
+    let deliver = |a: &Store, b: &mut Store| {
+        let v = a.db_version();
+        b.apply_changesets(&a.changesets(site, v, v, 1).unwrap())
+            .unwrap();
+    };
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (1, 'x')",
+    )])
+    .unwrap();
+    deliver(&a, &mut b);
+    // Version 2 takes every cell and the sentinel of row 1 from version 1: its entry is stale
+    // before it reaches the file.
+    a.transact(&[
+        Statement::new("DELETE FROM hosts WHERE id = 1"),
+        Statement::new("INSERT INTO hosts (id, name) VALUES (1, 'y')"),
+    ])
+    .unwrap();
+    deliver(&a, &mut b);
+    // Version 3 on a row b then writes itself, all of its columns.
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (2, 'z')",
+    )])
+    .unwrap();
+    deliver(&a, &mut b);
+    b.transact(&[
+        Statement::new("DELETE FROM hosts WHERE id = 2"),
+        Statement::new("INSERT INTO hosts (id, name, cpu, tags) VALUES (2, 'w', 1, x'00')"),
+    ])
+    .unwrap();
+    assert!(index_entries(&dir, "b.db").is_empty());
+    // A clean close writes what waits: version 2's entry, not 1's nor 3's (b's own write's
+    // entry, at its ordinal 0, goes with its local batch).
+    drop(b);
+    let a_ord = 1;
+    let entries: Vec<(i64, i64)> = index_entries(&dir, "b.db")
+        .into_iter()
+        .filter(|(s, _)| *s == a_ord)
+        .collect();
+    assert_eq!(entries, vec![(a_ord, 2)]);
+    let b = open(&dir, "b.db");
+    let served = b
+        .changesets(site, DbVersion(1), DbVersion(3), usize::MAX)
+        .unwrap();
+    let sizes: Vec<usize> = served.iter().map(|cs| cs.changes.len()).collect();
+    assert_eq!(sizes, vec![0, 4, 0], "versions 1 and 3 are cleared on b");
 }
 
 #[test]

@@ -39,18 +39,30 @@ impl Store {
                     .push((row.get(1)?, row.get(2)?));
             }
         }
-        // Entries of local writes not written to the index yet (`local::INDEX_BATCH`). Their
-        // versions are above every own version the index holds, so when the query above
-        // stopped at the limit the walk below never reaches them.
+        // Entries not written to the index yet: of local writes (`local::INDEX_BATCH`) and of
+        // remote merges (`remote::VERSIONS_BATCH`). When the query above stopped at the limit,
+        // the walk below stops before the version it stopped at: every version up to it that
+        // holds an entry is applied, and there are `limit` of them. So only versions whose
+        // entries in the file were all read are reached, and these complete them.
+        let mut from_memory = false;
         for (_, version, table_ord, pk) in self
             .index_pending
             .iter()
+            .chain(&self.merged_pending)
             .filter(|(s, v, _, _)| *s == site_ord && (start.get()..=end.get()).contains(v))
         {
+            from_memory = true;
             by_version
                 .entry(*version)
                 .or_default()
                 .push((*table_ord, pk.as_bytes().to_vec()));
+        }
+        if from_memory {
+            // In memory and in the file at once after a merge wrote an entry again.
+            for rows in by_version.values_mut() {
+                rows.sort_unstable();
+                rows.dedup();
+            }
         }
         let mut out = Vec::new();
         // Walk the applied versions in range, up to the limit, filling in cleared ones.

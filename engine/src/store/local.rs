@@ -112,6 +112,12 @@ impl Store {
         });
         match result {
             Ok((rows_affected, changeset, flushed)) => {
+                // Remote merges' entries this transaction made stale: never to be written.
+                if !self.merged_pending.is_empty() {
+                    for entry in &self.stale_entries_open {
+                        self.merged_pending.remove(entry);
+                    }
+                }
                 if flushed {
                     self.index_pending.clear();
                     self.index_open.clear();
@@ -187,6 +193,7 @@ impl Store {
         if self.index_pending.is_empty()
             && self.stale_entries.is_empty()
             && self.versions_unsaved.is_empty()
+            && self.merged_pending.is_empty()
         {
             return Ok(());
         }
@@ -202,6 +209,7 @@ impl Store {
                     .iter()
                     .try_for_each(|site| self.write_site_versions(&book, *site))
             })
+            .and_then(|()| self.write_merged_entries())
             .and_then(|()| Ok(self.statements.run(Sql::Commit).map(drop)?));
         self.book = book;
         self.versions_unsaved = unsaved;
@@ -211,6 +219,7 @@ impl Store {
                 self.stale_entries.clear();
                 self.versions_unsaved.clear();
                 self.batches_unsaved = 0;
+                self.merged_pending.clear();
                 Ok(())
             }
             Err(e) => {
@@ -532,9 +541,13 @@ impl Store {
                                 self.stale_entries_open.push(entry.clone());
                             }
                         }
-                        // Added by an earlier changeset of this batch: no longer to be written.
-                        // (Deleted below all the same, should the table hold it too.)
+                        // Added by an earlier changeset of this batch, or an earlier batch and
+                        // not written yet: no longer to be written. (Deleted below all the
+                        // same, should the table hold it too.)
                         self.merged_entries_open.remove(&entry);
+                        if self.merged_pending.contains(&entry) {
+                            self.merged_superseded_open.push(entry.clone());
+                        }
                         delete_index_entry(&mut self.statements, &entry)?;
                     }
                 }
@@ -563,15 +576,21 @@ impl Store {
 
     /// Writes the changes-index entries the remote merges of the open batch added (see
     /// [`IndexWrites::Now`]), in key order, and forgets them.
+    /// Writes the index entries of remote merges not written yet (those of committed batches,
+    /// less what the open transaction superseded, and the open batch's); the caller forgets
+    /// them once it commits.
     pub(super) fn write_merged_entries(&mut self) -> Result<(), StoreError> {
+        let superseded: FastSet<&IndexEntry> = self.merged_superseded_open.iter().collect();
         let mut entries: Vec<(SiteOrd, u64, u32, &PackedPk)> = self
-            .merged_entries_open
+            .merged_pending
             .iter()
+            .filter(|e| !superseded.contains(e))
+            .chain(&self.merged_entries_open)
             .map(|(site, version, table_ord, pk)| (*site, *version, *table_ord, pk))
             .collect();
         entries.sort_unstable();
+        entries.dedup();
         insert_index_entries(&mut self.statements, &entries)?;
-        self.merged_entries_open.clear();
         Ok(())
     }
 

@@ -8,7 +8,8 @@
 //! Internal tables (all `__patina_*`):
 //! - `sites`: site id per local ordinal (0 = this replica), with each site's head and its
 //!   applied and cleared version ranges (a remote site's written every
-//!   `remote::VERSIONS_BATCH` batches and at close: the file's may lag its rows, never lead);
+//!   `remote::VERSIONS_BATCH` batches and at close, with the merges' index entries: the
+//!   file's may lag its rows, never lead);
 //! - `tables`, `columns`: local ordinals of replicated tables and their non-key columns;
 //! - `rows`: one clock per row ever seen (tombstones included): causal length, sentinel origin,
 //!   cell clocks;
@@ -20,7 +21,10 @@
 //!   Extraction reads each row's clock and takes only what carries the version, so a stale
 //!   entry yields nothing and a version whose entries are all stale comes back cleared.
 //!   Local writes add their entries in that batch too, not in their own commit: until then
-//!   extraction reads them from memory, and `unindexed` marks that the file lacks some;
+//!   extraction reads them from memory, and `unindexed` marks that the file lacks some.
+//!   Remote merges' entries wait in memory too, and go to the file with the sites' versions
+//!   (`remote::VERSIONS_BATCH`): a crash loses both, and the merge of the version sync
+//!   brings back writes them again;
 //! - `unindexed`: present from the first commit whose entries wait to the batch that writes
 //!   them; an open that finds it (the process stopped without closing the store) puts the
 //!   entries back from the row clocks before anything reads the index.
@@ -367,8 +371,14 @@ pub struct Store {
     versions_unsaved: BTreeSet<SiteId>,
     /// Remote batches committed since the versions were last written.
     batches_unsaved: usize,
-    /// Changes-index entries the remote merges of the open batch added, written at its end.
+    /// Changes-index entries the remote merges of the open batch added: written with the
+    /// versions (see `remote::VERSIONS_BATCH`), else kept in `merged_pending` once it commits.
     merged_entries_open: FastSet<local::IndexEntry>,
+    /// Changes-index entries of committed remote batches, not written yet: written with the
+    /// versions, and lost with them in a crash; extraction reads them from here.
+    merged_pending: FastSet<local::IndexEntry>,
+    /// Entries of `merged_pending` the open transaction superseded, forgotten once it commits.
+    merged_superseded_open: Vec<local::IndexEntry>,
     /// Clocks of rows local transactions wrote lately (see [`ClockCache`]).
     clock_cache: ClockCache,
     /// Per table, the greatest key with a clock row (or above it: a rolled-back write may have
@@ -481,6 +491,8 @@ impl Store {
             batches_unsaved: 0,
             index_open: Vec::new(),
             merged_entries_open: FastSet::default(),
+            merged_pending: FastSet::default(),
+            merged_superseded_open: Vec::new(),
             clock_cache: ClockCache::default(),
             clock_key_max: FastMap::default(),
             clock_cache_open: Vec::new(),

@@ -2,13 +2,19 @@
 
 use super::*;
 
-/// Remote batches whose sites' versions (head, applied, cleared) stay in memory before one
-/// writes them to `__patina_sites`, with their own. Written in every batch, they were a row
-/// and a WAL frame of each commit (a tenth of a one-changeset batch's instructions, the way
-/// broadcast delivers most changesets). A crash loses at most these batches' versions, never
-/// their rows: the file's versions lag its rows, and sync fetches those versions again,
-/// whose merge changes nothing (CRDT merges are idempotent). A clean stop writes them.
+/// Remote batches whose sites' versions (head, applied, cleared) and new changes-index entries
+/// stay in memory before one writes them, with its own, to `__patina_sites` and
+/// `__patina_changes`. Written in every batch, they were two rows and two WAL frames of each
+/// commit (a quarter of a one-changeset batch's instructions, the way broadcast delivers most
+/// changesets). A crash loses at most these batches' versions and entries, together, never
+/// their rows: the file's versions lag its rows, sync fetches those versions again, and their
+/// merge changes no row (CRDT merges are idempotent) but writes the entries of the rows whose
+/// clocks hold them. A clean stop writes both.
 pub(super) const VERSIONS_BATCH: usize = 64;
+
+/// Index entries of remote merges kept waiting at most (about 100 bytes each); more, and the
+/// batch that brings them there writes them with the versions.
+const MERGED_PENDING_MAX: usize = 4096;
 
 impl Store {
     /// Writes `site`'s versions from `book` to `__patina_sites`.
@@ -40,6 +46,7 @@ impl Store {
         self.statements.run(Sql::BeginImmediate)?;
         self.stale_entries_open.clear();
         self.merged_entries_open.clear();
+        self.merged_superseded_open.clear();
         // Worked on in place (cloning it cost 5% of a busy store thread at 300 sites): a
         // failed batch rolls back and reloads the bookkeeping from the database below.
         let mut book = std::mem::take(&mut self.book);
@@ -48,7 +55,6 @@ impl Store {
         let mut before: BTreeMap<SiteId, Option<SiteVersions>> = BTreeMap::new();
         let mut touched_sites = BTreeSet::new();
         let mut outcomes = Vec::with_capacity(batch.len());
-        let versions_due = self.batches_unsaved + 1 >= VERSIONS_BATCH;
         let result = (|| {
             for changeset in batch {
                 let changeset_site = changeset.borrow().id.site;
@@ -78,11 +84,11 @@ impl Store {
                     Applied::Rejected(e) => ApplyOutcome::Rejected(e),
                 });
             }
-            // Registered now, so extraction can answer for a site whose versions all came
-            // cleared; their versions are written only every VERSIONS_BATCH batches.
-            for site in &touched_sites {
-                self.ensure_site(*site)?;
-            }
+            // The versions and the index entries of merges go to the file together, so a
+            // crash loses both or neither (see VERSIONS_BATCH); sooner when the entries
+            // waiting grow large (a sync catching up), to bound their memory.
+            let versions_due = self.batches_unsaved + 1 >= VERSIONS_BATCH
+                || self.merged_pending.len() + self.merged_entries_open.len() >= MERGED_PENDING_MAX;
             if versions_due {
                 let unsaved = std::mem::take(&mut self.versions_unsaved);
                 let written = touched_sites
@@ -90,21 +96,30 @@ impl Store {
                     .try_for_each(|site| self.write_site_versions(&book, *site));
                 self.versions_unsaved = unsaved;
                 written?;
+                self.write_merged_entries()?;
             }
-            self.write_merged_entries()?;
             self.statements.run(Sql::Commit)?;
-            Ok(())
+            Ok(versions_due)
         })();
         match result {
-            Ok(()) => {
+            Ok(versions_due) => {
                 self.book = book;
                 if versions_due {
                     self.versions_unsaved.clear();
                     self.batches_unsaved = 0;
-                } else if !touched_sites.is_empty() {
-                    self.versions_unsaved.extend(touched_sites);
-                    self.batches_unsaved += 1;
+                    self.merged_pending.clear();
+                    self.merged_entries_open.clear();
+                } else {
+                    for entry in &self.merged_superseded_open {
+                        self.merged_pending.remove(entry);
+                    }
+                    self.merged_pending.extend(self.merged_entries_open.drain());
+                    if !touched_sites.is_empty() {
+                        self.versions_unsaved.extend(touched_sites);
+                        self.batches_unsaved += 1;
+                    }
                 }
+                self.merged_superseded_open.clear();
                 // Own entries the merges superseded: deleted already unless still deferred,
                 // which the next batch sees to (see `IndexWrites::Now`).
                 self.stale_entries.append(&mut self.stale_entries_open);
@@ -113,6 +128,7 @@ impl Store {
             Err(e) => {
                 self.stale_entries_open.clear();
                 self.merged_entries_open.clear();
+                self.merged_superseded_open.clear();
                 let _ = self.writer.execute_batch("ROLLBACK");
                 for (site, versions) in before {
                     book.set_site(site, versions.unwrap_or_default());
@@ -180,7 +196,7 @@ impl Store {
                 .or_default()
                 .push((change, col_ord));
         }
-        self.ensure_site(changeset.id.site)?;
+        let site_ord = self.ensure_site(changeset.id.site)?;
         let mut changes_won = 0;
         let mut changed = Vec::new();
         let mut clock_writes: Vec<(u32, &PackedPk, RowClock<ColOrd>, RowClock<ColOrd>)> =
@@ -234,6 +250,23 @@ impl Store {
                 }
             }
             if clock == before {
+                // Nothing changed, yet the clock may hold this very changeset: merged before
+                // a crash that lost its versions and index entries (written together, see
+                // VERSIONS_BATCH), it comes back by sync, and its entry must be written again.
+                let id = changeset.id;
+                if clock
+                    .sentinel
+                    .iter()
+                    .chain(clock.cells.values().map(|c| &c.origin))
+                    .any(|o| o.site == id.site && o.version == id.version)
+                {
+                    self.merged_entries_open.insert((
+                        site_ord,
+                        id.version.get(),
+                        table.ord,
+                        pk.clone(),
+                    ));
+                }
                 continue;
             }
             if data_changed {
