@@ -611,26 +611,28 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
         "a reload forgot the versions not written yet"
     );
 
-    // A crash: the rows are in the file, their versions and index entries not yet.
+    // A crash: no close. The rows are in the file, their versions and index entries not yet,
+    // and a mark says so: the next open puts them back from the row clocks, with no peer to
+    // ask (a's versions might be nowhere else by then).
     std::mem::forget(b);
+    assert_eq!(stored_head(&dir, "b.db", site), Some(0));
+    assert!(index_entries(&dir, "b.db").is_empty());
     let mut b = open(&dir, "b.db");
     assert_eq!(rows(&b, "SELECT id FROM hosts ORDER BY id").len(), 3);
-    assert_eq!(head(&b).unwrap_or(0), 0);
-    assert!(index_entries(&dir, "b.db").is_empty());
-    // Sync fetches them again; merging them once more changes no row.
+    assert_eq!(
+        head(&b),
+        Some(3),
+        "the crash lost versions whose rows it kept"
+    );
+    assert_eq!(stored_head(&dir, "b.db", site), Some(3));
+    assert_eq!(index_entries(&dir, "b.db"), vec![(1, 1), (1, 2), (1, 3)]);
     for outcome in b.apply_changesets(&first).unwrap() {
-        match outcome {
-            ApplyOutcome::Applied {
-                changes_won,
-                rows_changed,
-                ..
-            } => assert_eq!((changes_won, rows_changed), (0, 0)),
-            other => panic!("{other:?}"),
-        }
+        assert!(
+            matches!(outcome, ApplyOutcome::AlreadyApplied),
+            "{outcome:?}"
+        );
     }
-    assert_eq!(head(&b), Some(3));
-    // But the merge put the index entries back: a sync from b serves the rows, not three
-    // cleared versions.
+    // A sync from b serves the rows, not three cleared versions.
     let mut d = open(&dir, "d.db");
     sync(&b, &mut d);
     assert_eq!(rows(&d, "SELECT id FROM hosts ORDER BY id").len(), 3);
@@ -644,13 +646,19 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
         .unwrap();
         let next = a.changesets(site, DbVersion(id), DbVersion(id), 1).unwrap();
         b.apply_changesets(&next).unwrap();
-        if stored_head(&dir, "b.db", site).unwrap_or(0) > 0 {
+        if stored_head(&dir, "b.db", site).unwrap_or(0) > 3 {
             written_after = Some(id);
             break;
         }
     }
     let written_after = written_after.expect("versions never written in 198 batches");
     assert_eq!(stored_head(&dir, "b.db", site), Some(written_after as i64));
+    // With the entries of the same batches.
+    assert_eq!(
+        index_entries(&dir, "b.db").len(),
+        written_after as usize,
+        "versions written without their entries"
+    );
     // A clean close writes the rest.
     a.transact(&[Statement::new("INSERT INTO hosts (id) VALUES (1000)")])
         .unwrap();

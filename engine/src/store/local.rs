@@ -210,7 +210,12 @@ impl Store {
                     .try_for_each(|site| self.write_site_versions(&book, *site))
             })
             .and_then(|()| self.write_merged_entries())
-            .and_then(|()| Ok(self.statements.run(Sql::Commit).map(drop)?));
+            .and_then(|()| {
+                self.writer
+                    .prepare_cached(super::remote::CLEAR_UNSAVED_MARK)?
+                    .execute([])?;
+                Ok(self.statements.run(Sql::Commit).map(drop)?)
+            });
         self.book = book;
         self.versions_unsaved = unsaved;
         match written {
@@ -574,9 +579,7 @@ impl Store {
         Ok(removed_own)
     }
 
-    /// Writes the changes-index entries the remote merges of the open batch added (see
-    /// [`IndexWrites::Now`]), in key order, and forgets them.
-    /// Writes the index entries of remote merges not written yet (those of committed batches,
+    /// Writes, in key order, the index entries of remote merges not written yet (those of committed batches,
     /// less what the open transaction superseded, and the open batch's); the caller forgets
     /// them once it commits.
     pub(super) fn write_merged_entries(&mut self) -> Result<(), StoreError> {
@@ -642,17 +645,17 @@ pub(super) const INDEX_BATCH: usize = 64;
 /// When [`Store::write_row_clocks`] writes the changes-index entries of a transaction.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum IndexWrites {
-    /// In this transaction (remote merges): stale entries deleted at once, new ones at the
-    /// end of the batch's transaction (`Store::write_merged_entries`), one multi-row statement
-    /// for the whole batch instead of one per changeset. The own entries they supersede that
-    /// are still deferred are listed as stale, so the local batch leaves them out.
+    /// Remote merges: stale entries deleted in this transaction, new ones kept in memory and
+    /// written with the sites' versions (`remote::VERSIONS_BATCH`, `Store::write_merged_entries`),
+    /// in multi-row statements. The own entries they supersede that are still deferred are
+    /// listed as stale, so the local batch leaves them out.
     Now,
     /// In a later batch (local writes; see [`INDEX_BATCH`]).
     Deferred,
 }
 
 /// Inserts changes-index entries with multi-row statements.
-fn insert_index_entries(
+pub(super) fn insert_index_entries(
     statements: &mut Statements,
     entries: &[(SiteOrd, u64, u32, &PackedPk)],
 ) -> Result<(), StoreError> {
@@ -702,10 +705,11 @@ pub(super) fn rebuild_unindexed(
     if !marked {
         return Ok(None);
     }
-    let since: Option<i64> =
-        conn.query_row("SELECT min(since) FROM __patina_unindexed", [], |r| {
-            r.get(0)
-        })?;
+    let since: Option<i64> = conn.query_row(
+        "SELECT min(since) FROM __patina_unindexed WHERE id = 0",
+        [],
+        |r| r.get(0),
+    )?;
     let Some(since) = since else {
         return Ok(None);
     };

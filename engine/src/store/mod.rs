@@ -23,11 +23,12 @@
 //!   Local writes add their entries in that batch too, not in their own commit: until then
 //!   extraction reads them from memory, and `unindexed` marks that the file lacks some.
 //!   Remote merges' entries wait in memory too, and go to the file with the sites' versions
-//!   (`remote::VERSIONS_BATCH`): a crash loses both, and the merge of the version sync
-//!   brings back writes them again;
-//! - `unindexed`: present from the first commit whose entries wait to the batch that writes
-//!   them; an open that finds it (the process stopped without closing the store) puts the
-//!   entries back from the row clocks before anything reads the index.
+//!   (`remote::VERSIONS_BATCH`); after a crash the next open puts both back from the row
+//!   clocks (`Store::recover_unsaved_remote`);
+//! - `unindexed`: row 0 present from the first commit whose entries wait to the batch that
+//!   writes them; an open that finds it (the process stopped without closing the store) puts
+//!   the entries back from the row clocks before anything reads the index. Row 1: the same for
+//!   remote versions and their entries, put back once the state is loaded.
 //!
 //! This file holds the types, opening and loading; each concern has its own file: `migrate`,
 //! `local` (local transactions), `remote` (remote apply), `parts`, `extract`, `digest`,
@@ -501,6 +502,18 @@ impl Store {
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
+        // Should this fail (a store at its size cap), the versions stay unapplied here: sync
+        // fetches them again, and their merge writes the entries (see `apply_one`).
+        let started = std::time::Instant::now();
+        match store.recover_unsaved_remote() {
+            Ok(Some(versions)) => tracing::warn!(
+                versions,
+                ms = started.elapsed().as_millis() as u64,
+                "remote versions put back after a stop that left them unwritten"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("remote versions left for sync to fetch again: {e}"),
+        }
         Ok(store)
     }
 

@@ -94,7 +94,7 @@ impl Sql {
             Sql::MarkUnindexed => {
                 "INSERT OR REPLACE INTO __patina_unindexed (id, since) VALUES (0, ?1)"
             }
-            Sql::ClearUnindexed => "DELETE FROM __patina_unindexed",
+            Sql::ClearUnindexed => "DELETE FROM __patina_unindexed WHERE id = 0",
             Sql::RowClock => {
                 "SELECT cl, sentinel, cells FROM __patina_rows WHERE tbl = ?1 AND pk = ?2"
             }

@@ -12,11 +12,109 @@ use super::*;
 /// clocks hold them. A clean stop writes both.
 pub(super) const VERSIONS_BATCH: usize = 64;
 
+/// The mark (`__patina_unindexed` row 1) that the file may lack versions and index entries
+/// of remote merges, from the first batch whose own wait to the one that writes them.
+const SET_UNSAVED_MARK: &str =
+    "INSERT OR REPLACE INTO __patina_unindexed (id, since) VALUES (1, 0)";
+pub(super) const CLEAR_UNSAVED_MARK: &str = "DELETE FROM __patina_unindexed WHERE id = 1";
+
 /// Index entries of remote merges kept waiting at most (about 100 bytes each); more, and the
 /// batch that brings them there writes them with the versions.
 const MERGED_PENDING_MAX: usize = 4096;
 
 impl Store {
+    /// After a stop that left remote versions and index entries unwritten (the mark says so):
+    /// every origin a row clock holds of a remote version the file does not count as applied
+    /// was merged here, so that version is marked applied again and the entry written. Versions
+    /// all of whose changes were overwritten since hold no clock; sync fetches them again.
+    /// Reads every row clock (a crash's price, paid once at the next open). Returns the
+    /// versions put back, None if nothing was marked.
+    pub(super) fn recover_unsaved_remote(&mut self) -> Result<Option<usize>, StoreError> {
+        let marked: bool = self.writer.query_row(
+            "SELECT count(*) > 0 FROM __patina_unindexed WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )?;
+        if !marked {
+            return Ok(None);
+        }
+        self.statements.run(Sql::BeginImmediate)?;
+        let recovered = (|| {
+            let mut found: Vec<(SiteOrd, u64, u32, PackedPk)> = Vec::new();
+            {
+                let mut stmt = self
+                    .writer
+                    .prepare("SELECT tbl, pk, sentinel, cells FROM __patina_rows")?;
+                let mut rows = stmt.query([])?;
+                while let Some(row) = rows.next()? {
+                    let table_ord: u32 = row.get(0)?;
+                    let sentinel: Option<Vec<u8>> = row.get(2)?;
+                    let cells: Vec<u8> = row.get(3)?;
+                    let mut lost: Vec<(SiteOrd, u64)> = Vec::new();
+                    let (sites, book) = (&self.sites, &self.book);
+                    clock::for_each_origin(sentinel.as_deref(), &cells, |ord, version| {
+                        let Ok(ord) = SiteOrd::try_from(ord) else {
+                            return;
+                        };
+                        let applied = sites.site(ord).is_ok_and(|site| {
+                            book.contains(ChangesetId {
+                                site,
+                                version: DbVersion(version),
+                            })
+                        });
+                        if ord != 0 && !applied && !lost.contains(&(ord, version)) {
+                            lost.push((ord, version));
+                        }
+                    })?;
+                    if !lost.is_empty() {
+                        let pk = PackedPk::from_bytes(row.get(1)?)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        for (ord, version) in lost {
+                            found.push((ord, version, table_ord, pk.clone()));
+                        }
+                    }
+                }
+            }
+            let entries: Vec<(SiteOrd, u64, u32, &PackedPk)> = found
+                .iter()
+                .map(|(ord, version, table_ord, pk)| (*ord, *version, *table_ord, pk))
+                .collect();
+            local::insert_index_entries(&mut self.statements, &entries)?;
+            let mut book = std::mem::take(&mut self.book);
+            let mut touched = BTreeSet::new();
+            let mut versions = 0;
+            for (ord, version, _, _) in &found {
+                let site = self.sites.site(*ord)?;
+                let id = ChangesetId {
+                    site,
+                    version: DbVersion(*version),
+                };
+                if book.mark_applied(id) {
+                    versions += 1;
+                }
+                touched.insert(site);
+            }
+            let written = touched
+                .iter()
+                .try_for_each(|site| self.write_site_versions(&book, *site));
+            self.book = book;
+            written?;
+            self.writer
+                .prepare_cached(CLEAR_UNSAVED_MARK)?
+                .execute([])?;
+            self.statements.run(Sql::Commit)?;
+            Ok(versions)
+        })();
+        match recovered {
+            Ok(versions) => Ok(Some(versions)),
+            Err(e) => {
+                let _ = self.writer.execute_batch("ROLLBACK");
+                self.load_state()?;
+                Err(e)
+            }
+        }
+    }
+
     /// Writes `site`'s versions from `book` to `__patina_sites`.
     pub(super) fn write_site_versions(
         &mut self,
@@ -97,6 +195,16 @@ impl Store {
                 self.versions_unsaved = unsaved;
                 written?;
                 self.write_merged_entries()?;
+                self.writer
+                    .prepare_cached(CLEAR_UNSAVED_MARK)?
+                    .execute([])?;
+            } else if self.versions_unsaved.is_empty()
+                && self.merged_pending.is_empty()
+                && !touched_sites.is_empty()
+            {
+                // The first batch whose versions wait: a stop before they are written leaves
+                // the mark for the next open (see `recover_unsaved_remote`).
+                self.writer.prepare_cached(SET_UNSAVED_MARK)?.execute([])?;
             }
             self.statements.run(Sql::Commit)?;
             Ok(versions_due)
