@@ -555,6 +555,17 @@ fn unindexed_marks(dir: &tempfile::TempDir, name: &str) -> i64 {
         .unwrap()
 }
 
+/// Rows `ids` of `hosts` inserted on `store`, one local transaction each.
+fn insert_hosts(store: &mut Store, ids: std::ops::RangeInclusive<i64>) {
+    for id in ids {
+        store
+            .transact(&[Statement::new(format!(
+                "INSERT INTO hosts (id, name) VALUES ({id}, 'h{id}')"
+            ))])
+            .unwrap();
+    }
+}
+
 /// The head `site` has in a store's file (`__patina_sites`), None if it has no row there.
 fn stored_head(dir: &tempfile::TempDir, name: &str, site: patina_core::SiteId) -> Option<i64> {
     let conn = rusqlite::Connection::open_with_flags(
@@ -575,12 +586,7 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
     let dir = tempfile::tempdir().unwrap();
     let mut a = open(&dir, "a.db");
     let site = a.site_id();
-    for id in 1..=3 {
-        a.transact(&[Statement::new(format!(
-            "INSERT INTO hosts (id, name) VALUES ({id}, 'h{id}')"
-        ))])
-        .unwrap();
-    }
+    insert_hosts(&mut a, 1..=3);
     let first = a
         .changesets(site, DbVersion(1), DbVersion(3), usize::MAX)
         .unwrap();
@@ -640,11 +646,10 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
     // Enough batches write the versions without a close.
     let mut written_after = None;
     for id in 4..=200 {
-        a.transact(&[Statement::new(format!(
-            "INSERT INTO hosts (id, name) VALUES ({id}, 'h{id}')"
-        ))])
-        .unwrap();
-        let next = a.changesets(site, DbVersion(id), DbVersion(id), 1).unwrap();
+        insert_hosts(&mut a, id..=id);
+        let next = a
+            .changesets(site, DbVersion(id as u64), DbVersion(id as u64), 1)
+            .unwrap();
         b.apply_changesets(&next).unwrap();
         if stored_head(&dir, "b.db", site).unwrap_or(0) > 3 {
             written_after = Some(id);
@@ -652,7 +657,7 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
         }
     }
     let written_after = written_after.expect("versions never written in 198 batches");
-    assert_eq!(stored_head(&dir, "b.db", site), Some(written_after as i64));
+    assert_eq!(stored_head(&dir, "b.db", site), Some(written_after));
     // With the entries of the same batches.
     assert_eq!(
         index_entries(&dir, "b.db").len(),
@@ -665,7 +670,7 @@ fn remote_versions_reach_the_file_in_batches_and_a_crash_or_reload_loses_no_row(
     let last = a.db_version();
     b.apply_changesets(&a.changesets(site, last, last, 1).unwrap())
         .unwrap();
-    assert_eq!(stored_head(&dir, "b.db", site), Some(written_after as i64));
+    assert_eq!(stored_head(&dir, "b.db", site), Some(written_after));
     drop(b);
     assert_eq!(stored_head(&dir, "b.db", site), Some(last.get() as i64));
 }
@@ -676,30 +681,35 @@ fn remote_entries_superseded_before_they_are_written_are_never_written() {
     let mut a = open(&dir, "a.db");
     let site = a.site_id();
     let mut b = open(&dir, "b.db");
-    let deliver = |a: &Store, b: &mut Store| {
+    // A transaction on a, delivered to b as broadcast would: a batch of its own.
+    let write_and_deliver = |a: &mut Store, b: &mut Store, sql: &[&str]| {
+        let statements: Vec<Statement> = sql.iter().map(|s| Statement::new(*s)).collect();
+        a.transact(&statements).unwrap();
         let v = a.db_version();
         b.apply_changesets(&a.changesets(site, v, v, 1).unwrap())
             .unwrap();
     };
-    a.transact(&[Statement::new(
-        "INSERT INTO hosts (id, name) VALUES (1, 'x')",
-    )])
-    .unwrap();
-    deliver(&a, &mut b);
+    write_and_deliver(
+        &mut a,
+        &mut b,
+        &["INSERT INTO hosts (id, name) VALUES (1, 'x')"],
+    );
     // Version 2 takes every cell and the sentinel of row 1 from version 1: its entry is stale
     // before it reaches the file.
-    a.transact(&[
-        Statement::new("DELETE FROM hosts WHERE id = 1"),
-        Statement::new("INSERT INTO hosts (id, name) VALUES (1, 'y')"),
-    ])
-    .unwrap();
-    deliver(&a, &mut b);
+    write_and_deliver(
+        &mut a,
+        &mut b,
+        &[
+            "DELETE FROM hosts WHERE id = 1",
+            "INSERT INTO hosts (id, name) VALUES (1, 'y')",
+        ],
+    );
     // Version 3 on a row b then writes itself, all of its columns.
-    a.transact(&[Statement::new(
-        "INSERT INTO hosts (id, name) VALUES (2, 'z')",
-    )])
-    .unwrap();
-    deliver(&a, &mut b);
+    write_and_deliver(
+        &mut a,
+        &mut b,
+        &["INSERT INTO hosts (id, name) VALUES (2, 'z')"],
+    );
     b.transact(&[
         Statement::new("DELETE FROM hosts WHERE id = 2"),
         Statement::new("INSERT INTO hosts (id, name, cpu, tags) VALUES (2, 'w', 1, x'00')"),
@@ -728,12 +738,7 @@ fn deferred_index_entries_are_served_and_a_crash_does_not_lose_them() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = open(&dir, "a.db");
     let site = a.site_id();
-    for id in 1..=10 {
-        a.transact(&[Statement::new(format!(
-            "INSERT INTO hosts (id, name) VALUES ({id}, 'h{id}')"
-        ))])
-        .unwrap();
-    }
+    insert_hosts(&mut a, 1..=10);
     // Fewer writes than a batch: their entries are not in the file yet, and the mark says so.
     assert!(
         index_entries(&dir, "a.db").is_empty(),
