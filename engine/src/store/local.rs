@@ -714,36 +714,47 @@ pub(super) fn rebuild_unindexed(
         return Ok(None);
     };
     let since = since.max(0) as u64;
-    let mut found: Vec<(u64, u32, PackedPk)> = Vec::new();
-    {
-        let mut stmt = conn.prepare("SELECT tbl, pk, sentinel, cells FROM __patina_rows")?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let table_ord: u32 = row.get(0)?;
-            let sentinel: Option<Vec<u8>> = row.get(2)?;
-            let cells: Vec<u8> = row.get(3)?;
-            let mut versions = Vec::new();
-            clock::for_each_origin(sentinel.as_deref(), &cells, |site, version| {
-                if site == 0 && version >= since && !versions.contains(&version) {
-                    versions.push(version);
-                }
-            })?;
-            if !versions.is_empty() {
-                let pk = PackedPk::from_bytes(row.get(1)?)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                for version in versions {
-                    found.push((version, table_ord, pk.clone()));
-                }
-            }
-        }
-    }
+    let found = scan_origins(conn, |site, version| site == 0 && version >= since)?;
     let entries: Vec<(SiteOrd, u64, u32, &PackedPk)> = found
         .iter()
-        .map(|(version, table_ord, pk)| (0, *version, *table_ord, pk))
+        .map(|(site, version, table_ord, pk)| (*site, *version, *table_ord, pk))
         .collect();
     insert_index_entries(statements, &entries)?;
     statements.run(Sql::ClearUnindexed)?;
     Ok(Some(entries.len()))
+}
+
+/// The origins every row clock holds that `wanted(site ordinal, version)` picks, as
+/// changes-index entries (site, version, tbl, pk), each once. Reads every row clock: the
+/// rebuilds after a crash use it.
+pub(super) fn scan_origins(
+    conn: &Connection,
+    mut wanted: impl FnMut(u64, u64) -> bool,
+) -> Result<Vec<IndexEntry>, StoreError> {
+    let mut found = Vec::new();
+    let mut stmt = conn.prepare("SELECT tbl, pk, sentinel, cells FROM __patina_rows")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let table_ord: u32 = row.get(0)?;
+        let sentinel: Option<Vec<u8>> = row.get(2)?;
+        let cells: Vec<u8> = row.get(3)?;
+        let mut picked: Vec<(u64, u64)> = Vec::new();
+        clock::for_each_origin(sentinel.as_deref(), &cells, |site, version| {
+            if !picked.contains(&(site, version)) && wanted(site, version) {
+                picked.push((site, version));
+            }
+        })?;
+        if !picked.is_empty() {
+            let pk = PackedPk::from_bytes(row.get(1)?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            for (site, version) in picked {
+                let site = SiteOrd::try_from(site)
+                    .map_err(|_| StoreError::Corrupt(format!("site ordinal {site}")))?;
+                found.push((site, version, table_ord, pk.clone()));
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// The items of `a` not in `b`, both sorted and without duplicates.

@@ -7,9 +7,8 @@ use super::*;
 /// `__patina_changes`. Written in every batch, they were two rows and two WAL frames of each
 /// commit (a quarter of a one-changeset batch's instructions, the way broadcast delivers most
 /// changesets). A crash loses at most these batches' versions and entries, together, never
-/// their rows: the file's versions lag its rows, sync fetches those versions again, and their
-/// merge changes no row (CRDT merges are idempotent) but writes the entries of the rows whose
-/// clocks hold them. A clean stop writes both.
+/// their rows: the file's versions lag its rows, and the next open puts them back from the row
+/// clocks (`Store::recover_unsaved_remote`). A clean stop writes both.
 pub(super) const VERSIONS_BATCH: usize = 64;
 
 /// The mark (`__patina_unindexed` row 1) that the file may lack versions and index entries
@@ -40,41 +39,21 @@ impl Store {
         }
         self.statements.run(Sql::BeginImmediate)?;
         let recovered = (|| {
-            let mut found: Vec<(SiteOrd, u64, u32, PackedPk)> = Vec::new();
-            {
-                let mut stmt = self
-                    .writer
-                    .prepare("SELECT tbl, pk, sentinel, cells FROM __patina_rows")?;
-                let mut rows = stmt.query([])?;
-                while let Some(row) = rows.next()? {
-                    let table_ord: u32 = row.get(0)?;
-                    let sentinel: Option<Vec<u8>> = row.get(2)?;
-                    let cells: Vec<u8> = row.get(3)?;
-                    let mut lost: Vec<(SiteOrd, u64)> = Vec::new();
-                    let (sites, book) = (&self.sites, &self.book);
-                    clock::for_each_origin(sentinel.as_deref(), &cells, |ord, version| {
-                        let Ok(ord) = SiteOrd::try_from(ord) else {
-                            return;
-                        };
-                        let applied = sites.site(ord).is_ok_and(|site| {
-                            book.contains(ChangesetId {
-                                site,
-                                version: DbVersion(version),
-                            })
-                        });
-                        if ord != 0 && !applied && !lost.contains(&(ord, version)) {
-                            lost.push((ord, version));
-                        }
-                    })?;
-                    if !lost.is_empty() {
-                        let pk = PackedPk::from_bytes(row.get(1)?)
-                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                        for (ord, version) in lost {
-                            found.push((ord, version, table_ord, pk.clone()));
-                        }
-                    }
-                }
-            }
+            let (sites, book) = (&self.sites, &self.book);
+            // An ordinal too large for the site table names no site: skipped, as no version of
+            // it can be marked applied.
+            let found = local::scan_origins(&self.writer, |ord, version| {
+                let Ok(ord) = SiteOrd::try_from(ord) else {
+                    return false;
+                };
+                let applied = sites.site(ord).is_ok_and(|site| {
+                    book.contains(ChangesetId {
+                        site,
+                        version: DbVersion(version),
+                    })
+                });
+                ord != 0 && !applied
+            })?;
             let entries: Vec<(SiteOrd, u64, u32, &PackedPk)> = found
                 .iter()
                 .map(|(ord, version, table_ord, pk)| (*ord, *version, *table_ord, pk))
