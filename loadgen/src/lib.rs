@@ -59,6 +59,8 @@ pub struct Options {
     pub loss: f64,
     /// Mutual TLS between nodes (live).
     pub tls: bool,
+    /// Sealed datagrams between agents (live; the agent's default), or QUIC ones.
+    pub sealed_datagrams: bool,
     /// Seed (placement, writers, simulator).
     pub seed: u64,
     /// Give up on a write this long after the last one.
@@ -103,6 +105,7 @@ impl Default for Options {
             latency: Latency::Uniform(10.0),
             loss: 0.0,
             tls: true,
+            sealed_datagrams: true,
             seed: 1,
             settle: Duration::from_secs(30),
             warmup: Duration::from_secs(15),
@@ -659,6 +662,7 @@ pub async fn run_live(options: &Options) -> Report {
         config.telemetry.prometheus_addr = None;
         config.gossip.sync_interval_ms = options.sync_interval_ms;
         config.gossip.swim_probe_period_ms = options.swim_probe_ms;
+        config.gossip.sealed_datagrams = options.sealed_datagrams;
         if let Some(idle_ms) = options.connection_idle_ms {
             config.gossip.connection_idle_ms = idle_ms;
         }

@@ -124,6 +124,9 @@ struct ProcsArgs {
     /// Seconds between formation and the idle measurement and writes.
     #[arg(long, default_value_t = 5)]
     warmup_s: u64,
+    /// Agents send every datagram as a QUIC one, not sealed beside QUIC (to compare).
+    #[arg(long)]
+    no_sealed: bool,
     #[command(flatten)]
     measure: Measure,
 }
@@ -230,6 +233,7 @@ fn run_against_nodes(mode: &Mode) {
                     .swim_probe_ms
                     .unwrap_or_else(|| loadgen::default_swim_probe_ms(args.nodes)),
                 warmup: Duration::from_secs(args.warmup_s),
+                sealed_datagrams: !args.no_sealed,
                 remote,
             };
             let mut report = runtime().block_on(run_procs(&options));
@@ -239,6 +243,7 @@ fn run_against_nodes(mode: &Mode) {
                 "latency": "loopback (none added)", "swim_probe_ms": options.swim_probe_ms,
                 "settle_s": args.measure.settle_s, "warmup_s": args.warmup_s,
                 "patina": options.binary.display().to_string(),
+                "sealed_datagrams": options.sealed_datagrams,
             });
             write_outputs(&report, &args.measure.json, &args.measure.plot);
         }
@@ -266,6 +271,9 @@ struct Common {
     /// Plaintext QUIC instead of mutual TLS (live).
     #[arg(long)]
     no_tls: bool,
+    /// Agents send every datagram as a QUIC one, not sealed beside QUIC (live; to compare).
+    #[arg(long)]
+    no_sealed: bool,
     /// Seed of placement, writers and the simulator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -326,6 +334,7 @@ fn options(c: &Common) -> Result<Options, String> {
         latency,
         loss: c.loss,
         tls: !c.no_tls,
+        sealed_datagrams: !c.no_sealed,
         seed: c.seed,
         settle: Duration::from_secs(c.settle_s),
         warmup: Duration::from_secs(c.warmup_s),
@@ -371,6 +380,7 @@ fn main() {
         "mode": if live { "live" } else { "sim" }, "nodes": options.nodes,
         "writes": options.writes, "rate": options.rate, "seed": options.seed,
         "latency": common.latency, "loss": options.loss, "tls": options.tls,
+        "sealed_datagrams": options.sealed_datagrams,
         "settle_s": common.settle_s, "warmup_s": common.warmup_s,
         "swim_probe_ms": options.swim_probe_ms, "sync_interval_ms": options.sync_interval_ms,
         "near_peers": options.near_peers, "far_peers": options.far_peers,

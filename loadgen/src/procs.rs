@@ -27,6 +27,9 @@ pub struct ProcsOptions {
     pub swim_probe_ms: u64,
     /// Wait after formation, before measuring idle cost and writing.
     pub warmup: Duration,
+    /// Sealed datagrams between agents (their default); off writes `sealed_datagrams = false`
+    /// in each agent's config (which an agent older than the setting refuses).
+    pub sealed_datagrams: bool,
     /// The measurement.
     pub remote: RemoteOptions,
 }
@@ -120,7 +123,13 @@ fn total_usage(agents: &[AgentProcess]) -> (u64, f64) {
         .fold((0, 0.0), |(m, c), (m2, c2)| (m + m2, c + c2))
 }
 
-fn write_node(dir: &Path, tls: &Path, bootstrap: &[SocketAddr], swim_probe_ms: u64) -> PathBuf {
+fn write_node(
+    dir: &Path,
+    tls: &Path,
+    bootstrap: &[SocketAddr],
+    swim_probe_ms: u64,
+    sealed_datagrams: bool,
+) -> PathBuf {
     std::fs::create_dir_all(dir.join("schema")).expect("a node folder");
     std::fs::write(
         dir.join("schema/loadgen.sql"),
@@ -132,13 +141,18 @@ fn write_node(dir: &Path, tls: &Path, bootstrap: &[SocketAddr], swim_probe_ms: u
         "[db]\npath = \"{0}/state.db\"\nschema_paths = [\"{0}/schema\"]\n\
          [api]\naddr = \"127.0.0.1:0\"\nquery_connections = 1\n[admin]\npath = \"{0}/admin.sock\"\n\
          [gossip]\naddr = \"127.0.0.1:0\"\nbootstrap = [{1}]\nsync_interval_ms = 2000\n\
-         swim_probe_period_ms = {2}\n\
+         swim_probe_period_ms = {2}\n{4}\
          [gossip.tls]\ncert_file = \"{3}/node.pem\"\nkey_file = \"{3}/node.key\"\n\
          ca_file = \"{3}/ca.pem\"\nserver_name = \"patina\"\n",
         dir.display(),
         bootstrap.join(", "),
         swim_probe_ms,
         tls.display(),
+        if sealed_datagrams {
+            ""
+        } else {
+            "sealed_datagrams = false\n"
+        },
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, config).expect("a config file");
@@ -179,7 +193,13 @@ pub async fn run_procs(options: &ProcsOptions) -> Report {
             bootstrap.dedup();
         }
         let dir = root.path().join(format!("n{i}"));
-        let config = write_node(&dir, &tls, &bootstrap, options.swim_probe_ms);
+        let config = write_node(
+            &dir,
+            &tls,
+            &bootstrap,
+            options.swim_probe_ms,
+            options.sealed_datagrams,
+        );
         let agent = AgentProcess::start_with_config(&options.binary, &dir, &config);
         running
             .lock()

@@ -93,6 +93,7 @@ async fn real_agent_processes_measured_and_stopped() {
         binary,
         swim_probe_ms: 1_000,
         warmup: Duration::ZERO,
+        sealed_datagrams: true,
         remote: loadgen::remote::RemoteOptions {
             writes: 5,
             rate: 20.0,

@@ -555,3 +555,143 @@ async fn p256_certificates_made_before_still_work_beside_ed25519_ones() {
         t.close().await;
     }
 }
+
+/// Between nodes that both offer them, datagrams travel sealed beside QUIC (keys exported from
+/// the connection), both ways; with a node that does not, as QUIC datagrams; streams as before.
+#[tokio::test]
+async fn datagrams_travel_sealed_between_nodes_that_offer_it_and_as_quic_ones_otherwise() {
+    let ca = generate_ca().unwrap();
+    let tls = || TlsMode::Mutual(node_tls(&ca.cert_pem, &ca.key_pem));
+    let (a, mut a_rx) = bind(tls());
+    let (b, mut b_rx) = bind(tls());
+    let (c, mut c_rx) = bind_with(
+        tls(),
+        TransportConfig {
+            sealed_datagrams: false,
+            ..TransportConfig::default()
+        },
+    );
+    let sealed = |t: &Transport| {
+        (
+            t.stats().sealed_sent.load(Ordering::Relaxed),
+            t.stats().sealed_received.load(Ordering::Relaxed),
+        )
+    };
+    // The first datagram goes as a QUIC one: each end of a new connection sends sealed once it
+    // has heard that the other registered the keys.
+    let datagram = |from: &Transport, to: &Transport, bytes: Bytes| {
+        from.send(to.local_addr(), Channel::Datagram, bytes)
+    };
+    datagram(&a, &b, Bytes::from_static(b"first"));
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"first");
+    assert!(
+        eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())
+            && b.sends_sealed(a.local_addr()))
+        .await,
+        "the ends never agreed on sealed datagrams"
+    );
+    for n in 0..10u8 {
+        datagram(&a, &b, Bytes::from(vec![n; 300]));
+        let got = recv(&mut b_rx).await.expect("b got nothing");
+        assert_eq!(
+            (got.bytes.as_ref(), got.from, got.channel),
+            (&[n; 300][..], a.local_addr(), Channel::Datagram)
+        );
+    }
+    datagram(&b, &a, Bytes::from_static(b"back"));
+    assert_eq!(recv(&mut a_rx).await.unwrap().bytes.as_ref(), b"back");
+    assert_eq!((sealed(&a), sealed(&b)), ((10, 1), (1, 10)));
+    a.send(b.local_addr(), Channel::Stream, Bytes::from_static(b"on"));
+    let got = recv(&mut b_rx).await.unwrap();
+    assert_eq!(
+        (got.bytes.as_ref(), got.channel),
+        (&b"on"[..], Channel::Stream)
+    );
+
+    // c does not offer sealed datagrams: QUIC datagrams both ways.
+    for (from, to, rx) in [(&a, &c, &mut c_rx), (&c, &a, &mut a_rx)] {
+        for _ in 0..3 {
+            datagram(from, to, Bytes::from_static(b"plain"));
+            let got = recv(rx).await.expect("a QUIC datagram was lost");
+            assert_eq!(got.bytes.as_ref(), b"plain");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(!a.sends_sealed(c.local_addr()) && !c.sends_sealed(a.local_addr()));
+    assert_eq!((sealed(&a), sealed(&c)), ((10, 1), (0, 0)));
+    for t in [a, b, c] {
+        t.close().await;
+    }
+}
+
+/// A connection that carries only sealed datagrams (which QUIC does not see) is neither closed
+/// by the pool as idle nor timed out by quinn (twice `connection_idle_ms` here: 2 s).
+#[tokio::test]
+async fn a_connection_carrying_only_sealed_datagrams_stays_open() {
+    let quick_idle = TransportConfig {
+        connection_idle_ms: 1_000,
+        ..TransportConfig::default()
+    };
+    let (a, _a_rx) = bind_with(TlsMode::Plaintext, quick_idle);
+    let (b, mut b_rx) = bind_with(TlsMode::Plaintext, quick_idle);
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"first"),
+    );
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"first");
+    assert!(eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())).await);
+    for n in 0..25u8 {
+        a.send(b.local_addr(), Channel::Datagram, Bytes::from(vec![n; 100]));
+        assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), &[n; 100][..]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(a.stats().sealed_sent.load(Ordering::Relaxed), 25);
+    let opened = a.stats().connections_opened.load(Ordering::Relaxed)
+        + b.stats().connections_opened.load(Ordering::Relaxed);
+    let closed_idle = a.stats().connections_closed_idle.load(Ordering::Relaxed)
+        + b.stats().connections_closed_idle.load(Ordering::Relaxed);
+    assert_eq!(
+        (opened, closed_idle),
+        (1, 0),
+        "the connection in use was closed"
+    );
+    for t in [a, b] {
+        t.close().await;
+    }
+}
+
+/// A sealed datagram under a key the node does not know (its sender kept a connection to the
+/// node's previous process, say) is refused, and the node connects to its sender, so that the
+/// sender's pool takes the new connection and its keys; nothing else changes.
+#[tokio::test]
+async fn a_sealed_datagram_under_an_unknown_key_makes_the_node_connect_to_its_sender() {
+    use patina::net::sealed::{MARK, OVERHEAD_BYTES};
+    let (b, mut b_rx) = bind(TlsMode::Plaintext);
+    let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut forged = vec![0u8; OVERHEAD_BYTES + 20];
+    forged[0] = MARK;
+    forged[1..9].copy_from_slice(b"no such!");
+    stranger.send_to(&forged, b.local_addr()).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let initial =
+        match tokio::time::timeout(Duration::from_secs(5), stranger.recv_from(&mut buf)).await {
+            // A QUIC Initial: long header (0x80) with the fixed bit (0x40), padded.
+            Ok(Ok((n, from))) => from == b.local_addr() && n >= 1200 && buf[0] & 0xc0 == 0xc0,
+            _ => false,
+        };
+    assert!(initial, "no handshake towards the sender of an unknown key");
+    assert_eq!(b.stats().sealed_refused.load(Ordering::Relaxed), 1);
+    // The node works on.
+    let (a, _a_rx) = bind(TlsMode::Plaintext);
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"fine"),
+    );
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"fine");
+    assert!(b_rx.try_recv().is_err(), "a forged datagram was delivered");
+    for t in [a, b] {
+        t.close().await;
+    }
+}

@@ -180,6 +180,21 @@ impl Collector for Counters {
             C,
             &one(gossip.transport_sent as f64),
         )?;
+        let (sealed_sent, sealed_opened, sealed_refused) = gossip.sealed_datagrams;
+        emit(
+            e,
+            "patina_sealed_datagrams",
+            "Datagrams sealed with keys of the peer's connection, beside QUIC: sent, opened, refused (forged, replayed, or under a key this node does not know)",
+            C,
+            &by(
+                "what",
+                &[
+                    ("sent", sealed_sent as f64),
+                    ("opened", sealed_opened as f64),
+                    ("refused", sealed_refused as f64),
+                ],
+            ),
+        )?;
         emit(
             e,
             "patina_handshakes_resumed",

@@ -461,6 +461,7 @@ async fn start_gossip(
             send_in_flight_max: config.send_in_flight_max,
             connections_max: config.connections_max,
             connection_idle_ms: config.connection_idle_ms,
+            sealed_datagrams: config.sealed_datagrams,
         },
         inbox_tx,
     )?;

@@ -5,6 +5,7 @@ pub mod addrs;
 pub mod gossip;
 pub mod membership;
 pub mod resume;
+pub mod sealed;
 pub mod sync;
 pub mod tls;
 pub mod transport;

@@ -215,6 +215,9 @@ impl NodeTls {
 
 /// Application protocol name, so a Patina endpoint never talks to anything else by accident.
 pub const ALPN: &[u8] = b"patina/1";
+/// The same protocol, with sealed datagrams beside QUIC ([`super::sealed`]): offered first
+/// by a node that opens them, so two such nodes agree on it and any other pair on [`ALPN`].
+pub const ALPN_SEALED: &[u8] = b"patina/2";
 
 /// ring's algorithms, with AES-128-GCM/SHA-256 first: SHA-256 runs on the CPU's SHA
 /// instructions where SHA-384 (the default first suite's hash) runs in software, and a
