@@ -180,11 +180,11 @@ impl Collector for Counters {
             C,
             &one(gossip.transport_sent as f64),
         )?;
-        let (sealed_sent, sealed_opened, sealed_refused) = gossip.sealed_datagrams;
+        let (sealed_sent, sealed_opened, sealed_refused, sealed_unknown) = gossip.sealed_datagrams;
         emit(
             e,
             "patina_sealed_datagrams",
-            "Datagrams sealed with keys of the peer's connection, beside QUIC: sent, opened, refused (forged, replayed, or under a key this node does not know)",
+            "Datagrams sealed with keys of the peer's connection, beside QUIC: sent, opened, refused (forged, replayed, or under a key this node does not know), and notices from a peer that lost a key (it restarted; that connection then uses QUIC datagrams)",
             C,
             &by(
                 "what",
@@ -192,6 +192,7 @@ impl Collector for Counters {
                     ("sent", sealed_sent as f64),
                     ("opened", sealed_opened as f64),
                     ("refused", sealed_refused as f64),
+                    ("peer_lost_key", sealed_unknown as f64),
                 ],
             ),
         )?;

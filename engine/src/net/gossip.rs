@@ -64,8 +64,9 @@ pub struct GossipSnapshot {
     pub connections_open: u64,
     /// Transport: connections closed for being idle or over the cap.
     pub connections_closed_idle: u64,
-    /// Transport: sealed datagrams sent, opened, refused ([`super::sealed`]).
-    pub sealed_datagrams: (u64, u64, u64),
+    /// Transport: sealed datagrams sent, opened, refused, and notices of keys a peer lost
+    /// ([`super::sealed`]).
+    pub sealed_datagrams: (u64, u64, u64, u64),
     /// Messages sent to a peer with no pooled connection (each needs a handshake), by what
     /// sent them: SWIM, round-trip probes, kept-link requests and releases, changesets and
     /// tree messages, sync sessions.
@@ -357,6 +358,7 @@ impl GossipTask {
                         transport.sealed_sent.load(std::sync::atomic::Ordering::Relaxed),
                         transport.sealed_received.load(std::sync::atomic::Ordering::Relaxed),
                         transport.sealed_refused.load(std::sync::atomic::Ordering::Relaxed),
+                        transport.sealed_unknown.load(std::sync::atomic::Ordering::Relaxed),
                     );
                     self.snapshot.send_replace(snapshot.clone());
                 }

@@ -19,9 +19,14 @@
 //! connection are never lost to a race with the other end's registration. What the
 //! acknowledgements gave and sealed datagrams do not: a sign that the peer is still there. A
 //! crashed peer is SWIM's to find (it probes); a restarted one cannot open what comes with the
-//! old keys, so a node that gets a sealed datagram under a key it does not know connects to
-//! its sender (at most once per [`UNKNOWN_KEY_RECONNECT`] per address), and the sender's pool
-//! takes the new connection and its keys.
+//! old keys, so a node that gets a sealed datagram under a key it does not know answers with a
+//! notice naming the key ([`NOTICE_MARK`] and the id: 9 bytes, smaller than any sealed
+//! datagram, so a forged source address gains an attacker nothing). The sender of that key,
+//! if the notice comes from the key's peer, stops sending sealed on the connection: its QUIC
+//! datagrams then reach the restarted process, which resets the connection (or the silence
+//! check closes it within a second), and the next message connects afresh, with new keys. A
+//! forged notice needs the key's id, which only a party on the path sees, and costs no more
+//! than QUIC datagrams on that connection.
 //!
 //! Wire format: byte 0 is [`MARK`] (its top two bits are zero, which no QUIC packet's are: a
 //! QUIC packet sets the fixed bit 0x40, and the endpoint does not offer to grease it), then the
@@ -39,13 +44,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
-use tokio::sync::mpsc;
 
 use crate::net::transport::TransportStats;
 
@@ -59,9 +62,13 @@ pub const TAG_BYTES: usize = 16;
 pub const OVERHEAD_BYTES: usize = HEADER_BYTES + TAG_BYTES;
 /// Label of the keying material exported from a connection's TLS session.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-patina-sealed-datagrams-v1";
-/// How often at most a node connects to an address that sent it a datagram under a key it
-/// does not know (a peer that kept its connection to this node's previous process).
-pub const UNKNOWN_KEY_RECONNECT: Duration = Duration::from_secs(2);
+/// First byte of a notice that the sender does not know a key.
+pub const NOTICE_MARK: u8 = 0x1e;
+/// Bytes of a notice: the mark and the key's id.
+pub const NOTICE_BYTES: usize = 1 + 8;
+/// Datagrams sealed under one key at most, then the connection's datagrams go on QUIC (which
+/// changes its keys): AES-GCM's confidentiality limit as QUIC counts it (RFC 9001, 6.6).
+pub const SEALED_PER_KEY_MAX: u64 = 1 << 23;
 /// Counters behind the highest seen that the replay window remembers. Datagrams arrive out of
 /// order only by a little (one path, one sender's socket).
 const WINDOW: u64 = 128;
@@ -75,8 +82,6 @@ pub fn is_sealed(packet: &[u8]) -> bool {
 pub struct SealedLink {
     /// The peer (canonical form): what received messages say they came from.
     pub peer: SocketAddr,
-    /// Where datagrams to the peer go (the connection's own form of its address).
-    destination: SocketAddr,
     send_key: LessSafeKey,
     send_id: [u8; 8],
     next_counter: AtomicU64,
@@ -86,6 +91,8 @@ pub struct SealedLink {
     window: Mutex<ReplayWindow>,
     /// Sealed datagrams sent and received: the pool's sign that the connection is in use.
     pub activity: AtomicU64,
+    /// Sealed datagrams opened: the peer is there (the silence check counts them as answers).
+    pub received: AtomicU64,
     /// The peer has registered its keys (it said so on the connection, or sent a sealed
     /// datagram): sending sealed before would race its registration, and lose the datagram.
     confirmed: AtomicBool,
@@ -115,11 +122,7 @@ impl SealedLink {
 
     /// The keys of one end of a connection from its 48 bytes of exported material (each
     /// direction's 16-byte key and 8-byte id, the client's first).
-    fn from_material(
-        material: &[u8; 48],
-        client: bool,
-        destination: SocketAddr,
-    ) -> Option<SealedLink> {
+    fn from_material(material: &[u8; 48], client: bool, peer: SocketAddr) -> Option<SealedLink> {
         let (client_to_server, server_to_client) = material.split_at(24);
         let (send, recv) = if client {
             (client_to_server, server_to_client)
@@ -133,8 +136,7 @@ impl SealedLink {
         };
         let id = |half: &[u8]| -> [u8; 8] { half[16..24].try_into().expect("8 bytes") };
         Some(SealedLink {
-            peer: crate::net::addrs::canonical(destination),
-            destination,
+            peer: crate::net::addrs::canonical(peer),
             send_key: key(send)?,
             send_id: id(send),
             next_counter: AtomicU64::new(0),
@@ -142,6 +144,7 @@ impl SealedLink {
             recv_id: id(recv),
             window: Mutex::new(ReplayWindow::default()),
             activity: AtomicU64::new(0),
+            received: AtomicU64::new(0),
             confirmed: AtomicBool::new(false),
         })
     }
@@ -156,9 +159,11 @@ impl SealedLink {
         self.confirmed.store(true, Ordering::Relaxed);
     }
 
-    /// True once the peer opens sealed datagrams: until then datagrams go on QUIC.
+    /// True while the peer opens sealed datagrams and the key has room: otherwise datagrams
+    /// go on QUIC.
     pub fn confirmed(&self) -> bool {
         self.confirmed.load(Ordering::Relaxed)
+            && self.next_counter.load(Ordering::Relaxed) < SEALED_PER_KEY_MAX
     }
 
     /// `message` sealed for the peer.
@@ -178,12 +183,18 @@ impl SealedLink {
         packet
     }
 
-    /// Sends `message` sealed on `socket`; false if the socket refused it (its buffer full).
-    pub fn send(&self, socket: &dyn AsyncUdpSocket, message: &[u8]) -> bool {
+    /// Sends `message` sealed on `socket` to `destination` (the connection's address for the
+    /// peer now); false if the socket refused it (its buffer full).
+    pub fn send(
+        &self,
+        socket: &dyn AsyncUdpSocket,
+        destination: SocketAddr,
+        message: &[u8],
+    ) -> bool {
         let packet = self.seal(message);
         let sent = socket
             .try_send(&Transmit {
-                destination: self.destination,
+                destination,
                 ecn: None,
                 contents: &packet,
                 segment_size: None,
@@ -222,6 +233,7 @@ impl SealedLink {
         }
         body.truncate(len);
         self.activity.fetch_add(1, Ordering::Relaxed);
+        self.received.fetch_add(1, Ordering::Relaxed);
         self.confirm();
         Ok(body.freeze())
     }
@@ -294,12 +306,19 @@ enum Refused {
 /// A received message, as the transport's receive side hands it on.
 pub type Deliver = Box<dyn Fn(SocketAddr, Bytes) + Send + Sync>;
 
+/// Registered links by the id of each direction.
+#[derive(Default)]
+struct Links {
+    /// By the id the peer seals under: what arrives.
+    by_recv_id: HashMap<[u8; 8], Arc<SealedLink>>,
+    /// By the id this node seals under: what a notice names.
+    by_send_id: HashMap<[u8; 8], Arc<SealedLink>>,
+}
+
 /// The receiving side: the keys of every open connection by id, and where messages go.
 pub struct SealedReceiver {
-    links: RwLock<HashMap<[u8; 8], Arc<SealedLink>>>,
+    links: RwLock<Links>,
     deliver: Deliver,
-    /// Addresses that sent under an unknown key, for the transport to connect to.
-    unknown_key: mpsc::Sender<SocketAddr>,
     message_bytes_max: usize,
     stats: Arc<TransportStats>,
 }
@@ -311,73 +330,102 @@ impl std::fmt::Debug for SealedReceiver {
 }
 
 impl SealedReceiver {
-    /// A receiver handing messages to `deliver` and unknown senders to `unknown_key`.
+    /// A receiver handing messages to `deliver`.
     pub fn new(
         deliver: Deliver,
-        unknown_key: mpsc::Sender<SocketAddr>,
         message_bytes_max: usize,
         stats: Arc<TransportStats>,
     ) -> SealedReceiver {
         SealedReceiver {
-            links: RwLock::new(HashMap::new()),
+            links: RwLock::new(Links::default()),
             deliver,
-            unknown_key,
             message_bytes_max,
             stats,
         }
     }
 
+    fn links_mut(&self) -> std::sync::RwLockWriteGuard<'_, Links> {
+        self.links.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Starts accepting datagrams under `link`'s keys; false (and not registered) if another
-    /// open connection has the same id, which then keeps QUIC datagrams.
+    /// open connection has one of the same ids, which then keeps QUIC datagrams.
     pub fn register(&self, link: &Arc<SealedLink>) -> bool {
-        let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
-        match links.entry(link.recv_id) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(link.clone());
-                true
-            }
+        let mut links = self.links_mut();
+        if links.by_recv_id.contains_key(&link.recv_id)
+            || links.by_send_id.contains_key(&link.send_id)
+        {
+            return false;
         }
+        links.by_recv_id.insert(link.recv_id, link.clone());
+        links.by_send_id.insert(link.send_id, link.clone());
+        true
     }
 
     /// Stops accepting datagrams under `link`'s keys (its connection closed).
     pub fn forget(&self, link: &Arc<SealedLink>) {
-        let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
+        let mut links = self.links_mut();
         if links
+            .by_recv_id
             .get(&link.recv_id)
             .is_some_and(|known| Arc::ptr_eq(known, link))
         {
-            links.remove(&link.recv_id);
+            links.by_recv_id.remove(&link.recv_id);
+            links.by_send_id.remove(&link.send_id);
         }
+    }
+
+    /// Forgets every key, as a restart would (tests: what peers holding keys of this node's
+    /// previous process see).
+    pub fn forget_all(&self) {
+        *self.links_mut() = Links::default();
     }
 
     /// Keys registered now.
     pub fn links(&self) -> usize {
-        self.links.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.links
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_recv_id
+            .len()
     }
 
-    /// Handles one sealed datagram from `source`.
-    pub fn receive(&self, source: SocketAddr, packet: &[u8]) {
-        let link = packet.get(1..9).and_then(|id| {
-            self.links
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(id)
-                .cloned()
-        });
+    /// Handles one datagram from `source` that is not QUIC; returns the notice to send back
+    /// when it was sealed under a key this node does not know.
+    pub fn receive(&self, source: SocketAddr, packet: &[u8]) -> Option<[u8; NOTICE_BYTES]> {
+        let id: [u8; 8] = packet.get(1..9)?.try_into().expect("8 bytes");
+        match packet[0] {
+            MARK => {}
+            NOTICE_MARK if packet.len() == NOTICE_BYTES => {
+                self.notice(source, id);
+                return None;
+            }
+            _ => {
+                self.stats.sealed_refused.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+        let link = self
+            .links
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_recv_id
+            .get(&id)
+            .cloned();
         let Some(link) = link else {
             self.stats.sealed_refused.fetch_add(1, Ordering::Relaxed);
-            if packet.len() >= OVERHEAD_BYTES {
-                let _ = self
-                    .unknown_key
-                    .try_send(crate::net::addrs::canonical(source));
+            if packet.len() < OVERHEAD_BYTES {
+                return None;
             }
-            return;
+            let mut notice = [0u8; NOTICE_BYTES];
+            notice[0] = NOTICE_MARK;
+            notice[1..].copy_from_slice(&id);
+            return Some(notice);
         };
         if packet.len() > self.message_bytes_max.saturating_add(OVERHEAD_BYTES) {
             self.stats.sealed_refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(from = %link.peer, "refused a datagram of {} bytes", packet.len());
-            return;
+            return None;
         }
         match link.open(packet) {
             Ok(message) => {
@@ -387,6 +435,30 @@ impl SealedReceiver {
             Err(why) => {
                 self.stats.sealed_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(from = %link.peer, "refused a sealed datagram: {why:?}");
+            }
+        }
+        None
+    }
+
+    /// A peer does not know the key this node seals under as `id`: if the notice comes from
+    /// that key's peer, the connection's datagrams go on QUIC from now on.
+    fn notice(&self, source: SocketAddr, id: [u8; 8]) {
+        let link = self
+            .links
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_send_id
+            .get(&id)
+            .cloned();
+        match link {
+            Some(link) if link.peer == crate::net::addrs::canonical(source) => {
+                self.stats.sealed_unknown.fetch_add(1, Ordering::Relaxed);
+                if link.confirmed.swap(false, Ordering::Relaxed) {
+                    tracing::debug!(peer = %link.peer, "the peer does not know this connection's keys (restarted?): datagrams go on QUIC");
+                }
+            }
+            _ => {
+                self.stats.sealed_refused.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -408,9 +480,15 @@ impl DemuxSocket {
 
 /// Takes the sealed datagrams out of one received buffer of `meta.len` bytes in segments of
 /// `meta.stride` (several datagrams of one sender when the kernel coalesced them), handing
-/// them to `receiver` and moving the QUIC packets left together: all but the last segment
-/// have the stride's length, and the last stays last. quinn skips a buffer left empty.
-fn take_sealed(receiver: &SealedReceiver, buf: &mut [u8], meta: &mut RecvMeta) {
+/// them to `receiver` (and its notices to `reply`) and moving the QUIC packets left together:
+/// all but the last segment have the stride's length, and the last stays last. quinn skips a
+/// buffer left empty.
+fn take_sealed(
+    receiver: &SealedReceiver,
+    buf: &mut [u8],
+    meta: &mut RecvMeta,
+    mut reply: impl FnMut(SocketAddr, &[u8]),
+) {
     let stride = meta.stride.max(1);
     let len = meta.len.min(buf.len());
     if !buf[..len].chunks(stride).any(is_sealed) {
@@ -421,7 +499,9 @@ fn take_sealed(receiver: &SealedReceiver, buf: &mut [u8], meta: &mut RecvMeta) {
     while start < len {
         let end = (start + stride).min(len);
         if is_sealed(&buf[start..end]) {
-            receiver.receive(meta.addr, &buf[start..end]);
+            if let Some(notice) = receiver.receive(meta.addr, &buf[start..end]) {
+                reply(meta.addr, &notice);
+            }
         } else {
             if kept != start {
                 buf.copy_within(start..end, kept);
@@ -453,7 +533,17 @@ impl AsyncUdpSocket for DemuxSocket {
             other => return other,
         };
         for (buf, meta) in bufs.iter_mut().zip(meta.iter_mut()).take(received) {
-            take_sealed(&self.receiver, buf, meta);
+            take_sealed(&self.receiver, buf, meta, |to, notice| {
+                // Best effort, as any datagram: a lost notice is sent again with the next
+                // datagram under the unknown key.
+                let _ = self.inner.try_send(&Transmit {
+                    destination: to,
+                    ecn: None,
+                    contents: notice,
+                    segment_size: None,
+                    src_ip: None,
+                });
+            });
         }
         Poll::Ready(Ok(received))
     }
@@ -475,51 +565,6 @@ impl AsyncUdpSocket for DemuxSocket {
     }
 }
 
-/// Connections at most per second, over all addresses, that unknown keys make a node open:
-/// a datagram's source address can be forged, and each connection attempt sends a padded
-/// 1,200-byte Initial there, so without a cap forged datagrams would make a node an amplifier.
-pub const UNKNOWN_KEY_CONNECTS_PER_SEC: u32 = 4;
-
-/// When each address that sent under an unknown key was last connected to (bounded), and the
-/// connections of the current second.
-#[derive(Debug, Default)]
-pub struct UnknownKeyLimiter {
-    last: HashMap<SocketAddr, Instant>,
-    second: Option<(Instant, u32)>,
-}
-
-impl UnknownKeyLimiter {
-    /// True if `from` may be connected to now (and records that it is).
-    pub fn due(&mut self, from: SocketAddr, now: Instant) -> bool {
-        if self
-            .last
-            .get(&from)
-            .is_some_and(|at| now.duration_since(*at) < UNKNOWN_KEY_RECONNECT)
-        {
-            return false;
-        }
-        let second = match self.second {
-            Some((start, count)) if now.duration_since(start) < Duration::from_secs(1) => {
-                (start, count)
-            }
-            _ => (now, 0),
-        };
-        if second.1 >= UNKNOWN_KEY_CONNECTS_PER_SEC {
-            return false;
-        }
-        if self.last.len() >= 4096 {
-            self.last
-                .retain(|_, at| now.duration_since(*at) < UNKNOWN_KEY_RECONNECT);
-            if self.last.len() >= 4096 {
-                return false;
-            }
-        }
-        self.last.insert(from, now);
-        self.second = Some((second.0, second.1 + 1));
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,38 +580,34 @@ mod tests {
 
     type Delivered = Arc<Mutex<Vec<(SocketAddr, Bytes)>>>;
 
-    fn receiver(
-        message_bytes_max: usize,
-    ) -> (SealedReceiver, Delivered, mpsc::Receiver<SocketAddr>) {
+    fn receiver(message_bytes_max: usize) -> (SealedReceiver, Delivered) {
         let delivered: Delivered = Arc::default();
         let sink = delivered.clone();
-        let (unknown_tx, unknown_rx) = mpsc::channel(8);
         let receiver = SealedReceiver::new(
             Box::new(move |from, bytes| sink.lock().unwrap().push((from, bytes))),
-            unknown_tx,
             message_bytes_max,
             Arc::default(),
         );
-        (receiver, delivered, unknown_rx)
+        (receiver, delivered)
     }
 
     #[test]
     fn a_sealed_datagram_opens_once_and_a_forged_replayed_or_unknown_one_never() {
         let (client, server) = pair();
-        let (receiver, delivered, mut unknown) = receiver(1024);
+        let (receiver, delivered) = receiver(1024);
         assert!(receiver.register(&server));
         let from: SocketAddr = "127.0.0.1:1000".parse().unwrap();
 
         let packet = client.seal(b"changeset");
         assert!(is_sealed(&packet));
         assert_eq!(packet.len(), b"changeset".len() + OVERHEAD_BYTES);
-        receiver.receive(from, &packet);
-        receiver.receive(from, &packet);
+        assert_eq!(receiver.receive(from, &packet), None);
+        assert_eq!(receiver.receive(from, &packet), None, "a replay");
         // Each byte after the key's id flipped in turn (counter, body, tag): nothing opens.
         for i in HEADER_BYTES - 8..packet.len() {
             let mut forged = packet.clone();
-            forged[i] ^= 0x40;
-            receiver.receive(from, &forged);
+            forged[i] ^= 0x20;
+            assert_eq!(receiver.receive(from, &forged), None);
         }
         // The server's own direction, relabelled with the client's id, does not open.
         let mut reflected = server.seal(b"reflected");
@@ -574,6 +615,10 @@ mod tests {
         receiver.receive(from, &reflected);
         // Too large for the node's message limit.
         receiver.receive(from, &client.seal(&[0u8; 2000]));
+        // Not QUIC, not sealed: dropped without an answer.
+        let mut junk = packet.clone();
+        junk[0] = 0x01;
+        assert_eq!(receiver.receive(from, &junk), None);
         let later = client.seal(b"later");
         receiver.receive(from, &later);
         assert_eq!(
@@ -584,17 +629,17 @@ mod tests {
             ]
         );
         assert_eq!(receiver.stats.sealed_received.load(Ordering::Relaxed), 2);
-        assert!(
-            unknown.try_recv().is_err(),
-            "a known sender was taken for unknown"
-        );
+        assert_eq!(server.received.load(Ordering::Relaxed), 2);
 
-        // Forgotten (the connection closed): its datagrams are from an unknown key, whose
-        // sender the transport connects to.
+        // Forgotten (the connection closed, or the process restarted): a datagram under the
+        // key gets a notice naming it, smaller than the datagram, and opens nothing.
         receiver.forget(&server);
         assert_eq!(receiver.links(), 0);
-        receiver.receive(from, &client.seal(b"after close"));
-        assert_eq!(unknown.try_recv().ok(), Some(from));
+        let notice = receiver
+            .receive(from, &client.seal(b"after close"))
+            .unwrap();
+        assert_eq!(notice[0], NOTICE_MARK);
+        assert_eq!(notice[1..], server.recv_id());
         assert_eq!(delivered.lock().unwrap().len(), 2);
         // A duplicate id is refused, not swapped in.
         assert!(receiver.register(&server));
@@ -602,25 +647,34 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_connect_to_an_address_once_per_interval_and_to_few_per_second() {
-        let mut limiter = UnknownKeyLimiter::default();
-        let now = Instant::now();
-        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-        assert!(limiter.due(addr(1), now));
-        assert!(!limiter.due(addr(1), now + Duration::from_millis(500)));
-        let admitted = (2..100)
-            .filter(|port| limiter.due(addr(*port), now + Duration::from_millis(600)))
-            .count();
-        assert_eq!(admitted as u32, UNKNOWN_KEY_CONNECTS_PER_SEC - 1);
-        let later = now + UNKNOWN_KEY_RECONNECT;
-        assert!(limiter.due(addr(1), later));
-        assert!(limiter.due(addr(50), later));
+    fn a_notice_from_the_keys_peer_turns_the_connection_to_quic_datagrams() {
+        // The client's end, registered on its node; the server forgot the keys.
+        let (client, _server) = pair();
+        let client = Arc::new(client);
+        let (receiver, _delivered) = receiver(1024);
+        assert!(receiver.register(&client));
+        client.confirm();
+        let server_addr: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        let mut notice = [NOTICE_MARK; NOTICE_BYTES];
+        notice[1..].copy_from_slice(&client.send_id);
+        // From anyone but the peer, or naming another key: ignored.
+        receiver.receive("127.0.0.1:2001".parse().unwrap(), &notice);
+        let mut other = notice;
+        other[1] ^= 1;
+        receiver.receive(server_addr, &other);
+        assert!(client.confirmed());
+        receiver.receive(server_addr, &notice);
+        assert!(
+            !client.confirmed(),
+            "still sealing under a key the peer lost"
+        );
+        assert_eq!(receiver.stats.sealed_unknown.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn sealed_datagrams_are_taken_out_of_a_coalesced_buffer_and_quic_packets_kept_in_order() {
         let (client, server) = pair();
-        let (receiver, delivered, _unknown) = receiver(1024);
+        let (receiver, delivered) = receiver(1024);
         receiver.register(&server);
         let sealed = client.seal(b"0123456789abcdef");
         let stride = sealed.len();
@@ -632,23 +686,32 @@ mod tests {
             stride,
             ..RecvMeta::default()
         };
-        take_sealed(&receiver, &mut buf, &mut meta);
+        take_sealed(&receiver, &mut buf, &mut meta, |_, _| {
+            panic!("no notice due")
+        });
         assert_eq!(meta.len, 2 * stride + 5);
         assert_eq!(
             buf[..meta.len],
             [quic(1, stride), quic(2, stride), quic(3, 5)].concat()[..]
         );
         assert_eq!(delivered.lock().unwrap().len(), 1);
-        // A buffer of sealed datagrams only is left empty.
-        let mut only = client.seal(b"x");
+        // A buffer of sealed datagrams only is left empty; one under an unknown key answered.
+        let mut stale = client.seal(b"y");
+        stale[1] ^= 1;
+        let mut only = [client.seal(b"x"), stale].concat();
         let mut meta = RecvMeta {
             len: only.len(),
-            stride: only.len(),
+            stride: only.len() / 2,
             ..RecvMeta::default()
         };
-        take_sealed(&receiver, &mut only, &mut meta);
+        let mut notices = Vec::new();
+        take_sealed(&receiver, &mut only, &mut meta, |to, notice| {
+            notices.push((to, notice.to_vec()))
+        });
         assert_eq!(meta.len, 0);
         assert_eq!(delivered.lock().unwrap().len(), 2);
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].1[0], NOTICE_MARK);
     }
 
     #[test]

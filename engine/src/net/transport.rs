@@ -33,7 +33,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::{mpsc, Notify};
 
 use crate::net::resume::{self, CountingTicketer, PeerTickets};
-use crate::net::sealed::{self, DemuxSocket, SealedLink, SealedReceiver, UnknownKeyLimiter};
+use crate::net::sealed::{self, DemuxSocket, SealedLink, SealedReceiver};
 use crate::net::tls::{insecure_configs, NodeTls, TlsError, ALPN, ALPN_SEALED};
 
 /// How the endpoint authenticates.
@@ -146,8 +146,11 @@ pub struct TransportStats {
     pub sealed_received: AtomicU64,
     /// Sealed datagrams refused: too short or too long, replayed, failing authentication, or
     /// under a key this node does not know (a peer that kept a connection to its previous
-    /// process).
+    /// process: it gets a notice); stray notices.
     pub sealed_refused: AtomicU64,
+    /// Notices from peers that they do not know the key this node sealed under (a restarted
+    /// peer): that connection's datagrams went on QUIC.
+    pub sealed_unknown: AtomicU64,
 }
 
 /// A pooled connection and when it was last seen carrying anything.
@@ -190,7 +193,11 @@ impl Pooled {
     /// datagrams sent there vanish without an error (a stream would stall, which closes the
     /// connection too; see `send_on_stream`).
     fn stalled(&mut self, now: std::time::Instant) -> bool {
-        let received = self.conn.stats().udp_rx.datagrams;
+        let received = self.conn.stats().udp_rx.datagrams
+            + self
+                .sealed
+                .as_ref()
+                .map_or(0, |link| link.received.load(Ordering::Relaxed));
         if received != self.received {
             self.received = received;
             self.unanswered_since = None;
@@ -442,7 +449,6 @@ impl Transport {
         let faults = Arc::new(Faults::default());
         let runtime = Arc::new(quinn::TokioRuntime);
         let socket = quinn::Runtime::wrap_udp_socket(&*runtime, udp_socket(addr)?)?;
-        let (unknown_key_tx, unknown_key_rx) = mpsc::channel(64);
         let sealed = config.sealed_datagrams.then(|| {
             let (inbox, faults, counters) = (inbox.clone(), faults.clone(), stats.clone());
             Arc::new(SealedReceiver::new(
@@ -458,7 +464,6 @@ impl Transport {
                         },
                     )
                 }),
-                unknown_key_tx,
                 config.message_bytes_max,
                 stats.clone(),
             ))
@@ -500,7 +505,6 @@ impl Transport {
         });
         crate::logging::spawn(accept_loop(shared.clone()));
         crate::logging::spawn(reap_loop(Arc::downgrade(&shared)));
-        crate::logging::spawn(unknown_key_loop(Arc::downgrade(&shared), unknown_key_rx));
         Ok(Transport { shared })
     }
 
@@ -638,7 +642,7 @@ impl Transport {
         // stream writes that wait on the peer.
         let len = bytes.len() as u64;
         let sent = match &link {
-            Some(link) => send_sealed(shared, link, &bytes),
+            Some(link) => send_sealed(shared, &conn, link, &bytes),
             None => send_datagram(&conn, bytes),
         };
         if sent {
@@ -670,6 +674,15 @@ impl Transport {
             .get(&to)
             .and_then(|pooled| pooled.sealed.as_ref())
             .is_some_and(|link| link.confirmed())
+    }
+
+    /// Forgets every sealed-datagram key this node registered, as a restart would, while its
+    /// connections stay open (tests: what peers holding keys of a restarted node see).
+    #[doc(hidden)]
+    pub fn forget_sealed_keys(&self) {
+        if let Some(receiver) = &self.shared.sealed {
+            receiver.forget_all();
+        }
     }
 
     /// True if a connection to the peer is pooled now (a message to it needs no handshake).
@@ -704,7 +717,7 @@ impl Transport {
         if self.shared.faults.is_cut(&to) {
             return None;
         }
-        let link = connection(&self.shared, to).await?;
+        let link = connection(&self.shared, to, None).await?;
         link.conn.open_bi().await.ok()
     }
 
@@ -958,36 +971,13 @@ fn sealed_fits(link: &SealedLink, conn: &quinn::Connection, len: usize) -> bool 
             .is_some_and(|max| len + sealed::TAG_BYTES <= max)
 }
 
-/// Sends one sealed datagram; false if the socket refused it.
-fn send_sealed(shared: &Shared, link: &SealedLink, bytes: &[u8]) -> bool {
-    let sent = link.send(&*shared.socket, bytes);
+/// Sends one sealed datagram to the connection's peer; false if the socket refused it.
+fn send_sealed(shared: &Shared, conn: &quinn::Connection, link: &SealedLink, bytes: &[u8]) -> bool {
+    let sent = link.send(&*shared.socket, conn.remote_address(), bytes);
     if sent {
         shared.stats.sealed_sent.fetch_add(1, Ordering::Relaxed);
     }
     sent
-}
-
-/// Connects to the senders of sealed datagrams under keys this node does not know: a peer
-/// that still holds a connection to this node's previous process (a restart at the same
-/// address) sends under that connection's keys, and learns of no restart while nothing it
-/// sends asks for an answer. The new connection replaces the old one in its pool.
-async fn unknown_key_loop(
-    shared: std::sync::Weak<Shared>,
-    mut senders: mpsc::Receiver<SocketAddr>,
-) {
-    let mut limiter = UnknownKeyLimiter::default();
-    while let Some(from) = senders.recv().await {
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        if shared.faults.is_cut(&from) || !limiter.due(from, Instant::now()) {
-            continue;
-        }
-        tracing::debug!(%from, "sealed datagrams under an unknown key: connecting");
-        crate::logging::spawn(async move {
-            connection(&shared, from).await;
-        });
-    }
 }
 
 /// Closes pooled connections that carried nothing for `connection_idle_ms`, then the least
@@ -1109,12 +1099,16 @@ fn client_config(shared: &Shared, to: SocketAddr) -> Option<quinn::ClientConfig>
     Some(client)
 }
 
-async fn connection(shared: &Arc<Shared>, to: SocketAddr) -> Option<Link> {
+/// The pooled connection to `to`, or a new one. `datagram` is the length of the datagram to
+/// send on it, if that is what it is for: one that goes sealed expects no answer, so it does
+/// not count towards the peer's silence.
+async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize>) -> Option<Link> {
     let stalled = {
         let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
         match connections.get_mut(&to) {
             Some(pooled) if pooled.conn.close_reason().is_none() => {
-                if !pooled.stalled(Instant::now()) {
+                let sealed = datagram.is_some_and(|len| sealed_link_for(pooled, len).is_some());
+                if sealed || !pooled.stalled(Instant::now()) {
                     return Some(Link {
                         conn: pooled.conn.clone(),
                         sealed: pooled.sealed.clone(),
@@ -1204,7 +1198,8 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let Some(link) = connection(&shared, to).await else {
+        let datagram = (channel == Channel::Datagram).then_some(bytes.len());
+        let Some(link) = connection(&shared, to, datagram).await else {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             // Do not spin on an unreachable peer.
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1298,7 +1293,7 @@ async fn send_now(shared: &Shared, link: Link, channel: Channel, bytes: Bytes) {
             .is_some_and(|max| bytes.len() <= max);
         let sealed = sealed.filter(|link| sealed_fits(link, &conn, bytes.len()));
         let sent = match (channel, sealed) {
-            (Channel::Datagram, Some(sealed)) => send_sealed(shared, &sealed, &bytes),
+            (Channel::Datagram, Some(sealed)) => send_sealed(shared, &conn, &sealed, &bytes),
             (Channel::Datagram, None) if fits_datagram => send_datagram(&conn, bytes),
             (Channel::Datagram | Channel::Stream, _) => send_on_stream(shared, &conn, &bytes).await,
         };
