@@ -238,6 +238,20 @@ async fn the_send_budget_sheds_a_burst_instead_of_buffering_it() {
     );
 }
 
+/// Two plaintext nodes; a has sent b one datagram and now sends it sealed.
+async fn sealed_pair(config: TransportConfig) -> (Transport, Transport, mpsc::Receiver<Received>) {
+    let (a, _a_rx) = bind_with(TlsMode::Plaintext, config);
+    let (b, mut b_rx) = bind_with(TlsMode::Plaintext, config);
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"first"),
+    );
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"first");
+    assert!(eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())).await);
+    (a, b, b_rx)
+}
+
 /// Polls `done` every 50 ms for at most `within`.
 async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + within;
@@ -632,15 +646,7 @@ async fn a_connection_carrying_only_sealed_datagrams_stays_open() {
         connection_idle_ms: 1_000,
         ..TransportConfig::default()
     };
-    let (a, _a_rx) = bind_with(TlsMode::Plaintext, quick_idle);
-    let (b, mut b_rx) = bind_with(TlsMode::Plaintext, quick_idle);
-    a.send(
-        b.local_addr(),
-        Channel::Datagram,
-        Bytes::from_static(b"first"),
-    );
-    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"first");
-    assert!(eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())).await);
+    let (a, b, mut b_rx) = sealed_pair(quick_idle).await;
     for n in 0..25u8 {
         a.send(b.local_addr(), Channel::Datagram, Bytes::from(vec![n; 100]));
         assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), &[n; 100][..]);
@@ -715,15 +721,7 @@ async fn a_sealed_datagram_under_an_unknown_key_gets_a_small_notice_and_nothing_
 /// instead of vanishing: within a few datagrams they arrive.
 #[tokio::test]
 async fn datagrams_to_a_peer_that_lost_the_keys_go_on_quic_again() {
-    let (a, _a_rx) = bind(TlsMode::Plaintext);
-    let (b, mut b_rx) = bind(TlsMode::Plaintext);
-    a.send(
-        b.local_addr(),
-        Channel::Datagram,
-        Bytes::from_static(b"first"),
-    );
-    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"first");
-    assert!(eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())).await);
+    let (a, b, mut b_rx) = sealed_pair(TransportConfig::default()).await;
     b.forget_sealed_keys();
     let mut arrived = 0;
     for n in 0..20u8 {

@@ -381,6 +381,17 @@ impl SealedReceiver {
         *self.links_mut() = Links::default();
     }
 
+    /// The link under `id` in one of the maps.
+    fn link(
+        &self,
+        map: impl Fn(&Links) -> &HashMap<[u8; 8], Arc<SealedLink>>,
+        id: &[u8; 8],
+    ) -> Option<Arc<SealedLink>> {
+        map(&self.links.read().unwrap_or_else(|e| e.into_inner()))
+            .get(id)
+            .cloned()
+    }
+
     /// Keys registered now.
     pub fn links(&self) -> usize {
         self.links
@@ -405,14 +416,7 @@ impl SealedReceiver {
                 return None;
             }
         }
-        let link = self
-            .links
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_recv_id
-            .get(&id)
-            .cloned();
-        let Some(link) = link else {
+        let Some(link) = self.link(|links| &links.by_recv_id, &id) else {
             self.stats.sealed_refused.fetch_add(1, Ordering::Relaxed);
             if packet.len() < OVERHEAD_BYTES {
                 return None;
@@ -443,14 +447,7 @@ impl SealedReceiver {
     /// A peer does not know the key this node seals under as `id`: if the notice comes from
     /// that key's peer, the connection's datagrams go on QUIC from now on.
     fn notice(&self, source: SocketAddr, id: [u8; 8]) {
-        let link = self
-            .links
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_send_id
-            .get(&id)
-            .cloned();
-        match link {
+        match self.link(|links| &links.by_send_id, &id) {
             Some(link) if link.peer == crate::net::addrs::canonical(source) => {
                 self.stats.sealed_unknown.fetch_add(1, Ordering::Relaxed);
                 if link.confirmed.swap(false, Ordering::Relaxed) {
