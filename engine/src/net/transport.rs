@@ -642,7 +642,7 @@ impl Transport {
         // stream writes that wait on the peer.
         let len = bytes.len() as u64;
         let sent = match &link {
-            Some(link) => send_sealed(shared, &conn, link, &bytes),
+            Some(link) => send_sealed_or_quic(shared, &conn, link, bytes),
             None => send_datagram(&conn, bytes),
         };
         if sent {
@@ -971,13 +971,20 @@ fn sealed_fits(link: &SealedLink, conn: &quinn::Connection, len: usize) -> bool 
             .is_some_and(|max| len + sealed::TAG_BYTES <= max)
 }
 
-/// Sends one sealed datagram to the connection's peer; false if the socket refused it.
-fn send_sealed(shared: &Shared, conn: &quinn::Connection, link: &SealedLink, bytes: &[u8]) -> bool {
-    let sent = link.send(&*shared.socket, conn.remote_address(), bytes);
-    if sent {
+/// Sends one sealed datagram to the connection's peer, or, when the socket's send buffer is
+/// full (a burst), a QUIC datagram, which quinn holds until the socket takes it instead of
+/// losing it there; false if neither was sent.
+fn send_sealed_or_quic(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    link: &SealedLink,
+    bytes: Bytes,
+) -> bool {
+    if link.send(&*shared.socket, conn.remote_address(), &bytes) {
         shared.stats.sealed_sent.fetch_add(1, Ordering::Relaxed);
+        return true;
     }
-    sent
+    send_datagram(conn, bytes)
 }
 
 /// Closes pooled connections that carried nothing for `connection_idle_ms`, then the least
@@ -1293,7 +1300,7 @@ async fn send_now(shared: &Shared, link: Link, channel: Channel, bytes: Bytes) {
             .is_some_and(|max| bytes.len() <= max);
         let sealed = sealed.filter(|link| sealed_fits(link, &conn, bytes.len()));
         let sent = match (channel, sealed) {
-            (Channel::Datagram, Some(sealed)) => send_sealed(shared, &conn, &sealed, &bytes),
+            (Channel::Datagram, Some(sealed)) => send_sealed_or_quic(shared, &conn, &sealed, bytes),
             (Channel::Datagram, None) if fits_datagram => send_datagram(&conn, bytes),
             (Channel::Datagram | Channel::Stream, _) => send_on_stream(shared, &conn, &bytes).await,
         };
