@@ -667,6 +667,67 @@ async fn a_connection_carrying_only_sealed_datagrams_stays_open() {
     }
 }
 
+/// A connection whose sealed key reached its limit (lowered to 10 here; 2^23 in production)
+/// is replaced by a new connection with new keys, and datagrams go sealed again on it: none is
+/// lost on the way. Without the replacement a busy link would send QUIC datagrams for good
+/// (it never idles, so it is never closed).
+#[tokio::test]
+async fn a_sealed_key_at_its_limit_is_replaced_by_a_new_connection() {
+    let limited = TransportConfig {
+        sealed_per_key_max: 10,
+        ..TransportConfig::default()
+    };
+    let (a, b, mut b_rx) = sealed_pair(limited).await;
+    let sealed_sent = |t: &Transport| t.stats().sealed_sent.load(Ordering::Relaxed);
+    let mut n = 0u8;
+    let send_and_receive = |a: &Transport, n: &mut u8| {
+        a.send(
+            b.local_addr(),
+            Channel::Datagram,
+            Bytes::from(vec![*n; 100]),
+        );
+        *n += 1;
+        vec![*n - 1; 100]
+    };
+    for _ in 0..10 {
+        let sent = send_and_receive(&a, &mut n);
+        assert_eq!(
+            recv(&mut b_rx).await.expect("lost").bytes.as_ref(),
+            &sent[..]
+        );
+    }
+    assert_eq!(sealed_sent(&a), 10);
+    assert!(!a.sends_sealed(b.local_addr()), "the key is spent");
+    // The next message finds the key spent: a new connection carries it.
+    let sent = send_and_receive(&a, &mut n);
+    assert_eq!(
+        recv(&mut b_rx)
+            .await
+            .expect("lost at the replacement")
+            .bytes
+            .as_ref(),
+        &sent[..]
+    );
+    assert_eq!(a.stats().sealed_rekeys.load(Ordering::Relaxed), 1);
+    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);
+    assert!(
+        eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())).await,
+        "the new connection never sealed"
+    );
+    let before = sealed_sent(&a);
+    for _ in 0..5 {
+        let sent = send_and_receive(&a, &mut n);
+        assert_eq!(
+            recv(&mut b_rx).await.expect("lost").bytes.as_ref(),
+            &sent[..]
+        );
+    }
+    assert_eq!(sealed_sent(&a), before + 5, "sealed under the new keys");
+    for t in [a, b] {
+        t.close().await;
+    }
+}
+
 /// A sealed datagram under a key the node does not know is refused and answered with a
 /// notice naming the key, smaller than the datagram (a forged source address gains nothing);
 /// the node opens no connection for it, and the junk that is neither QUIC nor sealed gets no

@@ -462,6 +462,7 @@ async fn start_gossip(
             connections_max: config.connections_max,
             connection_idle_ms: config.connection_idle_ms,
             sealed_datagrams: config.sealed_datagrams,
+            ..TransportConfig::default()
         },
         inbox_tx,
     )?;

@@ -66,8 +66,9 @@ const EXPORTER_LABEL: &[u8] = b"EXPORTER-patina-sealed-datagrams-v1";
 pub const NOTICE_MARK: u8 = 0x1e;
 /// Bytes of a notice: the mark and the key's id.
 pub const NOTICE_BYTES: usize = 1 + 8;
-/// Datagrams sealed under one key at most, then the connection's datagrams go on QUIC (which
-/// changes its keys): AES-GCM's confidentiality limit as QUIC counts it (RFC 9001, 6.6).
+/// Datagrams sealed under one key at most: AES-GCM's confidentiality limit as QUIC counts it
+/// (RFC 9001, 6.6). Then the transport retires the connection and opens a new one, whose keys
+/// are new (see [`SealedLink::exhausted`]).
 pub const SEALED_PER_KEY_MAX: u64 = 1 << 23;
 /// Counters behind the highest seen that the replay window remembers. Datagrams arrive out of
 /// order only by a little (one path, one sender's socket).
@@ -85,6 +86,8 @@ pub struct SealedLink {
     send_key: LessSafeKey,
     send_id: [u8; 8],
     next_counter: AtomicU64,
+    /// Datagrams this key seals at most ([`SEALED_PER_KEY_MAX`] unless a test lowers it).
+    limit: u64,
     recv_key: LessSafeKey,
     recv_id: [u8; 8],
     /// Counters opened lately.
@@ -108,16 +111,19 @@ impl std::fmt::Debug for SealedLink {
 
 impl SealedLink {
     /// The keys of a connection whose ends both offered sealed datagrams; `None` if the
-    /// connection cannot export keying material.
-    pub fn from_connection(conn: &quinn::Connection) -> Option<SealedLink> {
+    /// connection cannot export keying material. Its send key seals at most `limit` datagrams
+    /// (at most [`SEALED_PER_KEY_MAX`]).
+    pub fn from_connection(conn: &quinn::Connection, limit: u64) -> Option<SealedLink> {
         let mut material = [0u8; 48];
         conn.export_keying_material(&mut material, EXPORTER_LABEL, b"")
             .ok()?;
-        SealedLink::from_material(
+        let mut link = SealedLink::from_material(
             &material,
             conn.side() == quinn::Side::Client,
             conn.remote_address(),
-        )
+        )?;
+        link.limit = limit.min(SEALED_PER_KEY_MAX);
+        Some(link)
     }
 
     /// The keys of one end of a connection from its 48 bytes of exported material (each
@@ -140,6 +146,7 @@ impl SealedLink {
             send_key: key(send)?,
             send_id: id(send),
             next_counter: AtomicU64::new(0),
+            limit: SEALED_PER_KEY_MAX,
             recv_key: key(recv)?,
             recv_id: id(recv),
             window: Mutex::new(ReplayWindow::default()),
@@ -162,8 +169,16 @@ impl SealedLink {
     /// True while the peer opens sealed datagrams and the key has room: otherwise datagrams
     /// go on QUIC.
     pub fn confirmed(&self) -> bool {
-        self.confirmed.load(Ordering::Relaxed)
-            && self.next_counter.load(Ordering::Relaxed) < SEALED_PER_KEY_MAX
+        self.confirmed.load(Ordering::Relaxed) && !self.exhausted()
+    }
+
+    /// True once the send key sealed its limit of datagrams. The transport then takes the
+    /// connection out of its pool and connects again for the next message: a new connection
+    /// exports new keys, and the old one, no longer sent on, closes when idle (what it still
+    /// brings is opened until then). Without this a busy link would go on QUIC datagrams for
+    /// good, since it never idles.
+    pub fn exhausted(&self) -> bool {
+        self.next_counter.load(Ordering::Relaxed) >= self.limit
     }
 
     /// `message` sealed for the peer.

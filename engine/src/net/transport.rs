@@ -99,6 +99,10 @@ pub struct TransportConfig {
     pub send_in_flight_max: usize,
     /// Offer sealed datagrams to peers ([`super::sealed`]); off, every datagram is a QUIC one.
     pub sealed_datagrams: bool,
+    /// Datagrams sealed under one connection's key before that connection is replaced by a
+    /// new one (new keys): [`sealed::SEALED_PER_KEY_MAX`], which is also the most this takes;
+    /// tests lower it to see the replacement.
+    pub sealed_per_key_max: u64,
 }
 
 impl Default for TransportConfig {
@@ -111,6 +115,7 @@ impl Default for TransportConfig {
             send_bytes_per_sec_max: 16 * 1024 * 1024,
             send_in_flight_max: 256,
             sealed_datagrams: true,
+            sealed_per_key_max: sealed::SEALED_PER_KEY_MAX,
         }
     }
 }
@@ -151,6 +156,9 @@ pub struct TransportStats {
     /// Notices from peers that they do not know the key this node sealed under (a restarted
     /// peer): that connection's datagrams went on QUIC.
     pub sealed_unknown: AtomicU64,
+    /// Connections taken out of the pool because their sealed key reached its limit; the next
+    /// message to the peer opened a new one.
+    pub sealed_rekeys: AtomicU64,
 }
 
 /// A pooled connection and when it was last seen carrying anything.
@@ -598,7 +606,9 @@ impl Transport {
                 .conn
                 .max_datagram_size()
                 .is_none_or(|max| bytes.len() > max)
+                || pooled.sealed.as_ref().is_some_and(|link| link.exhausted())
             {
+                // (An exhausted key: the queue's task replaces the connection.)
                 return Some((bytes, false));
             }
             // As in the queue's task: faults before the silence check, so a message never
@@ -927,7 +937,10 @@ fn pool(shared: &Shared, peer: SocketAddr, conn: &quinn::Connection) -> Option<A
             .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|data| data.protocol)
             .is_some_and(|protocol| protocol == ALPN_SEALED);
-        let link = Arc::new(SealedLink::from_connection(conn).filter(|_| negotiated)?);
+        let link = Arc::new(
+            SealedLink::from_connection(conn, shared.config.sealed_per_key_max)
+                .filter(|_| negotiated)?,
+        );
         receiver.register(&link).then_some(link)
     });
     shared
@@ -1113,6 +1126,13 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize
     let stalled = {
         let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
         match connections.get_mut(&to) {
+            Some(pooled) if pooled.sealed.as_ref().is_some_and(|link| link.exhausted()) => {
+                // Retired, not closed: what is on its way still arrives, and with nothing
+                // sent on it by either end (the peer pools the new one) it closes when idle.
+                connections.remove(&to);
+                shared.stats.sealed_rekeys.fetch_add(1, Ordering::Relaxed);
+                None
+            }
             Some(pooled) if pooled.conn.close_reason().is_none() => {
                 let sealed = datagram.is_some_and(|len| sealed_link_for(pooled, len).is_some());
                 if sealed || !pooled.stalled(Instant::now()) {
