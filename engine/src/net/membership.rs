@@ -118,6 +118,11 @@ pub struct Membership {
     health: u32,
     /// Timer rounds on time in a row since health last changed.
     timely_rounds: u32,
+    /// Doublings of the periodic announce's interval now (beyond 64 members; see
+    /// [`Membership::periodic_announce_due`]).
+    announce_doublings: u32,
+    /// A member came, went or changed address since the last periodic announce.
+    view_changed: bool,
 }
 
 /// Highest local health score: an overloaded node runs SWIM up to this many times + 1 slower.
@@ -125,6 +130,10 @@ pub const HEALTH_MAX: u32 = 7;
 
 /// Timer rounds on time in a row before the health score goes down by one.
 const TIMELY_ROUNDS_TO_RECOVER: u32 = 4;
+
+/// Doublings of the periodic announce's interval at most (beyond 64 members), reached while
+/// the view stays the same from one announce to the next.
+pub const ANNOUNCE_BACKOFF_DOUBLINGS: u32 = 2;
 
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -197,8 +206,10 @@ fn readdress(packet: &[u8], to: &Actor) -> Option<Vec<u8>> {
 ///   remaining gap: cluster formation in well under a second;
 /// - beyond, each of those goes to one member, updates every probe period and announces
 ///   every n / 50 s: a message to a member not talked to recently costs a QUIC handshake
-///   (about 1.5 ms of CPU), so the rate of new partners per node stays about constant.
-fn foca_config(n: u32, probe_period: std::time::Duration) -> foca::Config {
+///   (about 1.5 ms of CPU), so the rate of new partners per node stays about constant; that
+///   interval doubled `announce_doublings` times while nothing changes (see
+///   [`Membership::periodic_announce_due`]).
+fn foca_config(n: u32, probe_period: std::time::Duration, announce_doublings: u32) -> foca::Config {
     use std::time::Duration;
     let n = NonZeroU32::new(n.max(2)).expect("at least 2");
     let small = n.get() <= 64;
@@ -230,7 +241,9 @@ fn foca_config(n: u32, probe_period: std::time::Duration) -> foca::Config {
         config.periodic_announce = every(Duration::from_secs(1), 2);
     } else {
         config.periodic_gossip = every(probe_period, 1);
-        config.periodic_announce = every(Duration::from_secs(u64::from(n.get() / 50)), 1);
+        let interval = Duration::from_secs(u64::from(n.get() / 50));
+        let doublings = announce_doublings.min(ANNOUNCE_BACKOFF_DOUBLINGS);
+        config.periodic_announce = every(interval * (1 << doublings), 1);
     }
     // After a partition heals, each side believes the other down; announcing to down members
     // every few seconds (foca's LAN default is 65 s) lets them find each other again.
@@ -248,7 +261,7 @@ impl Membership {
     pub fn new(me: Actor, seed: u64, probe_period: std::time::Duration) -> Membership {
         let foca = Foca::new(
             me,
-            foca_config(2, probe_period),
+            foca_config(2, probe_period, 0),
             SmallRng::seed_from_u64(seed),
             PostcardCodec,
         );
@@ -263,6 +276,8 @@ impl Membership {
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed_0f3a_4d00),
             health: 0,
             timely_rounds: 0,
+            announce_doublings: 0,
+            view_changed: false,
         }
     }
 
@@ -331,12 +346,41 @@ impl Membership {
         {
             let Reverse(Due(at, _, timer)) = self.timers.pop().expect("peeked");
             lateness.get_or_insert(now - at);
+            if matches!(timer, Timer::PeriodicAnnounce(_)) {
+                self.periodic_announce_due();
+            }
             if let Err(e) = self.foca.handle_timer(timer, &mut self.runtime) {
                 tracing::debug!("membership timer: {e}");
             }
         }
         if let Some(lateness) = lateness {
             self.observe_lateness(lateness);
+        }
+    }
+
+    /// foca's periodic announce is due (it reschedules itself with the interval of the
+    /// settings when it runs, so a change made here takes effect from this one on). Beyond 64
+    /// members, an announce every n / 50 s costs each node a handshake with a random member
+    /// that often, about a third of an idle node's handshakes at 300-1,000 nodes, and once
+    /// the view holds still its answers bring nothing: so the interval doubles each time no
+    /// member came, went or moved since the previous announce, up to
+    /// [`ANNOUNCE_BACKOFF_DOUBLINGS`] times, and is back to n / 50 s after any change. (Joins
+    /// spread by SWIM's updates and probes, and partitions heal by announces to down members,
+    /// which keep their interval.)
+    fn periodic_announce_due(&mut self) {
+        let doublings = if self.view_changed {
+            0
+        } else {
+            (self.announce_doublings + 1).min(ANNOUNCE_BACKOFF_DOUBLINGS)
+        };
+        self.view_changed = false;
+        if doublings != self.announce_doublings
+            && self
+                .foca
+                .set_config(foca_config(self.sized_for, self.probe_period, doublings))
+                .is_ok()
+        {
+            self.announce_doublings = doublings;
         }
     }
 
@@ -465,13 +509,14 @@ impl Membership {
                 _ => {}
             }
         }
+        self.view_changed |= !events.is_empty();
         // Keep foca's settings sized to the cluster (retransmissions, suspicion timeout).
         let n = self.foca.num_members() as u32 + 1;
         let resized = n > self.sized_for.saturating_mul(2) || n.saturating_mul(2) < self.sized_for;
         if resized
             && self
                 .foca
-                .set_config(foca_config(n, self.probe_period))
+                .set_config(foca_config(n, self.probe_period, self.announce_doublings))
                 .is_ok()
         {
             self.sized_for = n;
@@ -675,12 +720,12 @@ mod tests {
             let period = Duration::from_millis(period_ms);
             let mut foca: FocaNode = Foca::new(
                 me.clone(),
-                foca_config(2, period),
+                foca_config(2, period, 0),
                 SmallRng::seed_from_u64(1),
                 PostcardCodec,
             );
-            for n in [2, 64, 65, 1_000, 100_000] {
-                let config = foca_config(n, period);
+            for (n, doublings) in [(2, 0), (64, 2), (65, 0), (65, 1), (1_000, 2), (100_000, 9)] {
+                let config = foca_config(n, period, doublings);
                 assert!(config.probe_rtt < config.probe_period);
                 assert!(config.suspect_to_down_after >= config.probe_period);
                 assert!(
@@ -689,5 +734,149 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Runs `nodes` (node i at 127.0.0.1, port 1000 + i) up to `until`: every timer on
+    /// time, every packet delivered at once. `observe` sees the nodes after each step; returns
+    /// the announces sent.
+    fn run_until(
+        nodes: &mut [Membership],
+        now: &mut Instant,
+        until: Instant,
+        mut observe: impl FnMut(&[Membership]),
+    ) -> usize {
+        let mut announces = 0;
+        // First what the nodes have to send already (announces).
+        let mut next = Some(*now);
+        while let Some(at) = next {
+            *now = at;
+            let mut sent = Vec::new();
+            for node in nodes.iter_mut() {
+                node.handle_timers(at);
+                sent.extend(node.drain(at).0);
+            }
+            while !sent.is_empty() {
+                let mut answers = Vec::new();
+                for (to, packet) in sent {
+                    announces += usize::from(packet_kind(&packet) == Some(6));
+                    let i = usize::from(to.port() - 1000);
+                    if let Some(node) = nodes.get_mut(i) {
+                        node.handle_packet(&packet);
+                        answers.extend(node.drain(at).0);
+                    }
+                }
+                sent = answers;
+            }
+            observe(nodes);
+            next = nodes
+                .iter()
+                .filter_map(Membership::next_deadline)
+                .min()
+                .filter(|at| *at <= until);
+        }
+        *now = until;
+        announces
+    }
+
+    /// Beyond 64 members the periodic announce backs off while the view holds still (every
+    /// node then announces a quarter as often), and a member joining brings every node back
+    /// to the base interval.
+    #[test]
+    fn periodic_announces_back_off_while_the_view_holds_and_resume_on_a_change() {
+        let actor = |i: u16| Actor {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
+            site: [
+                (i % 251) as u8 + 1,
+                (i / 251) as u8,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+            ],
+            bump: 1,
+            cluster: 0,
+        };
+        // foca's settings are resized when the count doubles or halves: at 140 every node is
+        // sized for more than 64.
+        let n = 140u16;
+        let period = Duration::from_secs(1);
+        let mut nodes: Vec<Membership> = (0..n)
+            .map(|i| Membership::new(actor(i), u64::from(i) + 1, period))
+            .collect();
+        let start = Instant::now();
+        let mut now = start;
+        for node in nodes.iter_mut().skip(1) {
+            node.announce(actor(0).addr, 0);
+        }
+        run_until(
+            &mut nodes,
+            &mut now,
+            start + Duration::from_secs(40),
+            |_| {},
+        );
+        assert!(
+            nodes
+                .iter()
+                .all(|node| node.members().len() == usize::from(n) - 1),
+            "the cluster formed: {:?}",
+            nodes
+                .iter()
+                .map(|node| node.members().len())
+                .collect::<Vec<_>>()
+        );
+        let window = Duration::from_secs(40);
+        let until = now + window;
+        let announces = run_until(&mut nodes, &mut now, until, |_| {});
+        // What the base interval (n / 50 s for the size each node's settings are for) gives.
+        let base: u64 = nodes
+            .iter()
+            .map(|node| {
+                assert!(node.sized_for > 64);
+                window.as_secs() / u64::from(node.sized_for / 50).max(1)
+            })
+            .sum();
+        let announces = announces as u64;
+        assert!(
+            nodes
+                .iter()
+                .all(|node| node.announce_doublings == ANNOUNCE_BACKOFF_DOUBLINGS),
+            "every node backed off"
+        );
+        assert!(
+            announces <= base / 4 + u64::from(n),
+            "{announces} announces in {window:?}, base {base}"
+        );
+        // A newcomer: every node goes back to the base interval once it knows of it.
+        let mut newcomer = Membership::new(actor(n), 99, period);
+        newcomer.announce(actor(0).addr, 0);
+        nodes.push(newcomer);
+        let mut reset = vec![false; nodes.len()];
+        let until = now + Duration::from_secs(20);
+        run_until(&mut nodes, &mut now, until, |nodes| {
+            for (i, node) in nodes.iter().enumerate() {
+                reset[i] |= node.members().len() == usize::from(n) && node.announce_doublings == 0;
+            }
+        });
+        assert!(
+            nodes
+                .iter()
+                .all(|node| node.members().len() == usize::from(n)),
+            "the newcomer joined"
+        );
+        let not_reset = reset[..usize::from(n)].iter().filter(|r| !**r).count();
+        assert_eq!(
+            not_reset, 0,
+            "nodes that kept the longer interval after a join"
+        );
     }
 }
