@@ -123,6 +123,8 @@ pub struct Membership {
     announce_doublings: u32,
     /// A member came, went or changed address since the last periodic announce.
     view_changed: bool,
+    /// Periodic announces so far (the first ones never back off).
+    periodic_announces: u32,
 }
 
 /// Highest local health score: an overloaded node runs SWIM up to this many times + 1 slower.
@@ -134,6 +136,11 @@ const TIMELY_ROUNDS_TO_RECOVER: u32 = 4;
 /// Doublings of the periodic announce's interval at most (beyond 64 members), reached while
 /// the view stays the same from one announce to the next.
 pub const ANNOUNCE_BACKOFF_DOUBLINGS: u32 = 2;
+
+/// A node's first periodic announces keep the base interval whatever its view does: while
+/// the others are still learning of a node that joined, its own view may already hold still,
+/// and its announces to members that do not know it yet are how they learn of it.
+pub const ANNOUNCES_BEFORE_BACKOFF: u32 = 4;
 
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -278,6 +285,7 @@ impl Membership {
             timely_rounds: 0,
             announce_doublings: 0,
             view_changed: false,
+            periodic_announces: 0,
         }
     }
 
@@ -364,11 +372,14 @@ impl Membership {
     /// that often, about a third of an idle node's handshakes at 300-1,000 nodes, and once
     /// the view holds still its answers bring nothing: so the interval doubles each time no
     /// member came, went or moved since the previous announce, up to
-    /// [`ANNOUNCE_BACKOFF_DOUBLINGS`] times, and is back to n / 50 s after any change. (Joins
+    /// [`ANNOUNCE_BACKOFF_DOUBLINGS`] times, and is back to n / 50 s after any change; a node's
+    /// first [`ANNOUNCES_BEFORE_BACKOFF`] announces keep n / 50 s. (Joins
     /// spread by SWIM's updates and probes, and partitions heal by announces to down members,
     /// which keep their interval.)
     fn periodic_announce_due(&mut self) {
-        let doublings = if self.view_changed {
+        self.periodic_announces = self.periodic_announces.saturating_add(1);
+        let doublings = if self.view_changed || self.periodic_announces <= ANNOUNCES_BEFORE_BACKOFF
+        {
             0
         } else {
             (self.announce_doublings + 1).min(ANNOUNCE_BACKOFF_DOUBLINGS)
