@@ -162,6 +162,9 @@ pub struct Report {
     /// SWIM packets sent to members without a pooled connection, per node per second by
     /// message kind, idle (live): what the handshakes are for.
     pub idle_cold_swim_per_node_per_s: Vec<(String, f64)>,
+    /// The other messages to members without an open connection, per node per second while
+    /// idle, by what they were (round-trip probes, kept-link requests, changes, sync).
+    pub idle_cold_other_per_node_per_s: Vec<(String, f64)>,
     /// SWIM probe period of the agents (ms, live).
     pub swim_probe_ms: Option<u64>,
     /// Sync rounds started per node per second: idle, and while writing (live).
@@ -323,14 +326,21 @@ impl Report {
             ));
         }
         if !self.idle_cold_swim_per_node_per_s.is_empty() {
-            let kinds: Vec<String> = self
-                .idle_cold_swim_per_node_per_s
-                .iter()
-                .map(|(kind, rate)| format!("{kind} {rate:.3}"))
-                .collect();
+            let kinds = |rates: &[(String, f64)]| -> String {
+                rates
+                    .iter()
+                    .map(|(kind, rate)| format!("{kind} {rate:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let other = if self.idle_cold_other_per_node_per_s.is_empty() {
+                String::new()
+            } else {
+                format!("; other: {}", kinds(&self.idle_cold_other_per_node_per_s))
+            };
             out.push_str(&format!(
-                "  cold SWIM sends     per node per second (idle): {}\n",
-                kinds.join(", ")
+                "  cold SWIM sends     per node per second (idle): {}{other}\n",
+                kinds(&self.idle_cold_swim_per_node_per_s)
             ));
         }
         if let Some(settled) = self.settled_nodes {
@@ -405,6 +415,11 @@ impl Report {
             "handshakes_resumed_share": self.handshakes_resumed_share,
             "idle_cold_swim_per_node_per_s": self
                 .idle_cold_swim_per_node_per_s
+                .iter()
+                .map(|(kind, rate)| (kind.clone(), json!(rate)))
+                .collect::<serde_json::Map<_, _>>(),
+            "idle_cold_other_per_node_per_s": self
+                .idle_cold_other_per_node_per_s
                 .iter()
                 .map(|(kind, rate)| (kind.clone(), json!(rate)))
                 .collect::<serde_json::Map<_, _>>(),
@@ -799,6 +814,22 @@ pub async fn run_live(options: &Options) -> Report {
         .filter(|(_, rate)| *rate > 0.0)
         .collect();
     idle_cold_swim.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut idle_cold_other: Vec<(String, f64)> = [
+        ("probe", cold_after.probes - cold_before.probes),
+        ("kept-link", cold_after.links - cold_before.links),
+        ("change", cold_after.changes - cold_before.changes),
+        ("sync", cold_after.sync - cold_before.sync),
+    ]
+    .into_iter()
+    .map(|(kind, sent)| {
+        (
+            kind.to_string(),
+            sent as f64 / idle_s / options.nodes as f64,
+        )
+    })
+    .filter(|(_, rate)| *rate > 0.0)
+    .collect();
+    idle_cold_other.sort_by(|a, b| b.1.total_cmp(&a.1));
     let connections = agents
         .iter()
         .map(|a| a.gossip().connections_open as f64)
@@ -901,6 +932,7 @@ pub async fn run_live(options: &Options) -> Report {
         handshakes_per_node_per_s: Some(handshakes),
         handshakes_resumed_share,
         idle_cold_swim_per_node_per_s: idle_cold_swim,
+        idle_cold_other_per_node_per_s: idle_cold_other,
         idle_swim_slowdown: Some(idle_slowdown),
         swim_probe_ms: Some(options.swim_probe_ms),
         sync_rounds_per_node_per_s: Some((idle_sync, writing_sync)),
