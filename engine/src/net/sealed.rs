@@ -122,7 +122,8 @@ impl SealedLink {
             conn.side() == quinn::Side::Client,
             conn.remote_address(),
         )?;
-        link.limit = limit.min(SEALED_PER_KEY_MAX);
+        // (At least one: a limit of 0 would make every connection spent at once.)
+        link.limit = limit.clamp(1, SEALED_PER_KEY_MAX);
         Some(link)
     }
 

@@ -1123,14 +1123,20 @@ fn client_config(shared: &Shared, to: SocketAddr) -> Option<quinn::ClientConfig>
 /// send on it, if that is what it is for: one that goes sealed expects no answer, so it does
 /// not count towards the peer's silence.
 async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize>) -> Option<Link> {
+    // A connection whose sealed key is spent, kept for this message if a new one cannot be
+    // made (its datagrams then go on QUIC).
+    let mut spent = None;
     let stalled = {
         let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
         match connections.get_mut(&to) {
-            Some(pooled) if pooled.sealed.as_ref().is_some_and(|link| link.exhausted()) => {
-                // Retired, not closed: what is on its way still arrives, and with nothing
-                // sent on it by either end (the peer pools the new one) it closes when idle.
-                connections.remove(&to);
-                shared.stats.sealed_rekeys.fetch_add(1, Ordering::Relaxed);
+            Some(pooled)
+                if pooled.conn.close_reason().is_none()
+                    && pooled.sealed.as_ref().is_some_and(|link| link.exhausted()) =>
+            {
+                spent = Some(Link {
+                    conn: pooled.conn.clone(),
+                    sealed: pooled.sealed.clone(),
+                });
                 None
             }
             Some(pooled) if pooled.conn.close_reason().is_none() => {
@@ -1153,23 +1159,27 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize
             .connections_closed_stalled
             .fetch_add(1, Ordering::Relaxed);
     }
-    let connecting = shared
-        .endpoint
-        .connect_with(
-            client_config(shared, to)?,
-            to,
-            shared
-                .server_name
-                .as_deref()
-                .unwrap_or(&to.ip().to_string()),
-        )
-        .ok()?;
+    let name = shared
+        .server_name
+        .clone()
+        .unwrap_or_else(|| to.ip().to_string());
+    let Some(connecting) = client_config(shared, to)
+        .and_then(|config| shared.endpoint.connect_with(config, to, &name).ok())
+    else {
+        return spent;
+    };
     match tokio::time::timeout(Duration::from_secs(5), connecting).await {
         Ok(Ok(conn)) => {
             shared
                 .stats
                 .connections_opened
                 .fetch_add(1, Ordering::Relaxed);
+            if spent.is_some() {
+                // The spent one is replaced in the pool, not closed: what is on its way still
+                // arrives, and with nothing sent on it by either end (the peer pools the new
+                // one) it closes when idle.
+                shared.stats.sealed_rekeys.fetch_add(1, Ordering::Relaxed);
+            }
             let sealed = pool(shared, to, &conn);
             crate::logging::spawn(tracing::Instrument::instrument(
                 receive_loop(shared.clone(), conn.clone(), sealed.clone()),
@@ -1183,9 +1193,9 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize
                 .handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
             log_refused(shared, to, &e);
-            None
+            spent
         }
-        Err(_) => None,
+        Err(_) => spent,
     }
 }
 
