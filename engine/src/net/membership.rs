@@ -797,24 +797,11 @@ mod tests {
     fn periodic_announces_back_off_while_the_view_holds_and_resume_on_a_change() {
         let actor = |i: u16| Actor {
             addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
-            site: [
-                (i % 251) as u8 + 1,
-                (i / 251) as u8,
-                7,
-                7,
-                7,
-                7,
-                7,
-                7,
-                7,
-                7,
-                7,
-                7,
-                7,
-                7,
-                7,
-                7,
-            ],
+            site: {
+                let mut site = [7u8; 16];
+                site[..2].copy_from_slice(&(i + 1).to_be_bytes());
+                site
+            },
             bump: 1,
             cluster: 0,
         };

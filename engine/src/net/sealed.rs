@@ -173,9 +173,9 @@ impl SealedLink {
         self.confirmed.load(Ordering::Relaxed) && !self.exhausted()
     }
 
-    /// True once the send key sealed its limit of datagrams. The transport then takes the
-    /// connection out of its pool and connects again for the next message: a new connection
-    /// exports new keys, and the old one, no longer sent on, closes when idle (what it still
+    /// True once the send key sealed its limit of datagrams. The transport then connects
+    /// again for the next message, and the new connection, with new exported keys, replaces
+    /// this one in the pool; this one, no longer sent on, closes when idle (what it still
     /// brings is opened until then). Without this a busy link would go on QUIC datagrams for
     /// good, since it never idles.
     pub fn exhausted(&self) -> bool {

@@ -156,8 +156,8 @@ pub struct TransportStats {
     /// Notices from peers that they do not know the key this node sealed under (a restarted
     /// peer): that connection's datagrams went on QUIC.
     pub sealed_unknown: AtomicU64,
-    /// Connections taken out of the pool because their sealed key reached its limit; the next
-    /// message to the peer opened a new one.
+    /// Connections replaced in the pool by a new one (new keys) because their sealed key
+    /// reached its limit.
     pub sealed_rekeys: AtomicU64,
 }
 
