@@ -67,8 +67,8 @@ pub const NOTICE_MARK: u8 = 0x1e;
 /// Bytes of a notice: the mark and the key's id.
 pub const NOTICE_BYTES: usize = 1 + 8;
 /// Datagrams sealed under one key at most: AES-GCM's confidentiality limit as QUIC counts it
-/// (RFC 9001, 6.6). Then the transport retires the connection and opens a new one, whose keys
-/// are new (see [`SealedLink::exhausted`]).
+/// (RFC 9001, 6.6). Then the transport opens a new connection, whose keys are new, to replace
+/// this one in its pool (see [`SealedLink::exhausted`]).
 pub const SEALED_PER_KEY_MAX: u64 = 1 << 23;
 /// Counters behind the highest seen that the replay window remembers. Datagrams arrive out of
 /// order only by a little (one path, one sender's socket).
