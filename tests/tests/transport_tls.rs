@@ -669,8 +669,9 @@ async fn a_connection_carrying_only_sealed_datagrams_stays_open() {
 
 /// A connection whose sealed key reached its limit (lowered to 10 here; 2^23 in production)
 /// is replaced by a new connection with new keys, and datagrams go sealed again on it: none is
-/// lost on the way. Without the replacement a busy link would send QUIC datagrams for good
-/// (it never idles, so it is never closed).
+/// lost on the way (the ones sent while the new connection is made go on the old one's QUIC).
+/// Without the replacement a busy link would send QUIC datagrams for good (it never idles, so
+/// it is never closed).
 #[tokio::test]
 async fn a_sealed_key_at_its_limit_is_replaced_by_a_new_connection() {
     let limited = TransportConfig {
@@ -680,17 +681,8 @@ async fn a_sealed_key_at_its_limit_is_replaced_by_a_new_connection() {
     let (a, b, mut b_rx) = sealed_pair(limited).await;
     let sealed_sent = |t: &Transport| t.stats().sealed_sent.load(Ordering::Relaxed);
     let mut n = 0u8;
-    let send_and_receive = |a: &Transport, n: &mut u8| {
-        a.send(
-            b.local_addr(),
-            Channel::Datagram,
-            Bytes::from(vec![*n; 100]),
-        );
-        *n += 1;
-        vec![*n - 1; 100]
-    };
     for _ in 0..10 {
-        let sent = send_and_receive(&a, &mut n);
+        let sent = send_numbered(&a, &b, &mut n);
         assert_eq!(
             recv(&mut b_rx).await.expect("lost").bytes.as_ref(),
             &sent[..]
@@ -698,8 +690,9 @@ async fn a_sealed_key_at_its_limit_is_replaced_by_a_new_connection() {
     }
     assert_eq!(sealed_sent(&a), 10);
     assert!(!a.sends_sealed(b.local_addr()), "the key is spent");
-    // The next message finds the key spent: a new connection carries it.
-    let sent = send_and_receive(&a, &mut n);
+    // The next message finds the key spent: it goes on the old connection while a new one
+    // is made.
+    let sent = send_numbered(&a, &b, &mut n);
     assert_eq!(
         recv(&mut b_rx)
             .await
@@ -708,21 +701,89 @@ async fn a_sealed_key_at_its_limit_is_replaced_by_a_new_connection() {
             .as_ref(),
         &sent[..]
     );
-    assert_eq!(a.stats().sealed_rekeys.load(Ordering::Relaxed), 1);
-    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);
     assert!(
         eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())).await,
         "the new connection never sealed"
     );
+    assert_eq!(a.stats().sealed_rekeys.load(Ordering::Relaxed), 1);
+    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);
     let before = sealed_sent(&a);
     for _ in 0..5 {
-        let sent = send_and_receive(&a, &mut n);
+        let sent = send_numbered(&a, &b, &mut n);
         assert_eq!(
             recv(&mut b_rx).await.expect("lost").bytes.as_ref(),
             &sent[..]
         );
     }
     assert_eq!(sealed_sent(&a), before + 5, "sealed under the new keys");
+    for t in [a, b] {
+        t.close().await;
+    }
+}
+
+/// Sends `a` datagram of 100 bytes `n` to `b`, numbering the next; returns what was sent.
+fn send_numbered(a: &Transport, b: &Transport, n: &mut u8) -> Vec<u8> {
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from(vec![*n; 100]),
+    );
+    *n = n.wrapping_add(1);
+    vec![n.wrapping_sub(1); 100]
+}
+
+/// A peer that keeps its connection but refuses new ones (its certificate expired since, say)
+/// while the sealed key of that connection is spent: every message still arrives, on the old
+/// connection's QUIC, and a new connection is tried once, then again only after a back-off,
+/// not once per message; when the peer accepts again, the link is renewed and seals again.
+#[tokio::test]
+async fn a_spent_key_whose_peer_refuses_new_connections_is_renewed_with_back_off() {
+    let limited = TransportConfig {
+        sealed_per_key_max: 10,
+        ..TransportConfig::default()
+    };
+    let (a, b, mut b_rx) = sealed_pair(limited).await;
+    let failures = |t: &Transport| t.stats().handshake_failures.load(Ordering::Relaxed);
+    let mut n = 0u8;
+    for _ in 0..10 {
+        let sent = send_numbered(&a, &b, &mut n);
+        assert_eq!(
+            recv(&mut b_rx).await.expect("lost").bytes.as_ref(),
+            &sent[..]
+        );
+    }
+    assert!(!a.sends_sealed(b.local_addr()), "the key is spent");
+    b.faults().refuse_connections.store(true, Ordering::Relaxed);
+    for _ in 0..30 {
+        let sent = send_numbered(&a, &b, &mut n);
+        assert_eq!(
+            recv(&mut b_rx)
+                .await
+                .expect("lost while the peer refuses")
+                .bytes
+                .as_ref(),
+            &sent[..]
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || failures(&a) >= 1).await,
+        "no new connection was tried"
+    );
+    // Thirty messages in well under the first back-off (a second): one attempt.
+    assert_eq!(failures(&a), 1, "a new connection tried per message");
+    assert_eq!(a.stats().sealed_rekeys.load(Ordering::Relaxed), 0);
+    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 1);
+    b.faults().heal();
+    // After the back-off, the next message starts a replacement that succeeds.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let renewed = eventually(Duration::from_secs(5), || {
+        send_numbered(&a, &b, &mut n);
+        a.sends_sealed(b.local_addr())
+    })
+    .await;
+    assert!(renewed, "never renewed once the peer accepted again");
+    assert_eq!(a.stats().sealed_rekeys.load(Ordering::Relaxed), 1);
+    assert_eq!(failures(&a), 1);
     for t in [a, b] {
         t.close().await;
     }

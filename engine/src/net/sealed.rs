@@ -174,10 +174,10 @@ impl SealedLink {
     }
 
     /// True once the send key sealed its limit of datagrams. The transport then connects
-    /// again for the next message, and the new connection, with new exported keys, replaces
-    /// this one in the pool; this one, no longer sent on, closes when idle (what it still
-    /// brings is opened until then). Without this a busy link would go on QUIC datagrams for
-    /// good, since it never idles.
+    /// again beside the sends (which go on this connection's QUIC meanwhile), and the new
+    /// connection, with new exported keys, replaces this one in the pool; this one, no longer
+    /// sent on, closes when idle (what it still brings is opened until then). Without this a
+    /// busy link would go on QUIC datagrams for good, since it never idles.
     pub fn exhausted(&self) -> bool {
         self.next_counter.load(Ordering::Relaxed) >= self.limit
     }

@@ -178,6 +178,11 @@ struct Pooled {
     received: u64,
     /// The first send since the peer last sent anything (an acknowledgement will do).
     unanswered_since: Option<std::time::Instant>,
+    /// Once its sealed key is spent: a replacement connection is being made.
+    renewing: bool,
+    /// Replacements that failed in a row, and when the next may be tried.
+    renew_failures: u32,
+    renew_after: Option<std::time::Instant>,
 }
 
 impl Pooled {
@@ -191,7 +196,30 @@ impl Pooled {
             quic_active_at: std::time::Instant::now(),
             received: 0,
             unanswered_since: None,
+            renewing: false,
+            renew_failures: 0,
+            renew_after: None,
         }
+    }
+
+    /// For a connection whose sealed key is spent: true if a replacement should be started
+    /// now (none is being made, and the back-off after a failed one is over); marks it begun.
+    fn begin_renewal(&mut self, now: std::time::Instant) -> bool {
+        let due = !self.renewing && self.renew_after.is_none_or(|at| now >= at);
+        self.renewing |= due;
+        due
+    }
+
+    /// A replacement failed: the next waits [`RENEW_RETRY_MIN`], doubling with each further
+    /// failure up to [`RENEW_RETRY_MAX`].
+    fn renewal_failed(&mut self, now: std::time::Instant) {
+        self.renewing = false;
+        let doublings = self.renew_failures.min(6);
+        self.renew_failures = self.renew_failures.saturating_add(1);
+        let wait = RENEW_RETRY_MIN
+            .saturating_mul(1 << doublings)
+            .min(RENEW_RETRY_MAX);
+        self.renew_after = Some(now + wait);
     }
 
     /// Called before each send on QUIC: true if the peer has answered nothing (not even an
@@ -255,14 +283,17 @@ pub type LatencyFn = Arc<dyn Fn(SocketAddr) -> Duration + Send + Sync>;
 /// Fault injection for tests, at the level of whole messages (QUIC repairs the packets of a
 /// stream by itself, and a lost datagram is a lost message, so message loss covers both): drop a share of outgoing messages, cut the
 /// node off from a set of peers (both directions, sessions included), delay every send, or
-/// delay sends by destination (a latency model). A delayed message waits on its own timer, so
-/// delay adds latency without limiting throughput.
+/// delay sends by destination (a latency model), or refuse new connections while those
+/// open go on (a peer whose certificate expired since). A delayed message waits on its own
+/// timer, so delay adds latency without limiting throughput.
 #[derive(Default)]
 pub struct Faults {
     /// Outgoing messages dropped, in parts per thousand.
     pub drop_per_mille: std::sync::atomic::AtomicU32,
     /// Extra delay before each send (ms).
     pub delay_ms: AtomicU64,
+    /// Incoming handshakes refused (QUIC's CONNECTION_REFUSED); open connections go on.
+    pub refuse_connections: std::sync::atomic::AtomicBool,
     cut: Mutex<std::collections::HashSet<SocketAddr>>,
     latency: Mutex<Option<LatencyFn>>,
     counter: AtomicU64,
@@ -283,12 +314,13 @@ impl Faults {
         *self.cut.lock().unwrap_or_else(|e| e.into_inner()) = peers.into_iter().collect();
     }
 
-    /// Heals every cut, stops dropping and delaying.
+    /// Heals every cut, stops dropping, delaying and refusing.
     pub fn heal(&self) {
         self.cut.lock().unwrap_or_else(|e| e.into_inner()).clear();
         *self.latency.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.drop_per_mille.store(0, Ordering::Relaxed);
         self.delay_ms.store(0, Ordering::Relaxed);
+        self.refuse_connections.store(false, Ordering::Relaxed);
     }
 
     /// Delays every message by `latency(destination)` (a WAN model), on top of `delay_ms`.
@@ -764,6 +796,10 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 
 async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
+        if shared.faults.refuse_connections.load(Ordering::Relaxed) {
+            incoming.refuse();
+            continue;
+        }
         let shared = shared.clone();
         let remote = crate::net::addrs::canonical(incoming.remote_address());
         let span = tracing::info_span!("peer", addr = %remote);
@@ -1123,9 +1159,6 @@ fn client_config(shared: &Shared, to: SocketAddr) -> Option<quinn::ClientConfig>
 /// send on it, if that is what it is for: one that goes sealed expects no answer, so it does
 /// not count towards the peer's silence.
 async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize>) -> Option<Link> {
-    // A connection whose sealed key is spent, kept for this message if a new one cannot be
-    // made (its datagrams then go on QUIC).
-    let mut spent = None;
     let stalled = {
         let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
         match connections.get_mut(&to) {
@@ -1133,11 +1166,18 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize
                 if pooled.conn.close_reason().is_none()
                     && pooled.sealed.as_ref().is_some_and(|link| link.exhausted()) =>
             {
-                spent = Some(Link {
+                // Its sealed key is spent. The replacement (new keys) is made beside the
+                // sends, which go on this connection's QUIC meanwhile: no message waits for a
+                // handshake, and a peer that keeps this connection but refuses new ones (its
+                // certificate expired since) gets one attempt per back-off, not one per
+                // message.
+                if pooled.begin_renewal(Instant::now()) {
+                    crate::logging::spawn(renew(shared.clone(), to, pooled.conn.stable_id()));
+                }
+                return Some(Link {
                     conn: pooled.conn.clone(),
                     sealed: pooled.sealed.clone(),
                 });
-                None
             }
             Some(pooled) if pooled.conn.close_reason().is_none() => {
                 let sealed = datagram.is_some_and(|len| sealed_link_for(pooled, len).is_some());
@@ -1159,27 +1199,46 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize
             .connections_closed_stalled
             .fetch_add(1, Ordering::Relaxed);
     }
+    connect(shared, to).await
+}
+
+/// The first wait before trying again to replace a connection whose sealed key is spent.
+const RENEW_RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest such wait.
+const RENEW_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Replaces the pooled connection `spent` (by its stable id), whose sealed key is spent, with
+/// a new one. The spent one is not closed: what is on its way still arrives, and with nothing
+/// sent on it by either end (the peer pools the new one) it closes when idle. If no new
+/// connection can be made, the spent one stays pooled and the next try waits.
+async fn renew(shared: Arc<Shared>, to: SocketAddr, spent: usize) {
+    if connect(&shared, to).await.is_some() {
+        shared.stats.sealed_rekeys.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(pooled) = connections
+        .get_mut(&to)
+        .filter(|pooled| pooled.conn.stable_id() == spent)
+    {
+        pooled.renewal_failed(Instant::now());
+    }
+}
+
+/// Opens a new connection to `to` and pools it (replacing what was pooled for it).
+async fn connect(shared: &Arc<Shared>, to: SocketAddr) -> Option<Link> {
     let name = shared
         .server_name
         .clone()
         .unwrap_or_else(|| to.ip().to_string());
-    let Some(connecting) = client_config(shared, to)
-        .and_then(|config| shared.endpoint.connect_with(config, to, &name).ok())
-    else {
-        return spent;
-    };
+    let connecting = client_config(shared, to)
+        .and_then(|config| shared.endpoint.connect_with(config, to, &name).ok())?;
     match tokio::time::timeout(Duration::from_secs(5), connecting).await {
         Ok(Ok(conn)) => {
             shared
                 .stats
                 .connections_opened
                 .fetch_add(1, Ordering::Relaxed);
-            if spent.is_some() {
-                // The spent one is replaced in the pool, not closed: what is on its way still
-                // arrives, and with nothing sent on it by either end (the peer pools the new
-                // one) it closes when idle.
-                shared.stats.sealed_rekeys.fetch_add(1, Ordering::Relaxed);
-            }
             let sealed = pool(shared, to, &conn);
             crate::logging::spawn(tracing::Instrument::instrument(
                 receive_loop(shared.clone(), conn.clone(), sealed.clone()),
@@ -1193,9 +1252,9 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize
                 .handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
             log_refused(shared, to, &e);
-            spent
+            None
         }
-        Err(_) => spent,
+        Err(_) => None,
     }
 }
 
