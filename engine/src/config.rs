@@ -221,6 +221,10 @@ pub struct GossipConfig {
     /// acknowledgement per datagram, about half the packets of a write. Off, every datagram
     /// is a QUIC datagram (as before, and as with a peer that does not offer it).
     pub sealed_datagrams: bool,
+    /// How long the sealed keys of a connection closed for idleness are kept, so that
+    /// datagrams to that peer (SWIM probes, mostly) go sealed without a new handshake (ms from
+    /// the connection's handshake; 0: not kept). 0..=86,400,000.
+    pub sealed_kept_max_age_ms: u64,
 }
 
 impl Default for GossipConfig {
@@ -257,6 +261,7 @@ impl Default for GossipConfig {
             connections_max: 128,
             connection_idle_ms: 20_000,
             sealed_datagrams: true,
+            sealed_kept_max_age_ms: 3_600_000,
         }
     }
 }
@@ -686,6 +691,12 @@ impl Config {
             self.gossip.connection_idle_ms as usize,
             1_000,
             3_600_000,
+        )?;
+        within(
+            "gossip.sealed_kept_max_age_ms",
+            self.gossip.sealed_kept_max_age_ms as usize,
+            0,
+            86_400_000,
         )?;
         crate::logging::parse_filter(&self.log.filter).map_err(|message| ConfigError::Invalid {
             key: "log.filter",

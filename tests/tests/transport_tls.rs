@@ -864,3 +864,148 @@ async fn datagrams_to_a_peer_that_lost_the_keys_go_on_quic_again() {
         t.close().await;
     }
 }
+
+/// Two nodes whose connection was closed for idleness, each with its inbox; both sent a
+/// sealed datagram on it first (so each knows the other opens them).
+async fn idle_closed_pair(
+    config: TransportConfig,
+) -> (
+    Transport,
+    mpsc::Receiver<Received>,
+    Transport,
+    mpsc::Receiver<Received>,
+) {
+    let (a, mut a_rx) = bind_with(TlsMode::Plaintext, config);
+    let (b, mut b_rx) = bind_with(TlsMode::Plaintext, config);
+    a.send(b.local_addr(), Channel::Datagram, Bytes::from_static(b"hi"));
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"hi");
+    assert!(eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())).await);
+    b.send(a.local_addr(), Channel::Datagram, Bytes::from_static(b"ho"));
+    assert_eq!(recv(&mut a_rx).await.unwrap().bytes.as_ref(), b"ho");
+    assert!(eventually(Duration::from_secs(5), || b.sends_sealed(a.local_addr())).await);
+    assert!(
+        eventually(Duration::from_secs(10), || !a.is_connected(b.local_addr())
+            && !b.is_connected(a.local_addr()))
+        .await,
+        "the idle connection was not closed"
+    );
+    (a, a_rx, b, b_rx)
+}
+
+/// Both ends of a connection closed for idleness keep its sealed keys: datagrams then go
+/// both ways with no new connection (no handshake), and arrive as from the peer; a stream
+/// message still connects, and the new connection replaces the kept key.
+#[tokio::test]
+async fn datagrams_to_a_peer_whose_connection_idled_out_go_sealed_without_a_handshake() {
+    let config = TransportConfig {
+        connection_idle_ms: 1_000,
+        ..TransportConfig::default()
+    };
+    let (a, mut a_rx, b, mut b_rx) = idle_closed_pair(config).await;
+    let handshakes = |t: &Transport| {
+        let s = t.stats();
+        s.connections_opened.load(Ordering::Relaxed)
+            + s.connections_accepted.load(Ordering::Relaxed)
+    };
+    assert_eq!((handshakes(&a), handshakes(&b)), (1, 1));
+    assert!(a.is_warm(b.local_addr()) && b.is_warm(a.local_addr()));
+    assert_eq!(a.stats().sealed_keys_kept.load(Ordering::Relaxed), 1);
+    for i in 0..5u8 {
+        a.send(b.local_addr(), Channel::Datagram, Bytes::from(vec![i; 50]));
+        let got = recv(&mut b_rx).await.expect("lost a→b");
+        assert_eq!(
+            (got.from, got.bytes.as_ref()),
+            (a.local_addr(), &[i; 50][..])
+        );
+        b.send(a.local_addr(), Channel::Datagram, Bytes::from(vec![i; 60]));
+        let got = recv(&mut a_rx).await.expect("lost b→a");
+        assert_eq!(
+            (got.from, got.bytes.as_ref()),
+            (b.local_addr(), &[i; 60][..])
+        );
+    }
+    assert_eq!(
+        (handshakes(&a), handshakes(&b)),
+        (1, 1),
+        "a datagram needed a new connection"
+    );
+    assert_eq!(a.stats().sealed_sent_kept.load(Ordering::Relaxed), 5);
+    assert_eq!(b.stats().sealed_sent_kept.load(Ordering::Relaxed), 5);
+    assert!(!a.is_connected(b.local_addr()));
+    // A stream needs a connection; the new one's keys replace the kept ones at both ends.
+    a.send(
+        b.local_addr(),
+        Channel::Stream,
+        Bytes::from_static(b"stream"),
+    );
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"stream");
+    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            a.stats().sealed_keys_kept.load(Ordering::Relaxed) == 0
+                && b.stats().sealed_keys_kept.load(Ordering::Relaxed) == 0
+        })
+        .await,
+        "the kept keys outlived the new connection"
+    );
+    for t in [a, b] {
+        t.close().await;
+    }
+}
+
+/// A kept key stops being used when the peer lost it (a restart: its notice) and when it is
+/// older than `sealed_kept_max_age_ms`; the next datagram then connects, and arrives.
+#[tokio::test]
+async fn a_kept_key_goes_when_the_peer_lost_it_or_it_ages_out() {
+    let config = TransportConfig {
+        connection_idle_ms: 1_000,
+        ..TransportConfig::default()
+    };
+    let (a, _a_rx, b, mut b_rx) = idle_closed_pair(config).await;
+    assert!(a.is_warm(b.local_addr()));
+    b.forget_sealed_keys();
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"lost"),
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !a.is_warm(b.local_addr())).await,
+        "the notice did not retire the kept key"
+    );
+    assert_eq!(a.stats().sealed_unknown.load(Ordering::Relaxed), 1);
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"again"),
+    );
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"again");
+    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);
+    for t in [a, b] {
+        t.close().await;
+    }
+
+    let aging = TransportConfig {
+        connection_idle_ms: 1_000,
+        sealed_kept_max_age_ms: 4_000,
+        ..TransportConfig::default()
+    };
+    let (a, _a_rx, b, mut b_rx) = idle_closed_pair(aging).await;
+    assert!(
+        eventually(Duration::from_secs(8), || !a.is_warm(b.local_addr())
+            && b.stats().sealed_keys_kept.load(Ordering::Relaxed) == 0)
+        .await,
+        "a kept key outlived its age"
+    );
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"fresh"),
+    );
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"fresh");
+    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);
+    assert_eq!(a.stats().sealed_sent_kept.load(Ordering::Relaxed), 0);
+    for t in [a, b] {
+        t.close().await;
+    }
+}

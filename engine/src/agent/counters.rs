@@ -193,8 +193,16 @@ impl Collector for Counters {
                     ("opened", sealed_opened as f64),
                     ("refused", sealed_refused as f64),
                     ("peer_lost_key", sealed_unknown as f64),
+                    ("sent_without_connection", gossip.sealed_kept.1 as f64),
                 ],
             ),
+        )?;
+        emit(
+            e,
+            "patina_sealed_kept_keys",
+            "Sealed keys of connections closed for idleness, kept to send datagrams to their peers without a new handshake",
+            G,
+            &one(gossip.sealed_kept.0 as f64),
         )?;
         emit(
             e,

@@ -462,6 +462,7 @@ async fn start_gossip(
             connections_max: config.connections_max,
             connection_idle_ms: config.connection_idle_ms,
             sealed_datagrams: config.sealed_datagrams,
+            sealed_kept_max_age_ms: config.sealed_kept_max_age_ms,
             ..TransportConfig::default()
         },
         inbox_tx,

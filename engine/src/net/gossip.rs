@@ -67,6 +67,9 @@ pub struct GossipSnapshot {
     /// Transport: sealed datagrams sent, opened, refused, and notices of keys a peer lost
     /// ([`super::sealed`]).
     pub sealed_datagrams: (u64, u64, u64, u64),
+    /// Transport: sealed keys of closed connections kept now, and datagrams sent under them
+    /// with no connection (see `Transport::is_warm`).
+    pub sealed_kept: (u64, u64),
     /// Messages sent to a peer with no pooled connection (each needs a handshake), by what
     /// sent them: SWIM, round-trip probes, kept-link requests and releases, changesets and
     /// tree messages, sync sessions.
@@ -360,6 +363,10 @@ impl GossipTask {
                         transport.sealed_refused.load(std::sync::atomic::Ordering::Relaxed),
                         transport.sealed_unknown.load(std::sync::atomic::Ordering::Relaxed),
                     );
+                    snapshot.sealed_kept = (
+                        transport.sealed_keys_kept.load(std::sync::atomic::Ordering::Relaxed),
+                        transport.sealed_sent_kept.load(std::sync::atomic::Ordering::Relaxed),
+                    );
                     self.snapshot.send_replace(snapshot.clone());
                 }
             }
@@ -390,7 +397,7 @@ impl GossipTask {
                             .addr_of(&to)
                             .or_else(|| peer_addrs.get(&to).copied());
                         if let Some(addr) = addr {
-                            if !self.transport.is_connected(addr) {
+                            if !self.transport.is_warm(addr) {
                                 let cold = &mut snapshot.cold_sends;
                                 match &msg {
                                     BroadcastMsg::Ping(_) | BroadcastMsg::Pong(_) => {
@@ -452,9 +459,9 @@ impl GossipTask {
         let (mut packets, events) = self.membership.drain(now);
         let transport = &self.transport;
         self.membership
-            .prefer_warm(&mut packets, |addr| transport.is_connected(addr));
+            .prefer_warm(&mut packets, |addr| transport.is_warm(addr));
         for (addr, packet) in packets {
-            if !self.transport.is_connected(addr) {
+            if !self.transport.is_warm(addr) {
                 snapshot.cold_sends.swim += 1;
                 if let Some(kind) = crate::net::membership::packet_kind(&packet) {
                     snapshot.cold_sends.swim_by_kind[kind] += 1;

@@ -12,8 +12,10 @@
 //! sender, one lookup, one AEAD open and the inbox at the receiver, and nothing back.
 //!
 //! What QUIC still does: the handshake (mutual TLS; no key exists without it), streams (sync
-//! sessions, messages larger than a datagram) and the connection's lifetime. The keys live as
-//! long as the connection: registered when it is pooled, forgotten when it closes. Each end,
+//! sessions, messages larger than a datagram) and the connection's lifetime. The keys are
+//! registered when the connection is pooled and forgotten when it closes, unless it closed for
+//! idleness: then both ends keep them for a while, and datagrams to that peer go sealed with
+//! no connection (the transport's `KeptKeys`: a SWIM probe then costs no handshake). Each end,
 //! once it has registered its keys, says so on an empty QUIC stream, and sends sealed only
 //! after its peer did (until then datagrams go as QUIC ones), so the first datagrams of a new
 //! connection are never lost to a race with the other end's registration. What the
@@ -99,6 +101,8 @@ pub struct SealedLink {
     /// The peer has registered its keys (it said so on the connection, or sent a sealed
     /// datagram): sending sealed before would race its registration, and lose the datagram.
     confirmed: AtomicBool,
+    /// When the keys were made (the connection's handshake): kept keys have an age limit.
+    created: std::time::Instant,
 }
 
 impl std::fmt::Debug for SealedLink {
@@ -154,7 +158,13 @@ impl SealedLink {
             activity: AtomicU64::new(0),
             received: AtomicU64::new(0),
             confirmed: AtomicBool::new(false),
+            created: std::time::Instant::now(),
         })
+    }
+
+    /// How long ago the keys were made.
+    pub fn age(&self) -> std::time::Duration {
+        self.created.elapsed()
     }
 
     /// The id under which the peer's datagrams arrive.

@@ -103,6 +103,9 @@ pub struct TransportConfig {
     /// new one (new keys): [`sealed::SEALED_PER_KEY_MAX`], which is also the most this takes;
     /// tests lower it to see the replacement.
     pub sealed_per_key_max: u64,
+    /// How long the sealed keys of a connection closed for idleness are kept to send datagrams
+    /// to its peer without a connection (ms; 0: not kept). See [`Transport::is_warm`].
+    pub sealed_kept_max_age_ms: u64,
 }
 
 impl Default for TransportConfig {
@@ -116,6 +119,7 @@ impl Default for TransportConfig {
             send_in_flight_max: 256,
             sealed_datagrams: true,
             sealed_per_key_max: sealed::SEALED_PER_KEY_MAX,
+            sealed_kept_max_age_ms: 3_600_000,
         }
     }
 }
@@ -159,6 +163,10 @@ pub struct TransportStats {
     /// Connections replaced in the pool by a new one (new keys) because their sealed key
     /// reached its limit.
     pub sealed_rekeys: AtomicU64,
+    /// Sealed keys of closed connections kept now (see [`Transport::is_warm`]).
+    pub sealed_keys_kept: AtomicU64,
+    /// Sealed datagrams sent under a kept key, with no connection (also in `sealed_sent`).
+    pub sealed_sent_kept: AtomicU64,
 }
 
 /// A pooled connection and when it was last seen carrying anything.
@@ -268,6 +276,8 @@ struct Shared {
     /// Sealed datagrams' receiving side, when this node offers them.
     sealed: Option<Arc<SealedReceiver>>,
     connections: Mutex<HashMap<SocketAddr, Pooled>>,
+    /// Sealed keys of connections closed for idleness, by peer.
+    kept: Mutex<KeptKeys>,
     queues: Mutex<HashMap<SocketAddr, Arc<PeerQueue>>>,
     inbox: mpsc::Sender<Received>,
     stats: Arc<TransportStats>,
@@ -533,6 +543,7 @@ impl Transport {
             socket,
             sealed,
             connections: Mutex::new(HashMap::new()),
+            kept: Mutex::new(KeptKeys::default()),
             queues: Mutex::new(HashMap::new()),
             inbox,
             stats,
@@ -632,7 +643,8 @@ impl Transport {
                 .get_mut(&to)
                 .filter(|pooled| pooled.conn.close_reason().is_none())
             else {
-                return Some((bytes, false));
+                drop(connections);
+                return self.send_kept(to, bytes);
             };
             if pooled
                 .conn
@@ -696,6 +708,39 @@ impl Transport {
         None
     }
 
+    /// Sends a datagram to a peer with no pooled connection under the kept key of an earlier
+    /// one ([`KeptKeys`]), if there is one; gives the message back as `send_datagram_direct`
+    /// does (then the queue's task connects).
+    fn send_kept(&self, to: SocketAddr, bytes: Bytes) -> Option<(Bytes, bool)> {
+        let shared = &self.shared;
+        let Some(link) = shared.kept_key_for(to, bytes.len()) else {
+            return Some((bytes, false));
+        };
+        if shared.faults.is_cut(&to) || shared.faults.drops_next() {
+            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if !shared
+            .budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_take(bytes.len() as u64)
+        {
+            return Some((bytes, true));
+        }
+        let delay = shared.faults.delay_to(to);
+        if delay.is_zero() {
+            shared.send_under_kept(&link, to, &bytes);
+        } else {
+            let shared = shared.clone();
+            crate::logging::spawn(async move {
+                tokio::time::sleep(delay).await;
+                shared.send_under_kept(&link, to, &bytes);
+            });
+        }
+        None
+    }
+
     /// Peers with a send queue (and its task) now; a queue goes when idle for
     /// `connection_idle_ms`.
     pub fn queued_peers(&self) -> usize {
@@ -722,9 +767,16 @@ impl Transport {
     /// connections stay open (tests: what peers holding keys of a restarted node see).
     #[doc(hidden)]
     pub fn forget_sealed_keys(&self) {
+        self.shared.drop_kept(|_, _| true);
         if let Some(receiver) = &self.shared.sealed {
             receiver.forget_all();
         }
+    }
+
+    /// True if a datagram to the peer needs no handshake: a connection to it is pooled, or the
+    /// sealed key of an earlier one is kept ([`KeptKeys`]).
+    pub fn is_warm(&self, to: SocketAddr) -> bool {
+        self.is_connected(to) || self.shared.kept_key_for(to, 0).is_some()
     }
 
     /// True if a connection to the peer is pooled now (a message to it needs no handshake).
@@ -953,7 +1005,19 @@ async fn receive_loop(
         }
     }
     if let (Some(receiver), Some(link)) = (&shared.sealed, &sealed) {
-        receiver.forget(link);
+        // Closed for idleness by the peer: keep the keys as it does (this end's pool kept
+        // them already when it was the one to close).
+        let closed_idle = matches!(
+            conn.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == IDLE_CLOSE_CODE.into()
+                    && close.reason.as_ref() == IDLE_CLOSE_REASON
+        );
+        let kept = shared.is_kept(link)
+            || (closed_idle && shared.keep_key(link, conn.max_datagram_size()));
+        if !kept {
+            receiver.forget(link);
+        }
     }
     let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
     if connections
@@ -984,6 +1048,7 @@ fn pool(shared: &Shared, peer: SocketAddr, conn: &quinn::Connection) -> Option<A
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(peer, Pooled::new(conn.clone(), link.clone()));
+    shared.drop_kept(|kept_peer, _| *kept_peer == peer);
     if link.is_some() {
         let conn = conn.clone();
         crate::logging::spawn(async move {
@@ -993,6 +1058,154 @@ fn pool(shared: &Shared, peer: SocketAddr, conn: &quinn::Connection) -> Option<A
         });
     }
     link
+}
+
+/// Sealed keys kept at most (about 1 KiB each); beyond, a random one goes, not the least
+/// recently used: SWIM probes members round-robin, and in a cluster larger than this that order
+/// would drop every key just before its use.
+pub const KEPT_KEYS_MAX: usize = 1024;
+
+/// The close a connection gets for idleness: its peer keeps the connection's sealed keys.
+const IDLE_CLOSE_CODE: u32 = 0;
+const IDLE_CLOSE_REASON: &[u8] = b"idle";
+
+/// The sealed keys of connections closed for idleness, kept to send datagrams to their peers
+/// without a connection.
+///
+/// Why: in a cluster larger than the pool nearly every SWIM probe goes to a member whose
+/// connection closed for idleness since the last one, and a new connection costs a handshake
+/// (0.7-0.85 ms of CPU at both ends together, against about 40 µs for a message on an open
+/// one): most of an idle agent's CPU. Both ends of a connection closed for idleness (the end
+/// whose pool closes it, and the other on its close frame) keep its keys, still registered for
+/// receiving, and a datagram to the peer goes sealed under them with no connection. A kept key
+/// authenticates as its connection did (its mutual TLS): it is kept at most
+/// `sealed_kept_max_age_ms` from its handshake (the sender stops a tenth of that earlier, so as
+/// not to send under a key the receiver just dropped) and never past its datagram limit. A peer
+/// that lost the key (restarted, or dropped it when full) answers with a notice: the key is
+/// not used again, and the next message connects (the one that met the notice is lost, as on a
+/// pooled connection to a restarted peer). A new connection with the peer replaces its key.
+#[derive(Default)]
+struct KeptKeys {
+    by_peer: HashMap<SocketAddr, KeptKey>,
+    /// Picks the key that goes when full (xorshift).
+    rng: u64,
+}
+
+struct KeptKey {
+    link: Arc<SealedLink>,
+    /// The connection's largest datagram when it closed.
+    datagram_max: usize,
+}
+
+impl Shared {
+    fn kept(&self) -> std::sync::MutexGuard<'_, KeptKeys> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kept_max_age(&self) -> Duration {
+        Duration::from_millis(self.config.sealed_kept_max_age_ms)
+    }
+
+    /// Keeps `link`, whose connection closes for idleness; false if it may not be kept (the
+    /// peer never confirmed it, it is spent or too old, or keeping is off).
+    fn keep_key(&self, link: &Arc<SealedLink>, datagram_max: Option<usize>) -> bool {
+        let (Some(receiver), Some(datagram_max)) = (&self.sealed, datagram_max) else {
+            return false;
+        };
+        if !link.confirmed() || link.age() >= self.kept_max_age() {
+            return false;
+        }
+        let mut dropped = Vec::new();
+        {
+            let mut kept = self.kept();
+            if !kept.by_peer.contains_key(&link.peer) && kept.by_peer.len() >= KEPT_KEYS_MAX {
+                let mut x = kept.rng | 1;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                kept.rng = x;
+                let victim = kept
+                    .by_peer
+                    .keys()
+                    .nth((x % kept.by_peer.len() as u64) as usize)
+                    .copied();
+                if let Some(gone) = victim.and_then(|v| kept.by_peer.remove(&v)) {
+                    dropped.push(gone.link);
+                }
+            }
+            let key = KeptKey {
+                link: link.clone(),
+                datagram_max,
+            };
+            if let Some(old) = kept.by_peer.insert(link.peer, key) {
+                if !Arc::ptr_eq(&old.link, link) {
+                    dropped.push(old.link);
+                }
+            }
+            self.stats
+                .sealed_keys_kept
+                .store(kept.by_peer.len() as u64, Ordering::Relaxed);
+        }
+        for old in dropped {
+            receiver.forget(&old);
+        }
+        true
+    }
+
+    fn is_kept(&self, link: &Arc<SealedLink>) -> bool {
+        self.kept()
+            .by_peer
+            .get(&link.peer)
+            .is_some_and(|key| Arc::ptr_eq(&key.link, link))
+    }
+
+    /// The kept key that seals a message of `len` bytes to `to` now, if any.
+    fn kept_key_for(&self, to: SocketAddr, len: usize) -> Option<Arc<SealedLink>> {
+        let max_age = self.kept_max_age();
+        let kept = self.kept();
+        let key = kept.by_peer.get(&to)?;
+        (key.link.confirmed()
+            && key.link.age() + max_age / 10 < max_age
+            && len + sealed::TAG_BYTES <= key.datagram_max)
+            .then(|| key.link.clone())
+    }
+
+    /// Drops the kept keys `drop` picks, and forgets them for receiving.
+    fn drop_kept(&self, mut drop: impl FnMut(&SocketAddr, &KeptKey) -> bool) {
+        let mut dropped = Vec::new();
+        {
+            let mut kept = self.kept();
+            kept.by_peer.retain(|peer, key| {
+                let goes = drop(peer, key);
+                if goes {
+                    dropped.push(key.link.clone());
+                }
+                !goes
+            });
+            self.stats
+                .sealed_keys_kept
+                .store(kept.by_peer.len() as u64, Ordering::Relaxed);
+        }
+        if let Some(receiver) = &self.sealed {
+            for link in dropped {
+                receiver.forget(&link);
+            }
+        }
+    }
+
+    /// Seals `bytes` under the kept key `link` and sends it to `to`.
+    fn send_under_kept(&self, link: &SealedLink, to: SocketAddr, bytes: &[u8]) {
+        if link.send(&*self.socket, to, bytes) {
+            self.stats.sealed_sent.fetch_add(1, Ordering::Relaxed);
+            self.stats.sealed_sent_kept.fetch_add(1, Ordering::Relaxed);
+            self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .sent_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        } else {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A connection to send on, with its sealed-datagram keys if any.
@@ -1051,6 +1264,8 @@ async fn reap_loop(shared: std::sync::Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        let max_age = shared.kept_max_age();
+        shared.drop_kept(|_, key| !key.link.confirmed() || key.link.age() >= max_age);
         if shared.endpoint.open_connections() == 0
             && shared
                 .connections
@@ -1091,6 +1306,9 @@ async fn reap_loop(shared: std::sync::Weak<Shared>) {
                     }
                 }
                 if now.duration_since(pooled.active_at) >= idle {
+                    if let Some(link) = &pooled.sealed {
+                        shared.keep_key(link, pooled.conn.max_datagram_size());
+                    }
                     closing.push(pooled.conn.clone());
                     return false;
                 }
@@ -1107,6 +1325,9 @@ async fn reap_loop(shared: std::sync::Weak<Shared>) {
                 by_age.sort();
                 for (_, addr) in by_age.into_iter().take(excess) {
                     if let Some(pooled) = connections.remove(&addr) {
+                        if let Some(link) = &pooled.sealed {
+                            shared.keep_key(link, pooled.conn.max_datagram_size());
+                        }
                         closing.push(pooled.conn);
                     }
                 }
@@ -1122,7 +1343,7 @@ async fn reap_loop(shared: std::sync::Weak<Shared>) {
             .connections_open
             .store(open as u64, Ordering::Relaxed);
         for conn in closing {
-            conn.close(0u32.into(), b"idle");
+            conn.close(IDLE_CLOSE_CODE.into(), IDLE_CLOSE_REASON);
         }
     }
 }
