@@ -866,17 +866,32 @@ async fn datagrams_to_a_peer_that_lost_the_keys_go_on_quic_again() {
 }
 
 /// Two nodes whose connection was closed for idleness, each with its inbox; both sent a
-/// sealed datagram on it first (so each knows the other opens them).
+/// sealed datagram on it first (so each knows the other opens them). Waits until both kept
+/// the keys, if `kept`.
 async fn idle_closed_pair(
     config: TransportConfig,
+    kept: bool,
 ) -> (
     Transport,
     mpsc::Receiver<Received>,
     Transport,
     mpsc::Receiver<Received>,
 ) {
-    let (a, mut a_rx) = bind_with(TlsMode::Plaintext, config);
-    let (b, mut b_rx) = bind_with(TlsMode::Plaintext, config);
+    idle_closed_pair_of(config, config, kept).await
+}
+
+async fn idle_closed_pair_of(
+    a_config: TransportConfig,
+    b_config: TransportConfig,
+    kept: bool,
+) -> (
+    Transport,
+    mpsc::Receiver<Received>,
+    Transport,
+    mpsc::Receiver<Received>,
+) {
+    let (a, mut a_rx) = bind_with(TlsMode::Plaintext, a_config);
+    let (b, mut b_rx) = bind_with(TlsMode::Plaintext, b_config);
     a.send(b.local_addr(), Channel::Datagram, Bytes::from_static(b"hi"));
     assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"hi");
     assert!(eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())).await);
@@ -889,6 +904,13 @@ async fn idle_closed_pair(
         .await,
         "the idle connection was not closed"
     );
+    if kept {
+        let keeps = |t: &Transport| t.stats().sealed_keys_kept.load(Ordering::Relaxed) == 1;
+        assert!(
+            eventually(Duration::from_secs(5), || keeps(&a) && keeps(&b)).await,
+            "the keys were not kept at both ends"
+        );
+    }
     (a, a_rx, b, b_rx)
 }
 
@@ -901,7 +923,7 @@ async fn datagrams_to_a_peer_whose_connection_idled_out_go_sealed_without_a_hand
         connection_idle_ms: 1_000,
         ..TransportConfig::default()
     };
-    let (a, mut a_rx, b, mut b_rx) = idle_closed_pair(config).await;
+    let (a, mut a_rx, b, mut b_rx) = idle_closed_pair(config, true).await;
     let handshakes = |t: &Transport| {
         let s = t.stats();
         s.connections_opened.load(Ordering::Relaxed)
@@ -961,7 +983,7 @@ async fn a_kept_key_goes_when_the_peer_lost_it_or_it_ages_out() {
         connection_idle_ms: 1_000,
         ..TransportConfig::default()
     };
-    let (a, _a_rx, b, mut b_rx) = idle_closed_pair(config).await;
+    let (a, _a_rx, b, mut b_rx) = idle_closed_pair(config, true).await;
     assert!(a.is_warm(b.local_addr()));
     b.forget_sealed_keys();
     a.send(
@@ -987,12 +1009,13 @@ async fn a_kept_key_goes_when_the_peer_lost_it_or_it_ages_out() {
 
     let aging = TransportConfig {
         connection_idle_ms: 1_000,
-        sealed_kept_max_age_ms: 4_000,
+        sealed_kept_max_age_ms: 6_000,
         ..TransportConfig::default()
     };
-    let (a, _a_rx, b, mut b_rx) = idle_closed_pair(aging).await;
+    let (a, _a_rx, b, mut b_rx) = idle_closed_pair(aging, true).await;
+    assert!(a.is_warm(b.local_addr()), "kept, before its age");
     assert!(
-        eventually(Duration::from_secs(8), || !a.is_warm(b.local_addr())
+        eventually(Duration::from_secs(10), || !a.is_warm(b.local_addr())
             && b.stats().sealed_keys_kept.load(Ordering::Relaxed) == 0)
         .await,
         "a kept key outlived its age"
@@ -1005,6 +1028,37 @@ async fn a_kept_key_goes_when_the_peer_lost_it_or_it_ages_out() {
     assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"fresh");
     assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);
     assert_eq!(a.stats().sealed_sent_kept.load(Ordering::Relaxed), 0);
+    for t in [a, b] {
+        t.close().await;
+    }
+}
+
+/// A node that does not keep keys (`sealed_kept_max_age_ms = 0`) and one that does agree not
+/// to (ALPN): after an idle close neither keeps the keys, so neither seals under a key the
+/// other forgot; the next datagram connects and arrives.
+#[tokio::test]
+async fn a_node_that_keeps_no_keys_and_one_that_does_agree_to_keep_none() {
+    let keeping = TransportConfig {
+        connection_idle_ms: 1_000,
+        ..TransportConfig::default()
+    };
+    let not_keeping = TransportConfig {
+        sealed_kept_max_age_ms: 0,
+        ..keeping
+    };
+    let (a, _a_rx, b, mut b_rx) = idle_closed_pair_of(keeping, not_keeping, false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for t in [&a, &b] {
+        assert_eq!(t.stats().sealed_keys_kept.load(Ordering::Relaxed), 0);
+    }
+    assert!(!a.is_warm(b.local_addr()) && !b.is_warm(a.local_addr()));
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"after"),
+    );
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"after");
+    assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);
     for t in [a, b] {
         t.close().await;
     }

@@ -103,6 +103,9 @@ pub struct SealedLink {
     confirmed: AtomicBool,
     /// When the keys were made (the connection's handshake): kept keys have an age limit.
     created: std::time::Instant,
+    /// Both ends keep these keys when their connection closes for idleness (they negotiated
+    /// [`crate::net::tls::ALPN_SEALED_KEPT`]).
+    pub keeps: bool,
 }
 
 impl std::fmt::Debug for SealedLink {
@@ -117,7 +120,11 @@ impl SealedLink {
     /// The keys of a connection whose ends both offered sealed datagrams; `None` if the
     /// connection cannot export keying material. Its send key seals at most `limit` datagrams
     /// (at most [`SEALED_PER_KEY_MAX`]).
-    pub fn from_connection(conn: &quinn::Connection, limit: u64) -> Option<SealedLink> {
+    pub fn from_connection(
+        conn: &quinn::Connection,
+        limit: u64,
+        keeps: bool,
+    ) -> Option<SealedLink> {
         let mut material = [0u8; 48];
         conn.export_keying_material(&mut material, EXPORTER_LABEL, b"")
             .ok()?;
@@ -128,6 +135,7 @@ impl SealedLink {
         )?;
         // (At least one: a limit of 0 would make every connection spent at once.)
         link.limit = limit.clamp(1, SEALED_PER_KEY_MAX);
+        link.keeps = keeps;
         Some(link)
     }
 
@@ -159,7 +167,17 @@ impl SealedLink {
             received: AtomicU64::new(0),
             confirmed: AtomicBool::new(false),
             created: std::time::Instant::now(),
+            keeps: false,
         })
+    }
+
+    /// The notice that this node no longer knows the key the peer seals under: sent to the
+    /// peer when this node drops a kept key, so the peer stops sealing under it.
+    pub fn retire_notice(&self) -> [u8; NOTICE_BYTES] {
+        let mut notice = [0u8; NOTICE_BYTES];
+        notice[0] = NOTICE_MARK;
+        notice[1..].copy_from_slice(&self.recv_id);
+        notice
     }
 
     /// How long ago the keys were made.

@@ -218,6 +218,10 @@ pub const ALPN: &[u8] = b"patina/1";
 /// The same protocol, with sealed datagrams beside QUIC ([`super::sealed`]): offered first
 /// by a node that opens them, so two such nodes agree on it and any other pair on [`ALPN`].
 pub const ALPN_SEALED: &[u8] = b"patina/2";
+/// The protocol of nodes that open sealed datagrams and keep the keys of a connection closed
+/// for idleness (the transport's kept keys): offered first by such a node, so two of them know
+/// that both keep, and a pair with an older node negotiates [`ALPN_SEALED`].
+pub const ALPN_SEALED_KEPT: &[u8] = b"patina/3";
 
 /// ring's algorithms, with AES-128-GCM/SHA-256 first: SHA-256 runs on the CPU's SHA
 /// instructions where SHA-384 (the default first suite's hash) runs in software, and a

@@ -30,11 +30,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::udp::Transmit;
 use tokio::sync::{mpsc, Notify};
 
 use crate::net::resume::{self, CountingTicketer, PeerTickets};
 use crate::net::sealed::{self, DemuxSocket, SealedLink, SealedReceiver};
-use crate::net::tls::{insecure_configs, NodeTls, TlsError, ALPN, ALPN_SEALED};
+use crate::net::tls::{insecure_configs, NodeTls, TlsError, ALPN, ALPN_SEALED, ALPN_SEALED_KEPT};
 
 /// How the endpoint authenticates.
 #[derive(Debug, Clone)]
@@ -458,7 +459,11 @@ impl Transport {
         if config.sealed_datagrams {
             // Both ends offering the sealed protocol first is how each knows the other opens
             // sealed datagrams; a node without it negotiates the plain one.
-            let offered = vec![ALPN_SEALED.to_vec(), ALPN.to_vec()];
+            // A node that keeps the keys of idle-closed connections offers that first.
+            let mut offered = vec![ALPN_SEALED.to_vec(), ALPN.to_vec()];
+            if config.sealed_kept_max_age_ms > 0 {
+                offered.insert(0, ALPN_SEALED_KEPT.to_vec());
+            }
             server_tls.alpn_protocols = offered.clone();
             client_tls.alpn_protocols = offered;
         }
@@ -713,7 +718,7 @@ impl Transport {
     /// does (then the queue's task connects).
     fn send_kept(&self, to: SocketAddr, bytes: Bytes) -> Option<(Bytes, bool)> {
         let shared = &self.shared;
-        let Some(link) = shared.kept_key_for(to, bytes.len()) else {
+        let Some((link, addr)) = shared.kept_key_for(to, bytes.len()) else {
             return Some((bytes, false));
         };
         if shared.faults.is_cut(&to) || shared.faults.drops_next() {
@@ -730,12 +735,12 @@ impl Transport {
         }
         let delay = shared.faults.delay_to(to);
         if delay.is_zero() {
-            shared.send_under_kept(&link, to, &bytes);
+            shared.send_under_kept(&link, addr, &bytes);
         } else {
             let shared = shared.clone();
             crate::logging::spawn(async move {
                 tokio::time::sleep(delay).await;
-                shared.send_under_kept(&link, to, &bytes);
+                shared.send_under_kept(&link, addr, &bytes);
             });
         }
         None
@@ -767,7 +772,8 @@ impl Transport {
     /// connections stay open (tests: what peers holding keys of a restarted node see).
     #[doc(hidden)]
     pub fn forget_sealed_keys(&self) {
-        self.shared.drop_kept(|_, _| true);
+        self.shared.take_kept(|_, _| true);
+        self.shared.kept().retiring.clear();
         if let Some(receiver) = &self.shared.sealed {
             receiver.forget_all();
         }
@@ -1005,18 +1011,28 @@ async fn receive_loop(
         }
     }
     if let (Some(receiver), Some(link)) = (&shared.sealed, &sealed) {
-        // Closed for idleness by the peer: keep the keys as it does (this end's pool kept
-        // them already when it was the one to close).
-        let closed_idle = matches!(
+        // Closed for idleness by a peer that kept the keys: keep them too (this end's pool
+        // kept them already when it was the one to close), unless a newer connection with
+        // the peer is pooled (whose keys the peer uses now); a peer whose keys this end
+        // cannot keep is told.
+        let peer_kept = matches!(
             conn.close_reason(),
             Some(quinn::ConnectionError::ApplicationClosed(close))
                 if close.error_code == IDLE_CLOSE_CODE.into()
-                    && close.reason.as_ref() == IDLE_CLOSE_REASON
+                    && close.reason.as_ref() == IDLE_KEPT_CLOSE_REASON
         );
-        let kept = shared.is_kept(link)
-            || (closed_idle && shared.keep_key(link, conn.max_datagram_size()));
+        let newer = shared
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&from)
+            .is_some_and(|c| c.conn.stable_id() != conn.stable_id());
+        let kept = shared.is_kept(link) || (peer_kept && !newer && shared.keep_key(link, &conn));
         if !kept {
             receiver.forget(link);
+            if peer_kept && !newer {
+                shared.send_notice(link, conn.remote_address());
+            }
         }
     }
     let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
@@ -1032,13 +1048,14 @@ async fn receive_loop(
 /// (registered for receiving, then the peer told so on an empty stream); returns the keys.
 fn pool(shared: &Shared, peer: SocketAddr, conn: &quinn::Connection) -> Option<Arc<SealedLink>> {
     let link = shared.sealed.as_ref().and_then(|receiver| {
-        let negotiated = conn
+        let protocol = conn
             .handshake_data()
             .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-            .and_then(|data| data.protocol)
-            .is_some_and(|protocol| protocol == ALPN_SEALED);
+            .and_then(|data| data.protocol);
+        let keeps = protocol.as_deref() == Some(ALPN_SEALED_KEPT);
+        let negotiated = keeps || protocol.as_deref() == Some(ALPN_SEALED);
         let link = Arc::new(
-            SealedLink::from_connection(conn, shared.config.sealed_per_key_max)
+            SealedLink::from_connection(conn, shared.config.sealed_per_key_max, keeps)
                 .filter(|_| negotiated)?,
         );
         receiver.register(&link).then_some(link)
@@ -1048,7 +1065,16 @@ fn pool(shared: &Shared, peer: SocketAddr, conn: &quinn::Connection) -> Option<A
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(peer, Pooled::new(conn.clone(), link.clone()));
-    shared.drop_kept(|kept_peer, _| *kept_peer == peer);
+    // The new connection's keys replace a kept one, which still opens what the peer sends
+    // until it has pooled this connection too.
+    let replaced = shared.take_kept(|kept_peer, _| *kept_peer == peer);
+    if !replaced.is_empty() {
+        let until = Instant::now() + RETIRE_GRACE;
+        shared
+            .kept()
+            .retiring
+            .extend(replaced.into_iter().map(|key| (until, key.link)));
+    }
     if link.is_some() {
         let conn = conn.clone();
         crate::logging::spawn(async move {
@@ -1065,9 +1091,15 @@ fn pool(shared: &Shared, peer: SocketAddr, conn: &quinn::Connection) -> Option<A
 /// would drop every key just before its use.
 pub const KEPT_KEYS_MAX: usize = 1024;
 
-/// The close a connection gets for idleness: its peer keeps the connection's sealed keys.
+/// The close a connection gets for idleness.
 const IDLE_CLOSE_CODE: u32 = 0;
 const IDLE_CLOSE_REASON: &[u8] = b"idle";
+/// The close reason when the closing end kept the connection's sealed keys: its peer keeps
+/// them too.
+const IDLE_KEPT_CLOSE_REASON: &[u8] = b"idle, keys kept";
+/// How long the keys of a kept key replaced by a new connection still open what comes under
+/// them: the peer may send under them until it has pooled the new connection too.
+const RETIRE_GRACE: Duration = Duration::from_secs(5);
 
 /// The sealed keys of connections closed for idleness, kept to send datagrams to their peers
 /// without a connection.
@@ -1075,24 +1107,32 @@ const IDLE_CLOSE_REASON: &[u8] = b"idle";
 /// Why: in a cluster larger than the pool nearly every SWIM probe goes to a member whose
 /// connection closed for idleness since the last one, and a new connection costs a handshake
 /// (0.7-0.85 ms of CPU at both ends together, against about 40 µs for a message on an open
-/// one): most of an idle agent's CPU. Both ends of a connection closed for idleness (the end
-/// whose pool closes it, and the other on its close frame) keep its keys, still registered for
-/// receiving, and a datagram to the peer goes sealed under them with no connection. A kept key
-/// authenticates as its connection did (its mutual TLS): it is kept at most
-/// `sealed_kept_max_age_ms` from its handshake (the sender stops a tenth of that earlier, so as
-/// not to send under a key the receiver just dropped) and never past its datagram limit. A peer
-/// that lost the key (restarted, or dropped it when full) answers with a notice: the key is
-/// not used again, and the next message connects (the one that met the notice is lost, as on a
-/// pooled connection to a restarted peer). A new connection with the peer replaces its key.
+/// one): most of an idle agent's CPU. When both ends offered to keep keys (ALPN
+/// [`crate::net::tls::ALPN_SEALED_KEPT`]), the end whose pool closes the connection for
+/// idleness keeps its keys and says so in the close reason, and the other end keeps them on
+/// that close; the keys stay registered for receiving, and a datagram to the peer goes sealed
+/// under them with no connection. A kept key authenticates as its connection did (its mutual
+/// TLS, resumed or not): it is kept at most `sealed_kept_max_age_ms` from its handshake (the
+/// sender stops a tenth of that earlier, so as not to send under a key the receiver just
+/// dropped) and never past its datagram limit. An end that drops a key the peer may still use
+/// (full, aged out, or unable to keep it) sends the peer a notice naming it, and a peer that
+/// lost a key (restarted) answers a datagram under it with one: either way the key is not used
+/// again, and the next message connects (the one that met a restarted peer's notice is lost,
+/// as on a pooled connection). A new connection with the peer replaces its key (which still
+/// opens what comes for [`RETIRE_GRACE`]).
 #[derive(Default)]
 struct KeptKeys {
     by_peer: HashMap<SocketAddr, KeptKey>,
+    /// Keys replaced by a new connection, forgotten for receiving after their time.
+    retiring: Vec<(Instant, Arc<SealedLink>)>,
     /// Picks the key that goes when full (xorshift).
     rng: u64,
 }
 
 struct KeptKey {
     link: Arc<SealedLink>,
+    /// Where the connection's packets went (the form the socket took).
+    addr: SocketAddr,
     /// The connection's largest datagram when it closed.
     datagram_max: usize,
 }
@@ -1106,16 +1146,17 @@ impl Shared {
         Duration::from_millis(self.config.sealed_kept_max_age_ms)
     }
 
-    /// Keeps `link`, whose connection closes for idleness; false if it may not be kept (the
-    /// peer never confirmed it, it is spent or too old, or keeping is off).
-    fn keep_key(&self, link: &Arc<SealedLink>, datagram_max: Option<usize>) -> bool {
-        let (Some(receiver), Some(datagram_max)) = (&self.sealed, datagram_max) else {
+    /// Keeps `link`, whose connection (`conn`) closes for idleness; false if it may not be
+    /// kept (the ends did not agree to keep, the peer never confirmed it, it is spent or too
+    /// old, or keeping is off).
+    fn keep_key(&self, link: &Arc<SealedLink>, conn: &quinn::Connection) -> bool {
+        let (true, Some(datagram_max)) = (self.sealed.is_some(), conn.max_datagram_size()) else {
             return false;
         };
-        if !link.confirmed() || link.age() >= self.kept_max_age() {
+        if !link.keeps || !link.confirmed() || link.age() >= self.kept_max_age() {
             return false;
         }
-        let mut dropped = Vec::new();
+        let (mut evicted, mut replaced) = (Vec::new(), Vec::new());
         {
             let mut kept = self.kept();
             if !kept.by_peer.contains_key(&link.peer) && kept.by_peer.len() >= KEPT_KEYS_MAX {
@@ -1129,26 +1170,26 @@ impl Shared {
                     .keys()
                     .nth((x % kept.by_peer.len() as u64) as usize)
                     .copied();
-                if let Some(gone) = victim.and_then(|v| kept.by_peer.remove(&v)) {
-                    dropped.push(gone.link);
-                }
+                evicted.extend(victim.and_then(|v| kept.by_peer.remove(&v)));
             }
             let key = KeptKey {
                 link: link.clone(),
+                addr: conn.remote_address(),
                 datagram_max,
             };
             if let Some(old) = kept.by_peer.insert(link.peer, key) {
                 if !Arc::ptr_eq(&old.link, link) {
-                    dropped.push(old.link);
+                    replaced.push(old);
                 }
             }
             self.stats
                 .sealed_keys_kept
                 .store(kept.by_peer.len() as u64, Ordering::Relaxed);
         }
-        for old in dropped {
-            receiver.forget(&old);
-        }
+        // The evicted key's peer may still seal under it: tell it. A replaced one's peer
+        // replaced it in the same way.
+        self.retire(evicted, true);
+        self.retire(replaced, false);
         true
     }
 
@@ -1159,43 +1200,65 @@ impl Shared {
             .is_some_and(|key| Arc::ptr_eq(&key.link, link))
     }
 
-    /// The kept key that seals a message of `len` bytes to `to` now, if any.
-    fn kept_key_for(&self, to: SocketAddr, len: usize) -> Option<Arc<SealedLink>> {
+    /// The kept key that seals a message of `len` bytes to `to` now, with the address to
+    /// send it to, if any.
+    fn kept_key_for(&self, to: SocketAddr, len: usize) -> Option<(Arc<SealedLink>, SocketAddr)> {
         let max_age = self.kept_max_age();
         let kept = self.kept();
         let key = kept.by_peer.get(&to)?;
         (key.link.confirmed()
             && key.link.age() + max_age / 10 < max_age
             && len + sealed::TAG_BYTES <= key.datagram_max)
-            .then(|| key.link.clone())
+            .then(|| (key.link.clone(), key.addr))
     }
 
-    /// Drops the kept keys `drop` picks, and forgets them for receiving.
-    fn drop_kept(&self, mut drop: impl FnMut(&SocketAddr, &KeptKey) -> bool) {
-        let mut dropped = Vec::new();
-        {
-            let mut kept = self.kept();
-            kept.by_peer.retain(|peer, key| {
-                let goes = drop(peer, key);
-                if goes {
-                    dropped.push(key.link.clone());
-                }
-                !goes
-            });
-            self.stats
-                .sealed_keys_kept
-                .store(kept.by_peer.len() as u64, Ordering::Relaxed);
+    /// Takes the kept keys `pick` chooses out of the map (they are no longer sent under).
+    fn take_kept(&self, mut pick: impl FnMut(&SocketAddr, &KeptKey) -> bool) -> Vec<KeptKey> {
+        let mut kept = self.kept();
+        let mut taken = Vec::new();
+        let peers: Vec<SocketAddr> = kept
+            .by_peer
+            .iter()
+            .filter(|(peer, key)| pick(peer, key))
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in peers {
+            taken.extend(kept.by_peer.remove(&peer));
         }
-        if let Some(receiver) = &self.sealed {
-            for link in dropped {
-                receiver.forget(&link);
+        self.stats
+            .sealed_keys_kept
+            .store(kept.by_peer.len() as u64, Ordering::Relaxed);
+        taken
+    }
+
+    /// Forgets taken keys for receiving; with `notify`, tells each peer (see [`KeptKeys`]).
+    fn retire(&self, keys: Vec<KeptKey>, notify: bool) {
+        let Some(receiver) = &self.sealed else {
+            return;
+        };
+        for key in keys {
+            receiver.forget(&key.link);
+            if notify {
+                self.send_notice(&key.link, key.addr);
             }
         }
     }
 
-    /// Seals `bytes` under the kept key `link` and sends it to `to`.
-    fn send_under_kept(&self, link: &SealedLink, to: SocketAddr, bytes: &[u8]) {
-        if link.send(&*self.socket, to, bytes) {
+    /// Tells the peer of `link` that this node no longer opens what it seals under it.
+    fn send_notice(&self, link: &SealedLink, addr: SocketAddr) {
+        let notice = link.retire_notice();
+        let _ = self.socket.try_send(&Transmit {
+            destination: addr,
+            ecn: None,
+            contents: &notice,
+            segment_size: None,
+            src_ip: None,
+        });
+    }
+
+    /// Seals `bytes` under the kept key `link` and sends it to `addr`.
+    fn send_under_kept(&self, link: &SealedLink, addr: SocketAddr, bytes: &[u8]) {
+        if link.send(&*self.socket, addr, bytes) {
             self.stats.sealed_sent.fetch_add(1, Ordering::Relaxed);
             self.stats.sealed_sent_kept.fetch_add(1, Ordering::Relaxed);
             self.stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -1265,7 +1328,26 @@ async fn reap_loop(shared: std::sync::Weak<Shared>) {
             return;
         };
         let max_age = shared.kept_max_age();
-        shared.drop_kept(|_, key| !key.link.confirmed() || key.link.age() >= max_age);
+        // A key the peer lost (its notice) goes quietly; one that aged out, with a notice in
+        // case the peer's clock of it runs behind.
+        let lost = shared.take_kept(|_, key| !key.link.confirmed());
+        shared.retire(lost, false);
+        let aged = shared.take_kept(|_, key| key.link.age() >= max_age);
+        shared.retire(aged, true);
+        let retired: Vec<Arc<SealedLink>> = {
+            let now = Instant::now();
+            let mut kept = shared.kept();
+            let (due, waiting) = std::mem::take(&mut kept.retiring)
+                .into_iter()
+                .partition(|(until, _)| *until <= now);
+            kept.retiring = waiting;
+            due.into_iter().map(|(_, link)| link).collect()
+        };
+        if let Some(receiver) = &shared.sealed {
+            for link in retired {
+                receiver.forget(&link);
+            }
+        }
         if shared.endpoint.open_connections() == 0
             && shared
                 .connections
@@ -1306,10 +1388,11 @@ async fn reap_loop(shared: std::sync::Weak<Shared>) {
                     }
                 }
                 if now.duration_since(pooled.active_at) >= idle {
-                    if let Some(link) = &pooled.sealed {
-                        shared.keep_key(link, pooled.conn.max_datagram_size());
-                    }
-                    closing.push(pooled.conn.clone());
+                    let kept = pooled
+                        .sealed
+                        .as_ref()
+                        .is_some_and(|link| shared.keep_key(link, &pooled.conn));
+                    closing.push((pooled.conn.clone(), kept));
                     return false;
                 }
                 true
@@ -1325,10 +1408,11 @@ async fn reap_loop(shared: std::sync::Weak<Shared>) {
                 by_age.sort();
                 for (_, addr) in by_age.into_iter().take(excess) {
                     if let Some(pooled) = connections.remove(&addr) {
-                        if let Some(link) = &pooled.sealed {
-                            shared.keep_key(link, pooled.conn.max_datagram_size());
-                        }
-                        closing.push(pooled.conn);
+                        let kept = pooled
+                            .sealed
+                            .as_ref()
+                            .is_some_and(|link| shared.keep_key(link, &pooled.conn));
+                        closing.push((pooled.conn, kept));
                     }
                 }
             }
@@ -1342,8 +1426,13 @@ async fn reap_loop(shared: std::sync::Weak<Shared>) {
             .stats
             .connections_open
             .store(open as u64, Ordering::Relaxed);
-        for conn in closing {
-            conn.close(IDLE_CLOSE_CODE.into(), IDLE_CLOSE_REASON);
+        for (conn, kept) in closing {
+            let reason = if kept {
+                IDLE_KEPT_CLOSE_REASON
+            } else {
+                IDLE_CLOSE_REASON
+            };
+            conn.close(IDLE_CLOSE_CODE.into(), reason);
         }
     }
 }
@@ -1392,13 +1481,18 @@ async fn connection(shared: &Arc<Shared>, to: SocketAddr, datagram: Option<usize
                 // handshake, and a peer that keeps this connection but refuses new ones (its
                 // certificate expired since) gets one attempt per back-off, not one per
                 // message.
-                if pooled.begin_renewal(Instant::now()) {
-                    crate::logging::spawn(renew(shared.clone(), to, pooled.conn.stable_id()));
+                // A peer silent meanwhile (crashed, restarted) is connected to afresh, as below.
+                let now = Instant::now();
+                if !pooled.stalled(now) {
+                    if pooled.begin_renewal(now) {
+                        crate::logging::spawn(renew(shared.clone(), to, pooled.conn.stable_id()));
+                    }
+                    return Some(Link {
+                        conn: pooled.conn.clone(),
+                        sealed: pooled.sealed.clone(),
+                    });
                 }
-                return Some(Link {
-                    conn: pooled.conn.clone(),
-                    sealed: pooled.sealed.clone(),
-                });
+                connections.remove(&to).map(|pooled| pooled.conn)
             }
             Some(pooled) if pooled.conn.close_reason().is_none() => {
                 let sealed = datagram.is_some_and(|len| sealed_link_for(pooled, len).is_some());
