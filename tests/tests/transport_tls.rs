@@ -674,22 +674,9 @@ async fn a_connection_carrying_only_sealed_datagrams_stays_open() {
 /// it is never closed).
 #[tokio::test]
 async fn a_sealed_key_at_its_limit_is_replaced_by_a_new_connection() {
-    let limited = TransportConfig {
-        sealed_per_key_max: 10,
-        ..TransportConfig::default()
-    };
-    let (a, b, mut b_rx) = sealed_pair(limited).await;
+    let (a, b, mut b_rx, mut n) = spent_key_pair().await;
     let sealed_sent = |t: &Transport| t.stats().sealed_sent.load(Ordering::Relaxed);
-    let mut n = 0u8;
-    for _ in 0..10 {
-        let sent = send_numbered(&a, &b, &mut n);
-        assert_eq!(
-            recv(&mut b_rx).await.expect("lost").bytes.as_ref(),
-            &sent[..]
-        );
-    }
     assert_eq!(sealed_sent(&a), 10);
-    assert!(!a.sends_sealed(b.local_addr()), "the key is spent");
     // The next message finds the key spent: it goes on the old connection while a new one
     // is made.
     let sent = send_numbered(&a, &b, &mut n);
@@ -721,6 +708,26 @@ async fn a_sealed_key_at_its_limit_is_replaced_by_a_new_connection() {
     }
 }
 
+/// Two nodes whose sealed key (limit lowered to 10) sealed its ten datagrams from `a` to `b`,
+/// all received; the number of the next datagram.
+async fn spent_key_pair() -> (Transport, Transport, mpsc::Receiver<Received>, u8) {
+    let limited = TransportConfig {
+        sealed_per_key_max: 10,
+        ..TransportConfig::default()
+    };
+    let (a, b, mut b_rx) = sealed_pair(limited).await;
+    let mut n = 0u8;
+    for _ in 0..10 {
+        let sent = send_numbered(&a, &b, &mut n);
+        assert_eq!(
+            recv(&mut b_rx).await.expect("lost").bytes.as_ref(),
+            &sent[..]
+        );
+    }
+    assert!(!a.sends_sealed(b.local_addr()), "the key is spent");
+    (a, b, b_rx, n)
+}
+
 /// Sends `a` datagram of 100 bytes `n` to `b`, numbering the next; returns what was sent.
 fn send_numbered(a: &Transport, b: &Transport, n: &mut u8) -> Vec<u8> {
     a.send(
@@ -738,21 +745,8 @@ fn send_numbered(a: &Transport, b: &Transport, n: &mut u8) -> Vec<u8> {
 /// not once per message; when the peer accepts again, the link is renewed and seals again.
 #[tokio::test]
 async fn a_spent_key_whose_peer_refuses_new_connections_is_renewed_with_back_off() {
-    let limited = TransportConfig {
-        sealed_per_key_max: 10,
-        ..TransportConfig::default()
-    };
-    let (a, b, mut b_rx) = sealed_pair(limited).await;
+    let (a, b, mut b_rx, mut n) = spent_key_pair().await;
     let failures = |t: &Transport| t.stats().handshake_failures.load(Ordering::Relaxed);
-    let mut n = 0u8;
-    for _ in 0..10 {
-        let sent = send_numbered(&a, &b, &mut n);
-        assert_eq!(
-            recv(&mut b_rx).await.expect("lost").bytes.as_ref(),
-            &sent[..]
-        );
-    }
-    assert!(!a.sends_sealed(b.local_addr()), "the key is spent");
     b.faults().refuse_connections.store(true, Ordering::Relaxed);
     for _ in 0..30 {
         let sent = send_numbered(&a, &b, &mut n);

@@ -78,22 +78,25 @@ impl PeerTickets {
     fn update(&self, peer: SocketAddr, change: impl FnOnce(&mut PeerEntry)) {
         let mut map = self.lock();
         if !map.by_addr.contains_key(&peer) && map.by_addr.len() >= PEERS_MAX {
-            let mut x = map.rng | 1;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            map.rng = x;
-            let victim = map
-                .by_addr
-                .keys()
-                .nth((x % map.by_addr.len() as u64) as usize)
-                .copied();
-            if let Some(victim) = victim {
-                map.by_addr.remove(&victim);
-            }
+            let PeerMap { by_addr, rng } = &mut *map;
+            remove_random(by_addr, rng);
         }
         change(map.by_addr.entry(peer).or_default());
     }
+}
+
+/// Removes a random entry of a full map and returns it (`rng`: a xorshift state). Used where
+/// SWIM's round-robin order would make least-recently-used eviction drop each entry just
+/// before its use.
+pub(crate) fn remove_random<V>(map: &mut HashMap<SocketAddr, V>, rng: &mut u64) -> Option<V> {
+    let mut x = *rng | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *rng = x;
+    let len = map.len() as u64;
+    let victim = map.keys().nth((x % len.max(1)) as usize).copied()?;
+    map.remove(&victim)
 }
 
 /// [`PeerTickets`] as rustls sees it for one connection: the server name is ignored, the

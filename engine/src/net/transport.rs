@@ -689,12 +689,7 @@ impl Transport {
             });
             return None;
         }
-        if !shared
-            .budget
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .try_take(bytes.len() as u64)
-        {
+        if !shared.budget_allows(bytes.len()) {
             return Some((bytes, true));
         }
         // No in-flight permit: a datagram leaves (or is refused) at once; the permits bound
@@ -725,12 +720,7 @@ impl Transport {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        if !shared
-            .budget
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .try_take(bytes.len() as u64)
-        {
+        if !shared.budget_allows(bytes.len()) {
             return Some((bytes, true));
         }
         let delay = shared.faults.delay_to(to);
@@ -1142,6 +1132,14 @@ impl Shared {
         self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes `len` bytes from the send budget if it has them now.
+    fn budget_allows(&self, len: usize) -> bool {
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_take(len as u64)
+    }
+
     fn kept_max_age(&self) -> Duration {
         Duration::from_millis(self.config.sealed_kept_max_age_ms)
     }
@@ -1160,17 +1158,8 @@ impl Shared {
         {
             let mut kept = self.kept();
             if !kept.by_peer.contains_key(&link.peer) && kept.by_peer.len() >= KEPT_KEYS_MAX {
-                let mut x = kept.rng | 1;
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                kept.rng = x;
-                let victim = kept
-                    .by_peer
-                    .keys()
-                    .nth((x % kept.by_peer.len() as u64) as usize)
-                    .copied();
-                evicted.extend(victim.and_then(|v| kept.by_peer.remove(&v)));
+                let KeptKeys { by_peer, rng, .. } = &mut *kept;
+                evicted.extend(resume::remove_random(by_peer, rng));
             }
             let key = KeptKey {
                 link: link.clone(),
