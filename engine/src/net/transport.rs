@@ -657,7 +657,7 @@ impl Transport {
                 .is_none_or(|max| bytes.len() > max)
                 || pooled.sealed.as_ref().is_some_and(|link| link.exhausted())
             {
-                // (An exhausted key: the queue's task replaces the connection.)
+                // (An exhausted key: the queue's task starts its replacement.)
                 return Some((bytes, false));
             }
             // As in the queue's task: faults before the silence check, so a message never
