@@ -350,8 +350,9 @@ pub struct ApiConfig {
     pub store_queue_len: usize,
     /// Read-only SQLite connections kept for queries. 1..=256.
     pub query_connections: usize,
-    /// Deadline of a request's statements when it gives no `?timeout=`, in ms: a statement
-    /// still running then is stopped (and its transaction rolled back). 10..=3,600,000.
+    /// Deadline of a request's statements, in ms: a statement still running then is stopped
+    /// (and its transaction rolled back). A request's `?timeout=` may shorten it, not lengthen
+    /// it. 10..=3,600,000.
     pub statement_timeout_ms: u64,
     /// Open connections to the API; more are closed at once (also capped at half the
     /// process's open-file limit). 1..=1,000,000.
@@ -361,7 +362,8 @@ pub struct ApiConfig {
     pub idle_timeout_ms: u64,
     /// An HTTP/1.1 request head, once begun, must be complete within this, in ms; else the
     /// connection is closed. 100..=3,600,000; at most `idle_timeout_ms` in effect (that timer
-    /// also runs while a head is awaited).
+    /// also runs while a head is awaited). A request's body (HTTP/1.1 and HTTP/2) must then
+    /// have arrived whole within as long again; else the answer is 408.
     pub header_timeout_ms: u64,
     /// Open streams (subscriptions, `/v1/updates`); more get 503. They do not count against
     /// `concurrency_limit`. 1..=1,000,000.

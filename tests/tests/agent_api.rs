@@ -442,11 +442,72 @@ async fn a_runaway_transaction_is_stopped_at_its_deadline_and_writes_go_on() {
     agent.shutdown().await;
 }
 
+/// `?timeout=` shortens a request's deadline but cannot lengthen it past
+/// `api.statement_timeout_ms`: a client asking for ten minutes is stopped at the node's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cannot_lengthen_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.api.statement_timeout_ms = 500;
+    let agent = Agent::start(&cfg).await.unwrap();
+    for path in ["/v1/queries?timeout=600", "/v1/transactions?timeout=600"] {
+        let body = if path.starts_with("/v1/queries") {
+            json!(RUNAWAY)
+        } else {
+            json!([RUNAWAY])
+        };
+        let (status, out) = tokio::time::timeout(Duration::from_secs(10), call(&agent, path, body))
+            .await
+            .expect("the node's own deadline did not stop it");
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{path}: {out}");
+    }
+    agent.shutdown().await;
+}
+
+/// The digest reads every row and clock on the store's thread: it has a statement's deadline,
+/// so an operator's request on a large database cannot hold the writer past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_stops_at_its_deadline_and_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&config(&dir)).await.unwrap();
+    let (status, out) = call(
+        &agent,
+        "/v1/transactions",
+        json!([
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c LIMIT 100000) \
+                INSERT INTO hosts (id, name) SELECT x, 'host-' || x FROM c"
+        ]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let (status, out) = call_raw(
+        &agent,
+        Method::GET,
+        "/v1/sync/digest?timeout=0.01",
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{out}");
+    let (status, out) = call(
+        &agent,
+        "/v1/transactions",
+        json!(["INSERT INTO hosts (id) VALUES (0)"]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let (status, out) = call_raw(&agent, Method::GET, "/v1/sync/digest", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["tables"]["hosts"]["rows"], json!(100_001));
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_queries_give_their_connections_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&dir);
     cfg.api.query_connections = 2;
+    cfg.api.statement_timeout_ms = 600_000;
     let agent = Agent::start(&cfg).await.unwrap();
     // More runaway queries than connections, with a deadline far away; their clients leave.
     let mut clients = Vec::new();
@@ -586,6 +647,90 @@ async fn a_slow_request_head_is_cut_long_before_an_idle_connection() {
     let n = kept.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     drop((kept, h2));
+    agent.shutdown().await;
+}
+
+/// A request whose head announces a body that never comes holds its in-flight slot only
+/// until the header timeout: the client gets 408 and the slot serves the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_never_arrives_gets_408_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.api.concurrency_limit = 1;
+    cfg.api.idle_timeout_ms = 60_000;
+    cfg.api.header_timeout_ms = 500;
+    let agent = Agent::start(&cfg).await.unwrap();
+    let mut stalled = tokio::net::TcpStream::connect(agent.api_addr())
+        .await
+        .unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n[\"INSERT",
+        )
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut answer))
+        .await
+        .expect("no answer 10 s after the body stopped")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("header_timeout_ms"), "{answer}");
+    let (status, out) = call(
+        &agent,
+        "/v1/transactions",
+        json!(["INSERT INTO hosts (id) VALUES (1)"]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(row_count(&agent).await, 1);
+    agent.shutdown().await;
+}
+
+/// A query may not make a value, or return a row, larger than a transaction may write: SQLite
+/// would otherwise build any value up to 1 GB in one step of its program, where no deadline
+/// stops it, and the answer would hold several of them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_cannot_make_a_value_or_row_larger_than_a_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.db.transaction_bytes_max = 1 << 20;
+    let agent = Agent::start(&cfg).await.unwrap();
+    let (status, out) = call(&agent, "/v1/queries", json!("SELECT zeroblob(2000000)")).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{} bytes",
+        out.to_string().len()
+    );
+    assert!(out["error"].as_str().unwrap().contains("too big"), "{out}");
+    let (status, out) = call(
+        &agent,
+        "/v1/queries",
+        json!("SELECT zeroblob(600000), printf('%.*c', 600000, 'x')"),
+    )
+    .await;
+    // Unrefused, the answer is megabytes: only its start goes in the message.
+    let start = |out: &Json| out.to_string().chars().take(300).collect::<String>();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", start(&out));
+    assert!(
+        out["error"]
+            .as_str()
+            .unwrap()
+            .contains("over 1048576 bytes"),
+        "{out}"
+    );
+    let (status, out) = call(
+        &agent,
+        "/v1/queries",
+        json!("SELECT length(zeroblob(900000))"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out[1]["row"][1][0], json!(900000));
     agent.shutdown().await;
 }
 

@@ -650,3 +650,53 @@ fn a_transaction_too_large_to_replicate_is_refused() {
         vec![vec![100.into()]]
     );
 }
+
+/// A value larger than peers decode (`VALUE_BYTES_MAX`) would commit here and be refused by
+/// every other node, so it never replicates: the transaction is refused whole instead, computed
+/// values and keys alike. A value at the limit is written, and its changeset decodes.
+#[test]
+fn a_value_larger_than_peers_accept_is_refused() {
+    use patina_core::wire::VALUE_BYTES_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&config(&dir, SCHEMA)).unwrap();
+    let over = (VALUE_BYTES_MAX + 1) as i64;
+    for sql in [
+        format!("INSERT INTO hosts (id, name) VALUES (1, printf('%.*c', {over}, 'x'))"),
+        format!("INSERT INTO strict_kv (k, n) VALUES (printf('%.*c', {over}, 'k'), 1)"),
+    ] {
+        let err = store.transact(&[Statement::new(sql)]).unwrap_err();
+        assert!(
+            matches!(err, StoreError::ValueTooLarge { bytes, limit, .. }
+                if bytes > VALUE_BYTES_MAX && limit == VALUE_BYTES_MAX),
+            "{err}"
+        );
+        assert!(err.is_client_fault());
+    }
+    store
+        .transact(&[Statement::new(
+            "INSERT INTO hosts (id, name) VALUES (2, 'small')",
+        )])
+        .unwrap();
+    let err = store
+        .transact(&[Statement::new(format!(
+            "UPDATE hosts SET name = printf('%.*c', {over}, 'y') WHERE id = 2"
+        ))])
+        .unwrap_err();
+    assert!(err.to_string().contains("hosts.name"), "{err}");
+    assert_eq!(store.db_version(), DbVersion(1));
+    assert_eq!(
+        rows(&store, "SELECT id, length(name) FROM hosts"),
+        vec![vec![2.into(), 5.into()]]
+    );
+    let at = VALUE_BYTES_MAX as i64;
+    let out = store
+        .transact(&[Statement::new(format!(
+            "UPDATE hosts SET name = printf('%.*c', {at}, 'y') WHERE id = 2"
+        ))])
+        .unwrap();
+    let version = out.version.unwrap();
+    let site = store.site_id();
+    let changesets = store.changesets(site, version, version, 1).unwrap();
+    let bytes = changeset_to_bytes(&changesets[0]);
+    decode_changeset(&bytes, &Limits::default()).expect("a value at the limit decodes");
+}

@@ -671,3 +671,79 @@ async fn a_slow_consumer_is_cut_off_and_the_node_stays_healthy() {
         agent.shutdown().await;
     }
 }
+
+/// With the default buffers a client that stops reading fills the stream's own queue, not the
+/// subscription's: the cut-off must still end the stream with its error line (the queue keeps
+/// a slot for it), or the client could not tell the cut from a normal end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_off_by_its_full_queue_still_ends_with_the_error_line() {
+    let (_dirs, agents) = cluster(1, |_| {}).await;
+    let agent = &agents[0];
+    let (_, _, mut stream) = subscribe(
+        agent,
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT k, v FROM kv"),
+    )
+    .await;
+    stream.take(2).await;
+    // About 30 MB of changes, more than the sockets between server and client hold, nobody
+    // reading.
+    for batch in 0..10 {
+        let values: Vec<String> = (0..500)
+            .map(|i| format!("('{batch}-{i}', '{}')", "x".repeat(6_000)))
+            .collect();
+        exec(
+            agent,
+            &format!("INSERT INTO kv (k, v) VALUES {}", values.join(", ")),
+        )
+        .await;
+    }
+    let mut last = None;
+    let mut count = 0;
+    while let Some(line) = stream.next().await {
+        count += 1;
+        assert!(count <= 5_001, "never cut off");
+        last = Some(line);
+    }
+    let last = last.unwrap();
+    assert!(
+        last["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("resume with from=")),
+        "the stream ended after {count} lines without saying why: {last}"
+    );
+    assert!(count < 5_001, "{count} lines");
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
+/// A subscription's query may not make a value larger than a transaction may write: refused
+/// as too costly (400), not built (SQLite's own cap is 1 GB a value, per row and column).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_making_a_huge_value_is_refused() {
+    let (_dirs, agents) = cluster(1, |c| c.db.transaction_bytes_max = 1 << 20).await;
+    let agent = &agents[0];
+    exec(agent, "INSERT INTO kv (k, v) VALUES ('a', 'x')").await;
+    // An accepted subscription is a stream that never ends: bounded, so that fails too.
+    let (status, out) = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        request(
+            &Target::Tcp(agent.api_addr()),
+            Method::POST,
+            "/v1/subscriptions",
+            None,
+            serde_json::to_vec(&json!("SELECT k, zeroblob(2000000) FROM kv")).unwrap(),
+        ),
+    )
+    .await
+    .expect("the subscription was accepted")
+    .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
+    assert!(out.contains("over 1048576 bytes"), "{out}");
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}

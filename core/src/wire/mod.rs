@@ -44,6 +44,11 @@ pub const CHANGESET_FORMAT: u8 = 2;
 /// by an older node, peers not yet upgraded).
 pub const FORMAT_VERSION_WITHOUT_TIME: u8 = 1;
 
+/// The largest single value (text or blob) or packed primary key a decoder accepts by
+/// default, in bytes: every node decodes with it, so a local write must not make a larger one
+/// (it would commit here and be refused by every peer).
+pub const VALUE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
 /// Bounds on what a decoder accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -62,7 +67,7 @@ impl Default for Limits {
         Limits {
             changeset_bytes_max: 16 * 1024 * 1024,
             changes_max: 250_000,
-            value_bytes_max: 4 * 1024 * 1024,
+            value_bytes_max: VALUE_BYTES_MAX,
             name_bytes_max: 1024,
         }
     }

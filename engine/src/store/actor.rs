@@ -76,6 +76,7 @@ enum StoreRequest {
         reply: oneshot::Sender<SyncState>,
     },
     Digest {
+        deadline: Option<std::time::Instant>,
         reply: oneshot::Sender<Result<Digest, StoreError>>,
     },
     SyncServe {
@@ -199,10 +200,16 @@ impl StoreHandle {
         rx.await.ok()
     }
 
-    /// The store's convergence digest.
-    pub async fn digest(&self) -> Option<Result<Digest, StoreError>> {
+    /// The store's convergence digest, stopped at `deadline` if still running then.
+    pub async fn digest(
+        &self,
+        deadline: Option<std::time::Instant>,
+    ) -> Option<Result<Digest, StoreError>> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(StoreRequest::Digest { reply }).await.ok()?;
+        self.tx
+            .send(StoreRequest::Digest { deadline, reply })
+            .await
+            .ok()?;
         rx.await.ok()
     }
 
@@ -304,8 +311,8 @@ pub(crate) fn spawn_store(
                     StoreRequest::SyncState { reply } => {
                         let _ = reply.send(SyncState::of(store.bookkeeping()));
                     }
-                    StoreRequest::Digest { reply } => {
-                        let _ = reply.send(store.digest());
+                    StoreRequest::Digest { deadline, reply } => {
+                        let _ = reply.send(store.digest_until(deadline));
                     }
                     StoreRequest::FlushDeferred { reply } => {
                         let _ = reply.send(store.flush_deferred());

@@ -6,6 +6,29 @@ impl Store {
     /// A cheap fingerprint for comparing nodes: per table, its row count and a hash of its rows
     /// in key order; and a hash of every row clock. Two converged nodes have equal digests.
     pub fn digest(&self) -> Result<Digest, StoreError> {
+        self.digest_until(None)
+    }
+
+    /// [`Store::digest`], stopped when still running at `deadline`: it reads every row and
+    /// clock on the writer's thread, so without one a large database would hold the writer.
+    /// It hashes as it reads, in the order the clocks' snapshot has (table name, then key), so
+    /// its memory does not grow with the rows.
+    pub fn digest_until(&self, deadline: Option<std::time::Instant>) -> Result<Digest, StoreError> {
+        let started = std::time::Instant::now();
+        self.interrupt.arm(deadline, None);
+        let result = self.digest_rows();
+        self.interrupt.disarm();
+        match (result, self.interrupt.stopped()) {
+            (Err(_), Some(Stopped::Deadline)) => Err(StoreError::DeadlinePassed(
+                deadline.map_or(started.elapsed(), |d| d.saturating_duration_since(started)),
+            )),
+            (result, _) => result,
+        }
+    }
+
+    /// Reads through the writer's connection: it is the one the deadline can stop, and no
+    /// transaction is open between requests.
+    fn digest_rows(&self) -> Result<Digest, StoreError> {
         let mut tables = BTreeMap::new();
         for (name, table) in &self.tables {
             let order: Vec<String> = table
@@ -18,7 +41,7 @@ impl Store {
                 quote_ident(name),
                 order.join(", ")
             );
-            let mut stmt = self.reader.prepare(&sql)?;
+            let mut stmt = self.writer.prepare(&sql)?;
             let n = table.def.columns.len();
             let mut rows = stmt.query([])?;
             let mut hash = Fnv::new();
@@ -32,10 +55,23 @@ impl Store {
             tables.insert(name.clone(), (count, hash.finish()));
         }
         let mut clocks = Fnv::new();
-        for ((table, pk), clock) in self.clock_snapshot()? {
-            clocks.bytes(table.as_bytes());
-            clocks.bytes(pk.as_bytes());
-            clocks.bytes(format!("{clock:?}").as_bytes());
+        let mut stmt = self.writer.prepare(
+            "SELECT pk, cl, sentinel, cells FROM __patina_rows WHERE tbl = ?1 ORDER BY pk",
+        )?;
+        // `tables` is ordered by name and the key order is the bytes' (as `PackedPk`'s).
+        for (name, table) in &self.tables {
+            let mut rows = stmt.query([table.ord])?;
+            while let Some(row) = rows.next()? {
+                let clock =
+                    self.snapshot_of(table, row.get(1)?, row.get_ref(2)?, row.get_ref(3)?)?;
+                clocks.bytes(name.as_bytes());
+                clocks.bytes(
+                    row.get_ref(0)?
+                        .as_blob()
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                );
+                clocks.bytes(format!("{clock:?}").as_bytes());
+            }
         }
         Ok(Digest {
             tables,

@@ -119,6 +119,19 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
+    /// A value, or a row's key, larger than any peer accepts
+    /// ([`patina_core::wire::VALUE_BYTES_MAX`]); nothing was committed.
+    #[error("a value of {bytes} bytes in {table}.{column} is over the limit of {limit} bytes that peers accept; nothing was written")]
+    ValueTooLarge {
+        /// The table.
+        table: String,
+        /// The column, or the key's columns.
+        column: String,
+        /// The value's size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// No room to buffer another part of a large remote changeset; nothing was buffered (sync
     /// brings the part again later).
     #[error("buffer of changeset parts full: {bytes} bytes held, limit {limit}")]
@@ -170,6 +183,7 @@ impl StoreError {
         match self {
             StoreError::Statement { client_fault, .. } => *client_fault,
             StoreError::TransactionTooLarge { .. }
+            | StoreError::ValueTooLarge { .. }
             | StoreError::EmptyTransaction
             | StoreError::NotReadOnly
             | StoreError::Backup(_)

@@ -165,33 +165,41 @@ impl Store {
             let table = self.table_by_ord(row.get(0)?)?;
             let pk = PackedPk::from_bytes(row.get(1)?)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let sentinel: Option<Vec<u8>> = row.get(3)?;
-            let cells: Vec<u8> = row.get(4)?;
-            let clock = clock::decode_row_clock(
-                row.get::<_, i64>(2)? as u64,
-                sentinel.as_deref(),
-                &cells,
-                &self.sites,
-            )?;
-            out.insert(
-                (table.def.name.clone(), pk),
-                ClockSnapshot {
-                    cl: clock.cl,
-                    sentinel: clock.sentinel.map(|o| (o.site, o.version, o.seq)),
-                    cells: clock
-                        .cells
-                        .iter()
-                        .map(|(ord, c)| {
-                            (
-                                table.def.columns[table.col_by_ord[ord]].name.clone(),
-                                (c.col_version, c.origin.site, c.origin.version, c.origin.seq),
-                            )
-                        })
-                        .collect(),
-                },
-            );
+            let clock = self.snapshot_of(table, row.get(2)?, row.get_ref(3)?, row.get_ref(4)?)?;
+            out.insert((table.def.name.clone(), pk), clock);
         }
         Ok(out)
+    }
+
+    /// A stored row clock (`__patina_rows`' cl, sentinel and cells) in comparable form.
+    pub(super) fn snapshot_of(
+        &self,
+        table: &Table,
+        cl: i64,
+        sentinel: rusqlite::types::ValueRef<'_>,
+        cells: rusqlite::types::ValueRef<'_>,
+    ) -> Result<ClockSnapshot, StoreError> {
+        let not_blob = |e: rusqlite::types::FromSqlError| StoreError::Corrupt(e.to_string());
+        let clock = clock::decode_row_clock(
+            cl as u64,
+            sentinel.as_blob_or_null().map_err(not_blob)?,
+            cells.as_blob().map_err(not_blob)?,
+            &self.sites,
+        )?;
+        Ok(ClockSnapshot {
+            cl: clock.cl,
+            sentinel: clock.sentinel.map(|o| (o.site, o.version, o.seq)),
+            cells: clock
+                .cells
+                .iter()
+                .map(|(ord, c)| {
+                    (
+                        table.def.columns[table.col_by_ord[ord]].name.clone(),
+                        (c.col_version, c.origin.site, c.origin.version, c.origin.seq),
+                    )
+                })
+                .collect(),
+        })
     }
 }
 /// A row's clock in comparable form (see [`Store::clock_snapshot`]).

@@ -1,6 +1,7 @@
 //! Local transactions: running the user's statements, capturing their writes into row clocks and the changes index, and committing a new db version.
 
 use super::*;
+use patina_core::wire::VALUE_BYTES_MAX;
 
 impl Store {
     /// Runs statements as one local transaction, all or nothing, and records the clocks of
@@ -378,6 +379,14 @@ impl Store {
                 }
             };
             let cl = row.clock.cl;
+            if pk.as_bytes().len() > VALUE_BYTES_MAX {
+                return Err(StoreError::ValueTooLarge {
+                    table: table.name.to_string(),
+                    column: "(primary key)".into(),
+                    bytes: pk.as_bytes().len(),
+                    limit: VALUE_BYTES_MAX,
+                });
+            }
             if let Some(s) = row.clock.sentinel.as_mut().filter(|s| mine(s)) {
                 s.seq = Seq(seq);
                 changes.push(Change {
@@ -400,6 +409,20 @@ impl Store {
                     .as_mut()
                     .map(|v| std::mem::replace(&mut v[idx], Value::Null))
                     .unwrap_or(Value::Null);
+                // Peers decode no larger value: committed here, it would never replicate.
+                let bytes = match &value {
+                    Value::Text(t) => t.len(),
+                    Value::Blob(b) => b.len(),
+                    _ => 0,
+                };
+                if bytes > VALUE_BYTES_MAX {
+                    return Err(StoreError::ValueTooLarge {
+                        table: table.name.to_string(),
+                        column: table.column_names[idx].to_string(),
+                        bytes,
+                        limit: VALUE_BYTES_MAX,
+                    });
+                }
                 changes.push(Change {
                     table: table.name.clone(),
                     pk: pk.clone(),

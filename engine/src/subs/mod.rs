@@ -66,6 +66,8 @@ pub struct SubsConfig {
     pub pass_timeout: Duration,
     /// A subscription without subscribers this long is removed.
     pub idle_timeout: Duration,
+    /// Largest text or blob value a subscription's query may read or make, in bytes.
+    pub value_bytes_max: usize,
 }
 
 /// Why a subscription request failed.
@@ -464,6 +466,7 @@ mod tests {
             rows_max: 1_000,
             pass_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
+            value_bytes_max: 1 << 20,
         }
     }
 

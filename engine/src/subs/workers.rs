@@ -174,6 +174,7 @@ impl Worker {
         )?;
         let interrupt = Interrupt::install(&mut reader)?;
         reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
+        crate::store::cap_values(&reader, config.value_bytes_max)?;
         // Each subscription runs one restricted query per table it reads: keep them prepared.
         reader.set_prepared_statement_cache_capacity((config.max_subscriptions * 2 + 16).min(8192));
         Ok(Worker {
@@ -223,8 +224,16 @@ impl Worker {
         let SubsConfig {
             rows_max,
             pass_timeout,
+            value_bytes_max,
             ..
         } = self.config;
+        // SQLite refuses a value over the cap (`cap_values`) as too big.
+        let too_big = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::TooBig) => SubsError::TooCostly(format!(
+                "the query makes a value over {value_bytes_max} bytes (db.transaction_bytes_max)"
+            )),
+            _ => SubsError::from(e),
+        };
         self.interrupt
             .arm(Some(Instant::now() + pass_timeout), None);
         let result = (|| {
@@ -232,7 +241,7 @@ impl Worker {
             let width = job.visible + job.key_columns;
             let mut rows = stmt.query([])?;
             let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
+            while let Some(row) = rows.next().map_err(too_big)? {
                 if out.len() >= rows_max {
                     return Err(SubsError::TooCostly(format!(
                         "the query returns more than {rows_max} rows (subscriptions.rows_max)"

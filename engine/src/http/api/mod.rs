@@ -4,7 +4,7 @@
 //! gives its slot back once it has started and counts against `streams_max` instead); a body
 //! size limit (413 past it). And the admin router served on the local unix socket.
 //!
-//! Every statement has a deadline (`?timeout=` seconds, else `api.statement_timeout_ms`),
+//! Every statement has a deadline (`api.statement_timeout_ms`, or shorter: `?timeout=` seconds),
 //! enforced while it runs; a query is also stopped when its client leaves. The request and
 //! answer shapes are in [`crate::http::types`].
 //!
@@ -26,10 +26,12 @@ use subscriptions::{resubscribe, subscribe, unsubscribe, updates};
 use sync::{digest, sync_state};
 use transactions::transactions;
 
+use std::future::Future as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -67,6 +69,8 @@ pub struct ApiState {
     streams_max: usize,
     statement_timeout: Duration,
     body_bytes_max: usize,
+    /// A request's body must have arrived whole this long after its head.
+    body_timeout: Duration,
     gossip: tokio::sync::watch::Receiver<GossipSnapshot>,
     row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
     subs: SubsHandle,
@@ -119,6 +123,7 @@ impl ApiState {
             streams_max: config.streams_max,
             statement_timeout: Duration::from_millis(config.statement_timeout_ms),
             body_bytes_max: config.body_bytes_max,
+            body_timeout: Duration::from_millis(config.header_timeout_ms),
             gossip,
             row_changes,
             subs,
@@ -128,13 +133,15 @@ impl ApiState {
         })
     }
 
-    /// The deadline of a request's statements.
+    /// The deadline of a request's statements: `?timeout=` may shorten
+    /// `api.statement_timeout_ms`, never lengthen it (else any client could hold the writer, or
+    /// a reader and with it the WAL's checkpoints, for as long as it asked).
     fn deadline(&self, param: &TimeoutParam, start: Instant) -> Instant {
         let timeout = param
             .timeout
             .filter(|t| t.is_finite() && *t > 0.0)
             .map_or(self.statement_timeout, |t| {
-                Duration::from_secs_f64(t.min(24.0 * 3600.0))
+                Duration::from_secs_f64(t.min(self.statement_timeout.as_secs_f64()))
             });
         start + timeout
     }
@@ -257,7 +264,72 @@ async fn guard(State(state): State<Arc<ApiState>>, request: Request, next: Next)
             "too many requests in flight",
         );
     };
-    next.run(request).await
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let late = Arc::new(AtomicBool::new(false));
+    let deadline = Box::pin(tokio::time::sleep(state.body_timeout));
+    let request = request.map(|inner| {
+        Body::new(DeadlineBody {
+            inner,
+            deadline,
+            late: late.clone(),
+        })
+    });
+    let response = next.run(request).await;
+    if late.load(Ordering::Relaxed) {
+        return error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {:?} of its head (api.header_timeout_ms)",
+                state.body_timeout
+            ),
+        );
+    }
+    response
+}
+
+/// A request body that must arrive whole by a deadline. Without one, a client that sends a
+/// head announcing a body and then nothing would hold its in-flight slot (and its
+/// connection, which counts as busy) for as long as it keeps the connection open: the
+/// handlers' deadlines start once the body is in. Past the deadline the next read fails, the
+/// handler's extractor gives up and [`guard`] answers 408.
+struct DeadlineBody {
+    inner: Body,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    late: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+struct BodyLate;
+
+impl HttpBody for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        if let std::task::Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return std::task::Poll::Ready(frame);
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            this.late.store(true, Ordering::Relaxed);
+            return std::task::Poll::Ready(Some(Err(axum::Error::new(BodyLate))));
+        }
+        std::task::Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[derive(Debug, Deserialize)]

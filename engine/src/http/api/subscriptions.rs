@@ -2,6 +2,16 @@
 
 use super::*;
 
+/// Queues a data line of a stream for its client, keeping the channel's last slot for the
+/// error line that ends a stream cut off: false (nothing queued) when only that slot is left,
+/// that is when the client does not read. Without the kept slot the error line would find the
+/// channel full too, and the stream would end looking complete.
+fn queue_line(lines: &tokio::sync::mpsc::Sender<Bytes>, line: Bytes) -> bool {
+    // The stream's task is the channel's only sender: room seen here cannot shrink before
+    // the send.
+    lines.capacity() > 1 && lines.try_send(line).is_ok()
+}
+
 /// `POST /v1/updates/{table}`: one NDJSON line per row of `table` changed by any later commit,
 /// local or remote: `{"notify":["update"|"delete",[pk values]]}`. A consumer too slow to keep
 /// up gets an error line and the stream ends (it can reconnect and re-read the table). The
@@ -52,10 +62,7 @@ pub(super) async fn updates(
                     ChangeType::Update
                 };
                 let pk = row.pk.values().iter().map(SqlValue::from).collect();
-                if lines
-                    .try_send(ndjson_line(&NotifyEvent::Notify(kind, pk)))
-                    .is_err()
-                {
+                if !queue_line(&lines, ndjson_line(&NotifyEvent::Notify(kind, pk))) {
                     // The client does not read: cut it off rather than buffer without bound.
                     metrics.cutoff("updates");
                     let _ = lines
@@ -236,7 +243,7 @@ pub(super) fn subscription_stream(
                 continue;
             }
             last = event.change_id;
-            if lines.try_send(change_line(&event)).is_err() {
+            if !queue_line(&lines, change_line(&event)) {
                 // The client does not read: cut it off rather than buffer without bound.
                 metrics.cutoff("subscription");
                 let _ = lines.try_send(ndjson_line(&QueryEvent::Error(format!(

@@ -3,9 +3,13 @@
 use super::*;
 
 /// `GET /v1/sync/digest`: row counts and hashes per table and a hash of all clocks; equal on
-/// converged nodes.
-pub(super) async fn digest(State(state): State<Arc<ApiState>>) -> Response {
-    match state.store.digest().await {
+/// converged nodes. It reads every row on the store's thread, so it has a statement's deadline.
+pub(super) async fn digest(
+    State(state): State<Arc<ApiState>>,
+    Query(param): Query<TimeoutParam>,
+) -> Response {
+    let deadline = state.deadline(&param, Instant::now());
+    match state.store.digest(Some(deadline)).await {
         Some(Ok(d)) => axum::Json(DigestResponse {
             tables: d
                 .tables
@@ -21,7 +25,7 @@ pub(super) async fn digest(State(state): State<Arc<ApiState>>) -> Response {
             clocks: format!("{:016x}", d.clocks),
         })
         .into_response(),
-        Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Some(Err(e)) => error(store_status(&e), e),
         None => error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
     }
 }
