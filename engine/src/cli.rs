@@ -367,7 +367,8 @@ struct StatementArgs {
     /// else plain text.
     #[arg(long = "param")]
     params: Vec<String>,
-    /// Seconds the statements may run before the node stops them (its default otherwise).
+    /// Seconds the statements may run before the node stops them (at most, and by default,
+    /// the node's `api.statement_timeout_ms`).
     #[arg(long)]
     timeout: Option<u64>,
 }

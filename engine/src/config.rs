@@ -363,7 +363,8 @@ pub struct ApiConfig {
     /// An HTTP/1.1 request head, once begun, must be complete within this, in ms; else the
     /// connection is closed. 100..=3,600,000; at most `idle_timeout_ms` in effect (that timer
     /// also runs while a head is awaited). A request's body (HTTP/1.1 and HTTP/2) must then
-    /// have arrived whole within as long again; else the answer is 408.
+    /// have arrived whole within as long again, plus a second per 64 KiB received; else the
+    /// answer is 408.
     pub header_timeout_ms: u64,
     /// Open streams (subscriptions, `/v1/updates`); more get 503. They do not count against
     /// `concurrency_limit`. 1..=1,000,000.

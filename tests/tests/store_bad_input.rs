@@ -672,6 +672,18 @@ fn a_value_larger_than_peers_accept_is_refused() {
         );
         assert!(err.is_client_fault());
     }
+    // Far over: SQLite refuses to build it (the writer's cap while user statements run, the
+    // transaction limit), instead of building 100 MB for the check above to refuse.
+    let err = store
+        .transact(&[Statement::new(
+            "INSERT INTO hosts (id, name) VALUES (3, printf('%.*c', 100000000, 'x'))",
+        )])
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Statement { message, client_fault: true, .. }
+            if message.contains("too big")),
+        "{err}"
+    );
     store
         .transact(&[Statement::new(
             "INSERT INTO hosts (id, name) VALUES (2, 'small')",

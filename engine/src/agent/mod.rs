@@ -148,7 +148,7 @@ impl Agent {
         let readers = Arc::new(ReaderPool::new(
             config.db.path.clone(),
             config.api.query_connections,
-            config.db.transaction_bytes_max,
+            crate::store::read_cap(config.db.transaction_bytes_max),
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let subs = crate::subs::spawn(
@@ -161,7 +161,7 @@ impl Agent {
                 rows_max: config.subscriptions.rows_max,
                 pass_timeout: Duration::from_millis(config.subscriptions.pass_timeout_ms),
                 idle_timeout: Duration::from_millis(config.subscriptions.idle_timeout_ms),
-                value_bytes_max: config.db.transaction_bytes_max,
+                value_bytes_max: crate::store::read_cap(config.db.transaction_bytes_max),
             },
             row_changes.subscribe(),
             shutdown_rx.clone(),

@@ -68,11 +68,25 @@ impl Store {
         self.stale_entries_open.clear();
         self.index_open.clear();
         self.clock_cache_open.clear();
-        if let Err(e) = self.capture.start(&mut self.writer) {
-            let _ = self.writer.execute_batch("ROLLBACK");
-            return Err(e.into());
-        }
+        // User statements may not make a value, or a record, larger than a transaction may
+        // write: SQLite would build it in one step of its program, where no deadline stops it,
+        // before the check below refused it. The store's own writes (remote rows of any size
+        // their writers' nodes accepted) keep the cap SQLite had.
+        let uncapped = match self.capture.start(&mut self.writer).and_then(|()| {
+            query::cap_values(&self.writer, query::read_cap(self.changeset_bytes_max))
+        }) {
+            Ok(uncapped) => uncapped,
+            Err(e) => {
+                let _ = self.capture.stop(&mut self.writer);
+                let _ = self.writer.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
+        };
         let result = body(self);
+        let result = match query::cap_values(&self.writer, uncapped as usize) {
+            Ok(_) => result,
+            Err(e) => result.and(Err(e.into())),
+        };
         let (mut writes, capture_error) = self.capture.stop(&mut self.writer);
         let result = result.and_then(|rows_affected| {
             if let Some(e) = capture_error {

@@ -59,8 +59,8 @@ pub use extract::ClockSnapshot;
 use local::{ClockWrite, IndexWrites};
 use prepared::{Bound, MergeWrite, Sql, Statements, ROWS_PER_STATEMENT};
 use query::bind;
-pub(crate) use query::cap_values;
 pub use query::Reader;
+pub(crate) use query::{cap_values, read_cap};
 use rows::{delete_row, load_row_clock, read_cell, read_row, upsert_row, ClockCache};
 pub use wal::{spawn_checkpointer, WalCommits};
 

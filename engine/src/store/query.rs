@@ -13,32 +13,28 @@ impl Store {
 pub struct Reader {
     conn: Connection,
     interrupt: Interrupt,
-    row_bytes_max: usize,
 }
 
 /// Caps every text or blob value `conn` makes (stored or computed: `zeroblob`, `printf`,
-/// `group_concat`) at `bytes`: SQLite refuses a larger one with "string or blob too big",
-/// before it allocates it. SQLite's own default is 1 GB, and a single result column is one
-/// step of its program, so no deadline stops a query from asking for several of those.
-pub(crate) fn cap_values(conn: &Connection, bytes: usize) -> rusqlite::Result<()> {
+/// `group_concat`), and every record it builds (a sorter's, a temporary table's), at `bytes`:
+/// SQLite refuses a larger one with "string or blob too big" before it allocates it. SQLite's
+/// own default is 1 GB, and a result column is made in one step of its program, so no
+/// deadline stops a statement asking for one. Returns the cap it replaced.
+pub(crate) fn cap_values(conn: &Connection, bytes: usize) -> rusqlite::Result<i32> {
     let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
     conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, bytes)
-        .map(|_| ())
 }
 
-/// What a value takes in memory once read, for the cap on a result row.
-fn value_bytes(value: &Value) -> usize {
-    match value {
-        Value::Text(t) => t.len(),
-        Value::Blob(b) => b.len(),
-        _ => 8,
-    }
+/// The value cap of the connections queries run on: what a transaction may write, and never
+/// below what a peer may have written (a node set to smaller transactions still reads every
+/// value it stores).
+pub(crate) fn read_cap(transaction_bytes_max: usize) -> usize {
+    transaction_bytes_max.max(patina_core::wire::VALUE_BYTES_MAX)
 }
 
 pub(super) fn query_each(
     conn: &Connection,
     statement: &Statement,
-    row_bytes_max: usize,
     on_columns: impl FnOnce(&[String]),
     mut on_row: impl FnMut(Vec<Value>) -> bool,
 ) -> Result<(), StoreError> {
@@ -51,19 +47,9 @@ pub(super) fn query_each(
     on_columns(&columns);
     let mut rows = stmt.raw_query();
     while let Some(row) = rows.next().map_err(query_error)? {
-        let mut values = Vec::with_capacity(columns.len());
-        let mut bytes = 0usize;
-        for i in 0..columns.len() {
-            let value = capture::to_value(row.get_ref(i)?);
-            bytes = bytes.saturating_add(value_bytes(&value));
-            if bytes > row_bytes_max {
-                return Err(StoreError::Query(format!(
-                    "a row of the result is over {row_bytes_max} bytes (db.transaction_bytes_max: \
-                     no row read may be larger than a transaction may write)"
-                )));
-            }
-            values.push(value);
-        }
+        let values = (0..columns.len())
+            .map(|i| row.get_ref(i).map(capture::to_value))
+            .collect::<Result<Vec<_>, _>>()?;
         if !on_row(values) {
             break;
         }
@@ -90,7 +76,6 @@ pub(super) fn collect_query(
     query_each(
         conn,
         statement,
-        usize::MAX,
         |c| columns = c.to_vec(),
         |r| {
             rows.push(r);
@@ -142,9 +127,9 @@ pub(super) fn bind(stmt: &mut rusqlite::Statement<'_>, params: &Params) -> Resul
 }
 
 impl Reader {
-    /// Opens a read-only connection to a store's database file; no value or row it reads may
-    /// be over `row_bytes_max` bytes.
-    pub fn open(path: &Path, row_bytes_max: usize) -> Result<Reader, StoreError> {
+    /// Opens a read-only connection to a store's database file; no value it reads or makes may
+    /// be over `value_bytes_max` bytes (see [`cap_values`]).
+    pub fn open(path: &Path, value_bytes_max: usize) -> Result<Reader, StoreError> {
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY
@@ -153,15 +138,11 @@ impl Reader {
         )?;
         conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
         conn.set_prepared_statement_cache_capacity(64);
-        cap_values(&conn, row_bytes_max)?;
+        cap_values(&conn, value_bytes_max)?;
         let mut conn = conn;
         guard::install_read_only(&mut conn)?;
         let interrupt = Interrupt::install(&mut conn)?;
-        Ok(Reader {
-            conn,
-            interrupt,
-            row_bytes_max,
-        })
+        Ok(Reader { conn, interrupt })
     }
 
     /// Runs one read-only statement, calling `on_columns` once and `on_row` per row until it
@@ -177,13 +158,7 @@ impl Reader {
     ) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         self.interrupt.arm(deadline, cancelled);
-        let result = query_each(
-            &self.conn,
-            statement,
-            self.row_bytes_max,
-            on_columns,
-            on_row,
-        );
+        let result = query_each(&self.conn, statement, on_columns, on_row);
         self.interrupt.disarm();
         match (result, self.interrupt.stopped()) {
             (Err(_), Some(Stopped::Deadline)) => Err(StoreError::DeadlinePassed(

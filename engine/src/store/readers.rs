@@ -13,18 +13,18 @@ pub struct ReaderPool {
     idle: std::sync::Mutex<Vec<Reader>>,
     permits: Arc<tokio::sync::Semaphore>,
     size: usize,
-    row_bytes_max: usize,
+    value_bytes_max: usize,
 }
 
 impl ReaderPool {
-    /// A pool of `size` connections, none reading a value or row over `row_bytes_max` bytes.
-    pub(crate) fn new(path: PathBuf, size: usize, row_bytes_max: usize) -> ReaderPool {
+    /// A pool of `size` connections, none reading or making a value over `value_bytes_max` bytes.
+    pub(crate) fn new(path: PathBuf, size: usize, value_bytes_max: usize) -> ReaderPool {
         ReaderPool {
             path,
             idle: std::sync::Mutex::new(Vec::new()),
             permits: Arc::new(tokio::sync::Semaphore::new(size)),
             size,
-            row_bytes_max,
+            value_bytes_max,
         }
     }
 
@@ -49,7 +49,7 @@ impl ReaderPool {
             let reader = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let reader = match reader {
                 Some(r) => r,
-                None => Reader::open(&pool.path, pool.row_bytes_max)?,
+                None => Reader::open(&pool.path, pool.value_bytes_max)?,
             };
             let out = f(&reader);
             if reader.is_clean() {

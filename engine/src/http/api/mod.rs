@@ -281,13 +281,18 @@ async fn guard(State(state): State<Arc<ApiState>>, request: Request, next: Next)
         return error(
             StatusCode::REQUEST_TIMEOUT,
             format!(
-                "the request body did not arrive within {:?} of its head (api.header_timeout_ms)",
+                "the request body did not arrive within {:?} of its head (api.header_timeout_ms) \
+                 plus a second per 64 KiB received",
                 state.body_timeout
             ),
         );
     }
     response
 }
+
+/// A request body's deadline grows by a second for every this many bytes that arrive: a large
+/// body on a slow link still gets in, a trickle does not hold its slot for long.
+const BODY_BYTES_PER_SECOND_MIN: f64 = 64.0 * 1024.0;
 
 /// A request body that must arrive whole by a deadline. Without one, a client that sends a
 /// head announcing a body and then nothing would hold its in-flight slot (and its
@@ -314,6 +319,11 @@ impl HttpBody for DeadlineBody {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
         if let std::task::Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+                let more = Duration::from_secs_f64(data.len() as f64 / BODY_BYTES_PER_SECOND_MIN);
+                let at = this.deadline.deadline() + more;
+                this.deadline.as_mut().reset(at);
+            }
             return std::task::Poll::Ready(frame);
         }
         if this.deadline.as_mut().poll(cx).is_ready() {
