@@ -672,53 +672,6 @@ async fn a_slow_consumer_is_cut_off_and_the_node_stays_healthy() {
     }
 }
 
-/// With the default buffers a client that stops reading fills the stream's own queue, not the
-/// subscription's: the cut-off must still end the stream with its error line (the queue keeps
-/// a slot for it), or the client could not tell the cut from a normal end.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_cut_off_by_its_full_queue_still_ends_with_the_error_line() {
-    let (_dirs, agents) = cluster(1, |_| {}).await;
-    let agent = &agents[0];
-    let (_, _, mut stream) = subscribe(
-        agent,
-        Method::POST,
-        "/v1/subscriptions",
-        json!("SELECT k, v FROM kv"),
-    )
-    .await;
-    stream.take(2).await;
-    // About 30 MB of changes, more than the sockets between server and client hold, nobody
-    // reading.
-    for batch in 0..10 {
-        let values: Vec<String> = (0..500)
-            .map(|i| format!("('{batch}-{i}', '{}')", "x".repeat(6_000)))
-            .collect();
-        exec(
-            agent,
-            &format!("INSERT INTO kv (k, v) VALUES {}", values.join(", ")),
-        )
-        .await;
-    }
-    let mut last = None;
-    let mut count = 0;
-    while let Some(line) = stream.next().await {
-        count += 1;
-        assert!(count <= 5_001, "never cut off");
-        last = Some(line);
-    }
-    let last = last.unwrap();
-    assert!(
-        last["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("resume with from=")),
-        "the stream ended after {count} lines without saying why: {last}"
-    );
-    assert!(count < 5_001, "{count} lines");
-    for agent in agents {
-        agent.shutdown().await;
-    }
-}
-
 /// A subscription's query may not make a value larger than a transaction may write (at least
 /// 4 MiB): refused as too costly (400), not built (SQLite's own cap is 1 GB a value).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,3 +261,31 @@ pub(super) fn subscription_stream(
         .body(stream_body(rx, slot))
         .expect("static headers are valid")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that stops reading fills its stream's queue; the cut-off's error line must still
+    /// fit, or the stream would end as if complete. (Through HTTP the queue fills only once
+    /// the sockets' buffers are full, which no test can size reliably: checked here.)
+    #[test]
+    fn a_full_stream_queue_keeps_a_slot_for_the_error_line() {
+        let (lines, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let mut queued = 0;
+        while queue_line(&lines, Bytes::from_static(b"change\n")) {
+            queued += 1;
+            assert!(queued <= 4, "the queue never filled");
+        }
+        assert_eq!(queued, 3, "data took the last slot");
+        lines
+            .try_send(Bytes::from_static(b"error\n"))
+            .expect("the error line found the queue full");
+        drop(lines);
+        let mut last = None;
+        while let Ok(line) = rx.try_recv() {
+            last = Some(line);
+        }
+        assert_eq!(last.as_deref(), Some(&b"error\n"[..]));
+    }
+}
