@@ -393,14 +393,7 @@ impl Store {
                 }
             };
             let cl = row.clock.cl;
-            if pk.as_bytes().len() > VALUE_BYTES_MAX {
-                return Err(StoreError::ValueTooLarge {
-                    table: table.name.to_string(),
-                    column: "(primary key)".into(),
-                    bytes: pk.as_bytes().len(),
-                    limit: VALUE_BYTES_MAX,
-                });
-            }
+            refuse_oversized(&table.name, "(primary key)", pk.as_bytes().len())?;
             if let Some(s) = row.clock.sentinel.as_mut().filter(|s| mine(s)) {
                 s.seq = Seq(seq);
                 changes.push(Change {
@@ -423,20 +416,12 @@ impl Store {
                     .as_mut()
                     .map(|v| std::mem::replace(&mut v[idx], Value::Null))
                     .unwrap_or(Value::Null);
-                // Peers decode no larger value: committed here, it would never replicate.
                 let bytes = match &value {
                     Value::Text(t) => t.len(),
                     Value::Blob(b) => b.len(),
                     _ => 0,
                 };
-                if bytes > VALUE_BYTES_MAX {
-                    return Err(StoreError::ValueTooLarge {
-                        table: table.name.to_string(),
-                        column: table.column_names[idx].to_string(),
-                        bytes,
-                        limit: VALUE_BYTES_MAX,
-                    });
-                }
+                refuse_oversized(&table.name, &table.column_names[idx], bytes)?;
                 changes.push(Change {
                     table: table.name.clone(),
                     pk: pk.clone(),
@@ -832,6 +817,20 @@ pub(super) fn delete_local(row: &mut LocalRow, origin: Origin) {
     }
     row.clock.local_delete(origin);
     row.values = None;
+}
+
+/// Refuses a value, or a row's key, larger than peers decode ([`VALUE_BYTES_MAX`]): committed
+/// here, it would never replicate.
+fn refuse_oversized(table: &str, column: &str, bytes: usize) -> Result<(), StoreError> {
+    if bytes > VALUE_BYTES_MAX {
+        return Err(StoreError::ValueTooLarge {
+            table: table.to_string(),
+            column: column.to_string(),
+            bytes,
+            limit: VALUE_BYTES_MAX,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
