@@ -12,7 +12,10 @@ status, how long it took, and the agent's peak resident memory so far (VmHWM):
 - `SELECT zeroblob(300000000)`: a 300 MB value made in one step of SQLite's program;
 - a write of a 5 MB text value (peers decode at most 4 MiB);
 - `GET /v1/sync/digest?timeout=1` on ROWS rows (default 1,000,000), with a one-row write sent
-  0.2 s after it: how long that write waited for the store.
+  0.2 s after it: how long that write waited for the store;
+- 50 clients that ask for a 50 MB query answer and never read it: the agent's open files,
+  resident memory and bytes unsent in its sockets 5 s later and 70 s later (past
+  `api.idle_timeout_ms`, 60 s).
 """
 
 import json
@@ -75,6 +78,57 @@ def stalled_body():
     return status, took, answer.split(b"\r\n\r\n")[-1]
 
 
+def open_files(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def resident_mib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def queued_mib():
+    """Bytes the agent's API sockets hold unsent (kernel memory, outside its RSS)."""
+    lines = subprocess.run(
+        ["ss", "-tnH", "state", "established", "( sport = :8080 )"],
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    return sum(int(line.split()[1]) for line in lines if line.split()) / (1024 * 1024)
+
+
+def never_reading(pid, clients=50):
+    query = json.dumps(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c LIMIT 250000) "
+        "SELECT x, printf('%.180c', 'a') FROM c"
+    ).encode()
+    before = open_files(pid)
+    sockets = []
+    for _ in range(clients):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", 8080))
+        sock.sendall(
+            b"POST /v1/queries HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(query)}\r\n\r\n".encode()
+            + query
+        )
+        sockets.append(sock)
+    started = time.monotonic()
+    for at in (5.0, 70.0):
+        time.sleep(max(0.0, at - (time.monotonic() - started)))
+        print(
+            f"{clients} clients not reading a 50 MB answer, after {at:.0f} s: "
+            f"{open_files(pid) - before} more open files, RSS {resident_mib(pid):.0f} MiB, "
+            f"{queued_mib():.1f} MiB unsent in its sockets"
+        )
+    for sock in sockets:
+        sock.close()
+
+
 def main():
     binary = os.path.abspath(sys.argv[1])
     rows = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000_000
@@ -110,6 +164,7 @@ def main():
             ["INSERT INTO hosts (id, name) VALUES (-1, printf('%.*c', 5000000, 'x'))"],
         )
         report("write of a 5 MB value", status, took, agent.pid, text)
+        never_reading(agent.pid)
         step = 200_000
         for first in range(0, rows, step):
             status, _, text = call(

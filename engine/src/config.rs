@@ -357,8 +357,8 @@ pub struct ApiConfig {
     /// Open connections to the API; more are closed at once (also capped at half the
     /// process's open-file limit). 1..=1,000,000.
     pub connections_max: usize,
-    /// A connection with no request in flight and no traffic for this long is closed, in ms.
-    /// 100..=3,600,000.
+    /// A connection with no request in flight and no traffic for this long is closed, in ms;
+    /// so is one whose client has taken none of an answer for this long. 100..=3,600,000.
     pub idle_timeout_ms: u64,
     /// An HTTP/1.1 request head, once begun, must be complete within this, in ms; else the
     /// connection is closed. 100..=3,600,000; at most `idle_timeout_ms` in effect (that timer

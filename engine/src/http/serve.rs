@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::Router;
-use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -25,7 +24,8 @@ pub struct ServeLimits {
     /// Open connections; a connection beyond it is closed at once.
     pub connections_max: usize,
     /// A connection with no request in flight and no bytes either way for this long is closed
-    /// (also one kept alive and waiting for its next request).
+    /// (also one kept alive and waiting for its next request); so is one with an answer the
+    /// client has taken nothing of for this long (it stopped reading).
     pub idle_timeout: Duration,
     /// An HTTP/1.1 request head begun must be complete within this, else the connection is
     /// closed (a client sending its head a byte at a time holds nothing longer).
@@ -120,6 +120,10 @@ struct Activity {
     /// The connection speaks HTTP/2 (its first bytes were the preface): its frames are no
     /// request heads, and hyper bounds them.
     http2: AtomicBool,
+    /// One cell per answer body still alive: 1 + milliseconds after `started` when the body
+    /// last handed a frame over and has not been asked for the next since (the client is not
+    /// taking what it was sent); 0 while hyper waits on the body instead.
+    answers: std::sync::Mutex<Vec<std::sync::Weak<AtomicU64>>>,
 }
 
 impl Activity {
@@ -156,6 +160,82 @@ impl Activity {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         self.started.elapsed().saturating_sub(last)
     }
+
+    fn now_cell(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// A cell for a new answer body.
+    fn answer(&self) -> Arc<AtomicU64> {
+        let cell = Arc::new(AtomicU64::new(0));
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        // A kept-alive connection answers many requests: forget the finished ones first.
+        if answers.len() >= ANSWERS_PRUNE_AT {
+            answers.retain(|a| a.strong_count() > 0);
+        }
+        answers.push(Arc::downgrade(&cell));
+        cell
+    }
+
+    /// How long the answer the client has been slowest to take has waited, if one waits.
+    fn stalled_for(&self) -> Option<Duration> {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        answers.retain(|a| a.strong_count() > 0);
+        let since = answers
+            .iter()
+            .filter_map(|a| a.upgrade())
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|&since| since != 0)
+            .min()?;
+        Some(
+            self.started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since - 1)),
+        )
+    }
+}
+
+/// Past this many answer cells a connection drops those of finished answers.
+const ANSWERS_PRUNE_AT: usize = 64;
+
+/// An answer's body as hyper pulls it, marking when it handed a frame over and was not asked
+/// for the next. hyper asks for the next frame once the previous one is written (HTTP/1.1)
+/// or has room in the stream's window (HTTP/2), so an answer marked for long has a client
+/// that stopped reading: neither the socket's buffers nor HTTP/2 flow control would ever free
+/// what the answer holds (a stream slot, its queue, the connection).
+struct Watched<B> {
+    inner: B,
+    cell: Arc<AtomicU64>,
+    activity: Arc<Activity>,
+    /// Counts the request in flight until the body is dropped (sent or abandoned).
+    _in_flight: InFlight,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Watched<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let poll = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let handed = match &poll {
+            std::task::Poll::Ready(Some(Ok(_))) => this.activity.now_cell(),
+            _ => 0,
+        };
+        this.cell.store(handed, Ordering::Relaxed);
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Decrements the in-flight count when an answer's body is dropped (sent or abandoned).
@@ -184,6 +264,7 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         in_flight: AtomicUsize::new(0),
         head_since_ms: AtomicU64::new(0),
         http2: AtomicBool::new(false),
+        answers: std::sync::Mutex::new(Vec::new()),
     });
     let io = Tracked {
         inner: io,
@@ -199,14 +280,16 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 activity.in_flight.fetch_add(1, Ordering::Relaxed);
                 // The head is complete.
                 activity.head_since_ms.store(0, Ordering::Relaxed);
-                let guard = InFlight(activity);
+                let guard = InFlight(activity.clone());
                 let response = tower::ServiceExt::oneshot(router, request.map(Body::new)).await?;
                 // The guard lives as long as the body: a stream counts as work until it ends.
                 Ok::<_, std::convert::Infallible>(response.map(|body| {
-                    Body::new(body.map_frame(move |frame| {
-                        let _ = &guard;
-                        frame
-                    }))
+                    Body::new(Watched {
+                        inner: body,
+                        cell: activity.answer(),
+                        activity,
+                        _in_flight: guard,
+                    })
                 }))
             }
         });
@@ -241,6 +324,11 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             _ = check.tick() => {
                 if activity.head_for().is_some_and(|t| t >= header_timeout) {
                     tracing::debug!("closing a connection whose request head took over {header_timeout:?}");
+                    return;
+                }
+                // Not graceful: a client that does not read would not take a GOAWAY either.
+                if activity.stalled_for().is_some_and(|t| t >= idle_timeout) {
+                    tracing::debug!("closing a connection whose client took none of an answer for {idle_timeout:?}");
                     return;
                 }
                 let idle = activity.in_flight.load(Ordering::Relaxed) == 0
@@ -358,4 +446,160 @@ fn open_files_allowed() -> usize {
             })
         })
         .unwrap_or(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::oneshot;
+    use tokio_stream::StreamExt as _;
+
+    const IDLE: Duration = Duration::from_millis(300);
+
+    /// Says when it is dropped: the answer holding it was let go.
+    struct Dropped(Option<oneshot::Sender<()>>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            if let Some(tx) = self.0.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    type Chunk = Result<axum::body::Bytes, std::io::Error>;
+
+    /// A router with one answer, made by `body` with a guard that reports its drop.
+    fn router_with<S>(
+        body: impl Fn() -> S + Clone + Send + Sync + 'static,
+    ) -> (Router, oneshot::Receiver<()>)
+    where
+        S: tokio_stream::Stream<Item = Chunk> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
+        let router = Router::new().route(
+            "/answer",
+            get(move || {
+                let guard = Dropped(tx.lock().unwrap().take());
+                let stream = body().map(move |chunk| {
+                    let _ = &guard;
+                    chunk
+                });
+                async move { Body::from_stream(stream) }
+            }),
+        );
+        (router, rx)
+    }
+
+    /// 16 KiB chunks without end.
+    fn endless() -> impl tokio_stream::Stream<Item = Chunk> {
+        tokio_stream::iter(std::iter::repeat_with(|| {
+            Ok(axum::body::Bytes::from(vec![b'x'; 16 * 1024]))
+        }))
+    }
+
+    /// One line, then nothing for ever: a subscription with no changes.
+    fn quiet() -> impl tokio_stream::Stream<Item = Chunk> {
+        tokio_stream::once(Ok(axum::body::Bytes::from_static(b"{}\n")))
+            .chain(tokio_stream::pending())
+    }
+
+    /// Serves one connection over an in-memory pipe of 64 KiB; returns the client's end and
+    /// the connection's task.
+    fn connect(router: Router) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let limits = ServeLimits {
+            connections_max: 8,
+            idle_timeout: IDLE,
+            header_timeout: IDLE,
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let _stop = _stop;
+            serve_connection(server, router, limits, shutdown).await;
+        });
+        (client, task)
+    }
+
+    const GET: &[u8] = b"GET /answer HTTP/1.1\r\nHost: patina\r\n\r\n";
+
+    #[tokio::test]
+    async fn an_http1_client_that_stops_reading_loses_its_connection() {
+        let (router, dropped) = router_with(endless);
+        let (mut client, task) = connect(router);
+        client.write_all(GET).await.unwrap();
+        // Never read: the pipe and hyper's buffer fill, and the answer waits.
+        tokio::time::timeout(Duration::from_secs(10), dropped)
+            .await
+            .expect("the answer was still held 10 s after its client stopped reading")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the connection stayed open")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_http2_stream_whose_client_stops_reading_loses_its_connection() {
+        let (router, dropped) = router_with(endless);
+        let (client, task) = connect(router);
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .unwrap();
+        // The client's connection goes on (it answers pings and settings): only the stream's
+        // window stays shut, because its body is never read.
+        tokio::spawn(connection);
+        let request = hyper::Request::get("http://patina/answer")
+            .body(http_body_util::Empty::<axum::body::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        tokio::time::timeout(Duration::from_secs(10), dropped)
+            .await
+            .expect("the answer was still held 10 s after its client stopped reading")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the connection stayed open")
+            .unwrap();
+        drop(response);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_stream_and_a_slow_reader_keep_their_connections() {
+        // A stream with nothing to send is not a client that does not read.
+        let (router, mut dropped) = router_with(quiet);
+        let (mut client, task) = connect(router);
+        client.write_all(GET).await.unwrap();
+        let mut head = [0u8; 256];
+        let n = client.read(&mut head).await.unwrap();
+        assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+        tokio::time::sleep(IDLE * 5).await;
+        assert!(dropped.try_recv().is_err(), "a quiet stream was cut");
+        assert!(
+            !task.is_finished(),
+            "a quiet stream's connection was closed"
+        );
+
+        // A client that reads slowly but steadily takes the next piece well within the limit.
+        let (router, mut dropped) = router_with(endless);
+        let (mut client, task) = connect(router);
+        client.write_all(GET).await.unwrap();
+        let mut buffer = vec![0u8; 16 * 1024];
+        let mut taken = 0usize;
+        for _ in 0..15 {
+            tokio::time::sleep(IDLE / 3).await;
+            taken += client.read(&mut buffer).await.unwrap();
+        }
+        assert!(taken > 0);
+        assert!(
+            dropped.try_recv().is_err(),
+            "a slow reader's answer was cut"
+        );
+        assert!(!task.is_finished(), "a slow reader's connection was closed");
+    }
 }
