@@ -712,3 +712,88 @@ fn a_value_larger_than_peers_accept_is_refused() {
     let bytes = changeset_to_bytes(&changesets[0]);
     decode_changeset(&bytes, &Limits::default()).expect("a value at the limit decodes");
 }
+
+/// A remote batch fails (the database is full) and so does the reload of the store's state
+/// after its rollback: the store owes that reload, makes it before its next write, and refuses
+/// to write while it cannot. Before, the next writes ran on the rolled-back batch's state (its
+/// new site known in memory only), and the site's versions never reached the file.
+#[test]
+fn a_failed_reload_after_a_rollback_is_made_before_the_next_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        max_db_bytes: Some(256 * 1024),
+        ..config(&dir, SCHEMA)
+    };
+    let mut store = Store::open(&cfg).unwrap();
+    let blob = "x".repeat(4000);
+    let mut full = false;
+    for i in 0..200 {
+        let stmt = Statement::with_params(
+            "INSERT INTO hosts (id, name) VALUES (?, ?)",
+            vec![i.into(), blob.clone().into()],
+        );
+        if store.transact(&[stmt]).is_err() {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the size cap was never hit");
+    // A batch from a site this store has never seen, too large for what is left.
+    let big: Vec<Changeset> = (0..50)
+        .map(|v| {
+            remote(
+                v + 1,
+                vec![change(
+                    "hosts",
+                    1000 + v as i64,
+                    Some("name"),
+                    blob.clone().into(),
+                    1,
+                    0,
+                )],
+            )
+        })
+        .collect();
+    store.fail_next_reloads(2);
+    let err = store.apply_changesets(&big).unwrap_err();
+    assert!(
+        err.to_string().contains("full"),
+        "the batch's own failure: {err}"
+    );
+    // The reload owed fails once more: the write is refused, and nothing of it is kept.
+    let err = store
+        .transact(&[Statement::new("DELETE FROM hosts WHERE id < 50")])
+        .unwrap_err();
+    assert!(err.to_string().contains("on purpose"), "{err}");
+    // Then it succeeds, and writes go on.
+    store
+        .transact(&[Statement::new("DELETE FROM hosts WHERE id < 50")])
+        .unwrap();
+    let small = remote(
+        1,
+        vec![change("hosts", 1000, Some("name"), "n".into(), 1, 0)],
+    );
+    assert!(matches!(
+        store.apply_changesets(&[small]).unwrap()[0],
+        ApplyOutcome::Applied { .. }
+    ));
+    drop(store);
+    let store = Store::open(&cfg).unwrap();
+    let site = SiteId([7; 16]);
+    assert!(
+        store.bookkeeping().contains(ChangesetId {
+            site,
+            version: DbVersion(1)
+        }),
+        "the new site's version did not reach the file"
+    );
+    assert_eq!(
+        rows(&store, "SELECT name FROM hosts WHERE id = 1000"),
+        vec![vec![Value::Text("n".into())]]
+    );
+    let served = store
+        .changesets(site, DbVersion(1), DbVersion(1), 10)
+        .unwrap();
+    assert_eq!(served.len(), 1);
+    assert_eq!(served[0].changes.len(), 1, "{served:?}");
+}

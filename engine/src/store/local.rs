@@ -63,6 +63,7 @@ impl Store {
         &mut self,
         body: impl FnOnce(&mut Store) -> Result<Vec<usize>, StoreError>,
     ) -> Result<TxOutcome, StoreError> {
+        self.settle()?;
         self.wal.ensure_room(&self.writer)?;
         self.statements.run(Sql::BeginImmediate)?;
         self.stale_entries_open.clear();
@@ -212,6 +213,7 @@ impl Store {
         {
             return Ok(());
         }
+        self.settle()?;
         self.statements.run(Sql::BeginImmediate)?;
         self.index_open.clear();
         self.stale_entries_open.clear();

@@ -65,6 +65,7 @@ impl Store {
     /// [`Store::apply_schema_files`] from SQL text.
     pub fn apply_schema_sql(&mut self, sql: &str) -> Result<(), StoreError> {
         let desired = schema::parse_schema(sql)?;
+        self.settle()?;
         self.writer.execute_batch("BEGIN IMMEDIATE")?;
         let result = self.migrate(&desired);
         let result = result.and_then(|backfill| {
@@ -73,7 +74,10 @@ impl Store {
         });
         match result {
             Ok(backfill) => {
-                self.load_state()?;
+                if let Err(e) = self.load_state() {
+                    self.reload_owed = true;
+                    return Err(e);
+                }
                 self.install_capture();
                 if !backfill.is_empty() {
                     self.backfill(&backfill)?;
@@ -82,7 +86,7 @@ impl Store {
             }
             Err(e) => {
                 let _ = self.writer.execute_batch("ROLLBACK");
-                self.load_state()?;
+                self.reload_after_rollback();
                 Err(e)
             }
         }

@@ -393,6 +393,12 @@ pub struct Store {
     /// blobs, and a row's origins before and after.
     clock_blob: Vec<u8>,
     origins_scratch: (RowOrigins, RowOrigins),
+    /// A reload of the state above after a rollback failed, so it may not match the file (a
+    /// site or table the rolled-back transaction added in memory only): nothing writes until
+    /// a reload succeeds (see [`Store::settle`]).
+    reload_owed: bool,
+    /// Reloads still to fail on purpose (see [`Store::fail_next_reloads`]).
+    reload_failures: u32,
 }
 
 /// A row clock's origins (see `RowClock::origins_into`).
@@ -500,6 +506,8 @@ impl Store {
             clock_cache_open: Vec::new(),
             clock_blob: Vec::new(),
             origins_scratch: (Vec::new(), Vec::new()),
+            reload_owed: false,
+            reload_failures: 0,
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
@@ -560,8 +568,40 @@ impl Store {
         self.tables.keys().cloned().collect()
     }
 
+    /// Reloads the state after a rollback. If that fails too the store owes a reload, which
+    /// every later write makes first: the caller reports its own failure, the first cause.
+    fn reload_after_rollback(&mut self) {
+        if let Err(e) = self.load_state() {
+            tracing::error!("reloading the store's state after a rollback failed (retried before the next write): {e}");
+            self.reload_owed = true;
+        }
+    }
+
+    /// Makes the reload a failed one owes, if it owes one; until it succeeds, writes fail.
+    fn settle(&mut self) -> Result<(), StoreError> {
+        if self.reload_owed {
+            self.load_state()?;
+            self.reload_owed = false;
+        }
+        Ok(())
+    }
+
+    /// Fault injection for tests: the next `count` reloads of the state fail, as an I/O error
+    /// while reading the file would make them.
+    #[doc(hidden)]
+    pub fn fail_next_reloads(&mut self, count: u32) {
+        self.reload_failures = count;
+    }
+
     /// Reloads sites, bookkeeping and tables from the database (after open, or a rollback).
     fn load_state(&mut self) -> Result<(), StoreError> {
+        if self.reload_failures > 0 {
+            self.reload_failures -= 1;
+            return Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("reload failed on purpose (fail_next_reloads)".into()),
+            )));
+        }
         self.clock_cache.clear();
         self.clock_key_max.clear();
         self.statements.forget_row_writes();

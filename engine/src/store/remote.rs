@@ -88,7 +88,7 @@ impl Store {
             Ok(versions) => Ok(Some(versions)),
             Err(e) => {
                 let _ = self.writer.execute_batch("ROLLBACK");
-                self.load_state()?;
+                self.reload_after_rollback();
                 Err(e)
             }
         }
@@ -119,6 +119,7 @@ impl Store {
         &mut self,
         batch: &[C],
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        self.settle()?;
         self.wal.ensure_room(&self.writer)?;
         self.statements.run(Sql::BeginImmediate)?;
         self.stale_entries_open.clear();
@@ -221,7 +222,7 @@ impl Store {
                     book.set_site(site, versions.unwrap_or_default());
                 }
                 self.book = book;
-                self.load_state()?;
+                self.reload_after_rollback();
                 Err(e)
             }
         }
