@@ -14,8 +14,9 @@ status, how long it took, and the agent's peak resident memory so far (VmHWM):
 - `GET /v1/sync/digest?timeout=1` on ROWS rows (default 1,000,000), with a one-row write sent
   0.2 s after it: how long that write waited for the store;
 - 50 clients that ask for a 50 MB query answer and never read it: the agent's open files,
-  resident memory and bytes unsent in its sockets 5 s later and 70 s later (past
-  `api.idle_timeout_ms`, 60 s).
+  resident memory and bytes unsent in its sockets 5, 70, 130 and 190 s later (the agent's 4
+  readers take them four at a time, each for up to the 10 s deadline; `api.idle_timeout_ms`
+  is 60 s).
 """
 
 import json
@@ -90,14 +91,16 @@ def resident_mib(pid):
     return 0.0
 
 
-def queued_mib():
-    """Bytes the agent's API sockets hold unsent (kernel memory, outside its RSS)."""
+def api_sockets():
+    """The agent's open API connections, and the bytes they hold unsent (kernel memory,
+    outside its RSS)."""
     lines = subprocess.run(
         ["ss", "-tnH", "state", "established", "( sport = :8080 )"],
         capture_output=True,
         text=True,
     ).stdout.splitlines()
-    return sum(int(line.split()[1]) for line in lines if line.split()) / (1024 * 1024)
+    lines = [line.split() for line in lines if line.split()]
+    return len(lines), sum(int(line[1]) for line in lines) / (1024 * 1024)
 
 
 def never_reading(pid, clients=50):
@@ -118,12 +121,13 @@ def never_reading(pid, clients=50):
         )
         sockets.append(sock)
     started = time.monotonic()
-    for at in (5.0, 70.0):
+    for at in (5.0, 70.0, 130.0, 190.0):
         time.sleep(max(0.0, at - (time.monotonic() - started)))
+        connections, unsent = api_sockets()
         print(
             f"{clients} clients not reading a 50 MB answer, after {at:.0f} s: "
-            f"{open_files(pid) - before} more open files, RSS {resident_mib(pid):.0f} MiB, "
-            f"{queued_mib():.1f} MiB unsent in its sockets"
+            f"{connections} connections open, {open_files(pid) - before} more open files, "
+            f"RSS {resident_mib(pid):.0f} MiB, {unsent:.1f} MiB unsent in its sockets"
         )
     for sock in sockets:
         sock.close()
