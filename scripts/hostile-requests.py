@@ -11,6 +11,8 @@ status, how long it took, and the agent's peak resident memory so far (VmHWM):
 - a query that never ends, asking for `?timeout=600` (the node's own limit is 10 s);
 - `SELECT zeroblob(300000000)`: a 300 MB value made in one step of SQLite's program;
 - a write of a 5 MB text value (peers decode at most 4 MiB);
+- a statement inserting 3,000,000 rows of 1,000 bytes (3 GB, far over the 64 MiB a
+  transaction may commit): its answer, the agent's peak memory and the write-ahead log's size;
 - `GET /v1/sync/digest?timeout=1` on ROWS rows (default 1,000,000), with a one-row write sent
   0.2 s after it: how long that write waited for the store;
 - 50 clients that ask for a 50 MB query answer and never read it: the agent's open files,
@@ -168,6 +170,17 @@ def main():
             ["INSERT INTO hosts (id, name) VALUES (-1, printf('%.*c', 5000000, 'x'))"],
         )
         report("write of a 5 MB value", status, took, agent.pid, text)
+        status, took, text = call(
+            "POST",
+            "/v1/transactions",
+            [
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c LIMIT 3000000) "
+                "INSERT INTO hosts (id, name) SELECT x, printf('%.1000c', 'a') FROM c"
+            ],
+        )
+        report("insert of 3,000,000 rows of 1,000 bytes", status, took, agent.pid, text)
+        wal = os.path.join(folder, "patina-data", "state.db-wal")
+        print(f"  write-ahead log after it: {os.path.getsize(wal) / (1024 * 1024):.0f} MiB")
         never_reading(agent.pid)
         step = 200_000
         for first in range(0, rows, step):

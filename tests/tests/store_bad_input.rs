@@ -797,3 +797,49 @@ fn a_failed_reload_after_a_rollback_is_made_before_the_next_write() {
     assert_eq!(served.len(), 1);
     assert_eq!(served[0].changes.len(), 1, "{served:?}");
 }
+
+/// A statement writing row after row holds every row's capture in memory (and the rows in the
+/// write-ahead log) until it ends: it is stopped once the captured writes hold twice what the
+/// transaction may commit, not left to run until its deadline and be refused at COMMIT.
+/// A transaction writing one row again and again within that keeps working.
+#[test]
+fn a_transaction_whose_writes_outgrow_what_it_may_commit_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 256 * 1024;
+    let cfg = StoreConfig {
+        changeset_bytes_max: Some(limit),
+        ..config(&dir, SCHEMA)
+    };
+    let mut store = Store::open(&cfg).unwrap();
+    store
+        .transact(&[Statement::new("INSERT INTO hosts (id) VALUES (1)")])
+        .unwrap();
+    let version = store.db_version();
+    // 100,000 rows of 1,000 bytes: 100 MB captured if nothing stopped it.
+    let runaway = Statement::new(
+        "WITH RECURSIVE c(x) AS (SELECT 2 UNION ALL SELECT x+1 FROM c LIMIT 100000) \
+         INSERT INTO hosts (id, name) SELECT x, printf('%.1000c', 'a') FROM c",
+    );
+    let err = store.transact(&[runaway]).unwrap_err();
+    assert!(
+        matches!(err, StoreError::WritesTooLarge { limit: l } if l == 2 * limit),
+        "{err}"
+    );
+    assert!(err.is_client_fault());
+    assert_eq!(store.db_version(), version);
+    assert_eq!(
+        rows(&store, "SELECT count(*) FROM hosts"),
+        vec![vec![1.into()]]
+    );
+    // The same row rewritten 100 times (captured 100 times, committed once): well within.
+    let again: Vec<Statement> = (0..100)
+        .map(|i| {
+            Statement::with_params(
+                "UPDATE hosts SET name = ? WHERE id = 1",
+                vec![format!("{i:0>2000}").into()],
+            )
+        })
+        .collect();
+    store.transact(&again).unwrap();
+    assert_eq!(store.db_version(), DbVersion(version.get() + 1));
+}

@@ -16,6 +16,7 @@
 //! The authorizer keeps user statements away from what would break that contract: schema
 //! changes, transaction control, pragmas, and writes to internal tables.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use patina_core::value::Value;
@@ -71,6 +72,14 @@ pub struct CaptureState {
     pub tables: super::FastMap<String, u32>,
     /// A value SQLite could not hand over (out of memory, a corrupt record).
     pub error: Option<String>,
+    /// About how many bytes the captured writes hold (see [`write_bytes`]).
+    pub bytes_held: usize,
+    /// Past this many, capture stops and `over` is set.
+    pub bytes_max: usize,
+    /// The captured writes grew past `bytes_max`: the rest of the transaction's writes were
+    /// not captured, so it must not commit. Read by the writer's progress handler, which stops
+    /// the running statement (see `Store::transact_until`).
+    pub over: Arc<AtomicBool>,
 }
 
 /// Shared handle on [`CaptureState`].
@@ -92,7 +101,9 @@ impl Capture {
         Ok(())
     }
 
-    /// Starts capturing: user mode on, the buffer emptied, the pre-update hook installed.
+    /// Starts capturing: user mode on, the buffer emptied, the pre-update hook installed;
+    /// capture stops, and [`Capture::over`] turns true, once the captured writes hold over
+    /// `bytes_max` bytes.
     ///
     /// The hook is there only while user statements run: the store's own writes (clock rows,
     /// the changes index, remote merges) would each pay a call for nothing, a third of a
@@ -101,7 +112,7 @@ impl Capture {
     /// truncation, unseen by the hook, when no hook is installed. The authorizer also turns that
     /// optimization off for user statements (see [`authorize`]), so a statement the writer's
     /// cache compiled earlier cannot slip through either.
-    pub fn start(&self, conn: &mut Connection) -> rusqlite::Result<()> {
+    pub fn start(&self, conn: &mut Connection, bytes_max: usize) -> rusqlite::Result<()> {
         let state = self.clone();
         // Installed first: if that fails, nothing below has changed (user mode stays off).
         conn.preupdate_hook(Some(
@@ -114,8 +125,18 @@ impl Capture {
                     // The authorizer lets user statements write replicated tables only.
                     return;
                 };
+                if st.bytes_held > st.bytes_max {
+                    // Over already: the statement stops at its next progress check.
+                    return;
+                }
                 match row_write(case) {
-                    Ok(write) => st.writes.push(CapturedWrite { table_ord, write }),
+                    Ok(write) => {
+                        st.bytes_held += write_bytes(&write);
+                        if st.bytes_held > st.bytes_max {
+                            st.over.store(true, Ordering::Relaxed);
+                        }
+                        st.writes.push(CapturedWrite { table_ord, write });
+                    }
                     Err(e) => st.error = Some(format!("capturing a write to {table}: {e}")),
                 }
             },
@@ -124,7 +145,15 @@ impl Capture {
         st.user_mode = true;
         st.writes.clear();
         st.error = None;
+        st.bytes_held = 0;
+        st.bytes_max = bytes_max;
+        st.over.store(false, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Turns true once the writes captured since [`Capture::start`] grew past its limit.
+    pub fn over(&self) -> Arc<AtomicBool> {
+        self.lock().over.clone()
     }
 
     /// Stops capturing: the hook removed, user mode off; what was captured and any error.
@@ -149,6 +178,27 @@ impl Capture {
             st.writes = writes;
         }
     }
+}
+
+/// About the memory a captured write holds: its values, and the text and blobs they own.
+fn write_bytes(write: &RowWrite) -> usize {
+    let value = |v: &Value| {
+        std::mem::size_of::<Value>()
+            + match v {
+                Value::Text(t) => t.len(),
+                Value::Blob(b) => b.len(),
+                _ => 0,
+            }
+    };
+    let values = match write {
+        RowWrite::Insert { new } => new.iter().map(value).sum::<usize>(),
+        RowWrite::Delete { old } => old.iter().map(value).sum(),
+        RowWrite::Update { new, old_changed } => {
+            new.iter().map(value).sum::<usize>()
+                + old_changed.iter().map(|(_, v)| value(v)).sum::<usize>()
+        }
+    };
+    std::mem::size_of::<CapturedWrite>() + values
 }
 
 /// Reads what the store needs of a change the hook reports, values in the table's column order.

@@ -119,6 +119,13 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
+    /// A local transaction's writes grew past what it may hold before committing (twice
+    /// `db.transaction_bytes_max`); it was stopped and nothing was committed.
+    #[error("transaction too large: its writes held over {limit} bytes before they could commit (twice db.transaction_bytes_max); it was stopped and nothing was written: split it")]
+    WritesTooLarge {
+        /// The limit.
+        limit: usize,
+    },
     /// A value, or a row's key, larger than any peer accepts
     /// ([`patina_core::wire::VALUE_BYTES_MAX`]); nothing was committed.
     #[error("a value of {bytes} bytes in {table}.{column} is over the limit of {limit} bytes that peers accept; nothing was written")]
@@ -183,6 +190,7 @@ impl StoreError {
         match self {
             StoreError::Statement { client_fault, .. } => *client_fault,
             StoreError::TransactionTooLarge { .. }
+            | StoreError::WritesTooLarge { .. }
             | StoreError::ValueTooLarge { .. }
             | StoreError::EmptyTransaction
             | StoreError::NotReadOnly

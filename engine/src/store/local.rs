@@ -3,6 +3,8 @@
 use super::*;
 use patina_core::wire::VALUE_BYTES_MAX;
 
+use std::sync::atomic::Ordering;
+
 impl Store {
     /// Runs statements as one local transaction, all or nothing, and records the clocks of
     /// every row they changed in the same SQLite transaction.
@@ -24,7 +26,13 @@ impl Store {
         let started = std::time::Instant::now();
         let mut out = self.local_transaction(|store| {
             let mut rows_affected = Vec::with_capacity(statements.len());
-            store.interrupt.arm(deadline, None);
+            // Stopped at its deadline, or once its captured writes outgrow what it could
+            // commit (see `local_transaction`).
+            let over = store.capture.over();
+            store.interrupt.arm(
+                deadline,
+                Some(Box::new(move || over.load(Ordering::Relaxed))),
+            );
             let mut result = Ok(());
             for (index, statement) in statements.iter().enumerate() {
                 let start = std::time::Instant::now();
@@ -49,12 +57,23 @@ impl Store {
                 (Err(_), Some(Stopped::Deadline)) => Err(StoreError::DeadlinePassed(
                     deadline.map_or(started.elapsed(), |d| d.saturating_duration_since(started)),
                 )),
+                (Err(_), Some(Stopped::Cancelled)) => Err(StoreError::WritesTooLarge {
+                    limit: store.capture_bytes_max(),
+                }),
                 (Err(e), _) => Err(e),
                 (Ok(()), _) => Ok(rows_affected),
             }
         })?;
         out.statement_times = statement_times;
         Ok(out)
+    }
+
+    /// What a local transaction's captured writes may hold in memory before it is stopped:
+    /// twice the changeset it may commit (an update also keeps the old values it changed, and
+    /// a row written again is captured again). Without it a statement writing many rows
+    /// held them all, and as much again in the write-ahead log, until its deadline.
+    pub(super) fn capture_bytes_max(&self) -> usize {
+        self.changeset_bytes_max.saturating_mul(2)
     }
 
     /// Wraps `body` in BEGIN IMMEDIATE ... COMMIT with capture on; turns what it captured into
@@ -73,9 +92,13 @@ impl Store {
         // write: SQLite would build it in one step of its program, where no deadline stops it,
         // before the check below refused it. The store's own writes (remote rows of any size
         // their writers' nodes accepted) keep the cap SQLite had.
-        let uncapped = match self.capture.start(&mut self.writer).and_then(|()| {
-            query::cap_values(&self.writer, query::read_cap(self.changeset_bytes_max))
-        }) {
+        let capture_max = self.capture_bytes_max();
+        let uncapped = match self
+            .capture
+            .start(&mut self.writer, capture_max)
+            .and_then(|()| {
+                query::cap_values(&self.writer, query::read_cap(self.changeset_bytes_max))
+            }) {
             Ok(uncapped) => uncapped,
             Err(e) => {
                 let _ = self.capture.stop(&mut self.writer);
@@ -92,6 +115,11 @@ impl Store {
         let result = result.and_then(|rows_affected| {
             if let Some(e) = capture_error {
                 return Err(StoreError::Corrupt(e));
+            }
+            // The last statement may have ended before its next progress check: what it
+            // wrote past the limit was not captured, so it must not commit.
+            if self.capture.over().load(Ordering::Relaxed) {
+                return Err(StoreError::WritesTooLarge { limit: capture_max });
             }
             let changeset = self.record_local_writes(&mut writes)?;
             // The exact size needs the whole encoding: only when the cheap upper bound is over.
