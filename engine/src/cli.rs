@@ -649,6 +649,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Agent { config } => {
             let config = Config::load_with_env(config.as_deref(), crate::config::environment())?;
             crate::logging::init(&config.log)?;
+            // Process-wide: set here, where one agent has the process to itself.
+            crate::store::limit_sqlite_memory(config.db.sqlite_memory_max);
             runtime()?.block_on(crate::agent::run(config))?;
         }
         Command::Exec {

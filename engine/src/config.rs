@@ -320,6 +320,12 @@ pub struct DbConfig {
     pub transaction_bytes_max: usize,
     /// Bytes of parts of incomplete remote changesets kept at once. 1 MiB..=16 GiB.
     pub parts_bytes_max: u64,
+    /// Memory SQLite may allocate in the whole `patina agent` process (every connection's
+    /// caches, and what statements build); past it an allocation fails and its statement
+    /// with it ("out of memory"), so no query of many large values can take the host's
+    /// memory. Set by the agent command only (in-process agents share their host's process).
+    /// 0: no limit. 0 or 16 MiB..=1 TiB.
+    pub sqlite_memory_max: u64,
 }
 
 impl Default for DbConfig {
@@ -330,6 +336,7 @@ impl Default for DbConfig {
             max_db_bytes: None,
             transaction_bytes_max: 64 * 1024 * 1024,
             parts_bytes_max: 256 * 1024 * 1024,
+            sqlite_memory_max: 1 << 30,
         }
     }
 }
@@ -640,6 +647,14 @@ impl Config {
             64 * 1024,
             1 << 30,
         )?;
+        if self.db.sqlite_memory_max != 0 {
+            within(
+                "db.sqlite_memory_max",
+                self.db.sqlite_memory_max as usize,
+                16 << 20,
+                1 << 40,
+            )?;
+        }
         within(
             "db.parts_bytes_max",
             self.db.parts_bytes_max as usize,

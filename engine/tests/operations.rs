@@ -189,3 +189,45 @@ fn a_peer_without_the_cluster_certificate_is_logged_once_per_interval() {
         .count();
     assert_eq!(refusals, 1, "{:?}", log_lines(&dir));
 }
+
+/// SQLite's memory in an agent process is capped (`db.sqlite_memory_max`): a query whose one
+/// row holds two 20 MB values, each under the value cap and the row under the row cap, needs
+/// more than the 32 MiB this agent allows, fails with "out of memory", and the node goes on
+/// writing and reading. Without the cap the same query is answered, with the two values.
+#[test]
+fn a_query_past_the_sqlite_memory_cap_fails_and_the_node_goes_on() {
+    use patina::http::client::{request, Method, StatusCode, Target};
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a");
+    let config = write_config(&dir, Ports::default(), &[], "");
+    let mut command = Command::new(patina());
+    command.env("PATINA_DB__SQLITE_MEMORY_MAX", (32u64 << 20).to_string());
+    let agent = AgentProcess::start_command(command, &dir, &config);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let call = |path: &str, body: Json| {
+        let body = serde_json::to_vec(&body).unwrap();
+        runtime.block_on(async {
+            let (status, out) = request(&Target::Tcp(agent.api), Method::POST, path, None, body)
+                .await
+                .unwrap();
+            (
+                status,
+                String::from_utf8_lossy(&out[..out.len().min(300)]).into_owned(),
+            )
+        })
+    };
+    let (status, out) = call(
+        "/v1/queries",
+        serde_json::json!("SELECT randomblob(20000000), randomblob(20000000)"),
+    );
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{out}");
+    assert!(out.contains("out of memory"), "{out}");
+    let (status, out) = call(
+        "/v1/transactions",
+        serde_json::json!(["INSERT INTO kv (k, v) VALUES ('a', 'b')"]),
+    );
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let (status, out) = call("/v1/queries", serde_json::json!("SELECT v FROM kv"));
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert!(out.contains("\"b\""), "{out}");
+}

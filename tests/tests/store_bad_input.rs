@@ -754,25 +754,34 @@ fn a_failed_reload_after_a_rollback_is_made_before_the_next_write() {
             )
         })
         .collect();
-    store.fail_next_reloads(2);
+    store.fail_next_reloads(4);
     let err = store.apply_changesets(&big).unwrap_err();
     assert!(
         err.to_string().contains("full"),
         "the batch's own failure: {err}"
     );
-    // The reload owed fails once more: the write is refused, and nothing of it is kept.
-    let err = store
-        .transact(&[Statement::new("DELETE FROM hosts WHERE id < 50")])
-        .unwrap_err();
-    assert!(err.to_string().contains("on purpose"), "{err}");
-    // Then it succeeds, and writes go on.
-    store
-        .transact(&[Statement::new("DELETE FROM hosts WHERE id < 50")])
-        .unwrap();
+    // While the reload owed fails, every kind of write is refused and nothing of it is kept;
+    // extraction waits too.
     let small = remote(
         1,
         vec![change("hosts", 1000, Some("name"), "n".into(), 1, 0)],
     );
+    let err = store.apply_changesets(&[small.clone()]).unwrap_err();
+    assert!(err.to_string().contains("on purpose"), "{err}");
+    let err = store.apply_schema_sql(SCHEMA).unwrap_err();
+    assert!(err.to_string().contains("on purpose"), "{err}");
+    let err = store
+        .transact(&[Statement::new("DELETE FROM hosts WHERE id < 50")])
+        .unwrap_err();
+    assert!(err.to_string().contains("on purpose"), "{err}");
+    let err = store
+        .changesets(store.site_id(), DbVersion(1), DbVersion(1), 1)
+        .unwrap_err();
+    assert!(err.to_string().contains("reloaded"), "{err}");
+    // Then it succeeds, and writes go on.
+    store
+        .transact(&[Statement::new("DELETE FROM hosts WHERE id < 50")])
+        .unwrap();
     assert!(matches!(
         store.apply_changesets(&[small]).unwrap()[0],
         ApplyOutcome::Applied { .. }
@@ -842,4 +851,21 @@ fn a_transaction_whose_writes_outgrow_what_it_may_commit_is_stopped() {
         .collect();
     store.transact(&again).unwrap();
     assert_eq!(store.db_version(), DbVersion(version.get() + 1));
+    // Rows with large values (1 MB together, twice the cap), each written in a transaction of
+    // its own: updating one small column of all, then deleting them all, commits small
+    // changes and is not refused, although the captured rows hold their large values.
+    for id in 10..20 {
+        store
+            .transact(&[Statement::with_params(
+                "INSERT INTO hosts (id, name) VALUES (?, ?)",
+                vec![id.into(), "y".repeat(100_000).into()],
+            )])
+            .unwrap();
+    }
+    store
+        .transact(&[Statement::new("UPDATE hosts SET port = 1 WHERE id >= 10")])
+        .unwrap();
+    store
+        .transact(&[Statement::new("DELETE FROM hosts WHERE id >= 10")])
+        .unwrap();
 }

@@ -462,7 +462,7 @@ fn superseded_index_entries_go_in_batches_and_a_rolled_back_write_keeps_its_own(
     let err = a
         .transact(&[
             Statement::new("DELETE FROM hosts WHERE id = 1"),
-            Statement::new("INSERT INTO hosts (id, tags) VALUES (3, randomblob(8000))"),
+            Statement::new("INSERT INTO hosts (id, tags) VALUES (3, randomblob(5000))"),
         ])
         .unwrap_err();
     assert!(
@@ -899,7 +899,7 @@ fn a_local_write_builds_on_the_stored_clock_after_a_remote_merge_or_a_rollback()
     let err = a
         .transact(&[
             Statement::new("UPDATE hosts SET name = 'lost' WHERE id = 1"),
-            Statement::new("INSERT INTO hosts (id, tags) VALUES (2, randomblob(8000))"),
+            Statement::new("INSERT INTO hosts (id, tags) VALUES (2, randomblob(5000))"),
         ])
         .unwrap_err();
     assert!(

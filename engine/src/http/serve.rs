@@ -120,6 +120,12 @@ struct Activity {
     /// The connection speaks HTTP/2 (its first bytes were the preface): its frames are no
     /// request heads, and hyper bounds them.
     http2: AtomicBool,
+    /// 1 + milliseconds after `started` of the last write to the socket of at least
+    /// [`PROGRESS_BYTES`] (an answer moving; control frames are smaller); 0: none yet.
+    wrote_ms: AtomicU64,
+    /// 1 + milliseconds after `started` since when the socket has refused every write (its
+    /// buffer full: the client reads nothing); 0 while it takes them.
+    blocked_since_ms: AtomicU64,
     /// One cell per answer body still alive: 1 + milliseconds after `started` when the body
     /// last handed a frame over and has not been asked for the next since (the client is not
     /// taking what it was sent); 0 while hyper waits on the body instead.
@@ -165,6 +171,51 @@ impl Activity {
         self.started.elapsed().as_millis() as u64 + 1
     }
 
+    /// Time since a cell's moment (1 + ms after `started`; 0 counts from `started`).
+    fn since_cell(&self, cell: u64) -> Duration {
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(cell.saturating_sub(1)))
+    }
+
+    /// A write to the socket took `bytes`.
+    fn wrote(&self, bytes: usize) {
+        self.touch();
+        self.blocked_since_ms.store(0, Ordering::Relaxed);
+        if bytes >= PROGRESS_BYTES {
+            self.wrote_ms.store(self.now_cell(), Ordering::Relaxed);
+        }
+    }
+
+    /// The socket refused a write.
+    fn blocked(&self) {
+        let now = self.now_cell();
+        let _ =
+            self.blocked_since_ms
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// How long the socket has refused every write, if it does.
+    fn blocked_for(&self) -> Option<Duration> {
+        match self.blocked_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(self.since_cell(since)),
+        }
+    }
+
+    /// How long since the last write of an answer's bytes (since the connection began if none).
+    fn quiet_for(&self) -> Duration {
+        self.since_cell(self.wrote_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether the client has stopped taking what it is sent: the socket refused every write
+    /// for `limit`, or an answer handed a frame over that hyper has not been able to send
+    /// (HTTP/2 flow control, hyper's buffers full) for `limit` while nothing else moved.
+    fn stopped_reading(&self, limit: Duration) -> bool {
+        self.blocked_for().is_some_and(|t| t >= limit)
+            || (self.stalled_for().is_some_and(|t| t >= limit) && self.quiet_for() >= limit)
+    }
+
     /// A cell for a new answer body.
     fn answer(&self) -> Arc<AtomicU64> {
         let cell = Arc::new(AtomicU64::new(0));
@@ -187,22 +238,23 @@ impl Activity {
             .map(|a| a.load(Ordering::Relaxed))
             .filter(|&since| since != 0)
             .min()?;
-        Some(
-            self.started
-                .elapsed()
-                .saturating_sub(Duration::from_millis(since - 1)),
-        )
+        Some(self.since_cell(since))
     }
 }
 
 /// Past this many answer cells a connection drops those of finished answers.
 const ANSWERS_PRUNE_AT: usize = 64;
 
+/// A write at least this large is an answer's bytes moving; HTTP/2's control frames (PING
+/// and SETTINGS acknowledgements, window updates) are smaller and do not count.
+const PROGRESS_BYTES: usize = 64;
+
 /// An answer's body as hyper pulls it, marking when it handed a frame over and was not asked
-/// for the next. hyper asks for the next frame once the previous one is written (HTTP/1.1)
-/// or has room in the stream's window (HTTP/2), so an answer marked for long has a client
-/// that stopped reading: neither the socket's buffers nor HTTP/2 flow control would ever free
-/// what the answer holds (a stream slot, its queue, the connection).
+/// for the next. hyper asks for the next frame once it has room for it (its write buffer
+/// below its limit, or room in the HTTP/2 stream's window), so an answer marked for long,
+/// while the connection writes nothing, has a client that stopped reading: neither the
+/// socket's buffers nor HTTP/2 flow control would ever free what the answer holds (a stream
+/// slot, its queue, the connection).
 struct Watched<B> {
     inner: B,
     cell: Arc<AtomicU64>,
@@ -264,6 +316,8 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         in_flight: AtomicUsize::new(0),
         head_since_ms: AtomicU64::new(0),
         http2: AtomicBool::new(false),
+        wrote_ms: AtomicU64::new(0),
+        blocked_since_ms: AtomicU64::new(0),
         answers: std::sync::Mutex::new(Vec::new()),
     });
     let io = Tracked {
@@ -327,7 +381,7 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     return;
                 }
                 // Not graceful: a client that does not read would not take a GOAWAY either.
-                if activity.stalled_for().is_some_and(|t| t >= idle_timeout) {
+                if activity.stopped_reading(idle_timeout) {
                     tracing::debug!("closing a connection whose client took none of an answer for {idle_timeout:?}");
                     return;
                 }
@@ -387,6 +441,16 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Tracked<Io> {
     }
 }
 
+impl<Io> Tracked<Io> {
+    fn written(&self, poll: &std::task::Poll<std::io::Result<usize>>) {
+        match poll {
+            std::task::Poll::Ready(Ok(n)) if *n > 0 => self.activity.wrote(*n),
+            std::task::Poll::Pending => self.activity.blocked(),
+            _ => {}
+        }
+    }
+}
+
 impl<Io: AsyncWrite + Unpin> AsyncWrite for Tracked<Io> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
@@ -394,9 +458,7 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Tracked<Io> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.written(&poll);
         poll
     }
 
@@ -406,9 +468,7 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Tracked<Io> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.written(&poll);
         poll
     }
 
@@ -501,6 +561,13 @@ mod tests {
         }))
     }
 
+    /// 1 MiB chunks without end: hyper takes the next only once one is written out.
+    fn endless_large() -> impl tokio_stream::Stream<Item = Chunk> {
+        tokio_stream::iter(std::iter::repeat_with(|| {
+            Ok(axum::body::Bytes::from(vec![b'x'; 1024 * 1024]))
+        }))
+    }
+
     /// One line, then nothing for ever: a subscription with no changes.
     fn quiet() -> impl tokio_stream::Stream<Item = Chunk> {
         tokio_stream::once(Ok(axum::body::Bytes::from_static(b"{}\n")))
@@ -585,8 +652,10 @@ mod tests {
             "a quiet stream's connection was closed"
         );
 
-        // A client that reads slowly but steadily takes the next piece well within the limit.
-        let (router, mut dropped) = router_with(endless);
+        // A client that reads slowly but steadily keeps its answer, even when one piece of the
+        // answer takes it far longer than the limit to read (1 MiB at 16 KiB a tenth of the
+        // limit: hyper asks for the next piece only after 6 s).
+        let (router, mut dropped) = router_with(endless_large);
         let (mut client, task) = connect(router);
         client.write_all(GET).await.unwrap();
         let mut buffer = vec![0u8; 16 * 1024];

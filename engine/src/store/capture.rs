@@ -180,25 +180,30 @@ impl Capture {
     }
 }
 
-/// About the memory a captured write holds: its values, and the text and blobs they own.
+/// About what a captured write adds to the transaction: its value slots, and the text and
+/// blobs of the values its changeset carries (an insert's, an update's changed columns before
+/// and after; a delete carries its key only). An update's unchanged values are held too, but
+/// not counted: a bulk update or delete of rows with large values commits small changes, and
+/// an update statement writes each row once, so what it holds is bounded by the table.
 fn write_bytes(write: &RowWrite) -> usize {
-    let value = |v: &Value| {
-        std::mem::size_of::<Value>()
-            + match v {
-                Value::Text(t) => t.len(),
-                Value::Blob(b) => b.len(),
-                _ => 0,
+    let owned = |v: &Value| match v {
+        Value::Text(t) => t.len(),
+        Value::Blob(b) => b.len(),
+        _ => 0,
+    };
+    let slots = |n: usize| n * std::mem::size_of::<Value>();
+    std::mem::size_of::<CapturedWrite>()
+        + match write {
+            RowWrite::Insert { new } => slots(new.len()) + new.iter().map(owned).sum::<usize>(),
+            RowWrite::Delete { old } => slots(old.len()),
+            RowWrite::Update { new, old_changed } => {
+                slots(new.len() + old_changed.len())
+                    + old_changed
+                        .iter()
+                        .map(|(i, old)| owned(old) + new.get(*i).map_or(0, owned))
+                        .sum::<usize>()
             }
-    };
-    let values = match write {
-        RowWrite::Insert { new } => new.iter().map(value).sum::<usize>(),
-        RowWrite::Delete { old } => old.iter().map(value).sum(),
-        RowWrite::Update { new, old_changed } => {
-            new.iter().map(value).sum::<usize>()
-                + old_changed.iter().map(|(_, v)| value(v)).sum::<usize>()
         }
-    };
-    std::mem::size_of::<CapturedWrite>() + values
 }
 
 /// Reads what the store needs of a change the hook reports, values in the table's column order.

@@ -14,6 +14,7 @@ impl Store {
     /// It hashes as it reads, in the order the clocks' snapshot has (table name, then key), so
     /// its memory does not grow with the rows.
     pub fn digest_until(&self, deadline: Option<std::time::Instant>) -> Result<Digest, StoreError> {
+        self.refuse_while_reload_owed()?;
         let started = std::time::Instant::now();
         self.interrupt.arm(deadline, None);
         let result = self.digest_rows();

@@ -13,6 +13,7 @@ impl Store {
         end: DbVersion,
         limit: usize,
     ) -> Result<Vec<Changeset>, StoreError> {
+        self.refuse_while_reload_owed()?;
         let (Some(site_ord), Some(versions)) = (self.sites.ord(&site), self.book.site(&site))
         else {
             return Ok(Vec::new());
@@ -156,6 +157,7 @@ impl Store {
     pub fn clock_snapshot(
         &self,
     ) -> Result<BTreeMap<(String, PackedPk), ClockSnapshot>, StoreError> {
+        self.refuse_while_reload_owed()?;
         let mut out = BTreeMap::new();
         let mut stmt = self
             .reader

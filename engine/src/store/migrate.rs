@@ -74,15 +74,16 @@ impl Store {
         });
         match result {
             Ok(backfill) => {
+                // Committed: should what follows fail, it is owed (see `Store::settle`), or
+                // the new tables' rows would never get clocks (a later migration finds them
+                // registered) and writes to them would be refused.
+                self.backfill_owed = backfill;
                 if let Err(e) = self.load_state() {
                     self.reload_owed = true;
                     return Err(e);
                 }
                 self.install_capture();
-                if !backfill.is_empty() {
-                    self.backfill(&backfill)?;
-                }
-                Ok(())
+                self.backfill_owed()
             }
             Err(e) => {
                 let _ = self.writer.execute_batch("ROLLBACK");

@@ -57,6 +57,7 @@ mod wal;
 pub use digest::Digest;
 pub use extract::ClockSnapshot;
 use local::{ClockWrite, IndexWrites};
+pub use prepared::limit_sqlite_memory;
 use prepared::{Bound, MergeWrite, Sql, Statements, ROWS_PER_STATEMENT};
 use query::bind;
 pub use query::Reader;
@@ -399,6 +400,9 @@ pub struct Store {
     reload_owed: bool,
     /// Reloads still to fail on purpose (see [`Store::fail_next_reloads`]).
     reload_failures: u32,
+    /// Tables a committed schema change registered whose existing rows still need clocks:
+    /// the reload after its COMMIT failed, so [`Store::settle`] backfills them after its own.
+    backfill_owed: Vec<String>,
 }
 
 /// A row clock's origins (see `RowClock::origins_into`).
@@ -508,6 +512,7 @@ impl Store {
             origins_scratch: (Vec::new(), Vec::new()),
             reload_owed: false,
             reload_failures: 0,
+            backfill_owed: Vec::new(),
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
@@ -522,6 +527,12 @@ impl Store {
             ),
             Ok(None) => {}
             Err(e) => tracing::warn!("remote versions left for sync to fetch again: {e}"),
+        }
+        // Should that have left a reload owed, one more try now; else the first write's.
+        if let Err(e) = store.settle() {
+            tracing::warn!(
+                "reloading the store's state failed (retried before the next write): {e}"
+            );
         }
         Ok(store)
     }
@@ -578,10 +589,41 @@ impl Store {
     }
 
     /// Makes the reload a failed one owes, if it owes one; until it succeeds, writes fail.
+    /// Then tries the backfill a schema change owes, if any: its failure (a table too large
+    /// for one transaction) is logged and retried at the next write, which goes on.
     fn settle(&mut self) -> Result<(), StoreError> {
         if self.reload_owed {
             self.load_state()?;
+            self.install_capture();
             self.reload_owed = false;
+        }
+        if let Err(e) = self.backfill_owed() {
+            tracing::warn!("rows of a newly replicated table still lack clocks (retried at the next write): {e}");
+        }
+        Ok(())
+    }
+
+    /// Gives clocks to the rows of the tables a committed schema change left without them.
+    fn backfill_owed(&mut self) -> Result<(), StoreError> {
+        if self.backfill_owed.is_empty() {
+            return Ok(());
+        }
+        let tables = std::mem::take(&mut self.backfill_owed);
+        let result = self.backfill(&tables);
+        if result.is_err() {
+            self.backfill_owed = tables;
+        }
+        result
+    }
+
+    /// Reads of the store's state (extraction, the digest) wait while a reload is owed: the
+    /// state may name a site or table the file does not have, or miss one it has.
+    fn refuse_while_reload_owed(&self) -> Result<(), StoreError> {
+        if self.reload_owed {
+            return Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                Some("the store's state is being reloaded after a failed rollback".into()),
+            )));
         }
         Ok(())
     }

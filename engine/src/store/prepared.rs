@@ -10,7 +10,8 @@
 //!
 //! The one module of the workspace that may use `unsafe` (the workspace denies it): rusqlite's
 //! `Statement` borrows its connection, so the store cannot keep one beside the connection it
-//! owns, and these are kept as SQLite's own handles instead.
+//! owns, and these are kept as SQLite's own handles instead. The process-wide limit on
+//! SQLite's memory ([`limit_sqlite_memory`]), which rusqlite does not wrap, is set here too.
 
 #![allow(unsafe_code)]
 
@@ -24,6 +25,20 @@ use rusqlite::ffi;
 use rusqlite::Connection;
 
 use super::FastMap;
+
+/// Caps the memory SQLite allocates in this process, all connections together, at `bytes`
+/// (0: no cap): past it an allocation fails and the statement making it fails with "out of
+/// memory", which SQLite recovers from. Each value a connection makes is capped already
+/// (`SQLITE_LIMIT_LENGTH`), but a result row may hold up to 2,000 such values.
+pub fn limit_sqlite_memory(bytes: u64) {
+    let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+    // SAFETY: sqlite3_hard_heap_limit64 takes a plain integer and may be called at any time
+    // from any thread (it takes SQLite's memory mutex); the previous limit it returns is
+    // not needed.
+    unsafe {
+        ffi::sqlite3_hard_heap_limit64(bytes);
+    }
+}
 
 /// Rows per multi-row statement ([`Sql::Clocks`], [`Sql::IndexEntries`]).
 pub(super) const ROWS_PER_STATEMENT: usize = 64;

@@ -5,7 +5,7 @@ use super::*;
 impl Store {
     /// Runs one read-only statement on the read connection.
     pub fn query(&self, statement: &Statement) -> Result<QueryRows, StoreError> {
-        collect_query(&self.reader, statement)
+        collect_query(&self.reader, statement, read_cap(self.changeset_bytes_max))
     }
 }
 /// A read-only connection for queries; the API keeps a few, so reads never wait for writes.
@@ -13,6 +13,8 @@ impl Store {
 pub struct Reader {
     conn: Connection,
     interrupt: Interrupt,
+    /// The cap on each value it reads or makes, and on each result row.
+    value_bytes_max: usize,
 }
 
 /// Caps every text or blob value `conn` makes (stored or computed: `zeroblob`, `printf`,
@@ -32,9 +34,13 @@ pub(crate) fn read_cap(transaction_bytes_max: usize) -> usize {
     transaction_bytes_max.max(patina_core::wire::VALUE_BYTES_MAX)
 }
 
+/// Runs `statement` on `conn`, handing each row to `on_row`. A row whose values hold more than
+/// `row_bytes_max` bytes together is refused before it is copied: the cap on each value does
+/// not bound a row of many (each up to the cap, and its answer several times that as JSON).
 pub(super) fn query_each(
     conn: &Connection,
     statement: &Statement,
+    row_bytes_max: usize,
     on_columns: impl FnOnce(&[String]),
     mut on_row: impl FnMut(Vec<Value>) -> bool,
 ) -> Result<(), StoreError> {
@@ -47,6 +53,19 @@ pub(super) fn query_each(
     on_columns(&columns);
     let mut rows = stmt.raw_query();
     while let Some(row) = rows.next().map_err(query_error)? {
+        let mut bytes = 0usize;
+        for i in 0..columns.len() {
+            bytes += match row.get_ref(i)? {
+                ValueRef::Text(t) | ValueRef::Blob(t) => t.len(),
+                _ => 8,
+            };
+        }
+        if bytes > row_bytes_max {
+            return Err(StoreError::Query(format!(
+                "a result row of {bytes} bytes is over the limit of {row_bytes_max} bytes \
+                 (db.transaction_bytes_max, at least 4 MiB)"
+            )));
+        }
         let values = (0..columns.len())
             .map(|i| row.get_ref(i).map(capture::to_value))
             .collect::<Result<Vec<_>, _>>()?;
@@ -70,12 +89,14 @@ pub(super) fn query_error(e: rusqlite::Error) -> StoreError {
 pub(super) fn collect_query(
     conn: &Connection,
     statement: &Statement,
+    row_bytes_max: usize,
 ) -> Result<QueryRows, StoreError> {
     let mut columns = Vec::new();
     let mut rows = Vec::new();
     query_each(
         conn,
         statement,
+        row_bytes_max,
         |c| columns = c.to_vec(),
         |r| {
             rows.push(r);
@@ -127,8 +148,8 @@ pub(super) fn bind(stmt: &mut rusqlite::Statement<'_>, params: &Params) -> Resul
 }
 
 impl Reader {
-    /// Opens a read-only connection to a store's database file; no value it reads or makes may
-    /// be over `value_bytes_max` bytes (see [`cap_values`]).
+    /// Opens a read-only connection to a store's database file; no value it reads or makes,
+    /// and no result row, may be over `value_bytes_max` bytes (see [`cap_values`]).
     pub fn open(path: &Path, value_bytes_max: usize) -> Result<Reader, StoreError> {
         let conn = Connection::open_with_flags(
             path,
@@ -142,7 +163,11 @@ impl Reader {
         let mut conn = conn;
         guard::install_read_only(&mut conn)?;
         let interrupt = Interrupt::install(&mut conn)?;
-        Ok(Reader { conn, interrupt })
+        Ok(Reader {
+            conn,
+            interrupt,
+            value_bytes_max,
+        })
     }
 
     /// Runs one read-only statement, calling `on_columns` once and `on_row` per row until it
@@ -158,7 +183,13 @@ impl Reader {
     ) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         self.interrupt.arm(deadline, cancelled);
-        let result = query_each(&self.conn, statement, on_columns, on_row);
+        let result = query_each(
+            &self.conn,
+            statement,
+            self.value_bytes_max,
+            on_columns,
+            on_row,
+        );
         self.interrupt.disarm();
         match (result, self.interrupt.stopped()) {
             (Err(_), Some(Stopped::Deadline)) => Err(StoreError::DeadlinePassed(

@@ -38,6 +38,9 @@ impl Store {
             return Ok(None);
         }
         self.statements.run(Sql::BeginImmediate)?;
+        // What the book was, should the write fail: versions marked applied in memory but
+        // not in the file would be served as cleared (they have no index entries).
+        let book_before = self.book.clone();
         let recovered = (|| {
             let (sites, book) = (&self.sites, &self.book);
             // An ordinal too large for the site table names no site: skipped, as no version of
@@ -88,6 +91,7 @@ impl Store {
             Ok(versions) => Ok(Some(versions)),
             Err(e) => {
                 let _ = self.writer.execute_batch("ROLLBACK");
+                self.book = book_before;
                 self.reload_after_rollback();
                 Err(e)
             }
