@@ -756,7 +756,7 @@ async fn a_statement_cannot_make_a_value_larger_than_a_transaction() {
     assert_eq!(out[1]["row"][1][0], json!(4000000));
     // Nor may a row of many values, each under the cap, hold more than it together: eight
     // 3 MB blobs would be 24 MB to copy and about 100 MB of JSON.
-    let many = format!("SELECT {}", vec!["randomblob(3000000)"; 8].join(", "));
+    let many = format!("SELECT {}", ["randomblob(3000000)"; 8].join(", "));
     let (status, out) = call(&agent, "/v1/queries", json!(many)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{} bytes", size(&out));
     assert!(

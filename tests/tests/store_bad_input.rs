@@ -766,7 +766,9 @@ fn a_failed_reload_after_a_rollback_is_made_before_the_next_write() {
         1,
         vec![change("hosts", 1000, Some("name"), "n".into(), 1, 0)],
     );
-    let err = store.apply_changesets(&[small.clone()]).unwrap_err();
+    let err = store
+        .apply_changesets(std::slice::from_ref(&small))
+        .unwrap_err();
     assert!(err.to_string().contains("on purpose"), "{err}");
     let err = store.apply_schema_sql(SCHEMA).unwrap_err();
     assert!(err.to_string().contains("on purpose"), "{err}");
