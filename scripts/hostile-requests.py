@@ -11,6 +11,8 @@ status, how long it took, and the agent's peak resident memory so far (VmHWM):
 - a query that never ends, asking for `?timeout=600` (the node's own limit is 10 s);
 - `SELECT zeroblob(300000000)`: a 300 MB value made in one step of SQLite's program;
 - a write of a 5 MB text value (peers decode at most 4 MiB);
+- a query of one row of 8 values of 60 MB each (each under the 64 MiB value cap), then of 20:
+  its answer, how long it took, the agent's peak memory;
 - a statement inserting 3,000,000 rows of 1,000 bytes (3 GB, far over the 64 MiB a
   transaction may commit): its answer, the agent's peak memory and the write-ahead log's size;
 - `GET /v1/sync/digest?timeout=1` on ROWS rows (default 1,000,000), with a one-row write sent
@@ -170,6 +172,17 @@ def main():
             ["INSERT INTO hosts (id, name) VALUES (-1, printf('%.*c', 5000000, 'x'))"],
         )
         report("write of a 5 MB value", status, took, agent.pid, text)
+        for columns in (8, 20):
+            status, took, text = call(
+                "POST",
+                "/v1/queries",
+                "SELECT " + ", ".join(["randomblob(60000000)"] * columns),
+                timeout=120.0,
+            )
+            size = f"{len(text) / 1e6:.0f} MB answer" if status == 200 else ""
+            report(f"one row of {columns} values of 60 MB", status, took, agent.pid, text[-120:])
+            if size:
+                print(f"  {size}")
         status, took, text = call(
             "POST",
             "/v1/transactions",
