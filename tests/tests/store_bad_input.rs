@@ -319,6 +319,21 @@ fn malformed_bytes_are_decode_errors() {
     assert!(SiteId::from_slice(&[1; 8]).is_err());
 }
 
+/// Inserts rows holding `blob` until a write fails (the store's size cap): how many were
+/// written, and the failure.
+fn fill_until_full(store: &mut Store, blob: &str) -> (usize, StoreError) {
+    for i in 0..200usize {
+        let stmt = Statement::with_params(
+            "INSERT INTO hosts (id, name) VALUES (?, ?)",
+            vec![(i as i64).into(), blob.into()],
+        );
+        if let Err(e) = store.transact(&[stmt]) {
+            return (i, e);
+        }
+    }
+    panic!("the size cap was never hit");
+}
+
 #[test]
 fn a_full_database_fails_cleanly_and_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
@@ -328,27 +343,13 @@ fn a_full_database_fails_cleanly_and_keeps_working() {
     };
     let mut store = Store::open(&cfg).unwrap();
     let blob = "x".repeat(4000);
-    let mut full = None;
-    for i in 0..200 {
-        let stmt = Statement::with_params(
-            "INSERT INTO hosts (id, name) VALUES (?, ?)",
-            vec![i.into(), blob.clone().into()],
-        );
-        match store.transact(&[stmt]) {
-            Ok(_) => {}
-            Err(e) => {
-                full = Some((i, e));
-                break;
-            }
-        }
-    }
-    let (written, err) = full.expect("the size cap was never hit");
+    let (written, err) = fill_until_full(&mut store, &blob);
     assert!(err.to_string().contains("full"), "{err}");
     // Nothing of the failed transaction: exactly `written` rows and versions.
     assert_eq!(store.db_version(), DbVersion(written as u64));
     assert_eq!(
         rows(&store, "SELECT count(*) FROM hosts"),
-        vec![vec![written.into()]]
+        vec![vec![(written as i64).into()]]
     );
     // Remote changesets fail the same way, as an error for the batch, with nothing applied.
     let big: Vec<Changeset> = (0..50)
@@ -726,18 +727,7 @@ fn a_failed_reload_after_a_rollback_is_made_before_the_next_write() {
     };
     let mut store = Store::open(&cfg).unwrap();
     let blob = "x".repeat(4000);
-    let mut full = false;
-    for i in 0..200 {
-        let stmt = Statement::with_params(
-            "INSERT INTO hosts (id, name) VALUES (?, ?)",
-            vec![i.into(), blob.clone().into()],
-        );
-        if store.transact(&[stmt]).is_err() {
-            full = true;
-            break;
-        }
-    }
-    assert!(full, "the size cap was never hit");
+    fill_until_full(&mut store, &blob);
     // A batch from a site this store has never seen, too large for what is left.
     let big: Vec<Changeset> = (0..50)
         .map(|v| {
@@ -854,8 +844,8 @@ fn a_transaction_whose_writes_outgrow_what_it_may_commit_is_stopped() {
     store.transact(&again).unwrap();
     assert_eq!(store.db_version(), DbVersion(version.get() + 1));
     // Rows with large values (1 MB together, twice the cap), each written in a transaction of
-    // its own: updating one small column of all, then deleting them all, commits small
-    // changes and is not refused, although the captured rows hold their large values.
+    // its own. Deleting them all commits: a delete captures the key alone. Updating one small
+    // column of them all holds every row it writes whole, 1 MB: refused, to be split.
     for id in 10..20 {
         store
             .transact(&[Statement::with_params(
@@ -864,10 +854,20 @@ fn a_transaction_whose_writes_outgrow_what_it_may_commit_is_stopped() {
             )])
             .unwrap();
     }
-    store
+    let err = store
         .transact(&[Statement::new("UPDATE hosts SET port = 1 WHERE id >= 10")])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::WritesTooLarge { .. }), "{err}");
+    store
+        .transact(&[Statement::new(
+            "UPDATE hosts SET port = 1 WHERE id BETWEEN 10 AND 13",
+        )])
         .unwrap();
     store
         .transact(&[Statement::new("DELETE FROM hosts WHERE id >= 10")])
         .unwrap();
+    assert_eq!(
+        rows(&store, "SELECT count(*) FROM hosts"),
+        vec![vec![1.into()]]
+    );
 }

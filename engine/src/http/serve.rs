@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -120,12 +120,6 @@ struct Activity {
     /// The connection speaks HTTP/2 (its first bytes were the preface): its frames are no
     /// request heads, and hyper bounds them.
     http2: AtomicBool,
-    /// 1 + milliseconds after `started` of the last write to the socket of at least
-    /// [`PROGRESS_BYTES`] (an answer moving; control frames are smaller); 0: none yet.
-    wrote_ms: AtomicU64,
-    /// 1 + milliseconds after `started` since when the socket has refused every write (its
-    /// buffer full: the client reads nothing); 0 while it takes them.
-    blocked_since_ms: AtomicU64,
     /// One cell per answer body still alive: 1 + milliseconds after `started` when the body
     /// last handed a frame over and has not been asked for the next since (the client is not
     /// taking what it was sent); 0 while hyper waits on the body instead.
@@ -178,42 +172,10 @@ impl Activity {
             .saturating_sub(Duration::from_millis(cell.saturating_sub(1)))
     }
 
-    /// A write to the socket took `bytes`.
-    fn wrote(&self, bytes: usize) {
-        self.touch();
-        self.blocked_since_ms.store(0, Ordering::Relaxed);
-        if bytes >= PROGRESS_BYTES {
-            self.wrote_ms.store(self.now_cell(), Ordering::Relaxed);
-        }
-    }
-
-    /// The socket refused a write.
-    fn blocked(&self) {
-        let now = self.now_cell();
-        let _ =
-            self.blocked_since_ms
-                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-    }
-
-    /// How long the socket has refused every write, if it does.
-    fn blocked_for(&self) -> Option<Duration> {
-        match self.blocked_since_ms.load(Ordering::Relaxed) {
-            0 => None,
-            since => Some(self.since_cell(since)),
-        }
-    }
-
-    /// How long since the last write of an answer's bytes (since the connection began if none).
-    fn quiet_for(&self) -> Duration {
-        self.since_cell(self.wrote_ms.load(Ordering::Relaxed))
-    }
-
-    /// Whether the client has stopped taking what it is sent: the socket refused every write
-    /// for `limit`, or an answer handed a frame over that hyper has not been able to send
-    /// (HTTP/2 flow control, hyper's buffers full) for `limit` while nothing else moved.
+    /// Whether the client has stopped taking what it is sent: an answer handed a piece over
+    /// that hyper has not asked to follow for `limit` (see [`Watched`]).
     fn stopped_reading(&self, limit: Duration) -> bool {
-        self.blocked_for().is_some_and(|t| t >= limit)
-            || (self.stalled_for().is_some_and(|t| t >= limit) && self.quiet_for() >= limit)
+        self.stalled_for().is_some_and(|t| t >= limit)
     }
 
     /// A cell for a new answer body.
@@ -245,34 +207,52 @@ impl Activity {
 /// Past this many answer cells a connection drops those of finished answers.
 const ANSWERS_PRUNE_AT: usize = 64;
 
-/// A write at least this large is an answer's bytes moving; HTTP/2's control frames (PING
-/// and SETTINGS acknowledgements, window updates) are smaller and do not count.
-const PROGRESS_BYTES: usize = 64;
+/// An answer's frames are handed to hyper in pieces of at most this size, so that being asked
+/// for the next piece tracks what the client takes: hyper asks once a piece is written out
+/// (HTTP/1.1) or the stream's window has room again (HTTP/2), which a reader that keeps reading
+/// gives often, however large the frames its answer is made of.
+const PIECE_BYTES: usize = 16 * 1024;
 
-/// An answer's body as hyper pulls it, marking when it handed a frame over and was not asked
-/// for the next. hyper asks for the next frame once it has room for it (its write buffer
-/// below its limit, or room in the HTTP/2 stream's window), so an answer marked for long,
-/// while the connection writes nothing, has a client that stopped reading: neither the
-/// socket's buffers nor HTTP/2 flow control would ever free what the answer holds (a stream
-/// slot, its queue, the connection).
+/// An answer's body as hyper pulls it, in pieces of at most [`PIECE_BYTES`], marking when it
+/// handed a piece over and was not asked for the next. An answer marked for long has a client
+/// that stopped reading: neither the socket's buffers nor HTTP/2 flow control would ever free
+/// what it holds (a stream slot, its queue, the connection). A quiet stream is never marked:
+/// hyper asked for its next piece, and it has none yet.
 struct Watched<B> {
     inner: B,
+    /// What is left of the frame being handed over in pieces.
+    rest: Bytes,
     cell: Arc<AtomicU64>,
     activity: Arc<Activity>,
     /// Counts the request in flight until the body is dropped (sent or abandoned).
     _in_flight: InFlight,
 }
 
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for Watched<B> {
-    type Data = B::Data;
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Watched<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        let poll = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let poll = if this.rest.is_empty() {
+            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                std::task::Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        this.rest = data;
+                        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(
+                            this.next_piece(),
+                        ))))
+                    }
+                    Err(frame) => std::task::Poll::Ready(Some(Ok(frame))),
+                },
+                other => other,
+            }
+        } else {
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(this.next_piece()))))
+        };
         let handed = match &poll {
             std::task::Poll::Ready(Some(Ok(_))) => this.activity.now_cell(),
             _ => 0,
@@ -282,11 +262,25 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Watched<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = hyper::body::SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
+
+impl<B> Watched<B> {
+    fn next_piece(&mut self) -> Bytes {
+        let take = self.rest.len().min(PIECE_BYTES);
+        self.rest.split_to(take)
     }
 }
 
@@ -316,8 +310,6 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         in_flight: AtomicUsize::new(0),
         head_since_ms: AtomicU64::new(0),
         http2: AtomicBool::new(false),
-        wrote_ms: AtomicU64::new(0),
-        blocked_since_ms: AtomicU64::new(0),
         answers: std::sync::Mutex::new(Vec::new()),
     });
     let io = Tracked {
@@ -340,6 +332,7 @@ async fn serve_connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 Ok::<_, std::convert::Infallible>(response.map(|body| {
                     Body::new(Watched {
                         inner: body,
+                        rest: Bytes::new(),
                         cell: activity.answer(),
                         activity,
                         _in_flight: guard,
@@ -443,10 +436,8 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Tracked<Io> {
 
 impl<Io> Tracked<Io> {
     fn written(&self, poll: &std::task::Poll<std::io::Result<usize>>) {
-        match poll {
-            std::task::Poll::Ready(Ok(n)) if *n > 0 => self.activity.wrote(*n),
-            std::task::Poll::Pending => self.activity.blocked(),
-            _ => {}
+        if matches!(poll, std::task::Poll::Ready(Ok(n)) if *n > 0) {
+            self.activity.touch();
         }
     }
 }
@@ -593,12 +584,8 @@ mod tests {
 
     const GET: &[u8] = b"GET /answer HTTP/1.1\r\nHost: patina\r\n\r\n";
 
-    #[tokio::test]
-    async fn an_http1_client_that_stops_reading_loses_its_connection() {
-        let (router, dropped) = router_with(endless);
-        let (mut client, task) = connect(router);
-        client.write_all(GET).await.unwrap();
-        // Never read: the pipe and hyper's buffer fill, and the answer waits.
+    /// The answer is let go and its connection closed within seconds.
+    async fn closed_soon(dropped: oneshot::Receiver<()>, task: tokio::task::JoinHandle<()>) {
         tokio::time::timeout(Duration::from_secs(10), dropped)
             .await
             .expect("the answer was still held 10 s after its client stopped reading")
@@ -607,6 +594,15 @@ mod tests {
             .await
             .expect("the connection stayed open")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_http1_client_that_stops_reading_loses_its_connection() {
+        let (router, dropped) = router_with(endless);
+        let (mut client, task) = connect(router);
+        client.write_all(GET).await.unwrap();
+        // Never read: the pipe and hyper's buffer fill, and the answer waits.
+        closed_soon(dropped, task).await;
     }
 
     #[tokio::test]
@@ -625,14 +621,7 @@ mod tests {
             .unwrap();
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
-        tokio::time::timeout(Duration::from_secs(10), dropped)
-            .await
-            .expect("the answer was still held 10 s after its client stopped reading")
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the connection stayed open")
-            .unwrap();
+        closed_soon(dropped, task).await;
         drop(response);
     }
 

@@ -46,7 +46,7 @@ pub enum RowWrite {
     },
     /// A row was deleted.
     Delete {
-        /// The row before.
+        /// The row before: its key columns, the others null.
         old: Vec<Value>,
     },
 }
@@ -67,9 +67,9 @@ pub struct CaptureState {
     pub user_mode: bool,
     /// Writes captured since the last take.
     pub writes: Vec<CapturedWrite>,
-    /// Replicated tables by name, with their local ordinals: the tables user statements may
+    /// Replicated tables by name, with their local ordinals and key columns: the tables user statements may
     /// write to, and whose writes are captured.
-    pub tables: super::FastMap<String, u32>,
+    pub tables: super::FastMap<String, (u32, Arc<[usize]>)>,
     /// A value SQLite could not hand over (out of memory, a corrupt record).
     pub error: Option<String>,
     /// About how many bytes the captured writes hold (see [`write_bytes`]).
@@ -121,15 +121,16 @@ impl Capture {
                 if db != "main" {
                     return;
                 }
-                let Some(&table_ord) = st.tables.get(table) else {
+                let Some((table_ord, key)) = st.tables.get(table) else {
                     // The authorizer lets user statements write replicated tables only.
                     return;
                 };
+                let (table_ord, key) = (*table_ord, key.clone());
                 if st.bytes_held > st.bytes_max {
                     // Over already: the statement stops at its next progress check.
                     return;
                 }
-                match row_write(case) {
+                match row_write(case, &key) {
                     Ok(write) => {
                         st.bytes_held += write_bytes(&write);
                         if st.bytes_held > st.bytes_max {
@@ -180,38 +181,41 @@ impl Capture {
     }
 }
 
-/// About what a captured write adds to the transaction: its value slots, and the text and
-/// blobs of the values its changeset carries (an insert's, an update's changed columns before
-/// and after; a delete carries its key only). An update's unchanged values are held too, but
-/// not counted: a bulk update or delete of rows with large values commits small changes, and
-/// an update statement writes each row once, so what it holds is bounded by the table.
+/// About the memory a captured write holds: its value slots, and the text and blobs they
+/// own (a delete holds its key only).
 fn write_bytes(write: &RowWrite) -> usize {
-    let owned = |v: &Value| match v {
-        Value::Text(t) => t.len(),
-        Value::Blob(b) => b.len(),
-        _ => 0,
+    let value = |v: &Value| {
+        std::mem::size_of::<Value>()
+            + match v {
+                Value::Text(t) => t.len(),
+                Value::Blob(b) => b.len(),
+                _ => 0,
+            }
     };
-    let slots = |n: usize| n * std::mem::size_of::<Value>();
     std::mem::size_of::<CapturedWrite>()
         + match write {
-            RowWrite::Insert { new } => slots(new.len()) + new.iter().map(owned).sum::<usize>(),
-            RowWrite::Delete { old } => slots(old.len()),
+            RowWrite::Insert { new } => new.iter().map(value).sum::<usize>(),
+            RowWrite::Delete { old } => old.iter().map(value).sum(),
             RowWrite::Update { new, old_changed } => {
-                slots(new.len() + old_changed.len())
-                    + old_changed
-                        .iter()
-                        .map(|(i, old)| owned(old) + new.get(*i).map_or(0, owned))
-                        .sum::<usize>()
+                new.iter().map(value).sum::<usize>()
+                    + old_changed.iter().map(|(_, v)| value(v)).sum::<usize>()
             }
         }
 }
 
-/// Reads what the store needs of a change the hook reports, values in the table's column order.
-fn row_write(case: &PreUpdateCase) -> Result<RowWrite, String> {
-    let read_old = |old: &PreUpdateOldValueAccessor| {
-        (0..old.get_column_count())
-            .map(|i| old.get_old_column_value(i).map(to_value))
-            .collect::<rusqlite::Result<Vec<_>>>()
+/// Reads what the store needs of a change the hook reports, values in the table's column order:
+/// of a deleted row only its key columns (`key`), the others left null, since a delete's
+/// change carries the key alone (and copying a large row only to drop it cost memory the
+/// capture's cap then had to count).
+fn row_write(case: &PreUpdateCase, key: &[usize]) -> Result<RowWrite, String> {
+    let read_old_key = |old: &PreUpdateOldValueAccessor| {
+        let mut row = vec![Value::Null; old.get_column_count().max(0) as usize];
+        for &i in key {
+            if let Some(slot) = row.get_mut(i) {
+                *slot = to_value(old.get_old_column_value(i as i32)?);
+            }
+        }
+        Ok::<_, rusqlite::Error>(row)
     };
     let read_new = |new: &PreUpdateNewValueAccessor| {
         (0..new.get_column_count())
@@ -220,7 +224,7 @@ fn row_write(case: &PreUpdateCase) -> Result<RowWrite, String> {
     };
     let write = match case {
         PreUpdateCase::Insert(new) => read_new(new).map(|new| RowWrite::Insert { new }),
-        PreUpdateCase::Delete(old) => read_old(old).map(|old| RowWrite::Delete { old }),
+        PreUpdateCase::Delete(old) => read_old_key(old).map(|old| RowWrite::Delete { old }),
         PreUpdateCase::Update {
             old_value_accessor: old,
             new_value_accessor: new,

@@ -77,7 +77,11 @@ impl Store {
                 // Committed: should what follows fail, it is owed (see `Store::settle`), or
                 // the new tables' rows would never get clocks (a later migration finds them
                 // registered) and writes to them would be refused.
-                self.backfill_owed = backfill;
+                for table in backfill {
+                    if !self.backfill_owed.contains(&table) {
+                        self.backfill_owed.push(table);
+                    }
+                }
                 if let Err(e) = self.load_state() {
                     self.reload_owed = true;
                     return Err(e);
@@ -172,7 +176,7 @@ impl Store {
         self.capture.lock().tables = self
             .tables
             .iter()
-            .map(|(name, table)| (name.clone(), table.ord))
+            .map(|(name, table)| (name.clone(), (table.ord, table.pk.clone().into())))
             .collect();
     }
 

@@ -30,12 +30,19 @@ use super::FastMap;
 /// (0: no cap): past it an allocation fails and the statement making it fails with "out of
 /// memory", which SQLite recovers from. Each value a connection makes is capped already
 /// (`SQLITE_LIMIT_LENGTH`), but a result row may hold up to 2,000 such values.
+///
+/// SQLite enforces the limit only while it keeps memory statistics, on by default in the
+/// bundled build and turned on here too, which works when called before SQLite initializes
+/// (the agent command calls this before it opens anything); a build with statistics off
+/// and already initialized would ignore the limit.
 pub fn limit_sqlite_memory(bytes: u64) {
     let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
-    // SAFETY: sqlite3_hard_heap_limit64 takes a plain integer and may be called at any time
-    // from any thread (it takes SQLite's memory mutex); the previous limit it returns is
-    // not needed.
+    // SAFETY: SQLITE_CONFIG_MEMSTATUS takes one int; sqlite3_config refuses (SQLITE_MISUSE,
+    // ignored) once SQLite is initialized, and is called here from the one thread that runs
+    // before any other touches SQLite. sqlite3_hard_heap_limit64 takes a plain integer and
+    // may be called at any time from any thread (it takes SQLite's memory mutex).
     unsafe {
+        ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 1 as c_int);
         ffi::sqlite3_hard_heap_limit64(bytes);
     }
 }
