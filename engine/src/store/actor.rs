@@ -265,6 +265,13 @@ pub(crate) fn spawn_store(
         .spawn(move || {
             let _in_node = span.enter();
             while let Some(request) = rx.blocking_recv() {
+                // A reload a failed rollback left owed (see `Store::settle`): made before
+                // reads too, which wait for it, not only before the next write.
+                if let Err(e) = store.reload_if_owed() {
+                    tracing::warn!(
+                        "reloading the store's state failed (tried again at the next request): {e}"
+                    );
+                }
                 match request {
                     StoreRequest::Transact {
                         statements,

@@ -403,7 +403,13 @@ pub struct Store {
     /// Tables a committed schema change registered whose existing rows still need clocks:
     /// the reload after its COMMIT failed, so [`Store::settle`] backfills them after its own.
     backfill_owed: Vec<String>,
+    /// When the owed backfill failed last, when to try it again (each try reads the tables
+    /// whole).
+    backfill_retry_at: Option<std::time::Instant>,
 }
+
+/// How long an owed backfill that failed waits before the next try.
+const BACKFILL_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A row clock's origins (see `RowClock::origins_into`).
 type RowOrigins = Vec<(SiteId, DbVersion)>;
@@ -513,6 +519,7 @@ impl Store {
             reload_owed: false,
             reload_failures: 0,
             backfill_owed: Vec::new(),
+            backfill_retry_at: None,
         };
         store.load_state()?;
         store.apply_schema_files(&config.schema_paths)?;
@@ -589,16 +596,33 @@ impl Store {
     }
 
     /// Makes the reload a failed one owes, if it owes one; until it succeeds, writes fail.
-    /// Then tries the backfill a schema change owes, if any: its failure (a table too large
-    /// for one transaction) is logged and retried at the next write, which goes on.
+    /// Then tries the backfill a schema change owes, if any and if due: its failure (a table
+    /// too large for one transaction) is logged and tried again a minute later, and the write
+    /// goes on.
     fn settle(&mut self) -> Result<(), StoreError> {
+        self.reload_if_owed()?;
+        if self
+            .backfill_retry_at
+            .is_none_or(|at| std::time::Instant::now() >= at)
+        {
+            match self.backfill_owed() {
+                Ok(()) => self.backfill_retry_at = None,
+                Err(e) => {
+                    tracing::warn!("rows of a newly replicated table still lack clocks (tried again in {BACKFILL_RETRY:?}): {e}");
+                    self.backfill_retry_at = Some(std::time::Instant::now() + BACKFILL_RETRY);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the reload a failed one owes, if it owes one. The store thread calls this before
+    /// every request, so a quiet node's reads (extraction, the digest) do not wait for a write.
+    pub(crate) fn reload_if_owed(&mut self) -> Result<(), StoreError> {
         if self.reload_owed {
             self.load_state()?;
             self.install_capture();
             self.reload_owed = false;
-        }
-        if let Err(e) = self.backfill_owed() {
-            tracing::warn!("rows of a newly replicated table still lack clocks (retried at the next write): {e}");
         }
         Ok(())
     }
