@@ -77,9 +77,19 @@ pub struct CaptureState {
     /// Past this many, capture stops and `over` is set.
     pub bytes_max: usize,
     /// The captured writes grew past `bytes_max`: the rest of the transaction's writes were
-    /// not captured, so it must not commit. Read by the writer's progress handler, which stops
-    /// the running statement (see `Store::transact_until`).
+    /// not captured, so it must not commit (see `Store::transact_until`).
     pub over: Arc<AtomicBool>,
+    /// Stops the writer's running statement once `over` is set.
+    pub interrupt: Option<WriterInterrupt>,
+}
+
+/// The writer's [`rusqlite::InterruptHandle`], which has no `Debug` of its own.
+pub struct WriterInterrupt(rusqlite::InterruptHandle);
+
+impl std::fmt::Debug for WriterInterrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriterInterrupt")
+    }
 }
 
 /// Shared handle on [`CaptureState`].
@@ -94,6 +104,7 @@ impl Capture {
 
     /// Installs the authorizer on the writer connection.
     pub fn install(&self, conn: &mut Connection) -> rusqlite::Result<()> {
+        self.lock().interrupt = Some(WriterInterrupt(conn.get_interrupt_handle()));
         let state = self.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| {
             authorize(&state.lock(), &ctx)
@@ -121,20 +132,24 @@ impl Capture {
                 if db != "main" {
                     return;
                 }
-                let Some((table_ord, key)) = st.tables.get(table) else {
-                    // The authorizer lets user statements write replicated tables only.
-                    return;
-                };
-                let (table_ord, key) = (*table_ord, key.clone());
                 if st.bytes_held > st.bytes_max {
                     // Over already: the statement stops at its next progress check.
                     return;
                 }
-                match row_write(case, &key) {
+                let Some((table_ord, key)) = st.tables.get(table) else {
+                    // The authorizer lets user statements write replicated tables only.
+                    return;
+                };
+                let table_ord = *table_ord;
+                match row_write(case, key) {
                     Ok(write) => {
                         st.bytes_held += write_bytes(&write);
                         if st.bytes_held > st.bytes_max {
+                            // Stopped where SQLite next checks, within this statement.
                             st.over.store(true, Ordering::Relaxed);
+                            if let Some(WriterInterrupt(interrupt)) = &st.interrupt {
+                                interrupt.interrupt();
+                            }
                         }
                         st.writes.push(CapturedWrite { table_ord, write });
                     }
@@ -152,7 +167,8 @@ impl Capture {
         Ok(())
     }
 
-    /// Turns true once the writes captured since [`Capture::start`] grew past its limit.
+    /// Turns true once the writes captured since [`Capture::start`] grew past its limit (the
+    /// same flag for good: a store reads it through its own copy).
     pub fn over(&self) -> Arc<AtomicBool> {
         self.lock().over.clone()
     }

@@ -26,13 +26,9 @@ impl Store {
         let started = std::time::Instant::now();
         let mut out = self.local_transaction(|store| {
             let mut rows_affected = Vec::with_capacity(statements.len());
-            // Stopped at its deadline, or once its captured writes outgrow what it could
-            // commit (see `local_transaction`).
-            let over = store.capture.over();
-            store.interrupt.arm(
-                deadline,
-                Some(Box::new(move || over.load(Ordering::Relaxed))),
-            );
+            // Stopped at its deadline; the capture stops it too once its writes outgrow what
+            // it could commit (see `local_transaction`).
+            store.interrupt.arm(deadline, None);
             let mut result = Ok(());
             for (index, statement) in statements.iter().enumerate() {
                 let start = std::time::Instant::now();
@@ -54,12 +50,14 @@ impl Store {
             // Disarmed before COMMIT or ROLLBACK, which must never be interrupted.
             store.interrupt.disarm();
             match (result, store.interrupt.stopped()) {
+                (Err(_), _) if store.capture_over.load(Ordering::Relaxed) => {
+                    Err(StoreError::WritesTooLarge {
+                        limit: store.capture_bytes_max(),
+                    })
+                }
                 (Err(_), Some(Stopped::Deadline)) => Err(StoreError::DeadlinePassed(
                     deadline.map_or(started.elapsed(), |d| d.saturating_duration_since(started)),
                 )),
-                (Err(_), Some(Stopped::Cancelled)) => Err(StoreError::WritesTooLarge {
-                    limit: store.capture_bytes_max(),
-                }),
                 (Err(e), _) => Err(e),
                 (Ok(()), _) => Ok(rows_affected),
             }
@@ -118,7 +116,7 @@ impl Store {
             }
             // The last statement may have ended before its next progress check: what it
             // wrote past the limit was not captured, so it must not commit.
-            if self.capture.over().load(Ordering::Relaxed) {
+            if self.capture_over.load(Ordering::Relaxed) {
                 return Err(StoreError::WritesTooLarge { limit: capture_max });
             }
             let changeset = self.record_local_writes(&mut writes)?;

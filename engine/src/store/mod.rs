@@ -343,6 +343,8 @@ pub struct Store {
     writer: Connection,
     reader: Connection,
     capture: Capture,
+    /// The capture's flag: a local transaction's writes outgrew what it may commit.
+    capture_over: Arc<std::sync::atomic::AtomicBool>,
     /// Stops a local transaction's statements at their deadline.
     interrupt: Interrupt,
     site: SiteId,
@@ -486,6 +488,7 @@ impl Store {
             statements,
             writer,
             reader,
+            capture_over: capture.over(),
             capture,
             interrupt,
             site: SiteId::default(),
