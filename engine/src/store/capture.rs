@@ -133,7 +133,7 @@ impl Capture {
                     return;
                 }
                 if st.bytes_held > st.bytes_max {
-                    // Over already: the statement stops at its next progress check.
+                    // Over already: the statement was interrupted and stops at SQLite's next check.
                     return;
                 }
                 let Some((table_ord, key)) = st.tables.get(table) else {

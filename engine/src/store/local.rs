@@ -114,7 +114,7 @@ impl Store {
             if let Some(e) = capture_error {
                 return Err(StoreError::Corrupt(e));
             }
-            // The last statement may have ended before its next progress check: what it
+            // The last statement may have ended before the interrupt took effect: what it
             // wrote past the limit was not captured, so it must not commit.
             if self.capture_over.load(Ordering::Relaxed) {
                 return Err(StoreError::WritesTooLarge { limit: capture_max });
