@@ -139,8 +139,7 @@ impl Activity {
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since_ms.load(Ordering::Relaxed) == 0
         {
-            let ms = self.started.elapsed().as_millis() as u64;
-            self.head_since_ms.store(ms + 1, Ordering::Relaxed);
+            self.head_since_ms.store(self.now_cell(), Ordering::Relaxed);
         }
     }
 
@@ -148,11 +147,7 @@ impl Activity {
     fn head_for(&self) -> Option<Duration> {
         match self.head_since_ms.load(Ordering::Relaxed) {
             0 => None,
-            since => Some(
-                self.started
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(since - 1)),
-            ),
+            since => Some(self.since_cell(since)),
         }
     }
 
