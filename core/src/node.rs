@@ -309,6 +309,15 @@ impl Node {
                     to,
                     msg: NodeMsg::Broadcast(msg),
                 }),
+                // Every member costs the same here: the first `count`.
+                Action::SendToSome {
+                    candidates,
+                    count,
+                    msg,
+                } => out.extend(candidates.into_iter().take(count).map(|to| Output::Send {
+                    to,
+                    msg: NodeMsg::Broadcast(msg.clone()),
+                })),
                 Action::Deliver(changeset) => {
                     let id = changeset.id;
                     let head = self.durable.book.site(&id.site).map_or(0, |v| v.head.get());

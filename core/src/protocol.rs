@@ -65,6 +65,16 @@ pub enum Action {
         /// The message.
         msg: BroadcastMsg,
     },
+    /// Send a broadcast message to `count` of the `candidates`, the first ones the caller can
+    /// reach cheaply, in their order (optional copies: see [`Effect::SendToSome`]).
+    SendToSome {
+        /// Members in a random order.
+        candidates: Vec<SiteId>,
+        /// How many of them.
+        count: usize,
+        /// The message.
+        msg: BroadcastMsg,
+    },
     /// A changeset (or part of one) seen for the first time: apply it by the apply rule.
     Deliver(Arc<Changeset>),
     /// Start sync session `session` with `peer`; report its end with
@@ -389,6 +399,15 @@ fn actions(effects: Vec<Effect>) -> Vec<Action> {
         .into_iter()
         .map(|effect| match effect {
             Effect::Send { to, msg } => Action::Send { to, msg },
+            Effect::SendToSome {
+                candidates,
+                count,
+                msg,
+            } => Action::SendToSome {
+                candidates,
+                count,
+                msg,
+            },
             Effect::Deliver(changeset) => Action::Deliver(changeset),
         })
         .collect()

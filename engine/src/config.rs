@@ -180,6 +180,10 @@ pub struct GossipConfig {
     /// Kept links this node asks of members picked at random: the long links that take a
     /// changeset to every region in about one hop. 0..=16.
     pub far_peers: usize,
+    /// Members this node sends its own changesets to directly: its kept links, then members
+    /// picked at random among those it can reach without a handshake, at most one member in
+    /// 16. In a large cluster this saves the spread a hop (0: the kept links only). 0..=256.
+    pub origin_fanout: usize,
     /// Time between round-trip probes during the first round, over `probe_sample` members (ms;
     /// 100 times longer afterwards; 0: no probes, so no near links). 0..=60,000.
     pub probe_interval_ms: u64,
@@ -247,6 +251,7 @@ impl Default for GossipConfig {
             graft_timeout_ms: broadcast.graft_timeout_ms,
             near_peers: broadcast.near_peers,
             far_peers: broadcast.far_peers,
+            origin_fanout: broadcast.origin_fanout,
             probe_interval_ms: broadcast.probe_interval_ms,
             probe_sample: broadcast.probe_sample,
             send_queue_len_max: 4096,
@@ -277,6 +282,7 @@ impl GossipConfig {
                 graft_timeout_ms: self.graft_timeout_ms,
                 near_peers: self.near_peers,
                 far_peers: self.far_peers,
+                origin_fanout: self.origin_fanout,
                 probe_interval_ms: self.probe_interval_ms,
                 probe_sample: self.probe_sample,
                 part_bytes: self.part_bytes,
@@ -692,6 +698,7 @@ impl Config {
             256,
         )?;
         within("gossip.probe_sample", self.gossip.probe_sample, 1, 1_024)?;
+        within("gossip.origin_fanout", self.gossip.origin_fanout, 0, 256)?;
         within(
             "gossip.swim_probe_period_ms",
             self.gossip.swim_probe_period_ms as usize,
@@ -929,6 +936,7 @@ mod tests {
             ("connections_max", "2"),
             ("connection_idle_ms", "10"),
             ("probe_sample", "0"),
+            ("origin_fanout", "257"),
         ] {
             let e = Config::parse(&format!("[gossip]\n{key} = {bad}\n"), "test")
                 .unwrap_err()
@@ -936,7 +944,7 @@ mod tests {
             assert!(e.contains(&format!("gossip.{key}")), "{e}");
         }
         let config = Config::parse(
-            "[gossip]\nswim_probe_period_ms = 5000\nconnections_max = 32\nconnection_idle_ms = 60000\nprobe_sample = 64\n",
+            "[gossip]\nswim_probe_period_ms = 5000\nconnections_max = 32\nconnection_idle_ms = 60000\nprobe_sample = 64\norigin_fanout = 0\n",
             "test",
         )
         .unwrap();
@@ -945,9 +953,10 @@ mod tests {
                 config.gossip.swim_probe_period_ms,
                 config.gossip.connections_max,
                 config.gossip.connection_idle_ms,
-                config.gossip.probe_sample
+                config.gossip.probe_sample,
+                config.gossip.origin_fanout,
             ),
-            (5_000, 32, 60_000, 64)
+            (5_000, 32, 60_000, 64, 0)
         );
     }
 }

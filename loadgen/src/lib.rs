@@ -78,6 +78,9 @@ pub struct Options {
     pub near_peers: Option<usize>,
     /// Kept links every agent asks of random members (live); `None`: the agent's default.
     pub far_peers: Option<usize>,
+    /// Members every agent sends its own changesets to directly (live); `None`: the agent's
+    /// default.
+    pub origin_fanout: Option<usize>,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -114,6 +117,7 @@ impl Default for Options {
             sync_interval_ms: DEFAULT_SYNC_INTERVAL_MS,
             near_peers: None,
             far_peers: None,
+            origin_fanout: None,
             progress: false,
         }
     }
@@ -167,6 +171,10 @@ pub struct Report {
     pub idle_cold_other_per_node_per_s: Vec<(String, f64)>,
     /// SWIM probe period of the agents (ms, live).
     pub swim_probe_ms: Option<u64>,
+    /// Per write, copies its writer sent straight to members beyond its kept links, and copies
+    /// it asked for but sent to nobody for lack of members reachable without a handshake
+    /// (live; the agents' `gossip.origin_fanout`).
+    pub first_hop_per_write: Option<(f64, f64)>,
     /// Sync rounds started per node per second: idle, and while writing (live).
     pub sync_rounds_per_node_per_s: Option<(f64, f64)>,
     /// How many times slower than that SWIM ran, on average over the nodes, idle (live; 1 when
@@ -320,6 +328,11 @@ impl Report {
                     .unwrap_or_default()
             ));
         }
+        if let Some((sent, short)) = self.first_hop_per_write {
+            out.push_str(&format!(
+                "  first hop           {sent:.1} copies per write straight to members beyond the writer's kept links, {short:.1} short of warm members\n"
+            ));
+        }
         if let Some((idle, writing)) = self.sync_rounds_per_node_per_s {
             out.push_str(&format!(
                 "  sync rounds         per node per second: {idle:.3} idle, {writing:.3} while writing\n"
@@ -424,6 +437,7 @@ impl Report {
                 .map(|(kind, rate)| (kind.clone(), json!(rate)))
                 .collect::<serde_json::Map<_, _>>(),
             "swim_probe_ms": self.swim_probe_ms,
+            "first_hop_per_write": self.first_hop_per_write.map(|(sent, short)| json!({"sent": sent, "short": short})),
             "sync_rounds_per_node_per_s": self.sync_rounds_per_node_per_s.map(|(idle, writing)| json!({"idle": idle, "writing": writing})),
             "idle_swim_slowdown": self.idle_swim_slowdown,
             "wall_s": self.wall_s,
@@ -557,11 +571,20 @@ fn swim_kinds(cold: &patina::net::gossip::ColdSends) -> String {
         .join(", ")
 }
 
+/// Direct copies of the agents' own changesets beyond their kept links: (sent, asked for and
+/// not sent), summed over the agents.
+fn first_hop(agents: &[Agent]) -> (u64, u64) {
+    agents.iter().fold((0, 0), |(sent, short), a| {
+        let g = a.gossip();
+        (sent + g.first_hop.0, short + g.first_hop.1)
+    })
+}
+
 /// Broadcast messages a node sent, the simulator's measure: pushes, announcements, grafts and
 /// prunes (gossip_sent includes pushes over kept links).
 fn broadcast_sent(gossip: &patina::net::gossip::GossipSnapshot) -> u64 {
     let b = gossip.broadcast;
-    b.gossip_sent + b.ihave_sent + b.grafts_sent + b.prunes_sent
+    b.gossip_sent + gossip.first_hop.0 + b.ihave_sent + b.grafts_sent + b.prunes_sent
 }
 
 pub(crate) fn bar(progress: bool, len: usize, what: &str) -> indicatif::ProgressBar {
@@ -686,6 +709,9 @@ pub async fn run_live(options: &Options) -> Report {
         }
         if let Some(far) = options.far_peers {
             config.gossip.far_peers = far;
+        }
+        if let Some(fanout) = options.origin_fanout {
+            config.gossip.origin_fanout = fanout;
         }
         config.api.query_connections = 1;
         if options.tls {
@@ -857,6 +883,7 @@ pub async fn run_live(options: &Options) -> Report {
         (m + g.transport_sent, b + g.transport_bytes)
     });
     let broadcast_before: u64 = agents.iter().map(|a| broadcast_sent(&a.gossip())).sum();
+    let first_hop_before = first_hop(&agents);
     let sync_before = sync_rounds(&agents);
     let (_, cpu_before) = patina_tests::process_usage();
     let write_phase = Instant::now();
@@ -917,6 +944,9 @@ pub async fn run_live(options: &Options) -> Report {
         (m + g.transport_sent, b + g.transport_bytes)
     });
     let broadcast_after: u64 = agents.iter().map(|a| broadcast_sent(&a.gossip())).sum();
+    let first_hop_after = first_hop(&agents);
+    let per_write =
+        |after: u64, before: u64| (after - before) as f64 / options.writes.max(1) as f64;
     let writing_sync = (sync_rounds(&agents) - sync_before) as f64 / phase / n as f64;
     for l in listeners {
         l.abort();
@@ -936,6 +966,10 @@ pub async fn run_live(options: &Options) -> Report {
         idle_swim_slowdown: Some(idle_slowdown),
         swim_probe_ms: Some(options.swim_probe_ms),
         sync_rounds_per_node_per_s: Some((idle_sync, writing_sync)),
+        first_hop_per_write: Some((
+            per_write(first_hop_after.0, first_hop_before.0),
+            per_write(first_hop_after.1, first_hop_before.1),
+        )),
         memory_per_node_mib: Some(idle_rss / n as f64),
         idle_cpu_per_node: Some(idle_cpu),
         cpu_per_node: Some((cpu_after - cpu_before) / phase / n as f64),

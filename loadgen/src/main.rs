@@ -300,6 +300,9 @@ struct Common {
     /// Kept links every agent asks of random members (live); default: the agent's.
     #[arg(long)]
     far_peers: Option<usize>,
+    /// Members every agent sends its own changesets to directly (live); default: the agent's.
+    #[arg(long)]
+    origin_fanout: Option<usize>,
     /// Where to write the raw figures.
     #[arg(long, default_value = "loadgen-report.json")]
     json: PathBuf,
@@ -345,6 +348,7 @@ fn options(c: &Common) -> Result<Options, String> {
         sync_interval_ms: c.sync_interval_ms,
         near_peers: c.near_peers,
         far_peers: c.far_peers,
+        origin_fanout: c.origin_fanout,
         progress: true,
     })
 }
@@ -384,6 +388,7 @@ fn main() {
         "settle_s": common.settle_s, "warmup_s": common.warmup_s,
         "swim_probe_ms": options.swim_probe_ms, "sync_interval_ms": options.sync_interval_ms,
         "near_peers": options.near_peers, "far_peers": options.far_peers,
+        "origin_fanout": options.origin_fanout,
     });
     write_outputs(&report, &common.json, &common.plot);
 }

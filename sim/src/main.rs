@@ -41,6 +41,9 @@ struct Args {
     /// Peers probed for round-trip times per round.
     #[arg(long)]
     probe_sample: Option<usize>,
+    /// Members a node's own changesets go to at least (kept links, then measured members).
+    #[arg(long)]
+    origin_fanout: Option<usize>,
     /// Time between probe rounds (ms).
     #[arg(long)]
     probe_ms: Option<u64>,
@@ -105,6 +108,7 @@ fn main() {
     set(&mut scenario.broadcast.near_peers, args.near);
     set(&mut scenario.broadcast.far_peers, args.far);
     set(&mut scenario.broadcast.probe_sample, args.probe_sample);
+    set(&mut scenario.broadcast.origin_fanout, args.origin_fanout);
     scenario.seed = args.seed.unwrap_or(scenario.seed);
     scenario.broadcast.probe_interval_ms = args
         .probe_ms

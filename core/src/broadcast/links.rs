@@ -81,14 +81,18 @@ impl Broadcast {
     }
 
     /// A changeset over a kept link we no longer want (our release was lost, or crossed it):
-    /// release it again.
+    /// release it again. `author` wrote the changeset.
     pub(super) fn release_stale_parent(
         &mut self,
         from: SiteId,
         kept: bool,
+        author: SiteId,
         effects: &mut Vec<Effect>,
     ) {
+        // A changeset straight from its author is a widened first hop
+        // (`BroadcastConfig::origin_fanout`), not a link.
         if kept
+            && from != author
             && !self.near.contains(&from)
             && !self.far.contains(&from)
             && !self.children.contains_key(&from)

@@ -48,20 +48,30 @@ impl Net {
         delivered: &mut BTreeSet<ChangesetId>,
     ) {
         for e in effects {
-            match e {
-                Effect::Send { to, msg } => {
-                    self.seq += 1;
-                    self.sent += u64::from(self.counting && !msg.is_upkeep());
-                    if self.counting && self.drop_every.is_some_and(|k| self.seq.is_multiple_of(k))
-                    {
-                        continue;
-                    }
-                    self.in_flight
-                        .insert((now + 10, self.seq), (to.0[0], from, msg));
-                }
+            let sends: Vec<(SiteId, BroadcastMsg)> = match e {
+                Effect::Send { to, msg } => vec![(to, msg)],
+                Effect::SendToSome {
+                    candidates,
+                    count,
+                    msg,
+                } => candidates
+                    .into_iter()
+                    .take(count)
+                    .map(|to| (to, msg.clone()))
+                    .collect(),
                 Effect::Deliver(cs) => {
                     delivered.insert(cs.id);
+                    continue;
                 }
+            };
+            for (to, msg) in sends {
+                self.seq += 1;
+                self.sent += u64::from(self.counting && !msg.is_upkeep());
+                if self.counting && self.drop_every.is_some_and(|k| self.seq.is_multiple_of(k)) {
+                    continue;
+                }
+                self.in_flight
+                    .insert((now + 10, self.seq), (to.0[0], from, msg));
             }
         }
     }
@@ -330,7 +340,7 @@ fn kept_links_are_asked_for_served_and_released() {
     let mut expected = vec![keep(far[1]), keep(other)];
     expected.sort_by_key(|e| match e {
         Effect::Send { to, .. } => *to,
-        Effect::Deliver(_) => unreachable!(),
+        _ => unreachable!(),
     });
     assert_eq!(refresh, expected);
     a.tick(Millis(5 * KEEP_REFRESH_MS));
@@ -388,4 +398,136 @@ fn probes_measure_round_trips_and_choose_the_nearest_links() {
     // A near peer that fails is replaced by the next nearest.
     a.peer_down(site(2));
     assert_eq!(a.near_peers(), &BTreeSet::from([site(3)]));
+}
+
+/// The members a local commit's effects send to directly, and the widened first hop's
+/// (candidates, count) if any.
+fn first_hop(effects: &[Effect]) -> (BTreeSet<SiteId>, Option<(Vec<SiteId>, usize)>) {
+    let mut direct = BTreeSet::new();
+    let mut widened = None;
+    for effect in effects {
+        match effect {
+            Effect::Send { to, .. } => {
+                direct.insert(*to);
+            }
+            Effect::SendToSome {
+                candidates, count, ..
+            } => widened = Some((candidates.clone(), *count)),
+            Effect::Deliver(_) => {}
+        }
+    }
+    (direct, widened)
+}
+
+#[test]
+fn a_large_clusters_own_changesets_go_straight_to_more_members() {
+    let config = BroadcastConfig {
+        near_peers: 0,
+        far_peers: 2,
+        probe_interval_ms: 0,
+        ..BroadcastConfig::default()
+    };
+    assert_eq!(config.origin_fanout, 48);
+    let mut a = Broadcast::new(site(0), config, 7);
+    for p in 1..=240 {
+        a.peer_up(site(p));
+    }
+    let (direct, widened) = first_hop(&a.local_commit(changeset(0, 1)));
+    // Its two far links, then random members up to one in 16 of the 240 (15 in all).
+    assert_eq!(&direct, a.far_peers());
+    let (candidates, count) = widened.expect("a widened first hop");
+    assert_eq!(count, 240 / ORIGIN_FANOUT_SHARE - 2);
+    assert_eq!(candidates.len(), count * ORIGIN_CANDIDATES_PER_SEND);
+    let distinct: BTreeSet<SiteId> = candidates.iter().copied().collect();
+    assert_eq!(distinct.len(), candidates.len());
+    assert!(!distinct.contains(&site(0)) && distinct.is_disjoint(&direct));
+    // Another write picks other members.
+    let (_, again) = first_hop(&a.local_commit(changeset(0, 2)));
+    assert_ne!(again.expect("widened").0, candidates);
+    // Forwarding someone else's changeset is not widened.
+    let (_, forwarded) = first_hop(&a.receive(
+        Millis(1),
+        site(9),
+        BroadcastMsg::KeptGossip(changeset(9, 1)),
+    ));
+    assert!(forwarded.is_none());
+
+    // A small cluster (fewer than 32 members), or origin_fanout 0, sends as before.
+    let mut small = Broadcast::new(site(0), config, 7);
+    for p in 1..=31 {
+        small.peer_up(site(p));
+    }
+    assert!(first_hop(&small.local_commit(changeset(0, 1))).1.is_none());
+    let mut off = Broadcast::new(
+        site(0),
+        BroadcastConfig {
+            origin_fanout: 0,
+            ..config
+        },
+        7,
+    );
+    for p in 1..=240 {
+        off.peer_up(site(p));
+    }
+    assert!(first_hop(&off.local_commit(changeset(0, 1))).1.is_none());
+}
+
+#[test]
+fn a_copy_straight_from_its_author_is_not_refused_as_a_stale_link() {
+    let config = BroadcastConfig {
+        near_peers: 0,
+        far_peers: 0,
+        probe_interval_ms: 0,
+        ..BroadcastConfig::default()
+    };
+    let mut b = Broadcast::new(site(1), config, 1);
+    for p in [2, 3] {
+        b.peer_up(site(p));
+    }
+    let prunes = |effects: &[Effect]| {
+        effects
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::Send {
+                        msg: BroadcastMsg::Prune,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    // Member 2 is neither a kept link of this node nor fed by it: its own changeset, first
+    // and again, is welcome (a widened first hop); someone else's is a stale link.
+    let first = b.receive(
+        Millis(1),
+        site(2),
+        BroadcastMsg::KeptGossip(changeset(2, 1)),
+    );
+    assert!(first.contains(&Effect::Deliver(changeset(2, 1))));
+    assert_eq!(prunes(&first), 0);
+    let again = b.receive(
+        Millis(2),
+        site(2),
+        BroadcastMsg::KeptGossip(changeset(2, 1)),
+    );
+    assert_eq!(prunes(&again), 0);
+    let relayed = b.receive(
+        Millis(3),
+        site(2),
+        BroadcastMsg::KeptGossip(changeset(3, 1)),
+    );
+    assert_eq!(prunes(&relayed), 1);
+}
+
+#[test]
+fn every_write_reaches_every_node_of_a_larger_cluster_with_a_widened_first_hop() {
+    // 250 members: 15 direct copies per write, a few more than the kept links' dozen.
+    let n = 250u8;
+    let writes = 20u64;
+    let (delivered, sent) = simulate(BroadcastConfig::default(), n, writes, Some(11));
+    assert!(delivered.iter().all(|d| d.len() == writes as usize));
+    let per_change_per_node = sent as f64 / writes as f64 / f64::from(n);
+    assert!(per_change_per_node < 7.0, "{per_change_per_node}");
 }

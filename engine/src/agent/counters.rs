@@ -125,6 +125,7 @@ impl Collector for Counters {
                 "kind",
                 &[
                     ("gossip", b.gossip_sent as f64),
+                    ("first_hop", gossip.first_hop.0 as f64),
                     ("ihave", b.ihave_sent as f64),
                     ("graft", b.grafts_sent as f64),
                     ("prune", b.prunes_sent as f64),

@@ -74,6 +74,10 @@ pub struct GossipSnapshot {
     /// sent them: SWIM, round-trip probes, kept-link requests and releases, changesets and
     /// tree messages, sync sessions.
     pub cold_sends: ColdSends,
+    /// Copies of this node's own changesets sent straight to members beyond its kept links
+    /// (core's `origin_fanout`), and copies asked for but not sent because too few of the
+    /// members offered were reachable without a handshake.
+    pub first_hop: (u64, u64),
     /// Sync rounds that completed.
     pub sync_rounds: u64,
     /// Sync rounds that failed.
@@ -99,6 +103,22 @@ pub struct ColdSends {
     pub sync: u64,
     /// The SWIM packets among them, by kind (see [`crate::net::membership::SWIM_KINDS`]).
     pub swim_by_kind: [u64; crate::net::membership::SWIM_KINDS.len()],
+}
+
+/// The addresses of the first `count` of `candidates` (in their order) that have an address
+/// and are reached without a handshake: where the optional copies of a widened first hop go.
+fn warm_prefix(
+    candidates: &[SiteId],
+    count: usize,
+    addr_of: impl Fn(&SiteId) -> Option<SocketAddr>,
+    is_warm: impl Fn(SocketAddr) -> bool,
+) -> Vec<SocketAddr> {
+    candidates
+        .iter()
+        .filter_map(addr_of)
+        .filter(|addr| is_warm(*addr))
+        .take(count)
+        .collect()
 }
 
 /// What a reconcile reports: the address pulled from, the session, how long it took.
@@ -392,31 +412,36 @@ impl GossipTask {
             for action in actions.drain(..) {
                 match action {
                     Action::Send { to, msg } => {
-                        let addr = self
-                            .membership
-                            .addr_of(&to)
-                            .or_else(|| peer_addrs.get(&to).copied());
-                        if let Some(addr) = addr {
-                            if !self.transport.is_warm(addr) {
-                                let cold = &mut snapshot.cold_sends;
-                                match &msg {
-                                    BroadcastMsg::Ping(_) | BroadcastMsg::Pong(_) => {
-                                        cold.probes += 1
-                                    }
-                                    BroadcastMsg::Keep | BroadcastMsg::Prune => cold.links += 1,
-                                    _ => cold.changes += 1,
-                                }
-                            }
-                            let channel = broadcast_channel(&msg);
-                            let bytes = encode_peer_message(
-                                self.cluster,
-                                &PeerMessage::Broadcast {
-                                    from: self.site,
-                                    msg,
-                                },
-                            );
-                            self.transport.send(addr, channel, Bytes::from(bytes));
+                        self.send_broadcast(to, msg, &peer_addrs, &mut snapshot);
+                    }
+                    Action::SendToSome {
+                        candidates,
+                        count,
+                        msg,
+                    } => {
+                        // Optional copies (the kept links carry the changeset anyway): only
+                        // to members this message reaches without a handshake (a kept key
+                        // carries a datagram, not a part too large for one), which would cost
+                        // more CPU than the hop they save and arrive a round trip late.
+                        let channel = broadcast_channel(&msg);
+                        let bytes = Bytes::from(encode_peer_message(
+                            self.cluster,
+                            &PeerMessage::Broadcast {
+                                from: self.site,
+                                msg,
+                            },
+                        ));
+                        let targets = warm_prefix(
+                            &candidates,
+                            count,
+                            |to| self.peer_addr(to, &peer_addrs),
+                            |addr| self.transport.reaches_without_handshake(addr, bytes.len()),
+                        );
+                        for addr in &targets {
+                            self.transport.send(*addr, channel, bytes.clone());
                         }
+                        snapshot.first_hop.0 += targets.len() as u64;
+                        snapshot.first_hop.1 += (count - targets.len()) as u64;
                     }
                     // Delivered above; sync and announces come only from ticks.
                     Action::Deliver(_) | Action::StartSync { .. } | Action::Announce => {}
@@ -431,6 +456,46 @@ impl GossipTask {
         // Give the goodbye packets a moment to leave before the endpoint closes.
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.transport.close().await;
+    }
+
+    fn peer_addr(
+        &self,
+        to: &SiteId,
+        peer_addrs: &BTreeMap<SiteId, SocketAddr>,
+    ) -> Option<SocketAddr> {
+        self.membership
+            .addr_of(to)
+            .or_else(|| peer_addrs.get(to).copied())
+    }
+
+    /// Sends one broadcast message, counting it among the cold sends if it needs a handshake.
+    fn send_broadcast(
+        &self,
+        to: SiteId,
+        msg: BroadcastMsg,
+        peer_addrs: &BTreeMap<SiteId, SocketAddr>,
+        snapshot: &mut GossipSnapshot,
+    ) {
+        let Some(addr) = self.peer_addr(&to, peer_addrs) else {
+            return;
+        };
+        if !self.transport.is_warm(addr) {
+            let cold = &mut snapshot.cold_sends;
+            match &msg {
+                BroadcastMsg::Ping(_) | BroadcastMsg::Pong(_) => cold.probes += 1,
+                BroadcastMsg::Keep | BroadcastMsg::Prune => cold.links += 1,
+                _ => cold.changes += 1,
+            }
+        }
+        let channel = broadcast_channel(&msg);
+        let bytes = encode_peer_message(
+            self.cluster,
+            &PeerMessage::Broadcast {
+                from: self.site,
+                msg,
+            },
+        );
+        self.transport.send(addr, channel, Bytes::from(bytes));
     }
 
     fn handle(
@@ -644,5 +709,33 @@ fn broadcast_channel(msg: &BroadcastMsg) -> Channel {
         | BroadcastMsg::Ping(_)
         | BroadcastMsg::Pong(_) => Channel::Datagram,
         BroadcastMsg::Graft(_) | BroadcastMsg::Prune => Channel::Stream,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_widened_first_hop_goes_only_to_members_reached_without_a_handshake() {
+        let site = |n: u8| SiteId([n; 16]);
+        let addr = |n: u8| SocketAddr::from(([127, 0, 0, n], 8787));
+        // Members 1..=8 in this order; 3 has no known address; even ones are warm.
+        let candidates: Vec<SiteId> = (1..=8).map(site).collect();
+        let addr_of = |s: &SiteId| (s.0[0] != 3).then(|| addr(s.0[0]));
+        let is_warm = |a: SocketAddr| match a {
+            SocketAddr::V4(v4) => v4.ip().octets()[3] % 2 == 0,
+            SocketAddr::V6(_) => false,
+        };
+        assert_eq!(
+            warm_prefix(&candidates, 2, addr_of, is_warm),
+            vec![addr(2), addr(4)]
+        );
+        // Fewer warm members than asked for: as many as there are, none cold.
+        assert_eq!(
+            warm_prefix(&candidates, 10, addr_of, is_warm),
+            vec![addr(2), addr(4), addr(6), addr(8)]
+        );
+        assert!(warm_prefix(&candidates, 0, addr_of, is_warm).is_empty());
     }
 }

@@ -775,6 +775,12 @@ impl Transport {
         self.is_connected(to) || self.shared.kept_key_for(to, 0).is_some()
     }
 
+    /// True if a message of `len` bytes to the peer needs no handshake: a connection to it is
+    /// pooled, or a kept sealed key can carry it in one datagram.
+    pub fn reaches_without_handshake(&self, to: SocketAddr, len: usize) -> bool {
+        self.is_connected(to) || self.shared.kept_key_for(to, len).is_some()
+    }
+
     /// True if a connection to the peer is pooled now (a message to it needs no handshake).
     pub fn is_connected(&self, to: SocketAddr) -> bool {
         self.shared
