@@ -41,7 +41,8 @@ struct Args {
     /// Peers probed for round-trip times per round.
     #[arg(long)]
     probe_sample: Option<usize>,
-    /// Members a node's own changesets go to at least (kept links, then measured members).
+    /// Members a node's own changesets go to directly at most (its kept links, then random
+    /// members; at most one in 16).
     #[arg(long)]
     origin_fanout: Option<usize>,
     /// Time between probe rounds (ms).

@@ -969,6 +969,47 @@ async fn datagrams_to_a_peer_whose_connection_idled_out_go_sealed_without_a_hand
     }
 }
 
+/// An optional datagram (`send_datagram_without_handshake`: the copies of a widened first
+/// hop) leaves on a pooled connection or under a kept key, and is dropped rather than
+/// connected for: to a peer never contacted, when too large for one datagram under the kept
+/// key, and once the send budget is spent.
+#[tokio::test]
+async fn an_optional_datagram_goes_only_where_no_handshake_is_needed() {
+    let config = TransportConfig {
+        connection_idle_ms: 1_000,
+        send_bytes_per_sec_max: 64 * 1024,
+        ..TransportConfig::default()
+    };
+    let (a, _a_rx, b, mut b_rx) = idle_closed_pair(config, true).await;
+    let (c, mut c_rx) = bind_with(TlsMode::Plaintext, config);
+    let opened = |t: &Transport| t.stats().connections_opened.load(Ordering::Relaxed);
+    let before = opened(&a);
+    assert!(a.send_datagram_without_handshake(b.local_addr(), Bytes::from(vec![1u8; 50])));
+    assert_eq!(
+        recv(&mut b_rx).await.expect("lost a→b").bytes.as_ref(),
+        &[1u8; 50][..]
+    );
+    assert!(!a.send_datagram_without_handshake(b.local_addr(), Bytes::from(vec![2u8; 4_000])));
+    assert!(!a.send_datagram_without_handshake(c.local_addr(), Bytes::from_static(b"x")));
+    let sent = (0..200)
+        .filter(|_| {
+            a.send_datagram_without_handshake(b.local_addr(), Bytes::from(vec![3u8; 1_000]))
+        })
+        .count();
+    assert!(sent < 200, "a 64 KiB/s budget let 200 KB through");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        opened(&a),
+        before,
+        "an optional datagram opened a connection"
+    );
+    assert!(!a.is_connected(b.local_addr()) && !a.is_connected(c.local_addr()));
+    assert!(c_rx.try_recv().is_err());
+    for t in [a, b, c] {
+        t.close().await;
+    }
+}
+
 /// A kept key stops being used when the peer lost it (a restart: its notice) and when it is
 /// older than `sealed_kept_max_age_ms`; the next datagram then connects, and arrives.
 #[tokio::test]

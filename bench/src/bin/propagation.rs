@@ -196,6 +196,8 @@ async fn main() {
 }
 
 fn broadcast_sends(agent: &Agent) -> u64 {
-    let s = agent.gossip().broadcast;
-    s.gossip_sent + s.ihave_sent + s.grafts_sent + s.prunes_sent
+    let gossip = agent.gossip();
+    let s = gossip.broadcast;
+    // The widened first hop's copies are counted by the gossip task, not in core's stats.
+    s.gossip_sent + gossip.first_hop.0 + s.ihave_sent + s.grafts_sent + s.prunes_sent
 }

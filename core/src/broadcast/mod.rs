@@ -86,7 +86,8 @@ pub struct BroadcastConfig {
     /// apply it once they hold every part. The engine's `gossip.part_bytes`.
     pub part_bytes: usize,
     /// Members a changeset committed here goes to directly (its kept links, then members
-    /// picked at random), at most one member in [`ORIGIN_FANOUT_SHARE`]. 0..=256.
+    /// picked at random), at most one member in [`ORIGIN_FANOUT_SHARE`]; not for changesets
+    /// in parts, nor with the tree on (`eager_peers_max` > 0). 0..=256.
     pub origin_fanout: usize,
 }
 
@@ -476,10 +477,12 @@ impl Broadcast {
     pub fn local_commit(&mut self, changeset: Arc<Changeset>) -> Vec<Effect> {
         let mut effects = Vec::new();
         if crate::chunk::estimate_bytes(&changeset) <= self.config.part_bytes {
-            self.commit_part(changeset, &mut effects);
+            self.commit_part(changeset, true, &mut effects);
         } else {
+            // A changeset in parts is not widened: its extra copies would multiply the
+            // writer's upload by the parts, and compete with the copies that must arrive.
             for part in crate::chunk::split(&changeset, self.config.part_bytes) {
-                self.commit_part(Arc::new(part), &mut effects);
+                self.commit_part(Arc::new(part), false, &mut effects);
             }
         }
         self.debug_check();
@@ -537,8 +540,9 @@ impl Broadcast {
         );
     }
 
-    /// Broadcasts one changeset committed here, or one part of it.
-    fn commit_part(&mut self, changeset: Arc<Changeset>, effects: &mut Vec<Effect>) {
+    /// Broadcasts one changeset committed here, or one part of it; `widen`: see
+    /// [`Broadcast::widen_first_hop`].
+    fn commit_part(&mut self, changeset: Arc<Changeset>, widen: bool, effects: &mut Vec<Effect>) {
         if self.remember(changeset.part_id()) {
             self.forward(&changeset, None, effects);
             // Our own changes also go up our kept links: a node that nobody asked for kept
@@ -555,7 +559,9 @@ impl Broadcast {
                     self.stats.gossip_sent += 1;
                 }
             }
-            self.widen_first_hop(&changeset, &sent, effects);
+            if widen {
+                self.widen_first_hop(&changeset, &sent, effects);
+            }
         }
     }
 
@@ -564,22 +570,26 @@ impl Broadcast {
     /// in a large cluster that saves a whole hop of the spread (five hops of 100 ms become
     /// four at 1,000 nodes, in the simulator) for a few dozen sends by one node per write. At
     /// most one member in [`ORIGIN_FANOUT_SHARE`] is reached this way, so small clusters, where
-    /// the hops are few anyway, send as before.
+    /// the hops are few anyway, send as before (below 16 times the copies the writer sends
+    /// already: about 200 members for a writer feeding six). Not with the optional tree: a
+    /// receiver would take the tree's copy, arriving after this one, for a redundant link and
+    /// prune it.
     fn widen_first_hop(
         &mut self,
         changeset: &Arc<Changeset>,
         sent: &BTreeSet<SiteId>,
         effects: &mut Vec<Effect>,
     ) {
-        let members = self.members();
-        let target = self
-            .config
-            .origin_fanout
-            .min(members.len() / ORIGIN_FANOUT_SHARE);
+        if self.config.eager_peers_max > 0 {
+            return;
+        }
+        let known = self.eager.len() + self.lazy.len() + self.passive.len();
+        let target = self.config.origin_fanout.min(known / ORIGIN_FANOUT_SHARE);
         let count = target.saturating_sub(sent.len());
         if count == 0 {
             return;
         }
+        let members = self.members();
         let mut candidates: Vec<SiteId> = members.difference(sent).copied().collect();
         // A random order, of which the caller uses a prefix: the first `count` it can reach
         // cheaply (the engine skips members it has no connection or kept key for).

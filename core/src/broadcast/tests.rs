@@ -35,6 +35,8 @@ struct Net {
     in_flight: BTreeMap<(u64, u64), (u8, u8, BroadcastMsg)>,
     seq: u64,
     sent: u64,
+    /// Copies sent for a widened first hop.
+    widened: u64,
     counting: bool,
     drop_every: Option<u64>,
 }
@@ -54,11 +56,15 @@ impl Net {
                     candidates,
                     count,
                     msg,
-                } => candidates
-                    .into_iter()
-                    .take(count)
-                    .map(|to| (to, msg.clone()))
-                    .collect(),
+                } => {
+                    let sends: Vec<_> = candidates
+                        .into_iter()
+                        .take(count)
+                        .map(|to| (to, msg.clone()))
+                        .collect();
+                    self.widened += sends.len() as u64;
+                    sends
+                }
                 Effect::Deliver(cs) => {
                     delivered.insert(cs.id);
                     continue;
@@ -100,7 +106,7 @@ fn simulate(
     n: u8,
     writes: u64,
     drop_every: Option<u64>,
-) -> (Vec<BTreeSet<ChangesetId>>, u64) {
+) -> (Vec<BTreeSet<ChangesetId>>, u64, u64) {
     let mut nodes: Vec<Broadcast> = (0..n)
         .map(|i| Broadcast::new(site(i), config, u64::from(i)))
         .collect();
@@ -114,6 +120,7 @@ fn simulate(
         in_flight: BTreeMap::new(),
         seq: 0,
         sent: 0,
+        widened: 0,
         counting: false,
         drop_every,
     };
@@ -146,13 +153,13 @@ fn simulate(
         now += 1;
         net.step(now, &mut nodes, &mut delivered);
     }
-    (delivered, net.sent)
+    (delivered, net.sent, net.widened)
 }
 
 #[test]
 fn every_write_reaches_every_node() {
     for config in [tree_config(), BroadcastConfig::default()] {
-        let (delivered, _) = simulate(config, 12, 40, None);
+        let (delivered, _, _) = simulate(config, 12, 40, None);
         for d in &delivered {
             assert_eq!(d.len(), 40, "{config:?}");
         }
@@ -162,7 +169,7 @@ fn every_write_reaches_every_node() {
 #[test]
 fn grafts_repair_lost_pushes() {
     // Every 7th message is lost: lazy announcements and grafts make up for it.
-    let (delivered, _) = simulate(tree_config(), 12, 40, Some(7));
+    let (delivered, _, _) = simulate(tree_config(), 12, 40, Some(7));
     for d in &delivered {
         assert_eq!(d.len(), 40);
     }
@@ -171,7 +178,7 @@ fn grafts_repair_lost_pushes() {
 #[test]
 fn kept_links_make_up_for_lost_pushes() {
     // Every 7th message is lost: every node has six ways in.
-    let (delivered, _) = simulate(BroadcastConfig::default(), 12, 40, Some(7));
+    let (delivered, _, _) = simulate(BroadcastConfig::default(), 12, 40, Some(7));
     for d in &delivered {
         assert_eq!(d.len(), 40);
     }
@@ -256,7 +263,7 @@ fn sends_per_change_stay_small() {
     let n = 20u8;
     let writes = 100u64;
     for (config, most) in [(tree_config(), 12.0), (BroadcastConfig::default(), 6.5)] {
-        let (delivered, sent) = simulate(config, n, writes, None);
+        let (delivered, sent, _) = simulate(config, n, writes, None);
         assert!(delivered.iter().all(|d| d.len() == writes as usize));
         let per_change_per_node = sent as f64 / writes as f64 / f64::from(n);
         eprintln!("{n} nodes, {writes} writes: {per_change_per_node:.2} sends per change per node");
@@ -470,6 +477,58 @@ fn a_large_clusters_own_changesets_go_straight_to_more_members() {
         off.peer_up(site(p));
     }
     assert!(first_hop(&off.local_commit(changeset(0, 1))).1.is_none());
+
+    // A changeset that leaves in parts is not widened (its kept links still get every part),
+    // nor is anything with the optional tree on.
+    let big = {
+        let changes = (0..64)
+            .map(|i| crate::change::Change {
+                table: "t".into(),
+                pk: crate::pk::PackedPk::pack(&[crate::value::Value::Integer(i)]).unwrap(),
+                column: crate::change::Column::Name("v".into()),
+                value: crate::value::Value::Text("x".repeat(100)),
+                col_version: crate::ids::ColVersion(1),
+                cl: crate::ids::CausalLength(1),
+                seq: crate::ids::Seq(i as u32),
+            })
+            .collect();
+        Arc::new(Changeset::whole(
+            ChangesetId {
+                site: site(0),
+                version: DbVersion(3),
+            },
+            changes,
+        ))
+    };
+    let mut parted = Broadcast::new(
+        site(0),
+        BroadcastConfig {
+            part_bytes: 1024,
+            ..config
+        },
+        7,
+    );
+    for p in 1..=240 {
+        parted.peer_up(site(p));
+    }
+    let effects = parted.local_commit(big);
+    let (direct, widened) = first_hop(&effects);
+    assert!(widened.is_none());
+    assert_eq!(&direct, parted.far_peers());
+    assert!(effects.len() > 2 * direct.len(), "not sent in parts");
+    let mut tree = Broadcast::new(
+        site(0),
+        BroadcastConfig {
+            eager_peers_max: 4,
+            lazy_peers_max: 8,
+            ..config
+        },
+        7,
+    );
+    for p in 1..=240 {
+        tree.peer_up(site(p));
+    }
+    assert!(first_hop(&tree.local_commit(changeset(0, 1))).1.is_none());
 }
 
 #[test]
@@ -526,8 +585,9 @@ fn every_write_reaches_every_node_of_a_larger_cluster_with_a_widened_first_hop()
     // 250 members: 15 direct copies per write, a few more than the kept links' dozen.
     let n = 250u8;
     let writes = 20u64;
-    let (delivered, sent) = simulate(BroadcastConfig::default(), n, writes, Some(11));
+    let (delivered, sent, widened) = simulate(BroadcastConfig::default(), n, writes, Some(11));
     assert!(delivered.iter().all(|d| d.len() == writes as usize));
+    assert!(widened > 0, "no write was widened");
     let per_change_per_node = sent as f64 / writes as f64 / f64::from(n);
     assert!(per_change_per_node < 7.0, "{per_change_per_node}");
 }

@@ -105,22 +105,6 @@ pub struct ColdSends {
     pub swim_by_kind: [u64; crate::net::membership::SWIM_KINDS.len()],
 }
 
-/// The addresses of the first `count` of `candidates` (in their order) that have an address
-/// and are reached without a handshake: where the optional copies of a widened first hop go.
-fn warm_prefix(
-    candidates: &[SiteId],
-    count: usize,
-    addr_of: impl Fn(&SiteId) -> Option<SocketAddr>,
-    is_warm: impl Fn(SocketAddr) -> bool,
-) -> Vec<SocketAddr> {
-    candidates
-        .iter()
-        .filter_map(addr_of)
-        .filter(|addr| is_warm(*addr))
-        .take(count)
-        .collect()
-}
-
 /// What a reconcile reports: the address pulled from, the session, how long it took.
 pub type Reconciled = Result<(SocketAddr, PullReport, Duration), String>;
 
@@ -420,10 +404,9 @@ impl GossipTask {
                         msg,
                     } => {
                         // Optional copies (the kept links carry the changeset anyway): only
-                        // to members this message reaches without a handshake (a kept key
-                        // carries a datagram, not a part too large for one), which would cost
-                        // more CPU than the hop they save and arrive a round trip late.
-                        let channel = broadcast_channel(&msg);
+                        // as datagrams that leave at once, on a pooled connection or under a
+                        // kept key. A handshake would cost more CPU than the hop they save and
+                        // arrive a round trip late; a queued copy could connect later.
                         let bytes = Bytes::from(encode_peer_message(
                             self.cluster,
                             &PeerMessage::Broadcast {
@@ -431,17 +414,24 @@ impl GossipTask {
                                 msg,
                             },
                         ));
-                        let targets = warm_prefix(
-                            &candidates,
-                            count,
-                            |to| self.peer_addr(to, &peer_addrs),
-                            |addr| self.transport.reaches_without_handshake(addr, bytes.len()),
-                        );
-                        for addr in &targets {
-                            self.transport.send(*addr, channel, bytes.clone());
+                        let mut sent: Vec<SocketAddr> = Vec::with_capacity(count);
+                        for to in &candidates {
+                            if sent.len() == count {
+                                break;
+                            }
+                            let Some(addr) = self.peer_addr(to, &peer_addrs) else {
+                                continue;
+                            };
+                            if !sent.contains(&addr)
+                                && self
+                                    .transport
+                                    .send_datagram_without_handshake(addr, bytes.clone())
+                            {
+                                sent.push(addr);
+                            }
                         }
-                        snapshot.first_hop.0 += targets.len() as u64;
-                        snapshot.first_hop.1 += (count - targets.len()) as u64;
+                        snapshot.first_hop.0 += sent.len() as u64;
+                        snapshot.first_hop.1 += (count - sent.len()) as u64;
                     }
                     // Delivered above; sync and announces come only from ticks.
                     Action::Deliver(_) | Action::StartSync { .. } | Action::Announce => {}
@@ -709,33 +699,5 @@ fn broadcast_channel(msg: &BroadcastMsg) -> Channel {
         | BroadcastMsg::Ping(_)
         | BroadcastMsg::Pong(_) => Channel::Datagram,
         BroadcastMsg::Graft(_) | BroadcastMsg::Prune => Channel::Stream,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_widened_first_hop_goes_only_to_members_reached_without_a_handshake() {
-        let site = |n: u8| SiteId([n; 16]);
-        let addr = |n: u8| SocketAddr::from(([127, 0, 0, n], 8787));
-        // Members 1..=8 in this order; 3 has no known address; even ones are warm.
-        let candidates: Vec<SiteId> = (1..=8).map(site).collect();
-        let addr_of = |s: &SiteId| (s.0[0] != 3).then(|| addr(s.0[0]));
-        let is_warm = |a: SocketAddr| match a {
-            SocketAddr::V4(v4) => v4.ip().octets()[3] % 2 == 0,
-            SocketAddr::V6(_) => false,
-        };
-        assert_eq!(
-            warm_prefix(&candidates, 2, addr_of, is_warm),
-            vec![addr(2), addr(4)]
-        );
-        // Fewer warm members than asked for: as many as there are, none cold.
-        assert_eq!(
-            warm_prefix(&candidates, 10, addr_of, is_warm),
-            vec![addr(2), addr(4), addr(6), addr(8)]
-        );
-        assert!(warm_prefix(&candidates, 0, addr_of, is_warm).is_empty());
     }
 }

@@ -775,10 +775,12 @@ impl Transport {
         self.is_connected(to) || self.shared.kept_key_for(to, 0).is_some()
     }
 
-    /// True if a message of `len` bytes to the peer needs no handshake: a connection to it is
-    /// pooled, or a kept sealed key can carry it in one datagram.
-    pub fn reaches_without_handshake(&self, to: SocketAddr, len: usize) -> bool {
-        self.is_connected(to) || self.shared.kept_key_for(to, len).is_some()
+    /// Sends an optional datagram only if it leaves now as one datagram, on the peer's pooled
+    /// connection or under a kept key, with nothing queued for the peer and room in the send
+    /// budget; otherwise drops it and returns false. Never connects, so never costs a
+    /// handshake: for copies another path carries anyway (a widened first hop).
+    pub fn send_datagram_without_handshake(&self, to: SocketAddr, bytes: Bytes) -> bool {
+        self.send_datagram_direct(to, bytes).is_none()
     }
 
     /// True if a connection to the peer is pooled now (a message to it needs no handshake).
