@@ -426,6 +426,15 @@ fn first_hop(effects: &[Effect]) -> (BTreeSet<SiteId>, Option<(Vec<SiteId>, usiz
     (direct, widened)
 }
 
+/// Node 0 with `members` other members (1..=members).
+fn writer_among(config: BroadcastConfig, members: u8) -> Broadcast {
+    let mut node = Broadcast::new(site(0), config, 7);
+    for p in 1..=members {
+        node.peer_up(site(p));
+    }
+    node
+}
+
 #[test]
 fn a_large_clusters_own_changesets_go_straight_to_more_members() {
     let config = BroadcastConfig {
@@ -435,10 +444,7 @@ fn a_large_clusters_own_changesets_go_straight_to_more_members() {
         ..BroadcastConfig::default()
     };
     assert_eq!(config.origin_fanout, 48);
-    let mut a = Broadcast::new(site(0), config, 7);
-    for p in 1..=240 {
-        a.peer_up(site(p));
-    }
+    let mut a = writer_among(config, 240);
     let (direct, widened) = first_hop(&a.local_commit(changeset(0, 1)));
     // Its two far links, then random members up to one in 16 of the 240 (15 in all).
     assert_eq!(&direct, a.far_peers());
@@ -460,22 +466,15 @@ fn a_large_clusters_own_changesets_go_straight_to_more_members() {
     assert!(forwarded.is_none());
 
     // A small cluster (fewer than 32 members), or origin_fanout 0, sends as before.
-    let mut small = Broadcast::new(site(0), config, 7);
-    for p in 1..=31 {
-        small.peer_up(site(p));
-    }
+    let mut small = writer_among(config, 31);
     assert!(first_hop(&small.local_commit(changeset(0, 1))).1.is_none());
-    let mut off = Broadcast::new(
-        site(0),
+    let mut off = writer_among(
         BroadcastConfig {
             origin_fanout: 0,
             ..config
         },
-        7,
+        240,
     );
-    for p in 1..=240 {
-        off.peer_up(site(p));
-    }
     assert!(first_hop(&off.local_commit(changeset(0, 1))).1.is_none());
 
     // A changeset that leaves in parts is not widened (its kept links still get every part),
@@ -500,34 +499,26 @@ fn a_large_clusters_own_changesets_go_straight_to_more_members() {
             changes,
         ))
     };
-    let mut parted = Broadcast::new(
-        site(0),
+    let mut parted = writer_among(
         BroadcastConfig {
             part_bytes: 1024,
             ..config
         },
-        7,
+        240,
     );
-    for p in 1..=240 {
-        parted.peer_up(site(p));
-    }
     let effects = parted.local_commit(big);
     let (direct, widened) = first_hop(&effects);
     assert!(widened.is_none());
     assert_eq!(&direct, parted.far_peers());
     assert!(effects.len() > 2 * direct.len(), "not sent in parts");
-    let mut tree = Broadcast::new(
-        site(0),
+    let mut tree = writer_among(
         BroadcastConfig {
             eager_peers_max: 4,
             lazy_peers_max: 8,
             ..config
         },
-        7,
+        240,
     );
-    for p in 1..=240 {
-        tree.peer_up(site(p));
-    }
     assert!(first_hop(&tree.local_commit(changeset(0, 1))).1.is_none());
 }
 
