@@ -75,8 +75,9 @@ pub struct GossipSnapshot {
     /// tree messages, sync sessions.
     pub cold_sends: ColdSends,
     /// Copies of this node's own changesets sent straight to members beyond its kept links
-    /// (core's `origin_fanout`), and copies asked for but not sent because too few of the
-    /// members offered were reachable without a handshake.
+    /// (core's `origin_fanout`), and copies asked for but not sent: too few of the members
+    /// offered could take a datagram at once (no connection or kept key, a message waiting
+    /// for them, the send budget spent).
     pub first_hop: (u64, u64),
     /// Sync rounds that completed.
     pub sync_rounds: u64,
