@@ -13,10 +13,12 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Instant;
 
 use foca::{
-    AccumulatingRuntime, Codec, Foca, Identity, Message, OwnedNotification, PostcardCodec, Timer,
+    AccumulatingRuntime, Codec, Foca, Identity, Message, OwnedNotification, PostcardCodec, State,
+    Timer,
 };
 use patina_core::ids::SiteId;
 use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -156,6 +158,10 @@ impl std::fmt::Debug for Membership {
 /// learns it from a few packets instead of hundreds. Every member must use the same limit
 /// (foca refuses larger packets).
 pub const SWIM_PACKET_BYTES: usize = 16 * 1024;
+
+/// Most packets an announce is answered with (see [`Membership::complete_feed`]): 64 KiB, about
+/// 1,900 members.
+pub const FEED_PACKETS_MAX: usize = 4;
 
 /// SWIM's message kinds, in the order of [`packet_kind`]'s answer: what a node sends, counted
 /// to tell direct probes from indirect ones, dissemination and rejoins.
@@ -458,6 +464,63 @@ impl Membership {
         }
     }
 
+    /// The answer to an announce: foca's feed (`feed`) replaced by every active member but the
+    /// announcer, shuffled, over as many packets as they take, at most [`FEED_PACKETS_MAX`]
+    /// (a random part of the members beyond that). `None` keeps foca's own (no member to add,
+    /// or a header that does not decode).
+    ///
+    /// Why: foca's feed is one packet of random members, about 470 of them. A node joining a
+    /// cluster of 1,000 learns the early members only from feeds (their joins' updates died out
+    /// before it came), so two feeds left it a quarter of the cluster to find one periodic
+    /// announce at a time, each answer again a random half: formation had a tail of minutes
+    /// (in-memory, 1,000 nodes starting 0.1 s apart, every packet delivered: the last of them
+    /// knew every other 230 s after the last start). A complete answer is SWIM's push-pull state
+    /// exchange done by the pulling side: one announce fills a view. Older nodes take the extra
+    /// packets as ordinary feeds.
+    fn complete_feed(&mut self, feed: &[u8]) -> Option<Vec<Vec<u8>>> {
+        let header: foca::Header<Actor> = PostcardCodec.decode_header(feed).ok()?;
+        let mut members: Vec<foca::Member<Actor>> = self
+            .foca
+            .iter_membership_state()
+            .filter(|member| {
+                matches!(member.state(), State::Alive | State::Suspect)
+                    && member.id().addr != header.dst.addr
+            })
+            .cloned()
+            .collect();
+        if members.is_empty() {
+            return None;
+        }
+        members.shuffle(&mut self.rng);
+        let mut head = Vec::new();
+        PostcardCodec.encode_header(&header, &mut head).ok()?;
+        let mut members = members.iter().peekable();
+        let mut packets = Vec::new();
+        while packets.len() < FEED_PACKETS_MAX && members.peek().is_some() {
+            let mut packet = Vec::with_capacity(SWIM_PACKET_BYTES);
+            packet.extend_from_slice(&head);
+            let tally_at = packet.len();
+            packet.extend_from_slice(&[0, 0]);
+            let mut count: u16 = 0;
+            while let Some(member) = members.peek() {
+                let before = packet.len();
+                PostcardCodec.encode_member(member, &mut packet).ok()?;
+                if packet.len() > SWIM_PACKET_BYTES {
+                    packet.truncate(before);
+                    break;
+                }
+                count += 1;
+                members.next();
+            }
+            if count == 0 {
+                break;
+            }
+            packet[tally_at..tally_at + 2].copy_from_slice(&count.to_be_bytes());
+            packets.push(packet);
+        }
+        (!packets.is_empty()).then_some(packets)
+    }
+
     /// Leaves the cluster (the goodbye packets come out of [`Membership::drain`]).
     pub fn leave(&mut self) {
         if let Err(e) = self.foca.leave_cluster(&mut self.runtime) {
@@ -471,6 +534,12 @@ impl Membership {
         let mut packets = Vec::new();
         let mut events = Vec::new();
         while let Some((to, bytes)) = self.runtime.to_send() {
+            if packet_kind(&bytes) == Some(7) {
+                if let Some(feed) = self.complete_feed(&bytes) {
+                    packets.extend(feed.into_iter().map(|packet| (to.addr, packet)));
+                    continue;
+                }
+            }
             packets.push((to.addr, bytes.to_vec()));
         }
         while let Some(notification) = self.runtime.to_notify() {
@@ -540,6 +609,7 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use std::time::Duration;
 
     #[test]
@@ -720,6 +790,89 @@ mod tests {
         assert_eq!(node.slowdown(), before + 1);
     }
 
+    /// A member `i` of a large cluster (addresses 10.x.y.z, so thousands fit).
+    fn big_actor(i: u32) -> Actor {
+        Actor {
+            addr: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 7000)),
+            site: {
+                let mut site = [3u8; 16];
+                site[..4].copy_from_slice(&(i + 1).to_be_bytes());
+                site
+            },
+            bump: 1_764_000_000_000 + u64::from(i),
+            cluster: 0,
+        }
+    }
+
+    /// A node that knows members 1..=`members` (itself member 0), and what a newcomer's
+    /// announce to it brings back: the answer's packets, and the newcomer's view after them.
+    fn announce_to_node_knowing(members: u32) -> (Vec<Vec<u8>>, Membership) {
+        let period = Duration::from_secs(1);
+        let mut node = Membership::new(big_actor(0), 1, period);
+        let updates: Vec<foca::Member<Actor>> = (1..=members)
+            .map(|i| foca::Member::alive(big_actor(i)))
+            .collect();
+        node.foca
+            .apply_many(updates.into_iter(), false, &mut node.runtime)
+            .expect("members applied");
+        let now = Instant::now();
+        node.drain(now);
+        assert_eq!(node.members().len(), members as usize);
+        let newcomer_id = big_actor(members + 1);
+        let mut newcomer = Membership::new(newcomer_id, 2, period);
+        newcomer.announce(big_actor(0).addr, 0);
+        let (announce, _) = newcomer.drain(now);
+        assert_eq!(announce.len(), 1);
+        node.handle_packet(&announce[0].1);
+        let (answer, _) = node.drain(now);
+        let feeds: Vec<Vec<u8>> = answer
+            .into_iter()
+            .filter(|(to, packet)| {
+                *to == newcomer.foca.identity().addr && packet_kind(packet) == Some(7)
+            })
+            .map(|(_, packet)| packet)
+            .collect();
+        for feed in &feeds {
+            newcomer.handle_packet(feed);
+        }
+        newcomer.drain(now);
+        (feeds, newcomer)
+    }
+
+    /// An announce is answered with every member the receiver knows, over as many packets as
+    /// they take (foca's own feed is one packet of random members: about 470 of 1,200), each
+    /// within the packet limit; a newcomer learns the whole cluster from one announce.
+    #[test]
+    fn an_announce_is_answered_with_every_member() {
+        let (feeds, newcomer) = announce_to_node_knowing(1_200);
+        assert!(feeds.len() >= 2, "{} packets", feeds.len());
+        assert!(feeds.iter().all(|feed| feed.len() <= SWIM_PACKET_BYTES));
+        assert_eq!(
+            newcomer.members().len(),
+            1_201,
+            "the newcomer knows the node and every member it knew"
+        );
+        // A small cluster's answer is one packet, as foca's.
+        let (feeds, newcomer) = announce_to_node_knowing(30);
+        assert_eq!(feeds.len(), 1);
+        assert_eq!(newcomer.members().len(), 31);
+    }
+
+    /// Beyond [`FEED_PACKETS_MAX`] packets' worth of members the answer is that many packets of
+    /// distinct random members: an announce costs the receiver a bounded answer.
+    #[test]
+    fn an_announce_to_a_huge_cluster_is_answered_with_a_bounded_part_of_it() {
+        let (feeds, newcomer) = announce_to_node_knowing(5_000);
+        assert_eq!(feeds.len(), FEED_PACKETS_MAX);
+        assert!(feeds.iter().all(|feed| feed.len() <= SWIM_PACKET_BYTES));
+        let learned = newcomer.members().len();
+        // Each packet holds about 470 members.
+        assert!(
+            (FEED_PACKETS_MAX * 400..=FEED_PACKETS_MAX * 520).contains(&learned),
+            "{learned} members learned"
+        );
+    }
+
     #[test]
     fn settings_for_every_size_and_period_are_accepted_by_foca() {
         let me = Actor {
@@ -876,6 +1029,119 @@ mod tests {
         assert_eq!(
             not_reset, 0,
             "nodes that kept the longer interval after a join"
+        );
+    }
+
+    /// 1,000 nodes start 0.1 s apart, each announcing to the first and to a random earlier
+    /// one, probing every 10 s (loadgen's setting at this size); packets take 50 ms, none is
+    /// lost, timers run on time. Every node must know every other within a minute of the last
+    /// start. With foca's one-packet feeds the last of them took 230 s here: nodes that joined
+    /// late learn the early members only from feeds (the early joins' updates had died out),
+    /// one random half at a time.
+    #[test]
+    fn a_thousand_nodes_starting_one_by_one_know_each_other_within_a_minute() {
+        let n = 1_000u32;
+        let period = Duration::from_secs(10);
+        let start_gap = Duration::from_millis(100);
+        let delay = Duration::from_millis(50);
+        let index = |addr: SocketAddr| match addr.ip() {
+            std::net::IpAddr::V4(v4) => {
+                let [_, a, b, c] = v4.octets();
+                (usize::from(a) << 16) | (usize::from(b) << 8) | usize::from(c)
+            }
+            std::net::IpAddr::V6(_) => unreachable!("IPv4 only"),
+        };
+        let start = Instant::now();
+        let last_start = start + start_gap * (n - 1);
+        let mut nodes: Vec<Option<Membership>> = (0..n).map(|_| None).collect();
+        // Packets in flight (due, sequence, to) and the nodes' timers (due, node); a node's
+        // entry is checked against its real deadline when it comes up.
+        let mut packets: BinaryHeap<Reverse<(Instant, u64, usize)>> = BinaryHeap::new();
+        let mut in_flight: HashMap<u64, Vec<u8>> = HashMap::new();
+        let mut timers: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
+        let mut seq = 0u64;
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut started = 0u32;
+        let mut formed_at = None;
+        let mut next_check = start;
+        let until = last_start + Duration::from_secs(60);
+        let mut send = |node: &mut Membership,
+                        i: usize,
+                        now: Instant,
+                        packets: &mut BinaryHeap<Reverse<(Instant, u64, usize)>>,
+                        in_flight: &mut HashMap<u64, Vec<u8>>,
+                        timers: &mut BinaryHeap<Reverse<(Instant, usize)>>| {
+            for (to, packet) in node.drain(now).0 {
+                seq += 1;
+                packets.push(Reverse((now + delay, seq, index(to))));
+                in_flight.insert(seq, packet);
+            }
+            if let Some(at) = node.next_deadline() {
+                timers.push(Reverse((at, i)));
+            }
+        };
+        loop {
+            let next_start = (started < n).then(|| start + start_gap * started);
+            let next_packet = packets.peek().map(|Reverse((at, ..))| *at);
+            let next_timer = timers.peek().map(|Reverse((at, _))| *at);
+            let now = [next_start, next_packet, next_timer, Some(next_check)]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("a next event");
+            if now > until {
+                break;
+            }
+            if next_start == Some(now) {
+                let i = started as usize;
+                let mut node = Membership::new(big_actor(started), u64::from(started) + 1, period);
+                if started > 0 {
+                    node.announce(big_actor(0).addr, 0);
+                    node.announce(big_actor(rng.random_range(0..started)).addr, 0);
+                }
+                send(&mut node, i, now, &mut packets, &mut in_flight, &mut timers);
+                nodes[i] = Some(node);
+                started += 1;
+            }
+            while packets.peek().is_some_and(|Reverse((at, ..))| *at <= now) {
+                let Reverse((_, seq, to)) = packets.pop().expect("peeked");
+                let packet = in_flight.remove(&seq).expect("in flight");
+                if let Some(node) = nodes[to].as_mut() {
+                    node.handle_packet(&packet);
+                    send(node, to, now, &mut packets, &mut in_flight, &mut timers);
+                }
+            }
+            while timers.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+                let Reverse((_, i)) = timers.pop().expect("peeked");
+                let node = nodes[i].as_mut().expect("a started node");
+                if node.next_deadline().is_some_and(|at| at <= now) {
+                    node.handle_timers(now);
+                    send(node, i, now, &mut packets, &mut in_flight, &mut timers);
+                }
+            }
+            if now >= next_check {
+                next_check = now + Duration::from_secs(1);
+                if started == n
+                    && nodes
+                        .iter()
+                        .flatten()
+                        .all(|node| node.members().len() + 1 == n as usize)
+                {
+                    formed_at = Some(now);
+                    break;
+                }
+            }
+        }
+        let formed_after = formed_at.map(|at| at.saturating_duration_since(last_start));
+        let views: Vec<usize> = nodes
+            .iter()
+            .flatten()
+            .map(|node| node.members().len())
+            .filter(|known| known + 1 < n as usize)
+            .collect();
+        assert!(
+            formed_after.is_some(),
+            "not formed a minute after the last start; views still short: {views:?}"
         );
     }
 }
