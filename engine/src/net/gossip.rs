@@ -516,8 +516,12 @@ impl GossipTask {
         let transport = &self.transport;
         self.membership
             .prefer_warm(&mut packets, |addr| transport.is_warm(addr));
+        // A cold member counted once per flush: an answer to an announce may be several
+        // packets, sent over the one connection the first opens.
+        let mut counted_cold: Vec<SocketAddr> = Vec::new();
         for (addr, packet) in packets {
-            if !self.transport.is_warm(addr) {
+            if !self.transport.is_warm(addr) && !counted_cold.contains(&addr) {
+                counted_cold.push(addr);
                 snapshot.cold_sends.swim += 1;
                 if let Some(kind) = crate::net::membership::packet_kind(&packet) {
                     snapshot.cold_sends.swim_by_kind[kind] += 1;

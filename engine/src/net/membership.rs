@@ -127,6 +127,10 @@ pub struct Membership {
     view_changed: bool,
     /// Periodic announces so far (the first ones never back off).
     periodic_announces: u32,
+    /// Complete answers to announces in the current second (since `feeds_window`): at most
+    /// [`COMPLETE_FEEDS_PER_S`].
+    complete_feeds: u32,
+    feeds_window: Option<Instant>,
 }
 
 /// Highest local health score: an overloaded node runs SWIM up to this many times + 1 slower.
@@ -160,8 +164,16 @@ impl std::fmt::Debug for Membership {
 pub const SWIM_PACKET_BYTES: usize = 16 * 1024;
 
 /// Most packets an announce is answered with (see [`Membership::complete_feed`]): 64 KiB, about
-/// 1,900 members.
+/// 1,900 members with IPv4 addresses, 1,450 with IPv6.
 pub const FEED_PACKETS_MAX: usize = 4;
+
+/// Most announces answered with every member per second; the rest get foca's one packet. An
+/// announce is a few dozen bytes and its complete answer up to 64 KiB, sent to whatever source
+/// its header names: without a bound, a peer announcing in a loop would spend the node's send
+/// budget (16 MiB/s) on answers. Ten a second is 640 KiB/s at most; a node sees about one
+/// announce every 20 s from each of its members' periodic ones spread over the cluster, and a
+/// bootstrap node one per joiner.
+pub const COMPLETE_FEEDS_PER_S: u32 = 10;
 
 /// SWIM's message kinds, in the order of [`packet_kind`]'s answer: what a node sends, counted
 /// to tell direct probes from indirect ones, dissemination and rejoins.
@@ -289,6 +301,8 @@ impl Membership {
             announce_doublings: 0,
             view_changed: false,
             periodic_announces: 0,
+            complete_feeds: 0,
+            feeds_window: None,
         }
     }
 
@@ -467,7 +481,7 @@ impl Membership {
     /// The answer to an announce: foca's feed (`feed`) replaced by every active member but the
     /// announcer, shuffled, over as many packets as they take, at most [`FEED_PACKETS_MAX`]
     /// (a random part of the members beyond that). `None` keeps foca's own (no member to add,
-    /// or a header that does not decode).
+    /// or a header that does not decode, or [`COMPLETE_FEEDS_PER_S`] reached).
     ///
     /// Why: foca's feed is one packet of random members, about 470 of them. A node joining a
     /// cluster of 1,000 learns the early members only from feeds (their joins' updates died out
@@ -477,8 +491,20 @@ impl Membership {
     /// knew every other 230 s after the last start). A complete answer is SWIM's push-pull state
     /// exchange done by the pulling side: one announce fills a view. Older nodes take the extra
     /// packets as ordinary feeds.
-    fn complete_feed(&mut self, feed: &[u8]) -> Option<Vec<Vec<u8>>> {
-        let header: foca::Header<Actor> = PostcardCodec.decode_header(feed).ok()?;
+    fn complete_feed(&mut self, feed: &[u8], now: Instant) -> Option<Vec<Vec<u8>>> {
+        if self
+            .feeds_window
+            .is_none_or(|since| now.saturating_duration_since(since).as_secs() >= 1)
+        {
+            self.feeds_window = Some(now);
+            self.complete_feeds = 0;
+        }
+        if self.complete_feeds >= COMPLETE_FEEDS_PER_S {
+            return None;
+        }
+        let mut rest = feed;
+        let header: foca::Header<Actor> = PostcardCodec.decode_header(&mut rest).ok()?;
+        let head = &feed[..feed.len() - rest.len()];
         let mut members: Vec<foca::Member<Actor>> = self
             .foca
             .iter_membership_state()
@@ -492,13 +518,11 @@ impl Membership {
             return None;
         }
         members.shuffle(&mut self.rng);
-        let mut head = Vec::new();
-        PostcardCodec.encode_header(&header, &mut head).ok()?;
         let mut members = members.iter().peekable();
         let mut packets = Vec::new();
         while packets.len() < FEED_PACKETS_MAX && members.peek().is_some() {
             let mut packet = Vec::with_capacity(SWIM_PACKET_BYTES);
-            packet.extend_from_slice(&head);
+            packet.extend_from_slice(head);
             let tally_at = packet.len();
             packet.extend_from_slice(&[0, 0]);
             let mut count: u16 = 0;
@@ -518,7 +542,11 @@ impl Membership {
             packet[tally_at..tally_at + 2].copy_from_slice(&count.to_be_bytes());
             packets.push(packet);
         }
-        (!packets.is_empty()).then_some(packets)
+        if packets.is_empty() {
+            return None;
+        }
+        self.complete_feeds += 1;
+        Some(packets)
     }
 
     /// Leaves the cluster (the goodbye packets come out of [`Membership::drain`]).
@@ -535,7 +563,7 @@ impl Membership {
         let mut events = Vec::new();
         while let Some((to, bytes)) = self.runtime.to_send() {
             if packet_kind(&bytes) == Some(7) {
-                if let Some(feed) = self.complete_feed(&bytes) {
+                if let Some(feed) = self.complete_feed(&bytes, now) {
                     packets.extend(feed.into_iter().map(|packet| (to.addr, packet)));
                     continue;
                 }
@@ -804,22 +832,28 @@ mod tests {
         }
     }
 
-    /// A node that knows members 1..=`members` (itself member 0), and what a newcomer's
-    /// announce to it brings back: the answer's packets, and the newcomer's view after them.
-    fn announce_to_node_knowing(members: u32) -> (Vec<Vec<u8>>, Membership) {
-        let period = Duration::from_secs(1);
-        let mut node = Membership::new(big_actor(0), 1, period);
+    /// A node (member 0) that knows members 1..=`members`.
+    fn node_knowing(members: u32, now: Instant) -> Membership {
+        let mut node = Membership::new(big_actor(0), 1, Duration::from_secs(1));
         let updates: Vec<foca::Member<Actor>> = (1..=members)
             .map(|i| foca::Member::alive(big_actor(i)))
             .collect();
         node.foca
             .apply_many(updates.into_iter(), false, &mut node.runtime)
             .expect("members applied");
-        let now = Instant::now();
         node.drain(now);
         assert_eq!(node.members().len(), members as usize);
-        let newcomer_id = big_actor(members + 1);
-        let mut newcomer = Membership::new(newcomer_id, 2, period);
+        node
+    }
+
+    /// What a newcomer (member `newcomer`) announcing to `node` at `now` gets back: the
+    /// answer's packets, and the newcomer's view after them.
+    fn announce_to(
+        node: &mut Membership,
+        newcomer: u32,
+        now: Instant,
+    ) -> (Vec<Vec<u8>>, Membership) {
+        let mut newcomer = Membership::new(big_actor(newcomer), 2, Duration::from_secs(1));
         newcomer.announce(big_actor(0).addr, 0);
         let (announce, _) = newcomer.drain(now);
         assert_eq!(announce.len(), 1);
@@ -837,6 +871,34 @@ mod tests {
         }
         newcomer.drain(now);
         (feeds, newcomer)
+    }
+
+    fn announce_to_node_knowing(members: u32) -> (Vec<Vec<u8>>, Membership) {
+        let now = Instant::now();
+        let mut node = node_knowing(members, now);
+        announce_to(&mut node, members + 1, now)
+    }
+
+    /// At most [`COMPLETE_FEEDS_PER_S`] announces a second are answered with every member;
+    /// beyond, foca's one packet: a peer announcing in a loop gets a bounded answer.
+    #[test]
+    fn complete_answers_to_announces_are_bounded_per_second() {
+        let start = Instant::now();
+        let mut node = node_knowing(1_200, start);
+        let packets: Vec<usize> = (0..COMPLETE_FEEDS_PER_S + 5)
+            .map(|i| announce_to(&mut node, 2_000 + i, start).0.len())
+            .collect();
+        let complete = packets.iter().filter(|count| **count > 1).count();
+        assert_eq!(complete, COMPLETE_FEEDS_PER_S as usize, "{packets:?}");
+        assert!(packets[COMPLETE_FEEDS_PER_S as usize..]
+            .iter()
+            .all(|count| *count == 1));
+        // The next second: complete again.
+        let (feeds, newcomer) = announce_to(&mut node, 3_000, start + Duration::from_secs(1));
+        assert!(feeds.len() > 1);
+        // Every member of the node (the other newcomers too, and the newcomer itself, whose
+        // place the node takes in the newcomer's view).
+        assert_eq!(newcomer.members().len(), node.members().len());
     }
 
     /// An announce is answered with every member the receiver knows, over as many packets as
