@@ -547,32 +547,40 @@ impl Store {
                 }
             }
         }
-        // SQLite copies a bound blob at once, so one buffer serves every row's blobs (and
-        // every transaction's: taken here, put back below).
+        // The statement borrows its blobs (`Bound::blob`): a chunk's blobs are encoded into
+        // one buffer first (kept from one transaction to the next: taken here, put back
+        // below), each row's sentinel and cells at the offsets noted, then bound from it.
         let mut blob = std::mem::take(&mut self.clock_blob);
+        let mut ends = std::mem::take(&mut self.clock_blob_ends);
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut stmt = self.statements.get(Sql::Clocks(chunk.len()))?;
+            blob.clear();
+            ends.clear();
             for row in chunk {
+                if let Some(origin) = &row.clock.sentinel {
+                    clock::encode_sentinel_into(&mut blob, origin, &self.sites);
+                }
+                ends.push(blob.len());
+                clock::encode_cells_into(&mut blob, &row.clock.cells, &self.sites);
+                ends.push(blob.len());
+            }
+            let mut stmt = self.statements.get(Sql::Clocks(chunk.len()))?;
+            let mut start = 0;
+            for (row, ends) in chunk.iter().zip(ends.chunks_exact(2)) {
                 stmt.int(row.table_ord.into())
                     .blob(row.pk.as_bytes())
                     .int(row.clock.cl.get() as i64);
-                match &row.clock.sentinel {
-                    Some(origin) => {
-                        blob.clear();
-                        clock::encode_sentinel_into(&mut blob, origin, &self.sites);
-                        stmt.blob(&blob);
-                    }
-                    None => {
-                        stmt.null();
-                    }
+                if row.clock.sentinel.is_some() {
+                    stmt.blob(&blob[start..ends[0]]);
+                } else {
+                    stmt.null();
                 }
-                blob.clear();
-                clock::encode_cells_into(&mut blob, &row.clock.cells, &self.sites);
-                stmt.blob(&blob);
+                stmt.blob(&blob[ends[0]..ends[1]]);
+                start = ends[1];
             }
             stmt.execute()?;
         }
         self.clock_blob = blob;
+        self.clock_blob_ends = ends;
         let (mut old, mut new) = std::mem::take(&mut self.origins_scratch);
         for row in rows {
             row.before.origins_into(&mut old);
@@ -729,7 +737,13 @@ fn delete_index_entry(statements: &mut Statements, entry: &IndexEntry) -> Result
 }
 
 /// Binds a changes-index entry's four columns, in the table's order.
-fn bind_entry(stmt: &mut Bound<'_>, site: SiteOrd, version: u64, table_ord: u32, pk: &PackedPk) {
+fn bind_entry<'s>(
+    stmt: &mut Bound<'s>,
+    site: SiteOrd,
+    version: u64,
+    table_ord: u32,
+    pk: &'s PackedPk,
+) {
     stmt.int(site.into())
         .int(version as i64)
         .int(table_ord.into())

@@ -392,9 +392,11 @@ pub struct Store {
     clock_key_max: FastMap<u32, Option<PackedPk>>,
     /// The clocks the open local transaction wrote, for the cache once it commits.
     clock_cache_open: Vec<(u32, PackedPk, RowClock<ColOrd>)>,
-    /// Room kept from one write to the next (see `Store::write_row_clocks`): a clock's encoded
-    /// blobs, and a row's origins before and after.
+    /// Room kept from one write to the next (see `Store::write_row_clocks`): the encoded clock
+    /// blobs of a statement's rows and where each row's end, and a row's origins before and
+    /// after.
     clock_blob: Vec<u8>,
+    clock_blob_ends: Vec<usize>,
     origins_scratch: (RowOrigins, RowOrigins),
     /// A reload of the state above after a rollback failed, so it may not match the file (a
     /// site or table the rolled-back transaction added in memory only): nothing writes until
@@ -518,6 +520,7 @@ impl Store {
             clock_key_max: FastMap::default(),
             clock_cache_open: Vec::new(),
             clock_blob: Vec::new(),
+            clock_blob_ends: Vec::new(),
             origins_scratch: (Vec::new(), Vec::new()),
             reload_owed: false,
             reload_failures: 0,

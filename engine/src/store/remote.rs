@@ -107,10 +107,14 @@ impl Store {
         let ord = self.ensure_site(site)?;
         let empty = SiteVersions::default();
         let versions = book.site(&site).unwrap_or(&empty);
+        let (applied, cleared) = (
+            clock::encode_ranges(&versions.applied),
+            clock::encode_ranges(&versions.cleared),
+        );
         let mut stmt = self.statements.get(Sql::SiteVersions)?;
         stmt.int(versions.head.get() as i64)
-            .blob(&clock::encode_ranges(&versions.applied))
-            .blob(&clock::encode_ranges(&versions.cleared))
+            .blob(&applied)
+            .blob(&cleared)
             .int(ord.into());
         stmt.execute()?;
         Ok(())
