@@ -579,7 +579,10 @@ impl Store {
             }
             stmt.execute()?;
         }
-        self.clock_blob = blob;
+        // A statement's rows of a wide table may have grown it far; only a small one is kept.
+        if blob.capacity() <= CLOCK_BLOB_KEPT_MAX {
+            self.clock_blob = blob;
+        }
         self.clock_blob_ends = ends;
         let (mut old, mut new) = std::mem::take(&mut self.origins_scratch);
         for row in rows {
@@ -691,6 +694,10 @@ impl Store {
 }
 /// A changes-index entry: (site ordinal, version, table ordinal, primary key).
 pub(super) type IndexEntry = (SiteOrd, u64, u32, PackedPk);
+
+/// The most capacity of the clock rows' encoding buffer kept from one write to the next (see
+/// `Store::write_row_clocks`): a statement's 64 rows of a narrow table take a few KiB.
+const CLOCK_BLOB_KEPT_MAX: usize = 64 * 1024;
 
 /// Deferred changes-index work of local writes (entries to add, stale entries to delete)
 /// written together, in the local transaction that brings its amount to this. Writing it in
@@ -877,7 +884,48 @@ fn refuse_oversized(table: &str, column: &str, bytes: usize) -> Result<(), Store
 
 #[cfg(test)]
 mod tests {
-    use super::sorted_difference;
+    use super::{sorted_difference, CLOCK_BLOB_KEPT_MAX};
+    use crate::store::{Params, Statement, Store, StoreConfig};
+    use patina_core::value::Value;
+
+    #[test]
+    fn the_clock_rows_buffer_of_a_wide_write_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = dir.path().join("schema.sql");
+        let columns: String = (0..500).map(|i| format!(", c{i} TEXT")).collect();
+        std::fs::write(
+            &schema,
+            format!("CREATE TABLE wide (id INTEGER PRIMARY KEY NOT NULL{columns});"),
+        )
+        .unwrap();
+        let mut store = Store::open(&StoreConfig {
+            path: dir.path().join("db"),
+            schema_paths: vec![schema],
+            max_db_bytes: None,
+            changeset_bytes_max: None,
+            parts_bytes_max: None,
+        })
+        .unwrap();
+        let insert = |id: i64, columns: usize| Statement {
+            sql: format!(
+                "INSERT INTO wide (id{}) VALUES (?1{})",
+                (0..columns).map(|i| format!(", c{i}")).collect::<String>(),
+                ", 'x'".repeat(columns)
+            ),
+            params: Params::Positional(vec![Value::Integer(id)]),
+        };
+        // 64 rows of 500 cells: one statement's clock rows, encoded together.
+        let wide: Vec<Statement> = (0..64).map(|id| insert(id, 500)).collect();
+        store.transact(&wide).unwrap();
+        assert!(
+            store.clock_blob.capacity() <= CLOCK_BLOB_KEPT_MAX,
+            "{} bytes kept",
+            store.clock_blob.capacity()
+        );
+        // A narrow write's buffer is kept for the next one.
+        store.transact(&[insert(100, 2)]).unwrap();
+        assert!(store.clock_blob.capacity() > 0);
+    }
 
     #[test]
     fn sorted_difference_keeps_what_the_other_side_lacks() {
