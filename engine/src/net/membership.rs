@@ -378,8 +378,9 @@ impl Membership {
     ///
     /// Why: foca finds each update's member by a linear search of its member list, so a full
     /// packet of ~470 updates costs ~470 x n comparisons (the 1,000-node formation test spent
-    /// 62% less CPU without them), and while a large cluster forms nearly every SWIM packet is full (feeds, and the updates
-    /// every joiner gossips about the members it learned). Most of them repeat what the
+    /// 62% less CPU without them), and while a large cluster forms nearly every SWIM packet
+    /// is full (feeds, and the updates every joiner gossips about the members it learned).
+    /// Most of them repeat what the
     /// receiver knows, which foca would apply as no-ops: dropped here with one hash map built
     /// per packet. Updates about this node's own address always go through (foca refutes or
     /// renames on them). The map is built before any update applies, which is safe because a
@@ -552,8 +553,7 @@ impl Membership {
         // about one member in six is warm; after `PREFER_WARM_TRIES` cold ones the packet
         // keeps its destination.
         let mut candidates: Vec<&Actor> = self.foca.iter_members().map(|m| m.id()).collect();
-        let mut chosen_all: Vec<(usize, Actor)> = Vec::new();
-        for (i, (to, packet)) in packets.iter().enumerate() {
+        for (to, packet) in packets.iter_mut() {
             if warm(*to) || !movable(packet) {
                 continue;
             }
@@ -563,16 +563,12 @@ impl Membership {
                 }
                 let drawn = candidates.swap_remove(self.rng.random_range(0..candidates.len()));
                 if warm(drawn.addr) {
-                    chosen_all.push((i, drawn.clone()));
+                    if let Some(readdressed) = readdress(packet, drawn) {
+                        *to = drawn.addr;
+                        *packet = readdressed;
+                    }
                     break;
                 }
-            }
-        }
-        for (i, chosen) in chosen_all {
-            let (to, packet) = &mut packets[i];
-            if let Some(readdressed) = readdress(packet, &chosen) {
-                *to = chosen.addr;
-                *packet = readdressed;
             }
         }
     }
