@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use patina::net::tls::{generate_ca, generate_signed, CertUse, NodeTls};
-use patina::net::transport::{Channel, Received, TlsMode, Transport, TransportConfig};
+use patina::net::transport::{Channel, Received, TlsMode, Transport, TransportConfig, MTU_PROBED};
 use tokio::sync::mpsc;
 
 fn node_tls(ca_cert: &str, ca_key: &str) -> NodeTls {
@@ -154,6 +154,43 @@ async fn a_message_too_large_for_a_datagram_goes_on_a_stream() {
     a.send(b.local_addr(), Channel::Datagram, large.clone());
     let got = recv(&mut b_rx).await.expect("the large message was lost");
     assert_eq!((got.bytes, got.channel), (large, Channel::Stream));
+}
+
+/// A new connection probes its path's MTU once, at the largest size it looks for (which
+/// loopback carries), where quinn's default search sends four probes (and gets four
+/// acknowledgements) on every connection; a message of that size then leaves as one datagram.
+#[tokio::test]
+async fn a_new_connection_probes_its_mtu_once() {
+    let (a, _a_rx) = bind(TlsMode::Plaintext);
+    let (b, mut b_rx) = bind(TlsMode::Plaintext);
+    a.send(
+        b.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"hello"),
+    );
+    assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"hello");
+    let probed = |from: &Transport, to: SocketAddr| {
+        from.path_stats(to)
+            .is_some_and(|path| path.current_mtu == MTU_PROBED)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || probed(&a, b.local_addr())
+            && probed(&b, a.local_addr()))
+        .await,
+        "the MTU was not raised to {MTU_PROBED}: {:?}, {:?}",
+        a.path_stats(b.local_addr()),
+        b.path_stats(a.local_addr())
+    );
+    for (from, to) in [(&a, b.local_addr()), (&b, a.local_addr())] {
+        let path = from.path_stats(to).unwrap();
+        assert_eq!(path.sent_plpmtud_probes, 1, "{path:?}");
+    }
+    let near_the_mtu = Bytes::from(vec![3u8; 1_300]);
+    a.send(b.local_addr(), Channel::Datagram, near_the_mtu.clone());
+    let got = recv(&mut b_rx)
+        .await
+        .expect("the 1,300-byte message was lost");
+    assert_eq!((got.bytes, got.channel), (near_the_mtu, Channel::Datagram));
 }
 
 #[tokio::test]
