@@ -96,6 +96,24 @@ impl RangeSet {
         self.iter().map(|(s, e)| e - s + 1).sum()
     }
 
+    /// Number of values in `start..=end` (0 if start > end), without listing them or the gaps.
+    pub fn count_within(&self, start: u64, end: u64) -> u64 {
+        if start > end {
+            return 0;
+        }
+        let first = self
+            .ranges
+            .range(..start)
+            .next_back()
+            .map(|(&s, &e)| (s, e));
+        first
+            .into_iter()
+            .chain(self.ranges.range(start..=end).map(|(&s, &e)| (s, e)))
+            .filter(|&(_, e)| e >= start)
+            .map(|(s, e)| e.min(end) - s.max(start) + 1)
+            .sum()
+    }
+
     /// The ranges of `start..=end` that are NOT in the set.
     pub fn gaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let mut gaps = Vec::new();
@@ -152,12 +170,22 @@ impl SiteVersions {
     pub fn needs(&self) -> Vec<(u64, u64)> {
         self.applied.gaps(1, self.head.get())
     }
+
+    /// How many versions [`Self::needs`] lists.
+    pub fn missing(&self) -> u64 {
+        let head = self.head.get();
+        head - self.applied.count_within(1, head)
+    }
 }
 
 /// Version bookkeeping for every site this replica knows, its own included.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Bookkeeping {
     sites: BTreeMap<SiteId, SiteVersions>,
+    /// The sum of every site's [`SiteVersions::missing`], kept as sites change: the store reads
+    /// it after every applied batch (a gauge), and summing it there walked every site, with a
+    /// list of gaps each, once per changeset delivered. (u128: a peer may claim any head.)
+    missing: u128,
 }
 
 impl Bookkeeping {
@@ -175,9 +203,19 @@ impl Bookkeeping {
 
     /// Records that a changeset was applied. Returns false if it already was.
     pub fn mark_applied(&mut self, id: ChangesetId) -> bool {
-        let site = self.sites.entry(id.site).or_default();
-        site.head = site.head.max(id.version);
-        site.applied.insert(id.version.get())
+        self.change_site(id.site, |site| {
+            site.head = site.head.max(id.version);
+            site.applied.insert(id.version.get())
+        })
+    }
+
+    /// Changes one site (created empty if unknown), keeping the missing count.
+    fn change_site<T>(&mut self, site: SiteId, change: impl FnOnce(&mut SiteVersions) -> T) -> T {
+        let entry = self.sites.entry(site).or_default();
+        let before = entry.missing();
+        let out = change(entry);
+        self.missing = self.missing - u128::from(before) + u128::from(entry.missing());
+        out
     }
 
     /// Records that a changeset was applied and holds no live change.
@@ -190,8 +228,7 @@ impl Bookkeeping {
 
     /// Records that `site` has reached at least `version` (e.g. from a peer's heads).
     pub fn heard(&mut self, site: SiteId, version: DbVersion) {
-        let entry = self.sites.entry(site).or_default();
-        entry.head = entry.head.max(version);
+        self.change_site(site, |entry| entry.head = entry.head.max(version));
     }
 
     /// One site's state.
@@ -201,7 +238,7 @@ impl Bookkeeping {
 
     /// Replaces one site's state (used when loading from disk).
     pub fn set_site(&mut self, site: SiteId, versions: SiteVersions) {
-        self.sites.insert(site, versions);
+        self.change_site(site, |entry| *entry = versions);
     }
 
     /// Every site, in site order.
@@ -223,13 +260,9 @@ impl Bookkeeping {
             .collect()
     }
 
-    /// Number of versions missing over all sites.
+    /// Number of versions missing over all sites (at most `u64::MAX`).
     pub fn gap_count(&self) -> u64 {
-        self.sites
-            .values()
-            .flat_map(|v| v.needs())
-            .map(|(s, e)| e - s + 1)
-            .sum()
+        u64::try_from(self.missing).unwrap_or(u64::MAX)
     }
 }
 
@@ -296,6 +329,37 @@ mod tests {
             let gaps: BTreeSet<u64> = set.gaps(0, 71).into_iter().flat_map(|(s, e)| s..=e).collect();
             let expected: BTreeSet<u64> = (0..72).filter(|v| !model.contains(v)).collect();
             prop_assert_eq!(gaps, expected);
+            for (start, end) in [(0, 71), (3, 9), (10, 10), (9, 3), (40, 200)] {
+                let within = model.iter().filter(|&&v| v >= start && v <= end).count() as u64;
+                prop_assert_eq!(set.count_within(start, end), within);
+            }
+        }
+
+        // The missing count kept as sites change is the sum of the gaps listed, whatever the
+        // order of applies, cleared versions, heads heard and sites loaded.
+        #[test]
+        fn gap_count_is_the_sum_of_the_needs(ops in proptest::collection::vec((0u8..3, 0u8..4, 0u64..24), 0..60)) {
+            let mut book = Bookkeeping::new();
+            for (site, op, version) in ops {
+                let site = SiteId([site; 16]);
+                let id = ChangesetId { site, version: DbVersion(version) };
+                match op {
+                    0 => { book.mark_applied(id); }
+                    1 => book.mark_cleared(id),
+                    2 => book.heard(site, DbVersion(version)),
+                    _ => {
+                        let mut loaded = SiteVersions { head: DbVersion(version), ..Default::default() };
+                        loaded.applied.insert_range(1, version / 2);
+                        book.set_site(site, loaded);
+                    }
+                }
+                let listed: u64 = book
+                    .iter()
+                    .flat_map(|(_, v)| v.needs())
+                    .map(|(s, e)| e - s + 1)
+                    .sum();
+                prop_assert_eq!(book.gap_count(), listed);
+            }
         }
     }
 }

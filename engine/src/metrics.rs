@@ -82,6 +82,9 @@ pub struct NodeMetrics {
     /// `patina_store_queue_wait_seconds{kind}`: time a request waited for the store thread
     /// (`transaction` or `apply`).
     pub store_queue_wait_seconds: HistogramFamily,
+    /// Its two series, looked up once: observed for every local transaction and every remote
+    /// batch, where a lookup built its label set (a vector and a string) each time.
+    store_queue_wait_by_kind: [(&'static str, Histogram); 2],
     /// `patina_apply_batch_duration_seconds`: one batch of remote changesets merged.
     pub apply_batch_seconds: Histogram,
     /// `patina_sync_session_duration_seconds{result}`: one anti-entropy pull.
@@ -112,10 +115,20 @@ pub fn commit_time_now() -> patina_core::change::CommitTime {
 impl NodeMetrics {
     /// Fresh metrics around the store's counters.
     pub fn new(store: Arc<StoreMetrics>) -> NodeMetrics {
+        let store_queue_wait_seconds: HistogramFamily =
+            Family::new_with_constructor(latency_histogram);
+        let series = |kind: &'static str| {
+            let histogram = store_queue_wait_seconds
+                .get_or_create(&vec![("kind", kind.to_string())])
+                .clone();
+            (kind, histogram)
+        };
+        let store_queue_wait_by_kind = [series("transaction"), series("apply")];
         NodeMetrics {
             store,
             api_request_seconds: Family::new_with_constructor(latency_histogram),
-            store_queue_wait_seconds: Family::new_with_constructor(latency_histogram),
+            store_queue_wait_seconds,
+            store_queue_wait_by_kind,
             apply_batch_seconds: latency_histogram(),
             sync_session_seconds: Family::new_with_constructor(latency_histogram),
             replication_lag_seconds: lag_histogram(),
@@ -127,9 +140,17 @@ impl NodeMetrics {
 
     /// Observes how long a request waited for the store thread.
     pub fn queue_wait(&self, kind: &'static str, waited: std::time::Duration) {
-        self.store_queue_wait_seconds
-            .get_or_create(&vec![("kind", kind.to_string())])
-            .observe(waited.as_secs_f64());
+        match self
+            .store_queue_wait_by_kind
+            .iter()
+            .find(|(k, _)| *k == kind)
+        {
+            Some((_, histogram)) => histogram.observe(waited.as_secs_f64()),
+            None => self
+                .store_queue_wait_seconds
+                .get_or_create(&vec![("kind", kind.to_string())])
+                .observe(waited.as_secs_f64()),
+        }
     }
 
     /// Records the lag of a remote changeset applied now, when its commit time is known. A

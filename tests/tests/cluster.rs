@@ -106,6 +106,12 @@ async fn a_write_on_one_node_is_readable_on_all() {
         ] {
             assert!(text.lines().any(|l| l.starts_with(line)), "no {line} in {text}");
         }
+        // The store's two waits are observed, not only listed (their series exist from the
+        // start, at zero).
+        for kind in ["transaction", "apply"] {
+            let name = format!("patina_store_queue_wait_seconds_count{{kind=\"{kind}\"}}");
+            assert!(value(&text, &name) >= 1.0, "{name} in {text}");
+        }
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
     let (status, members) = request(
