@@ -207,6 +207,21 @@ impl Protocol {
         actions(effects)
     }
 
+    /// A copy of a changeset known by its part id alone (the changes not decoded): what
+    /// [`Protocol::receive`] does with a copy of one seen before, or `None` if it was not seen
+    /// (see [`crate::broadcast::Broadcast::receive_seen_copy`]). Such a copy is no sign for sync
+    /// either way, as in `receive`.
+    pub fn receive_seen_copy(
+        &mut self,
+        from: SiteId,
+        kept: bool,
+        part: &crate::change::PartId,
+    ) -> Option<Vec<Action>> {
+        let effects = self.broadcast.receive_seen_copy(from, kept, part)?;
+        self.debug_check();
+        Some(actions(effects))
+    }
+
     /// Sync session `session` was answered with `brought` changesets (or parts), already
     /// applied; `changesets` holds them, in the order received, when they are at most
     /// [`SYNC_RELAY_MAX`] (otherwise it may be empty). Ends the session (if it is the running

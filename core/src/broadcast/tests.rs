@@ -204,6 +204,41 @@ fn duplicates_prune_the_tree() {
     assert_eq!(a.stats().duplicates, 1);
 }
 
+// A copy known by its part id alone (the receiver read only a message's head) is handled
+// exactly as the whole copy would be when it was seen before, over a tree link and over a kept
+// one, from itself too; a copy not seen is left to the caller, with nothing changed.
+#[test]
+fn a_seen_copy_known_by_its_id_is_handled_as_the_whole_copy() {
+    let config = BroadcastConfig {
+        near_peers: 1,
+        far_peers: 1,
+        ..tree_config()
+    };
+    let mut a = Broadcast::new(site(1), config, 1);
+    for peer in 2..=5 {
+        a.peer_up(site(peer));
+    }
+    let cs = changeset(9, 1);
+    a.receive(Millis(0), site(2), BroadcastMsg::Gossip(cs.clone()));
+    let unseen = changeset(9, 2);
+    let before = a.clone();
+    assert_eq!(a.receive_seen_copy(site(3), false, &unseen.part_id()), None);
+    assert_eq!(a, before);
+    for (from, kept) in [(site(3), false), (site(4), true), (site(1), false)] {
+        let mut whole = a.clone();
+        let msg = if kept {
+            BroadcastMsg::KeptGossip(cs.clone())
+        } else {
+            BroadcastMsg::Gossip(cs.clone())
+        };
+        let expected = whole.receive(Millis(1), from, msg);
+        let effects = a.receive_seen_copy(from, kept, &cs.part_id());
+        assert_eq!(effects, Some(expected));
+        assert_eq!(a, whole);
+    }
+    assert_eq!(a.stats().duplicates, 2);
+}
+
 #[test]
 fn a_missing_id_is_grafted_after_the_timeout() {
     let config = tree_config();

@@ -64,16 +64,33 @@ pub fn changeset_to_bytes(changeset: &Changeset) -> Vec<u8> {
     out
 }
 
-/// Decodes one changeset that must fill `bytes` exactly.
-pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, DecodeError> {
-    if bytes.len() > limits.changeset_bytes_max {
-        return Err(DecodeError::TooLarge {
-            what: "changeset size",
-            got: bytes.len() as u64,
-            limit: limits.changeset_bytes_max as u64,
-        });
+/// What a changeset's encoding starts with: whose, which version, which seqs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangesetHead {
+    /// The author.
+    pub site: SiteId,
+    /// The author's version.
+    pub version: DbVersion,
+    /// The seqs it covers.
+    pub span: SeqSpan,
+}
+
+impl ChangesetHead {
+    /// The id of the changeset or part.
+    pub fn part_id(&self) -> PartId {
+        PartId {
+            id: ChangesetId {
+                site: self.site,
+                version: self.version,
+            },
+            start: self.span.start,
+        }
     }
-    let mut r = Reader { bytes, limits };
+}
+
+/// Reads a changeset's head and commit time (0 when the format has none), checked as
+/// [`decode_changeset`] checks them.
+fn read_head(r: &mut Reader<'_>) -> Result<(ChangesetHead, u64), DecodeError> {
     let format = r.u8("format")?;
     if format != CHANGESET_FORMAT && format != FORMAT_VERSION_WITHOUT_TIME {
         return Err(DecodeError::UnknownFormat(format));
@@ -99,6 +116,47 @@ pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, Deco
     if !span.is_valid() {
         return Err(DecodeError::Range("seq span"));
     }
+    Ok((
+        ChangesetHead {
+            site,
+            version,
+            span,
+        },
+        committed_at,
+    ))
+}
+
+/// Decodes only the head of an encoded changeset (see [`ChangesetHead`]): the rest is neither
+/// read nor checked.
+pub fn decode_changeset_head(bytes: &[u8], limits: &Limits) -> Result<ChangesetHead, DecodeError> {
+    if bytes.len() > limits.changeset_bytes_max {
+        return Err(DecodeError::TooLarge {
+            what: "changeset size",
+            got: bytes.len() as u64,
+            limit: limits.changeset_bytes_max as u64,
+        });
+    }
+    Ok(read_head(&mut Reader { bytes, limits })?.0)
+}
+
+/// Decodes one changeset that must fill `bytes` exactly.
+pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, DecodeError> {
+    if bytes.len() > limits.changeset_bytes_max {
+        return Err(DecodeError::TooLarge {
+            what: "changeset size",
+            got: bytes.len() as u64,
+            limit: limits.changeset_bytes_max as u64,
+        });
+    }
+    let mut r = Reader { bytes, limits };
+    let (
+        ChangesetHead {
+            site,
+            version,
+            span,
+        },
+        committed_at,
+    ) = read_head(&mut r)?;
     // Each change refers to these by index: one shared copy of each name.
     let tables: Vec<Arc<str>> = r.names("table")?.into_iter().map(Arc::from).collect();
     let columns: Vec<Arc<str>> = r.names("column")?.into_iter().map(Arc::from).collect();

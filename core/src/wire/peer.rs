@@ -151,11 +151,106 @@ pub fn decode_peer_message(
     }
 }
 
+/// A broadcast message carrying a changeset (or part), read only as far as the changeset's head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GossipCopy {
+    /// The node that sent it.
+    pub from: SiteId,
+    /// Sent over a kept link ([`crate::broadcast::BroadcastMsg::KeptGossip`]).
+    pub kept: bool,
+    /// The changeset or part it carries.
+    pub part: PartId,
+}
+
+/// The copy a broadcast message of a changeset carries, from its first bytes, or `None` for
+/// any other message and for bytes [`decode_peer_message`] would refuse before the changes.
+/// Enough to drop a copy already seen (see `Protocol::receive_seen_copy`) without decoding
+/// its changes; any other message is decoded whole.
+pub fn peek_gossip_copy(bytes: &[u8], cluster: u16, limits: &Limits) -> Option<GossipCopy> {
+    let mut r = Reader::for_cluster(bytes, cluster, limits).ok()?;
+    if r.u8("message kind").ok()? != TAG_BROADCAST {
+        return None;
+    }
+    let from = SiteId::from_slice(r.take(SITE_ID_LEN, "sender").ok()?).ok()?;
+    let kept = match r.u8("broadcast kind").ok()? {
+        MSG_GOSSIP => false,
+        MSG_KEPT_GOSSIP => true,
+        _ => return None,
+    };
+    let head = decode_changeset_head(r.bytes, limits).ok()?;
+    Some(GossipCopy {
+        from,
+        kept,
+        part: head.part_id(),
+    })
+}
+
 #[cfg(test)]
 mod peer_message_tests {
     use super::*;
     use crate::broadcast::BroadcastMsg;
     use proptest::prelude::*;
+
+    // The head read of a changeset's copy names what the whole decode finds; every other
+    // message, another cluster's, and bytes cut inside the head give nothing.
+    #[test]
+    fn a_gossip_copy_is_known_from_its_head() {
+        let limits = Limits::default();
+        let from = SiteId([3; 16]);
+        let id = ChangesetId {
+            site: SiteId([4; 16]),
+            version: DbVersion(1 << 40),
+        };
+        let mut cs = Changeset::whole(id, vec![]);
+        cs.span = SeqSpan {
+            start: Seq(2),
+            end: Seq(5),
+            last: Seq(9),
+        };
+        let cs = std::sync::Arc::new(cs);
+        for (msg, kept) in [
+            (BroadcastMsg::Gossip(cs.clone()), false),
+            (BroadcastMsg::KeptGossip(cs.clone()), true),
+        ] {
+            let bytes = encode_peer_message(7, &PeerMessage::Broadcast { from, msg });
+            let copy = peek_gossip_copy(&bytes, 7, &limits).unwrap();
+            assert_eq!(
+                copy,
+                GossipCopy {
+                    from,
+                    kept,
+                    part: cs.part_id()
+                }
+            );
+            assert_eq!(peek_gossip_copy(&bytes, 8, &limits), None);
+            // The head ends with the span, before the empty changeset's three counts (tables,
+            // columns, changes); cut anywhere before its end, nothing.
+            let head_end = bytes.len() - 3;
+            for cut in 0..head_end {
+                assert_eq!(
+                    peek_gossip_copy(&bytes[..cut], 7, &limits),
+                    None,
+                    "cut {cut}"
+                );
+            }
+        }
+        for msg in [
+            PeerMessage::Membership(vec![1, 2, 3]),
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::Prune,
+            },
+            PeerMessage::Broadcast {
+                from,
+                msg: BroadcastMsg::IHave(vec![cs.part_id()]),
+            },
+        ] {
+            assert_eq!(
+                peek_gossip_copy(&encode_peer_message(7, &msg), 7, &limits),
+                None
+            );
+        }
+    }
 
     #[test]
     fn peer_messages_round_trip() {

@@ -19,7 +19,9 @@ use bytes::Bytes;
 use patina_core::broadcast::{BroadcastMsg, BroadcastStats, Millis};
 use patina_core::change::Changeset;
 use patina_core::ids::SiteId;
-use patina_core::wire::{decode_peer_message, encode_peer_message, Limits, PeerMessage};
+use patina_core::wire::{
+    decode_peer_message, encode_peer_message, peek_gossip_copy, Limits, PeerMessage,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::net::membership::{MemberEvent, Membership};
@@ -497,6 +499,20 @@ impl GossipTask {
         actions: &mut Vec<Action>,
         snapshot: &mut GossipSnapshot,
     ) {
+        // Most copies of a changeset a node receives are of one it has seen (six links carry
+        // each write): those are known from the message's head, and their changes are never
+        // decoded. (So a seen copy whose changes are malformed passes as a duplicate; its
+        // sender authenticated, and its head names a changeset this node holds.)
+        if let Some(copy) = peek_gossip_copy(&received.bytes, self.cluster, &self.limits) {
+            if let Some(found) = self
+                .protocol
+                .receive_seen_copy(copy.from, copy.kept, &copy.part)
+            {
+                peer_addrs.insert(copy.from, received.from);
+                actions.extend(found);
+                return;
+            }
+        }
         match decode_peer_message(&received.bytes, self.cluster, &self.limits) {
             Ok(PeerMessage::Membership(packet)) => self.membership.handle_packet(&packet),
             Ok(PeerMessage::Broadcast { from, msg }) => {
