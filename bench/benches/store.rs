@@ -319,6 +319,27 @@ fn wire(c: &mut Criterion) {
     });
     group.finish();
     println!("wire: 400 changes encode to {} bytes", bytes.len());
+
+    // A broadcast copy of a one-row write as a node receives it: decoded whole (what every
+    // copy cost before), or read to its head only (what a copy already seen costs now).
+    let copy = patina_core::wire::encode_peer_message(
+        1,
+        &patina_core::wire::PeerMessage::Broadcast {
+            from: SiteId([2; 16]),
+            msg: patina_core::broadcast::BroadcastMsg::Gossip(std::sync::Arc::new(remote_insert(
+                site, 7,
+            ))),
+        },
+    );
+    let limits = Limits::default();
+    let mut group = c.benchmark_group("wire");
+    group.bench_function("gossip_copy_decode_whole", |b| {
+        b.iter(|| patina_core::wire::decode_peer_message(&copy, 1, &limits).unwrap())
+    });
+    group.bench_function("gossip_copy_peek_head", |b| {
+        b.iter(|| patina_core::wire::peek_gossip_copy(&copy, 1, &limits).unwrap())
+    });
+    group.finish();
 }
 
 /// What metrics add to one write through the API: the request histogram with its route,

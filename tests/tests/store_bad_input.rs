@@ -750,6 +750,11 @@ fn a_failed_reload_after_a_rollback_is_made_before_the_next_write() {
         err.to_string().contains("full"),
         "the batch's own failure: {err}"
     );
+    // The store thread marks a failed batch's versions as gaps, for health.
+    for changeset in &big {
+        store.note_unapplied(changeset.id);
+    }
+    assert_eq!(store.bookkeeping().gap_count(), 50);
     // While the reload owed fails, every kind of write is refused and nothing of it is kept;
     // extraction waits too.
     let small = remote(
@@ -778,6 +783,8 @@ fn a_failed_reload_after_a_rollback_is_made_before_the_next_write() {
         store.apply_changesets(&[small]).unwrap()[0],
         ApplyOutcome::Applied { .. }
     ));
+    // The reload kept the versions heard of and not applied: still gaps.
+    assert_eq!(store.bookkeeping().gap_count(), 49);
     drop(store);
     let store = Store::open(&cfg).unwrap();
     let site = SiteId([7; 16]);

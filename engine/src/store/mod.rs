@@ -684,6 +684,16 @@ impl Store {
             .iter()
             .filter_map(|site| Some((*site, self.book.site(site)?.clone())))
             .collect();
+        // The heads other sites were heard at are knowledge, not the file's state: a version
+        // heard of but not applied (a batch that failed, `note_unapplied`) must stay a gap
+        // after a reload, or health would stop counting it.
+        let old_self = self.site;
+        let heard: Vec<(SiteId, DbVersion)> = self
+            .book
+            .iter()
+            .filter(|(site, versions)| **site != old_self && versions.head.get() > 0)
+            .map(|(site, versions)| (*site, versions.head))
+            .collect();
         let mut sites = SiteTable::default();
         let mut book = Bookkeeping::new();
         {
@@ -731,6 +741,11 @@ impl Store {
         for (site, versions) in unsaved {
             if site != self.site && sites.ord(&site).is_some() {
                 book.set_site(site, versions);
+            }
+        }
+        for (site, head) in heard {
+            if site != self.site {
+                book.heard(site, head);
             }
         }
         self.sites = sites;
