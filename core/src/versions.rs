@@ -91,12 +91,13 @@ impl RangeSet {
         self.ranges.values().next_back().copied()
     }
 
-    /// Number of values.
+    /// Number of values (at most `u64::MAX`: the set `0..=u64::MAX` has one more).
     pub fn count(&self) -> u64 {
-        self.iter().map(|(s, e)| e - s + 1).sum()
+        self.count_within(0, u64::MAX)
     }
 
-    /// Number of values in `start..=end` (0 if start > end), without listing them or the gaps.
+    /// Number of values in `start..=end` (0 if start > end; at most `u64::MAX`), without
+    /// listing them or the gaps.
     pub fn count_within(&self, start: u64, end: u64) -> u64 {
         if start > end {
             return 0;
@@ -110,8 +111,8 @@ impl RangeSet {
             .into_iter()
             .chain(self.ranges.range(start..=end).map(|(&s, &e)| (s, e)))
             .filter(|&(_, e)| e >= start)
-            .map(|(s, e)| e.min(end) - s.max(start) + 1)
-            .sum()
+            .map(|(s, e)| (e.min(end) - s.max(start)).saturating_add(1))
+            .fold(0, u64::saturating_add)
     }
 
     /// The ranges of `start..=end` that are NOT in the set.
@@ -288,6 +289,15 @@ mod tests {
         set.insert(u64::MAX);
         assert!(set.contains(u64::MAX));
         assert_eq!(set.gaps(19, u64::MAX), vec![(21, u64::MAX - 1)]);
+    }
+
+    #[test]
+    fn counts_saturate_at_the_extremes() {
+        let mut set = RangeSet::new();
+        set.insert_range(0, u64::MAX);
+        assert_eq!(set.count(), u64::MAX);
+        assert_eq!(set.count_within(1, u64::MAX), u64::MAX);
+        assert_eq!(set.count_within(5, 4), 0);
     }
 
     #[test]

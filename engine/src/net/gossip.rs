@@ -502,8 +502,9 @@ impl GossipTask {
     ) {
         // Most copies of a changeset a node receives are of one it has seen (six links carry
         // each write): those are known from the message's head, and their changes are never
-        // decoded. (So a seen copy whose changes are malformed passes as a duplicate; its
-        // sender authenticated, and its head names a changeset this node holds.)
+        // decoded. So a seen copy whose changes are malformed counts as a duplicate, not as
+        // refused: it can do no more than a well-formed duplicate (a prune, a demoted link),
+        // which any member could send, and its head names a changeset this node holds.
         if let Some(copy) = peek_gossip_copy(&received.bytes, self.cluster, &self.limits) {
             if let Some(found) = self
                 .protocol

@@ -665,7 +665,9 @@ impl Store {
         self.reload_failures = count;
     }
 
-    /// Reloads sites, bookkeeping and tables from the database (after open, or a rollback).
+    /// Reloads sites, bookkeeping and tables from the database (at open, after a rollback or a
+    /// schema change, or when a reload is owed), keeping from memory what is ahead of the
+    /// file: versions not written yet, and the heads other sites were heard at.
     fn load_state(&mut self) -> Result<(), StoreError> {
         if self.reload_failures > 0 {
             self.reload_failures -= 1;
