@@ -129,6 +129,11 @@ fn read_head(r: &mut Reader<'_>) -> Result<(ChangesetHead, u64), DecodeError> {
 /// Decodes only the head of an encoded changeset (see [`ChangesetHead`]): the rest is neither
 /// read nor checked.
 pub fn decode_changeset_head(bytes: &[u8], limits: &Limits) -> Result<ChangesetHead, DecodeError> {
+    Ok(read_head(&mut changeset_reader(bytes, limits)?)?.0)
+}
+
+/// A reader over an encoded changeset, refused whole when it is over the size limit.
+fn changeset_reader<'a>(bytes: &'a [u8], limits: &'a Limits) -> Result<Reader<'a>, DecodeError> {
     if bytes.len() > limits.changeset_bytes_max {
         return Err(DecodeError::TooLarge {
             what: "changeset size",
@@ -136,19 +141,12 @@ pub fn decode_changeset_head(bytes: &[u8], limits: &Limits) -> Result<ChangesetH
             limit: limits.changeset_bytes_max as u64,
         });
     }
-    Ok(read_head(&mut Reader { bytes, limits })?.0)
+    Ok(Reader { bytes, limits })
 }
 
 /// Decodes one changeset that must fill `bytes` exactly.
 pub fn decode_changeset(bytes: &[u8], limits: &Limits) -> Result<Changeset, DecodeError> {
-    if bytes.len() > limits.changeset_bytes_max {
-        return Err(DecodeError::TooLarge {
-            what: "changeset size",
-            got: bytes.len() as u64,
-            limit: limits.changeset_bytes_max as u64,
-        });
-    }
-    let mut r = Reader { bytes, limits };
+    let mut r = changeset_reader(bytes, limits)?;
     let (
         ChangesetHead {
             site,
