@@ -21,6 +21,7 @@ use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis}
 use crate::change::Changeset;
 use crate::ids::SiteId;
 use crate::sync::{Activity, SyncOutcome, SyncScheduler};
+use crate::wire::{decode_peer_message, peek_gossip_copy, Limits, PeerMessage, PeerMessageError};
 
 /// How a node's protocol behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,6 +97,20 @@ struct Running {
     peer: SiteId,
     session: u64,
     started: Millis,
+}
+
+/// What a peer's message became (see [`Protocol::receive_message`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceivedMessage {
+    /// A SWIM packet, for the membership layer.
+    Membership(Vec<u8>),
+    /// A broadcast message, handled: who sent it and what to do.
+    Broadcast {
+        /// The sender named in the message.
+        from: SiteId,
+        /// What the protocol decided.
+        actions: Vec<Action>,
+    },
 }
 
 /// One node's protocol state (lost in a crash; rebuilt from membership after a restart).
@@ -220,6 +235,39 @@ impl Protocol {
         let effects = self.broadcast.receive_seen_copy(from, kept, part)?;
         self.debug_check();
         Some(actions(effects))
+    }
+
+    /// A peer's message as it arrived, in bytes: a SWIM packet is handed back for the
+    /// membership layer; a broadcast message is handled. A copy of a changeset seen before is
+    /// known from its head ([`peek_gossip_copy`]) and its changes are never decoded (five of
+    /// the six copies of each write a node receives); anything else is decoded whole and goes
+    /// to [`Protocol::receive`]. So a seen copy whose changes are malformed counts as a
+    /// duplicate, not as refused: it can do no more than a well-formed duplicate (a prune, a
+    /// demoted link), which any member could send, and its head names a changeset this node
+    /// holds. Otherwise the effects are those of decoding and `receive` (the proptest
+    /// `receiving_bytes_is_decoding_and_receiving` holds the two paths to that).
+    pub fn receive_message(
+        &mut self,
+        now: Millis,
+        bytes: &[u8],
+        cluster: u16,
+        limits: &Limits,
+    ) -> Result<ReceivedMessage, PeerMessageError> {
+        if let Some(copy) = peek_gossip_copy(bytes, cluster, limits) {
+            if let Some(actions) = self.receive_seen_copy(copy.from, copy.kept, &copy.part) {
+                return Ok(ReceivedMessage::Broadcast {
+                    from: copy.from,
+                    actions,
+                });
+            }
+        }
+        Ok(match decode_peer_message(bytes, cluster, limits)? {
+            PeerMessage::Membership(packet) => ReceivedMessage::Membership(packet),
+            PeerMessage::Broadcast { from, msg } => ReceivedMessage::Broadcast {
+                from,
+                actions: self.receive(now, from, msg),
+            },
+        })
     }
 
     /// Sync session `session` was answered with `brought` changesets (or parts), already
@@ -739,5 +787,213 @@ mod tests {
             }
         }
         assert_eq!(again, [101_100, 103_100]);
+    }
+
+    // The engine's path for a message in bytes (`receive_message`: a seen copy known from
+    // its head, anything else decoded whole) against decoding every message whole and calling
+    // `receive`: the same answers and the same state after every step, over copies of seen and
+    // unseen changesets, whole or parts, over tree and kept links, from the node itself, other
+    // broadcast messages and SWIM packets, with bytes flipped or cut. The one difference
+    // allowed: a copy whose head names a changeset already seen while its changes do not
+    // decode is a duplicate on the engine's path, where the whole decode refuses it; it must
+    // then be exactly what receiving that seen changeset again does.
+    mod received_bytes {
+        use std::collections::HashMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::change::{Change, ChangesetId, Column, PartId, SeqSpan};
+        use crate::ids::{CausalLength, ColVersion, DbVersion, Seq};
+        use crate::pk::PackedPk;
+        use crate::value::Value;
+        use crate::wire::encode_peer_message;
+
+        const CLUSTER: u16 = 7;
+
+        /// Changesets of authors 2..=4, versions 1..=3, three changes each (so a flipped byte
+        /// often lands in the changes after an intact head); the third version of each author
+        /// is sent as two parts.
+        fn pool() -> Vec<Arc<Changeset>> {
+            let pk = PackedPk::pack(&[Value::Integer(7)]).unwrap();
+            let mut out = Vec::new();
+            for author in 2..=4u8 {
+                for version in 1..=3u64 {
+                    let change = |column: Column, value: Value, seq: u32| Change {
+                        table: "hosts".into(),
+                        pk: pk.clone(),
+                        column,
+                        value,
+                        col_version: ColVersion(version),
+                        cl: CausalLength(1),
+                        seq: Seq(seq),
+                    };
+                    let changes = vec![
+                        change(Column::Sentinel, Value::Null, 0),
+                        change(Column::Name("name".into()), Value::from("web-1"), 1),
+                        change(Column::Name("port".into()), Value::Integer(8080), 2),
+                    ];
+                    let id = ChangesetId {
+                        site: site(author),
+                        version: DbVersion(version),
+                    };
+                    if version < 3 {
+                        out.push(Arc::new(Changeset::whole(id, changes)));
+                        continue;
+                    }
+                    let (first, second) = changes.split_at(2);
+                    for (part, start, end) in [(first, 0, 1), (second, 2, 2)] {
+                        let mut cs = Changeset::whole(id, part.to_vec());
+                        cs.span = SeqSpan {
+                            start: Seq(start),
+                            end: Seq(end),
+                            last: Seq(2),
+                        };
+                        out.push(Arc::new(cs));
+                    }
+                }
+            }
+            out
+        }
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            /// A message from `from` (1 is the node itself), of `kind`, about pool entry
+            /// `entry`, its bytes changed by `damage`, `wait` ms after the last step.
+            Message {
+                from: u8,
+                kind: u8,
+                entry: usize,
+                damage: Damage,
+                wait: u64,
+            },
+            /// The node's timers run (grafts of announced ids, sync rounds).
+            Tick { wait: u64 },
+        }
+
+        #[derive(Debug, Clone)]
+        enum Damage {
+            None,
+            /// The byte at this fraction of the message (in 1/256ths) xored with a non-zero.
+            Flip(u8, u8),
+            /// Cut at this fraction of the message.
+            Cut(u8),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            let damage = prop_oneof![
+                3 => Just(Damage::None),
+                2 => (any::<u8>(), 1..=255u8).prop_map(|(at, x)| Damage::Flip(at, x)),
+                1 => any::<u8>().prop_map(Damage::Cut),
+            ];
+            prop_oneof![
+                9 => (1..=5u8, 0..9u8, 0..12usize, damage, 0..300u64).prop_map(
+                    |(from, kind, entry, damage, wait)| Step::Message {
+                        from,
+                        kind,
+                        entry,
+                        damage,
+                        wait
+                    }
+                ),
+                1 => (0..3_000u64).prop_map(|wait| Step::Tick { wait }),
+            ]
+        }
+
+        fn message(from: u8, kind: u8, cs: &Arc<Changeset>) -> PeerMessage {
+            let ids = vec![cs.part_id()];
+            let msg = match kind {
+                0 | 1 => BroadcastMsg::Gossip(cs.clone()),
+                2 => BroadcastMsg::KeptGossip(cs.clone()),
+                3 => BroadcastMsg::IHave(ids),
+                4 => BroadcastMsg::Graft(ids),
+                5 => BroadcastMsg::Prune,
+                6 => BroadcastMsg::Keep,
+                7 => BroadcastMsg::Ping(u64::from(from)),
+                _ => return PeerMessage::Membership(vec![from, kind, 1, 2]),
+            };
+            PeerMessage::Broadcast {
+                from: site(from),
+                msg,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            #[test]
+            fn receiving_bytes_is_decoding_and_receiving(
+                seed in any::<u64>(),
+                steps in proptest::collection::vec(step(), 1..60),
+            ) {
+                let limits = Limits::default();
+                let pool = pool();
+                let config = ProtocolConfig {
+                    sync_interval_ms: Some(500),
+                    ..ProtocolConfig::default()
+                };
+                let mut engine = Protocol::new(site(1), config, Millis(0), seed);
+                for peer in 2..=5 {
+                    engine.peer_up(site(peer));
+                }
+                let mut whole = engine.clone();
+                // Every copy the whole decode handed to `receive`, by part id.
+                let mut received: HashMap<PartId, Arc<Changeset>> = HashMap::new();
+                let mut now = 0;
+                for step in steps {
+                    match step {
+                        Step::Tick { wait } => {
+                            now += wait;
+                            prop_assert_eq!(engine.tick(Millis(now)), whole.tick(Millis(now)));
+                        }
+                        Step::Message { from, kind, entry, damage, wait } => {
+                            now += wait;
+                            let mut bytes = encode_peer_message(CLUSTER, &message(from, kind, &pool[entry]));
+                            let at = |frac: u8, len: usize| len * usize::from(frac) / 256;
+                            match damage {
+                                Damage::None => {}
+                                Damage::Flip(frac, x) => {
+                                    let i = at(frac, bytes.len());
+                                    bytes[i] ^= x;
+                                }
+                                Damage::Cut(frac) => bytes.truncate(at(frac, bytes.len())),
+                            }
+                            let got = engine.receive_message(Millis(now), &bytes, CLUSTER, &limits);
+                            let expected = match decode_peer_message(&bytes, CLUSTER, &limits) {
+                                Ok(PeerMessage::Membership(packet)) => Ok(ReceivedMessage::Membership(packet)),
+                                Ok(PeerMessage::Broadcast { from, msg }) => {
+                                    if let BroadcastMsg::Gossip(cs) | BroadcastMsg::KeptGossip(cs) = &msg {
+                                        received.insert(cs.part_id(), cs.clone());
+                                    }
+                                    Ok(ReceivedMessage::Broadcast { from, actions: whole.receive(Millis(now), from, msg) })
+                                }
+                                Err(refused) => match &got {
+                                    Ok(ReceivedMessage::Broadcast { .. }) => {
+                                        // Only a seen copy, handled as that copy again.
+                                        let copy = peek_gossip_copy(&bytes, CLUSTER, &limits);
+                                        prop_assert!(copy.is_some(), "handled bytes the decode refuses ({refused}) and the head does not read");
+                                        let copy = copy.unwrap();
+                                        let seen = received.get(&copy.part);
+                                        prop_assert!(seen.is_some(), "a refused copy of an unseen changeset was handled");
+                                        let seen = seen.unwrap().clone();
+                                        let msg = if copy.kept {
+                                            BroadcastMsg::KeptGossip(seen)
+                                        } else {
+                                            BroadcastMsg::Gossip(seen)
+                                        };
+                                        Ok(ReceivedMessage::Broadcast {
+                                            from: copy.from,
+                                            actions: whole.receive(Millis(now), copy.from, msg),
+                                        })
+                                    }
+                                    _ => Err(refused),
+                                },
+                            };
+                            prop_assert_eq!(got, expected);
+                            prop_assert_eq!(&engine, &whole);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

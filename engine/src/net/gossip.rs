@@ -19,16 +19,14 @@ use bytes::Bytes;
 use patina_core::broadcast::{BroadcastMsg, BroadcastStats, Millis};
 use patina_core::change::Changeset;
 use patina_core::ids::SiteId;
-use patina_core::wire::{
-    decode_peer_message, encode_peer_message, peek_gossip_copy, Limits, PeerMessage,
-};
+use patina_core::wire::{encode_peer_message, Limits, PeerMessage};
 use tokio::sync::{mpsc, watch};
 
 use crate::net::membership::{MemberEvent, Membership};
 use crate::net::sync::{pull, PullReport, SyncError};
 use crate::net::transport::{Channel, Received, Transport};
 use crate::store::actor::StoreHandle;
-use patina_core::protocol::{Action, Protocol};
+use patina_core::protocol::{Action, Protocol, ReceivedMessage};
 use patina_core::sync::SyncOutcome;
 
 /// What the gossip task reports, refreshed every tick.
@@ -500,26 +498,18 @@ impl GossipTask {
         actions: &mut Vec<Action>,
         snapshot: &mut GossipSnapshot,
     ) {
-        // Most copies of a changeset a node receives are of one it has seen (six links carry
-        // each write): those are known from the message's head, and their changes are never
-        // decoded. So a seen copy whose changes are malformed counts as a duplicate, not as
-        // refused: it can do no more than a well-formed duplicate (a prune, a demoted link),
-        // which any member could send, and its head names a changeset this node holds.
-        if let Some(copy) = peek_gossip_copy(&received.bytes, self.cluster, &self.limits) {
-            if let Some(found) = self
-                .protocol
-                .receive_seen_copy(copy.from, copy.kept, &copy.part)
-            {
-                peer_addrs.insert(copy.from, received.from);
-                actions.extend(found);
-                return;
-            }
-        }
-        match decode_peer_message(&received.bytes, self.cluster, &self.limits) {
-            Ok(PeerMessage::Membership(packet)) => self.membership.handle_packet(&packet),
-            Ok(PeerMessage::Broadcast { from, msg }) => {
+        // Seen copies are known from their heads, not decoded (see `receive_message`).
+        match self
+            .protocol
+            .receive_message(now, &received.bytes, self.cluster, &self.limits)
+        {
+            Ok(ReceivedMessage::Membership(packet)) => self.membership.handle_packet(&packet),
+            Ok(ReceivedMessage::Broadcast {
+                from,
+                actions: found,
+            }) => {
                 peer_addrs.insert(from, received.from);
-                actions.extend(self.protocol.receive(now, from, msg));
+                actions.extend(found);
             }
             Err(e) => {
                 snapshot.refused += 1;
