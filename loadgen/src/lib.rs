@@ -19,7 +19,7 @@ pub mod plot;
 pub mod procs;
 pub mod remote;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -132,6 +132,11 @@ pub struct Report {
     pub nodes: usize,
     /// Per write: ms until the last node applied it (None if some node never did).
     pub time_to_all_ms: Vec<Option<f64>>,
+    /// Per write: ms until 99% of the nodes had applied it (None if fewer ever did). Beside
+    /// the time to all it tells a slow wave (the two close) from a few late nodes.
+    pub time_to_99_nodes_ms: Vec<Option<f64>>,
+    /// Per write: the node (index in start order) that applied it last, if every node did.
+    pub last_node: Vec<Option<usize>>,
     /// Every (write, node) delivery delay in ms, sorted.
     pub delivery_ms: Vec<f64>,
     /// Per write: share of nodes that applied it.
@@ -275,6 +280,23 @@ impl Report {
             ms(self.time_to_all(0.99)),
             ms(self.time_to_all(1.0))
         ));
+        if self.time_to_99_nodes_ms.iter().any(Option::is_some) {
+            let last = self
+                .most_often_last()
+                .map(|(node, count)| {
+                    format!(
+                        "; last node most often: node {node}, in {count} of {} writes",
+                        self.last_node.iter().flatten().count()
+                    )
+                })
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  time to 99% nodes   p50 {}  p90 {}  p99 {}{last}\n",
+                ms(self.time_to_99_nodes(0.5)),
+                ms(self.time_to_99_nodes(0.9)),
+                ms(self.time_to_99_nodes(0.99)),
+            ));
+        }
         out.push_str(&format!(
             "  per-node delivery   p50 {}  p99 {}\n",
             ms(percentile(&self.delivery_ms, 0.5)),
@@ -406,6 +428,10 @@ impl Report {
             "time_to_all_p90_ms": self.time_to_all(0.9),
             "time_to_all_p99_ms": self.time_to_all(0.99),
             "time_to_all_max_ms": self.time_to_all(1.0),
+            "time_to_99_nodes_ms": self.time_to_99_nodes_ms,
+            "time_to_99_nodes_p50_ms": self.time_to_99_nodes(0.5),
+            "time_to_99_nodes_p99_ms": self.time_to_99_nodes(0.99),
+            "last_node": self.last_node,
             "delivery_p50_ms": percentile(&self.delivery_ms, 0.5),
             "delivery_p99_ms": percentile(&self.delivery_ms, 0.99),
             "coverage": self.coverage,
@@ -462,6 +488,38 @@ impl Report {
         self.time_to_all_ms.push(
             (delays.len() == arrived.len()).then(|| delays.iter().copied().fold(0.0, f64::max)),
         );
+        let mut sorted = delays;
+        sorted.sort_by(f64::total_cmp);
+        let most = (arrived.len() * 99).div_ceil(100).max(1);
+        self.time_to_99_nodes_ms.push(sorted.get(most - 1).copied());
+        let complete = arrived.iter().all(Option::is_some);
+        self.last_node.push(
+            arrived
+                .iter()
+                .enumerate()
+                .filter(|_| complete)
+                .filter_map(|(node, t)| t.map(|t| (t, node)))
+                .max()
+                .map(|(_, node)| node),
+        );
+    }
+
+    /// Percentiles over the writes of the time until 99% of the nodes had them.
+    pub fn time_to_99_nodes(&self, p: f64) -> Option<f64> {
+        let mut done: Vec<f64> = self.time_to_99_nodes_ms.iter().flatten().copied().collect();
+        done.sort_by(f64::total_cmp);
+        percentile(&done, p)
+    }
+
+    /// The node that was last most often, and in how many of the writes every node had.
+    pub fn most_often_last(&self) -> Option<(usize, usize)> {
+        let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+        for node in self.last_node.iter().flatten() {
+            *counts.entry(*node).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(node, count)| (*count, std::cmp::Reverse(*node)))
     }
 
     /// An SVG of the CDF of time to all nodes (and of per-node delivery), titled `title`.
@@ -590,6 +648,11 @@ fn broadcast_sent(gossip: &patina::net::gossip::GossipSnapshot) -> u64 {
 pub(crate) fn bar(progress: bool, len: usize, what: &str) -> indicatif::ProgressBar {
     if !progress {
         return indicatif::ProgressBar::hidden();
+    }
+    // Bars are drawn on a terminal only: into a log (a CI job, a run in the background, a
+    // profiler waiting for the writes) each phase says when it starts instead.
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!("{what} ({len})");
     }
     let bar = indicatif::ProgressBar::new(len as u64);
     bar.set_style(
@@ -722,7 +785,9 @@ pub async fn run_live(options: &Options) -> Report {
     }
     starting.finish_and_clear();
     // Membership: wait until every node sees every other (bounded).
-    let index: HashMap<SocketAddr, usize> = agents
+    // Looked up for every message an agent sends (its delay): hashed with foldhash, as the
+    // engine's own maps on that path, so the model costs the run little CPU of its own.
+    let index: HashMap<SocketAddr, usize, foldhash::fast::RandomState> = agents
         .iter()
         .enumerate()
         .map(|(i, a)| (a.gossip_addr(), i))
@@ -1010,7 +1075,32 @@ pub async fn run_live(options: &Options) -> Report {
 
 #[cfg(test)]
 mod tests {
-    use super::WriteCpu;
+    use std::time::{Duration, Instant};
+
+    use super::{Report, WriteCpu};
+
+    #[test]
+    fn a_write_late_on_one_node_is_told_from_a_slow_wave() {
+        // 200 nodes have a write 1..=200 ms after it was sent, but node 17 at 900 ms; a second
+        // write never reaches node 3.
+        let sent = Instant::now();
+        let at = |ms: u64| Some(sent + Duration::from_millis(ms));
+        let mut arrived: Vec<Option<Instant>> = (1..=200).map(at).collect();
+        arrived[17] = at(900);
+        let mut report = Report::default();
+        report.record_write(sent, &arrived);
+        arrived[3] = None;
+        report.record_write(sent, &arrived);
+        assert_eq!(report.time_to_all_ms, [Some(900.0), None]);
+        // 99% of 200 is the 198th delivery: of 1..=200 less 18 (and 900), 199 ms; less 4 as
+        // well for the second write, 200 ms.
+        assert_eq!(report.time_to_99_nodes_ms, [Some(199.0), Some(200.0)]);
+        assert_eq!(report.last_node, [Some(17), None]);
+        assert_eq!(report.most_often_last(), Some((17, 1)));
+        assert!(report
+            .table()
+            .contains("last node most often: node 17, in 1 of 1 writes"));
+    }
 
     #[test]
     fn a_writes_cpu_is_what_the_phase_took_beyond_idle() {

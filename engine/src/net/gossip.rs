@@ -550,7 +550,13 @@ impl GossipTask {
                 MemberEvent::Down { site } => self.protocol.peer_down(site),
             }
         }
-        snapshot.members = Arc::new(self.membership.members().clone());
+        snapshot.members = Arc::new(
+            self.membership
+                .members()
+                .iter()
+                .map(|(site, addr)| (*site, *addr))
+                .collect(),
+        );
         self.snapshot.send_replace(snapshot.clone());
         true
     }
@@ -663,12 +669,10 @@ impl GossipTask {
 
     /// Writes the live members next to the database, for the next start.
     fn remember_members(&mut self) {
-        let remembered: String = self
-            .membership
-            .members()
-            .values()
-            .map(|a| format!("{a}\n"))
-            .collect();
+        // In site order, so the same members make the same text.
+        let mut members: Vec<(&SiteId, &SocketAddr)> = self.membership.members().iter().collect();
+        members.sort_unstable();
+        let remembered: String = members.iter().map(|(_, a)| format!("{a}\n")).collect();
         // Membership events come and go (a member renamed, down and up again) far more often
         // than the set of addresses changes: rewrite the file only when its text would change.
         let hash = {

@@ -7,11 +7,12 @@
 //! address: a node that comes back at the same address with a newer bump replaces the old one.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Instant;
 
+use crate::store::FastMap;
 use foca::{
     AccumulatingRuntime, Codec, Foca, Identity, Message, OwnedNotification, PostcardCodec, State,
     Timer,
@@ -107,8 +108,10 @@ pub struct Membership {
     runtime: AccumulatingRuntime<Actor>,
     timers: BinaryHeap<Reverse<Due>>,
     timer_seq: u64,
-    /// Live members by site (their latest address).
-    members: BTreeMap<SiteId, SocketAddr>,
+    /// Live members by site (their latest address). Hashed: every broadcast message sent
+    /// looks up its destination here, and an ordered map of hundreds of sites was 1.5% of a
+    /// writing cluster's CPU (`loadgen live`, 800 agents).
+    members: FastMap<SiteId, SocketAddr>,
     sized_for: u32,
     probe_period: std::time::Duration,
     /// Chooses the warm members that dissemination is moved to.
@@ -303,7 +306,7 @@ impl Membership {
             runtime: AccumulatingRuntime::new(),
             timers: BinaryHeap::new(),
             timer_seq: 0,
-            members: BTreeMap::new(),
+            members: FastMap::default(),
             sized_for: 2,
             probe_period,
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed_0f3a_4d00),
@@ -318,8 +321,8 @@ impl Membership {
         }
     }
 
-    /// Live members.
-    pub fn members(&self) -> &BTreeMap<SiteId, SocketAddr> {
+    /// Live members, in no order.
+    pub fn members(&self) -> &FastMap<SiteId, SocketAddr> {
         &self.members
     }
 
