@@ -923,7 +923,10 @@ async fn idle_closed_pair_of(
 ) {
     let (a, mut a_rx) = bind_with(TlsMode::Plaintext, a_config);
     let (b, mut b_rx) = bind_with(TlsMode::Plaintext, b_config);
-    a.send(b.local_addr(), Channel::Datagram, Bytes::from_static(b"hi"));
+    assert!(
+        !a.send(b.local_addr(), Channel::Datagram, Bytes::from_static(b"hi")),
+        "a first message needs a connection: cold"
+    );
     assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"hi");
     assert!(eventually(Duration::from_secs(5), || a.sends_sealed(b.local_addr())).await);
     b.send(a.local_addr(), Channel::Datagram, Bytes::from_static(b"ho"));
@@ -964,7 +967,10 @@ async fn datagrams_to_a_peer_whose_connection_idled_out_go_sealed_without_a_hand
     assert!(a.is_warm(b.local_addr()) && b.is_warm(a.local_addr()));
     assert_eq!(a.stats().sealed_keys_kept.load(Ordering::Relaxed), 1);
     for i in 0..5u8 {
-        a.send(b.local_addr(), Channel::Datagram, Bytes::from(vec![i; 50]));
+        assert!(
+            a.send(b.local_addr(), Channel::Datagram, Bytes::from(vec![i; 50])),
+            "a datagram under a kept key is warm"
+        );
         let got = recv(&mut b_rx).await.expect("lost a→b");
         assert_eq!(
             (got.from, got.bytes.as_ref()),
@@ -986,10 +992,13 @@ async fn datagrams_to_a_peer_whose_connection_idled_out_go_sealed_without_a_hand
     assert_eq!(b.stats().sealed_sent_kept.load(Ordering::Relaxed), 5);
     assert!(!a.is_connected(b.local_addr()));
     // A stream needs a connection; the new one's keys replace the kept ones at both ends.
-    a.send(
-        b.local_addr(),
-        Channel::Stream,
-        Bytes::from_static(b"stream"),
+    assert!(
+        !a.send(
+            b.local_addr(),
+            Channel::Stream,
+            Bytes::from_static(b"stream"),
+        ),
+        "a stream is cold without a pooled connection, kept key or not"
     );
     assert_eq!(recv(&mut b_rx).await.unwrap().bytes.as_ref(), b"stream");
     assert_eq!(a.stats().connections_opened.load(Ordering::Relaxed), 2);

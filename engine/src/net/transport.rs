@@ -288,6 +288,25 @@ struct Shared {
     faults: Arc<Faults>,
 }
 
+/// A message [`Transport::send`] hands to the peer's queue.
+struct ForQueue {
+    bytes: Bytes,
+    /// Its loss was drawn already (the queue's task must not draw it again).
+    loss_drawn: bool,
+    /// It needs no new connection (see [`Transport::send`]).
+    warm: bool,
+}
+
+impl ForQueue {
+    fn warm(bytes: Bytes, loss_drawn: bool) -> ForQueue {
+        ForQueue {
+            bytes,
+            loss_drawn,
+            warm: true,
+        }
+    }
+}
+
 /// One-way latency to add per destination (WAN emulation in user space).
 pub type LatencyFn = Arc<dyn Fn(SocketAddr) -> Duration + Send + Sync>;
 
@@ -581,14 +600,25 @@ impl Transport {
     /// Sends a message to a peer; never blocks. A datagram on a connection that is ready leaves
     /// at once (see `send_datagram_direct`); anything else goes through the peer's queue, whose
     /// task connects first if needed. When the peer's queue is full the oldest message is
-    /// dropped.
-    pub fn send(&self, to: SocketAddr, channel: Channel, bytes: Bytes) {
-        let (bytes, loss_drawn) = match channel {
+    /// dropped. Returns whether the message was warm: it left, or waits, without a new
+    /// connection to the peer (one is pooled, or a datagram went under a kept key), found on
+    /// the way instead of by a lookup of its own ([`Transport::is_warm`]).
+    pub fn send(&self, to: SocketAddr, channel: Channel, bytes: Bytes) -> bool {
+        let ForQueue {
+            bytes,
+            loss_drawn,
+            warm,
+        } = match channel {
             Channel::Datagram => match self.send_datagram_direct(to, bytes) {
                 Some(back) => back,
-                None => return,
+                None => return true,
             },
-            Channel::Stream => (bytes, false),
+            // A stream needs a connection: a kept key does not carry it.
+            Channel::Stream => ForQueue {
+                warm: self.is_connected(to),
+                bytes,
+                loss_drawn: false,
+            },
         };
         // The message is queued under the map's lock: a sender loop that finds its queue
         // empty removes it under the same lock, so no message lands in a queue nobody reads.
@@ -618,6 +648,7 @@ impl Transport {
             queue
         };
         queue.wake.notify_one();
+        warm
     }
 
     /// Sends a datagram without the peer's queue and its task when they would change nothing:
@@ -627,7 +658,8 @@ impl Transport {
     /// (BENCHMARKS, "Where a write's CPU goes"). Gives the message back when the queue
     /// must take it (to connect, to wait for the budget, or to send it on a stream), with
     /// whether its loss was drawn already (so the queue's task does not draw it again).
-    fn send_datagram_direct(&self, to: SocketAddr, bytes: Bytes) -> Option<(Bytes, bool)> {
+    /// `None`: it left (or was dropped, or waits on its modelled delay) warm.
+    fn send_datagram_direct(&self, to: SocketAddr, bytes: Bytes) -> Option<ForQueue> {
         let shared = &self.shared;
         let queued = shared
             .queues
@@ -641,7 +673,11 @@ impl Transport {
                     .is_empty()
             });
         if queued {
-            return Some((bytes, false));
+            return Some(ForQueue {
+                warm: self.is_warm(to),
+                bytes,
+                loss_drawn: false,
+            });
         }
         let (conn, link) = {
             let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
@@ -659,7 +695,7 @@ impl Transport {
                 || pooled.sealed.as_ref().is_some_and(|link| link.exhausted())
             {
                 // (An exhausted key: the queue's task starts its replacement.)
-                return Some((bytes, false));
+                return Some(ForQueue::warm(bytes, false));
             }
             // As in the queue's task: faults before the silence check, so a message never
             // sent does not count as unanswered.
@@ -671,7 +707,7 @@ impl Transport {
             // A sealed datagram is never answered: only QUIC sends wait for an answer.
             if link.is_none() && pooled.stalled(Instant::now()) {
                 // The queue's task closes the silent connection and connects afresh.
-                return Some((bytes, true));
+                return Some(ForQueue::warm(bytes, true));
             }
             (pooled.conn.clone(), link)
         };
@@ -691,7 +727,7 @@ impl Transport {
             return None;
         }
         if !shared.budget_allows(bytes.len()) {
-            return Some((bytes, true));
+            return Some(ForQueue::warm(bytes, true));
         }
         // No in-flight permit: a datagram leaves (or is refused) at once; the permits bound
         // stream writes that wait on the peer.
@@ -712,17 +748,21 @@ impl Transport {
     /// Sends a datagram to a peer with no pooled connection under the kept key of an earlier
     /// one ([`KeptKeys`]), if there is one; gives the message back as `send_datagram_direct`
     /// does (then the queue's task connects).
-    fn send_kept(&self, to: SocketAddr, bytes: Bytes) -> Option<(Bytes, bool)> {
+    fn send_kept(&self, to: SocketAddr, bytes: Bytes) -> Option<ForQueue> {
         let shared = &self.shared;
         let Some((link, addr)) = shared.kept_key_for(to, bytes.len()) else {
-            return Some((bytes, false));
+            return Some(ForQueue {
+                bytes,
+                loss_drawn: false,
+                warm: false,
+            });
         };
         if shared.faults.is_cut(&to) || shared.faults.drops_next() {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         if !shared.budget_allows(bytes.len()) {
-            return Some((bytes, true));
+            return Some(ForQueue::warm(bytes, true));
         }
         let delay = shared.faults.delay_to(to);
         if delay.is_zero() {
