@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -1143,4 +1144,62 @@ async fn a_node_that_keeps_no_keys_and_one_that_does_agree_to_keep_none() {
     for t in [a, b] {
         t.close().await;
     }
+}
+
+/// Messages the fault injector delays wait in one queue per transport and leave when due: none
+/// sooner than its delay, each in order of when it is due, so one to a near peer sent after one
+/// to a far peer still leaves first and at its own time (the queue's task wakes for it, rather
+/// than sleeping until the far one is due), datagrams and messages on streams alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_leave_when_due_and_in_due_order() {
+    let (a, _a_rx) = bind(TlsMode::Plaintext);
+    let (far, mut far_rx) = bind(TlsMode::Plaintext);
+    let (near, mut near_rx) = bind(TlsMode::Plaintext);
+    // Connections first, with no delay.
+    for (to, rx) in [
+        (far.local_addr(), &mut far_rx),
+        (near.local_addr(), &mut near_rx),
+    ] {
+        a.send(to, Channel::Datagram, Bytes::from_static(b"hello"));
+        assert!(recv(rx).await.is_some());
+    }
+    let far_addr = far.local_addr();
+    a.faults().set_latency(Arc::new(move |to: SocketAddr| {
+        Duration::from_millis(if to == far_addr { 1_500 } else { 200 })
+    }));
+    let sent = tokio::time::Instant::now();
+    a.send(far_addr, Channel::Datagram, Bytes::from_static(b"far 1"));
+    a.send(far_addr, Channel::Stream, Bytes::from_static(b"far 2"));
+    a.send(
+        near.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"near 1"),
+    );
+    a.send(
+        near.local_addr(),
+        Channel::Datagram,
+        Bytes::from_static(b"near 2"),
+    );
+    for expected in [&b"near 1"[..], b"near 2"] {
+        let got = recv(&mut near_rx).await.expect("a near message");
+        assert_eq!(got.bytes.as_ref(), expected);
+        let waited = sent.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200),
+            "left early: {waited:?}"
+        );
+        // Far below the far message's 1.5 s: the line did not wait for the first one held.
+        assert!(
+            waited < Duration::from_millis(1_200),
+            "waited for the far one: {waited:?}"
+        );
+    }
+    let mut far_got = Vec::new();
+    for _ in 0..2 {
+        let got = recv(&mut far_rx).await.expect("a far message");
+        assert!(sent.elapsed() >= Duration::from_millis(1_500), "left early");
+        far_got.push(got.bytes.to_vec());
+    }
+    far_got.sort();
+    assert_eq!(far_got, [b"far 1".to_vec(), b"far 2".to_vec()]);
 }
