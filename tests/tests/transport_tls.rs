@@ -1146,10 +1146,9 @@ async fn a_node_that_keeps_no_keys_and_one_that_does_agree_to_keep_none() {
     }
 }
 
-/// Messages the fault injector delays wait in one queue per transport and leave when due: none
-/// sooner than its delay, each in order of when it is due, so one to a near peer sent after one
-/// to a far peer still leaves first and at its own time (the queue's task wakes for it, rather
-/// than sleeping until the far one is due), datagrams and messages on streams alike.
+/// Messages the fault injector delays (a latency model by destination, as loadgen's) leave
+/// when due: none sooner than its delay, and one to a near peer sent after one to a far peer
+/// leaves first and at its own time; datagrams and messages on streams alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_messages_leave_when_due_and_in_due_order() {
     let (a, _a_rx) = bind(TlsMode::Plaintext);

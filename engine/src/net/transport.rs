@@ -286,8 +286,6 @@ struct Shared {
     in_flight: Arc<tokio::sync::Semaphore>,
     sessions: Mutex<Option<mpsc::Sender<Session>>>,
     faults: Arc<Faults>,
-    /// Messages the fault injector holds back, sent when due.
-    delayed: Arc<DelayLine>,
 }
 
 /// A message [`Transport::send`] hands to the peer's queue.
@@ -580,7 +578,6 @@ impl Transport {
             )),
             sessions: Mutex::new(None),
             faults,
-            delayed: Arc::new(DelayLine::default()),
         });
         crate::logging::spawn(accept_loop(shared.clone()));
         crate::logging::spawn(reap_loop(Arc::downgrade(&shared)));
@@ -716,15 +713,17 @@ impl Transport {
         };
         let delay = shared.faults.delay_to(to);
         if !delay.is_zero() {
-            hold(
-                shared,
-                delay,
-                HeldSend::Link {
-                    link: Link { conn, sealed: link },
-                    channel: Channel::Datagram,
+            let shared = shared.clone();
+            crate::logging::spawn(async move {
+                tokio::time::sleep(delay).await;
+                send_now(
+                    &shared,
+                    Link { conn, sealed: link },
+                    Channel::Datagram,
                     bytes,
-                },
-            );
+                )
+                .await;
+            });
             return None;
         }
         if !shared.budget_allows(bytes.len()) {
@@ -769,7 +768,11 @@ impl Transport {
         if delay.is_zero() {
             shared.send_under_kept(&link, addr, &bytes);
         } else {
-            hold(shared, delay, HeldSend::Kept { link, addr, bytes });
+            let shared = shared.clone();
+            crate::logging::spawn(async move {
+                tokio::time::sleep(delay).await;
+                shared.send_under_kept(&link, addr, &bytes);
+            });
         }
         None
     }
@@ -1689,182 +1692,11 @@ async fn send_loop(shared: Arc<Shared>, to: SocketAddr, queue: Arc<PeerQueue>) {
         if delay.is_zero() {
             send_now(&shared, link, channel, bytes).await;
         } else {
-            hold(
-                &shared,
-                delay,
-                HeldSend::Link {
-                    link,
-                    channel,
-                    bytes,
-                },
-            );
-        }
-    }
-}
-
-/// Messages the fault injector holds back ([`Faults::delay_to`]: a latency model, a fixed
-/// delay), in one queue per transport, sent when due by one task that runs while the queue
-/// holds any. A task and a timer per message were 1-2% of the CPU of an 800-agent run
-/// (`loadgen live`), which the agents it measures then lacked.
-#[derive(Default)]
-struct DelayLine {
-    state: Mutex<DelayLineState>,
-    /// A message due sooner than every other held, or the first one.
-    wake: Notify,
-}
-
-#[derive(Default)]
-struct DelayLineState {
-    held: std::collections::BinaryHeap<std::cmp::Reverse<Held>>,
-    /// Orders messages due at the same instant as they came.
-    count: u64,
-    /// The line's task runs (it stops when nothing is held).
-    running: bool,
-}
-
-struct Held {
-    due: Instant,
-    seq: u64,
-    send: HeldSend,
-}
-
-impl PartialEq for Held {
-    fn eq(&self, other: &Held) -> bool {
-        (self.due, self.seq) == (other.due, other.seq)
-    }
-}
-
-impl Eq for Held {}
-
-impl PartialOrd for Held {
-    fn partial_cmp(&self, other: &Held) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Held {
-    fn cmp(&self, other: &Held) -> std::cmp::Ordering {
-        (self.due, self.seq).cmp(&(other.due, other.seq))
-    }
-}
-
-/// A held message and how it goes.
-enum HeldSend {
-    /// On the peer's connection, as `send_now` sends.
-    Link {
-        link: Link,
-        channel: Channel,
-        bytes: Bytes,
-    },
-    /// Under the peer's kept key.
-    Kept {
-        link: Arc<SealedLink>,
-        addr: SocketAddr,
-        bytes: Bytes,
-    },
-}
-
-/// Holds a message back for `delay`, then sends it (see [`DelayLine`]).
-fn hold(shared: &Arc<Shared>, delay: Duration, send: HeldSend) {
-    let due = Instant::now() + delay;
-    let line = &shared.delayed;
-    let mut state = line.state.lock().unwrap_or_else(|e| e.into_inner());
-    let soonest = state
-        .held
-        .peek()
-        .is_none_or(|std::cmp::Reverse(first)| due < first.due);
-    state.count += 1;
-    let seq = state.count;
-    state.held.push(std::cmp::Reverse(Held { due, seq, send }));
-    if !state.running {
-        state.running = true;
-        crate::logging::spawn(delay_line(Arc::downgrade(shared), line.clone()));
-    } else if soonest {
-        line.wake.notify_one();
-    }
-}
-
-/// The delay line's task: sends what is due, sleeps until the next is (or one due sooner
-/// comes), stops when nothing is held or the transport is gone.
-async fn delay_line(shared: std::sync::Weak<Shared>, line: Arc<DelayLine>) {
-    let mut due = Vec::new();
-    loop {
-        let next = {
-            let mut state = line.state.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            while state
-                .held
-                .peek()
-                .is_some_and(|std::cmp::Reverse(first)| first.due <= now)
-            {
-                let std::cmp::Reverse(held) = state.held.pop().expect("peeked");
-                due.push(held.send);
-            }
-            let next = state.held.peek().map(|std::cmp::Reverse(first)| first.due);
-            if next.is_none() && due.is_empty() {
-                state.running = false;
-                return;
-            }
-            next
-        };
-        if !due.is_empty() {
-            let Some(shared) = shared.upgrade() else {
-                line.state.lock().unwrap_or_else(|e| e.into_inner()).running = false;
-                return;
-            };
-            for send in due.drain(..) {
-                send_held(&shared, send);
-            }
-        }
-        if let Some(next) = next {
-            tokio::select! {
-                _ = tokio::time::sleep_until(next.into()) => {}
-                _ = line.wake.notified() => {}
-            }
-        }
-    }
-}
-
-/// Sends a message the delay line held: a datagram that may leave at once does, as
-/// `send_datagram_direct` sends; anything that could wait (the send budget, a stream) goes
-/// through `send_now` in a task of its own, as every held message did before.
-fn send_held(shared: &Arc<Shared>, send: HeldSend) {
-    match send {
-        HeldSend::Kept { link, addr, bytes } => shared.send_under_kept(&link, addr, &bytes),
-        HeldSend::Link {
-            link,
-            channel,
-            bytes,
-        } => {
-            let len = bytes.len();
-            let sealed = link
-                .sealed
-                .as_ref()
-                .filter(|sealed| sealed_fits(sealed, &link.conn, len));
-            let at_once = channel == Channel::Datagram
-                && (sealed.is_some()
-                    || link.conn.max_datagram_size().is_some_and(|max| len <= max))
-                && shared.budget_allows(len);
-            if !at_once {
-                let shared = shared.clone();
-                crate::logging::spawn(async move {
-                    send_now(&shared, link, channel, bytes).await;
-                });
-                return;
-            }
-            let sent = match sealed {
-                Some(sealed) => send_sealed_or_quic(shared, &link.conn, sealed, bytes),
-                None => send_datagram(&link.conn, bytes),
-            };
-            if sent {
-                shared.stats.sent.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .stats
-                    .sent_bytes
-                    .fetch_add(len as u64, Ordering::Relaxed);
-            } else {
-                shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            let shared = shared.clone();
+            crate::logging::spawn(async move {
+                tokio::time::sleep(delay).await;
+                send_now(&shared, link, channel, bytes).await;
+            });
         }
     }
 }
