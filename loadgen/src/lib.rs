@@ -430,6 +430,7 @@ impl Report {
             "time_to_all_max_ms": self.time_to_all(1.0),
             "time_to_99_nodes_ms": self.time_to_99_nodes_ms,
             "time_to_99_nodes_p50_ms": self.time_to_99_nodes(0.5),
+            "time_to_99_nodes_p90_ms": self.time_to_99_nodes(0.9),
             "time_to_99_nodes_p99_ms": self.time_to_99_nodes(0.99),
             "last_node": self.last_node,
             "delivery_p50_ms": percentile(&self.delivery_ms, 0.5),
