@@ -182,6 +182,13 @@ pub struct Report {
     pub first_hop_per_write: Option<(f64, f64)>,
     /// Sync rounds started per node per second: idle, and while writing (live).
     pub sync_rounds_per_node_per_s: Option<(f64, f64)>,
+    /// Sync rounds ended per node per second in the busiest half second of the write phase
+    /// (live): far above the average, the nodes' rounds come in waves, which slow the writes
+    /// they meet.
+    pub sync_rounds_busiest_per_node_per_s: Option<f64>,
+    /// The write phase in steps of [`TIMELINE_STEP`] (live): what the agents did in each, to
+    /// tell what a slow write met.
+    pub timeline: Option<Timeline>,
     /// How many times slower than that SWIM ran, on average over the nodes, idle (live; 1 when
     /// no node was overloaded).
     pub idle_swim_slowdown: Option<f64>,
@@ -356,8 +363,12 @@ impl Report {
             ));
         }
         if let Some((idle, writing)) = self.sync_rounds_per_node_per_s {
+            let busiest = self
+                .sync_rounds_busiest_per_node_per_s
+                .map(|b| format!(" (busiest half second: {b:.3})"))
+                .unwrap_or_default();
             out.push_str(&format!(
-                "  sync rounds         per node per second: {idle:.3} idle, {writing:.3} while writing\n"
+                "  sync rounds         per node per second: {idle:.3} idle, {writing:.3} while writing{busiest}\n"
             ));
         }
         if !self.idle_cold_swim_per_node_per_s.is_empty() {
@@ -466,6 +477,8 @@ impl Report {
             "swim_probe_ms": self.swim_probe_ms,
             "first_hop_per_write": self.first_hop_per_write.map(|(sent, short)| json!({"sent": sent, "short": short})),
             "sync_rounds_per_node_per_s": self.sync_rounds_per_node_per_s.map(|(idle, writing)| json!({"idle": idle, "writing": writing})),
+            "sync_rounds_busiest_per_node_per_s": self.sync_rounds_busiest_per_node_per_s,
+            "timeline": self.timeline.as_ref().map(Timeline::to_json),
             "idle_swim_slowdown": self.idle_swim_slowdown,
             "wall_s": self.wall_s,
             "options": self.options,
@@ -738,6 +751,119 @@ fn stragglers(
     out
 }
 
+/// The step of [`Report::timeline`].
+pub const TIMELINE_STEP: Duration = Duration::from_millis(100);
+
+/// The window of [`Report::sync_rounds_busiest_per_node_per_s`], in timeline steps.
+const BUSIEST_STEPS: usize = 5;
+
+/// What the agents did in each step of the write phase, from their published counters and the
+/// process's CPU time (whose clock ticks every 10 ms).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timeline {
+    /// When each write was made, ms from the phase's start.
+    pub writes_at_ms: Vec<f64>,
+    /// Per step: when it ended, ms from the phase's start (a busy machine stretches steps).
+    pub at_ms: Vec<f64>,
+    /// Per step: CPU time of the process, in cores.
+    pub cpu_cores: Vec<f64>,
+    /// Per step: sync rounds that ended, over all agents.
+    pub sync_rounds: Vec<u64>,
+    /// Per step: connections opened (handshakes), over all agents.
+    pub handshakes: Vec<u64>,
+    /// Per step: messages that needed a new connection, over all agents, by what they were:
+    /// SWIM, changes (changesets, announcements, grafts), sync, and the overlay's upkeep
+    /// (round-trip probes, kept-link requests).
+    pub cold_sends: [Vec<u64>; 4],
+}
+
+impl Timeline {
+    fn to_json(&self) -> Json {
+        json!({
+            "step_ms": TIMELINE_STEP.as_millis() as u64,
+            "writes_at_ms": self.writes_at_ms,
+            "at_ms": self.at_ms,
+            "cpu_cores": self.cpu_cores,
+            "sync_rounds": self.sync_rounds,
+            "handshakes": self.handshakes,
+            "cold_swim": self.cold_sends[0],
+            "cold_changes": self.cold_sends[1],
+            "cold_sync": self.cold_sends[2],
+            "cold_upkeep": self.cold_sends[3],
+        })
+    }
+
+    /// The most sync rounds that ended within [`BUSIEST_STEPS`] steps, per node per second
+    /// of those steps.
+    fn busiest_sync_per_node_per_s(&self, nodes: usize) -> f64 {
+        let steps = BUSIEST_STEPS.min(self.sync_rounds.len());
+        (steps..=self.sync_rounds.len())
+            .filter(|&end| end > 0)
+            .map(|end| {
+                let start = end - steps;
+                let began = if start == 0 {
+                    0.0
+                } else {
+                    self.at_ms[start - 1]
+                };
+                let rounds: u64 = self.sync_rounds[start..end].iter().sum();
+                rounds as f64 * 1000.0 / (self.at_ms[end - 1] - began).max(1.0)
+            })
+            .fold(0.0, f64::max)
+            / nodes.max(1) as f64
+    }
+}
+
+/// Samples the agents' counters every [`TIMELINE_STEP`] from `started` until `stop` turns true.
+async fn sample_timeline(
+    agents: Vec<tokio::sync::watch::Receiver<patina::net::gossip::GossipSnapshot>>,
+    started: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Timeline {
+    // Sync rounds, handshakes, then cold sends of each kind.
+    let counts = || -> [u64; 6] {
+        agents.iter().fold([0; 6], |mut sum, g| {
+            let g = g.borrow();
+            let cold = &g.cold_sends;
+            let now = [
+                g.sync_rounds + g.sync_failures,
+                g.connections_opened,
+                cold.swim,
+                cold.changes,
+                cold.sync,
+                cold.probes + cold.links,
+            ];
+            for (total, count) in sum.iter_mut().zip(now) {
+                *total += count;
+            }
+            sum
+        })
+    };
+    let mut timeline = Timeline::default();
+    let mut tick = tokio::time::interval(TIMELINE_STEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last = (counts(), patina_tests::process_usage().1, Instant::now());
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        tick.tick().await;
+        let now = (counts(), patina_tests::process_usage().1, Instant::now());
+        let delta: Vec<u64> = now.0.iter().zip(last.0).map(|(a, b)| a - b).collect();
+        timeline.sync_rounds.push(delta[0]);
+        timeline.handshakes.push(delta[1]);
+        for (kind, count) in timeline.cold_sends.iter_mut().zip(&delta[2..]) {
+            kind.push(*count);
+        }
+        timeline
+            .cpu_cores
+            .push((now.1 - last.1) / (now.2 - last.2).as_secs_f64().max(1e-3));
+        timeline
+            .at_ms
+            .push(now.2.saturating_duration_since(started).as_secs_f64() * 1000.0);
+        last = now;
+    }
+    timeline
+}
+
 /// Runs the scenario with real agents in this process.
 pub async fn run_live(options: &Options) -> Report {
     let started = Instant::now();
@@ -951,8 +1077,14 @@ pub async fn run_live(options: &Options) -> Report {
     let broadcast_before: u64 = agents.iter().map(|a| broadcast_sent(&a.gossip())).sum();
     let first_hop_before = first_hop(&agents);
     let sync_before = sync_rounds(&agents);
+    let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (_, cpu_before) = patina_tests::process_usage();
     let write_phase = Instant::now();
+    let sampler = tokio::spawn(sample_timeline(
+        agents.iter().map(Agent::gossip_watch).collect(),
+        write_phase,
+        stop_sampling.clone(),
+    ));
 
     // Writes at the set rate on random nodes.
     let writing = bar(options.progress, options.writes, "writing");
@@ -1014,6 +1146,12 @@ pub async fn run_live(options: &Options) -> Report {
     let per_write =
         |after: u64, before: u64| (after - before) as f64 / options.writes.max(1) as f64;
     let writing_sync = (sync_rounds(&agents) - sync_before) as f64 / phase / n as f64;
+    stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut timeline = sampler.await.unwrap_or_default();
+    timeline.writes_at_ms = writes
+        .iter()
+        .map(|(_, sent)| sent.duration_since(write_phase).as_secs_f64() * 1000.0)
+        .collect();
     for l in listeners {
         l.abort();
     }
@@ -1032,6 +1170,8 @@ pub async fn run_live(options: &Options) -> Report {
         idle_swim_slowdown: Some(idle_slowdown),
         swim_probe_ms: Some(options.swim_probe_ms),
         sync_rounds_per_node_per_s: Some((idle_sync, writing_sync)),
+        sync_rounds_busiest_per_node_per_s: Some(timeline.busiest_sync_per_node_per_s(n)),
+        timeline: Some(timeline),
         first_hop_per_write: Some((
             per_write(first_hop_after.0, first_hop_before.0),
             per_write(first_hop_after.1, first_hop_before.1),

@@ -28,6 +28,22 @@ async fn twenty_nodes_every_write_reaches_every_node() {
     assert!(cost.cores >= 1 && cost.all_nodes_ms >= 0.0, "{cost:?}");
     assert!(report.table().contains("CPU per write"));
     assert_eq!(json["write_cpu"]["cores"], cost.cores);
+    // The write phase's timeline: a sample per step, in order, each write placed in it.
+    let timeline = report
+        .timeline
+        .as_ref()
+        .expect("a live run samples its write phase");
+    assert!(!timeline.at_ms.is_empty());
+    assert!(timeline.at_ms.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(timeline.cpu_cores.len(), timeline.at_ms.len());
+    assert_eq!(timeline.sync_rounds.len(), timeline.at_ms.len());
+    assert_eq!(timeline.writes_at_ms.len(), 5);
+    assert!(timeline.writes_at_ms.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(
+        json["timeline"]["at_ms"].as_array().map(Vec::len),
+        Some(timeline.at_ms.len())
+    );
+    assert!(report.table().contains("busiest half second"));
     let svg = report.cdf_svg(&report.title()).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("time to all nodes (per write) (n = 5)"));
 }

@@ -65,10 +65,15 @@ pub enum AgentError {
 const ROW_CHANGES_CAPACITY: usize = 1024;
 
 /// How long commits gather before the WAL is checkpointed, off the commit path (sooner once the
-/// WAL holds 1,000 pages). Each checkpoint syncs the WAL and the database file: with one every
-/// 200 ms, 300 agents writing ten rows a second spent 34% of their CPU in the kernel (22% at
-/// 2 s), and a write took 30% longer to reach every node (BENCHMARKS).
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// WAL holds 1,000 pages, SQLite's own rule, or half its share of a capped database). Each
+/// checkpoint syncs the WAL and the database file, and the next commit syncs the restarted
+/// WAL's header on the store thread: with one every 200 ms, 300 agents writing ten rows a
+/// second spent 34% of their CPU in the kernel (22% at 2 s). At 2 s, 800 agents sharing a
+/// machine, each receiving a write every half second, met their checkpoints every fifth
+/// write: 31 of 200 writes took over 350 ms to reach every node. At 30 s (Litestream's own
+/// default is a minute; the WAL of such a node holds a few hundred frames at most), with each
+/// node's checkpoints at a phase of its own (`store::wal`), one write did (BENCHMARKS).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 /// Applied events kept for slow listeners (they skip ahead past this).
 const APPLIED_EVENTS_CAPACITY: usize = 4096;
@@ -337,6 +342,12 @@ impl Agent {
     /// The latest gossip snapshot: members and broadcast counters.
     pub fn gossip(&self) -> GossipSnapshot {
         self.gossip.borrow().clone()
+    }
+
+    /// The gossip snapshots as they are published, to read a counter without copying the
+    /// member list (a sampler of hundreds of agents).
+    pub fn gossip_watch(&self) -> watch::Receiver<GossipSnapshot> {
+        self.gossip.clone()
     }
 
     /// The admin socket.
