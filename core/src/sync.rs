@@ -300,7 +300,11 @@ impl SyncScheduler {
         }
         self.quiet = match what {
             Activity::GapLikely => 0,
-            Activity::Delivering => self.quiet.min(QUIET_ROUNDS_BEFORE_BACKOFF + doublings),
+            // A round running now will count one more quiet round when it ends: leave room
+            // for it, or the round after would wait twice as long.
+            Activity::Delivering => self
+                .quiet
+                .min(QUIET_ROUNDS_BEFORE_BACKOFF + doublings - u32::from(self.in_flight)),
         };
     }
 
@@ -420,6 +424,14 @@ mod tests {
             [2, 2, 2, 2],
             "waits in intervals while delivering"
         );
+        // A delivery while a round runs: the round ends quiet, and the next still comes
+        // within two intervals (and a jitter).
+        assert!(s.due(now, &members).is_some());
+        s.activity(now.plus(1), Activity::Delivering);
+        s.finished(now.plus(2), SyncOutcome::NothingNew);
+        let next = s.next_at().unwrap().0 - now.0 - 2;
+        assert!(next <= 2 * interval + interval / 4, "{next}");
+        now = s.next_at().unwrap();
         // A likely gap (a version skipped, a member up): the next round within an interval.
         assert!(s.due(now, &members).is_some());
         s.finished(now, SyncOutcome::NothingNew);

@@ -180,7 +180,8 @@ pub struct Report {
     /// it asked for but sent to nobody for lack of members reachable without a handshake
     /// (live; the agents' `gossip.origin_fanout`).
     pub first_hop_per_write: Option<(f64, f64)>,
-    /// Sync rounds started per node per second: idle, and while writing (live).
+    /// Sync rounds ended (answered or failed) per node per second: idle, and while writing
+    /// (live).
     pub sync_rounds_per_node_per_s: Option<(f64, f64)>,
     /// Sync rounds ended per node per second in the busiest half second of the write phase
     /// (live): far above the average, the nodes' rounds come in waves, which slow the writes
@@ -847,7 +848,12 @@ async fn sample_timeline(
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         tick.tick().await;
         let now = (counts(), patina_tests::process_usage().1, Instant::now());
-        let delta: Vec<u64> = now.0.iter().zip(last.0).map(|(a, b)| a - b).collect();
+        let delta: Vec<u64> = now
+            .0
+            .iter()
+            .zip(last.0)
+            .map(|(a, b)| a.saturating_sub(b))
+            .collect();
         timeline.sync_rounds.push(delta[0]);
         timeline.handshakes.push(delta[1]);
         for (kind, count) in timeline.cold_sends.iter_mut().zip(&delta[2..]) {
@@ -1147,7 +1153,7 @@ pub async fn run_live(options: &Options) -> Report {
         |after: u64, before: u64| (after - before) as f64 / options.writes.max(1) as f64;
     let writing_sync = (sync_rounds(&agents) - sync_before) as f64 / phase / n as f64;
     stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut timeline = sampler.await.unwrap_or_default();
+    let mut timeline = sampler.await.expect("the timeline's sampler");
     timeline.writes_at_ms = writes
         .iter()
         .map(|(_, sent)| sent.duration_since(write_phase).as_secs_f64() * 1000.0)

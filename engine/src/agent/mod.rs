@@ -72,8 +72,14 @@ const ROW_CHANGES_CAPACITY: usize = 1024;
 /// machine, each receiving a write every half second, met their checkpoints every fifth
 /// write: 31 of 200 writes took over 350 ms to reach every node. At 30 s (Litestream's own
 /// default is a minute; the WAL of such a node holds a few hundred frames at most), with each
-/// node's checkpoints at a phase of its own (`store::wal`), one write did (BENCHMARKS).
+/// node's checkpoints at a phase of its own (`store::wal`), one write did (BENCHMARKS). The
+/// WAL alone is synced every [`WAL_SYNC_EVERY`] meanwhile.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+
+/// How often the checkpointer syncs the WAL while commits wait for a checkpoint: the most a
+/// power loss or an OS crash can take back under `synchronous = NORMAL`, as the 2 s checkpoints
+/// allowed before (a killed process loses nothing: its writes are in the OS's files).
+const WAL_SYNC_EVERY: Duration = Duration::from_secs(2);
 
 /// Applied events kept for slow listeners (they skip ahead past this).
 const APPLIED_EVENTS_CAPACITY: usize = 4096;
@@ -279,6 +285,7 @@ impl Agent {
         let checkpointer = crate::store::spawn_checkpointer(
             &config.db.path,
             CHECKPOINT_EVERY,
+            WAL_SYNC_EVERY,
             wal_commits.clone(),
             checkpoints_stop.clone(),
         )?;

@@ -172,6 +172,8 @@ struct WalCommitsInner {
     raised: AtomicBool,
     /// Lock-free fast path of the hook: set while `urgent` is known to be true.
     raised_urgent: AtomicBool,
+    /// See [`WalCommits::wal_syncs`].
+    wal_syncs: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -228,8 +230,9 @@ impl WalCommits {
         idle
     }
 
-    /// Sleeps for `interval`, less if the checkpoint becomes urgent; lowers the urgency.
-    fn sleep(&self, interval: std::time::Duration) {
+    /// Sleeps for `interval`, less if the checkpoint becomes urgent; lowers the urgency. True
+    /// if it was urgent.
+    fn sleep(&self, interval: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + interval;
         let mut state = self.lock();
         while !state.urgent {
@@ -244,24 +247,51 @@ impl WalCommits {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        state.urgent = false;
+        let urgent = std::mem::take(&mut state.urgent);
         self.0.raised_urgent.store(false, Ordering::Release);
+        urgent
+    }
+
+    /// Times the checkpointer synced the WAL between checkpoints.
+    pub fn wal_syncs(&self) -> u64 {
+        self.0.wal_syncs.load(Ordering::Relaxed)
     }
 }
 
 /// Starts the thread that checkpoints the WAL of the database at `path` off the commit path
 /// (see [`Store::checkpoint_in_background`]): after a commit, a passive checkpoint once
-/// `every` has passed (commits in between share it; sooner if the WAL grows past
-/// [`AUTO_CHECKPOINT_PAGES`] frames), which never blocks the writer or readers; nothing while
-/// no commit comes; one more when `stop` turns true (the caller then calls
+/// `every` has passed ([`gathering`]: commits in between share it; sooner if the WAL grows
+/// past [`AUTO_CHECKPOINT_PAGES`] frames), which never blocks the writer or readers; nothing
+/// while no commit comes; one more when `stop` turns true (the caller then calls
 /// [`WalCommits::wake`]).
+///
+/// Meanwhile it syncs the WAL file every `sync_every`. Under `synchronous = NORMAL` SQLite
+/// syncs the WAL only at checkpoints, and a power loss or an OS crash takes back every commit
+/// since the last sync: with checkpoints far apart that would be as long, and a local write
+/// already sent to peers could come back under the same version with other contents. A sync
+/// of the WAL alone costs no checkpoint, no database-file sync and no WAL restart.
 pub fn spawn_checkpointer(
     path: &Path,
     every: std::time::Duration,
+    sync_every: std::time::Duration,
     commits: WalCommits,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let conn = Connection::open(path)?;
+    let mut wal_path = path.as_os_str().to_owned();
+    wal_path.push("-wal");
+    let wal_path = std::path::PathBuf::from(wal_path);
+    let sync_wal = move |commits: &WalCommits| {
+        // The file SQLite writes (its data reaches the disk whichever handle asks); gone only
+        // if no connection holds the database open, and then nothing waits in it.
+        match std::fs::File::open(&wal_path).and_then(|wal| wal.sync_data()) {
+            Ok(()) => {
+                commits.0.wal_syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("syncing the WAL failed: {e}"),
+        }
+    };
     // (The WAL's size kept on disk is the writer's setting: the writer resets it.)
     conn.execute_batch("PRAGMA busy_timeout = 5000;")?;
     let checkpoint = |conn: &Connection| {
@@ -277,7 +307,19 @@ pub fn spawn_checkpointer(
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                commits.sleep(gathering(every, was_idle, rand::random()));
+                let due = std::time::Instant::now() + gathering(every, was_idle, rand::random());
+                // The syncs at a phase of this node's own too (every node's first commit after
+                // a quiet spell comes at the same instant).
+                let mut step = gathering(sync_every, was_idle, rand::random());
+                loop {
+                    let left = due.saturating_duration_since(std::time::Instant::now());
+                    if commits.sleep(left.min(step)) || left <= step {
+                        // Checkpoint now (which syncs the WAL first).
+                        break;
+                    }
+                    sync_wal(&commits);
+                    step = sync_every;
+                }
                 checkpoint(&conn);
                 // A WAL that readers keep from restarting stays long, and every commit would
                 // make the next checkpoint urgent: at most one per CHECKPOINT_GAP_MIN then.
@@ -312,6 +354,52 @@ fn gathering(every: Duration, was_idle: bool, unit: f64) -> Duration {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
+
+    /// Commits wait long for their checkpoint; the WAL holding them is synced meanwhile, at
+    /// the sync period, so a power loss takes back no more than that; the checkpoint still
+    /// waits its interval, and a stop still ends the thread at once.
+    #[test]
+    fn the_wal_is_synced_while_commits_gather_for_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER);")
+            .unwrap();
+        let budget = WalBudget::install(&mut writer, None).unwrap();
+        let commits = budget.checkpoint_elsewhere();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn_checkpointer(
+            &path,
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            commits.clone(),
+            stop.clone(),
+        )
+        .unwrap();
+        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while commits.wal_syncs() < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            commits.wal_syncs() >= 3,
+            "the WAL was not synced while waiting"
+        );
+        let in_file: i64 = Connection::open_with_flags(
+            format!("file:{}?immutable=1", path.display()),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )
+        .unwrap()
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap_or(0);
+        assert_eq!(in_file, 0, "checkpointed before its interval");
+        stop.store(true, Ordering::Relaxed);
+        commits.wake();
+        let started = Instant::now();
+        thread.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
 
     #[test]
     fn after_an_idle_spell_a_checkpoint_gathers_a_random_part_of_the_interval() {
@@ -375,6 +463,7 @@ mod tests {
         let thread = spawn_checkpointer(
             &path,
             Duration::from_millis(10),
+            Duration::from_secs(2),
             commits.clone(),
             stop.clone(),
         )
