@@ -355,50 +355,81 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
+    /// A WAL database with a table `t`, its writer, and a checkpointer running on it.
+    struct Checkpointed {
+        path: std::path::PathBuf,
+        writer: Connection,
+        commits: WalCommits,
+        stop: Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<()>,
+        _budget: WalBudget,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Checkpointed {
+        fn start(every: Duration, sync_every: Duration) -> Checkpointed {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("db.sqlite");
+            let mut writer = Connection::open(&path).unwrap();
+            writer
+                .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER);")
+                .unwrap();
+            let budget = WalBudget::install(&mut writer, None).unwrap();
+            let commits = budget.checkpoint_elsewhere();
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread =
+                spawn_checkpointer(&path, every, sync_every, commits.clone(), stop.clone())
+                    .unwrap();
+            Checkpointed {
+                path,
+                writer,
+                commits,
+                stop,
+                thread,
+                _budget: budget,
+                _dir: dir,
+            }
+        }
+
+        /// Rows of `t` in the database file (read as an immutable file, which ignores the WAL).
+        fn rows_in_file(&self) -> i64 {
+            let uri = format!("file:{}?immutable=1", self.path.display());
+            let conn = Connection::open_with_flags(
+                uri,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+            )
+            .unwrap();
+            conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap_or(0)
+        }
+
+        /// Stops the checkpointer, which must end at once.
+        fn stop(self) {
+            self.stop.store(true, Ordering::Relaxed);
+            self.commits.wake();
+            let started = Instant::now();
+            self.thread.join().unwrap();
+            assert!(started.elapsed() < Duration::from_secs(2));
+        }
+    }
+
     /// Commits wait long for their checkpoint; the WAL holding them is synced meanwhile, at
     /// the sync period, so a power loss takes back no more than that; the checkpoint still
     /// waits its interval, and a stop still ends the thread at once.
     #[test]
     fn the_wal_is_synced_while_commits_gather_for_a_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.sqlite");
-        let mut writer = Connection::open(&path).unwrap();
-        writer
-            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER);")
-            .unwrap();
-        let budget = WalBudget::install(&mut writer, None).unwrap();
-        let commits = budget.checkpoint_elsewhere();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = spawn_checkpointer(
-            &path,
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-            commits.clone(),
-            stop.clone(),
-        )
-        .unwrap();
-        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let db = Checkpointed::start(Duration::from_secs(60), Duration::from_millis(50));
+        db.writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while commits.wal_syncs() < 3 && Instant::now() < deadline {
+        while db.commits.wal_syncs() < 3 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(
-            commits.wal_syncs() >= 3,
+            db.commits.wal_syncs() >= 3,
             "the WAL was not synced while waiting"
         );
-        let in_file: i64 = Connection::open_with_flags(
-            format!("file:{}?immutable=1", path.display()),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
-        )
-        .unwrap()
-        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-        .unwrap_or(0);
-        assert_eq!(in_file, 0, "checkpointed before its interval");
-        stop.store(true, Ordering::Relaxed);
-        commits.wake();
-        let started = Instant::now();
-        thread.join().unwrap();
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(db.rows_in_file(), 0, "checkpointed before its interval");
+        db.stop();
     }
 
     #[test]
@@ -447,48 +478,22 @@ mod tests {
         assert!(!commits.lock().urgent);
     }
 
-    /// The data of a commit reaches the database file (read here as an immutable file, which
-    /// ignores the WAL) through the checkpointer, and the checkpointer stops when told.
+    /// The data of a commit reaches the database file through the checkpointer, and the
+    /// checkpointer stops when told.
     #[test]
     fn a_commit_is_checkpointed_in_the_background_and_the_thread_stops_when_told() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.sqlite");
-        let mut writer = Connection::open(&path).unwrap();
-        writer
-            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER);")
-            .unwrap();
-        let budget = WalBudget::install(&mut writer, None).unwrap();
-        let commits = budget.checkpoint_elsewhere();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = spawn_checkpointer(
-            &path,
-            Duration::from_millis(10),
-            Duration::from_secs(2),
-            commits.clone(),
-            stop.clone(),
-        )
-        .unwrap();
-        let in_file = || -> i64 {
-            let uri = format!("file:{}?immutable=1", path.display());
-            let conn = Connection::open_with_flags(
-                uri,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
-            )
-            .unwrap();
-            conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-                .unwrap_or(0)
-        };
+        let db = Checkpointed::start(Duration::from_millis(10), Duration::from_secs(2));
         // The table itself was created before the checkpointer started: give it a commit.
-        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        db.writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while in_file() != 1 && Instant::now() < deadline {
+        while db.rows_in_file() != 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(in_file(), 1, "the commit never reached the database file");
-        stop.store(true, Ordering::Relaxed);
-        commits.wake();
-        let started = Instant::now();
-        thread.join().unwrap();
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            db.rows_in_file(),
+            1,
+            "the commit never reached the database file"
+        );
+        db.stop();
     }
 }
