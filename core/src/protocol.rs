@@ -200,15 +200,19 @@ impl Protocol {
 
     /// A broadcast message from a peer.
     pub fn receive(&mut self, now: Millis, from: SiteId, msg: BroadcastMsg) -> Vec<Action> {
-        // An announcement means a changeset is going round: if its delivery fails here (no
-        // announcer answers a graft), sync is what brings it, so it must not be backed off.
+        // An announcement of a changeset not seen here means one is going round: if its
+        // delivery fails here (no announcer answers a graft), sync is what brings it, so it
+        // must not be backed off. An announcement of what this node has is no sign of
+        // anything: lazy peers announce every write to every node, nearly always after the
+        // tree delivered it.
         // A delivery is no such sign (it arrived): while a cluster writes every node delivers
         // every write, and counting each as a likely gap kept every node syncing at the full
         // rate, for nothing (a tenth of the CPU of 800 agents writing on this machine, and a
         // third of their p99). It only shortens the back-off ([`Activity::Delivering`]); a
         // delivery that skips versions is reported by the caller
         // ([`Protocol::versions_missing`]).
-        let announced = matches!(msg, BroadcastMsg::IHave(_));
+        let announced = matches!(&msg, BroadcastMsg::IHave(ids)
+            if ids.iter().any(|id| !self.broadcast.has_seen(id)));
         let effects = self.broadcast.receive(now, from, msg);
         let delivered = effects.iter().any(|e| matches!(e, Effect::Deliver(_)));
         if let Some(sync) = &mut self.sync {
@@ -540,6 +544,46 @@ mod tests {
         assert!(
             next.first().is_some_and(|at| *at <= 6_000 + 100 + 25 + 10),
             "the next round did not come back to the interval: {next:?}"
+        );
+    }
+
+    #[test]
+    fn an_announcement_of_what_this_node_has_leaves_the_back_off() {
+        // Lazy peers announce every write to every node, nearly always after the tree
+        // delivered it: such an announcement is no sign of a gap, and taking it for one kept
+        // a cluster that writes now and then syncing at the full rate.
+        let config = ProtocolConfig {
+            sync_interval_ms: Some(100),
+            ..ProtocolConfig::default()
+        };
+        let mut p = Protocol::new(site(1), config, Millis(0), 1);
+        p.peer_up(site(2));
+        let delivered = changeset(site(2), 1);
+        let _ = p.receive(Millis(0), site(2), BroadcastMsg::Gossip(delivered.clone()));
+        let _ = run(&mut p, 0, 6_000, SyncOutcome::NothingNew);
+        let due = p.next_due();
+        assert!(due >= Millis(6_000 + 100 + 25), "not backed off: {due:?}");
+        p.receive(
+            Millis(6_000),
+            site(2),
+            BroadcastMsg::IHave(vec![delivered.part_id()]),
+        );
+        let next = run(&mut p, 6_000, 7_000, SyncOutcome::NothingNew);
+        assert!(
+            next.first().is_some_and(|at| Millis(*at) >= due),
+            "an announcement of a delivered changeset brought the round in: {next:?}, due {due:?}"
+        );
+        // One id it lacks among them is a likely gap.
+        let _ = run(&mut p, 7_000, 12_000, SyncOutcome::NothingNew);
+        p.receive(
+            Millis(12_000),
+            site(2),
+            BroadcastMsg::IHave(vec![delivered.part_id(), changeset(site(2), 2).part_id()]),
+        );
+        let next = run(&mut p, 12_000, 13_000, SyncOutcome::NothingNew);
+        assert!(
+            next.first().is_some_and(|at| *at <= 12_000 + 100 + 25 + 10),
+            "an announcement of a missing changeset: {next:?}"
         );
     }
 
