@@ -534,7 +534,7 @@ mod tests {
     /// the others, while the write is still spreading. The rounds the delivery brings in must
     /// wait until it has spread (half an interval): a round pulled in at once was one more
     /// exchange, on a machine or a link the write needed (800 agents: the time to every node of
-    /// a write made every 5 s, p50 307-353 ms with such rounds against 246-282 ms without).
+    /// a write made every 5 s, p50 247-353 ms with such rounds against 224-282 ms without).
     #[test]
     fn rounds_brought_in_by_a_delivery_wait_until_the_write_has_spread() {
         let members = [site(1), site(2)];
