@@ -205,7 +205,7 @@ impl Protocol {
         // must not be backed off. An announcement of what this node has is no sign of
         // anything: lazy peers announce every write to every node, nearly always after the
         // tree delivered it.
-        // A delivery is no such sign (it arrived): while a cluster writes every node delivers
+        // A delivery is no sign of a gap either (it arrived): while a cluster writes every node delivers
         // every write, and counting each as a likely gap kept every node syncing at the full
         // rate, for nothing (a tenth of the CPU of 800 agents writing on this machine, and a
         // third of their p99). It only shortens the back-off ([`Activity::Delivering`]); a

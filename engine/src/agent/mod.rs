@@ -72,8 +72,8 @@ const ROW_CHANGES_CAPACITY: usize = 1024;
 /// machine, each receiving a write every half second, met their checkpoints every fifth
 /// write: 31 of 200 writes took over 350 ms to reach every node. At 30 s (Litestream's own
 /// default is a minute; the WAL of such a node holds a few hundred frames at most), with each
-/// node's checkpoints at a phase of its own (`store::wal`), one write did (BENCHMARKS). The
-/// WAL alone is synced every [`WAL_SYNC_EVERY`] meanwhile.
+/// node's checkpoints at a phase of its own (`store::wal`), one write did, and four with the
+/// WAL alone synced every [`WAL_SYNC_EVERY`] meanwhile, as it now is (BENCHMARKS).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 /// How often the checkpointer syncs the WAL while commits wait for a checkpoint: the most a
