@@ -111,6 +111,17 @@ pub enum ReceivedMessage {
         /// What the protocol decided.
         actions: Vec<Action>,
     },
+    /// A sync check (question or answer), for the caller that runs sync sessions: equal
+    /// state hashes spare a session that would find nothing (see
+    /// [`crate::versions::Bookkeeping::state_hash`]).
+    SyncCheck {
+        /// Pairs an answer with its question.
+        nonce: u64,
+        /// The sender's state hash.
+        hash: u64,
+        /// False for the question, true for the answer.
+        answer: bool,
+    },
 }
 
 /// One node's protocol state (lost in a crash; rebuilt from membership after a restart).
@@ -270,6 +281,15 @@ impl Protocol {
             PeerMessage::Broadcast { from, msg } => ReceivedMessage::Broadcast {
                 from,
                 actions: self.receive(now, from, msg),
+            },
+            PeerMessage::SyncCheck {
+                nonce,
+                hash,
+                answer,
+            } => ReceivedMessage::SyncCheck {
+                nonce,
+                hash,
+                answer,
             },
         })
     }
@@ -1006,6 +1026,7 @@ mod tests {
                             let got = engine.receive_message(Millis(now), &bytes, CLUSTER, &limits);
                             let expected = match decode_peer_message(&bytes, CLUSTER, &limits) {
                                 Ok(PeerMessage::Membership(packet)) => Ok(ReceivedMessage::Membership(packet)),
+                                Ok(PeerMessage::SyncCheck { nonce, hash, answer }) => Ok(ReceivedMessage::SyncCheck { nonce, hash, answer }),
                                 Ok(PeerMessage::Broadcast { from, msg }) => {
                                     if let BroadcastMsg::Gossip(cs) | BroadcastMsg::KeptGossip(cs) = &msg {
                                         received.insert(cs.part_id(), cs.clone());

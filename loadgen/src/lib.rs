@@ -186,6 +186,9 @@ pub struct Report {
     /// Sync rounds ended (answered or failed) per node per second: idle, and while writing
     /// (live).
     pub sync_rounds_per_node_per_s: Option<(f64, f64)>,
+    /// Share of the write phase's sync rounds that ended at the check, with no session (the
+    /// partner held the same versions; live).
+    pub sync_spared_share: Option<f64>,
     /// Sync rounds ended per node per second in the busiest half second of the write phase
     /// (live): far above the average, the nodes' rounds come in waves, which slow the writes
     /// they meet.
@@ -390,8 +393,12 @@ impl Report {
                 .sync_rounds_busiest_per_node_per_s
                 .map(|b| format!(" (busiest half second: {b:.3})"))
                 .unwrap_or_default();
+            let spared = self
+                .sync_spared_share
+                .map(|share| format!(", {:.0}% of these spared by the check", share * 100.0))
+                .unwrap_or_default();
             out.push_str(&format!(
-                "  sync rounds         per node per second: {idle:.3} idle, {writing:.3} while writing{busiest}\n"
+                "  sync rounds         per node per second: {idle:.3} idle, {writing:.3} while writing{busiest}{spared}\n"
             ));
         }
         if !self.idle_cold_swim_per_node_per_s.is_empty() {
@@ -500,7 +507,7 @@ impl Report {
                 .collect::<serde_json::Map<_, _>>(),
             "swim_probe_ms": self.swim_probe_ms,
             "first_hop_per_write": self.first_hop_per_write.map(|(sent, short)| json!({"sent": sent, "short": short})),
-            "sync_rounds_per_node_per_s": self.sync_rounds_per_node_per_s.map(|(idle, writing)| json!({"idle": idle, "writing": writing})),
+            "sync_rounds_per_node_per_s": self.sync_rounds_per_node_per_s.map(|(idle, writing)| json!({"idle": idle, "writing": writing, "spared_share_writing": self.sync_spared_share})),
             "sync_rounds_busiest_per_node_per_s": self.sync_rounds_busiest_per_node_per_s,
             "timeline": self.timeline.as_ref().map(Timeline::to_json),
             "idle_swim_slowdown": self.idle_swim_slowdown,
@@ -1106,6 +1113,8 @@ pub async fn run_live(options: &Options) -> Report {
     let broadcast_before: u64 = agents.iter().map(|a| broadcast_sent(&a.gossip())).sum();
     let first_hop_before = first_hop(&agents);
     let sync_before = sync_rounds(&agents);
+    let spared = |agents: &[Agent]| -> u64 { agents.iter().map(|a| a.gossip().sync_spared).sum() };
+    let spared_before = spared(&agents);
     let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (_, cpu_before) = patina_tests::process_usage();
     let write_phase = Instant::now();
@@ -1174,7 +1183,10 @@ pub async fn run_live(options: &Options) -> Report {
     let first_hop_after = first_hop(&agents);
     let per_write =
         |after: u64, before: u64| (after - before) as f64 / options.writes.max(1) as f64;
-    let writing_sync = (sync_rounds(&agents) - sync_before) as f64 / phase / n as f64;
+    let writing_rounds = sync_rounds(&agents) - sync_before;
+    let writing_sync = writing_rounds as f64 / phase / n as f64;
+    let sync_spared_share = (writing_rounds > 0)
+        .then(|| (spared(&agents) - spared_before) as f64 / writing_rounds as f64);
     stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut timeline = sampler.await.expect("the timeline's sampler");
     timeline.writes_at_ms = writes
@@ -1208,6 +1220,7 @@ pub async fn run_live(options: &Options) -> Report {
         idle_swim_slowdown: Some(idle_slowdown),
         swim_probe_ms: Some(options.swim_probe_ms),
         sync_rounds_per_node_per_s: Some((idle_sync, writing_sync)),
+        sync_spared_share,
         sync_rounds_busiest_per_node_per_s: Some(timeline.busiest_sync_per_node_per_s(n)),
         timeline: Some(timeline),
         first_hop_per_write: Some((

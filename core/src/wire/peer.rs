@@ -14,10 +14,22 @@ pub enum PeerMessage {
         /// The message.
         msg: crate::broadcast::BroadcastMsg,
     },
+    /// Before a sync round: the asking node's [`crate::versions::Bookkeeping::state_hash`]
+    /// (`answer` false), or the answer with the partner's own (`answer` true, the same
+    /// `nonce`). Equal hashes mean the round would find nothing.
+    SyncCheck {
+        /// Pairs an answer with its question.
+        nonce: u64,
+        /// The sender's state hash.
+        hash: u64,
+        /// False for the question, true for the answer.
+        answer: bool,
+    },
 }
 
 const TAG_MEMBERSHIP: u8 = 1;
 const TAG_BROADCAST: u8 = 2;
+const TAG_SYNC_CHECK: u8 = 3;
 const MSG_GOSSIP: u8 = 1;
 const MSG_IHAVE: u8 = 2;
 const MSG_GRAFT: u8 = 3;
@@ -76,6 +88,16 @@ pub fn encode_peer_message(cluster: u16, message: &PeerMessage) -> Vec<u8> {
                     put_varint(&mut out, *at);
                 }
             }
+        }
+        PeerMessage::SyncCheck {
+            nonce,
+            hash,
+            answer,
+        } => {
+            out.push(TAG_SYNC_CHECK);
+            out.push(u8::from(*answer));
+            put_varint(&mut out, *nonce);
+            out.extend_from_slice(&hash.to_le_bytes());
         }
     }
     out
@@ -146,6 +168,27 @@ pub fn decode_peer_message(
                 return Err(DecodeError::Trailing(r.bytes.len()).into());
             }
             Ok(PeerMessage::Broadcast { from, msg })
+        }
+        TAG_SYNC_CHECK => {
+            let answer = match r.u8("sync check kind")? {
+                0 => false,
+                1 => true,
+                other => return Err(DecodeError::ValueTag(other).into()),
+            };
+            let nonce = r.varint()?;
+            let hash = r.take(8, "state hash")?;
+            let hash = u64::from_le_bytes(
+                hash.try_into()
+                    .map_err(|_| DecodeError::Truncated("state hash"))?,
+            );
+            if !r.bytes.is_empty() {
+                return Err(DecodeError::Trailing(r.bytes.len()).into());
+            }
+            Ok(PeerMessage::SyncCheck {
+                nonce,
+                hash,
+                answer,
+            })
         }
         other => Err(DecodeError::ValueTag(other).into()),
     }
@@ -298,6 +341,16 @@ mod peer_message_tests {
                 from,
                 msg: BroadcastMsg::Pong(12_345),
             },
+            PeerMessage::SyncCheck {
+                nonce: 0,
+                hash: 0,
+                answer: false,
+            },
+            PeerMessage::SyncCheck {
+                nonce: u64::MAX,
+                hash: 0x0123_4567_89ab_cdef,
+                answer: true,
+            },
         ] {
             let bytes = encode_peer_message(7, &msg);
             assert_eq!(
@@ -308,7 +361,7 @@ mod peer_message_tests {
                 decode_peer_message(&bytes, 8, &Limits::default()),
                 Err(PeerMessageError::OtherCluster(7))
             );
-            if let PeerMessage::Broadcast { .. } = msg {
+            if let PeerMessage::Broadcast { .. } | PeerMessage::SyncCheck { .. } = msg {
                 for len in 0..bytes.len() {
                     assert!(decode_peer_message(&bytes[..len], 7, &Limits::default()).is_err());
                 }
@@ -323,6 +376,33 @@ mod peer_message_tests {
             framed.extend_from_slice(&bytes);
             let _ = decode_peer_message(&framed, 7, &Limits::default());
             let _ = decode_peer_message(&bytes, 7, &Limits::default());
+            let mut framed = vec![FORMAT_VERSION, 7, 0, TAG_SYNC_CHECK];
+            framed.extend_from_slice(&bytes);
+            let _ = decode_peer_message(&framed, 7, &Limits::default());
         }
+    }
+
+    // A sync check is refused with a kind other than question or answer, and with bytes
+    // after its hash.
+    #[test]
+    fn a_sync_check_is_exactly_its_fields() {
+        let check = PeerMessage::SyncCheck {
+            nonce: 300,
+            hash: 42,
+            answer: true,
+        };
+        let bytes = encode_peer_message(7, &check);
+        let mut kind = bytes.clone();
+        kind[4] = 2;
+        assert_eq!(
+            decode_peer_message(&kind, 7, &Limits::default()),
+            Err(PeerMessageError::Decode(DecodeError::ValueTag(2)))
+        );
+        let mut longer = bytes;
+        longer.push(0);
+        assert_eq!(
+            decode_peer_message(&longer, 7, &Limits::default()),
+            Err(PeerMessageError::Decode(DecodeError::Trailing(1)))
+        );
     }
 }

@@ -223,12 +223,13 @@ impl Collector for Counters {
         emit(
             e,
             "patina_sync_rounds",
-            "Anti-entropy pulls, by result",
+            "Anti-entropy rounds, by result: a session run, spared by the check (the partner held the same versions), failed",
             C,
             &by(
                 "result",
                 &[
-                    ("ok", gossip.sync_rounds as f64),
+                    ("ok", (gossip.sync_rounds - gossip.sync_spared) as f64),
+                    ("spared", gossip.sync_spared as f64),
                     ("failed", gossip.sync_failures as f64),
                 ],
             ),

@@ -555,6 +555,7 @@ async fn start_gossip(
         },
         shutdown,
         snapshot,
+        sync_checks: Default::default(),
     })
 }
 

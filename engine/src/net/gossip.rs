@@ -9,7 +9,7 @@
 //! inbox, up to a bound), then drain membership (packets out, member events into the
 //! protocol), hand the changesets to deliver to the store, then perform the sends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use patina_core::broadcast::{BroadcastMsg, BroadcastStats, Millis};
 use patina_core::change::Changeset;
 use patina_core::ids::SiteId;
 use patina_core::wire::{encode_peer_message, Limits, PeerMessage};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::net::membership::{MemberEvent, Membership};
 use crate::net::sync::{pull, PullReport, SyncError};
@@ -79,8 +79,11 @@ pub struct GossipSnapshot {
     /// offered could take a datagram at once (no connection or kept key, a message waiting
     /// for them, the send budget spent).
     pub first_hop: (u64, u64),
-    /// Sync rounds that completed.
+    /// Sync rounds that completed (those spared by a sync check among them).
     pub sync_rounds: u64,
+    /// Sync rounds that ended at the check, with no session: the partner's state hash was
+    /// this node's.
+    pub sync_spared: u64,
     /// Sync rounds that failed.
     pub sync_failures: u64,
     /// Changesets received by sync.
@@ -176,7 +179,14 @@ pub struct GossipTask {
     pub shutdown: watch::Receiver<bool>,
     /// Snapshot output.
     pub snapshot: watch::Sender<GossipSnapshot>,
+    /// Sync checks waiting for their answer, by session: the partner asked and where its
+    /// state hash goes (at most the one running session's, and one given up on).
+    pub sync_checks: HashMap<u64, (SocketAddr, oneshot::Sender<u64>)>,
 }
+
+/// How long a sync round waits for its partner's answer to the check before it opens the
+/// session anyway: a few round trips across the world.
+const SYNC_CHECK_WAIT: Duration = Duration::from_secs(1);
 
 /// Least time between two rewrites of the members file.
 const MEMBERS_FILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -289,8 +299,11 @@ impl GossipTask {
                     }
                 }
                 Some((session, result)) = sync_results.recv() => {
+                    // An answer that never came (or came after the session gave up on it).
+                    self.sync_checks.remove(&session);
                     match result {
                         Ok(report) => {
+                            snapshot.sync_spared += u64::from(report.spared);
                             // Ends the round (a find only if broadcast had not delivered it);
                             // what broadcast had not goes on by broadcast.
                             actions.extend(self.protocol.sync_answered(
@@ -506,6 +519,39 @@ impl GossipTask {
             .receive_message(now, &received.bytes, self.cluster, &self.limits)
         {
             Ok(ReceivedMessage::Membership(packet)) => self.membership.handle_packet(&packet),
+            Ok(ReceivedMessage::SyncCheck {
+                nonce,
+                hash: _,
+                answer: false,
+            }) => {
+                // Answered from the hash the store thread last published: no request to it.
+                let answer = PeerMessage::SyncCheck {
+                    nonce,
+                    hash: self.store.state_hash(),
+                    answer: true,
+                };
+                self.transport.send(
+                    received.from,
+                    Channel::Datagram,
+                    Bytes::from(encode_peer_message(self.cluster, &answer)),
+                );
+            }
+            Ok(ReceivedMessage::SyncCheck {
+                nonce,
+                hash,
+                answer: true,
+            }) => {
+                // Only from the partner asked, for the session still waiting.
+                if self
+                    .sync_checks
+                    .get(&nonce)
+                    .is_some_and(|(addr, _)| *addr == received.from)
+                {
+                    if let Some((_, waiting)) = self.sync_checks.remove(&nonce) {
+                        let _ = waiting.send(hash);
+                    }
+                }
+            }
             Ok(ReceivedMessage::Broadcast {
                 from,
                 actions: found,
@@ -581,18 +627,48 @@ impl GossipTask {
         if !self.transport.is_connected(addr) {
             snapshot.cold_sends.sync += 1;
         }
+        // The check first: the partner answers with its state hash, and a round between two
+        // nodes that have applied the same versions (most rounds of a cluster that has
+        // converged) ends there, with two datagrams instead of a session: a session is a
+        // stream each way, a request to each store thread and a dozen QUIC packets, about a
+        // millisecond of CPU between the two. A partner that does not answer in time (lost,
+        // or a node without checks, which refuses the message) gets the session as before.
+        let own_hash = self.store.state_hash();
+        let (answered, answer) = oneshot::channel();
+        self.sync_checks.insert(session, (addr, answered));
+        let check = PeerMessage::SyncCheck {
+            nonce: session,
+            hash: own_hash,
+            answer: false,
+        };
+        self.transport.send(
+            addr,
+            Channel::Datagram,
+            Bytes::from(encode_peer_message(self.cluster, &check)),
+        );
         let (transport, store, done) = (self.transport.clone(), self.store.clone(), done.clone());
         let (cluster, limits) = (self.cluster, self.limits);
         let metrics = self.metrics.clone();
         // A pull ends before the protocol gives up on it, so two never overlap and every
         // session is counted once, as done or failed.
         let limit = Duration::from_millis(self.protocol.config().sync_timeout_ms * 9 / 10);
+        let check_wait = SYNC_CHECK_WAIT.min(limit / 2);
         crate::logging::spawn(async move {
             let started = Instant::now();
-            let result =
-                tokio::time::timeout(limit, pull(&transport, addr, &store, cluster, &limits))
-                    .await
-                    .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}"))));
+            let result = match tokio::time::timeout(check_wait, answer).await {
+                // The partner's versions are those this node had when it asked: nothing
+                // there that this node lacks now.
+                Ok(Ok(hash)) if hash == own_hash => Ok(PullReport {
+                    spared: true,
+                    ..PullReport::default()
+                }),
+                _ => tokio::time::timeout(
+                    limit.saturating_sub(started.elapsed()),
+                    pull(&transport, addr, &store, cluster, &limits),
+                )
+                .await
+                .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}")))),
+            };
             if let Some(metrics) = metrics {
                 let outcome = if result.is_ok() { "ok" } else { "failed" };
                 metrics

@@ -4,7 +4,7 @@
 //! subscriptions and `/v1/updates` streams).
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,9 @@ enum StoreRequest {
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     tx: mpsc::Sender<StoreRequest>,
+    /// The bookkeeping's state hash as of the last request the thread handled (see
+    /// `Bookkeeping::state_hash`): read without a request, to answer a sync check.
+    state_hash: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for StoreRequest {
@@ -193,6 +196,13 @@ impl StoreHandle {
             .is_ok()
     }
 
+    /// The state hash of this node's versions as the store thread last left them: a sync
+    /// partner with the same one has nothing this node lacks (see
+    /// `patina_core::versions::Bookkeeping::state_hash`).
+    pub fn state_hash(&self) -> u64 {
+        self.state_hash.load(Ordering::Acquire)
+    }
+
     /// This node's sync state (heads and needs per site).
     pub async fn sync_state(&self) -> Option<SyncState> {
         let (reply, rx) = oneshot::channel();
@@ -262,12 +272,16 @@ pub(crate) fn spawn_store(
 ) -> StoreHandle {
     let metrics = node_metrics.store.clone();
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(queue_len);
+    let state_hash = Arc::new(AtomicU64::new(store.bookkeeping().state_hash()));
+    let published = state_hash.clone();
     let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("patina-store".into())
         .spawn(move || {
             let _in_node = span.enter();
             while let Some(request) = rx.blocking_recv() {
+                // Published after the request below (the loop's last line); a request that
+                // changed nothing leaves it as it was.
                 // A reload a failed rollback left owed (see `Store::settle`): made before
                 // reads too, which wait for it, not only before the next write.
                 if let Err(e) = store.reload_if_owed() {
@@ -423,11 +437,12 @@ pub(crate) fn spawn_store(
                             .store(store.bookkeeping().gap_count(), Ordering::Relaxed);
                     }
                 }
+                published.store(store.bookkeeping().state_hash(), Ordering::Release);
             }
             tracing::debug!("store thread stopped");
         })
         .expect("spawning a thread only fails when the OS is out of resources");
-    StoreHandle { tx }
+    StoreHandle { tx, state_hash }
 }
 
 #[cfg(test)]
