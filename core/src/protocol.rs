@@ -111,16 +111,19 @@ pub enum ReceivedMessage {
         /// What the protocol decided.
         actions: Vec<Action>,
     },
-    /// A sync check (question or answer), for the caller that runs sync sessions: equal
-    /// state hashes spare a session that would find nothing (see
-    /// [`crate::versions::Bookkeeping::state_hash`]).
+    /// A partner's question before its sync round, for the caller that runs sync sessions
+    /// and knows this node's state hash (see [`crate::versions::Bookkeeping::state_hash`]).
     SyncCheck {
-        /// Pairs an answer with its question.
+        /// To send back with the answer.
         nonce: u64,
-        /// The sender's state hash.
+    },
+    /// The answer to this node's question: equal to this node's state hash, the round would
+    /// find nothing.
+    SyncCheckAnswer {
+        /// The question's nonce.
+        nonce: u64,
+        /// The partner's state hash.
         hash: u64,
-        /// False for the question, true for the answer.
-        answer: bool,
     },
 }
 
@@ -282,15 +285,10 @@ impl Protocol {
                 from,
                 actions: self.receive(now, from, msg),
             },
-            PeerMessage::SyncCheck {
-                nonce,
-                hash,
-                answer,
-            } => ReceivedMessage::SyncCheck {
-                nonce,
-                hash,
-                answer,
-            },
+            PeerMessage::SyncCheck { nonce } => ReceivedMessage::SyncCheck { nonce },
+            PeerMessage::SyncCheckAnswer { nonce, hash } => {
+                ReceivedMessage::SyncCheckAnswer { nonce, hash }
+            }
         })
     }
 
@@ -1026,7 +1024,8 @@ mod tests {
                             let got = engine.receive_message(Millis(now), &bytes, CLUSTER, &limits);
                             let expected = match decode_peer_message(&bytes, CLUSTER, &limits) {
                                 Ok(PeerMessage::Membership(packet)) => Ok(ReceivedMessage::Membership(packet)),
-                                Ok(PeerMessage::SyncCheck { nonce, hash, answer }) => Ok(ReceivedMessage::SyncCheck { nonce, hash, answer }),
+                                Ok(PeerMessage::SyncCheck { nonce }) => Ok(ReceivedMessage::SyncCheck { nonce }),
+                                Ok(PeerMessage::SyncCheckAnswer { nonce, hash }) => Ok(ReceivedMessage::SyncCheckAnswer { nonce, hash }),
                                 Ok(PeerMessage::Broadcast { from, msg }) => {
                                     if let BroadcastMsg::Gossip(cs) | BroadcastMsg::KeptGossip(cs) = &msg {
                                         received.insert(cs.part_id(), cs.clone());

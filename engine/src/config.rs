@@ -229,6 +229,11 @@ pub struct GossipConfig {
     /// datagrams to that peer (SWIM probes, mostly) go sealed without a new handshake (ms from
     /// the connection's handshake; 0: not kept). 0..=86,400,000.
     pub sealed_kept_max_age_ms: u64,
+    /// Before a sync round, ask the partner for a hash of the versions it holds, and end the
+    /// round there when it equals this node's (two datagrams instead of a session); answer
+    /// other nodes' checks. Off, every round is a session and checks go unanswered (as with a
+    /// node of an earlier release).
+    pub sync_check: bool,
 }
 
 impl Default for GossipConfig {
@@ -267,6 +272,7 @@ impl Default for GossipConfig {
             connection_idle_ms: 20_000,
             sealed_datagrams: true,
             sealed_kept_max_age_ms: 3_600_000,
+            sync_check: true,
         }
     }
 }

@@ -418,6 +418,57 @@ async fn rounds_between_nodes_holding_the_same_versions_end_at_the_check() {
     }
 }
 
+/// A partner that leaves sync checks unanswered (`gossip.sync_check = false`, as a node of a
+/// release without them) gets sessions: rounds with it wait for the answer once, then open
+/// their session at once; rounds between the other two are still spared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_leaves_the_check_unanswered_gets_sessions() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let silent = dirs[2].path().to_path_buf();
+    let agents = start_cluster_with(&dirs, None, |config| {
+        config.gossip.sync_interval_ms = 300;
+        if config.db.path.starts_with(&silent) {
+            config.gossip.sync_check = false;
+        }
+    })
+    .await;
+    exec(&agents[2], "INSERT INTO kv (k, v) VALUES ('silent', 'v')").await;
+    exec(&agents[0], "INSERT INTO kv (k, v) VALUES ('asking', 'v')").await;
+    for agent in &agents {
+        wait_for("both writes everywhere", || async {
+            rows(agent, "SELECT count(*) FROM kv").await == vec![json!([2])]
+        })
+        .await;
+    }
+    let sessions = |agent: &Agent| {
+        let g = agent.gossip();
+        g.sync_rounds - g.sync_spared
+    };
+    let before: Vec<u64> = agents.iter().map(sessions).collect();
+    for (i, agent) in agents.iter().enumerate() {
+        wait_for("sessions with the silent node, and its own", || async {
+            sessions(agent) >= before[i] + 2
+        })
+        .await;
+    }
+    // The two that ask spare their rounds with each other; the silent one never asks.
+    for agent in &agents[..2] {
+        wait_for("a round spared", || async {
+            agent.gossip().sync_spared > 0
+        })
+        .await;
+    }
+    assert_eq!(agents[2].gossip().sync_spared, 0);
+    assert_eq!(agents[2].gossip().sync_failures, 0);
+    let digest = patina_tests::digest(&agents[0]).await;
+    for agent in &agents[1..] {
+        assert_eq!(patina_tests::digest(agent).await, digest);
+    }
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
 /// A transaction far larger than a part travels in parts: by broadcast to the live nodes, by sync
 /// to one that was down, and applies all at once on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,22 +14,27 @@ pub enum PeerMessage {
         /// The message.
         msg: crate::broadcast::BroadcastMsg,
     },
-    /// Before a sync round: the asking node's [`crate::versions::Bookkeeping::state_hash`]
-    /// (`answer` false), or the answer with the partner's own (`answer` true, the same
-    /// `nonce`). Equal hashes mean the round would find nothing.
+    /// Before a sync round, the question to the partner: what is your
+    /// [`crate::versions::Bookkeeping::state_hash`]? Equal to the asker's, the round would
+    /// find nothing.
     SyncCheck {
-        /// Pairs an answer with its question.
+        /// Pairs the answer with the question (random: an answer is matched by it alone).
         nonce: u64,
-        /// The sender's state hash.
+    },
+    /// The answer to a [`PeerMessage::SyncCheck`]: the partner's state hash.
+    SyncCheckAnswer {
+        /// The question's nonce.
+        nonce: u64,
+        /// The answering node's state hash.
         hash: u64,
-        /// False for the question, true for the answer.
-        answer: bool,
     },
 }
 
 const TAG_MEMBERSHIP: u8 = 1;
 const TAG_BROADCAST: u8 = 2;
 const TAG_SYNC_CHECK: u8 = 3;
+const CHECK_QUESTION: u8 = 0;
+const CHECK_ANSWER: u8 = 1;
 const MSG_GOSSIP: u8 = 1;
 const MSG_IHAVE: u8 = 2;
 const MSG_GRAFT: u8 = 3;
@@ -89,13 +94,14 @@ pub fn encode_peer_message(cluster: u16, message: &PeerMessage) -> Vec<u8> {
                 }
             }
         }
-        PeerMessage::SyncCheck {
-            nonce,
-            hash,
-            answer,
-        } => {
+        PeerMessage::SyncCheck { nonce } => {
             out.push(TAG_SYNC_CHECK);
-            out.push(u8::from(*answer));
+            out.push(CHECK_QUESTION);
+            put_varint(&mut out, *nonce);
+        }
+        PeerMessage::SyncCheckAnswer { nonce, hash } => {
+            out.push(TAG_SYNC_CHECK);
+            out.push(CHECK_ANSWER);
             put_varint(&mut out, *nonce);
             out.extend_from_slice(&hash.to_le_bytes());
         }
@@ -170,25 +176,24 @@ pub fn decode_peer_message(
             Ok(PeerMessage::Broadcast { from, msg })
         }
         TAG_SYNC_CHECK => {
-            let answer = match r.u8("sync check kind")? {
-                0 => false,
-                1 => true,
+            let kind = r.u8("sync check kind")?;
+            let nonce = r.varint()?;
+            let message = match kind {
+                CHECK_QUESTION => PeerMessage::SyncCheck { nonce },
+                CHECK_ANSWER => {
+                    let hash = r.take(8, "state hash")?;
+                    let hash = u64::from_le_bytes(
+                        hash.try_into()
+                            .map_err(|_| DecodeError::Truncated("state hash"))?,
+                    );
+                    PeerMessage::SyncCheckAnswer { nonce, hash }
+                }
                 other => return Err(DecodeError::ValueTag(other).into()),
             };
-            let nonce = r.varint()?;
-            let hash = r.take(8, "state hash")?;
-            let hash = u64::from_le_bytes(
-                hash.try_into()
-                    .map_err(|_| DecodeError::Truncated("state hash"))?,
-            );
             if !r.bytes.is_empty() {
                 return Err(DecodeError::Trailing(r.bytes.len()).into());
             }
-            Ok(PeerMessage::SyncCheck {
-                nonce,
-                hash,
-                answer,
-            })
+            Ok(message)
         }
         other => Err(DecodeError::ValueTag(other).into()),
     }
@@ -341,15 +346,11 @@ mod peer_message_tests {
                 from,
                 msg: BroadcastMsg::Pong(12_345),
             },
-            PeerMessage::SyncCheck {
-                nonce: 0,
-                hash: 0,
-                answer: false,
-            },
-            PeerMessage::SyncCheck {
+            PeerMessage::SyncCheck { nonce: 0 },
+            PeerMessage::SyncCheck { nonce: u64::MAX },
+            PeerMessage::SyncCheckAnswer {
                 nonce: u64::MAX,
                 hash: 0x0123_4567_89ab_cdef,
-                answer: true,
             },
         ] {
             let bytes = encode_peer_message(7, &msg);
@@ -361,7 +362,10 @@ mod peer_message_tests {
                 decode_peer_message(&bytes, 8, &Limits::default()),
                 Err(PeerMessageError::OtherCluster(7))
             );
-            if let PeerMessage::Broadcast { .. } | PeerMessage::SyncCheck { .. } = msg {
+            if let PeerMessage::Broadcast { .. }
+            | PeerMessage::SyncCheck { .. }
+            | PeerMessage::SyncCheckAnswer { .. } = msg
+            {
                 for len in 0..bytes.len() {
                     assert!(decode_peer_message(&bytes[..len], 7, &Limits::default()).is_err());
                 }
@@ -383,15 +387,21 @@ mod peer_message_tests {
     }
 
     // A sync check is refused with a kind other than question or answer, and with bytes
-    // after its hash.
+    // after its fields.
     #[test]
     fn a_sync_check_is_exactly_its_fields() {
-        let check = PeerMessage::SyncCheck {
+        let check = PeerMessage::SyncCheckAnswer {
             nonce: 300,
             hash: 42,
-            answer: true,
         };
         let bytes = encode_peer_message(7, &check);
+        // A question with a hash after its nonce has bytes too many.
+        let mut question = bytes.clone();
+        question[4] = CHECK_QUESTION;
+        assert_eq!(
+            decode_peer_message(&question, 7, &Limits::default()),
+            Err(PeerMessageError::Decode(DecodeError::Trailing(8)))
+        );
         let mut kind = bytes.clone();
         kind[4] = 2;
         assert_eq!(

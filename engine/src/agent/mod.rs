@@ -555,7 +555,7 @@ async fn start_gossip(
         },
         shutdown,
         snapshot,
-        sync_checks: Default::default(),
+        sync_checks: crate::net::gossip::SyncChecks::new(config.sync_check),
     })
 }
 

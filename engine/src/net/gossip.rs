@@ -179,14 +179,94 @@ pub struct GossipTask {
     pub shutdown: watch::Receiver<bool>,
     /// Snapshot output.
     pub snapshot: watch::Sender<GossipSnapshot>,
-    /// Sync checks waiting for their answer, by session: the partner asked and where its
-    /// state hash goes (at most the one running session's, and one given up on).
-    pub sync_checks: HashMap<u64, (SocketAddr, oneshot::Sender<u64>)>,
+    /// The sync checks this node asks and answers.
+    pub sync_checks: SyncChecks,
 }
 
 /// How long a sync round waits for its partner's answer to the check before it opens the
 /// session anyway: a few round trips across the world.
 const SYNC_CHECK_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a partner that left a check unanswered is not asked again (its rounds open their
+/// session at once): a node of a release without checks refuses them, and would cost each
+/// round the wait.
+const SYNC_CHECK_SILENT_FOR: Duration = Duration::from_secs(60);
+
+/// Sync checks: before a round, the partner is asked for its state hash
+/// (`Bookkeeping::state_hash`), and the round ends there when it equals this node's.
+#[derive(Debug)]
+pub struct SyncChecks {
+    /// Off (`gossip.sync_check = false`): neither asks nor answers, as a node of a release
+    /// without checks.
+    enabled: bool,
+    /// Questions waiting for their answer, by nonce (random, so an answer is matched by it
+    /// alone, whatever address it comes from): the round's session and where the hash goes.
+    /// At most the running round's and one given up on.
+    waiting: HashMap<u64, (u64, oneshot::Sender<u64>)>,
+    /// Partners that left the last check unanswered, and until when they are not asked.
+    silent: HashMap<SocketAddr, Instant>,
+}
+
+impl SyncChecks {
+    /// Checks asked and answered, or neither.
+    pub fn new(enabled: bool) -> SyncChecks {
+        SyncChecks {
+            enabled,
+            waiting: HashMap::new(),
+            silent: HashMap::new(),
+        }
+    }
+
+    /// A question for `addr` and the wait for its answer, unless checks are off or the
+    /// partner left the last one unanswered lately.
+    fn ask(
+        &mut self,
+        addr: SocketAddr,
+        session: u64,
+        now: Instant,
+    ) -> Option<(u64, oneshot::Receiver<u64>)> {
+        if !self.enabled {
+            return None;
+        }
+        if let Some(until) = self.silent.get(&addr) {
+            if now < *until {
+                return None;
+            }
+            self.silent.remove(&addr);
+        }
+        let nonce: u64 = rand::random();
+        let (answered, answer) = oneshot::channel();
+        self.waiting.insert(nonce, (session, answered));
+        Some((nonce, answer))
+    }
+
+    /// Hands an answer to the round waiting for it, if any.
+    fn answered(&mut self, nonce: u64, hash: u64) {
+        if let Some((_, waiting)) = self.waiting.remove(&nonce) {
+            let _ = waiting.send(hash);
+        }
+    }
+
+    /// A round ended: its question no longer waits, and a partner that did not answer is
+    /// not asked for a while.
+    fn round_ended(&mut self, session: u64, partner: SocketAddr, unanswered: bool, now: Instant) {
+        self.waiting.retain(|_, (s, _)| *s != session);
+        if unanswered {
+            self.silent.retain(|_, until| *until > now);
+            self.silent.insert(partner, now + SYNC_CHECK_SILENT_FOR);
+        }
+    }
+}
+
+/// How a sync round ended, for the gossip task.
+#[derive(Debug)]
+struct SyncDone {
+    session: u64,
+    partner: SocketAddr,
+    /// The partner was asked and did not answer in time.
+    check_unanswered: bool,
+    result: Result<PullReport, SyncError>,
+}
 
 /// Least time between two rewrites of the members file.
 const MEMBERS_FILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -230,8 +310,7 @@ impl GossipTask {
         // cluster every node hears of hundreds of members within seconds.
         let mut members_dirty = self.flush_membership(Instant::now(), &mut snapshot);
         let mut members_written = Instant::now() - MEMBERS_FILE_INTERVAL;
-        let (sync_done, mut sync_results) =
-            mpsc::channel::<(u64, Result<PullReport, SyncError>)>(4);
+        let (sync_done, mut sync_results) = mpsc::channel::<SyncDone>(4);
         let mut gaps_seen = 0u64;
         loop {
             // A remote changeset that skipped versions of its site (a delivery lost or late),
@@ -298,9 +377,8 @@ impl GossipTask {
                         }
                     }
                 }
-                Some((session, result)) = sync_results.recv() => {
-                    // An answer that never came (or came after the session gave up on it).
-                    self.sync_checks.remove(&session);
+                Some(SyncDone { session, partner, check_unanswered, result }) = sync_results.recv() => {
+                    self.sync_checks.round_ended(session, partner, check_unanswered, Instant::now());
                     match result {
                         Ok(report) => {
                             snapshot.sync_spared += u64::from(report.spared);
@@ -519,38 +597,22 @@ impl GossipTask {
             .receive_message(now, &received.bytes, self.cluster, &self.limits)
         {
             Ok(ReceivedMessage::Membership(packet)) => self.membership.handle_packet(&packet),
-            Ok(ReceivedMessage::SyncCheck {
-                nonce,
-                hash: _,
-                answer: false,
-            }) => {
-                // Answered from the hash the store thread last published: no request to it.
-                let answer = PeerMessage::SyncCheck {
-                    nonce,
-                    hash: self.store.state_hash(),
-                    answer: true,
-                };
-                self.transport.send(
-                    received.from,
-                    Channel::Datagram,
-                    Bytes::from(encode_peer_message(self.cluster, &answer)),
-                );
-            }
-            Ok(ReceivedMessage::SyncCheck {
-                nonce,
-                hash,
-                answer: true,
-            }) => {
-                // Only from the partner asked, for the session still waiting.
-                if self
-                    .sync_checks
-                    .get(&nonce)
-                    .is_some_and(|(addr, _)| *addr == received.from)
-                {
-                    if let Some((_, waiting)) = self.sync_checks.remove(&nonce) {
-                        let _ = waiting.send(hash);
-                    }
+            Ok(ReceivedMessage::SyncCheck { nonce }) => {
+                if self.sync_checks.enabled {
+                    // Answered from the hash the store thread last published: no request to it.
+                    let answer = PeerMessage::SyncCheckAnswer {
+                        nonce,
+                        hash: self.store.state_hash(),
+                    };
+                    self.transport.send(
+                        received.from,
+                        Channel::Datagram,
+                        Bytes::from(encode_peer_message(self.cluster, &answer)),
+                    );
                 }
+            }
+            Ok(ReceivedMessage::SyncCheckAnswer { nonce, hash }) => {
+                self.sync_checks.answered(nonce, hash);
             }
             Ok(ReceivedMessage::Broadcast {
                 from,
@@ -616,7 +678,7 @@ impl GossipTask {
         now: Millis,
         peer: SiteId,
         session: u64,
-        done: &mpsc::Sender<(u64, Result<PullReport, SyncError>)>,
+        done: &mpsc::Sender<SyncDone>,
         snapshot: &mut GossipSnapshot,
     ) {
         let Some(addr) = self.membership.addr_of(&peer) else {
@@ -634,18 +696,17 @@ impl GossipTask {
         // millisecond of CPU between the two. A partner that does not answer in time (lost,
         // or a node without checks, which refuses the message) gets the session as before.
         let own_hash = self.store.state_hash();
-        let (answered, answer) = oneshot::channel();
-        self.sync_checks.insert(session, (addr, answered));
-        let check = PeerMessage::SyncCheck {
-            nonce: session,
-            hash: own_hash,
-            answer: false,
-        };
-        self.transport.send(
-            addr,
-            Channel::Datagram,
-            Bytes::from(encode_peer_message(self.cluster, &check)),
-        );
+        let check = self.sync_checks.ask(addr, session, Instant::now());
+        if let Some((nonce, _)) = &check {
+            self.transport.send(
+                addr,
+                Channel::Datagram,
+                Bytes::from(encode_peer_message(
+                    self.cluster,
+                    &PeerMessage::SyncCheck { nonce: *nonce },
+                )),
+            );
+        }
         let (transport, store, done) = (self.transport.clone(), self.store.clone(), done.clone());
         let (cluster, limits) = (self.cluster, self.limits);
         let metrics = self.metrics.clone();
@@ -654,21 +715,38 @@ impl GossipTask {
         let limit = Duration::from_millis(self.protocol.config().sync_timeout_ms * 9 / 10);
         let check_wait = SYNC_CHECK_WAIT.min(limit / 2);
         crate::logging::spawn(async move {
+            let asked = Instant::now();
+            let mut check_unanswered = false;
+            if let Some((_, answer)) = check {
+                match tokio::time::timeout(check_wait, answer).await {
+                    // The partner's versions are those this node had when it asked: nothing
+                    // there that this node lacks now.
+                    Ok(Ok(hash)) if hash == own_hash => {
+                        let result = Ok(PullReport {
+                            spared: true,
+                            ..PullReport::default()
+                        });
+                        let _ = done
+                            .send(SyncDone {
+                                session,
+                                partner: addr,
+                                check_unanswered,
+                                result,
+                            })
+                            .await;
+                        return;
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => check_unanswered = true,
+                }
+            }
             let started = Instant::now();
-            let result = match tokio::time::timeout(check_wait, answer).await {
-                // The partner's versions are those this node had when it asked: nothing
-                // there that this node lacks now.
-                Ok(Ok(hash)) if hash == own_hash => Ok(PullReport {
-                    spared: true,
-                    ..PullReport::default()
-                }),
-                _ => tokio::time::timeout(
-                    limit.saturating_sub(started.elapsed()),
-                    pull(&transport, addr, &store, cluster, &limits),
-                )
-                .await
-                .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}")))),
-            };
+            let result = tokio::time::timeout(
+                limit.saturating_sub(asked.elapsed()),
+                pull(&transport, addr, &store, cluster, &limits),
+            )
+            .await
+            .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}"))));
             if let Some(metrics) = metrics {
                 let outcome = if result.is_ok() { "ok" } else { "failed" };
                 metrics
@@ -676,7 +754,14 @@ impl GossipTask {
                     .get_or_create(&vec![("result", outcome.to_string())])
                     .observe(started.elapsed().as_secs_f64());
             }
-            let _ = done.send((session, result)).await;
+            let _ = done
+                .send(SyncDone {
+                    session,
+                    partner: addr,
+                    check_unanswered,
+                    result,
+                })
+                .await;
         });
     }
 
