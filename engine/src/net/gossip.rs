@@ -20,7 +20,7 @@ use patina_core::broadcast::{BroadcastMsg, BroadcastStats, Millis};
 use patina_core::change::Changeset;
 use patina_core::ids::SiteId;
 use patina_core::wire::{encode_peer_message, Limits, PeerMessage};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::net::membership::{MemberEvent, Membership};
 use crate::net::sync::{pull, PullReport, SyncError};
@@ -193,18 +193,29 @@ const SYNC_CHECK_WAIT: Duration = Duration::from_secs(1);
 const SYNC_CHECK_SILENT_FOR: Duration = Duration::from_secs(60);
 
 /// Sync checks: before a round, the partner is asked for its state hash
-/// (`Bookkeeping::state_hash`), and the round ends there when it equals this node's.
+/// (`Bookkeeping::state_hash`), and the round ends there when it equals this node's. Kept in
+/// the gossip task, which asks, matches the answer and ends the round itself: a round that
+/// ends at the check makes no task, channel or timer of its own.
 #[derive(Debug)]
 pub struct SyncChecks {
     /// Off (`gossip.sync_check = false`): neither asks nor answers, as a node of a release
     /// without checks.
     enabled: bool,
     /// Questions waiting for their answer, by nonce (random, so an answer is matched by it
-    /// alone, whatever address it comes from): the round's session and where the hash goes.
-    /// At most the running round's and one given up on.
-    waiting: HashMap<u64, (u64, oneshot::Sender<u64>)>,
+    /// alone, whatever address it comes from). At most the running round's.
+    waiting: HashMap<u64, WaitingCheck>,
     /// Partners that left the last check unanswered, and until when they are not asked.
     silent: HashMap<SocketAddr, Instant>,
+}
+
+/// A round waiting for its partner's answer.
+#[derive(Debug, Clone, Copy)]
+struct WaitingCheck {
+    session: u64,
+    partner: SocketAddr,
+    /// This node's state hash when it asked.
+    own_hash: u64,
+    asked: Instant,
 }
 
 impl SyncChecks {
@@ -217,54 +228,83 @@ impl SyncChecks {
         }
     }
 
-    /// A question for `addr` and the wait for its answer, unless checks are off or the
+    /// The nonce of a question for `partner`, now waiting, unless checks are off or the
     /// partner left the last one unanswered lately.
     fn ask(
         &mut self,
-        addr: SocketAddr,
+        partner: SocketAddr,
         session: u64,
+        own_hash: u64,
         now: Instant,
-    ) -> Option<(u64, oneshot::Receiver<u64>)> {
+    ) -> Option<u64> {
         if !self.enabled {
             return None;
         }
-        if let Some(until) = self.silent.get(&addr) {
+        if let Some(until) = self.silent.get(&partner) {
             if now < *until {
                 return None;
             }
-            self.silent.remove(&addr);
+            self.silent.remove(&partner);
         }
         let nonce: u64 = rand::random();
-        let (answered, answer) = oneshot::channel();
-        self.waiting.insert(nonce, (session, answered));
-        Some((nonce, answer))
+        self.waiting.insert(
+            nonce,
+            WaitingCheck {
+                session,
+                partner,
+                own_hash,
+                asked: now,
+            },
+        );
+        Some(nonce)
     }
 
-    /// Hands an answer to the round waiting for it, if any.
-    fn answered(&mut self, nonce: u64, hash: u64) {
-        if let Some((_, waiting)) = self.waiting.remove(&nonce) {
-            let _ = waiting.send(hash);
-        }
+    /// The round an answer is for, if it still waits.
+    fn answered(&mut self, nonce: u64) -> Option<WaitingCheck> {
+        self.waiting.remove(&nonce)
     }
 
-    /// A round ended: its question no longer waits, and a partner that did not answer is
-    /// not asked for a while.
-    fn round_ended(&mut self, session: u64, partner: SocketAddr, unanswered: bool, now: Instant) {
-        self.waiting.retain(|_, (s, _)| *s != session);
-        if unanswered {
+    /// When the first unanswered question gives up.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.waiting
+            .values()
+            .map(|w| w.asked + SYNC_CHECK_WAIT)
+            .min()
+    }
+
+    /// The rounds whose partner did not answer in time: no longer waiting, and their
+    /// partners not asked for a while.
+    fn expired(&mut self, now: Instant) -> Vec<WaitingCheck> {
+        let mut gone = Vec::new();
+        self.waiting.retain(|_, w| {
+            let keep = now < w.asked + SYNC_CHECK_WAIT;
+            if !keep {
+                gone.push(*w);
+            }
+            keep
+        });
+        if !gone.is_empty() {
             self.silent.retain(|_, until| *until > now);
-            self.silent.insert(partner, now + SYNC_CHECK_SILENT_FOR);
+            for w in &gone {
+                self.silent.insert(w.partner, now + SYNC_CHECK_SILENT_FOR);
+            }
         }
+        gone
     }
 }
 
-/// How a sync round ended, for the gossip task.
+/// Sleeps until `at`, or forever without one (a `select!` branch that never fires).
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a sync session ended, for the gossip task.
 #[derive(Debug)]
 struct SyncDone {
     session: u64,
-    partner: SocketAddr,
-    /// The partner was asked and did not answer in time.
-    check_unanswered: bool,
     result: Result<PullReport, SyncError>,
 }
 
@@ -341,15 +381,16 @@ impl GossipTask {
                 // (max, then min: `clamp` would panic if `tick_ms` were above a second.)
                 last_tick + Duration::from_millis(due).max(busy_tick).min(IDLE_TICK_MAX)
             };
+            let check_due = self.sync_checks.next_deadline();
             tokio::select! {
                 _ = self.shutdown.changed() => break,
                 received = self.inbox.recv() => {
                     let Some(received) = received else { break };
                     let now = Instant::now();
-                    self.handle(now_ms(now), received, &mut peer_addrs, &mut actions, &mut snapshot);
+                    self.handle(now_ms(now), received, &mut peer_addrs, &mut actions, &mut snapshot, &sync_done);
                     for _ in 0..INBOX_BATCH_MAX {
                         match self.inbox.try_recv() {
-                            Ok(r) => self.handle(now_ms(now), r, &mut peer_addrs, &mut actions, &mut snapshot),
+                            Ok(r) => self.handle(now_ms(now), r, &mut peer_addrs, &mut actions, &mut snapshot, &sync_done),
                             Err(_) => break,
                         }
                     }
@@ -361,6 +402,13 @@ impl GossipTask {
                 }
                 _ = tokio::time::sleep_until(timer_due.into()) => {
                     self.membership.handle_timers(Instant::now());
+                }
+                // A partner that did not answer the check: the round opens its session.
+                _ = sleep_until_some(check_due) => {
+                    let now = Instant::now();
+                    for check in self.sync_checks.expired(now) {
+                        self.spawn_pull(check.session, check.partner, check.asked, &sync_done);
+                    }
                 }
                 Some(control) = self.control.recv() => {
                     self.handle_control(control, &resolved_tx);
@@ -377,11 +425,9 @@ impl GossipTask {
                         }
                     }
                 }
-                Some(SyncDone { session, partner, check_unanswered, result }) = sync_results.recv() => {
-                    self.sync_checks.round_ended(session, partner, check_unanswered, Instant::now());
+                Some(SyncDone { session, result }) = sync_results.recv() => {
                     match result {
                         Ok(report) => {
-                            snapshot.sync_spared += u64::from(report.spared);
                             // Ends the round (a find only if broadcast had not delivered it);
                             // what broadcast had not goes on by broadcast.
                             actions.extend(self.protocol.sync_answered(
@@ -590,6 +636,7 @@ impl GossipTask {
         peer_addrs: &mut PeerAddrs,
         actions: &mut Vec<Action>,
         snapshot: &mut GossipSnapshot,
+        done: &mpsc::Sender<SyncDone>,
     ) {
         // Seen copies are known from their heads, not decoded (see `receive_message`).
         match self
@@ -612,7 +659,19 @@ impl GossipTask {
                 }
             }
             Ok(ReceivedMessage::SyncCheckAnswer { nonce, hash }) => {
-                self.sync_checks.answered(nonce, hash);
+                let Some(check) = self.sync_checks.answered(nonce) else {
+                    return;
+                };
+                if hash == check.own_hash {
+                    // The partner's versions are those this node had when it asked: nothing
+                    // there that this node lacks now. The round ends as one that found
+                    // nothing.
+                    actions.extend(self.protocol.sync_answered(now, check.session, 0, &[]));
+                    snapshot.sync_rounds += 1;
+                    snapshot.sync_spared += 1;
+                } else {
+                    self.spawn_pull(check.session, check.partner, check.asked, done);
+                }
             }
             Ok(ReceivedMessage::Broadcast {
                 from,
@@ -695,58 +754,45 @@ impl GossipTask {
         // stream each way, a request to each store thread and a dozen QUIC packets, about a
         // millisecond of CPU between the two. A partner that does not answer in time (lost,
         // or a node without checks, which refuses the message) gets the session as before.
+        let asked = Instant::now();
         let own_hash = self.store.state_hash();
-        let check = self.sync_checks.ask(addr, session, Instant::now());
-        if let Some((nonce, _)) = &check {
-            self.transport.send(
-                addr,
-                Channel::Datagram,
-                Bytes::from(encode_peer_message(
-                    self.cluster,
-                    &PeerMessage::SyncCheck { nonce: *nonce },
-                )),
-            );
+        match self.sync_checks.ask(addr, session, own_hash, asked) {
+            Some(nonce) => {
+                self.transport.send(
+                    addr,
+                    Channel::Datagram,
+                    Bytes::from(encode_peer_message(
+                        self.cluster,
+                        &PeerMessage::SyncCheck { nonce },
+                    )),
+                );
+            }
+            None => self.spawn_pull(session, addr, asked, done),
         }
+    }
+
+    /// Runs round `session`'s session with `addr` as a task of its own; its outcome comes back
+    /// through `done`. The round began at `began` (its check is part of its time).
+    fn spawn_pull(
+        &self,
+        session: u64,
+        addr: SocketAddr,
+        began: Instant,
+        done: &mpsc::Sender<SyncDone>,
+    ) {
         let (transport, store, done) = (self.transport.clone(), self.store.clone(), done.clone());
         let (cluster, limits) = (self.cluster, self.limits);
         let metrics = self.metrics.clone();
         // A pull ends before the protocol gives up on it, so two never overlap and every
         // session is counted once, as done or failed.
-        let limit = Duration::from_millis(self.protocol.config().sync_timeout_ms * 9 / 10);
-        let check_wait = SYNC_CHECK_WAIT.min(limit / 2);
+        let limit = Duration::from_millis(self.protocol.config().sync_timeout_ms * 9 / 10)
+            .saturating_sub(began.elapsed());
         crate::logging::spawn(async move {
-            let asked = Instant::now();
-            let mut check_unanswered = false;
-            if let Some((_, answer)) = check {
-                match tokio::time::timeout(check_wait, answer).await {
-                    // The partner's versions are those this node had when it asked: nothing
-                    // there that this node lacks now.
-                    Ok(Ok(hash)) if hash == own_hash => {
-                        let result = Ok(PullReport {
-                            spared: true,
-                            ..PullReport::default()
-                        });
-                        let _ = done
-                            .send(SyncDone {
-                                session,
-                                partner: addr,
-                                check_unanswered,
-                                result,
-                            })
-                            .await;
-                        return;
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(_)) | Err(_) => check_unanswered = true,
-                }
-            }
             let started = Instant::now();
-            let result = tokio::time::timeout(
-                limit.saturating_sub(asked.elapsed()),
-                pull(&transport, addr, &store, cluster, &limits),
-            )
-            .await
-            .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}"))));
+            let result =
+                tokio::time::timeout(limit, pull(&transport, addr, &store, cluster, &limits))
+                    .await
+                    .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}"))));
             if let Some(metrics) = metrics {
                 let outcome = if result.is_ok() { "ok" } else { "failed" };
                 metrics
@@ -754,14 +800,7 @@ impl GossipTask {
                     .get_or_create(&vec![("result", outcome.to_string())])
                     .observe(started.elapsed().as_secs_f64());
             }
-            let _ = done
-                .send(SyncDone {
-                    session,
-                    partner: addr,
-                    check_unanswered,
-                    result,
-                })
-                .await;
+            let _ = done.send(SyncDone { session, result }).await;
         });
     }
 

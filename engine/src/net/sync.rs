@@ -114,8 +114,6 @@ pub struct PullReport {
     pub bytes_sent: u64,
     /// Bytes received (all frames).
     pub bytes_received: u64,
-    /// No session: the sync check found the partner's versions equal to this node's.
-    pub spared: bool,
 }
 
 /// Pulls from one peer what this node lacks.
