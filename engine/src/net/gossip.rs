@@ -669,6 +669,10 @@ impl GossipTask {
                     actions.extend(self.protocol.sync_answered(now, check.session, 0, &[]));
                     snapshot.sync_rounds += 1;
                     snapshot.sync_spared += 1;
+                    // Published at once, as a session's end is: an idle node's tick may be a
+                    // second away, and what counts rounds (health, loadgen's timeline) would
+                    // see them late.
+                    self.snapshot.send_replace(snapshot.clone());
                 } else {
                     self.spawn_pull(check.session, check.partner, check.asked, done);
                 }
