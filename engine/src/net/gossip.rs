@@ -184,7 +184,8 @@ pub struct GossipTask {
 }
 
 /// How long a sync round waits for its partner's answer to the check before it opens the
-/// session anyway: a few round trips across the world.
+/// session anyway: a few round trips across the world, and far within the protocol's session
+/// timeout (`sync_timeout_ms`, 30 s), which the session that follows still has to fit in.
 const SYNC_CHECK_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a partner that left a check unanswered is not asked again (its rounds open their
