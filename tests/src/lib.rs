@@ -109,6 +109,14 @@ pub async fn digest(agent: &Agent) -> Json {
     serde_json::from_slice(&out).unwrap()
 }
 
+/// Asserts that every agent's convergence digest is the first one's.
+pub async fn assert_same_digest(agents: &[Agent]) {
+    let first = digest(&agents[0]).await;
+    for agent in &agents[1..] {
+        assert_eq!(digest(agent).await, first);
+    }
+}
+
 /// Polls `check` until it holds or [`WAIT`] passes; panics with `what` on timeout.
 pub async fn wait_for<F, Fut>(what: &str, mut check: F)
 where

@@ -402,10 +402,7 @@ async fn rounds_between_nodes_holding_the_same_versions_end_at_the_check() {
         assert_eq!(agent.gossip().sync_failures, *failures);
     }
     // The versions are still the same everywhere.
-    let digest = patina_tests::digest(&agents[0]).await;
-    for agent in &agents[1..] {
-        assert_eq!(patina_tests::digest(agent).await, digest);
-    }
+    patina_tests::assert_same_digest(&agents).await;
     for agent in agents {
         agent.shutdown().await;
     }
@@ -453,10 +450,7 @@ async fn a_partner_that_leaves_the_check_unanswered_gets_sessions() {
     }
     assert_eq!(agents[2].gossip().sync_spared, 0);
     assert_eq!(agents[2].gossip().sync_failures, 0);
-    let digest = patina_tests::digest(&agents[0]).await;
-    for agent in &agents[1..] {
-        assert_eq!(patina_tests::digest(agent).await, digest);
-    }
+    patina_tests::assert_same_digest(&agents).await;
     for agent in agents {
         agent.shutdown().await;
     }
