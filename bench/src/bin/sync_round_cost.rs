@@ -18,27 +18,19 @@ use patina::agent::Agent;
 use patina_tests::{exec, rows, wait_for};
 use serde_json::json;
 
-/// Agents on loopback, one row written on each, every row everywhere.
+/// Agents on loopback (in `dirs`), one row written on each, every row everywhere.
 async fn converged_cluster(
-    root: &std::path::Path,
-    nodes: usize,
+    dirs: &[tempfile::TempDir],
     interval_ms: u64,
     sync_check: bool,
 ) -> Vec<Agent> {
-    let mut agents: Vec<Agent> = Vec::new();
-    for i in 0..nodes {
-        let bootstrap: Vec<_> = agents
-            .first()
-            .map(|a| vec![a.gossip_addr()])
-            .unwrap_or_default();
-        let mut config = patina_tests::node_config(&root.join(format!("n{i}")), &bootstrap);
+    let nodes = dirs.len();
+    let agents = patina_tests::start_cluster_with(dirs, None, |config| {
         config.telemetry.prometheus_addr = None;
         config.gossip.sync_interval_ms = interval_ms;
         config.gossip.sync_check = sync_check;
-        agents.push(Agent::start(&config).await.unwrap());
-    }
-    let refs: Vec<&Agent> = agents.iter().collect();
-    patina_tests::wait_members(&refs, nodes).await;
+    })
+    .await;
     for (i, agent) in agents.iter().enumerate() {
         exec(
             agent,
@@ -105,8 +97,8 @@ async fn main() {
         ("rounds with the check", interval_ms, true),
         ("rounds without the check", interval_ms, false),
     ] {
-        let root = tempfile::tempdir().unwrap();
-        let agents = converged_cluster(root.path(), nodes, interval, check).await;
+        let dirs: Vec<_> = (0..nodes).map(|_| tempfile::tempdir().unwrap()).collect();
+        let agents = converged_cluster(&dirs, interval, check).await;
         let (rounds, spared, bytes, cpu) = measure(&agents, seconds).await;
         let cpu_per_s = cpu / seconds as f64;
         match baseline_cpu_per_s {

@@ -280,8 +280,6 @@ pub(crate) fn spawn_store(
         .spawn(move || {
             let _in_node = span.enter();
             while let Some(request) = rx.blocking_recv() {
-                // Published after the request below (the loop's last line); a request that
-                // changed nothing leaves it as it was.
                 // A reload a failed rollback left owed (see `Store::settle`): made before
                 // reads too, which wait for it, not only before the next write.
                 if let Err(e) = store.reload_if_owed() {
@@ -437,6 +435,8 @@ pub(crate) fn spawn_store(
                             .store(store.bookkeeping().gap_count(), Ordering::Relaxed);
                     }
                 }
+                // After every request, whatever it changed (a request that changed nothing
+                // stores the same hash again).
                 published.store(store.bookkeeping().state_hash(), Ordering::Release);
             }
             tracing::debug!("store thread stopped");
