@@ -5,7 +5,8 @@
 //! This is a driver of [`Protocol`] like the engine's gossip task, with maps where the engine
 //! has SQLite and messages where it has QUIC streams: delivered changesets go through the one
 //! apply rule ([`apply_changeset`]), a sync session is a [`NodeMsg::SyncRequest`] answered with
-//! [`versions_to_send`] and the changesets read back from the replica.
+//! [`versions_to_send`] and the changesets read back from the replica, and a round's sync
+//! check is a [`NodeMsg::SyncCheck`] answered with the replica's state hash.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use crate::chunk::{PartOutcome, Reassembly};
 use crate::ids::{DbVersion, SiteId};
 use crate::mem::MemReplica;
 use crate::merge::MergeFaults;
-use crate::protocol::{Action, Protocol, ProtocolConfig};
+use crate::protocol::{Action, CheckAnswered, Protocol, ProtocolConfig};
 use crate::sync::{versions_to_send, SyncState};
 use crate::validate::validate_changeset;
 use crate::versions::Bookkeeping;
@@ -64,6 +65,10 @@ pub enum NodeMsg {
     SyncRequest(u64, SyncState),
     /// The changesets the requester of session `.0` lacked.
     SyncReply(u64, Vec<Arc<Changeset>>),
+    /// A sync check: "what is your state hash?", with the question's nonce.
+    SyncCheck(u64),
+    /// The answer to the check with nonce `.0`: the answering node's state hash.
+    SyncCheckAnswer(u64, u64),
 }
 
 /// What the caller must do.
@@ -91,6 +96,9 @@ pub struct NodeFaults {
     /// The first part of a large changeset marks the whole changeset applied, so its other
     /// parts are skipped as known (a bug of the apply path).
     pub part_marks_applied: bool,
+    /// The sync check's hash covers each site's head only, not the versions applied below
+    /// it, so a node that lacks a version below its head looks equal to one that has it.
+    pub check_hashes_heads_only: bool,
 }
 
 /// How a node behaves.
@@ -228,7 +236,35 @@ impl Node {
                 out.extend(self.outputs(relayed));
                 out
             }
+            NodeMsg::SyncCheck(nonce) if self.protocol.answers_sync_checks() => {
+                vec![Output::Send {
+                    to: from,
+                    msg: NodeMsg::SyncCheckAnswer(nonce, self.sync_check_hash()),
+                }]
+            }
+            // A node without checks leaves the question unanswered, as the engine's does.
+            NodeMsg::SyncCheck(_) => Vec::new(),
+            NodeMsg::SyncCheckAnswer(nonce, hash) => {
+                let own = self.sync_check_hash();
+                match self.protocol.sync_check_answered(now, nonce, hash, own) {
+                    CheckAnswered::Session(action) => self.outputs(vec![action]),
+                    CheckAnswered::Spared | CheckAnswered::NotWaiting => Vec::new(),
+                }
+            }
         }
+    }
+
+    /// The hash this node answers sync checks with, and compares answers to: its
+    /// bookkeeping's state hash ([`Bookkeeping::state_hash`]), as the engine's store publishes.
+    pub fn sync_check_hash(&self) -> u64 {
+        if !self.config.faults.check_hashes_heads_only {
+            return self.durable.book.state_hash();
+        }
+        let mut heads_only = Bookkeeping::default();
+        for (site, head) in self.durable.book.heads() {
+            heads_only.heard(site, head);
+        }
+        heads_only.state_hash()
     }
 
     /// Time passes: broadcast flushes announcements and grafts, a sync round starts when due.
@@ -333,6 +369,10 @@ impl Node {
                     to: peer,
                     msg: self.sync_request_for(session),
                 }),
+                Action::AskSyncCheck { peer, nonce, .. } => out.push(Output::Send {
+                    to: peer,
+                    msg: NodeMsg::SyncCheck(nonce),
+                }),
                 // Membership is given to this node by its caller: nothing to announce to.
                 Action::Announce => {}
             }
@@ -386,6 +426,74 @@ mod tests {
             }
         }
         nodes
+    }
+
+    /// Ticks `nodes[i]` at `now` and delivers everything that follows; returns the
+    /// messages delivered.
+    fn tick_and_run(nodes: &mut [Node], i: usize, now: u64) -> Vec<NodeMsg> {
+        let mut queue: Vec<(SiteId, Output)> = nodes[i]
+            .tick(Millis(now))
+            .into_iter()
+            .map(|o| (site(i as u8), o))
+            .collect();
+        let mut delivered = Vec::new();
+        while let Some((from, output)) = queue.pop() {
+            let Output::Send { to, msg } = output else {
+                continue;
+            };
+            delivered.push(msg.clone());
+            let node = nodes.iter_mut().find(|n| n.site() == to).unwrap();
+            let out = node.receive(Millis(now), from, msg);
+            queue.extend(out.into_iter().map(|o| (to, o)));
+        }
+        delivered
+    }
+
+    #[test]
+    fn a_round_between_equal_replicas_ends_at_the_check_and_an_unequal_one_syncs() {
+        let mut nodes = cluster(2);
+        let values = |v: &str| [("v".to_string(), Value::from(v))].into_iter().collect();
+        let (_, out) = nodes[0].write(|r| Some(r.insert("t", pk(1), values("a"))));
+        run(
+            &mut nodes,
+            out.into_iter().map(|o| (site(0), o)).collect(),
+            false,
+        );
+        let is_request = |m: &NodeMsg| matches!(m, NodeMsg::SyncRequest(..));
+        let is_check = |m: &NodeMsg| matches!(m, NodeMsg::SyncCheck(_));
+        // Both hold the write: rounds end at the check, with no request (after the first check:
+        // the write's delivery may have raced a session).
+        let mut checks = 0;
+        for now in (0..10_000).step_by(10) {
+            let sent = tick_and_run(&mut nodes, 1, now);
+            assert!(
+                checks == 0 || !sent.iter().any(is_request),
+                "a session at {now} ms"
+            );
+            checks += sent.iter().filter(|m| is_check(m)).count();
+        }
+        assert!(checks > 1, "{checks} checks in 10 s");
+        // A write whose broadcast is lost: node 1's next round finds a different hash, and its
+        // session brings the write.
+        let (written, out) = nodes[0].write(|r| r.update("t", pk(1), "v", Value::from("b")));
+        run(
+            &mut nodes,
+            out.into_iter().map(|o| (site(0), o)).collect(),
+            true,
+        );
+        let id = written.unwrap().id;
+        let mut requested = false;
+        for now in (10_000..30_000).step_by(10) {
+            requested |= tick_and_run(&mut nodes, 1, now).iter().any(is_request);
+            if nodes[1].durable.book.contains(id) {
+                break;
+            }
+        }
+        assert!(requested && nodes[1].durable.book.contains(id));
+        assert_eq!(
+            nodes[0].durable.replica.visible(),
+            nodes[1].durable.replica.visible()
+        );
     }
 
     #[test]

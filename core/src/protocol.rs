@@ -7,19 +7,21 @@
 //! drives the same type in memory for the simulator and the model checker, applying delivered
 //! changesets to its in-memory replica by the same apply rule as the store
 //! ([`crate::apply::apply_changeset`]). So each decision is written once, here, and the model
-//! checks the one the engine makes.
+//! checks the one the engine makes (the sync check's rounds excepted: the model starts its
+//! sync sessions itself, and its convergence property ends them at the check's rule).
 //!
 //! Sync sessions are numbered: the caller reports each one's end with its number
 //! ([`Protocol::sync_finished`]). A session that has not ended after
 //! [`ProtocolConfig::sync_timeout_ms`] counts as failed (its request or answer may be lost), and
 //! a late report of it changes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastMsg, Effect, Millis};
 use crate::change::Changeset;
 use crate::ids::SiteId;
+use crate::stats::SplitMix64;
 use crate::sync::{Activity, SyncOutcome, SyncScheduler};
 use crate::wire::{decode_peer_message, peek_gossip_copy, Limits, PeerMessage, PeerMessageError};
 
@@ -38,6 +40,10 @@ pub struct ProtocolConfig {
     pub rejoin_first_ms: u64,
     /// Longest wait between two announces while no member is known (ms).
     pub rejoin_max_ms: u64,
+    /// Sync checks: how long a round waits for its partner's state hash (ms) before it opens
+    /// its session anyway. None: no checks, neither asked nor answered (a round opens its
+    /// session at once), as a node of a release without them.
+    pub sync_check_wait_ms: Option<u64>,
 }
 
 impl Default for ProtocolConfig {
@@ -48,6 +54,7 @@ impl Default for ProtocolConfig {
             sync_timeout_ms: 30_000,
             rejoin_first_ms: 1_000,
             rejoin_max_ms: 30_000,
+            sync_check_wait_ms: Some(1_000),
         }
     }
 }
@@ -55,6 +62,11 @@ impl Default for ProtocolConfig {
 /// Most changesets one sync round may bring for them to be broadcast again from the node
 /// that pulled them ([`Protocol::sync_answered`]).
 pub const SYNC_RELAY_MAX: usize = 64;
+
+/// How long a partner that left a sync check unanswered is not asked again (ms): its rounds
+/// open their session at once. A node of a release without checks refuses them, and would
+/// otherwise cost each round the whole wait.
+pub const SYNC_CHECK_SILENT_MS: u64 = 60_000;
 
 /// What the caller must do.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,6 +90,18 @@ pub enum Action {
     },
     /// A changeset (or part of one) seen for the first time: apply it by the apply rule.
     Deliver(Arc<Changeset>),
+    /// Ask `peer` for its state hash before round `session` opens a session (a
+    /// `SyncCheck` message carrying `nonce`), and hand its answer to
+    /// [`Protocol::sync_check_answered`]. The round is running from now; without an answer
+    /// within `sync_check_wait_ms` a later tick opens its session.
+    AskSyncCheck {
+        /// The round's partner.
+        peer: SiteId,
+        /// The round's number.
+        session: u64,
+        /// To be sent back with the answer.
+        nonce: u64,
+    },
     /// Start sync session `session` with `peer`; report its end with
     /// [`Protocol::sync_finished`].
     StartSync {
@@ -97,6 +121,19 @@ struct Running {
     peer: SiteId,
     session: u64,
     started: Millis,
+    /// The round began with a sync check.
+    asked: bool,
+}
+
+/// What an answer to a sync check did (see [`Protocol::sync_check_answered`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckAnswered {
+    /// The hashes were equal: the round ended there, as one that found nothing.
+    Spared,
+    /// They differ: open the round's session ([`Action::StartSync`]).
+    Session(Action),
+    /// No question with this nonce waits (late, repeated, or never asked): nothing to do.
+    NotWaiting,
 }
 
 /// What a peer's message became (see [`Protocol::receive_message`]).
@@ -137,6 +174,18 @@ pub struct Protocol {
     members: BTreeSet<SiteId>,
     sync: Option<SyncScheduler>,
     running: Option<Running>,
+    /// The running round's check, while it waits for its answer: the question's nonce.
+    check: Option<u64>,
+    /// Partners that left their last check unanswered, and until when they are not asked.
+    silent: BTreeMap<SiteId, Millis>,
+    /// Since the last round began, something said this node likely lacks versions (a gap in
+    /// its bookkeeping, an announcement of a changeset not seen here, a round that found
+    /// something): the next round opens its session without the check, whose round trip
+    /// would only delay what it brings.
+    gap_likely: bool,
+    /// Nonces of the checks (seeded, as every choice here, so a run is a function of its
+    /// inputs; the engine seeds it with a random number too).
+    nonces: SplitMix64,
     sessions: u64,
     /// While no member is known: when to announce next, and the wait after that.
     rejoin: Option<(Millis, u64)>,
@@ -156,6 +205,10 @@ impl Protocol {
                 .sync_interval_ms
                 .map(|interval| SyncScheduler::new(interval, now, seed)),
             running: None,
+            check: None,
+            silent: BTreeMap::new(),
+            gap_likely: false,
+            nonces: SplitMix64::new(seed ^ 0x5eed_c0de_c4ec_0000),
             sessions: 0,
             rejoin: Some((now.plus(config.rejoin_first_ms), config.rejoin_first_ms)),
             active: false,
@@ -200,6 +253,7 @@ impl Protocol {
     /// A member left or failed.
     pub fn peer_down(&mut self, peer: SiteId) {
         self.members.remove(&peer);
+        self.silent.remove(&peer);
         self.broadcast.peer_down(peer);
         self.debug_check();
     }
@@ -232,6 +286,7 @@ impl Protocol {
         if let Some(sync) = &mut self.sync {
             if announced {
                 sync.activity(now, Activity::GapLikely);
+                self.gap_likely = true;
             } else if delivered {
                 sync.activity(now, Activity::Delivering);
             }
@@ -341,6 +396,9 @@ impl Protocol {
     /// backed off for quiet comes back within an interval.
     pub fn versions_missing(&mut self) {
         self.note_activity();
+        // Not for a member up, which brings rounds in too: in a forming cluster members come
+        // up all the time, and most rounds would lose their check.
+        self.gap_likely = self.sync.is_some();
         self.debug_check();
     }
 
@@ -368,13 +426,18 @@ impl Protocol {
         let timeout = self
             .running
             .map(|r| r.started.plus(self.config.sync_timeout_ms));
+        let check = self
+            .running
+            .filter(|_| self.check.is_some())
+            .zip(self.check_wait_ms())
+            .map(|(r, wait)| r.started.plus(wait));
         let rejoin = match (self.rejoin, self.members.is_empty()) {
             (Some((at, _)), _) => Some(at),
             // The first tick with no member schedules the announces.
             (None, true) => Some(Millis(0)),
             (None, false) => None,
         };
-        [sync, timeout, rejoin]
+        [sync, timeout, check, rejoin]
             .into_iter()
             .flatten()
             .fold(self.broadcast.next_due(), Millis::min)
@@ -392,6 +455,24 @@ impl Protocol {
         if let Some(running) = self.running {
             if now >= running.started.plus(self.config.sync_timeout_ms) {
                 self.end_sync(now, SyncOutcome::Failed);
+            } else if self.check.is_some()
+                && self
+                    .check_wait_ms()
+                    .is_some_and(|wait| now >= running.started.plus(wait))
+            {
+                // Unanswered: a lost datagram, or a partner without checks (which would
+                // leave every question unanswered). The round opens its session, and the
+                // partner is not asked again for a while.
+                self.check = None;
+                self.silent.retain(|_, until| *until > now);
+                if self.members.contains(&running.peer) {
+                    self.silent
+                        .insert(running.peer, now.plus(SYNC_CHECK_SILENT_MS));
+                }
+                out.push(Action::StartSync {
+                    peer: running.peer,
+                    session: running.session,
+                });
             }
         }
         if let Some(sync) = &mut self.sync {
@@ -401,15 +482,15 @@ impl Protocol {
                 neighbours.retain(|site| self.members.contains(site));
                 if let Some(peer) = sync.due_preferring(now, &neighbours, &members) {
                     self.sessions += 1;
+                    let session = self.sessions;
+                    let action = self.open_round(now, peer, session);
                     self.running = Some(Running {
                         peer,
-                        session: self.sessions,
+                        session,
                         started: now,
+                        asked: matches!(action, Action::AskSyncCheck { .. }),
                     });
-                    out.push(Action::StartSync {
-                        peer,
-                        session: self.sessions,
-                    });
+                    out.push(action);
                 }
             }
         }
@@ -435,6 +516,86 @@ impl Protocol {
         out
     }
 
+    /// How round `session`, just started with `peer`, begins: with the check (the partner is
+    /// asked for its state hash, and a round between two nodes that applied the same
+    /// versions, most rounds of a cluster that has converged, ends at the answer, two
+    /// datagrams instead of a session), or with its session when checks are off or the
+    /// partner left its last question unanswered lately.
+    fn open_round(&mut self, now: Millis, peer: SiteId, session: u64) -> Action {
+        let silent = self.silent.get(&peer).is_some_and(|until| now < *until);
+        let gap_likely = std::mem::take(&mut self.gap_likely);
+        if self.config.sync_check_wait_ms.is_none() || silent || gap_likely {
+            return Action::StartSync { peer, session };
+        }
+        self.silent.remove(&peer);
+        let nonce = self.nonces.next_u64();
+        self.check = Some(nonce);
+        Action::AskSyncCheck {
+            peer,
+            session,
+            nonce,
+        }
+    }
+
+    /// How long a check waits for its answer: at most half the session timeout, so that an
+    /// unanswered one still leaves its session time (a wait as long as the timeout would fail
+    /// every round with a partner that never answers, and never mark it silent).
+    fn check_wait_ms(&self) -> Option<u64> {
+        self.config
+            .sync_check_wait_ms
+            .map(|wait| wait.min(self.config.sync_timeout_ms / 2))
+    }
+
+    /// True if the running round began with a sync check (a driver counting the round's
+    /// messages to cold members counts its session's separately, or not).
+    pub fn running_sync_asked(&self) -> bool {
+        self.running.is_some_and(|r| r.asked)
+    }
+
+    /// A seed for the sync checks' nonces alone (the engine gives a random one: a nonce
+    /// guessed from earlier ones could answer a round for its partner); the other choices
+    /// stay a function of the seed given at creation.
+    pub fn reseed_nonces(&mut self, seed: u64) {
+        self.nonces = SplitMix64::new(seed);
+    }
+
+    /// True if this node answers its partners' sync checks (it asks them too).
+    pub fn answers_sync_checks(&self) -> bool {
+        self.config.sync_check_wait_ms.is_some()
+    }
+
+    /// The answer to the running round's check: the partner's state hash `partner_hash` and
+    /// this node's `own_hash` now ([`crate::versions::Bookkeeping::state_hash`]). Equal, the
+    /// partner holds exactly the versions this node holds, so its session would bring
+    /// nothing (versions only accrue: a hash this node had at any time since it asked would
+    /// do as well), and the round ends as one that found nothing. Otherwise its session
+    /// opens. The answer is matched by its nonce alone, whoever sent it.
+    pub fn sync_check_answered(
+        &mut self,
+        now: Millis,
+        nonce: u64,
+        partner_hash: u64,
+        own_hash: u64,
+    ) -> CheckAnswered {
+        let answered = match self.running {
+            Some(running) if self.check == Some(nonce) => {
+                self.check = None;
+                if partner_hash == own_hash {
+                    self.end_sync(now, SyncOutcome::NothingNew);
+                    CheckAnswered::Spared
+                } else {
+                    CheckAnswered::Session(Action::StartSync {
+                        peer: running.peer,
+                        session: running.session,
+                    })
+                }
+            }
+            _ => CheckAnswered::NotWaiting,
+        };
+        self.debug_check();
+        answered
+    }
+
     /// Sync session `session` ended (see [`SyncScheduler::finished`] for how the outcome
     /// sets the next round). A session that already timed out (or any other number) changes
     /// nothing.
@@ -450,8 +611,18 @@ impl Protocol {
         self.running.map(|r| (r.peer, r.session))
     }
 
+    /// When the running round began (its check included), if one runs: its session must end
+    /// within `sync_timeout_ms` of this.
+    pub fn running_sync_since(&self) -> Option<Millis> {
+        self.running.map(|r| r.started)
+    }
+
     fn end_sync(&mut self, now: Millis, outcome: SyncOutcome) {
         self.running = None;
+        self.check = None;
+        // A round that found something (a catch-up in several rounds, a healed partition)
+        // likely has a next one that finds more.
+        self.gap_likely |= outcome == SyncOutcome::Received;
         if let Some(sync) = &mut self.sync {
             sync.finished(now, outcome);
         }
@@ -469,8 +640,20 @@ impl Protocol {
             "a running session has a number already given out"
         );
         debug_assert!(
+            self.check.is_none() || self.running.is_some(),
+            "a check waits only for the running round"
+        );
+        debug_assert!(
+            self.silent.keys().all(|site| self.members.contains(site)),
+            "a partner left silent is not a member"
+        );
+        debug_assert!(
             self.rejoin.is_none() || self.members.is_empty(),
             "announces are scheduled only while no member is known"
+        );
+        debug_assert!(
+            !self.gap_likely || self.sync.is_some(),
+            "a gap is noted only for a node that schedules sync"
         );
         debug_assert!(
             !self.active || self.sync.is_some(),
@@ -743,7 +926,8 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::StartSync { peer, session } => Some((*peer, *session)),
+                Action::StartSync { peer, session }
+                | Action::AskSyncCheck { peer, session, .. } => Some((*peer, *session)),
                 _ => None,
             })
             .collect()
@@ -754,6 +938,7 @@ mod tests {
         let config = ProtocolConfig {
             sync_interval_ms: Some(100),
             sync_timeout_ms: 1_000,
+            sync_check_wait_ms: None,
             ..ProtocolConfig::default()
         };
         let mut p = Protocol::new(site(0), config, Millis(0), 7);
@@ -776,6 +961,206 @@ mod tests {
         assert_eq!(p.running_sync(), Some(second[0]));
         p.sync_finished(Millis(1_700), second[0].1, SyncOutcome::NothingNew);
         assert_eq!(p.running_sync(), None);
+    }
+
+    /// The check's nonce and round, if `actions` asks one.
+    fn asked(actions: &[Action]) -> Option<(SiteId, u64, u64)> {
+        actions.iter().find_map(|a| match a {
+            Action::AskSyncCheck {
+                peer,
+                session,
+                nonce,
+            } => Some((*peer, *session, *nonce)),
+            _ => None,
+        })
+    }
+
+    /// Ticks from `from` ms, ending every round that opens a session with nothing new, until
+    /// one asks a check; returns when, and the check.
+    fn first_check(p: &mut Protocol, from: u64) -> (u64, (SiteId, u64, u64)) {
+        for ms in (from..from + 60_000).step_by(10) {
+            let out = p.tick(Millis(ms));
+            if let Some(check) = asked(&out) {
+                return (ms, check);
+            }
+            for (_, session) in syncs(&out) {
+                p.sync_finished(Millis(ms), session, SyncOutcome::NothingNew);
+            }
+        }
+        panic!("no check in a minute");
+    }
+
+    fn check_config() -> ProtocolConfig {
+        ProtocolConfig {
+            sync_interval_ms: Some(100),
+            sync_timeout_ms: 10_000,
+            sync_check_wait_ms: Some(1_000),
+            ..ProtocolConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_round_asks_first_and_ends_at_an_equal_answer() {
+        let mut p = Protocol::new(site(0), check_config(), Millis(0), 7);
+        p.peer_up(site(1));
+        let (at, (peer, session, nonce)) = first_check(&mut p, 0);
+        assert!(
+            at <= 200,
+            "the member's arrival brought a round in, with its check"
+        );
+        assert_eq!(peer, site(1));
+        assert_eq!(p.running_sync(), Some((peer, session)));
+        // An answer with another nonce is for no round.
+        assert_eq!(
+            p.sync_check_answered(Millis(at + 10), nonce ^ 1, 5, 5),
+            CheckAnswered::NotWaiting
+        );
+        assert_eq!(
+            p.sync_check_answered(Millis(at + 20), nonce, 5, 5),
+            CheckAnswered::Spared
+        );
+        assert_eq!(p.running_sync(), None, "spared: the round ended");
+        assert_eq!(
+            p.sync_check_answered(Millis(at + 30), nonce, 5, 5),
+            CheckAnswered::NotWaiting,
+            "answered twice"
+        );
+        // The next round asks again, with another nonce; a different hash opens its session.
+        let (at, next) = first_check(&mut p, at + 40);
+        assert_ne!(next.2, nonce);
+        assert_eq!(
+            p.sync_check_answered(Millis(at), next.2, 5, 6),
+            CheckAnswered::Session(Action::StartSync {
+                peer: site(1),
+                session: next.1
+            })
+        );
+        assert_eq!(p.running_sync(), Some((site(1), next.1)));
+        p.sync_finished(Millis(at + 10), next.1, SyncOutcome::NothingNew);
+        assert_eq!(p.running_sync(), None);
+    }
+
+    #[test]
+    fn a_round_after_a_likely_gap_opens_its_session_without_the_check() {
+        let mut p = Protocol::new(site(0), check_config(), Millis(0), 7);
+        p.peer_up(site(1));
+        let (at, (_, session, nonce)) = first_check(&mut p, 0);
+        assert_eq!(
+            p.sync_check_answered(Millis(at), nonce, 1, 1),
+            CheckAnswered::Spared
+        );
+        assert_eq!(p.running_sync(), None);
+        let _ = session;
+        // A gap in the bookkeeping: the next round goes straight to its session, which finds
+        // something, so the one after it does too; the third asks again.
+        p.versions_missing();
+        let mut opened = Vec::new();
+        for ms in (at + 10..at + 5_000).step_by(10) {
+            let out = p.tick(Millis(ms));
+            if let Some((_, session)) = syncs(&out).first().copied() {
+                opened.push(asked(&out).is_none());
+                let outcome = if opened.len() == 1 {
+                    SyncOutcome::Received
+                } else {
+                    SyncOutcome::NothingNew
+                };
+                p.sync_finished(Millis(ms), session, outcome);
+                if opened.len() == 3 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(opened, [true, true, false]);
+    }
+
+    #[test]
+    fn an_unanswered_check_opens_the_session_and_leaves_the_partner_unasked_a_while() {
+        let mut p = Protocol::new(site(0), check_config(), Millis(0), 7);
+        p.peer_up(site(1));
+        let (at, (_, session, nonce)) = first_check(&mut p, 0);
+        assert!(syncs(&p.tick(Millis(at + 900))).is_empty(), "still waiting");
+        assert!(p.next_due() <= Millis(at + 1_000), "the wait's end is due");
+        let opened: Vec<Action> = p
+            .tick(Millis(at + 1_000))
+            .into_iter()
+            .filter(|a| matches!(a, Action::StartSync { .. } | Action::AskSyncCheck { .. }))
+            .collect();
+        assert_eq!(
+            opened,
+            vec![Action::StartSync {
+                peer: site(1),
+                session
+            }]
+        );
+        // The answer comes after all: the session runs already.
+        assert_eq!(
+            p.sync_check_answered(Millis(at + 1_050), nonce, 5, 5),
+            CheckAnswered::NotWaiting
+        );
+        assert_eq!(p.running_sync(), Some((site(1), session)));
+        p.sync_finished(Millis(at + 1_100), session, SyncOutcome::NothingNew);
+        // For a minute, the partner's rounds open their session at once...
+        let mut rounds = Vec::new();
+        let silent_until = at + 1_000 + SYNC_CHECK_SILENT_MS;
+        for ms in (at + 1_110..silent_until).step_by(10) {
+            for action in p.tick(Millis(ms)) {
+                if let Action::StartSync { session, .. } = action {
+                    rounds.push(ms);
+                    p.sync_finished(Millis(ms), session, SyncOutcome::NothingNew);
+                }
+                assert!(
+                    !matches!(action, Action::AskSyncCheck { .. }),
+                    "asked at {ms}"
+                );
+            }
+        }
+        assert!(!rounds.is_empty());
+        // ... then it is asked again.
+        let (again, _) = first_check(&mut p, silent_until);
+        assert!(again < silent_until + 2_000, "asked again only at {again}");
+    }
+
+    #[test]
+    fn a_member_that_leaves_is_forgotten_with_its_silence_and_the_wait_fits_the_timeout() {
+        let config = ProtocolConfig {
+            // A wait as long as the timeout is cut to half of it.
+            sync_timeout_ms: 2_000,
+            sync_check_wait_ms: Some(2_000),
+            ..check_config()
+        };
+        let mut p = Protocol::new(site(0), config, Millis(0), 7);
+        p.peer_up(site(1));
+        let (at, (_, session, _)) = first_check(&mut p, 0);
+        assert!(p.running_sync_asked());
+        assert!(syncs(&p.tick(Millis(at + 990))).is_empty(), "still waiting");
+        let out = p.tick(Millis(at + 1_000));
+        assert!(out.contains(&Action::StartSync {
+            peer: site(1),
+            session
+        }));
+        assert_eq!(p.running_sync(), Some((site(1), session)));
+        assert!(p.silent.contains_key(&site(1)));
+        p.peer_down(site(1));
+        assert!(p.silent.is_empty());
+    }
+
+    #[test]
+    fn without_checks_a_round_opens_its_session_and_answers_nothing() {
+        let config = ProtocolConfig {
+            sync_interval_ms: Some(100),
+            sync_check_wait_ms: None,
+            ..ProtocolConfig::default()
+        };
+        let mut p = Protocol::new(site(0), config, Millis(0), 7);
+        assert!(!p.answers_sync_checks());
+        p.peer_up(site(1));
+        let out = p.tick(Millis(200));
+        assert!(asked(&out).is_none());
+        assert_eq!(syncs(&out).len(), 1);
+        assert_eq!(
+            p.sync_check_answered(Millis(210), 0, 5, 5),
+            CheckAnswered::NotWaiting
+        );
     }
 
     #[test]

@@ -236,6 +236,11 @@ pub struct GossipConfig {
     pub sync_check: bool,
 }
 
+/// How long a sync round waits for its partner's answer to the check before it opens the
+/// session anyway: a few round trips across the world, and far within the protocol's session
+/// timeout (`sync_timeout_ms`, 30 s), which the session that follows still has to fit in.
+pub const SYNC_CHECK_WAIT_MS: u64 = 1_000;
+
 impl Default for GossipConfig {
     fn default() -> Self {
         // The protocol's defaults are core's, written once there (the simulator and the model
@@ -295,6 +300,7 @@ impl GossipConfig {
                 ..defaults.broadcast
             },
             sync_interval_ms: Some(self.sync_interval_ms),
+            sync_check_wait_ms: self.sync_check.then_some(SYNC_CHECK_WAIT_MS),
             ..defaults
         }
     }

@@ -136,6 +136,17 @@ fn catches_sync_that_skips_a_gap() {
 }
 
 #[test]
+fn catches_a_sync_check_that_hashes_only_heads() {
+    // A write lost below a later one leaves the two nodes with the same heads: a check that
+    // hashed only heads would spare the round that brings it.
+    let faults = NodeFaults {
+        check_hashes_heads_only: true,
+        ..NodeFaults::default()
+    };
+    caught(scenarios::two_writes_lossy(faults), 8, "convergence");
+}
+
+#[test]
 fn changesets_in_parts_converge() {
     holds(
         scenarios::parts(NodeFaults::default()),

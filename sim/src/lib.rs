@@ -46,6 +46,9 @@ pub struct Scenario {
     pub tick_ms: u64,
     /// Anti-entropy: time between sync rounds of one node (ms, plus jitter); None: no sync.
     pub sync_interval_ms: Option<u64>,
+    /// Sync checks before each round's session (the engine's `gossip.sync_check`, on by
+    /// default): a round whose partner answers with this node's state hash ends there.
+    pub sync_check: bool,
     /// Cut the cluster in two halves (even and odd nodes) from `.0` to `.1` (virtual ms after
     /// the first write).
     pub partition_ms: Option<(u64, u64)>,
@@ -72,6 +75,7 @@ impl Default for Scenario {
             broadcast: BroadcastConfig::default(),
             tick_ms: 10,
             sync_interval_ms: Some(500),
+            sync_check: true,
             partition_ms: None,
             crash_share: 0.0,
             crash_down_ms: 2_000,
@@ -95,7 +99,8 @@ pub struct Report {
     pub sends_per_change_per_node: f64,
     /// Bytes of broadcast messages per change per node (encoded peer messages).
     pub bytes_per_change_per_node: f64,
-    /// Sync messages (requests and replies) sent per node from the first write on.
+    /// Sync messages (checks and their answers, requests and replies) sent per node from the
+    /// first write on.
     pub sync_sends_per_node: f64,
     /// Overlay upkeep messages (round-trip probes and answers, kept-link requests) sent per
     /// node over the whole run, warm-up included.
@@ -169,6 +174,17 @@ fn wire_bytes(from: SiteId, msg: &NodeMsg) -> usize {
         )
         .len(),
         NodeMsg::SyncRequest(_, state) => encode_sync_state(0, state).len() + 4,
+        NodeMsg::SyncCheck(nonce) => {
+            encode_peer_message(0, &PeerMessage::SyncCheck { nonce: *nonce }).len()
+        }
+        NodeMsg::SyncCheckAnswer(nonce, hash) => encode_peer_message(
+            0,
+            &PeerMessage::SyncCheckAnswer {
+                nonce: *nonce,
+                hash: *hash,
+            },
+        )
+        .len(),
         NodeMsg::SyncReply(_, changesets) => {
             4 + changesets
                 .iter()
@@ -189,6 +205,11 @@ pub fn run(scenario: &Scenario, network: &Network) -> Report {
             // A lost request or answer (loss, a crashed or cut-off peer) fails the round after
             // two intervals, about when the engine's connection attempt would give up.
             sync_timeout_ms: scenario.sync_interval_ms.unwrap_or(500) * 2,
+            // An unanswered check opens the session after half of that, which leaves the
+            // session the other half, as the engine's 1 s wait leaves most of its 30 s.
+            sync_check_wait_ms: scenario
+                .sync_check
+                .then_some(scenario.sync_interval_ms.unwrap_or(500)),
             ..ProtocolConfig::default()
         },
         ..NodeConfig::default()
@@ -474,6 +495,34 @@ mod tests {
         assert!(report.percentile_ms(0.0).unwrap() > 1_000.0);
         assert!(report.repaired_by_sync > 0);
         assert_eq!(report, run(&scenario, &network));
+    }
+
+    #[test]
+    fn sync_checks_cost_less_than_sessions_and_still_heal_a_partition() {
+        let scenario = Scenario {
+            nodes: 200,
+            writes: 20,
+            partition_ms: Some((0, 3_000)),
+            ..Scenario::default()
+        };
+        let network = Network::wan(scenario.nodes, 0.0, scenario.seed);
+        let checked = run(&scenario, &network);
+        let sessions = run(
+            &Scenario {
+                sync_check: false,
+                ..scenario
+            },
+            &network,
+        );
+        assert!(checked.complete() && sessions.complete());
+        assert!(checked.repaired_by_sync > 0);
+        // Most rounds end at the check: far fewer bytes than sessions.
+        assert!(
+            checked.sync_bytes_per_node * 2.0 < sessions.sync_bytes_per_node,
+            "{} bytes with checks, {} without",
+            checked.sync_bytes_per_node,
+            sessions.sync_bytes_per_node
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `patina-sim`: runs one scenario and prints its seed and report.
 //!
 //! `cargo run --release -p patina-sim -- --nodes 10000 --writes 100 --model wan [--latency-ms 100]
-//! [--loss 0.01] [--seed 1] [--view 12] [--eager 4] [--lazy 4] [--sync-ms 500 | --no-sync]
+//! [--loss 0.01] [--seed 1] [--view 12] [--eager 4] [--lazy 4] [--sync-ms 500 | --no-sync] [--no-sync-check]
 //! [--partition-ms 0..3000] [--crash-share 0.05] [--crash-down-ms 2000]`
 
 use std::time::Instant;
@@ -66,6 +66,9 @@ struct Args {
     /// No anti-entropy sync.
     #[arg(long)]
     no_sync: bool,
+    /// Every sync round opens a session, with no check before it.
+    #[arg(long)]
+    no_sync_check: bool,
     /// Cut the cluster in two halves from FROM to TO (ms after the first write): FROM..TO.
     #[arg(long, value_parser = parse_span)]
     partition_ms: Option<(u64, u64)>,
@@ -120,6 +123,7 @@ fn main() {
     } else if let Some(ms) = args.sync_ms {
         scenario.sync_interval_ms = Some(ms);
     }
+    scenario.sync_check = !args.no_sync_check;
     scenario.partition_ms = args.partition_ms.or(scenario.partition_ms);
     scenario.crash_share = args.crash_share.unwrap_or(scenario.crash_share);
     scenario.crash_down_ms = args.crash_down_ms.unwrap_or(scenario.crash_down_ms);

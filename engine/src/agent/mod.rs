@@ -535,7 +535,13 @@ async fn start_gossip(
         site,
         cluster: config.cluster_id,
         membership: Membership::new(me, seed, Duration::from_millis(config.swim_probe_period_ms)),
-        protocol: Protocol::new(site, config.protocol(), Millis(0), seed),
+        protocol: {
+            let mut protocol = Protocol::new(site, config.protocol(), Millis(0), seed);
+            // The sync checks' nonces from a random seed: one a peer could foresee from the
+            // site id would let it answer rounds meant for another.
+            protocol.reseed_nonces(rand::random());
+            protocol
+        },
         transport,
         inbox,
         commits,
@@ -555,7 +561,6 @@ async fn start_gossip(
         },
         shutdown,
         snapshot,
-        sync_checks: crate::net::gossip::SyncChecks::new(config.sync_check),
     })
 }
 

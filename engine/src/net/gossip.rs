@@ -9,7 +9,7 @@
 //! inbox, up to a bound), then drain membership (packets out, member events into the
 //! protocol), hand the changesets to deliver to the store, then perform the sends.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use crate::net::membership::{MemberEvent, Membership};
 use crate::net::sync::{pull, PullReport, SyncError};
 use crate::net::transport::{Channel, Received, Transport};
 use crate::store::actor::StoreHandle;
-use patina_core::protocol::{Action, Protocol, ReceivedMessage};
+use patina_core::protocol::{Action, CheckAnswered, Protocol, ReceivedMessage};
 use patina_core::sync::SyncOutcome;
 
 /// What the gossip task reports, refreshed every tick.
@@ -179,127 +179,6 @@ pub struct GossipTask {
     pub shutdown: watch::Receiver<bool>,
     /// Snapshot output.
     pub snapshot: watch::Sender<GossipSnapshot>,
-    /// The sync checks this node asks and answers.
-    pub sync_checks: SyncChecks,
-}
-
-/// How long a sync round waits for its partner's answer to the check before it opens the
-/// session anyway: a few round trips across the world, and far within the protocol's session
-/// timeout (`sync_timeout_ms`, 30 s), which the session that follows still has to fit in.
-const SYNC_CHECK_WAIT: Duration = Duration::from_secs(1);
-
-/// How long a partner that left a check unanswered is not asked again (its rounds open their
-/// session at once): a node of a release without checks refuses them, and would cost each
-/// round the wait.
-const SYNC_CHECK_SILENT_FOR: Duration = Duration::from_secs(60);
-
-/// Sync checks: before a round, the partner is asked for its state hash
-/// (`Bookkeeping::state_hash`), and the round ends there when it equals this node's. Kept in
-/// the gossip task, which asks, matches the answer and ends the round itself: a round that
-/// ends at the check makes no task, channel or timer of its own.
-#[derive(Debug)]
-pub struct SyncChecks {
-    /// Off (`gossip.sync_check = false`): neither asks nor answers, as a node of a release
-    /// without checks.
-    enabled: bool,
-    /// Questions waiting for their answer, by nonce (random, so an answer is matched by it
-    /// alone, whatever address it comes from). At most the running round's.
-    waiting: HashMap<u64, WaitingCheck>,
-    /// Partners that left the last check unanswered, and until when they are not asked.
-    silent: HashMap<SocketAddr, Instant>,
-}
-
-/// A round waiting for its partner's answer.
-#[derive(Debug, Clone, Copy)]
-struct WaitingCheck {
-    session: u64,
-    partner: SocketAddr,
-    /// This node's state hash when it asked.
-    own_hash: u64,
-    asked: Instant,
-}
-
-impl SyncChecks {
-    /// Checks asked and answered, or neither.
-    pub fn new(enabled: bool) -> SyncChecks {
-        SyncChecks {
-            enabled,
-            waiting: HashMap::new(),
-            silent: HashMap::new(),
-        }
-    }
-
-    /// The nonce of a question for `partner`, now waiting, unless checks are off or the
-    /// partner left the last one unanswered lately.
-    fn ask(
-        &mut self,
-        partner: SocketAddr,
-        session: u64,
-        own_hash: u64,
-        now: Instant,
-    ) -> Option<u64> {
-        if !self.enabled {
-            return None;
-        }
-        if let Some(until) = self.silent.get(&partner) {
-            if now < *until {
-                return None;
-            }
-            self.silent.remove(&partner);
-        }
-        let nonce: u64 = rand::random();
-        self.waiting.insert(
-            nonce,
-            WaitingCheck {
-                session,
-                partner,
-                own_hash,
-                asked: now,
-            },
-        );
-        Some(nonce)
-    }
-
-    /// The round an answer is for, if it still waits.
-    fn answered(&mut self, nonce: u64) -> Option<WaitingCheck> {
-        self.waiting.remove(&nonce)
-    }
-
-    /// When the first unanswered question gives up.
-    fn next_deadline(&self) -> Option<Instant> {
-        self.waiting
-            .values()
-            .map(|w| w.asked + SYNC_CHECK_WAIT)
-            .min()
-    }
-
-    /// The rounds whose partner did not answer in time: no longer waiting, and their
-    /// partners not asked for a while.
-    fn expired(&mut self, now: Instant) -> Vec<WaitingCheck> {
-        let mut gone = Vec::new();
-        self.waiting.retain(|_, w| {
-            let keep = now < w.asked + SYNC_CHECK_WAIT;
-            if !keep {
-                gone.push(*w);
-            }
-            keep
-        });
-        if !gone.is_empty() {
-            self.silent.retain(|_, until| *until > now);
-            for w in &gone {
-                self.silent.insert(w.partner, now + SYNC_CHECK_SILENT_FOR);
-            }
-        }
-        gone
-    }
-}
-
-/// Sleeps until `at`, or forever without one (a `select!` branch that never fires).
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// How a sync session ended, for the gossip task.
@@ -382,7 +261,6 @@ impl GossipTask {
                 // (max, then min: `clamp` would panic if `tick_ms` were above a second.)
                 last_tick + Duration::from_millis(due).max(busy_tick).min(IDLE_TICK_MAX)
             };
-            let check_due = self.sync_checks.next_deadline();
             tokio::select! {
                 _ = self.shutdown.changed() => break,
                 received = self.inbox.recv() => {
@@ -403,13 +281,6 @@ impl GossipTask {
                 }
                 _ = tokio::time::sleep_until(timer_due.into()) => {
                     self.membership.handle_timers(Instant::now());
-                }
-                // A partner that did not answer the check: the round opens its session.
-                _ = sleep_until_some(check_due) => {
-                    let now = Instant::now();
-                    for check in self.sync_checks.expired(now) {
-                        self.spawn_pull(check.session, check.partner, check.asked, &sync_done);
-                    }
                 }
                 Some(control) = self.control.recv() => {
                     self.handle_control(control, &resolved_tx);
@@ -455,6 +326,9 @@ impl GossipTask {
                     last_tick = now;
                     for action in self.protocol.tick(now_ms(now)) {
                         match action {
+                            Action::AskSyncCheck { peer, session, nonce } => {
+                                self.ask_sync_check(now_ms(now), peer, session, nonce, &mut snapshot);
+                            }
                             Action::StartSync { peer, session } => {
                                 self.start_sync(now_ms(now), peer, session, &sync_done, &mut snapshot);
                             }
@@ -578,7 +452,10 @@ impl GossipTask {
                         snapshot.first_hop.1 += (count - sent.len()) as u64;
                     }
                     // Delivered above; sync and announces come only from ticks.
-                    Action::Deliver(_) | Action::StartSync { .. } | Action::Announce => {}
+                    Action::Deliver(_)
+                    | Action::StartSync { .. }
+                    | Action::AskSyncCheck { .. }
+                    | Action::Announce => {}
                 }
             }
         }
@@ -646,7 +523,7 @@ impl GossipTask {
         {
             Ok(ReceivedMessage::Membership(packet)) => self.membership.handle_packet(&packet),
             Ok(ReceivedMessage::SyncCheck { nonce }) => {
-                if self.sync_checks.enabled {
+                if self.protocol.answers_sync_checks() {
                     // Answered from the hash the store thread last published: no request to it.
                     let answer = PeerMessage::SyncCheckAnswer {
                         nonce,
@@ -660,22 +537,34 @@ impl GossipTask {
                 }
             }
             Ok(ReceivedMessage::SyncCheckAnswer { nonce, hash }) => {
-                let Some(check) = self.sync_checks.answered(nonce) else {
+                // Only from the round's partner: the nonce alone would let any member that
+                // learned it (or guessed it) answer for the partner.
+                let partner = self
+                    .protocol
+                    .running_sync()
+                    .and_then(|(peer, _)| self.membership.addr_of(&peer))
+                    .map(crate::net::addrs::canonical);
+                if partner != Some(crate::net::addrs::canonical(received.from)) {
+                    tracing::debug!(from = %received.from, "a sync check answer not from the round's partner");
                     return;
-                };
-                if hash == check.own_hash {
-                    // The partner's versions are those this node had when it asked: nothing
-                    // there that this node lacks now. The round ends as one that found
-                    // nothing.
-                    actions.extend(self.protocol.sync_answered(now, check.session, 0, &[]));
-                    snapshot.sync_rounds += 1;
-                    snapshot.sync_spared += 1;
-                    // Published at once, as a session's end is: an idle node's tick may be a
-                    // second away, and what counts rounds (health, loadgen's timeline) would
-                    // see them late.
-                    self.snapshot.send_replace(snapshot.clone());
-                } else {
-                    self.spawn_pull(check.session, check.partner, check.asked, done);
+                }
+                // Compared with the hash the store thread last published, which lags what is
+                // queued for it: versions only accrue, so a partner equal to it holds nothing
+                // this node lacks now.
+                let own = self.store.state_hash();
+                match self.protocol.sync_check_answered(now, nonce, hash, own) {
+                    CheckAnswered::Spared => {
+                        snapshot.sync_rounds += 1;
+                        snapshot.sync_spared += 1;
+                        // Published at once, as a session's end is: an idle node's tick may be
+                        // a second away, and what counts rounds (health, loadgen's timeline)
+                        // would see them late.
+                        self.snapshot.send_replace(snapshot.clone());
+                    }
+                    CheckAnswered::Session(Action::StartSync { peer, session }) => {
+                        self.start_sync(now, peer, session, done, snapshot);
+                    }
+                    CheckAnswered::Session(_) | CheckAnswered::NotWaiting => {}
                 }
             }
             Ok(ReceivedMessage::Broadcast {
@@ -735,7 +624,40 @@ impl GossipTask {
         true
     }
 
-    /// Starts sync session `session` with `peer` as a task of its own; its outcome comes back
+    /// Asks `peer` for its state hash before round `session` opens a session (the sync check,
+    /// `Protocol::sync_check_answered`): a round between two nodes that have applied the same
+    /// versions (most rounds of a cluster that has converged) ends at the answer, two datagrams
+    /// instead of a session. A session is a stream each way, a request to each store thread
+    /// and the QUIC packets that carry them, 0.7-1.1 ms of CPU between the two (bench
+    /// `sync_round_cost`) against 0.05-0.2 for the check. The partner's gossip task answers
+    /// from the hash its store thread last published, without asking it.
+    fn ask_sync_check(
+        &mut self,
+        now: Millis,
+        peer: SiteId,
+        session: u64,
+        nonce: u64,
+        snapshot: &mut GossipSnapshot,
+    ) {
+        let Some(addr) = self.membership.addr_of(&peer) else {
+            self.protocol
+                .sync_finished(now, session, SyncOutcome::Failed);
+            return;
+        };
+        if !self.transport.is_connected(addr) {
+            snapshot.cold_sends.sync += 1;
+        }
+        self.transport.send(
+            addr,
+            Channel::Datagram,
+            Bytes::from(encode_peer_message(
+                self.cluster,
+                &PeerMessage::SyncCheck { nonce },
+            )),
+        );
+    }
+
+    /// Runs sync session `session` with `peer` as a task of its own; its outcome comes back
     /// through `done` with the session's number.
     fn start_sync(
         &mut self,
@@ -750,49 +672,21 @@ impl GossipTask {
                 .sync_finished(now, session, SyncOutcome::Failed);
             return;
         };
-        if !self.transport.is_connected(addr) {
+        // A round that asked first counted its cold send with the question.
+        if !self.protocol.running_sync_asked() && !self.transport.is_connected(addr) {
             snapshot.cold_sends.sync += 1;
         }
-        // The check first: the partner answers with its state hash, and a round between two
-        // nodes that have applied the same versions (most rounds of a cluster that has
-        // converged) ends there, with two datagrams instead of a session: a session is a
-        // stream each way, a request to each store thread and the QUIC packets that carry
-        // them, 0.7-1.1 ms of CPU between the two (bench `sync_round_cost`) against 0.05-0.2
-        // for the check. A partner that does not answer in time (lost,
-        // or a node without checks, which refuses the message) gets the session as before.
-        let asked = Instant::now();
-        let own_hash = self.store.state_hash();
-        match self.sync_checks.ask(addr, session, own_hash, asked) {
-            Some(nonce) => {
-                self.transport.send(
-                    addr,
-                    Channel::Datagram,
-                    Bytes::from(encode_peer_message(
-                        self.cluster,
-                        &PeerMessage::SyncCheck { nonce },
-                    )),
-                );
-            }
-            None => self.spawn_pull(session, addr, asked, done),
-        }
-    }
-
-    /// Runs round `session`'s session with `addr` as a task of its own; its outcome comes back
-    /// through `done`. The round began at `began` (its check is part of its time).
-    fn spawn_pull(
-        &self,
-        session: u64,
-        addr: SocketAddr,
-        began: Instant,
-        done: &mpsc::Sender<SyncDone>,
-    ) {
         let (transport, store, done) = (self.transport.clone(), self.store.clone(), done.clone());
         let (cluster, limits) = (self.cluster, self.limits);
         let metrics = self.metrics.clone();
         // A pull ends before the protocol gives up on it, so two never overlap and every
-        // session is counted once, as done or failed.
-        let limit = Duration::from_millis(self.protocol.config().sync_timeout_ms * 9 / 10)
-            .saturating_sub(began.elapsed());
+        // session is counted once, as done or failed. The round's check, if it had one, is
+        // part of its time.
+        let began = self.protocol.running_sync_since().unwrap_or(now);
+        let limit = Duration::from_millis(
+            (self.protocol.config().sync_timeout_ms * 9 / 10)
+                .saturating_sub(now.0.saturating_sub(began.0)),
+        );
         crate::logging::spawn(async move {
             let started = Instant::now();
             let result =
