@@ -428,6 +428,17 @@ mod tests {
         nodes
     }
 
+    /// Node 0 inserts a row, and its broadcast reaches every node.
+    fn insert_everywhere(nodes: &mut [Node]) {
+        let values = [("v".to_string(), Value::from("a"))].into_iter().collect();
+        let (_, out) = nodes[0].write(|r| Some(r.insert("t", pk(1), values)));
+        run(
+            nodes,
+            out.into_iter().map(|o| (site(0), o)).collect(),
+            false,
+        );
+    }
+
     /// Ticks `nodes[i]` at `now` and delivers everything that follows; returns the
     /// messages delivered.
     fn tick_and_run(nodes: &mut [Node], i: usize, now: u64) -> Vec<NodeMsg> {
@@ -452,13 +463,7 @@ mod tests {
     #[test]
     fn a_round_between_equal_replicas_ends_at_the_check_and_an_unequal_one_syncs() {
         let mut nodes = cluster(2);
-        let values = |v: &str| [("v".to_string(), Value::from(v))].into_iter().collect();
-        let (_, out) = nodes[0].write(|r| Some(r.insert("t", pk(1), values("a"))));
-        run(
-            &mut nodes,
-            out.into_iter().map(|o| (site(0), o)).collect(),
-            false,
-        );
+        insert_everywhere(&mut nodes);
         let is_request = |m: &NodeMsg| matches!(m, NodeMsg::SyncRequest(..));
         let is_check = |m: &NodeMsg| matches!(m, NodeMsg::SyncCheck(_));
         // Both hold the write: rounds end at the check, with no request (after the first check:
@@ -499,13 +504,7 @@ mod tests {
     #[test]
     fn broadcast_reaches_everyone_and_sync_repairs_what_it_lost() {
         let mut nodes = cluster(3);
-        let values = |v: &str| [("v".to_string(), Value::from(v))].into_iter().collect();
-        let (_, out) = nodes[0].write(|r| Some(r.insert("t", pk(1), values("a"))));
-        run(
-            &mut nodes,
-            out.into_iter().map(|o| (site(0), o)).collect(),
-            false,
-        );
+        insert_everywhere(&mut nodes);
         assert!(nodes.iter().all(|n| n.durable.replica.visible().len() == 1));
         // Lost broadcast: only sync brings the second write.
         let (written, out) = nodes[1].write(|r| r.update("t", pk(1), "v", Value::from("b")));
