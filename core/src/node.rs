@@ -247,7 +247,9 @@ impl Node {
             NodeMsg::SyncCheckAnswer(nonce, hash) => {
                 let own = self.sync_check_hash();
                 match self.protocol.sync_check_answered(now, nonce, hash, own) {
-                    CheckAnswered::Session(action) => self.outputs(vec![action]),
+                    CheckAnswered::Session { peer, session } => {
+                        self.outputs(vec![Action::StartSync { peer, session }])
+                    }
                     CheckAnswered::Spared | CheckAnswered::NotWaiting => Vec::new(),
                 }
             }

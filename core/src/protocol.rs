@@ -130,8 +130,13 @@ struct Running {
 pub enum CheckAnswered {
     /// The hashes were equal: the round ended there, as one that found nothing.
     Spared,
-    /// They differ: open the round's session ([`Action::StartSync`]).
-    Session(Action),
+    /// They differ: open the round's session, as for [`Action::StartSync`].
+    Session {
+        /// The round's partner.
+        peer: SiteId,
+        /// The round's number.
+        session: u64,
+    },
     /// No question with this nonce waits (late, repeated, or never asked): nothing to do.
     NotWaiting,
 }
@@ -584,10 +589,10 @@ impl Protocol {
                     self.end_sync(now, SyncOutcome::NothingNew);
                     CheckAnswered::Spared
                 } else {
-                    CheckAnswered::Session(Action::StartSync {
+                    CheckAnswered::Session {
                         peer: running.peer,
                         session: running.session,
-                    })
+                    }
                 }
             }
             _ => CheckAnswered::NotWaiting,
@@ -1030,10 +1035,10 @@ mod tests {
         assert_ne!(next.2, nonce);
         assert_eq!(
             p.sync_check_answered(Millis(at), next.2, 5, 6),
-            CheckAnswered::Session(Action::StartSync {
+            CheckAnswered::Session {
                 peer: site(1),
                 session: next.1
-            })
+            }
         );
         assert_eq!(p.running_sync(), Some((site(1), next.1)));
         p.sync_finished(Millis(at + 10), next.1, SyncOutcome::NothingNew);

@@ -561,10 +561,10 @@ impl GossipTask {
                         // would see them late.
                         self.snapshot.send_replace(snapshot.clone());
                     }
-                    CheckAnswered::Session(Action::StartSync { peer, session }) => {
+                    CheckAnswered::Session { peer, session } => {
                         self.start_sync(now, peer, session, done, snapshot);
                     }
-                    CheckAnswered::Session(_) | CheckAnswered::NotWaiting => {}
+                    CheckAnswered::NotWaiting => {}
                 }
             }
             Ok(ReceivedMessage::Broadcast {
