@@ -397,9 +397,19 @@ mod tests {
         PackedPk::pack(&[Value::Integer(n)]).unwrap()
     }
 
-    /// Delivers every message until none is left; returns how many were delivered.
-    fn run(nodes: &mut [Node], mut queue: Vec<(SiteId, Output)>, drop_broadcast: bool) -> usize {
-        let mut delivered = 0;
+    /// Delivers every message until none is left, at time 0.
+    fn run(nodes: &mut [Node], queue: Vec<(SiteId, Output)>, drop_broadcast: bool) {
+        deliver_all(nodes, queue, drop_broadcast, Millis(0));
+    }
+
+    /// Delivers every message until none is left, at `now`; returns the messages delivered.
+    fn deliver_all(
+        nodes: &mut [Node],
+        mut queue: Vec<(SiteId, Output)>,
+        drop_broadcast: bool,
+        now: Millis,
+    ) -> Vec<NodeMsg> {
+        let mut delivered = Vec::new();
         while let Some((from, output)) = queue.pop() {
             let Output::Send { to, msg } = output else {
                 continue;
@@ -407,10 +417,10 @@ mod tests {
             if drop_broadcast && matches!(msg, NodeMsg::Broadcast(_)) {
                 continue;
             }
-            delivered += 1;
-            assert!(delivered < 100_000, "no quiescence");
+            delivered.push(msg.clone());
+            assert!(delivered.len() < 100_000, "no quiescence");
             let node = nodes.iter_mut().find(|n| n.site() == to).unwrap();
-            let out = node.receive(Millis(0), from, msg);
+            let out = node.receive(now, from, msg);
             queue.extend(out.into_iter().map(|o| (to, o)));
         }
         delivered
@@ -444,22 +454,12 @@ mod tests {
     /// Ticks `nodes[i]` at `now` and delivers everything that follows; returns the
     /// messages delivered.
     fn tick_and_run(nodes: &mut [Node], i: usize, now: u64) -> Vec<NodeMsg> {
-        let mut queue: Vec<(SiteId, Output)> = nodes[i]
+        let queue = nodes[i]
             .tick(Millis(now))
             .into_iter()
             .map(|o| (site(i as u8), o))
             .collect();
-        let mut delivered = Vec::new();
-        while let Some((from, output)) = queue.pop() {
-            let Output::Send { to, msg } = output else {
-                continue;
-            };
-            delivered.push(msg.clone());
-            let node = nodes.iter_mut().find(|n| n.site() == to).unwrap();
-            let out = node.receive(Millis(now), from, msg);
-            queue.extend(out.into_iter().map(|o| (to, o)));
-        }
-        delivered
+        deliver_all(nodes, queue, false, Millis(now))
     }
 
     #[test]
