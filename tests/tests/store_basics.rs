@@ -1052,3 +1052,60 @@ fn a_reinsert_below_the_greatest_key_reads_its_tombstone() {
     exec(&mut b, "INSERT INTO hosts (id) VALUES (5000)");
     assert_eq!(cl_of(&b, "hosts", 5000), 3);
 }
+
+/// A cluster's first write is the first remote apply of every node it reaches: each compiling
+/// its statements then made the first write the slowest of a live run (docs/BENCHMARKS.md,
+/// issue 21). The store prepares them at open and after a schema change instead, fresh (a
+/// statement prepared before a schema change is compiled again at its next run).
+#[test]
+fn a_first_remote_apply_after_open_or_a_schema_change_compiles_no_statement() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let site = a.site_id();
+    let mut b = open(&dir, "b.db");
+    let deliver = |a: &Store, b: &mut Store, version: u64| -> u64 {
+        let changesets = a
+            .changesets(site, DbVersion(version), DbVersion(version), usize::MAX)
+            .unwrap();
+        let before = b.statements_compiled();
+        for outcome in b.apply_changesets(&changesets).unwrap() {
+            assert!(
+                matches!(outcome, ApplyOutcome::Applied { .. }),
+                "{outcome:?}"
+            );
+        }
+        b.statements_compiled() - before
+    };
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name, cpu, tags) VALUES (1, 'web', 0.5, x'01')",
+    )])
+    .unwrap();
+    assert_eq!(deliver(&a, &mut b, 1), 0, "the first apply after open");
+
+    let more = format!("{SCHEMA}\nCREATE TABLE extra (id INTEGER PRIMARY KEY, note TEXT);");
+    a.apply_schema_sql(&more).unwrap();
+    b.apply_schema_sql(&more).unwrap();
+    a.transact(&[Statement::new(
+        "INSERT INTO extra (id, note) VALUES (1, 'new table')",
+    )])
+    .unwrap();
+    let version = a.db_version().get();
+    assert_eq!(
+        deliver(&a, &mut b, version),
+        0,
+        "the first apply after a schema change, to the new table"
+    );
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name, cpu, tags) VALUES (2, 'db', 0.25, x'02')",
+    )])
+    .unwrap();
+    assert_eq!(
+        deliver(&a, &mut b, version + 1),
+        0,
+        "and to a table that was there before it"
+    );
+    assert_eq!(
+        rows(&b, "SELECT note FROM extra"),
+        vec![vec![Value::from("new table")]]
+    );
+}

@@ -254,9 +254,7 @@ impl Store {
             })
             .and_then(|()| self.write_merged_entries())
             .and_then(|()| {
-                self.writer
-                    .prepare_cached(super::remote::CLEAR_UNSAVED_MARK)?
-                    .execute([])?;
+                self.statements.run(Sql::ClearUnsavedMark)?;
                 Ok(self.statements.run(Sql::Commit).map(drop)?)
             });
         self.book = book;
@@ -686,9 +684,9 @@ impl Store {
             return Ok(ord);
         }
         let ord = self.sites.len() as SiteOrd;
-        self.writer
-            .prepare_cached("INSERT INTO __patina_sites (ord, site_id) VALUES (?1, ?2)")?
-            .execute(params![ord, &site.0[..]])?;
+        let mut register = self.statements.get(Sql::RegisterSite)?;
+        register.int(ord.into()).blob(&site.0);
+        register.execute()?;
         Ok(self.sites.push(site))
     }
 }

@@ -87,7 +87,9 @@ impl Store {
                     return Err(e);
                 }
                 self.install_capture();
-                self.backfill_owed()
+                let backfilled = self.backfill_owed();
+                self.warm_statements();
+                backfilled
             }
             Err(e) => {
                 let _ = self.writer.execute_batch("ROLLBACK");

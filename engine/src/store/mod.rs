@@ -547,6 +547,7 @@ impl Store {
                 "reloading the store's state failed (retried before the next write): {e}"
             );
         }
+        store.warm_statements();
         Ok(store)
     }
 
@@ -658,6 +659,13 @@ impl Store {
         Ok(())
     }
 
+    /// How many times SQLite has compiled one of the store's own statements on the writer
+    /// (tests: a write that compiles none found every statement it ran warm).
+    #[doc(hidden)]
+    pub fn statements_compiled(&self) -> u64 {
+        self.statements.compiled()
+    }
+
     /// Fault injection for tests: the next `count` reloads of the state fail, as an I/O error
     /// while reading the file would make them.
     #[doc(hidden)]
@@ -678,7 +686,7 @@ impl Store {
         }
         self.clock_cache.clear();
         self.clock_key_max.clear();
-        self.statements.forget_row_writes();
+        self.statements.forget_store_statements();
         // Versions committed but not written yet (see `versions_unsaved`) are ahead of the
         // file: kept from memory, or a reload after a failed batch would forget them.
         let unsaved: Vec<(SiteId, SiteVersions)> = self
@@ -794,6 +802,19 @@ impl Store {
         drop(greatest);
         self.clock_key_max = bounds;
         Ok(())
+    }
+
+    /// Prepares the statements a write runs (at open and after a schema change), so that the
+    /// first write after either does not prepare them while a cluster waits for it: a store's
+    /// first remote apply ran 751k instructions against 58k for the next, and a cluster's
+    /// first write is the first of every node it reaches (docs/BENCHMARKS.md, issue 21).
+    /// Best effort: a statement that fails to prepare here fails again, with its error, where
+    /// it is used.
+    fn warm_statements(&mut self) {
+        let _ = self.statements.prepare_common();
+        for table in self.tables.values() {
+            let _ = rows::prepare_row_writes(&mut self.statements, table);
+        }
     }
 
     /// The stored clock of a row, or the empty one without reading when its key is above every

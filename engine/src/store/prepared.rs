@@ -73,10 +73,17 @@ pub(super) enum Sql {
     SiteVersions,
     /// This replica's head: head.
     OwnHead,
+    /// The mark (`__patina_unindexed` row 1) that the file may lack versions and index
+    /// entries of remote merges, from the first batch whose own wait to the one that writes
+    /// them.
+    SetUnsavedMark,
+    ClearUnsavedMark,
+    /// A site's registration, when the first changeset of a site new here comes: ord, site_id.
+    RegisterSite,
 }
 
 /// Statements of fixed SQL, the first places of [`Statements::slots`].
-const FIXED: [Sql; 8] = [
+const FIXED: [Sql; 11] = [
     Sql::BeginImmediate,
     Sql::Commit,
     Sql::DeleteIndexEntry,
@@ -85,6 +92,9 @@ const FIXED: [Sql; 8] = [
     Sql::RowClock,
     Sql::SiteVersions,
     Sql::OwnHead,
+    Sql::SetUnsavedMark,
+    Sql::ClearUnsavedMark,
+    Sql::RegisterSite,
 ];
 
 impl Sql {
@@ -124,6 +134,11 @@ impl Sql {
                 "UPDATE __patina_sites SET head = ?1, applied = ?2, cleared = ?3 WHERE ord = ?4"
             }
             Sql::OwnHead => "UPDATE __patina_sites SET head = ?1 WHERE ord = 0",
+            Sql::SetUnsavedMark => {
+                "INSERT OR REPLACE INTO __patina_unindexed (id, since) VALUES (1, 0)"
+            }
+            Sql::ClearUnsavedMark => "DELETE FROM __patina_unindexed WHERE id = 1",
+            Sql::RegisterSite => "INSERT INTO __patina_sites (ord, site_id) VALUES (?1, ?2)",
         }
     }
 }
@@ -165,6 +180,8 @@ pub(super) struct Statements {
     user: FastMap<Box<str>, Prepared>,
     /// Remote merges' row writes (see [`Statements::row_write`]).
     row_writes: FastMap<MergeWrite, Prepared>,
+    /// Statements prepared so far (see [`Statements::compiled`]).
+    prepared: u64,
 }
 
 /// A remote merge's write of one row, whose SQL the caller builds from the table.
@@ -212,6 +229,7 @@ impl Statements {
                 .collect(),
             user: FastMap::default(),
             row_writes: FastMap::default(),
+            prepared: 0,
         }
     }
 
@@ -227,6 +245,7 @@ impl Statements {
             Some(prepared) => prepared.0,
             None => {
                 let prepared = Prepared::new(self.db, &sql())?;
+                self.prepared += 1;
                 if self.row_writes.len() >= ROW_WRITES_MAX {
                     self.row_writes.clear();
                 }
@@ -236,8 +255,12 @@ impl Statements {
         Ok(self.bound(stmt))
     }
 
-    /// Lets go of the row writes (the schema was reloaded: a table's columns may differ).
-    pub(super) fn forget_row_writes(&mut self) {
+    /// Lets go of the store's own statements and the row writes (the schema was reloaded: a
+    /// table's columns may differ, and a statement prepared before a schema change is
+    /// prepared again by its next run, which [`Statements::prepare_common`] is to spare the
+    /// first write). The user's are kept: SQLite prepares them again as it needs.
+    pub(super) fn forget_store_statements(&mut self) {
+        self.slots.iter_mut().for_each(|slot| *slot = None);
         self.row_writes.clear();
     }
 
@@ -252,6 +275,7 @@ impl Statements {
             Some(prepared) => prepared.0,
             None => {
                 let prepared = Prepared::single(self.db, sql)?;
+                self.prepared += 1;
                 if self.user.len() >= USER_STATEMENTS_MAX {
                     self.user.clear();
                 }
@@ -267,7 +291,11 @@ impl Statements {
         let slot = &mut self.slots[sql.slot()];
         let stmt = match slot {
             Some(prepared) => prepared.0,
-            None => slot.insert(Prepared::new(self.db, sql.text())?).0,
+            None => {
+                let prepared = Prepared::new(self.db, sql.text())?;
+                self.prepared += 1;
+                slot.insert(prepared).0
+            }
         };
         Ok(self.bound(stmt))
     }
@@ -282,6 +310,33 @@ impl Statements {
             by_name: false,
             _statements: PhantomData,
         }
+    }
+
+    /// Prepares every statement of fixed SQL and the one-row clock write, unless prepared
+    /// already.
+    pub(super) fn prepare_common(&mut self) -> rusqlite::Result<()> {
+        for sql in FIXED.into_iter().chain([Sql::Clocks(1)]) {
+            self.get(sql)?;
+        }
+        Ok(())
+    }
+
+    /// How many times SQLite compiled one of these statements: each first preparation, and
+    /// each preparation again of a live one (SQLite does that at a run after a schema change
+    /// or a new authorizer). Goes down when statements are let go: compare it across calls
+    /// that keep them (tests).
+    pub(super) fn compiled(&self) -> u64 {
+        let live = self.slots.iter().flatten();
+        let live = live
+            .chain(self.row_writes.values())
+            .chain(self.user.values());
+        self.prepared
+            + live
+                // SAFETY: a live statement of this connection; reading a counter changes nothing.
+                .map(|p| unsafe {
+                    ffi::sqlite3_stmt_status(p.0.as_ptr(), ffi::SQLITE_STMTSTATUS_REPREPARE, 0)
+                } as u64)
+                .sum::<u64>()
     }
 
     /// Runs a statement without parameters.

@@ -11,12 +11,6 @@ use super::*;
 /// clocks (`Store::recover_unsaved_remote`). A clean stop writes both.
 pub(super) const VERSIONS_BATCH: usize = 64;
 
-/// The mark (`__patina_unindexed` row 1) that the file may lack versions and index entries
-/// of remote merges, from the first batch whose own wait to the one that writes them.
-const SET_UNSAVED_MARK: &str =
-    "INSERT OR REPLACE INTO __patina_unindexed (id, since) VALUES (1, 0)";
-pub(super) const CLEAR_UNSAVED_MARK: &str = "DELETE FROM __patina_unindexed WHERE id = 1";
-
 /// Index entries of remote merges kept waiting at most (about 100 bytes each); more, and the
 /// batch that brings them there writes them with the versions.
 const MERGED_PENDING_MAX: usize = 4096;
@@ -81,9 +75,7 @@ impl Store {
                 .try_for_each(|site| self.write_site_versions(&book, *site));
             self.book = book;
             written?;
-            self.writer
-                .prepare_cached(CLEAR_UNSAVED_MARK)?
-                .execute([])?;
+            self.statements.run(Sql::ClearUnsavedMark)?;
             self.statements.run(Sql::Commit)?;
             Ok(versions)
         })();
@@ -183,16 +175,14 @@ impl Store {
                 self.versions_unsaved = unsaved;
                 written?;
                 self.write_merged_entries()?;
-                self.writer
-                    .prepare_cached(CLEAR_UNSAVED_MARK)?
-                    .execute([])?;
+                self.statements.run(Sql::ClearUnsavedMark)?;
             } else if self.versions_unsaved.is_empty()
                 && self.merged_pending.is_empty()
                 && !touched_sites.is_empty()
             {
                 // The first batch whose versions wait: a stop before they are written leaves
                 // the mark for the next open (see `recover_unsaved_remote`).
-                self.writer.prepare_cached(SET_UNSAVED_MARK)?.execute([])?;
+                self.statements.run(Sql::SetUnsavedMark)?;
             }
             self.statements.run(Sql::Commit)?;
             Ok(versions_due)

@@ -76,13 +76,7 @@ pub(super) fn delete_row(
     table: &Table,
     pk: &[Value],
 ) -> Result<(), StoreError> {
-    let mut stmt = statements.row_write(MergeWrite::Delete(table.ord), || {
-        format!(
-            "DELETE FROM main.{} WHERE {}",
-            quote_ident(&table.def.name),
-            table.pk_where(1)
-        )
-    })?;
+    let mut stmt = statements.row_write(MergeWrite::Delete(table.ord), || delete_sql(table))?;
     for value in pk {
         stmt.value(value);
     }
@@ -122,6 +116,32 @@ pub(super) fn upsert_row(
         }
     }
     Ok(())
+}
+
+/// Prepares `table`'s merge write of a whole row (every column: what a remote insert
+/// writes) and its delete by key, unless prepared already (see `Store::warm_statements`).
+pub(super) fn prepare_row_writes(
+    statements: &mut Statements,
+    table: &Table,
+) -> rusqlite::Result<()> {
+    let columns = || (0..table.def.columns.len()).filter(|i| !table.pk.contains(i));
+    if let Some(mask) = columns().try_fold(0u128, |mask, i| {
+        1u128.checked_shl(i as u32).map(|bit| mask | bit)
+    }) {
+        statements.row_write(MergeWrite::Upsert(table.ord, mask), || {
+            upsert_sql(table, columns())
+        })?;
+    }
+    statements.row_write(MergeWrite::Delete(table.ord), || delete_sql(table))?;
+    Ok(())
+}
+
+fn delete_sql(table: &Table) -> String {
+    format!(
+        "DELETE FROM main.{} WHERE {}",
+        quote_ident(&table.def.name),
+        table.pk_where(1)
+    )
 }
 
 /// `INSERT ... ON CONFLICT DO UPDATE` of the key and the columns `writes` (indexes, ascending).
