@@ -415,6 +415,10 @@ pub struct Store {
 /// How long an owed backfill that failed waits before the next try.
 const BACKFILL_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Tables whose merge writes `Store::warm_statements` prepares at most: two statements each,
+/// a quarter of the row writes the store keeps, past which they would all be let go again.
+const WARM_TABLES_MAX: usize = prepared::ROW_WRITES_MAX / 8;
+
 /// A row clock's origins (see `RowClock::origins_into`).
 type RowOrigins = Vec<(SiteId, DbVersion)>;
 
@@ -547,7 +551,6 @@ impl Store {
                 "reloading the store's state failed (retried before the next write): {e}"
             );
         }
-        store.warm_statements();
         Ok(store)
     }
 
@@ -686,7 +689,7 @@ impl Store {
         }
         self.clock_cache.clear();
         self.clock_key_max.clear();
-        self.statements.forget_store_statements();
+        self.statements.forget_row_writes();
         // Versions committed but not written yet (see `versions_unsaved`) are ahead of the
         // file: kept from memory, or a reload after a failed batch would forget them.
         let unsaved: Vec<(SiteId, SiteVersions)> = self
@@ -804,15 +807,19 @@ impl Store {
         Ok(())
     }
 
-    /// Prepares the statements a write runs (at open and after a schema change), so that the
-    /// first write after either does not prepare them while a cluster waits for it: a store's
-    /// first remote apply ran 751k instructions against 58k for the next, and a cluster's
-    /// first write is the first of every node it reaches (docs/BENCHMARKS.md, issue 21).
-    /// Best effort: a statement that fails to prepare here fails again, with its error, where
-    /// it is used.
+    /// Prepares the statements a write runs after a schema change (open applies the schema
+    /// files, so this runs at every open too), so that the first write after either does not
+    /// compile them while a cluster waits for it: a store's first remote apply ran 751k
+    /// instructions against 58k for the next, and a cluster's first write is the first of every
+    /// node it reaches (docs/BENCHMARKS.md, issue 21). Fresh: those prepared before the change
+    /// are let go, since SQLite would compile them again at their next run. The fixed ones, the
+    /// one-row clock write, and each table's whole-row merge and delete (for the first
+    /// [`WARM_TABLES_MAX`] tables). Best effort: a statement that fails to prepare here fails
+    /// again, with its error, where it is used.
     fn warm_statements(&mut self) {
+        self.statements.forget_store_statements();
         let _ = self.statements.prepare_common();
-        for table in self.tables.values() {
+        for table in self.tables.values().take(WARM_TABLES_MAX) {
             let _ = rows::prepare_row_writes(&mut self.statements, table);
         }
     }

@@ -196,7 +196,7 @@ pub(super) enum MergeWrite {
 
 /// Row writes kept at most: the sets of columns peers write are few in practice, but nothing
 /// bounds them (a table of n columns has 2^n).
-const ROW_WRITES_MAX: usize = 1024;
+pub(super) const ROW_WRITES_MAX: usize = 1024;
 
 /// User statements kept at most; all are finalized when one more comes (SQL that varies with
 /// every request, such as values written into its text, is prepared each time anyway).
@@ -255,10 +255,15 @@ impl Statements {
         Ok(self.bound(stmt))
     }
 
-    /// Lets go of the store's own statements and the row writes (the schema was reloaded: a
-    /// table's columns may differ, and a statement prepared before a schema change is
-    /// prepared again by its next run, which [`Statements::prepare_common`] is to spare the
-    /// first write). The user's are kept: SQLite prepares them again as it needs.
+    /// Lets go of the row writes (the schema was reloaded: a table's columns may differ).
+    pub(super) fn forget_row_writes(&mut self) {
+        self.row_writes.clear();
+    }
+
+    /// Lets go of the store's own statements and the row writes after a schema change: a
+    /// statement prepared before it would be compiled again by its next run, which
+    /// [`Statements::prepare_common`] is to spare the first write. The user's are kept: SQLite
+    /// prepares them again as it needs.
     pub(super) fn forget_store_statements(&mut self) {
         self.slots.iter_mut().for_each(|slot| *slot = None);
         self.row_writes.clear();
