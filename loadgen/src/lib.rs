@@ -14,6 +14,8 @@
 //! All produce a [`Report`]: time to all nodes per write, per-node delivery, coverage, sends
 //! and bytes per change per node, and (live) CPU and memory per node; printed as a table,
 //! written as JSON, and plotted as a latency CDF (PNG).
+// json! of the report nests deeper than the default limit.
+#![recursion_limit = "256"]
 
 pub mod plot;
 pub mod procs;
@@ -171,6 +173,9 @@ pub struct Report {
     pub handshakes_per_node_per_s: Option<f64>,
     /// Share of those handshakes resumed from a session ticket, idle (live).
     pub handshakes_resumed_share: Option<f64>,
+    /// SWIM packets cut to one sealed datagram rather than wait for a handshake, per node per
+    /// second, idle (live).
+    pub swim_fitted_per_node_per_s: Option<f64>,
     /// SWIM packets sent to members without a pooled connection, per node per second by
     /// message kind, idle (live): what the handshakes are for.
     pub idle_cold_swim_per_node_per_s: Vec<(String, f64)>,
@@ -381,6 +386,10 @@ impl Report {
                 self.handshakes_resumed_share
                     .map(|share| format!(", {:.0}% of them resumed", share * 100.0))
                     .unwrap_or_default()
+                    + &self
+                        .swim_fitted_per_node_per_s
+                        .map(|fitted| format!("; {fitted:.3} SWIM packets per node per second cut to a datagram instead"))
+                        .unwrap_or_default()
             ));
         }
         if let Some((sent, short)) = self.first_hop_per_write {
@@ -494,6 +503,7 @@ impl Report {
             "formation_s": self.formation_s,
             "connections_per_node": self.connections_per_node,
             "handshakes_per_node_per_s": self.handshakes_per_node_per_s,
+            "swim_fitted_per_node_per_s": self.swim_fitted_per_node_per_s,
             "handshakes_resumed_share": self.handshakes_resumed_share,
             "idle_cold_swim_per_node_per_s": self
                 .idle_cold_swim_per_node_per_s
@@ -1043,6 +1053,9 @@ pub async fn run_live(options: &Options) -> Report {
     let opened_before = opened(&agents);
     let resumed_before = resumed(&agents);
     let cold_before = cold_sends(&agents);
+    let swim_fitted =
+        |agents: &[Agent]| -> u64 { agents.iter().map(|a| a.gossip().swim_fitted).sum() };
+    let fitted_before = swim_fitted(&agents);
     tokio::time::sleep(idle_window).await;
     let (idle_rss, idle_cpu_after) = patina_tests::process_usage();
     let idle_s = idle_window.as_secs_f64();
@@ -1051,6 +1064,7 @@ pub async fn run_live(options: &Options) -> Report {
     let idle_sync =
         (sync_rounds(&agents) - sync_idle_before) as f64 / idle_s / options.nodes as f64;
     let handshakes = idle_opened as f64 / idle_s / options.nodes as f64;
+    let idle_fitted = (swim_fitted(&agents) - fitted_before) as f64 / idle_s / options.nodes as f64;
     let handshakes_resumed_share =
         (idle_opened > 0).then(|| (resumed(&agents) - resumed_before) as f64 / idle_opened as f64);
     let cold_after = cold_sends(&agents);
@@ -1214,6 +1228,7 @@ pub async fn run_live(options: &Options) -> Report {
         formation_s,
         connections_per_node: Some(connections),
         handshakes_per_node_per_s: Some(handshakes),
+        swim_fitted_per_node_per_s: Some(idle_fitted),
         handshakes_resumed_share,
         idle_cold_swim_per_node_per_s: idle_cold_swim,
         idle_cold_other_per_node_per_s: idle_cold_other,

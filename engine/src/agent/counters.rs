@@ -207,6 +207,13 @@ impl Collector for Counters {
         )?;
         emit(
             e,
+            "patina_swim_packets_fitted",
+            "SWIM packets cut to one sealed datagram (some member updates left for later packets) for a member held under a kept key, instead of waiting for a handshake",
+            C,
+            &one(gossip.swim_fitted as f64),
+        )?;
+        emit(
+            e,
             "patina_handshakes_resumed",
             "QUIC handshakes peers resumed with a session ticket of this node",
             C,

@@ -84,6 +84,9 @@ pub struct GossipSnapshot {
     /// Sync rounds that ended at the check, with no session: the partner's state hash was
     /// this node's.
     pub sync_spared: u64,
+    /// SWIM packets cut to one sealed datagram for a member held under a kept key only
+    /// (`Membership::fit_updates`), instead of waiting for a handshake.
+    pub swim_fitted: u64,
     /// Sync rounds that failed.
     pub sync_failures: u64,
     /// Changesets received by sync.
@@ -587,6 +590,18 @@ impl GossipTask {
         let transport = &self.transport;
         self.membership
             .prefer_warm(&mut packets, |addr| transport.is_warm(addr));
+        // A packet for a member reachable only under a kept key is cut to one sealed datagram
+        // rather than wait for a handshake (see `Membership::fit_updates`).
+        let framing = encode_peer_message(self.cluster, &PeerMessage::Membership(Vec::new())).len();
+        for (addr, packet) in packets.iter_mut() {
+            let Some(room) = transport.kept_datagram_room(*addr) else {
+                continue;
+            };
+            if let Some(fitted) = Membership::fit_updates(packet, room.saturating_sub(framing)) {
+                *packet = fitted;
+                snapshot.swim_fitted += 1;
+            }
+        }
         // A cold member counted once per flush: an answer to an announce may be several
         // packets, sent over the one connection the first opens.
         let mut counted_cold: Vec<SocketAddr> = Vec::new();

@@ -816,6 +816,19 @@ impl Transport {
         self.is_connected(to) || self.shared.kept_key_for(to, 0).is_some()
     }
 
+    /// The most bytes a datagram to `to` may carry to leave under a kept key, when that is how
+    /// it would leave: the peer has no pooled connection and a key is kept for it. A larger
+    /// message to such a peer waits for a new connection, a handshake (see
+    /// `Membership::fit_updates`).
+    pub fn kept_datagram_room(&self, to: SocketAddr) -> Option<usize> {
+        if self.is_connected(to) {
+            return None;
+        }
+        self.shared
+            .usable_kept_key(to)
+            .map(|(_, _, datagram_max)| datagram_max.saturating_sub(sealed::TAG_BYTES))
+    }
+
     /// Sends an optional datagram only if it leaves now as one datagram, on the peer's pooled
     /// connection or under a kept key, with nothing queued for the peer and room in the send
     /// budget; otherwise drops it and returns false. Never connects, so never costs a
@@ -1275,13 +1288,18 @@ impl Shared {
     /// The kept key that seals a message of `len` bytes to `to` now, with the address to
     /// send it to, if any.
     fn kept_key_for(&self, to: SocketAddr, len: usize) -> Option<(Arc<SealedLink>, SocketAddr)> {
+        let (link, addr, datagram_max) = self.usable_kept_key(to)?;
+        (len + sealed::TAG_BYTES <= datagram_max).then_some((link, addr))
+    }
+
+    /// The key kept for `to`, if one may still be sent under (confirmed, not near its age
+    /// limit), with the largest datagram it was made for.
+    fn usable_kept_key(&self, to: SocketAddr) -> Option<(Arc<SealedLink>, SocketAddr, usize)> {
         let max_age = self.kept_max_age();
         let kept = self.kept();
         let key = kept.by_peer.get(&to)?;
-        (key.link.confirmed()
-            && key.link.age() + max_age / 10 < max_age
-            && len + sealed::TAG_BYTES <= key.datagram_max)
-            .then(|| (key.link.clone(), key.addr))
+        (key.link.confirmed() && key.link.age() + max_age / 10 < max_age)
+            .then(|| (key.link.clone(), key.addr, key.datagram_max))
     }
 
     /// Takes the kept keys `pick` chooses out of the map (they are no longer sent under).
