@@ -208,7 +208,7 @@ impl Collector for Counters {
         emit(
             e,
             "patina_swim_packets_fitted",
-            "SWIM packets cut to one sealed datagram (some member updates left for later packets) for a member held under a kept key, instead of waiting for a handshake",
+            "SWIM packets cut to fit one sealed datagram for a member held under a kept key only, so as not to wait for a handshake (the updates left out lose one transmission)",
             C,
             &one(gossip.swim_fitted as f64),
         )?;

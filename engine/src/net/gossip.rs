@@ -84,8 +84,9 @@ pub struct GossipSnapshot {
     /// Sync rounds that ended at the check, with no session: the partner's state hash was
     /// this node's.
     pub sync_spared: u64,
-    /// SWIM packets cut to one sealed datagram for a member held under a kept key only
-    /// (`Membership::fit_updates`), instead of waiting for a handshake.
+    /// SWIM packets cut to fit one sealed datagram for a member held under a kept key only
+    /// (`Membership::fit_updates`), so as not to wait for a handshake (one queued behind an
+    /// earlier message to the same member still waits).
     pub swim_fitted: u64,
     /// Sync rounds that failed.
     pub sync_failures: u64,
@@ -588,11 +589,16 @@ impl GossipTask {
     fn flush_membership(&mut self, now: Instant, snapshot: &mut GossipSnapshot) -> bool {
         let (mut packets, events) = self.membership.drain(now);
         let transport = &self.transport;
-        self.membership
-            .prefer_warm(&mut packets, |addr| transport.is_warm(addr));
+        let framing = encode_peer_message(self.cluster, &PeerMessage::Membership(Vec::new())).len();
+        // Gossip goes to a member that takes the whole packet without a handshake.
+        self.membership.prefer_warm(&mut packets, |addr, len| {
+            transport.is_connected(addr)
+                || transport
+                    .kept_datagram_room(addr)
+                    .is_some_and(|room| len + framing <= room)
+        });
         // A packet for a member reachable only under a kept key is cut to one sealed datagram
         // rather than wait for a handshake (see `Membership::fit_updates`).
-        let framing = encode_peer_message(self.cluster, &PeerMessage::Membership(Vec::new())).len();
         for (addr, packet) in packets.iter_mut() {
             let Some(room) = transport.kept_datagram_room(*addr) else {
                 continue;

@@ -456,9 +456,12 @@ impl Membership {
     /// handshake (about 0.75 ms of CPU at both ends). While a large cluster's updates are
     /// still being retransmitted (each about 20 times by every node), nearly every packet is
     /// full, 16 KiB: at 800 agents about a third of an idle node's handshakes were such
-    /// packets to members it held a key for. The updates left out are retransmitted on
-    /// later packets like any other (foca counts them as sent), and foca packs the ones sent
-    /// fewest times first.
+    /// packets to members it held a key for. foca counts the updates left out as sent: each
+    /// loses one of this node's transmissions, as in a lost packet (other nodes relay the
+    /// same updates), and foca packs the ones sent fewest times first, so the ones left out
+    /// are those sent most. Gossip, whose packets exist only to carry updates, is steered to
+    /// members that take it whole (`prefer_warm`); what is cut is mostly probes and their
+    /// answers. This node's own state rides in every header, never among the updates.
     pub fn fit_updates(packet: &[u8], max_len: usize) -> Option<Vec<u8>> {
         if packet.len() <= max_len {
             return None;
@@ -575,9 +578,10 @@ impl Membership {
     }
 
     /// Moves SWIM's gossip off cold members: a gossip packet that foca addressed to a random
-    /// member without a pooled connection (`warm` says which addresses have one) is
-    /// readdressed to a random live member that has one, each warm member used at most once
-    /// per call. Everything else keeps its destination: probes (pings, indirect probes and
+    /// member it cannot reach without a handshake (`warm(addr, len)` says whether a packet of
+    /// `len` bytes reaches `addr` without one: a pooled connection, or a kept key whose
+    /// datagram it fits) is readdressed to a random live member it reaches, each such member
+    /// used at most once per call. Everything else keeps its destination: probes (pings, indirect probes and
     /// their answers) because their answers are checked against it, announces because their
     /// answer (a feed of the receiver's members) heals a view only if the receiver is random.
     ///
@@ -590,12 +594,12 @@ impl Membership {
     pub fn prefer_warm(
         &mut self,
         packets: &mut [(SocketAddr, Vec<u8>)],
-        warm: impl Fn(SocketAddr) -> bool,
+        warm: impl Fn(SocketAddr, usize) -> bool,
     ) {
         let movable = |packet: &[u8]| packet_kind(packet) == Some(8);
         if !packets
             .iter()
-            .any(|(to, packet)| !warm(*to) && movable(packet))
+            .any(|(to, packet)| !warm(*to, packet.len()) && movable(packet))
         {
             return;
         }
@@ -607,7 +611,7 @@ impl Membership {
         // keeps its destination.
         let mut candidates: Vec<&Actor> = self.foca.iter_members().map(|m| m.id()).collect();
         for (to, packet) in packets.iter_mut() {
-            if warm(*to) || !movable(packet) {
+            if warm(*to, packet.len()) || !movable(packet) {
                 continue;
             }
             for _ in 0..PREFER_WARM_TRIES {
@@ -615,7 +619,7 @@ impl Membership {
                     break;
                 }
                 let drawn = candidates.swap_remove(self.rng.random_range(0..candidates.len()));
-                if warm(drawn.addr) {
+                if warm(drawn.addr, packet.len()) {
                     if let Some(readdressed) = readdress(packet, drawn) {
                         *to = drawn.addr;
                         *packet = readdressed;
@@ -883,7 +887,7 @@ mod tests {
             (cold, ping.clone()),
             (cold, announce.clone()),
         ];
-        nodes[0].prefer_warm(&mut packets, |addr| addr == warm);
+        nodes[0].prefer_warm(&mut packets, |addr, _| addr == warm);
         assert_eq!(packets[0].0, warm, "gossip goes to the warm member");
         assert_eq!(packet_kind(&packets[0].1), Some(8));
         assert_eq!(packets[1], (cold, ping), "a probe keeps its destination");
@@ -899,7 +903,7 @@ mod tests {
             .is_ok());
         // No warm member: nothing changes.
         let mut packets = vec![(cold, gossip.clone())];
-        nodes[0].prefer_warm(&mut packets, |_| false);
+        nodes[0].prefer_warm(&mut packets, |_, _| false);
         assert_eq!(packets, vec![(cold, gossip)]);
     }
 
@@ -1040,7 +1044,7 @@ mod tests {
         let mut packets: Vec<(SocketAddr, Vec<u8>)> =
             (0..3).map(|_| (cold, gossip.clone())).collect();
         let checks = std::cell::Cell::new(0u32);
-        node.prefer_warm(&mut packets, |addr| {
+        node.prefer_warm(&mut packets, |addr, _| {
             checks.set(checks.get() + 1);
             is_warm(addr)
         });
@@ -1054,7 +1058,7 @@ mod tests {
         // No warm member at all: the packets keep their destination, after a bounded search.
         let mut packets = vec![(cold, gossip.clone())];
         checks.set(0);
-        node.prefer_warm(&mut packets, |_| {
+        node.prefer_warm(&mut packets, |_, _| {
             checks.set(checks.get() + 1);
             false
         });
@@ -1143,6 +1147,52 @@ mod tests {
             "an announce"
         );
         assert!(Membership::fit_updates(b"\xff\xff not a packet", 4).is_none());
+
+        // Probes foca built itself, full of the updates of the members a node just learned:
+        // cut, each is its header, a count and that many whole updates, nothing after.
+        let mut prober = Membership::new(big_actor(0), 1, Duration::from_secs(1));
+        let learned = (1..=400).map(|i| foca::Member::alive(big_actor(i)));
+        prober
+            .foca
+            .apply_many(learned, true, &mut prober.runtime)
+            .expect("members applied");
+        prober.drain(now);
+        let mut probes = Vec::new();
+        for second in 1..=4 {
+            let at = now + Duration::from_secs(second);
+            prober.handle_timers(at);
+            probes.extend(
+                prober
+                    .drain(at)
+                    .0
+                    .into_iter()
+                    .filter(|(_, p)| packet_kind(p) == Some(0) && p.len() > room),
+            );
+        }
+        assert!(!probes.is_empty(), "full probes");
+        for (_, probe) in &probes {
+            let cut = Membership::fit_updates(probe, room).expect("cut");
+            assert!(cut.len() <= room);
+            let mut rest = cut.as_slice();
+            let header: foca::Header<Actor> =
+                PostcardCodec.decode_header(&mut rest).expect("header");
+            assert!(matches!(header.message, Message::Ping(_)));
+            let head_len = cut.len() - rest.len();
+            let count = u16::from_be_bytes([rest[0], rest[1]]);
+            rest = &rest[2..];
+            assert!(count > 0);
+            for _ in 0..count {
+                let _: foca::Member<Actor> =
+                    PostcardCodec.decode_member(&mut rest).expect("member");
+            }
+            assert!(rest.is_empty());
+            assert_eq!(cut[..head_len], probe[..head_len], "the header as it was");
+            assert_eq!(
+                cut[head_len + 2..],
+                probe[head_len + 2..cut.len()],
+                "the first updates as they were"
+            );
+        }
     }
 
     /// Updates that repeat what foca holds are dropped before foca searches for them, and
