@@ -22,7 +22,7 @@ use patina_core::ids::SiteId;
 use patina_core::wire::{encode_peer_message, Limits, PeerMessage};
 use tokio::sync::{mpsc, watch};
 
-use crate::net::membership::{MemberEvent, Membership};
+use crate::net::membership::{MemberEvent, Membership, Reach};
 use crate::net::sync::{pull, PullReport, SyncError};
 use crate::net::transport::{Channel, Received, Transport};
 use crate::store::actor::StoreHandle;
@@ -590,12 +590,16 @@ impl GossipTask {
         let (mut packets, events) = self.membership.drain(now);
         let transport = &self.transport;
         let framing = encode_peer_message(self.cluster, &PeerMessage::Membership(Vec::new())).len();
-        // Gossip goes to a member that takes the whole packet without a handshake.
+        // Gossip goes to a member that takes the whole packet without a handshake, else cut.
         self.membership.prefer_warm(&mut packets, |addr, len| {
-            transport.is_connected(addr)
-                || transport
-                    .kept_datagram_room(addr)
-                    .is_some_and(|room| len + framing <= room)
+            if transport.is_connected(addr) {
+                return Reach::Whole;
+            }
+            match transport.kept_datagram_room(addr) {
+                Some(room) if len + framing <= room => Reach::Whole,
+                Some(_) => Reach::Cut,
+                None => Reach::Cold,
+            }
         });
         // A packet for a member reachable only under a kept key is cut to one sealed datagram
         // rather than wait for a handshake (see `Membership::fit_updates`).

@@ -181,6 +181,18 @@ pub const FEED_PACKETS_MAX: usize = 4;
 /// bootstrap node one per joiner.
 pub const COMPLETE_FEEDS_PER_S: u32 = 10;
 
+/// How a packet of some length reaches a member without waiting for a handshake
+/// (see [`Membership::prefer_warm`]), in order of preference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reach {
+    /// Only through a new connection: a handshake.
+    Cold,
+    /// Under a kept key, cut to its datagram ([`Membership::fit_updates`]).
+    Cut,
+    /// Whole: on a pooled connection, or under a kept key whose datagram it fits.
+    Whole,
+}
+
 /// Random members [`Membership::prefer_warm`] tries for a warm one before a gossip packet
 /// keeps its cold destination: with one member in six warm, all 64 cold is a chance in 100,000.
 const PREFER_WARM_TRIES: usize = 64;
@@ -578,10 +590,11 @@ impl Membership {
     }
 
     /// Moves SWIM's gossip off cold members: a gossip packet that foca addressed to a random
-    /// member it cannot reach without a handshake (`warm(addr, len)` says whether a packet of
-    /// `len` bytes reaches `addr` without one: a pooled connection, or a kept key whose
-    /// datagram it fits) is readdressed to a random live member it reaches, each such member
-    /// used at most once per call. Everything else keeps its destination: probes (pings, indirect probes and
+    /// member it cannot reach whole without a handshake (`reach(addr, len)` says how a packet
+    /// of `len` bytes reaches `addr`) is readdressed to a random live member that takes it
+    /// whole, or failing one, cut rather than through a handshake; each member drawn is used
+    /// at most once per call. Whole first: gossip exists only to carry updates, and a cut
+    /// leaves most of a full packet's out. Everything else keeps its destination: probes (pings, indirect probes and
     /// their answers) because their answers are checked against it, announces because their
     /// answer (a feed of the receiver's members) heals a view only if the receiver is random.
     ///
@@ -594,12 +607,12 @@ impl Membership {
     pub fn prefer_warm(
         &mut self,
         packets: &mut [(SocketAddr, Vec<u8>)],
-        warm: impl Fn(SocketAddr, usize) -> bool,
+        reach: impl Fn(SocketAddr, usize) -> Reach,
     ) {
         let movable = |packet: &[u8]| packet_kind(packet) == Some(8);
         if !packets
             .iter()
-            .any(|(to, packet)| !warm(*to, packet.len()) && movable(packet))
+            .any(|(to, packet)| reach(*to, packet.len()) != Reach::Whole && movable(packet))
         {
             return;
         }
@@ -607,24 +620,37 @@ impl Membership {
         // uniform choice among the warm ones, as when they were all listed first): testing
         // every member for warmth took two locks each, a thousand times per flush at 1,000
         // members (1.8% of the CPU of 1,000 agents writing). Among 1,000 agents on one machine
-        // about one member in six is warm; after `PREFER_WARM_TRIES` cold ones the packet
-        // keeps its destination.
+        // about one member in six is warm; after `PREFER_WARM_TRIES` draws without one that
+        // takes the whole packet, the packet goes to the first drawn that takes it cut (if its
+        // own destination would not), else keeps its destination.
         let mut candidates: Vec<&Actor> = self.foca.iter_members().map(|m| m.id()).collect();
         for (to, packet) in packets.iter_mut() {
-            if warm(*to, packet.len()) || !movable(packet) {
+            let here = reach(*to, packet.len());
+            if here == Reach::Whole || !movable(packet) {
                 continue;
             }
+            let mut chosen = None;
+            let mut fallback = None;
             for _ in 0..PREFER_WARM_TRIES {
                 if candidates.is_empty() {
                     break;
                 }
                 let drawn = candidates.swap_remove(self.rng.random_range(0..candidates.len()));
-                if warm(drawn.addr, packet.len()) {
-                    if let Some(readdressed) = readdress(packet, drawn) {
-                        *to = drawn.addr;
-                        *packet = readdressed;
+                match reach(drawn.addr, packet.len()) {
+                    Reach::Whole => {
+                        chosen = Some(drawn);
+                        break;
                     }
-                    break;
+                    Reach::Cut if here == Reach::Cold && fallback.is_none() => {
+                        fallback = Some(drawn);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(drawn) = chosen.or(fallback) {
+                if let Some(readdressed) = readdress(packet, drawn) {
+                    *to = drawn.addr;
+                    *packet = readdressed;
                 }
             }
         }
@@ -887,7 +913,16 @@ mod tests {
             (cold, ping.clone()),
             (cold, announce.clone()),
         ];
-        nodes[0].prefer_warm(&mut packets, |addr, _| addr == warm);
+        let whole_at = |at: SocketAddr| {
+            move |addr: SocketAddr, _| {
+                if addr == at {
+                    Reach::Whole
+                } else {
+                    Reach::Cold
+                }
+            }
+        };
+        nodes[0].prefer_warm(&mut packets, whole_at(warm));
         assert_eq!(packets[0].0, warm, "gossip goes to the warm member");
         assert_eq!(packet_kind(&packets[0].1), Some(8));
         assert_eq!(packets[1], (cold, ping), "a probe keeps its destination");
@@ -903,7 +938,7 @@ mod tests {
             .is_ok());
         // No warm member: nothing changes.
         let mut packets = vec![(cold, gossip.clone())];
-        nodes[0].prefer_warm(&mut packets, |_, _| false);
+        nodes[0].prefer_warm(&mut packets, |_, _| Reach::Cold);
         assert_eq!(packets, vec![(cold, gossip)]);
     }
 
@@ -1046,7 +1081,11 @@ mod tests {
         let checks = std::cell::Cell::new(0u32);
         node.prefer_warm(&mut packets, |addr, _| {
             checks.set(checks.get() + 1);
-            is_warm(addr)
+            if is_warm(addr) {
+                Reach::Whole
+            } else {
+                Reach::Cold
+            }
         });
         let mut to: Vec<SocketAddr> = packets.iter().map(|(to, _)| *to).collect();
         assert!(to.iter().all(|addr| is_warm(*addr)), "{to:?}");
@@ -1060,11 +1099,46 @@ mod tests {
         checks.set(0);
         node.prefer_warm(&mut packets, |_, _| {
             checks.set(checks.get() + 1);
-            false
+            Reach::Cold
         });
         assert_eq!(packets, vec![(cold, gossip)]);
         // (The packet's own destination is checked twice: is any packet movable, is this one.)
         assert!(checks.get() as usize <= 2 + PREFER_WARM_TRIES);
+    }
+
+    /// Gossip goes to a member that takes it whole if one is drawn, else to one that takes it
+    /// cut rather than through a handshake; a destination that takes it cut keeps it when no
+    /// member takes it whole.
+    #[test]
+    fn gossip_prefers_a_member_that_takes_it_whole_then_one_that_takes_it_cut() {
+        let mut node = node_knowing(40, Instant::now());
+        let gossip = gossip_packet(&[]);
+        let cold = big_actor(1).addr;
+        let (whole, cut) = (big_actor(7).addr, big_actor(9).addr);
+        let reach = |addr: SocketAddr, _| match addr {
+            a if a == whole => Reach::Whole,
+            a if a == cut => Reach::Cut,
+            _ => Reach::Cold,
+        };
+        let mut packets = vec![(cold, gossip.clone())];
+        node.prefer_warm(&mut packets, reach);
+        assert_eq!(
+            packets[0].0, whole,
+            "whole first, even when a cut one is drawn before"
+        );
+        let no_whole = |addr: SocketAddr, _| if addr == cut { Reach::Cut } else { Reach::Cold };
+        let mut packets = vec![(cold, gossip.clone())];
+        node.prefer_warm(&mut packets, no_whole);
+        assert_eq!(packets[0].0, cut, "cut rather than a handshake");
+        let mut packets = vec![(big_actor(3).addr, gossip.clone())];
+        node.prefer_warm(&mut packets, |addr: SocketAddr, len| {
+            if addr == big_actor(3).addr {
+                Reach::Cut
+            } else {
+                no_whole(addr, len)
+            }
+        });
+        assert_eq!(packets[0].0, big_actor(3).addr, "no whole one: it stays");
     }
 
     /// A packet of updates from member 1 to member 0: `updates` after foca's header.
