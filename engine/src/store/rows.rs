@@ -92,9 +92,7 @@ pub(super) fn upsert_row(
     pk: &[Value],
     writes: &BTreeMap<usize, &Value>,
 ) -> Result<(), StoreError> {
-    let mask = writes.keys().try_fold(0u128, |mask, &i| {
-        1u128.checked_shl(i as u32).map(|bit| mask | bit)
-    });
+    let mask = column_mask(writes.keys().copied());
     let values = pk.iter().chain(writes.values().copied());
     match mask {
         Some(mask) => {
@@ -125,15 +123,20 @@ pub(super) fn prepare_row_writes(
     table: &Table,
 ) -> rusqlite::Result<()> {
     let columns = || (0..table.def.columns.len()).filter(|i| !table.pk.contains(i));
-    if let Some(mask) = columns().try_fold(0u128, |mask, i| {
-        1u128.checked_shl(i as u32).map(|bit| mask | bit)
-    }) {
+    if let Some(mask) = column_mask(columns()) {
         statements.row_write(MergeWrite::Upsert(table.ord, mask), || {
             upsert_sql(table, columns())
         })?;
     }
     statements.row_write(MergeWrite::Delete(table.ord), || delete_sql(table))?;
     Ok(())
+}
+
+/// The set of column indexes as the bits of a [`MergeWrite::Upsert`] key; None past 128.
+fn column_mask(mut columns: impl Iterator<Item = usize>) -> Option<u128> {
+    columns.try_fold(0u128, |mask, i| {
+        1u128.checked_shl(i as u32).map(|bit| mask | bit)
+    })
 }
 
 fn delete_sql(table: &Table) -> String {
