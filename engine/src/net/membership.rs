@@ -248,8 +248,13 @@ fn readdress(packet: &[u8], to: &Actor) -> Option<Vec<u8>> {
 }
 
 /// foca's settings for a cluster of about `n` nodes, probing a member every `probe_period`:
-/// - twice foca's retransmissions of each update (at least 6), because a node that misses a
-///   join otherwise learns of it only when the new node's probe cycle reaches it;
+/// - up to 64 members, twice foca's retransmissions of each update (at least 6), because a
+///   node that misses a join otherwise learns of it only when the new node's probe cycle
+///   reaches it; beyond, foca's own count (4 log10(n + 1): 11 at 800 members). There every
+///   node retransmits every member's join that many times, which keeps SWIM packets full
+///   (16 KiB) for minutes after the cluster forms, and a missed join comes anyway with the
+///   next announce's answer (every member): doubled, an idle agent took about a sixth more
+///   CPU at 800-1,000 agents, for about a second less of formation (docs/BENCHMARKS.md);
 /// - suspicion as foca's LAN settings compute it from the cluster size and the period (twice
 ///   as long beyond 64 members);
 /// - up to 64 members, pending updates gossiped every 200 ms to 3 random members and an
@@ -264,8 +269,10 @@ fn foca_config(n: u32, probe_period: std::time::Duration) -> foca::Config {
     let n = NonZeroU32::new(n.max(2)).expect("at least 2");
     let small = n.get() <= 64;
     let mut config = foca::Config::new_lan(n);
-    let doubled = config.max_transmissions.get().saturating_mul(2).max(6);
-    config.max_transmissions = std::num::NonZeroU8::new(doubled).expect("at least 6");
+    if small {
+        let doubled = config.max_transmissions.get().saturating_mul(2).max(6);
+        config.max_transmissions = std::num::NonZeroU8::new(doubled).expect("at least 6");
+    }
     config.probe_period = probe_period;
     // An answer later than this counts as missing; foca needs it shorter than the period.
     // Half a period: the first message to a member usually waits for a QUIC handshake, which
