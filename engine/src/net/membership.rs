@@ -253,8 +253,9 @@ fn readdress(packet: &[u8], to: &Actor) -> Option<Vec<u8>> {
 ///   reaches it; beyond, foca's own count (4 log10(n + 1): 11 at 800 members). There every
 ///   node retransmits every member's join that many times, which keeps SWIM packets full
 ///   (16 KiB) for minutes after the cluster forms, and a missed join comes anyway with the
-///   next announce's answer (every member): doubled, an idle agent took about a sixth more
-///   CPU at 800-1,000 agents, for about a second less of formation (docs/BENCHMARKS.md);
+///   next announce's answer (every member): doubled, an idle agent took 15-20% more CPU in
+///   the first minute after 800-1,000 agents formed, for about a second less of formation
+///   (docs/BENCHMARKS.md);
 /// - suspicion as foca's LAN settings compute it from the cluster size and the period (twice
 ///   as long beyond 64 members);
 /// - up to 64 members, pending updates gossiped every 200 ms to 3 random members and an
