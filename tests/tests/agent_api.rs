@@ -921,3 +921,24 @@ async fn a_flood_of_health_checks_does_not_crowd_writes_out_of_the_store_queue()
     }
     agent.shutdown().await;
 }
+
+/// A store that cannot open (a schema file that is not SQL) fails the agent's start with the
+/// store's reason, and leaves the folder to an agent with a good schema.
+#[tokio::test]
+async fn an_agent_whose_store_cannot_open_fails_to_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&dir);
+    std::fs::write(dir.path().join("schema/hosts.sql"), "CREATE TABLE hosts (").unwrap();
+    let error = match Agent::start(&config).await {
+        Ok(_) => panic!("an agent started with a schema that is not SQL"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("hosts.sql") && error.contains("incomplete input"),
+        "{error}"
+    );
+    std::fs::write(dir.path().join("schema/hosts.sql"), SCHEMA).unwrap();
+    let agent = Agent::start(&config).await.unwrap();
+    assert_eq!(row_count(&agent).await, 0);
+    agent.shutdown().await;
+}

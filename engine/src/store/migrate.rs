@@ -59,12 +59,37 @@ impl Store {
             .map(|(_, s)| s.as_str())
             .collect::<Vec<_>>()
             .join(";\n");
-        self.apply_schema_sql(&sql)
+        let desired = match schema::parse_schema(&sql) {
+            Ok(desired) => desired,
+            // The files run as one text, so SQLite's reason names no file: the first that
+            // does not run by itself is named (an index on another file's table runs only
+            // with it, so each file's own failure is looked for only now).
+            Err(SchemaError::Sql(reason)) => {
+                let named = files.iter().find(|(_, text)| {
+                    matches!(schema::parse_schema(text), Err(SchemaError::Sql(_)))
+                });
+                return Err(SchemaError::Sql(match named {
+                    Some((path, _)) => format!("{}: {reason}", path.display()),
+                    None => reason,
+                })
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.apply_desired_schema(desired)
     }
 
     /// [`Store::apply_schema_files`] from SQL text.
     pub fn apply_schema_sql(&mut self, sql: &str) -> Result<(), StoreError> {
         let desired = schema::parse_schema(sql)?;
+        self.apply_desired_schema(desired)
+    }
+
+    /// Migrates to the tables `desired` (parsed from schema SQL).
+    fn apply_desired_schema(
+        &mut self,
+        desired: BTreeMap<String, schema::TableDef>,
+    ) -> Result<(), StoreError> {
         self.settle()?;
         self.writer.execute_batch("BEGIN IMMEDIATE")?;
         let result = self.migrate(&desired);
