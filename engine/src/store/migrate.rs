@@ -62,11 +62,12 @@ impl Store {
         let desired = match schema::parse_schema(&sql) {
             Ok(desired) => desired,
             // The files run as one text, so SQLite's reason names no file: the first that
-            // does not run by itself is named (an index on another file's table runs only
-            // with it, so each file's own failure is looked for only now).
+            // fails by itself for the same reason is named. (An index on another file's table
+            // fails alone for another reason, so it is not blamed; and each file is tried
+            // alone only once the whole text failed.)
             Err(SchemaError::Sql(reason)) => {
                 let named = files.iter().find(|(_, text)| {
-                    matches!(schema::parse_schema(text), Err(SchemaError::Sql(_)))
+                    matches!(schema::parse_schema(text), Err(SchemaError::Sql(own)) if own == reason)
                 });
                 return Err(SchemaError::Sql(match named {
                     Some((path, _)) => format!("{}: {reason}", path.display()),
