@@ -589,7 +589,12 @@ impl GossipTask {
     fn flush_membership(&mut self, now: Instant, snapshot: &mut GossipSnapshot) -> bool {
         let (mut packets, events) = self.membership.drain(now);
         let transport = &self.transport;
-        let framing = encode_peer_message(self.cluster, &PeerMessage::Membership(Vec::new())).len();
+        // (This runs after every inbox batch; most drain no packet, and need no framing.)
+        let framing = if packets.is_empty() {
+            0
+        } else {
+            encode_peer_message(self.cluster, &PeerMessage::Membership(Vec::new())).len()
+        };
         // Gossip goes to a member that takes the whole packet without a handshake, else cut.
         self.membership.prefer_warm(&mut packets, |addr, len| {
             if transport.is_connected(addr) {
