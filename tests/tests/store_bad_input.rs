@@ -571,6 +571,87 @@ fn additive_schema_changes_and_backfill() {
     );
 }
 
+/// A table that becomes replicated with rows in it is registered in one transaction and its
+/// rows get clocks in the next. When that second one does not commit (a backfill over the
+/// changeset cap, a crash), the rows are still owed clocks at the next start: before, the
+/// table counted as registered and was never backfilled, so its rows were never sent to a peer.
+#[test]
+fn rows_owed_clocks_by_a_backfill_that_did_not_commit_get_them_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = format!("{SCHEMA}\nCREATE TABLE legacy (id INTEGER PRIMARY KEY, v TEXT);");
+    let mut cfg = config(&dir, &schema);
+    rusqlite::Connection::open(&cfg.path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE legacy (id INTEGER PRIMARY KEY, v TEXT);
+             INSERT INTO legacy VALUES (1, 'a'), (2, 'b');",
+        )
+        .unwrap();
+    // The backfill's changeset is over a tiny cap: the open fails, with the reason.
+    cfg.changeset_bytes_max = Some(16);
+    let refused = Store::open(&cfg).unwrap_err();
+    assert!(
+        matches!(refused, StoreError::TransactionTooLarge { .. }),
+        "{refused}"
+    );
+    // Every later open with the cap still too small fails the same way.
+    let refused = Store::open(&cfg).unwrap_err();
+    assert!(
+        matches!(refused, StoreError::TransactionTooLarge { .. }),
+        "{refused}"
+    );
+
+    // With room, the next open gives the rows their clocks, once.
+    cfg.changeset_bytes_max = None;
+    let store = Store::open(&cfg).unwrap();
+    assert_eq!(store.db_version(), DbVersion(1));
+    let backfill = store
+        .changesets(store.site_id(), DbVersion(1), DbVersion(1), 1)
+        .unwrap();
+    assert_eq!(
+        backfill[0].changes.len(),
+        4,
+        "2 legacy rows: a sentinel and a cell each"
+    );
+    drop(store);
+    let store = Store::open(&cfg).unwrap();
+    assert_eq!(store.db_version(), DbVersion(1), "backfilled once");
+    drop(store);
+
+    // The same when a reload of the schema at run time fails to backfill and the process
+    // then stops.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir, SCHEMA);
+    drop(Store::open(&cfg).unwrap());
+    rusqlite::Connection::open(&cfg.path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE legacy (id INTEGER PRIMARY KEY, v TEXT);
+             INSERT INTO legacy VALUES (1, 'a'), (2, 'b');",
+        )
+        .unwrap();
+    cfg.changeset_bytes_max = Some(16);
+    let mut store = Store::open(&cfg).unwrap();
+    std::fs::write(&cfg.schema_paths[0], &schema).unwrap();
+    let refused = store.apply_schema_files(&cfg.schema_paths).unwrap_err();
+    assert!(
+        matches!(refused, StoreError::TransactionTooLarge { .. }),
+        "{refused}"
+    );
+    drop(store);
+    cfg.changeset_bytes_max = None;
+    let store = Store::open(&cfg).unwrap();
+    assert_eq!(store.db_version(), DbVersion(1));
+    assert_eq!(
+        store
+            .changesets(store.site_id(), DbVersion(1), DbVersion(1), 1)
+            .unwrap()[0]
+            .changes
+            .len(),
+        4
+    );
+}
+
 /// The head is not stored on every transaction: a reopen finds it from the changes index. When a
 /// remote merge overwrites everything the newest local version wrote, the head must have been
 /// stored, or a reopened node would hand out that version again.

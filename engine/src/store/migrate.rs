@@ -152,10 +152,17 @@ impl Store {
                     for index in &plan.add_indexes {
                         self.writer.execute_batch(index)?;
                     }
+                    let table_ord = self.register_table(name)?;
                     if !registered {
+                        // Owed until the clocks commit: on disk, so that a backfill that
+                        // fails or is cut off is made at the next open.
+                        self.writer.execute(
+                            "INSERT OR IGNORE INTO __patina_backfill (tbl) VALUES (?1)",
+                            [table_ord],
+                        )?;
                         backfill.push(name.clone());
                     }
-                    self.register_table(name)?
+                    table_ord
                 }
                 None => {
                     self.writer.execute_batch(&def.sql)?;
@@ -209,9 +216,22 @@ impl Store {
     }
 
     /// Gives clocks to rows that existed before their table became replicated, as one local
-    /// transaction of this replica.
+    /// transaction of this replica, which also deletes the tables' marks that they are owed.
     pub(super) fn backfill(&mut self, tables: &[String]) -> Result<(), StoreError> {
         self.local_transaction(|store| {
+            // An internal table, which user mode refuses; the capture hook ignores its rows.
+            store.capture.lock().user_mode = false;
+            let marks_deleted = tables.iter().try_for_each(|name| {
+                store
+                    .writer
+                    .execute(
+                        "DELETE FROM __patina_backfill WHERE tbl = ?1",
+                        [store.tables[name].ord],
+                    )
+                    .map(drop)
+            });
+            store.capture.lock().user_mode = true;
+            marks_deleted?;
             let mut writes = Vec::new();
             for name in tables {
                 let table = &store.tables[name];

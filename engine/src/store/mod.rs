@@ -25,6 +25,9 @@
 //!   Remote merges' entries wait in memory too, and go to the file with the sites' versions
 //!   (`remote::VERSIONS_BATCH`); after a crash the next open puts both back from the row
 //!   clocks (`Store::recover_unsaved_remote`);
+//! - `backfill`: tables registered with rows already in them whose rows still need clocks,
+//!   written with the registration and deleted with the clocks (see `Store::backfill`), so a
+//!   backfill that fails or is cut off by a crash is made at the next open;
 //! - `unindexed`: row 0 present from the first commit whose entries wait to the batch that
 //!   writes them; an open that finds it (the process stopped without closing the store) puts
 //!   the entries back from the row clocks before anything reads the index. Row 1: the same for
@@ -327,6 +330,7 @@ CREATE TABLE IF NOT EXISTS __patina_changes (
   PRIMARY KEY (site, version, tbl, pk)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS __patina_unindexed (id INTEGER PRIMARY KEY, since INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS __patina_backfill (tbl INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS __patina_parts (
   site BLOB NOT NULL, version INTEGER NOT NULL, first_seq INTEGER NOT NULL,
   end_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, bytes BLOB NOT NULL,
@@ -532,6 +536,7 @@ impl Store {
             backfill_retry_at: None,
         };
         store.load_state()?;
+        store.load_owed_backfills()?;
         store.apply_schema_files(&config.schema_paths)?;
         // Should this fail (a store at its size cap), the versions stay unapplied here: sync
         // fetches them again, and their merge writes the entries (see `apply_one`).
@@ -633,6 +638,28 @@ impl Store {
             self.load_state()?;
             self.install_capture();
             self.reload_owed = false;
+        }
+        Ok(())
+    }
+
+    /// Owes a backfill to every table the file marks as still owed one (a backfill that
+    /// failed, or that a crash cut off, since the table was registered). The schema change
+    /// that follows at open makes it.
+    fn load_owed_backfills(&mut self) -> Result<(), StoreError> {
+        let owed: Vec<u32> = self
+            .writer
+            .prepare("SELECT tbl FROM __patina_backfill ORDER BY tbl")?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        for ord in owed {
+            let Some(name) = self.table_names.get(&ord) else {
+                return Err(StoreError::Corrupt(format!(
+                    "a backfill is owed to table ordinal {ord}, which is not registered"
+                )));
+            };
+            if !self.backfill_owed.contains(name) {
+                self.backfill_owed.push(name.clone());
+            }
         }
         Ok(())
     }
