@@ -10,6 +10,17 @@ pub enum InvalidChange {
     /// Changesets start at version 1.
     #[error("changeset version 0 is invalid")]
     ZeroVersion,
+    /// Versions are SQLite integers in the store, so at most `i64::MAX`: one above would be
+    /// stored as a negative number, out of every version range extraction reads, and served
+    /// to peers as an empty changeset.
+    #[error(
+        "changeset version {version} is above the largest a store keeps ({})",
+        i64::MAX
+    )]
+    VersionTooLarge {
+        /// The version.
+        version: u64,
+    },
     /// Causal lengths start at 1.
     #[error("change {seq}: causal length 0")]
     ZeroCausalLength {
@@ -46,8 +57,12 @@ pub enum InvalidChange {
 
 /// Checks the rules every change of every honest changeset follows.
 pub fn validate_changeset(changeset: &Changeset) -> Result<(), InvalidChange> {
-    if changeset.id.version.get() == 0 {
+    let version = changeset.id.version.get();
+    if version == 0 {
         return Err(InvalidChange::ZeroVersion);
+    }
+    if version > i64::MAX as u64 {
+        return Err(InvalidChange::VersionTooLarge { version });
     }
     let mut seqs = std::collections::BTreeSet::new();
     let mut cells = std::collections::BTreeSet::new();

@@ -571,6 +571,39 @@ fn additive_schema_changes_and_backfill() {
     );
 }
 
+/// A remote version above what SQLite's integers hold is refused: it was applied, and once in
+/// the file it read back as a negative number, outside every range extraction asks for, so the
+/// node would serve it to peers as an empty changeset. The largest that fits applies and is
+/// served whole.
+#[test]
+fn a_remote_version_beyond_the_stores_integers_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&config(&dir, SCHEMA)).unwrap();
+    let too_large = remote(1 << 63, vec![change("hosts", 1, None, Value::Null, 1, 0)]);
+    let outcomes = store.apply_changesets(&[too_large]).unwrap();
+    assert!(
+        matches!(
+            rejected(&outcomes[0]),
+            ChangeError::Invalid(InvalidChange::VersionTooLarge { version }) if *version == 1 << 63
+        ),
+        "{outcomes:?}"
+    );
+    assert!(rows(&store, "SELECT id FROM hosts").is_empty());
+
+    let largest = i64::MAX as u64;
+    let fits = remote(largest, vec![change("hosts", 2, None, Value::Null, 1, 0)]);
+    let outcomes = store.apply_changesets(&[fits]).unwrap();
+    assert!(
+        matches!(outcomes[0], ApplyOutcome::Applied { .. }),
+        "{outcomes:?}"
+    );
+    let served = store
+        .changesets(SiteId([7; 16]), DbVersion(largest), DbVersion(largest), 1)
+        .unwrap();
+    assert_eq!(served.len(), 1);
+    assert_eq!(served[0].changes.len(), 1, "served whole, not as cleared");
+}
+
 /// A table that becomes replicated with rows in it is registered in one transaction and its
 /// rows get clocks in the next. When that second one does not commit (a backfill over the
 /// changeset cap, a crash), the rows are still owed clocks at the next start: before, the
