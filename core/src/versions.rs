@@ -76,6 +76,21 @@ impl RangeSet {
         self.ranges.iter().map(|(&s, &e)| (s, e))
     }
 
+    /// The ranges that hold a value of `start..=end`, in order (not clipped to it), found
+    /// from `start` by the map's order rather than by a scan from the first range.
+    pub fn iter_within(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let before = self
+            .ranges
+            .range(..start)
+            .next_back()
+            .filter(|&(_, &e)| e >= start);
+        let from = (start <= end).then(|| self.ranges.range(start..=end));
+        before
+            .into_iter()
+            .chain(from.into_iter().flatten())
+            .map(|(&s, &e)| (s, e))
+    }
+
     /// Number of ranges (a measure of fragmentation, not of values).
     pub fn range_count(&self) -> usize {
         self.ranges.len()
@@ -128,9 +143,11 @@ impl RangeSet {
             .range(..start)
             .next_back()
             .map(|(&s, &e)| (s, e));
+        // From `start` on by the map's order, not by a scan from the first range: a sync
+        // request's gaps are many calls on the same set.
         for (s, e) in first
             .into_iter()
-            .chain(self.iter().filter(|&(s, _)| s >= start))
+            .chain(self.ranges.range(start..).map(|(&s, &e)| (s, e)))
         {
             if s > end {
                 break;

@@ -576,6 +576,76 @@ async fn hostile_sync_input_is_refused() {
     agent.shutdown().await;
 }
 
+/// A session that serves more than one chunk (`net::sync::SERVE_CHUNK_BYTES`: the store reads
+/// a sync answer a chunk at a time, so that it is never held, nor memory filled, by the whole
+/// of it) still sends every version once, in order, a cleared one included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_answer_of_several_chunks_sends_every_version_once_in_order() {
+    use patina::net::transport::{TlsMode, Transport, TransportConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&node_config(dir.path(), &[])).await.unwrap();
+    let big = "x".repeat(200_000);
+    for i in 1..=12 {
+        exec(
+            &agent,
+            &format!("INSERT INTO kv (k, v) VALUES ('{i}', '{big}')"),
+        )
+        .await;
+    }
+    // Version 13 deletes version 5's only row: version 5 is served cleared.
+    exec(&agent, "DELETE FROM kv WHERE k = '5'").await;
+    assert!(12 * big.len() > 2 * patina::net::sync::SERVE_CHUNK_BYTES);
+
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let peer = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &TlsMode::Plaintext,
+        TransportConfig::default(),
+        tx,
+    )
+    .unwrap();
+    let (mut send, mut recv) = peer
+        .open_session(agent.gossip_addr())
+        .await
+        .expect("session");
+    // A peer that has nothing.
+    let body = patina_core::wire::encode_sync_state(0, &patina_core::sync::SyncState::default());
+    let mut request = (body.len() as u32).to_le_bytes().to_vec();
+    request.extend(body);
+    send.write_all(&request).await.unwrap();
+    let _ = send.finish();
+    let answer = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(64 << 20))
+        .await
+        .expect("the node hung")
+        .expect("the answer");
+
+    // Frames (a length, then a changeset or one of its parts), ended by an empty one.
+    let limits = patina_core::wire::Limits::default();
+    let mut versions: Vec<u64> = Vec::new();
+    let mut rest = answer.as_slice();
+    loop {
+        let (len, tail) = rest.split_at(4);
+        let len = u32::from_le_bytes(len.try_into().unwrap()) as usize;
+        if len == 0 {
+            assert!(tail.is_empty(), "bytes after the last frame");
+            break;
+        }
+        let changeset = patina_core::wire::decode_changeset(&tail[..len], &limits).unwrap();
+        assert_eq!(changeset.id.site, agent.site_id());
+        let version = changeset.id.version.get();
+        if versions.last() != Some(&version) {
+            versions.push(version);
+        }
+        if version == 5 {
+            assert!(changeset.changes.is_empty(), "version 5 is cleared");
+        }
+        rest = &tail[len..];
+    }
+    assert_eq!(versions, (1..=13).collect::<Vec<_>>());
+    peer.close().await;
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_before_its_bootstrap_node_joins_when_it_comes_up() {
     // An address nothing listens on yet: the first announce to it is lost.

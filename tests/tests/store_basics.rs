@@ -1112,3 +1112,61 @@ fn a_first_remote_apply_after_open_or_a_schema_change_compiles_none_of_the_store
         vec![vec![Value::from("new table")]]
     );
 }
+
+/// A sync answer is read a chunk at a time (`Store::changesets_within`): each chunk stops once
+/// its changesets come to the byte budget (at least one, however large), and reading on from
+/// after a chunk's last version yields every version once, in order, cleared ones included.
+#[test]
+fn changesets_read_in_chunks_of_bounded_bytes_cover_every_version_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir, "a.db");
+    let big = "x".repeat(100_000);
+    for i in 0..8 {
+        store
+            .transact(&[Statement::with_params(
+                "INSERT INTO hosts (id, name) VALUES (?, ?)",
+                vec![Value::Integer(i), big.as_str().into()],
+            )])
+            .unwrap();
+    }
+    // Version 9 overwrites version 3's only row: version 3 comes back cleared.
+    store
+        .transact(&[Statement::new("DELETE FROM hosts WHERE id = 2")])
+        .unwrap();
+    let site = store.site_id();
+    let head = store.db_version();
+    assert_eq!(head, DbVersion(9));
+
+    let mut chunks = Vec::new();
+    let mut next = 1;
+    while next <= head.get() {
+        let chunk = store
+            .changesets_within(site, DbVersion(next), head, usize::MAX, 250_000)
+            .unwrap();
+        let last = chunk.last().expect("versions left").id.version.get();
+        chunks.push(chunk);
+        next = last + 1;
+    }
+    let sizes: Vec<usize> = chunks.iter().map(Vec::len).collect();
+    // Three rows of 100 kB cross the 250 kB budget; the cleared version 3 weighs next to
+    // nothing, so the first chunk holds four versions; the last, the 100 kB row of version 8
+    // and the delete.
+    assert_eq!(sizes, [4, 3, 2], "{sizes:?}");
+    let versions: Vec<u64> = chunks
+        .iter()
+        .flatten()
+        .map(|c| c.id.version.get())
+        .collect();
+    assert_eq!(versions, (1..=9).collect::<Vec<_>>());
+    let all = store
+        .changesets(site, DbVersion(1), head, usize::MAX)
+        .unwrap();
+    assert_eq!(chunks.concat(), all, "the same changesets as one read");
+    assert!(all[2].changes.is_empty(), "version 3 is cleared");
+
+    // A budget below one changeset still reads one.
+    let one = store
+        .changesets_within(site, DbVersion(1), head, usize::MAX, 1)
+        .unwrap();
+    assert_eq!(one.len(), 1);
+}

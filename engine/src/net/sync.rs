@@ -71,8 +71,36 @@ async fn write_frame(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), S
         .map_err(|e| SyncError::Stream(e.to_string()))
 }
 
-/// Serves one session a peer opened.
+/// Longest a session is served, whatever the peer reads: a pull gives up sooner (the
+/// protocol's `sync_timeout_ms`, 30 s by default), and a peer that reads each frame just
+/// within [`STEP_TIMEOUT`] would otherwise keep one of the node's few serving slots for as long
+/// as it liked.
+pub const SERVE_TIME_MAX: Duration = Duration::from_secs(60);
+
+/// Bytes of changesets a session reads from the store at a time: each chunk is one request to
+/// the store thread, sent before the next is read. Read whole, the answer to a peer lacking
+/// 10,000 large versions held the store thread (and every write behind it) until all were
+/// read, and all of them in memory.
+pub const SERVE_CHUNK_BYTES: usize = 1 << 20;
+
+/// Serves one session a peer opened, within [`SERVE_TIME_MAX`].
 pub async fn serve(
+    session: Session,
+    store: StoreHandle,
+    cluster: u16,
+    limits: Limits,
+    versions_max: u64,
+    part_bytes: usize,
+) -> Result<usize, SyncError> {
+    tokio::time::timeout(
+        SERVE_TIME_MAX,
+        serve_session(session, store, cluster, limits, versions_max, part_bytes),
+    )
+    .await
+    .map_err(|_| SyncError::Stream(format!("session over {SERVE_TIME_MAX:?}")))?
+}
+
+async fn serve_session(
     mut session: Session,
     store: StoreHandle,
     cluster: u16,
@@ -83,22 +111,47 @@ pub async fn serve(
     let request = read_frame(&mut session.recv, limits.changeset_bytes_max).await?;
     let state =
         decode_sync_state(&request, cluster, &limits).map_err(|e| SyncError::Bad(e.to_string()))?;
-    let changesets = store
-        .sync_serve(state, versions_max)
+    let plan = store
+        .sync_plan(state, versions_max)
         .await
         .ok_or(SyncError::Store)?;
-    for changeset in &changesets {
-        if chunk::estimate_bytes(changeset) <= part_bytes {
-            write_frame(&mut session.send, &changeset_to_bytes(changeset)).await?;
-        } else {
-            for part in chunk::split(changeset, part_bytes) {
-                write_frame(&mut session.send, &changeset_to_bytes(&part)).await?;
+    let mut served = 0;
+    for (site, first, last) in plan {
+        let mut next = first;
+        while next <= last {
+            let chunk = match store
+                .changesets(site, next, last, SERVE_CHUNK_BYTES)
+                .await
+                .ok_or(SyncError::Store)?
+            {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    tracing::warn!("sync: reading changesets of {site}: {e}");
+                    break;
+                }
+            };
+            let Some(read_last) = chunk.last().map(|c| c.id.version.get()) else {
+                break;
+            };
+            for changeset in &chunk {
+                if chunk::estimate_bytes(changeset) <= part_bytes {
+                    write_frame(&mut session.send, &changeset_to_bytes(changeset)).await?;
+                } else {
+                    for part in chunk::split(changeset, part_bytes) {
+                        write_frame(&mut session.send, &changeset_to_bytes(&part)).await?;
+                    }
+                }
+            }
+            served += chunk.len();
+            match read_last.checked_add(1) {
+                Some(after) => next = after,
+                None => break,
             }
         }
     }
     write_frame(&mut session.send, &[]).await?;
     let _ = session.send.finish();
-    Ok(changesets.len())
+    Ok(served)
 }
 
 /// What one pull brought.

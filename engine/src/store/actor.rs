@@ -16,6 +16,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ApplyOutcome, Digest, Statement, Store, StoreError, TxOutcome};
 use crate::metrics::NodeMetrics;
 
+/// Changesets one [`StoreHandle::changesets`] request reads at most, whatever their size: it
+/// bounds the index rows a chunk reads (cleared versions weigh nothing in bytes).
+const CHANGESETS_PER_REQUEST: usize = 256;
+
 /// Why a transaction was not run.
 #[derive(Debug, thiserror::Error)]
 pub enum TxError {
@@ -79,10 +83,17 @@ enum StoreRequest {
         deadline: Option<std::time::Instant>,
         reply: oneshot::Sender<Result<Digest, StoreError>>,
     },
-    SyncServe {
+    SyncPlan {
         state: SyncState,
         versions_max: u64,
-        reply: oneshot::Sender<Vec<Changeset>>,
+        reply: oneshot::Sender<Vec<(SiteId, u64, u64)>>,
+    },
+    Changesets {
+        site: SiteId,
+        first: u64,
+        last: u64,
+        bytes_max: usize,
+        reply: oneshot::Sender<Result<Vec<Changeset>, StoreError>>,
     },
     FlushDeferred {
         reply: oneshot::Sender<Result<(), StoreError>>,
@@ -107,7 +118,8 @@ impl std::fmt::Debug for StoreRequest {
             StoreRequest::Apply { .. } => "Apply",
             StoreRequest::SyncState { .. } => "SyncState",
             StoreRequest::Digest { .. } => "Digest",
-            StoreRequest::SyncServe { .. } => "SyncServe",
+            StoreRequest::SyncPlan { .. } => "SyncPlan",
+            StoreRequest::Changesets { .. } => "Changesets",
             StoreRequest::FlushDeferred { .. } => "FlushDeferred",
         })
     }
@@ -223,13 +235,43 @@ impl StoreHandle {
         rx.await.ok()
     }
 
-    /// The changesets a peer with `state` lacks, at most `versions_max` versions.
-    pub async fn sync_serve(&self, state: SyncState, versions_max: u64) -> Option<Vec<Changeset>> {
+    /// The versions a peer with `state` lacks, at most `versions_max`, as (site, first, last)
+    /// ranges: what a sync session serves, read a chunk at a time ([`StoreHandle::changesets`]).
+    pub async fn sync_plan(
+        &self,
+        state: SyncState,
+        versions_max: u64,
+    ) -> Option<Vec<(SiteId, u64, u64)>> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(StoreRequest::SyncServe {
+            .send(StoreRequest::SyncPlan {
                 state,
                 versions_max,
+                reply,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// The changesets of `site` from version `first` to `last` this node holds, in order,
+    /// stopped once they come to `bytes_max` (at least one, however large): a request of its
+    /// own per chunk, so that serving a peer that lacks much holds the store thread, and
+    /// memory, for one chunk at a time, with the node's own writes in between.
+    pub async fn changesets(
+        &self,
+        site: SiteId,
+        first: u64,
+        last: u64,
+        bytes_max: usize,
+    ) -> Option<Result<Vec<Changeset>, StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(StoreRequest::Changesets {
+                site,
+                first,
+                last,
+                bytes_max,
                 reply,
             })
             .await
@@ -339,26 +381,28 @@ pub(crate) fn spawn_store(
                     StoreRequest::FlushDeferred { reply } => {
                         let _ = reply.send(store.flush_deferred());
                     }
-                    StoreRequest::SyncServe {
+                    StoreRequest::SyncPlan {
                         state,
                         versions_max,
                         reply,
                     } => {
-                        let mut out = Vec::new();
-                        for (site, first, last) in
-                            versions_to_send(store.bookkeeping(), &state, versions_max)
-                        {
-                            match store.changesets(
-                                site,
-                                DbVersion(first),
-                                DbVersion(last),
-                                usize::MAX,
-                            ) {
-                                Ok(found) => out.extend(found),
-                                Err(e) => tracing::warn!("sync: reading changesets of {site}: {e}"),
-                            }
-                        }
-                        let _ = reply.send(out);
+                        let _ =
+                            reply.send(versions_to_send(store.bookkeeping(), &state, versions_max));
+                    }
+                    StoreRequest::Changesets {
+                        site,
+                        first,
+                        last,
+                        bytes_max,
+                        reply,
+                    } => {
+                        let _ = reply.send(store.changesets_within(
+                            site,
+                            DbVersion(first),
+                            DbVersion(last),
+                            CHANGESETS_PER_REQUEST,
+                            bytes_max,
+                        ));
                     }
                     StoreRequest::Reload { reply } => {
                         let _ = reply.send(store.apply_schema_files(&schema_paths));

@@ -13,6 +13,19 @@ impl Store {
         end: DbVersion,
         limit: usize,
     ) -> Result<Vec<Changeset>, StoreError> {
+        self.changesets_within(site, start, end, limit, usize::MAX)
+    }
+
+    /// [`Store::changesets`], stopped once the changesets read come to `bytes_max` (by
+    /// [`chunk::estimate_bytes`], an upper bound of their encoding); at least one is read.
+    pub fn changesets_within(
+        &self,
+        site: SiteId,
+        start: DbVersion,
+        end: DbVersion,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<Changeset>, StoreError> {
         self.refuse_while_reload_owed()?;
         let (Some(site_ord), Some(versions)) = (self.sites.ord(&site), self.book.site(&site))
         else {
@@ -66,15 +79,16 @@ impl Store {
             }
         }
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         // Walk the applied versions in range, up to the limit, filling in cleared ones.
-        'ranges: for (a, b) in versions.applied.iter() {
+        'ranges: for (a, b) in versions.applied.iter_within(start.get(), end.get()) {
             let (a, b) = (a.max(start.get()), b.min(end.get()));
             if a > b {
                 continue;
             }
             let mut v = a;
             loop {
-                if out.len() >= limit {
+                if out.len() >= limit || bytes >= bytes_max {
                     break 'ranges;
                 }
                 // Skip quickly over a long run of cleared versions is not needed: the limit bounds it.
@@ -82,13 +96,17 @@ impl Store {
                     Some(rows) => self.read_changes(site, v, &rows)?,
                     None => Vec::new(),
                 };
-                out.push(Changeset::whole(
+                let changeset = Changeset::whole(
                     ChangesetId {
                         site,
                         version: DbVersion(v),
                     },
                     changes,
-                ));
+                );
+                if bytes_max != usize::MAX {
+                    bytes = bytes.saturating_add(patina_core::chunk::estimate_bytes(&changeset));
+                }
+                out.push(changeset);
                 if v == b {
                     break;
                 }
