@@ -61,6 +61,10 @@ pub fn versions_to_send(
         }
         let has = client.applied(site);
         for (a, b) in versions.applied.iter() {
+            if budget == 0 {
+                // Not one more call of `gaps` per range left: a fragmented site has many.
+                break;
+            }
             for (x, y) in has.gaps(a, b) {
                 if budget == 0 {
                     break;

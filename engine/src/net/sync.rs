@@ -24,6 +24,12 @@ use crate::store::actor::StoreHandle;
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Changesets handed to the store at once while pulling.
 const APPLY_BATCH: usize = 256;
+/// Bytes a round may bring for its changesets to be broadcast again (as well as at most
+/// [`patina_core::protocol::SYNC_RELAY_MAX`] of them): honest peers send parts of 64 KiB.
+const RELAY_BYTES_MAX: u64 = 4 << 20;
+/// Bytes of received frames held before they are handed to the store, whatever their count:
+/// a peer may send frames of up to the message limit (16 MiB), and 256 of those were held.
+const APPLY_BATCH_BYTES: usize = 8 << 20;
 
 /// Why a session failed.
 #[derive(Debug, thiserror::Error)]
@@ -190,23 +196,32 @@ pub async fn pull(
         ..PullReport::default()
     };
     let mut batch: Vec<Arc<Changeset>> = Vec::new();
+    let mut batch_bytes = 0;
     loop {
         let frame = read_frame(&mut recv, limits.changeset_bytes_max).await?;
         report.bytes_received += frame.len() as u64 + 4;
         if frame.is_empty() {
             break;
         }
+        batch_bytes += frame.len();
         let changeset =
             Arc::new(decode_changeset(&frame, limits).map_err(|e| SyncError::Bad(e.to_string()))?);
         report.changesets += 1;
-        if report.changesets <= patina_core::protocol::SYNC_RELAY_MAX {
+        // A round's changesets are kept to broadcast again only while few and small: kept
+        // after their apply, 64 frames of the 16 MiB a peer may send were 1 GiB.
+        if report.changesets <= patina_core::protocol::SYNC_RELAY_MAX
+            && report.bytes_received <= RELAY_BYTES_MAX
+        {
             report.received.push(changeset.clone());
         } else {
             report.received.clear();
         }
         batch.push(changeset);
-        if batch.len() >= APPLY_BATCH && !store.apply_wait(std::mem::take(&mut batch)).await {
-            return Err(SyncError::Store);
+        if batch.len() >= APPLY_BATCH || batch_bytes >= APPLY_BATCH_BYTES {
+            batch_bytes = 0;
+            if !store.apply_wait(std::mem::take(&mut batch)).await {
+                return Err(SyncError::Store);
+            }
         }
     }
     if !batch.is_empty() && !store.apply_wait(batch).await {
