@@ -151,8 +151,12 @@ fn parts_of_extractions_made_at_different_times_complete_the_changeset() {
     assert_eq!(b.partials(), (0, 0));
 }
 
+/// The buffer is bounded. Full, it drops the parts of the changeset that received one least
+/// recently to make room: parts that never complete (a peer's made-up changesets, or parts
+/// whose others were lost) no longer fill it for good, which refused every large changeset
+/// after them. A changeset whose own parts fill it is refused; a whole copy replaces parts.
 #[test]
-fn a_whole_copy_replaces_the_parts_and_the_buffer_is_bounded() {
+fn a_full_parts_buffer_drops_the_stalest_changeset_and_a_whole_copy_replaces_parts() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = open(&dir, "a.db");
     let one = big_transaction(&mut a, 300, "a");
@@ -165,39 +169,67 @@ fn a_whole_copy_replaces_the_parts_and_the_buffer_is_bounded() {
     let room = size(&one_parts[0]) + size(&one_parts[1]) + 1;
     let mut b = open_with(&dir, "b.db", Some(room));
     let outcomes = b
-        .apply_changesets(&[&one_parts[0], &one_parts[1], &two_parts[0], &two_parts[1]])
+        .apply_changesets(&[&one_parts[0], &one_parts[1], &two_parts[0]])
         .unwrap();
-    assert!(matches!(outcomes[0], ApplyOutcome::Buffered));
-    assert!(matches!(outcomes[1], ApplyOutcome::Buffered));
+    assert!(
+        outcomes.iter().all(|o| matches!(o, ApplyOutcome::Buffered)),
+        "{outcomes:?}"
+    );
+    // The first changeset's parts made room for the second's.
+    assert_eq!(b.partials().0, 1);
+    assert!(b.partials().1 < room);
+    // The second's parts fill the buffer alone: the third is refused, and nothing of the
+    // second is dropped for it.
+    let outcomes = b.apply_changesets(&[&two_parts[1], &two_parts[2]]).unwrap();
+    assert!(
+        matches!(outcomes[0], ApplyOutcome::Buffered),
+        "{outcomes:?}"
+    );
     assert!(
         matches!(
-            outcomes[2],
+            outcomes[1],
             ApplyOutcome::Rejected(StoreError::PartsBufferFull { .. })
         ),
         "{outcomes:?}"
     );
-    // The whole changeset, arriving by another path, applies and frees its parts.
-    assert!(matches!(
-        b.apply_changesets(&[&one]).unwrap()[0],
-        ApplyOutcome::Applied { .. }
-    ));
-    assert_eq!(count(&b), 300);
-    // Its parts are gone: the buffer has room again.
-    assert_eq!(
-        b.partials().0,
-        usize::from(matches!(outcomes[3], ApplyOutcome::Buffered))
-    );
-    assert!(matches!(
-        b.apply_changesets(&[&two_parts[0]]).unwrap()[0],
-        ApplyOutcome::Buffered
-    ));
-    assert!(matches!(
-        b.apply_changesets(&[&two]).unwrap()[0],
-        ApplyOutcome::Applied { .. }
-    ));
+    assert_eq!(b.partials().0, 1);
+
+    // Whole copies, arriving by another path, apply and free the parts.
+    for whole in [&one, &two] {
+        assert!(matches!(
+            b.apply_changesets(&[whole]).unwrap()[0],
+            ApplyOutcome::Applied { .. }
+        ));
+    }
     assert_eq!(count(&b), 600);
     assert_eq!(a.digest().unwrap(), b.digest().unwrap());
     assert_eq!(b.partials(), (0, 0));
+
+    // After a restart the parts held come back as received before any new one: they are
+    // the first dropped.
+    let three = big_transaction(&mut a, 300, "c");
+    let four = big_transaction(&mut a, 300, "d");
+    let three_parts = split(&three, 4096);
+    let four_parts = split(&four, 4096);
+    b.apply_changesets(&[&three_parts[0]]).unwrap();
+    drop(b);
+    let mut b = open_with(&dir, "b.db", Some(room));
+    assert_eq!(b.partials().0, 1);
+    let outcomes = b
+        .apply_changesets(&[&four_parts[0], &four_parts[1]])
+        .unwrap();
+    assert!(
+        outcomes.iter().all(|o| matches!(o, ApplyOutcome::Buffered)),
+        "{outcomes:?}"
+    );
+    assert_eq!(b.partials().0, 1, "three's part made room");
+    for whole in [&three, &four] {
+        assert!(matches!(
+            b.apply_changesets(&[whole]).unwrap()[0],
+            ApplyOutcome::Applied { .. }
+        ));
+    }
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
 }
 
 #[test]

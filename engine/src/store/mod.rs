@@ -362,6 +362,11 @@ pub struct Store {
     changeset_bytes_max: usize,
     /// Coverage of the remote changesets held in parts in `__patina_parts`.
     partials: BTreeMap<ChangesetId, Partial>,
+    /// When each of `partials` last received a part, by `parts_received` (see
+    /// `Store::buffer_part`: a full buffer drops the one that received a part least recently).
+    partials_touched: FastMap<ChangesetId, u64>,
+    /// Parts received so far (this process): the clock of `partials_touched`.
+    parts_received: u64,
     parts_bytes: u64,
     parts_bytes_max: u64,
     /// The WAL's share of `max_db_bytes`, checked before every write transaction.
@@ -512,6 +517,8 @@ impl Store {
                 .changeset_bytes_max
                 .unwrap_or(DEFAULT_CHANGESET_BYTES_MAX),
             partials: BTreeMap::new(),
+            partials_touched: FastMap::default(),
+            parts_received: 0,
             parts_bytes: 0,
             parts_bytes_max: config.parts_bytes_max.unwrap_or(DEFAULT_PARTS_BYTES_MAX),
             wal,

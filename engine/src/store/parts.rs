@@ -6,6 +6,7 @@ impl Store {
     /// Reads the coverage of the parts held in `__patina_parts` (not their bytes).
     pub(super) fn load_partials(&mut self) -> Result<(), StoreError> {
         self.partials.clear();
+        self.partials_touched.clear();
         self.parts_bytes = 0;
         let mut stmt = self.writer.prepare(
             "SELECT site, version, first_seq, end_seq, last_seq, length(bytes) FROM __patina_parts",
@@ -29,6 +30,9 @@ impl Store {
                 last: seq(4)?,
             };
             self.partials.entry(id).or_default().cover(span);
+            // Read back in key order: older runs' parts count as received before any new one.
+            self.parts_received += 1;
+            self.partials_touched.insert(id, self.parts_received);
             self.parts_bytes += row.get::<_, i64>(5)? as u64;
         }
         Ok(())
@@ -37,6 +41,13 @@ impl Store {
     /// Keeps a part of a large changeset in `__patina_parts` (inside the open transaction).
     /// Returns the whole changeset, read back from its parts, once they cover it; the parts are
     /// deleted then.
+    ///
+    /// When the buffer is full, the parts of the changeset that received one least recently
+    /// are dropped to make room (broadcast or sync brings it again), as many as needed; the
+    /// part is refused only when this changeset's own parts fill the buffer. Refused instead,
+    /// parts that never complete (a peer's made-up changesets, or a changeset whose other
+    /// parts were lost for good) filled the buffer for good, and every large changeset after
+    /// them was refused on this node, by broadcast and sync alike: both send them in parts.
     pub(super) fn buffer_part(
         &mut self,
         part: &Changeset,
@@ -51,11 +62,26 @@ impl Store {
             return Ok(None);
         }
         let bytes = patina_core::wire::changeset_to_bytes(part);
-        if self.parts_bytes + bytes.len() as u64 > self.parts_bytes_max {
-            return Err(StoreError::PartsBufferFull {
-                bytes: self.parts_bytes,
-                limit: self.parts_bytes_max,
-            });
+        while self.parts_bytes + bytes.len() as u64 > self.parts_bytes_max {
+            let touched = |id: &ChangesetId| self.partials_touched.get(id).copied().unwrap_or(0);
+            let Some(stalest) = self
+                .partials
+                .keys()
+                .filter(|id| **id != part.id)
+                .min_by_key(|id| touched(id))
+                .copied()
+            else {
+                return Err(StoreError::PartsBufferFull {
+                    bytes: self.parts_bytes,
+                    limit: self.parts_bytes_max,
+                });
+            };
+            tracing::warn!(
+                site = %stalest.site,
+                version = stalest.version.get(),
+                "the buffer of changesets in parts is full: dropped the parts of the one that received a part least recently (it comes again)"
+            );
+            self.drop_parts(stalest)?;
         }
         let replaced: Option<i64> = self
             .writer
@@ -81,6 +107,8 @@ impl Store {
                 bytes
             ])?;
         self.parts_bytes = self.parts_bytes + bytes.len() as u64 - replaced.map_or(0, |n| n as u64);
+        self.parts_received += 1;
+        self.partials_touched.insert(part.id, self.parts_received);
         if !partial.is_complete() {
             self.partials.insert(part.id, partial);
             return Ok(None);
@@ -125,6 +153,7 @@ impl Store {
             .execute(params![&id.site.0[..], id.version.get() as i64])?;
         self.parts_bytes = self.parts_bytes.saturating_sub(freed as u64);
         self.partials.remove(&id);
+        self.partials_touched.remove(&id);
         Ok(())
     }
 
