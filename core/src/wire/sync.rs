@@ -10,28 +10,30 @@ pub const SYNC_GAPS_MAX: usize = 100_000;
 /// Encodes a sync request (a node's [`crate::sync::SyncState`]), within what
 /// [`decode_sync_state`] accepts: at most [`SYNC_SITES_MAX`] sites and [`SYNC_GAPS_MAX`] gap
 /// ranges in all. A node with more gaps (versions heard of that exist nowhere, changesets it
-/// refused) sends the first ones and, for a site whose gaps are cut, a head just below the
-/// first gap left out: the peer then sends that site's versions past it, some held here
-/// already, which apply as duplicates. Sent whole, such a request was refused by every peer,
-/// and anti-entropy stopped for good.
+/// refused) sends each site with gaps an equal share of them, its latest: the oldest are the
+/// likeliest never to be filled, the latest the likeliest a recent loss. The peer takes the
+/// gaps left out for versions held, and sends nothing for them this round; the head is the
+/// node's own, so nothing it holds comes again. Sent whole, such a request was refused by
+/// every peer, and anti-entropy stopped for good.
 pub fn encode_sync_state(cluster: u16, state: &crate::sync::SyncState) -> Vec<u8> {
     let mut out = vec![FORMAT_VERSION];
     out.extend_from_slice(&cluster.to_le_bytes());
     let sites = state.sites.len().min(SYNC_SITES_MAX);
+    let taken = || state.sites.iter().take(sites);
+    let gaps: usize = taken().map(|(_, (_, needs))| needs.len()).sum();
+    let share = if gaps <= SYNC_GAPS_MAX {
+        usize::MAX
+    } else {
+        let with_gaps = taken().filter(|(_, (_, needs))| !needs.is_empty()).count();
+        SYNC_GAPS_MAX / with_gaps.max(1)
+    };
     put_varint(&mut out, sites as u64);
-    let mut gaps_left = SYNC_GAPS_MAX;
-    for (site, (head, needs)) in state.sites.iter().take(sites) {
-        let kept = needs.len().min(gaps_left);
-        gaps_left -= kept;
-        // Needs are in order and within 1..=head, so the kept ones end below this head.
-        let head = match needs.get(kept) {
-            Some((first_left_out, _)) => first_left_out.saturating_sub(1),
-            None => head.get(),
-        };
+    for (site, (head, needs)) in taken() {
+        let kept = &needs[needs.len().saturating_sub(share)..];
         out.extend_from_slice(&site.0);
-        put_varint(&mut out, head);
-        put_varint(&mut out, kept as u64);
-        for (a, b) in &needs[..kept] {
+        put_varint(&mut out, head.get());
+        put_varint(&mut out, kept.len() as u64);
+        for (a, b) in kept {
             put_varint(&mut out, *a);
             put_varint(&mut out, b.saturating_sub(*a));
         }
@@ -77,9 +79,10 @@ mod sync_wire_tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A node with more gaps than a request may carry sends the first ones and a head below
-    /// the rest: the request decodes, and a peer holding every version sends the versions past
-    /// that head. Sent whole, every peer refused it.
+    /// A node with more gaps than a request may carry sends each site with gaps an equal
+    /// share of them, its latest, under its own head: the request decodes, and a peer holding
+    /// every version sends those gaps' versions and nothing the node holds. Sent whole, every
+    /// peer refused it.
     #[test]
     fn a_request_with_more_gaps_than_peers_accept_is_cut_to_fit() {
         let many = SYNC_GAPS_MAX + 500;
@@ -90,31 +93,32 @@ mod sync_wire_tests {
         state
             .sites
             .insert(SiteId([1; 16]), (DbVersion(head), needs.clone()));
-        // Site 2, after it: no gap room left, so its head goes below its first gap.
+        // Site 2, after it: one gap.
         state
             .sites
             .insert(SiteId([2; 16]), (DbVersion(9), vec![(4, 5)]));
         let bytes = encode_sync_state(9, &state);
         let decoded = decode_sync_state(&bytes, 9, &Limits::default()).expect("fits");
-        let (cut_head, kept) = &decoded.sites[&SiteId([1; 16])];
-        assert_eq!(kept.as_slice(), &needs[..SYNC_GAPS_MAX]);
-        assert_eq!(cut_head.get(), needs[SYNC_GAPS_MAX].0 - 1);
-        assert_eq!(decoded.sites[&SiteId([2; 16])], (DbVersion(3), vec![]));
+        let share = SYNC_GAPS_MAX / 2;
+        let latest = &needs[needs.len() - share..];
+        assert_eq!(
+            decoded.sites[&SiteId([1; 16])],
+            (DbVersion(head), latest.to_vec())
+        );
+        assert_eq!(
+            decoded.sites[&SiteId([2; 16])],
+            (DbVersion(9), vec![(4, 5)])
+        );
 
-        // A peer with every version of both sites sends what the node lacks below the cut,
-        // and everything past it.
+        // A peer with every version of both sites sends the kept gaps' versions only.
         let mut server = crate::versions::Bookkeeping::new();
-        for v in 1..=head {
-            server.mark_applied(crate::change::ChangesetId {
-                site: SiteId([1; 16]),
-                version: DbVersion(v),
-            });
-        }
-        for v in 1..=9 {
-            server.mark_applied(crate::change::ChangesetId {
-                site: SiteId([2; 16]),
-                version: DbVersion(v),
-            });
+        for (site, top) in [(1, head), (2, 9)] {
+            for v in 1..=top {
+                server.mark_applied(crate::change::ChangesetId {
+                    site: SiteId([site; 16]),
+                    version: DbVersion(v),
+                });
+            }
         }
         let sent = crate::sync::versions_to_send(&server, &decoded, u64::MAX);
         let of_site = |s: u8| -> Vec<(u64, u64)> {
@@ -123,10 +127,8 @@ mod sync_wire_tests {
                 .map(|(_, a, b)| (*a, *b))
                 .collect()
         };
-        let first = of_site(1);
-        assert_eq!(&first[..SYNC_GAPS_MAX], &needs[..SYNC_GAPS_MAX]);
-        assert_eq!(first[SYNC_GAPS_MAX..], [(cut_head.get() + 1, head)]);
-        assert_eq!(of_site(2), [(4, 9)]);
+        assert_eq!(of_site(1), latest);
+        assert_eq!(of_site(2), [(4, 5)]);
     }
 
     #[test]

@@ -309,7 +309,7 @@ impl GossipTask {
                             actions.extend(self.protocol.sync_answered(
                                 now_ms(Instant::now()),
                                 session,
-                                report.changesets,
+                                report.brought_for_relay(),
                                 &report.received,
                             ));
                             snapshot.sync_rounds += 1;

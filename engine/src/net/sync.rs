@@ -175,6 +175,22 @@ pub struct PullReport {
     pub bytes_received: u64,
 }
 
+impl PullReport {
+    /// The count `Protocol::sync_answered` judges the round by: the changesets received when
+    /// `received` holds them all (a small round, whose news broadcast passes on), else more
+    /// than [`patina_core::protocol::SYNC_RELAY_MAX`] (a catch-up, a find with nothing passed
+    /// on). A round of few but large changesets keeps none to relay (`RELAY_BYTES_MAX`): given
+    /// as small with an empty list, it would count as having found nothing.
+    pub fn brought_for_relay(&self) -> usize {
+        if self.received.len() >= self.changesets {
+            self.changesets
+        } else {
+            self.changesets
+                .max(patina_core::protocol::SYNC_RELAY_MAX + 1)
+        }
+    }
+}
+
 /// Pulls from one peer what this node lacks.
 pub async fn pull(
     transport: &Transport,
@@ -228,4 +244,43 @@ pub async fn pull(
         return Err(SyncError::Store);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patina_core::protocol::SYNC_RELAY_MAX;
+
+    fn changeset(version: u64) -> Arc<Changeset> {
+        Arc::new(Changeset::whole(
+            patina_core::change::ChangesetId {
+                site: patina_core::SiteId([1; 16]),
+                version: patina_core::DbVersion(version),
+            },
+            Vec::new(),
+        ))
+    }
+
+    /// A round of few changesets that were too large to keep for relaying is judged as a
+    /// catch-up (a find), not as a small round with nothing new in it.
+    #[test]
+    fn a_round_kept_whole_is_small_and_one_kept_without_its_changesets_is_a_catch_up() {
+        let small = PullReport {
+            changesets: 3,
+            received: (1..=3).map(changeset).collect(),
+            ..PullReport::default()
+        };
+        assert_eq!(small.brought_for_relay(), 3);
+        let large_bytes = PullReport {
+            changesets: 3,
+            ..PullReport::default()
+        };
+        assert_eq!(large_bytes.brought_for_relay(), SYNC_RELAY_MAX + 1);
+        let many = PullReport {
+            changesets: 500,
+            ..PullReport::default()
+        };
+        assert_eq!(many.brought_for_relay(), 500);
+        assert_eq!(PullReport::default().brought_for_relay(), 0);
+    }
 }

@@ -53,6 +53,18 @@ impl Store {
     /// else is refused with nothing changed. Tables already replicated but absent from the files
     /// stay replicated (schema changes are additive only).
     pub fn apply_schema_files(&mut self, paths: &[PathBuf]) -> Result<(), StoreError> {
+        self.migrate_schema_files(paths, true)
+    }
+
+    /// [`Store::apply_schema_files`]; with `backfill_now` false, the backfill a new table's rows
+    /// are owed is left to the next [`Store::settle`] (at open: an owed backfill that cannot be
+    /// made, a table over the changeset cap or a store at its size cap, must not keep the node
+    /// from starting; it is retried a minute later, and at every start, until it is made).
+    pub(super) fn migrate_schema_files(
+        &mut self,
+        paths: &[PathBuf],
+        backfill_now: bool,
+    ) -> Result<(), StoreError> {
         let files = schema::read_schema_files(paths)?;
         let sql: String = files
             .iter()
@@ -77,19 +89,20 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
-        self.apply_desired_schema(desired)
+        self.apply_desired_schema(desired, backfill_now)
     }
 
     /// [`Store::apply_schema_files`] from SQL text.
     pub fn apply_schema_sql(&mut self, sql: &str) -> Result<(), StoreError> {
         let desired = schema::parse_schema(sql)?;
-        self.apply_desired_schema(desired)
+        self.apply_desired_schema(desired, true)
     }
 
     /// Migrates to the tables `desired` (parsed from schema SQL).
     fn apply_desired_schema(
         &mut self,
         desired: BTreeMap<String, schema::TableDef>,
+        backfill_now: bool,
     ) -> Result<(), StoreError> {
         self.settle()?;
         self.writer.execute_batch("BEGIN IMMEDIATE")?;
@@ -113,7 +126,11 @@ impl Store {
                     return Err(e);
                 }
                 self.install_capture();
-                let backfilled = self.backfill_owed();
+                let backfilled = if backfill_now {
+                    self.backfill_owed()
+                } else {
+                    Ok(())
+                };
                 self.warm_statements();
                 backfilled
             }

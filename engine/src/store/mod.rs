@@ -544,7 +544,9 @@ impl Store {
         };
         store.load_state()?;
         store.load_owed_backfills()?;
-        store.apply_schema_files(&config.schema_paths)?;
+        // Backfills owed (by this schema change or by an earlier run's) are made by the
+        // `settle` below, after the recovery of unsaved remote versions.
+        store.migrate_schema_files(&config.schema_paths, false)?;
         // Should this fail (a store at its size cap), the versions stay unapplied here: sync
         // fetches them again, and their merge writes the entries (see `apply_one`).
         let started = std::time::Instant::now();
@@ -557,7 +559,8 @@ impl Store {
             Ok(None) => {}
             Err(e) => tracing::warn!("remote versions left for sync to fetch again: {e}"),
         }
-        // Should that have left a reload owed, one more try now; else the first write's.
+        // Should that have left a reload owed, one more try now; else the first write's. Then
+        // the backfills owed, if any (a failure is logged, and retried a minute later).
         if let Err(e) = store.settle() {
             tracing::warn!(
                 "reloading the store's state failed (retried before the next write): {e}"
