@@ -84,9 +84,9 @@ async fn write_frame(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), S
 pub const SERVE_TIME_MAX: Duration = Duration::from_secs(60);
 
 /// Bytes of changesets a session reads from the store at a time: each chunk is one request to
-/// the store thread, sent before the next is read. Read whole, the answer to a peer lacking
-/// 10,000 large versions held the store thread (and every write behind it) until all were
-/// read, and all of them in memory.
+/// the store thread, the next asked while one is sent (two in memory at most). Read whole, the
+/// answer to a peer lacking 10,000 large versions held the store thread (and every write
+/// behind it) until all were read, and all of them in memory.
 pub const SERVE_CHUNK_BYTES: usize = 1 << 20;
 
 /// Serves one session a peer opened, within [`SERVE_TIME_MAX`].
@@ -122,38 +122,50 @@ async fn serve_session(
         .await
         .ok_or(SyncError::Store)?;
     let mut served = 0;
-    for (site, first, last) in plan {
-        let mut next = first;
-        while next <= last {
-            let chunk = match store
-                .changesets(site, next, last, SERVE_CHUNK_BYTES)
+    let mut ranges = plan.into_iter();
+    // The chunk to read: a site and the versions left of one of the plan's ranges.
+    let mut at = ranges.next();
+    // The read of `at`, asked while the chunk before it was being sent (two chunks in memory
+    // at most; one at a time cost a tenth of a catch-up's speed).
+    let mut asked = None;
+    while let Some((site, first, last)) = at {
+        let reply = match asked.take() {
+            Some(reply) => reply,
+            None => store
+                .ask_changesets(site, first, last, SERVE_CHUNK_BYTES)
                 .await
-                .ok_or(SyncError::Store)?
-            {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    tracing::warn!("sync: reading changesets of {site}: {e}");
-                    break;
-                }
-            };
-            let Some(read_last) = chunk.last().map(|c| c.id.version.get()) else {
-                break;
-            };
-            for changeset in &chunk {
-                if chunk::estimate_bytes(changeset) <= part_bytes {
-                    write_frame(&mut session.send, &changeset_to_bytes(changeset)).await?;
-                } else {
-                    for part in chunk::split(changeset, part_bytes) {
-                        write_frame(&mut session.send, &changeset_to_bytes(&part)).await?;
-                    }
-                }
+                .ok_or(SyncError::Store)?,
+        };
+        let chunk = match reply.await.map_err(|_| SyncError::Store)? {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                tracing::warn!("sync: reading changesets of {site}: {e}");
+                Vec::new()
             }
-            served += chunk.len();
-            match read_last.checked_add(1) {
-                Some(after) => next = after,
-                None => break,
+        };
+        // What is left of this range after the chunk, else the next range.
+        at = match chunk.last().map(|c| c.id.version.get().checked_add(1)) {
+            Some(Some(after)) if after <= last => Some((site, after, last)),
+            _ => ranges.next(),
+        };
+        if let Some((site, first, last)) = at {
+            asked = Some(
+                store
+                    .ask_changesets(site, first, last, SERVE_CHUNK_BYTES)
+                    .await
+                    .ok_or(SyncError::Store)?,
+            );
+        }
+        for changeset in &chunk {
+            if chunk::estimate_bytes(changeset) <= part_bytes {
+                write_frame(&mut session.send, &changeset_to_bytes(changeset)).await?;
+            } else {
+                for part in chunk::split(changeset, part_bytes) {
+                    write_frame(&mut session.send, &changeset_to_bytes(&part)).await?;
+                }
             }
         }
+        served += chunk.len();
     }
     write_frame(&mut session.send, &[]).await?;
     let _ = session.send.finish();

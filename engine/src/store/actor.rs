@@ -236,7 +236,8 @@ impl StoreHandle {
     }
 
     /// The versions a peer with `state` lacks, at most `versions_max`, as (site, first, last)
-    /// ranges: what a sync session serves, read a chunk at a time ([`StoreHandle::changesets`]).
+    /// ranges: what a sync session serves, read a chunk at a time
+    /// ([`StoreHandle::ask_changesets`]).
     pub async fn sync_plan(
         &self,
         state: SyncState,
@@ -254,17 +255,19 @@ impl StoreHandle {
         rx.await.ok()
     }
 
-    /// The changesets of `site` from version `first` to `last` this node holds, in order,
-    /// stopped once they come to `bytes_max` (at least one, however large): a request of its
-    /// own per chunk, so that serving a peer that lacks much holds the store thread, and
-    /// memory, for one chunk at a time, with the node's own writes in between.
-    pub async fn changesets(
+    /// Asks for the changesets of `site` from version `first` to `last` this node holds, in
+    /// order, stopped once they come to `bytes_max` (at least one, however large); the answer
+    /// comes by the receiver. A request of its own per chunk, so that serving a peer that
+    /// lacks much holds the store thread, and memory, for a chunk at a time, with the node's
+    /// own writes in between; asked before it is awaited, so that a session sending one chunk
+    /// has the next read meanwhile.
+    pub async fn ask_changesets(
         &self,
         site: SiteId,
         first: u64,
         last: u64,
         bytes_max: usize,
-    ) -> Option<Result<Vec<Changeset>, StoreError>> {
+    ) -> Option<oneshot::Receiver<Result<Vec<Changeset>, StoreError>>> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(StoreRequest::Changesets {
@@ -276,7 +279,7 @@ impl StoreHandle {
             })
             .await
             .ok()?;
-        rx.await.ok()
+        Some(rx)
     }
 
     /// Requests waiting in the queue.
