@@ -172,7 +172,7 @@ impl Store {
                     let table_ord = self.register_table(name)?;
                     if !registered {
                         // Owed until the clocks commit: on disk, so that a backfill that
-                        // fails or is cut off is made at the next open.
+                        // fails or is cut off is made later (a minute later, or at an open).
                         self.writer.execute(
                             "INSERT OR IGNORE INTO __patina_backfill (tbl) VALUES (?1)",
                             [table_ord],
