@@ -173,7 +173,7 @@ fn wire_bytes(from: SiteId, msg: &NodeMsg) -> usize {
             },
         )
         .len(),
-        NodeMsg::SyncRequest(_, state) => encode_sync_state(0, state).len() + 4,
+        NodeMsg::SyncRequest(_, state) => encode_sync_state(0, state, 0).len() + 4,
         NodeMsg::SyncCheck(nonce) => {
             encode_peer_message(0, &PeerMessage::SyncCheck { nonce: *nonce }).len()
         }

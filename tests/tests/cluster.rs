@@ -545,7 +545,7 @@ async fn hostile_sync_input_is_refused() {
                 agent.site_id(),
                 (patina_core::DbVersion(1), vec![(1, 1 << 60)]),
             );
-            let body = patina_core::wire::encode_sync_state(0, &state);
+            let body = patina_core::wire::encode_sync_state(0, &state, 0);
             let mut frame = (body.len() as u32).to_le_bytes().to_vec();
             frame.extend(body);
             frame
@@ -609,7 +609,7 @@ async fn a_sync_answer_of_several_chunks_sends_every_version_once_in_order() {
         .await
         .expect("session");
     // A peer that has nothing.
-    let body = patina_core::wire::encode_sync_state(0, &patina_core::sync::SyncState::default());
+    let body = patina_core::wire::encode_sync_state(0, &patina_core::sync::SyncState::default(), 0);
     let mut request = (body.len() as u32).to_le_bytes().to_vec();
     request.extend(body);
     send.write_all(&request).await.unwrap();

@@ -9,13 +9,17 @@ pub const SYNC_GAPS_MAX: usize = 100_000;
 
 /// Encodes a sync request (a node's [`crate::sync::SyncState`]), within what
 /// [`decode_sync_state`] accepts: at most [`SYNC_SITES_MAX`] sites and [`SYNC_GAPS_MAX`] gap
-/// ranges in all. A node with more gaps (versions heard of that exist nowhere, changesets it
-/// refused) sends each site with gaps an equal share of them, its latest: the oldest are the
-/// likeliest never to be filled, the latest the likeliest a recent loss. The peer takes the
-/// gaps left out for versions held, and sends nothing for them this round; the head is the
-/// node's own, so nothing it holds comes again. Sent whole, such a request was refused by
-/// every peer, and anti-entropy stopped for good.
-pub fn encode_sync_state(cluster: u16, state: &crate::sync::SyncState) -> Vec<u8> {
+/// ranges in all. Sent whole, a larger request was refused by every peer, and anti-entropy
+/// stopped for good.
+///
+/// A node with more gaps (versions heard of that exist nowhere, changesets it refused) gives
+/// each site with gaps an equal share of the request. Half of a site's share is always its
+/// latest gaps, the likeliest a recent loss; the other half is a window over its older gaps
+/// that moves with `round` (the node's sync session count), so that every gap is asked for
+/// within a bounded number of rounds. The peer takes the gaps left out for versions held and
+/// sends nothing for them this round; the head is the node's own, so nothing it holds comes
+/// again.
+pub fn encode_sync_state(cluster: u16, state: &crate::sync::SyncState, round: u64) -> Vec<u8> {
     let mut out = vec![FORMAT_VERSION];
     out.extend_from_slice(&cluster.to_le_bytes());
     let sites = state.sites.len().min(SYNC_SITES_MAX);
@@ -29,16 +33,38 @@ pub fn encode_sync_state(cluster: u16, state: &crate::sync::SyncState) -> Vec<u8
     };
     put_varint(&mut out, sites as u64);
     for (site, (head, needs)) in taken() {
-        let kept = &needs[needs.len().saturating_sub(share)..];
+        let (older, latest) = gaps_asked(needs, share, round);
         out.extend_from_slice(&site.0);
         put_varint(&mut out, head.get());
-        put_varint(&mut out, kept.len() as u64);
-        for (a, b) in kept {
+        put_varint(&mut out, (older.len() + latest.len()) as u64);
+        for (a, b) in older.iter().chain(latest) {
             put_varint(&mut out, *a);
             put_varint(&mut out, b.saturating_sub(*a));
         }
     }
     out
+}
+
+/// Gap ranges of one site, inclusive, in order.
+type Gaps = [(u64, u64)];
+
+/// The gaps of one site a request asks for when it may hold `share` of them: all when they
+/// fit, else a window over the older ones (moved by `round`) and the latest, both in order.
+fn gaps_asked(needs: &Gaps, share: usize, round: u64) -> (&Gaps, &Gaps) {
+    if needs.len() <= share {
+        return (&[], needs);
+    }
+    let latest = share - share / 2;
+    let (older, latest) = needs.split_at(needs.len() - latest);
+    let window = share / 2;
+    if window == 0 {
+        return (&[], latest);
+    }
+    // Windows counted back from the newest of the older gaps; the oldest is a full window.
+    let windows = older.len().div_ceil(window) as u64;
+    let back = (round % windows) as usize;
+    let start = older.len().saturating_sub((back + 1) * window);
+    (&older[start..(start + window).min(older.len())], latest)
 }
 
 /// Decodes a sync request from untrusted bytes.
@@ -97,7 +123,7 @@ mod sync_wire_tests {
         state
             .sites
             .insert(SiteId([2; 16]), (DbVersion(9), vec![(4, 5)]));
-        let bytes = encode_sync_state(9, &state);
+        let bytes = encode_sync_state(9, &state, 0);
         let decoded = decode_sync_state(&bytes, 9, &Limits::default()).expect("fits");
         let share = SYNC_GAPS_MAX / 2;
         let latest = &needs[needs.len() - share..];
@@ -131,6 +157,38 @@ mod sync_wire_tests {
         assert_eq!(of_site(2), [(4, 5)]);
     }
 
+    /// Over the gap cap, the older gaps a request asks for move with the round: every gap is
+    /// asked for within a bounded number of rounds, and the latest in every round. Asking
+    /// for the latest alone left the oldest unasked for good.
+    #[test]
+    fn every_gap_over_the_cap_is_asked_for_within_a_few_rounds() {
+        let many = 2 * SYNC_GAPS_MAX + 3;
+        let needs: Vec<(u64, u64)> = (1..=many as u64).map(|i| (2 * i, 2 * i)).collect();
+        let head = DbVersion(2 * many as u64 + 1);
+        let mut state = crate::sync::SyncState::default();
+        state.sites.insert(SiteId([1; 16]), (head, needs.clone()));
+        let latest = &needs[needs.len() - SYNC_GAPS_MAX / 2..];
+        // The older gaps fill three windows of half the cap and start a fourth: four rounds
+        // cover them.
+        let mut asked = std::collections::BTreeSet::new();
+        for round in 0..4 {
+            let bytes = encode_sync_state(9, &state, round);
+            let decoded = decode_sync_state(&bytes, 9, &Limits::default()).expect("fits");
+            let (got_head, got) = &decoded.sites[&SiteId([1; 16])];
+            assert_eq!(*got_head, head);
+            assert_eq!(got.len(), SYNC_GAPS_MAX, "round {round} uses the whole cap");
+            assert!(got.windows(2).all(|w| w[0] < w[1]), "in order, no repeat");
+            assert_eq!(&got[got.len() - latest.len()..], latest, "round {round}");
+            asked.extend(got.iter().copied());
+        }
+        assert_eq!(asked.len(), many, "every gap asked for in four rounds");
+        // The fifth round starts again from the newest window.
+        assert_eq!(
+            encode_sync_state(9, &state, 4),
+            encode_sync_state(9, &state, 0)
+        );
+    }
+
     #[test]
     fn sync_state_round_trips_and_refuses_bad_input() {
         let mut state = crate::sync::SyncState::default();
@@ -138,7 +196,7 @@ mod sync_wire_tests {
             .sites
             .insert(SiteId([1; 16]), (DbVersion(100), vec![(3, 4), (50, 100)]));
         state.sites.insert(SiteId([2; 16]), (DbVersion(0), vec![]));
-        let bytes = encode_sync_state(9, &state);
+        let bytes = encode_sync_state(9, &state, 0);
         assert_eq!(
             decode_sync_state(&bytes, 9, &Limits::default()),
             Ok(state.clone())
@@ -154,7 +212,9 @@ mod sync_wire_tests {
         state
             .sites
             .insert(SiteId([3; 16]), (DbVersion(5), vec![(1, u64::MAX)]));
-        assert!(decode_sync_state(&encode_sync_state(9, &state), 9, &Limits::default()).is_err());
+        assert!(
+            decode_sync_state(&encode_sync_state(9, &state, 0), 9, &Limits::default()).is_err()
+        );
     }
 
     proptest! {

@@ -719,10 +719,12 @@ impl GossipTask {
         );
         crate::logging::spawn(async move {
             let started = Instant::now();
-            let result =
-                tokio::time::timeout(limit, pull(&transport, addr, &store, cluster, &limits))
-                    .await
-                    .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}"))));
+            let result = tokio::time::timeout(
+                limit,
+                pull(&transport, addr, &store, cluster, &limits, session),
+            )
+            .await
+            .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}"))));
             if let Some(metrics) = metrics {
                 let outcome = if result.is_ok() { "ok" } else { "failed" };
                 metrics
@@ -785,7 +787,9 @@ impl GossipTask {
                 let (cluster, limits) = (self.cluster, self.limits);
                 crate::logging::spawn(async move {
                     let started = Instant::now();
-                    let outcome = pull(&transport, addr, &store, cluster, &limits)
+                    // An operator's pull asks for the latest gaps (round 0); the scheduled
+                    // rounds move through the older ones.
+                    let outcome = pull(&transport, addr, &store, cluster, &limits, 0)
                         .await
                         .map(|report| (addr, report, started.elapsed()))
                         .map_err(|e| format!("sync with {addr}: {e}"));

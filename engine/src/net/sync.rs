@@ -203,20 +203,22 @@ impl PullReport {
     }
 }
 
-/// Pulls from one peer what this node lacks.
+/// Pulls from one peer what this node lacks. `round` (the node's sync session count) picks
+/// which of its older gaps a request asks for when they are more than one request holds.
 pub async fn pull(
     transport: &Transport,
     peer: SocketAddr,
     store: &StoreHandle,
     cluster: u16,
     limits: &Limits,
+    round: u64,
 ) -> Result<PullReport, SyncError> {
     let state = store.sync_state().await.ok_or(SyncError::Store)?;
     let (mut send, mut recv) = transport
         .open_session(peer)
         .await
         .ok_or(SyncError::Unreachable)?;
-    let request = encode_sync_state(cluster, &state);
+    let request = encode_sync_state(cluster, &state, round);
     write_frame(&mut send, &request).await?;
     let _ = send.finish();
     let mut report = PullReport {
