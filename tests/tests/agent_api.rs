@@ -809,6 +809,48 @@ async fn health_thresholds_answer_503() {
     agent.shutdown().await;
 }
 
+/// Rows a table had before it became replicated get clocks in a backfill. When that cannot be
+/// made (here, over the transaction cap), the node still starts, and its health names the
+/// table whose rows no peer gets, until a start with room makes the backfill.
+#[tokio::test]
+async fn health_names_a_table_whose_older_rows_are_not_replicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    let legacy = "CREATE TABLE legacy (id INTEGER PRIMARY KEY, v TEXT);";
+    let db = rusqlite::Connection::open(&cfg.db.path).unwrap();
+    db.execute_batch(legacy).unwrap();
+    for id in 0..100 {
+        db.execute(
+            "INSERT INTO legacy VALUES (?1, ?2)",
+            rusqlite::params![id, "x".repeat(1024)],
+        )
+        .unwrap();
+    }
+    drop(db);
+    std::fs::write(dir.path().join("schema/legacy.sql"), legacy).unwrap();
+    // 100 KiB of rows, over the smallest transaction cap.
+    cfg.db.transaction_bytes_max = 64 * 1024;
+    let agent = Agent::start(&cfg).await.unwrap();
+    let (status, health) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        health["response"]["unreplicated_tables"],
+        json!(["legacy"]),
+        "{health}"
+    );
+    agent.shutdown().await;
+
+    cfg.db.transaction_bytes_max = 1 << 20;
+    let agent = Agent::start(&cfg).await.unwrap();
+    let (status, health) = call_raw(&agent, Method::GET, "/v1/health", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        health["response"].get("unreplicated_tables").is_none(),
+        "{health}"
+    );
+    agent.shutdown().await;
+}
+
 #[tokio::test]
 async fn reload_adds_tables_and_restart_keeps_rows() {
     let dir = tempfile::tempdir().unwrap();

@@ -627,6 +627,7 @@ fn rows_owed_clocks_by_a_backfill_that_did_not_commit_get_them_at_the_next_open(
     for _ in 0..2 {
         let store = Store::open(&cfg).unwrap();
         assert_eq!(store.db_version(), DbVersion(0), "nothing backfilled");
+        assert_eq!(store.tables_owed_backfill(), ["legacy"], "and it says so");
         assert_eq!(
             rows(&store, "SELECT count(*) FROM legacy"),
             vec![vec![2.into()]]
@@ -637,6 +638,7 @@ fn rows_owed_clocks_by_a_backfill_that_did_not_commit_get_them_at_the_next_open(
     cfg.changeset_bytes_max = None;
     let store = Store::open(&cfg).unwrap();
     assert_eq!(store.db_version(), DbVersion(1));
+    assert!(store.tables_owed_backfill().is_empty());
     let backfill = store
         .changesets(store.site_id(), DbVersion(1), DbVersion(1), 1)
         .unwrap();

@@ -57,6 +57,9 @@ pub struct StoreStatus {
     pub gaps: u64,
     /// Replicated tables.
     pub tables: Vec<String>,
+    /// Replicated tables whose older rows still lack clocks (see
+    /// [`Store::tables_owed_backfill`]).
+    pub tables_owed_backfill: Vec<String>,
 }
 
 enum StoreRequest {
@@ -373,6 +376,7 @@ pub(crate) fn spawn_store(
                             db_version: store.db_version(),
                             gaps: store.bookkeeping().gap_count(),
                             tables: store.table_names(),
+                            tables_owed_backfill: store.tables_owed_backfill().to_vec(),
                         });
                     }
                     StoreRequest::SyncState { reply } => {

@@ -606,6 +606,13 @@ impl Store {
         }
     }
 
+    /// Replicated tables whose rows from before they became replicated still lack clocks:
+    /// their backfill failed (over the transaction cap, a store at its size cap) and is tried
+    /// again a minute later and at every open. Until it is made, those rows reach no peer.
+    pub fn tables_owed_backfill(&self) -> &[String] {
+        &self.backfill_owed
+    }
+
     /// Names of the replicated tables.
     pub fn table_names(&self) -> Vec<String> {
         self.tables.keys().cloned().collect()

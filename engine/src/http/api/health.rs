@@ -70,6 +70,7 @@ pub(super) async fn health(
             members,
             p99_lag,
             queue_size: queue_size as u64,
+            unreplicated_tables: status.tables_owed_backfill,
         }),
     )
         .into_response()
