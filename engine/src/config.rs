@@ -209,6 +209,11 @@ pub struct GossipConfig {
     pub sync_versions_max: u64,
     /// Anti-entropy: sessions this node serves at once. 1..=256.
     pub sync_sessions_max: usize,
+    /// Anti-entropy: longest a session is served, whatever the peer reads (ms). A peer of
+    /// this release gives up on a session after 27 s; one that reads each frame just within
+    /// the 10 s step timeout would otherwise keep one of the few serving slots as long as it
+    /// liked. 1,000..=3,600,000.
+    pub sync_serve_ms_max: u64,
     /// SWIM: time between two probes of a member (ms). Each probe goes to the next member in
     /// a shuffled round, so it usually needs a new QUIC connection (a handshake, about 1.5 ms
     /// of CPU for both ends): many agents on one machine (loadgen) need a longer period.
@@ -272,6 +277,7 @@ impl Default for GossipConfig {
             sync_interval_ms: protocol.sync_interval_ms.unwrap_or(500),
             sync_versions_max: node.sync_versions_max,
             sync_sessions_max: 4,
+            sync_serve_ms_max: 60_000,
             swim_probe_period_ms: 1_000,
             connections_max: 128,
             connection_idle_ms: 20_000,
@@ -708,6 +714,12 @@ impl Config {
             self.gossip.sync_sessions_max,
             1,
             256,
+        )?;
+        within(
+            "gossip.sync_serve_ms_max",
+            self.gossip.sync_serve_ms_max as usize,
+            1_000,
+            3_600_000,
         )?;
         within("gossip.probe_sample", self.gossip.probe_sample, 1, 1_024)?;
         within("gossip.origin_fanout", self.gossip.origin_fanout, 0, 256)?;

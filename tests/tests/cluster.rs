@@ -646,6 +646,92 @@ async fn a_sync_answer_of_several_chunks_sends_every_version_once_in_order() {
     agent.shutdown().await;
 }
 
+/// A peer that asks for a large answer and then reads it slower than the node serves (each
+/// read within the 10 s step timeout) is cut off at `gossip.sync_serve_ms_max`: the node's
+/// only serving slot is free again, and the next peer gets its whole answer. Without the cap
+/// such a peer held a slot for as long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_session_read_too_slowly_is_cut_at_the_serve_cap() {
+    use patina::net::transport::{TlsMode, Transport, TransportConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = node_config(dir.path(), &[]);
+    cfg.gossip.sync_serve_ms_max = 1_000;
+    cfg.gossip.sync_sessions_max = 1;
+    let agent = Agent::start(&cfg).await.unwrap();
+    let big = "x".repeat(200_000);
+    for i in 1..=20 {
+        exec(
+            &agent,
+            &format!("INSERT INTO kv (k, v) VALUES ('{i}', '{big}')"),
+        )
+        .await;
+    }
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let peer = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &TlsMode::Plaintext,
+        TransportConfig::default(),
+        tx,
+    )
+    .unwrap();
+    // A peer that has nothing; the answer (4 MB) is larger than a stream's flow-control
+    // window, so the node waits on the reader.
+    let body = patina_core::wire::encode_sync_state(0, &patina_core::sync::SyncState::default(), 0);
+    let mut request = (body.len() as u32).to_le_bytes().to_vec();
+    request.extend(body);
+    // Frames read (after the answer's first bytes, `read`) until the stream ends or fails;
+    // whether the empty last frame came.
+    let read_answer = |mut recv: quinn::RecvStream, read: Vec<u8>| async move {
+        let answer = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(64 << 20))
+            .await
+            .expect("the node hung");
+        let Ok(answer) = answer else {
+            return (0, false);
+        };
+        let answer = [read, answer].concat();
+        let (mut frames, mut rest) = (0, answer.as_slice());
+        while rest.len() >= 4 {
+            let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+            if len == 0 {
+                return (frames, rest.len() == 4);
+            }
+            if rest.len() < 4 + len {
+                break;
+            }
+            frames += 1;
+            rest = &rest[4 + len..];
+        }
+        (frames, false)
+    };
+
+    let (mut send, mut recv) = peer
+        .open_session(agent.gossip_addr())
+        .await
+        .expect("session");
+    send.write_all(&request).await.unwrap();
+    let _ = send.finish();
+    let mut first = [0u8; 4];
+    recv.read_exact(&mut first)
+        .await
+        .expect("the answer starts");
+    // Three times the cap, well within the step timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, whole) = read_answer(recv, first.to_vec()).await;
+    assert!(!whole, "a session read this slowly was served to its end");
+
+    // The slot is free: the next peer gets the whole answer (20 versions in parts) and its end.
+    let (mut send, recv) = peer
+        .open_session(agent.gossip_addr())
+        .await
+        .expect("session");
+    send.write_all(&request).await.unwrap();
+    let _ = send.finish();
+    let (frames, whole) = read_answer(recv, Vec::new()).await;
+    assert!(whole && frames >= 20, "{frames} frames, whole: {whole}");
+    peer.close().await;
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_before_its_bootstrap_node_joins_when_it_comes_up() {
     // An address nothing listens on yet: the first announce to it is lost.

@@ -389,14 +389,15 @@ fn start_sync_server(
     let (tx, mut sessions) = mpsc::channel(config.sync_sessions_max);
     transport.set_session_handler(tx);
     let permits = Arc::new(tokio::sync::Semaphore::new(config.sync_sessions_max));
-    let (cluster, versions_max, part_bytes) = (
-        config.cluster_id,
-        config.sync_versions_max,
-        config.part_bytes,
-    );
-    let limits = Limits {
-        changeset_bytes_max: config.message_bytes_max,
-        ..Limits::default()
+    let cluster = config.cluster_id;
+    let serve_limits = crate::net::sync::ServeLimits {
+        limits: Limits {
+            changeset_bytes_max: config.message_bytes_max,
+            ..Limits::default()
+        },
+        versions_max: config.sync_versions_max,
+        part_bytes: config.part_bytes,
+        time_max: Duration::from_millis(config.sync_serve_ms_max),
     };
     crate::logging::spawn(async move {
         loop {
@@ -412,15 +413,7 @@ fn start_sync_server(
             crate::logging::spawn(async move {
                 let _permit = permit;
                 let from = session.from;
-                if let Err(e) = crate::net::sync::serve(
-                    session,
-                    store,
-                    cluster,
-                    limits,
-                    versions_max,
-                    part_bytes,
-                )
-                .await
+                if let Err(e) = crate::net::sync::serve(session, store, cluster, serve_limits).await
                 {
                     tracing::debug!(%from, "sync session refused or failed: {e}");
                 }

@@ -77,33 +77,48 @@ async fn write_frame(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), S
         .map_err(|e| SyncError::Stream(e.to_string()))
 }
 
-/// Longest a session is served, whatever the peer reads: a pull gives up sooner (the
-/// protocol's `sync_timeout_ms`, 30 s by default), and a peer that reads each frame just
-/// within [`STEP_TIMEOUT`] would otherwise keep one of the node's few serving slots for as long
-/// as it liked.
-pub const SERVE_TIME_MAX: Duration = Duration::from_secs(60);
-
 /// Bytes of changesets a session reads from the store at a time: each chunk is one request to
 /// the store thread, the next asked while one is sent (two in memory at most). Read whole, the
 /// answer to a peer lacking 10,000 large versions held the store thread (and every write
 /// behind it) until all were read, and all of them in memory.
 pub const SERVE_CHUNK_BYTES: usize = 1 << 20;
 
-/// Serves one session a peer opened, within [`SERVE_TIME_MAX`].
+/// What bounds the sessions a node serves.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Decoding limits of the request.
+    pub limits: Limits,
+    /// Most changesets one session carries.
+    pub versions_max: u64,
+    /// Changesets larger than this go in parts.
+    pub part_bytes: usize,
+    /// Longest a session is served, whatever the peer reads: a pull gives up sooner (the
+    /// protocol's `sync_timeout_ms`, 30 s by default), and a peer that reads each frame just
+    /// within [`STEP_TIMEOUT`] would otherwise keep one of the node's few serving slots for as
+    /// long as it liked (`gossip.sync_serve_ms_max`).
+    pub time_max: Duration,
+}
+
+/// Serves one session a peer opened, within `serve.time_max`.
 pub async fn serve(
     session: Session,
     store: StoreHandle,
     cluster: u16,
-    limits: Limits,
-    versions_max: u64,
-    part_bytes: usize,
+    serve: ServeLimits,
 ) -> Result<usize, SyncError> {
     tokio::time::timeout(
-        SERVE_TIME_MAX,
-        serve_session(session, store, cluster, limits, versions_max, part_bytes),
+        serve.time_max,
+        serve_session(
+            session,
+            store,
+            cluster,
+            serve.limits,
+            serve.versions_max,
+            serve.part_bytes,
+        ),
     )
     .await
-    .map_err(|_| SyncError::Stream(format!("session over {SERVE_TIME_MAX:?}")))?
+    .map_err(|_| SyncError::Stream(format!("session over {:?}", serve.time_max)))?
 }
 
 async fn serve_session(
