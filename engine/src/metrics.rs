@@ -53,6 +53,8 @@ pub struct StoreMetrics {
     /// Remote batches with a changeset that arrived with versions of its site missing before
     /// it (the rule of `core::node::Node`: a version past the site's head plus one).
     pub gaps_opened: AtomicU64,
+    /// Replicated tables whose older rows still lack clocks (an owed backfill that failed).
+    pub unreplicated_tables: AtomicU64,
 }
 
 /// Labels as (name, value) pairs.

@@ -674,11 +674,15 @@ async fn a_sync_session_read_too_slowly_is_cut_at_the_serve_cap() {
         tx,
     )
     .unwrap();
+    let request_of = |state: &patina_core::sync::SyncState| {
+        let body = patina_core::wire::encode_sync_state(0, state, 0);
+        let mut request = (body.len() as u32).to_le_bytes().to_vec();
+        request.extend(body);
+        request
+    };
     // A peer that has nothing; the answer (4 MB) is larger than a stream's flow-control
     // window, so the node waits on the reader.
-    let body = patina_core::wire::encode_sync_state(0, &patina_core::sync::SyncState::default(), 0);
-    let mut request = (body.len() as u32).to_le_bytes().to_vec();
-    request.extend(body);
+    let request = request_of(&patina_core::sync::SyncState::default());
     // Frames read (after the answer's first bytes, `read`) until the stream ends or fails;
     // whether the empty last frame came.
     let read_answer = |mut recv: quinn::RecvStream, read: Vec<u8>| async move {
@@ -719,15 +723,81 @@ async fn a_sync_session_read_too_slowly_is_cut_at_the_serve_cap() {
     let (_, whole) = read_answer(recv, first.to_vec()).await;
     assert!(!whole, "a session read this slowly was served to its end");
 
-    // The slot is free: the next peer gets the whole answer (20 versions in parts) and its end.
+    // The slot is free: the next peer, which lacks only the last version (a small answer,
+    // well within the cap), gets it whole, in parts, and the answer's end.
+    let mut lacks_one = patina_core::sync::SyncState::default();
+    lacks_one.sites.insert(
+        agent.site_id(),
+        (patina_core::DbVersion(20), vec![(20, 20)]),
+    );
     let (mut send, recv) = peer
+        .open_session(agent.gossip_addr())
+        .await
+        .expect("session");
+    send.write_all(&request_of(&lacks_one)).await.unwrap();
+    let _ = send.finish();
+    let (frames, whole) = read_answer(recv, Vec::new()).await;
+    assert!(whole && frames >= 1, "{frames} frames, whole: {whole}");
+    peer.close().await;
+    agent.shutdown().await;
+}
+
+/// A node with many gaps sends a large sync request (here 20,000 gaps, about 80 KB). A node
+/// whose message limit is set low (64 KiB) still reads it: requests have a limit of their own,
+/// from their format. Read with the message limit, the request was refused, and the asking
+/// node's anti-entropy stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_sync_request_is_served_by_a_node_with_a_small_message_limit() {
+    use patina::net::transport::{TlsMode, Transport, TransportConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = node_config(dir.path(), &[]);
+    cfg.gossip.message_bytes_max = 64 * 1024;
+    cfg.gossip.part_bytes = 16 * 1024;
+    let agent = Agent::start(&cfg).await.unwrap();
+    exec(&agent, "INSERT INTO kv (k, v) VALUES ('1', 'one')").await;
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let peer = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &TlsMode::Plaintext,
+        TransportConfig::default(),
+        tx,
+    )
+    .unwrap();
+    // A peer that heard of 40,000 versions of the node and lacks every odd one, version 1
+    // (the only one the node has) among them.
+    let mut state = patina_core::sync::SyncState::default();
+    let gaps = (0..20_000u64).map(|i| (2 * i + 1, 2 * i + 1)).collect();
+    state
+        .sites
+        .insert(agent.site_id(), (patina_core::DbVersion(40_000), gaps));
+    let body = patina_core::wire::encode_sync_state(0, &state, 0);
+    assert!(body.len() > cfg.gossip.message_bytes_max, "{}", body.len());
+    let mut request = (body.len() as u32).to_le_bytes().to_vec();
+    request.extend(body);
+    let (mut send, mut recv) = peer
         .open_session(agent.gossip_addr())
         .await
         .expect("session");
     send.write_all(&request).await.unwrap();
     let _ = send.finish();
-    let (frames, whole) = read_answer(recv, Vec::new()).await;
-    assert!(whole && frames >= 20, "{frames} frames, whole: {whole}");
+    let answer = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(1 << 20))
+        .await
+        .expect("the node hung")
+        .unwrap_or_default();
+    // Version 1 in one frame, then the empty frame that ends the answer.
+    assert!(
+        answer.len() > 8,
+        "{} bytes: the request was refused",
+        answer.len()
+    );
+    let len = u32::from_le_bytes(answer[..4].try_into().unwrap()) as usize;
+    let changeset = patina_core::wire::decode_changeset(
+        &answer[4..4 + len],
+        &patina_core::wire::Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(changeset.id.version.get(), 1);
+    assert_eq!(&answer[4 + len..], [0, 0, 0, 0]);
     peer.close().await;
     agent.shutdown().await;
 }

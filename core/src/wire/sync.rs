@@ -6,14 +6,21 @@ use super::*;
 pub const SYNC_SITES_MAX: usize = 100_000;
 /// Most gap ranges per site in a sync request.
 pub const SYNC_GAPS_MAX: usize = 100_000;
+/// The largest sync request [`encode_sync_state`] makes (a varint takes at most 10 bytes): the
+/// limit a server reads a request with. The message limit would not do: set low
+/// (`gossip.message_bytes_max` may be 64 KiB), it refused the requests of a node with a few
+/// thousand gaps, so that node's anti-entropy stopped.
+pub const SYNC_REQUEST_BYTES_MAX: usize =
+    3 + 10 + SYNC_SITES_MAX * (SITE_ID_LEN + 10 + 10) + SYNC_GAPS_MAX * 20;
 
 /// Encodes a sync request (a node's [`crate::sync::SyncState`]), within what
 /// [`decode_sync_state`] accepts: at most [`SYNC_SITES_MAX`] sites and [`SYNC_GAPS_MAX`] gap
 /// ranges in all. Sent whole, a larger request was refused by every peer, and anti-entropy
 /// stopped for good.
 ///
-/// A node with more gaps (versions heard of that exist nowhere, changesets it refused) gives
-/// each site with gaps an equal share of the request. Half of a site's share is always its
+/// A node with more gaps (versions heard of that exist nowhere, changesets it refused) shares
+/// the request fairly among its sites with gaps: a site with fewer than an equal share asks
+/// for all of them, and what it leaves goes to the others. Half of a site's share is always its
 /// latest gaps, the likeliest a recent loss; the other half is a window over its older gaps
 /// that moves with `round` (the node's sync session count), so that every gap is asked for
 /// within a bounded number of rounds. The peer takes the gaps left out for versions held and
@@ -24,15 +31,10 @@ pub fn encode_sync_state(cluster: u16, state: &crate::sync::SyncState, round: u6
     out.extend_from_slice(&cluster.to_le_bytes());
     let sites = state.sites.len().min(SYNC_SITES_MAX);
     let taken = || state.sites.iter().take(sites);
-    let gaps: usize = taken().map(|(_, (_, needs))| needs.len()).sum();
-    let share = if gaps <= SYNC_GAPS_MAX {
-        usize::MAX
-    } else {
-        let with_gaps = taken().filter(|(_, (_, needs))| !needs.is_empty()).count();
-        SYNC_GAPS_MAX / with_gaps.max(1)
-    };
+    let counts: Vec<usize> = taken().map(|(_, (_, needs))| needs.len()).collect();
+    let shares = gap_shares(&counts);
     put_varint(&mut out, sites as u64);
-    for (site, (head, needs)) in taken() {
+    for ((site, (head, needs)), share) in taken().zip(shares) {
         let (older, latest) = gaps_asked(needs, share, round);
         out.extend_from_slice(&site.0);
         put_varint(&mut out, head.get());
@@ -43,6 +45,25 @@ pub fn encode_sync_state(cluster: u16, state: &crate::sync::SyncState, round: u6
         }
     }
     out
+}
+
+/// How many gaps each site (with `counts` gaps) may ask for: all when they fit in
+/// [`SYNC_GAPS_MAX`], else a max-min fair share of it. Every site with gaps gets at least one,
+/// as there are no more sites than [`SYNC_GAPS_MAX`].
+fn gap_shares(counts: &[usize]) -> Vec<usize> {
+    if counts.iter().sum::<usize>() <= SYNC_GAPS_MAX {
+        return counts.to_vec();
+    }
+    let mut fewest_first: Vec<usize> = (0..counts.len()).filter(|i| counts[*i] > 0).collect();
+    fewest_first.sort_by_key(|i| counts[*i]);
+    let mut shares = vec![0; counts.len()];
+    let (mut left, sites) = (SYNC_GAPS_MAX, fewest_first.len());
+    for (served, i) in fewest_first.into_iter().enumerate() {
+        let share = counts[i].min(left / (sites - served));
+        shares[i] = share;
+        left -= share;
+    }
+    shares
 }
 
 /// Gap ranges of one site, inclusive, in order.
@@ -105,10 +126,11 @@ mod sync_wire_tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A node with more gaps than a request may carry sends each site with gaps an equal
-    /// share of them, its latest, under its own head: the request decodes, and a peer holding
-    /// every version sends those gaps' versions and nothing the node holds. Sent whole, every
-    /// peer refused it.
+    /// A node with more gaps than a request may carry sends each site with gaps a fair share
+    /// of them (at its first round, its latest), under its own head: the request decodes, and
+    /// a peer holding every version sends those gaps' versions and nothing the node holds.
+    /// Sent whole, every peer refused it. A site with few gaps asks for them all, and leaves
+    /// the rest of the request to the others.
     #[test]
     fn a_request_with_more_gaps_than_peers_accept_is_cut_to_fit() {
         let many = SYNC_GAPS_MAX + 500;
@@ -125,7 +147,8 @@ mod sync_wire_tests {
             .insert(SiteId([2; 16]), (DbVersion(9), vec![(4, 5)]));
         let bytes = encode_sync_state(9, &state, 0);
         let decoded = decode_sync_state(&bytes, 9, &Limits::default()).expect("fits");
-        let share = SYNC_GAPS_MAX / 2;
+        // Site 2's one gap leaves the rest of the request to site 1.
+        let share = SYNC_GAPS_MAX - 1;
         let latest = &needs[needs.len() - share..];
         assert_eq!(
             decoded.sites[&SiteId([1; 16])],
@@ -187,6 +210,40 @@ mod sync_wire_tests {
             encode_sync_state(9, &state, 4),
             encode_sync_state(9, &state, 0)
         );
+    }
+
+    /// Over the cap, the request is shared max-min fairly: a site with few gaps asks for all
+    /// of them, the rest is split among the others, and the whole cap is used.
+    #[test]
+    fn a_site_with_few_gaps_leaves_its_unused_share_to_the_others() {
+        let cap = SYNC_GAPS_MAX;
+        assert_eq!(gap_shares(&[3, 0, 7]), [3, 0, 7], "under the cap: all");
+        let shares = gap_shares(&[1, 3 * cap, cap / 2, 0]);
+        assert_eq!(shares, [1, cap / 2, (cap - 1) / 2, 0]);
+        assert_eq!(shares.iter().sum::<usize>(), cap);
+        // As many sites as the cap, each with two gaps: one each.
+        assert!(gap_shares(&vec![2; cap]).iter().all(|s| *s == 1));
+    }
+
+    /// The largest request the encoder can make fits the limit servers read requests with.
+    #[test]
+    fn the_largest_request_fits_the_request_limit() {
+        let mut state = crate::sync::SyncState::default();
+        for i in 0..SYNC_SITES_MAX as u64 - 1 {
+            let mut site = [0xff; 16];
+            site[..8].copy_from_slice(&i.to_le_bytes());
+            state
+                .sites
+                .insert(SiteId(site), (DbVersion(u64::MAX), vec![]));
+        }
+        let gaps = (0..SYNC_GAPS_MAX as u64 * 2)
+            .map(|i| (u64::MAX / 2 + 2 * i, u64::MAX - 1))
+            .collect();
+        state
+            .sites
+            .insert(SiteId([0xfe; 16]), (DbVersion(u64::MAX), gaps));
+        let bytes = encode_sync_state(9, &state, 0);
+        assert!(bytes.len() <= SYNC_REQUEST_BYTES_MAX, "{}", bytes.len());
     }
 
     #[test]

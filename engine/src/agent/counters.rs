@@ -111,6 +111,13 @@ impl Collector for Counters {
         )?;
         emit(
             e,
+            "patina_unreplicated_tables",
+            "Replicated tables whose rows from before they became replicated still lack clocks (a backfill owed; retried every minute)",
+            G,
+            &one(load(&s.unreplicated_tables)),
+        )?;
+        emit(
+            e,
             "patina_members",
             "Live members besides this node",
             G,

@@ -554,6 +554,7 @@ async fn start_gossip(
         },
         shutdown,
         snapshot,
+        sync_pulls: Default::default(),
     })
 }
 

@@ -183,6 +183,11 @@ pub struct GossipTask {
     pub shutdown: watch::Receiver<bool>,
     /// Snapshot output.
     pub snapshot: watch::Sender<GossipSnapshot>,
+    /// Sync sessions opened with each peer: which window of its older gaps a node over the
+    /// request's gap cap asks that peer for (`encode_sync_state`). The session number would
+    /// not do: the scheduler picks peers in a cycle, so a peer's sessions can all fall on the
+    /// same window, and a version only that peer holds would never be asked of it.
+    pub sync_pulls: BTreeMap<SiteId, u64>,
 }
 
 /// How a sync session ended, for the gossip task.
@@ -709,6 +714,15 @@ impl GossipTask {
         let (transport, store, done) = (self.transport.clone(), self.store.clone(), done.clone());
         let (cluster, limits) = (self.cluster, self.limits);
         let metrics = self.metrics.clone();
+        if self.sync_pulls.len() > 2 * self.membership.members().len() + 16 {
+            // Members that left: their counts go (a returning one starts again at its first
+            // window, which is as good as any).
+            let members = self.membership.members();
+            self.sync_pulls.retain(|site, _| members.contains_key(site));
+        }
+        let pulls = self.sync_pulls.entry(peer).or_insert(0);
+        let round = *pulls;
+        *pulls += 1;
         // A pull ends before the protocol gives up on it, so two never overlap and every
         // session is counted once, as done or failed. The round's check, if it had one, is
         // part of its time.
@@ -721,7 +735,7 @@ impl GossipTask {
             let started = Instant::now();
             let result = tokio::time::timeout(
                 limit,
-                pull(&transport, addr, &store, cluster, &limits, session),
+                pull(&transport, addr, &store, cluster, &limits, round),
             )
             .await
             .unwrap_or_else(|_| Err(SyncError::Stream(format!("session over {limit:?}"))));

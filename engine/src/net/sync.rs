@@ -15,6 +15,7 @@ use patina_core::change::Changeset;
 use patina_core::chunk;
 use patina_core::wire::{
     changeset_to_bytes, decode_changeset, decode_sync_state, encode_sync_state, Limits,
+    SYNC_REQUEST_BYTES_MAX,
 };
 
 use crate::net::transport::{Session, Transport};
@@ -129,7 +130,7 @@ async fn serve_session(
     versions_max: u64,
     part_bytes: usize,
 ) -> Result<usize, SyncError> {
-    let request = read_frame(&mut session.recv, limits.changeset_bytes_max).await?;
+    let request = read_frame(&mut session.recv, SYNC_REQUEST_BYTES_MAX).await?;
     let state =
         decode_sync_state(&request, cluster, &limits).map_err(|e| SyncError::Bad(e.to_string()))?;
     let plan = store
@@ -218,7 +219,7 @@ impl PullReport {
     }
 }
 
-/// Pulls from one peer what this node lacks. `round` (the node's sync session count) picks
+/// Pulls from one peer what this node lacks. `round` (the sessions opened with this peer) picks
 /// which of its older gaps a request asks for when they are more than one request holds.
 pub async fn pull(
     transport: &Transport,

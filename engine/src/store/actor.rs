@@ -335,6 +335,9 @@ pub(crate) fn spawn_store(
                         "reloading the store's state failed (tried again at the next request): {e}"
                     );
                 }
+                // A backfill owed since a failure, retried when due whatever the request, so
+                // a node with no writes (health checks, sync rounds) still makes it.
+                store.backfill_if_due();
                 match request {
                     StoreRequest::Transact {
                         statements,
@@ -489,6 +492,9 @@ pub(crate) fn spawn_store(
                 // After every request, whatever it changed (a request that changed nothing
                 // stores the same hash again).
                 published.store(store.bookkeeping().state_hash(), Ordering::Release);
+                metrics
+                    .unreplicated_tables
+                    .store(store.tables_owed_backfill().len() as u64, Ordering::Relaxed);
             }
             tracing::debug!("store thread stopped");
         })

@@ -633,6 +633,17 @@ impl Store {
     /// goes on.
     fn settle(&mut self) -> Result<(), StoreError> {
         self.reload_if_owed()?;
+        self.backfill_if_due();
+        Ok(())
+    }
+
+    /// Tries the backfill a schema change owes, if any and if due (a minute after the last
+    /// failure). The store thread calls this before every request too, so a node with no
+    /// writes still makes it once the cause is gone.
+    pub(crate) fn backfill_if_due(&mut self) {
+        if self.backfill_owed.is_empty() || self.reload_owed {
+            return;
+        }
         if self
             .backfill_retry_at
             .is_none_or(|at| std::time::Instant::now() >= at)
@@ -645,7 +656,6 @@ impl Store {
                 }
             }
         }
-        Ok(())
     }
 
     /// Makes the reload a failed one owes, if it owes one. The store thread calls this before
