@@ -700,3 +700,114 @@ async fn a_subscription_making_a_huge_value_is_refused() {
         agent.shutdown().await;
     }
 }
+
+/// A result row with a NULL is kept as it is: in the live stream, in the history a client
+/// resumes from, and across a restart. An earlier release stored such a row empty: a resume
+/// across it failed, and the next start of the node failed on reading it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_with_a_null_survives_a_resume_and_a_restart() {
+    let (dirs, mut agents) = cluster(1, |_| {}).await;
+    let sql = "SELECT k, v FROM kv";
+    let (_, id, mut stream) =
+        subscribe(&agents[0], Method::POST, "/v1/subscriptions", json!(sql)).await;
+    let id = id.unwrap();
+    stream.take(2).await;
+    exec(&agents[0], "INSERT INTO kv (k) VALUES ('a')").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["insert", 1, ["a", null], 1]})]
+    );
+    exec(&agents[0], "UPDATE kv SET v = 'x' WHERE k = 'a'").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["update", 1, ["a", "x"], 2]})]
+    );
+    exec(&agents[0], "INSERT INTO kv (k) VALUES ('b')").await;
+    assert_eq!(
+        stream.take(1).await,
+        vec![json!({"change": ["insert", 2, ["b", null], 3]})]
+    );
+    drop(stream);
+
+    // The node starts again with the subscription, and a client resumes across the NULLs.
+    agents.pop().unwrap().shutdown().await;
+    let mut config = node_config_with(dirs[0].path(), &[], SCHEMA);
+    configure(&mut config);
+    let restarted = Agent::start(&config)
+        .await
+        .expect("the node starts with its subscriptions");
+    let path = format!("/v1/subscriptions/{id}?from=0");
+    let (status, _, mut resumed) = subscribe(&restarted, Method::GET, &path, Json::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        resumed.take(3).await,
+        vec![
+            json!({"change": ["insert", 1, ["a", null], 1]}),
+            json!({"change": ["update", 1, ["a", "x"], 2]}),
+            json!({"change": ["insert", 2, ["b", null], 3]})
+        ]
+    );
+    // And its rows are the stored ones: a change to the first row is an update of row 1.
+    exec(&restarted, "UPDATE kv SET n = 1, v = NULL WHERE k = 'a'").await;
+    assert_eq!(
+        resumed.take(1).await,
+        vec![json!({"change": ["update", 1, ["a", null], 4]})]
+    );
+    restarted.shutdown().await;
+}
+
+/// `SELECT *` takes in a column a schema reload adds: the subscription ends with an error
+/// event that says to subscribe again, and a new one has the new column. Before, its key
+/// columns were read from the wrong places, and every row changed identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_whose_columns_change_with_the_schema_ends() {
+    let (dirs, agents) = cluster(1, |_| {}).await;
+    exec(&agents[0], "INSERT INTO hosts (id, name) VALUES (1, 'a')").await;
+    let (_, _, mut stream) = subscribe(
+        &agents[0],
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT * FROM hosts"),
+    )
+    .await;
+    assert_eq!(stream.take(1).await[0], json!({"columns": ["id", "name"]}));
+    stream.take(2).await;
+    let schema = SCHEMA.replace(
+        "name TEXT NOT NULL DEFAULT '')",
+        "name TEXT NOT NULL DEFAULT '', zone TEXT)",
+    );
+    std::fs::write(dirs[0].path().join("schema/schema.sql"), schema).unwrap();
+    let (status, body) = request(
+        &Target::Unix(agents[0].admin_path().to_path_buf()),
+        Method::POST,
+        "/reload",
+        None,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    exec(&agents[0], "UPDATE hosts SET name = 'b' WHERE id = 1").await;
+    let ended = stream.take(1).await;
+    assert!(
+        ended[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("removed") && e.contains("columns changed")),
+        "{ended:?}"
+    );
+    assert_eq!(stream.next().await, None, "the stream ends");
+    let (_, _, mut again) = subscribe(
+        &agents[0],
+        Method::POST,
+        "/v1/subscriptions",
+        json!("SELECT * FROM hosts"),
+    )
+    .await;
+    assert_eq!(
+        again.take(2).await,
+        vec![
+            json!({"columns": ["id", "name", "zone"]}),
+            json!({"row": [1, [1, "b", null]]})
+        ]
+    );
+}

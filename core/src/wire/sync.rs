@@ -88,7 +88,8 @@ fn gaps_asked(needs: &Gaps, share: usize, round: u64) -> (&Gaps, &Gaps) {
     (&older[start..(start + window).min(older.len())], latest)
 }
 
-/// Decodes a sync request from untrusted bytes.
+/// Decodes a sync request from untrusted bytes: at most [`SYNC_SITES_MAX`] sites and
+/// [`SYNC_GAPS_MAX`] gap ranges in all.
 pub fn decode_sync_state(
     bytes: &[u8],
     cluster: u16,
@@ -97,11 +98,15 @@ pub fn decode_sync_state(
     let mut r = Reader::for_cluster(bytes, cluster, limits)?;
     let mut state = crate::sync::SyncState::default();
     let n = r.count("site count", SYNC_SITES_MAX, SITE_ID_LEN + 2)?;
+    // Gap ranges in all, as the encoder keeps them: each costs 16 bytes decoded against two
+    // on the wire, and a request of the size servers read could hold millions.
+    let mut gaps_left = SYNC_GAPS_MAX;
     for _ in 0..n {
         let site = SiteId::from_slice(r.take(SITE_ID_LEN, "site id")?)
             .map_err(|_| DecodeError::Truncated("site id"))?;
         let head = DbVersion(r.varint()?);
-        let gaps = r.count("gap count", SYNC_GAPS_MAX, 2)?;
+        let gaps = r.count("gap count", gaps_left, 2)?;
+        gaps_left -= gaps;
         let mut needs = Vec::with_capacity(gaps);
         for _ in 0..gaps {
             let a = r.varint()?;
@@ -223,6 +228,31 @@ mod sync_wire_tests {
         assert_eq!(shares.iter().sum::<usize>(), cap);
         // As many sites as the cap, each with two gaps: one each.
         assert!(gap_shares(&vec![2; cap]).iter().all(|s| *s == 1));
+    }
+
+    /// A request with more gap ranges in all than the encoder makes is refused, though each
+    /// site's are within the cap: decoded, a request of the size servers read could hold
+    /// millions of them.
+    #[test]
+    fn a_request_with_too_many_gaps_in_all_is_refused() {
+        let per_site = SYNC_GAPS_MAX / 2 + 1;
+        let mut bytes = vec![FORMAT_VERSION, 9, 0];
+        put_varint(&mut bytes, 2);
+        for site in [1u8, 2] {
+            bytes.extend_from_slice(&[site; 16]);
+            put_varint(&mut bytes, 2 * per_site as u64);
+            put_varint(&mut bytes, per_site as u64);
+            for i in 0..per_site as u64 {
+                put_varint(&mut bytes, 2 * i + 1);
+                put_varint(&mut bytes, 0);
+            }
+        }
+        assert!(decode_sync_state(&bytes, 9, &Limits::default()).is_err());
+        // One site's worth of them decodes.
+        let one_site = 3 + 1 + (bytes.len() - 4) / 2;
+        let mut first = bytes[..one_site].to_vec();
+        first[3] = 1;
+        assert!(decode_sync_state(&first, 9, &Limits::default()).is_ok());
     }
 
     /// The largest request the encoder can make fits the limit servers read requests with.

@@ -319,6 +319,9 @@ pub(crate) fn spawn_store(
     row_changes: tokio::sync::broadcast::Sender<Arc<Vec<RowChange>>>,
 ) -> StoreHandle {
     let metrics = node_metrics.store.clone();
+    metrics
+        .unreplicated_tables
+        .store(store.tables_owed_backfill().len() as u64, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(queue_len);
     let state_hash = Arc::new(AtomicU64::new(store.bookkeeping().state_hash()));
     let published = state_hash.clone();
@@ -335,9 +338,6 @@ pub(crate) fn spawn_store(
                         "reloading the store's state failed (tried again at the next request): {e}"
                     );
                 }
-                // A backfill owed since a failure, retried when due whatever the request, so
-                // a node with no writes (health checks, sync rounds) still makes it.
-                store.backfill_if_due();
                 match request {
                     StoreRequest::Transact {
                         statements,
@@ -384,6 +384,11 @@ pub(crate) fn spawn_store(
                     }
                     StoreRequest::SyncState { reply } => {
                         let _ = reply.send(SyncState::of(store.bookkeeping()));
+                        // A backfill owed since a failure is retried when due by writes and
+                        // applies, and here, so that a node with neither makes it too: its
+                        // sync rounds come every few seconds, and nothing waits on this
+                        // request's answer but the round, unlike a health check's.
+                        store.backfill_if_due();
                     }
                     StoreRequest::Digest { deadline, reply } => {
                         let _ = reply.send(store.digest_until(deadline));

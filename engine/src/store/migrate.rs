@@ -250,6 +250,9 @@ impl Store {
             store.capture.lock().user_mode = true;
             marks_deleted?;
             let mut writes = Vec::new();
+            // What the rows' values take at least once encoded: a table far over the cap
+            // stops here, not after its every row was read and given a clock.
+            let (mut held, held_max) = (0usize, store.capture_bytes_max());
             for name in tables {
                 let table = &store.tables[name];
                 let mut stmt = store
@@ -261,6 +264,10 @@ impl Store {
                     let new = (0..ncols)
                         .map(|i| row.get_ref(i).map(capture::to_value))
                         .collect::<Result<Vec<_>, _>>()?;
+                    held += new.iter().map(value_bytes_at_least).sum::<usize>();
+                    if held > held_max {
+                        return Err(StoreError::WritesTooLarge { limit: held_max });
+                    }
                     writes.push(capture::CapturedWrite {
                         table_ord: table.ord,
                         write: RowWrite::Insert { new },
@@ -271,5 +278,14 @@ impl Store {
             Ok(Vec::new())
         })
         .map(|_| ())
+    }
+}
+
+/// The fewest bytes a value takes in a changeset: its text or blob, one byte else.
+fn value_bytes_at_least(value: &patina_core::Value) -> usize {
+    match value {
+        patina_core::Value::Text(s) => s.len(),
+        patina_core::Value::Blob(b) => b.len(),
+        _ => 1,
     }
 }

@@ -638,7 +638,7 @@ impl Store {
     }
 
     /// Tries the backfill a schema change owes, if any and if due (a minute after the last
-    /// failure). The store thread calls this before every request too, so a node with no
+    /// failure). The store thread calls this at every sync request too, so a node with no
     /// writes still makes it once the cause is gone.
     pub(crate) fn backfill_if_due(&mut self) {
         if self.backfill_owed.is_empty() || self.reload_owed {
@@ -648,12 +648,8 @@ impl Store {
             .backfill_retry_at
             .is_none_or(|at| std::time::Instant::now() >= at)
         {
-            match self.backfill_owed() {
-                Ok(()) => self.backfill_retry_at = None,
-                Err(e) => {
-                    tracing::warn!("rows of a newly replicated table still lack clocks (tried again in {BACKFILL_RETRY:?}): {e}");
-                    self.backfill_retry_at = Some(std::time::Instant::now() + BACKFILL_RETRY);
-                }
+            if let Err(e) = self.backfill_owed() {
+                tracing::warn!("rows of a newly replicated table still lack clocks (tried again in {BACKFILL_RETRY:?}): {e}");
             }
         }
     }
@@ -691,7 +687,9 @@ impl Store {
         Ok(())
     }
 
-    /// Gives clocks to the rows of the tables a committed schema change left without them.
+    /// Gives clocks to the rows of the tables a committed schema change left without them. A
+    /// failure is tried again [`BACKFILL_RETRY`] later at the soonest, whoever asks first: each
+    /// try reads the tables, and a table too large fails the same way every time.
     fn backfill_owed(&mut self) -> Result<(), StoreError> {
         if self.backfill_owed.is_empty() {
             return Ok(());
@@ -700,6 +698,9 @@ impl Store {
         let result = self.backfill(&tables);
         if result.is_err() {
             self.backfill_owed = tables;
+            self.backfill_retry_at = Some(std::time::Instant::now() + BACKFILL_RETRY);
+        } else {
+            self.backfill_retry_at = None;
         }
         result
     }

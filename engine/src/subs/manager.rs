@@ -228,12 +228,7 @@ impl Manager {
     /// receiver is closed), and those still waiting for rows are told it is gone.
     pub(super) fn remove(&mut self, index: usize, why: &str) -> Result<(), SubsError> {
         let id = self.matchers[index].id.clone();
-        let tx = self.storage.transaction()?;
-        for table in ["subs", "sub_rows", "sub_changes"] {
-            let column = if table == "subs" { "id" } else { "sub" };
-            tx.execute(&format!("DELETE FROM {table} WHERE {column} = ?1"), [&id])?;
-        }
-        tx.commit()?;
+        self.forget_stored(&id)?;
         let matcher = self.matchers.remove(index);
         let mut waiters = matcher.work.waiting;
         if let Some(Purpose::Ordered(more)) = matcher.work.busy {
@@ -541,10 +536,13 @@ impl Manager {
             }),
         };
         match result {
-            Err(SubsError::TooCostly(why)) => {
+            Err(e @ (SubsError::TooCostly(_) | SubsError::Ended(_))) => {
                 // It cannot be kept exact: it ends, and the others go on.
                 if let Some(index) = self.position(&done.sub) {
-                    let why = format!("too costly to maintain: {why}");
+                    let why = match e {
+                        SubsError::TooCostly(why) => format!("too costly to maintain: {why}"),
+                        other => other.to_string(),
+                    };
                     if let Err(e) = self.remove(index, &why) {
                         tracing::error!("subscriptions: removing failed: {e}");
                     }
@@ -734,7 +732,7 @@ impl Manager {
         )?;
         for (kind, row_id, values, identity) in changes {
             matcher.last_change_id += 1;
-            let packed = pack(&values);
+            let packed = encode_row(&values);
             if kind == ChangeType::Delete {
                 delete.execute(params![matcher.id, identity])?;
             } else {
@@ -783,13 +781,28 @@ impl Manager {
             }
         }
         let mut touched: Vec<String> = Vec::new();
+        let keys_max = self.config.rows_max.max(1);
         for matcher in self.matchers.iter_mut() {
             let mut reads = false;
             for (alias, plan) in matcher.plan.aliases.iter().enumerate() {
-                if let Some(keys) = changed.get(&plan.table) {
-                    let pending = &mut matcher.work.keys[alias];
-                    pending.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone())));
-                    reads = true;
+                let Some(keys) = changed.get(&plan.table) else {
+                    continue;
+                };
+                reads = true;
+                let work = &mut matcher.work;
+                if work.full {
+                    // The whole result, next, covers these keys too.
+                    continue;
+                }
+                let pending = &mut work.keys[alias];
+                pending.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone())));
+                if pending.len() > keys_max {
+                    // More changed keys than rows a subscription may hold (a bulk write):
+                    // one pass over the whole result, on the heavy thread, instead of
+                    // putting them all in the key table on the subscription thread; and
+                    // the list no longer grows while a query is out.
+                    work.full = true;
+                    work.keys.iter_mut().for_each(BTreeMap::clear);
                 }
             }
             if reads {

@@ -48,7 +48,7 @@ mod storage;
 mod workers;
 
 use manager::{Manager, Purpose, Work};
-use matcher::{pack, unpack, FoundRows, Matcher};
+use matcher::{decode_row, encode_row, pack, FoundRows, Matcher};
 use plan::{fnv, plan, replicated_tables, Plan};
 
 /// Bounds and retention.
@@ -89,6 +89,10 @@ pub enum SubsError {
     /// The query returns more rows, or runs longer, than a subscription may.
     #[error("{0}")]
     TooCostly(String),
+    /// The subscription cannot go on as it began (its result's columns changed with the
+    /// schema): it ends, and its clients subscribe again.
+    #[error("{0}")]
+    Ended(String),
     /// Storage failed, or the subscription thread is gone.
     #[error("subscriptions: {0}")]
     Internal(String),

@@ -16,7 +16,12 @@ impl Manager {
                 "INSERT INTO sub_rows (sub, identity, row_id, vals) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for (identity, (row_id, values)) in &matcher.rows {
-                insert.execute(params![matcher.id, identity, *row_id as i64, pack(values)])?;
+                insert.execute(params![
+                    matcher.id,
+                    identity,
+                    *row_id as i64,
+                    encode_row(values)
+                ])?;
             }
         }
         tx.commit()?;
@@ -55,11 +60,17 @@ impl Manager {
         )?;
         let mut found = stmt.query(params![matcher.id, from as i64])?;
         while let Some(row) = found.next()? {
+            let change_id = row.get::<_, i64>(0)? as u64;
+            let values = decode_row(&row.get::<_, Vec<u8>>(3)?).map_err(|e| {
+                SubsError::Resume(format!(
+                    "change {change_id} cannot be read back ({e}): subscribe again without from"
+                ))
+            })?;
             replay.push(Arc::new(ChangeEvent {
-                change_id: row.get::<_, i64>(0)? as u64,
+                change_id,
                 kind: kind_from_code(row.get(1)?),
                 row_id: row.get::<_, i64>(2)? as u64,
-                values: unpack(&row.get::<_, Vec<u8>>(3)?)?,
+                values,
             }));
         }
         Ok(self.attached(index, None, true, replay))
@@ -79,6 +90,7 @@ impl Manager {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!("subscription {id} can no longer run ({e}); dropped");
+                    self.forget_stored(&id)?;
                     continue;
                 }
             };
@@ -105,17 +117,47 @@ impl Manager {
                 .prepare("SELECT identity, row_id, vals FROM sub_rows WHERE sub = ?1")?
                 .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<_, _>>()?;
+            let mut unreadable = None;
             for (identity, row_id, vals) in rows {
-                matcher
-                    .rows
-                    .insert(identity.clone(), (row_id as u64, unpack(&vals)?));
-                matcher.index(&identity, true);
+                match decode_row(&vals) {
+                    Ok(values) => {
+                        matcher
+                            .rows
+                            .insert(identity.clone(), (row_id as u64, values));
+                        matcher.index(&identity, true);
+                    }
+                    Err(e) => {
+                        unreadable = Some(e);
+                        break;
+                    }
+                }
+            }
+            // A subscription whose rows cannot be read back (an earlier release stored rows
+            // with a NULL empty) is dropped, as one whose SQL no longer runs: its clients
+            // subscribe again. Failing here failed the node's start.
+            if let Some(e) = unreadable {
+                tracing::warn!("subscription {id}: {e}; dropped");
+                self.forget_stored(&id)?;
+                continue;
             }
             self.matchers.push(matcher);
         }
         self.note_any();
         // Anything committed while subscriptions were not watching becomes events (soon).
         self.resync();
+        Ok(())
+    }
+}
+
+impl Manager {
+    /// Deletes a stored subscription: its SQL, rows and history.
+    pub(super) fn forget_stored(&mut self, id: &str) -> Result<(), SubsError> {
+        let tx = self.storage.transaction()?;
+        for table in ["subs", "sub_rows", "sub_changes"] {
+            let column = if table == "subs" { "id" } else { "sub" };
+            tx.execute(&format!("DELETE FROM {table} WHERE {column} = ?1"), [id])?;
+        }
+        tx.commit()?;
         Ok(())
     }
 }

@@ -218,9 +218,6 @@ impl Worker {
     /// Runs one query; rows as (identity, visible values). One returning more than `rows_max`
     /// rows or running past `pass_timeout` is stopped: TooCostly.
     fn query(&mut self, job: &Job, query: &Query) -> Result<FoundRows, SubsError> {
-        if let Some((arity, keys)) = &query.keys {
-            self.fill_keys(*arity, keys)?;
-        }
         let SubsConfig {
             rows_max,
             pass_timeout,
@@ -234,14 +231,30 @@ impl Worker {
             )),
             _ => SubsError::from(e),
         };
+        // Armed before the changed keys go in: a bulk write's keys count against the pass's
+        // time too, and a pass past it ends as too costly, not as a thread held.
         self.interrupt
             .arm(Some(Instant::now() + pass_timeout), None);
         let result = (|| {
+            if let Some((arity, keys)) = &query.keys {
+                self.fill_keys(*arity, keys)?;
+            }
             let mut stmt = self.reader.prepare_cached(&query.sql)?;
             let width = job.visible + job.key_columns;
             let mut rows = stmt.query([])?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(too_big)? {
+                // A schema reload that added a column re-prepares the query at its first
+                // step, and `*` takes the new column in: the key columns would be read from
+                // the wrong places, and every row would change identity.
+                let columns = row.as_ref().column_count();
+                if columns != width {
+                    return Err(SubsError::Ended(format!(
+                        "the subscription's columns changed with the schema ({} columns, now {}): subscribe again",
+                        job.visible,
+                        columns.saturating_sub(job.key_columns)
+                    )));
+                }
                 if out.len() >= rows_max {
                     return Err(SubsError::TooCostly(format!(
                         "the query returns more than {rows_max} rows (subscriptions.rows_max)"

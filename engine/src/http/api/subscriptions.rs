@@ -112,9 +112,11 @@ pub(super) async fn subscribe(
     };
     let attached = state
         .subs
-        .subscribe(statement.sql, params.skip_rows, params.from)
-        .await;
-    subscription_stream(&state, attached, slot)
+        .subscribe(statement.sql, params.skip_rows, params.from);
+    match within_statement_timeout(&state, attached).await {
+        Ok(attached) => subscription_stream(&state, attached, slot),
+        Err(busy) => busy,
+    }
 }
 
 /// `GET /v1/subscriptions/{id}`: re-attach to a subscription (`from` to resume).
@@ -127,8 +129,31 @@ pub(super) async fn resubscribe(
         Ok(slot) => slot,
         Err(e) => return e.into_response(),
     };
-    let attached = state.subs.attach(id, params.skip_rows, params.from).await;
-    subscription_stream(&state, attached, slot)
+    let attached = state.subs.attach(id, params.skip_rows, params.from);
+    match within_statement_timeout(&state, attached).await {
+        Ok(attached) => subscription_stream(&state, attached, slot),
+        Err(busy) => busy,
+    }
+}
+
+/// The subscription's answer (its first rows, or the changes to replay), or a 503 once the
+/// statement timeout has passed: the rows wait for a query thread, behind the heavy queries
+/// of other subscriptions, and the request holds a stream slot meanwhile.
+async fn within_statement_timeout(
+    state: &ApiState,
+    attached: impl std::future::Future<Output = Result<Attached, SubsError>>,
+) -> Result<Result<Attached, SubsError>, Response> {
+    tokio::time::timeout(state.statement_timeout, attached)
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the subscription's rows did not come within {:?}: its query is waiting behind others; try again",
+                    state.statement_timeout
+                ),
+            )
+        })
 }
 
 /// `DELETE /v1/subscriptions/{id}`: removes a subscription; its subscribers' streams end.
@@ -164,7 +189,7 @@ pub(super) fn subscription_stream(
         }
         Err(e @ SubsError::Unknown(_)) => return error(StatusCode::NOT_FOUND, e),
         Err(e @ SubsError::TooMany(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
-        Err(e @ SubsError::Resume(_)) => {
+        Err(e @ (SubsError::Resume(_) | SubsError::Ended(_))) => {
             // An error event, never a silent gap: the stream says why and ends.
             return ndjson_response(Body::from(ndjson_line(&QueryEvent::Error(e.to_string()))));
         }
@@ -232,7 +257,8 @@ pub(super) fn subscription_stream(
                     let _ = lines
                         .send(ndjson_line(&QueryEvent::Error(
                             "the subscription was removed (deleted, unused for its idle \
-                             timeout, or too costly to keep); subscribe again"
+                             timeout, too costly to keep, or its columns changed with the \
+                             schema; the node's log says which); subscribe again"
                                 .into(),
                         )))
                         .await;
