@@ -647,6 +647,17 @@ impl Config {
             10,
             600_000,
         )?;
+        // A new subscription's first pass may take its whole budget, and the subscribe
+        // request waits for it at most the statement timeout: longer, every costly one 503s.
+        if self.subscriptions.pass_timeout_ms > self.api.statement_timeout_ms {
+            return Err(ConfigError::Invalid {
+                key: "subscriptions.pass_timeout_ms",
+                message: format!(
+                    "{} is over api.statement_timeout_ms ({}), which a subscribe request waits for its first rows at most",
+                    self.subscriptions.pass_timeout_ms, self.api.statement_timeout_ms
+                ),
+            });
+        }
         within(
             "subscriptions.idle_timeout_ms",
             self.subscriptions.idle_timeout_ms as usize,
@@ -823,6 +834,19 @@ mod tests {
         vars.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// A subscription's pass may not be allowed longer than a subscribe request waits for
+    /// its first rows: every costly subscription would answer 503.
+    #[test]
+    fn a_pass_longer_than_the_statement_timeout_is_refused() {
+        let mut config = Config::default();
+        config.check().unwrap();
+        config.subscriptions.pass_timeout_ms = config.api.statement_timeout_ms + 1;
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("subscriptions.pass_timeout_ms"), "{err}");
+        config.api.statement_timeout_ms = config.subscriptions.pass_timeout_ms;
+        config.check().unwrap();
     }
 
     #[test]

@@ -305,7 +305,15 @@ impl Manager {
         };
         let hash = fnv(&normalized);
         if let Some(index) = self.matchers.iter().position(|m| m.hash == hash) {
-            return self.attach(index, skip_rows, from, reply);
+            if self.matchers[index].columns == columns {
+                return self.attach(index, skip_rows, from, reply);
+            }
+            // The same SQL with other columns now (`SELECT *` after a column was added): the
+            // old one cannot go on, and a new one takes its place.
+            if let Err(e) = self.remove(index, "its columns changed with the schema") {
+                let _ = reply.send(Err(e));
+                return;
+            }
         }
         if from.is_some() {
             let _ = reply.send(Err(SubsError::BadQuery(
@@ -507,10 +515,7 @@ impl Manager {
         };
         let result = match purpose {
             Purpose::First => self.first_rows(index, done.found),
-            Purpose::Ordered(waiters) => {
-                self.ordered_rows(index, done.found, waiters);
-                Ok(())
-            }
+            Purpose::Ordered(waiters) => self.ordered_rows(index, done.found, waiters),
             Purpose::Full => done.found.and_then(|mut found| {
                 let found = found.pop().unwrap_or_default();
                 self.batch(|manager| {
@@ -644,13 +649,14 @@ impl Manager {
 
     /// The rows in the query's order for subscribers attaching: any difference from the held
     /// rows (a commit not yet announced) becomes events first, so the rows agree with the
-    /// stream.
+    /// stream. An error goes to the waiters, and ends the subscription only when it cannot go
+    /// on (its columns changed).
     pub(super) fn ordered_rows(
         &mut self,
         index: usize,
         found: Result<Vec<FoundRows>, SubsError>,
         waiters: Vec<Waiter>,
-    ) {
+    ) -> Result<(), SubsError> {
         let result = found.and_then(|mut found| {
             let found = found.pop().unwrap_or_default();
             let mut stale = Vec::new();
@@ -679,6 +685,10 @@ impl Manager {
                 Ok(rows) => Ok(self.attached(index, Some(rows.clone()), false, Vec::new())),
                 Err(e) => Err(e.clone()),
             });
+        }
+        match result {
+            Err(e @ SubsError::Ended(_)) => Err(e),
+            _ => Ok(()),
         }
     }
 

@@ -119,7 +119,20 @@ impl Manager {
                 .collect::<Result<_, _>>()?;
             let mut unreadable = None;
             for (identity, row_id, vals) in rows {
-                match decode_row(&vals) {
+                // Rows of another width: the schema changed the query's columns while the
+                // node was down (`SELECT *` after a column was added).
+                let decoded = decode_row(&vals).and_then(|values| {
+                    if values.len() == matcher.plan.visible {
+                        Ok(values)
+                    } else {
+                        Err(SubsError::Ended(format!(
+                            "its rows have {} columns, its query now {}",
+                            values.len(),
+                            matcher.plan.visible
+                        )))
+                    }
+                });
+                match decoded {
                     Ok(values) => {
                         matcher
                             .rows

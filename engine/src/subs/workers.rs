@@ -280,12 +280,14 @@ impl Worker {
 
     /// Puts the changed keys into the TEMP table the restricted queries join.
     fn fill_keys(&mut self, arity: usize, keys: &[Vec<Value>]) -> Result<(), SubsError> {
-        if self.key_tables.insert(arity) {
+        if !self.key_tables.contains(&arity) {
             let cols: Vec<String> = (0..arity).map(|j| format!("c{j}")).collect();
             self.reader.execute_batch(&format!(
                 "CREATE TEMP TABLE IF NOT EXISTS __patina_keys_{arity} ({})",
                 cols.join(", ")
             ))?;
+            // Only once made: the pass's deadline may stop the statement.
+            self.key_tables.insert(arity);
         }
         self.reader
             .execute(&format!("DELETE FROM temp.__patina_keys_{arity}"), [])?;
