@@ -818,6 +818,75 @@ fn a_backup_with_deferred_entries_restores_under_a_new_identity_with_them() {
     drop(a);
 }
 
+/// A restore installs what it checked, whatever an earlier restore cut off left beside the
+/// staging file (a WAL there was replayed onto the new copy), into a folder that need not
+/// exist yet, and replaces a database with its WAL whole: nothing of the old one is left.
+#[test]
+fn a_restore_installs_what_it_checked_whatever_an_earlier_one_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (1, 'one')",
+    )])
+    .unwrap();
+    let copy = dir.path().join("a.backup");
+    patina::store::backup::backup(&dir.path().join("a.db"), &copy).unwrap();
+    drop(a);
+
+    // Into a folder that does not exist, with junk where a cut-off restore stages.
+    let target = dir.path().join("new/c.db");
+    std::fs::create_dir_all(dir.path().join("new")).unwrap();
+    for junk in [
+        "c.db.restoring-wal",
+        "c.db.restoring-journal",
+        "c.db.restoring",
+    ] {
+        std::fs::write(dir.path().join("new").join(junk), b"not a journal").unwrap();
+    }
+    let first = patina::store::backup::restore(&copy, &target, false).unwrap();
+    let fresh = dir.path().join("fresh/c.db");
+    patina::store::backup::restore(&copy, &fresh, true).unwrap();
+    let names = |folder: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path().join(folder))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names("new"), ["c.db", "c.db.lock"]);
+    assert_eq!(names("fresh"), ["c.db", "c.db.lock"]);
+
+    // Again over the first, which has a WAL and subscriptions: replaced whole.
+    let name = |n: &str| dir.path().join("new").join(n);
+    let mut c = Store::open(&StoreConfig {
+        path: target.clone(),
+        ..config(&dir, "unused.db")
+    })
+    .unwrap();
+    assert_eq!(c.site_id(), first.site);
+    c.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (2, 'two')",
+    )])
+    .unwrap();
+    drop(c);
+    std::fs::write(name("c.db.subscriptions"), b"x").unwrap();
+    let second = patina::store::backup::restore(&copy, &target, false).unwrap();
+    assert_ne!(second.site, first.site);
+    assert_eq!(names("new"), ["c.db", "c.db.lock"]);
+    let c = Store::open(&StoreConfig {
+        path: target,
+        ..config(&dir, "unused.db")
+    })
+    .unwrap();
+    assert_eq!(c.site_id(), second.site);
+    assert_eq!(
+        rows(&c, "SELECT id FROM hosts ORDER BY id"),
+        vec![vec![1.into()]],
+        "the backup's rows, not the replaced database's"
+    );
+}
+
 #[test]
 fn a_remote_merge_superseding_a_deferred_entry_leaves_no_stale_entry() {
     let dir = tempfile::tempdir().unwrap();

@@ -277,6 +277,7 @@ impl Agent {
             db_path: config.db.path.clone(),
             control: gossip_control,
             subs: admin_subs,
+            backup_running: Default::default(),
         });
         let admin_task =
             crate::logging::spawn(serve(admin, admin_router, api_limits, shutdown_rx.clone()));

@@ -519,6 +519,12 @@ impl Transport {
             QuicServerConfig::try_from(server_tls).map_err(crypto_err)?,
         ));
         server.transport_config(transport.clone());
+        // No connection migration: a node's connections are known by the peer's address
+        // (the pool, the kept keys, the address a message came from, which the sync check
+        // trusts). With it, a member could send one packet from another member's address
+        // right after its handshake, and be filed under that address for good: quinn reverts
+        // once validation fails, the pool does not. Nodes have fixed addresses.
+        server.migration(false);
         // Checked once here, so that building a connection's config later cannot fail.
         QuicClientConfig::try_from(client_tls.clone()).map_err(crypto_err)?;
         let faults = Arc::new(Faults::default());

@@ -97,9 +97,10 @@ pub fn backup(db: &Path, to: &Path) -> Result<BackupReport, StoreError> {
     }
     drop(conn);
     let io = |e: std::io::Error| StoreError::Backup(format!("{}: {e}", to.display()));
-    std::fs::File::open(&partial)
-        .and_then(|f| f.sync_all())
-        .map_err(io)?;
+    if let Err(e) = std::fs::File::open(&partial).and_then(|f| f.sync_all()) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(io(e));
+    }
     // A hard link fails if `to` appeared meanwhile: a backup never replaces a file.
     let linked = std::fs::hard_link(&partial, to);
     let _ = std::fs::remove_file(&partial);
@@ -143,10 +144,31 @@ pub fn lock_database(db: &Path) -> Result<std::fs::File, StoreError> {
 }
 
 /// Installs the backup `from` as the database at `db` (whose node must be stopped), under a
-/// new site id unless `keep_site`. The previous database file, its WAL and the node's
-/// subscriptions (whose change ids belong to the replaced database) are removed.
+/// new site id unless `keep_site`. The node's subscriptions (whose change ids belong to the
+/// replaced database) are removed.
+///
+/// What is installed is what was checked: the backup is copied through SQLite from the
+/// connection that checked it (with any WAL beside it), into a staging file made fresh, so a
+/// WAL or journal an earlier restore left there cannot be replayed onto it. The database it
+/// replaces is folded into one file and moved aside to `<db>.replaced` before the staged file
+/// takes its name, and removed once the new one is in place: a restore cut off between the
+/// two leaves no database at `db` and the previous one whole at `<db>.replaced`, never a
+/// database beside another's WAL.
 pub fn restore(from: &Path, db: &Path, keep_site: bool) -> Result<RestoreReport, StoreError> {
+    let io = |e: std::io::Error| StoreError::Backup(format!("{}: {e}", db.display()));
+    let dir = db.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
     let _lock = lock_database(db)?;
+    let remove_if_there = |path: &Path| match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+        _ => Ok(()),
+    };
+    let staged = with_suffix(db, ".restoring");
+    for sidecar in ["", "-journal", "-wal", "-shm"] {
+        remove_if_there(&with_suffix(&staged, sidecar))?;
+    }
     {
         let check = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         let verdict: String = check.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
@@ -157,13 +179,11 @@ pub fn restore(from: &Path, db: &Path, keep_site: bool) -> Result<RestoreReport,
             )));
         }
         own_site(&check)?;
+        let target = staged
+            .to_str()
+            .ok_or_else(|| StoreError::Backup("the database path is not UTF-8".into()))?;
+        check.execute("VACUUM INTO ?1", [target])?;
     }
-    let io = |e: std::io::Error| StoreError::Backup(format!("{}: {e}", db.display()));
-    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let staged = with_suffix(db, ".restoring");
-    std::fs::copy(from, &staged).map_err(io)?;
     let report = {
         let mut conn = Connection::open(&staged)?;
         let backup_site = own_site(&conn)?;
@@ -178,17 +198,40 @@ pub fn restore(from: &Path, db: &Path, keep_site: bool) -> Result<RestoreReport,
     std::fs::File::open(&staged)
         .and_then(|f| f.sync_all())
         .map_err(io)?;
-    for stale in ["-wal", "-shm", ".subscriptions"] {
-        match std::fs::remove_file(with_suffix(db, stale)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
+    for sidecar in ["-journal", "-wal", "-shm"] {
+        remove_if_there(&with_suffix(&staged, sidecar))?;
+    }
+    let replaced = with_suffix(db, ".replaced");
+    if db.exists() {
+        // Folded into one file first (a database that cannot be opened keeps its WAL, moved
+        // with it under the same new name, so the two still belong together).
+        if let Ok(old) = Connection::open(db) {
+            if let Err(e) = old.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+                tracing::warn!("folding the replaced database's WAL failed: {e}");
+            }
+        }
+        for sidecar in ["", "-wal", "-shm"] {
+            remove_if_there(&with_suffix(&replaced, sidecar))?;
+        }
+        for sidecar in ["", "-wal", "-shm"] {
+            match std::fs::rename(with_suffix(db, sidecar), with_suffix(&replaced, sidecar)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => {}
+            }
         }
     }
-    for stale in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(with_suffix(&staged, stale));
+    for sidecar in ["", "-wal", "-shm"] {
+        remove_if_there(&with_suffix(&with_suffix(db, ".subscriptions"), sidecar))?;
     }
     std::fs::rename(&staged, db).map_err(io)?;
+    if let Some(dir) = dir {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    for sidecar in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(with_suffix(&replaced, sidecar));
+    }
     Ok(report)
 }
 

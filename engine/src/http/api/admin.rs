@@ -15,6 +15,10 @@ pub struct AdminState {
     pub control: tokio::sync::mpsc::Sender<crate::net::gossip::GossipControl>,
     /// The subscription thread.
     pub subs: SubsHandle,
+    /// A backup is being written. One at a time: each holds a read snapshot for its whole
+    /// copy, and the WAL cannot be reset behind one, so several at once would hold it (and,
+    /// under `db.max_db_bytes`, writes) for as long as they all take.
+    pub backup_running: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The admin API on the unix socket: `POST /reload`, `GET /members`, `GET /membership-states`,
@@ -155,7 +159,7 @@ pub(super) async fn members(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 /// An online backup on a read connection of its own (see [`crate::store::backup`]): writes go
-/// on meanwhile.
+/// on meanwhile. A second one while one runs is refused with 409.
 pub(super) async fn backup(
     State(state): State<Arc<AdminState>>,
     axum::Json(request): axum::Json<crate::http::types::BackupRequest>,
@@ -167,8 +171,25 @@ pub(super) async fn backup(
             "the backup path must be absolute (it is a path on the node's host)",
         );
     }
-    let db = state.db_path.clone();
-    let done = tokio::task::spawn_blocking(move || crate::store::backup::backup(&db, &to)).await;
+    if state
+        .backup_running
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        return error(
+            StatusCode::CONFLICT,
+            "a backup is running: one at a time (each holds a read snapshot while it copies)",
+        );
+    }
+    let running = state.clone();
+    // Cleared when the copy ends, also when the client leaves first (the copy goes on).
+    let done = tokio::task::spawn_blocking(move || {
+        let done = crate::store::backup::backup(&running.db_path, &to);
+        running
+            .backup_running
+            .store(false, std::sync::atomic::Ordering::Release);
+        done
+    })
+    .await;
     match done {
         Ok(Ok(report)) => {
             tracing::info!(
