@@ -875,7 +875,7 @@ fn a_restore_installs_what_it_checked_whatever_an_earlier_one_left() {
     assert_ne!(second.site, first.site);
     assert_eq!(names("new"), ["c.db", "c.db.lock"]);
     let c = Store::open(&StoreConfig {
-        path: target,
+        path: target.clone(),
         ..config(&dir, "unused.db")
     })
     .unwrap();
@@ -884,6 +884,37 @@ fn a_restore_installs_what_it_checked_whatever_an_earlier_one_left() {
         rows(&c, "SELECT id FROM hosts ORDER BY id"),
         vec![vec![1.into()]],
         "the backup's rows, not the replaced database's"
+    );
+    drop(c);
+
+    // From a copy of a running database's file and WAL, with a valid WAL of another
+    // database where the restore stages: what the check read, WAL included, is installed,
+    // and nothing else.
+    let mut b = open(&dir, "b.db");
+    b.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (7, 'seven')",
+    )])
+    .unwrap();
+    let wal = dir.path().join("b.db-wal");
+    assert!(
+        std::fs::metadata(&wal).unwrap().len() > 0,
+        "the row is in the WAL"
+    );
+    std::fs::copy(dir.path().join("b.db"), dir.path().join("copy.db")).unwrap();
+    std::fs::copy(&wal, dir.path().join("copy.db-wal")).unwrap();
+    std::fs::copy(&wal, name("c.db.restoring-wal")).unwrap();
+    let third = patina::store::backup::restore(&dir.path().join("copy.db"), &target, true).unwrap();
+    assert_eq!(third.site, b.site_id());
+    drop(b);
+    assert_eq!(names("new"), ["c.db", "c.db.lock"]);
+    let c = Store::open(&StoreConfig {
+        path: target,
+        ..config(&dir, "unused.db")
+    })
+    .unwrap();
+    assert_eq!(
+        rows(&c, "SELECT id FROM hosts ORDER BY id"),
+        vec![vec![7.into()]]
     );
 }
 

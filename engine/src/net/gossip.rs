@@ -846,9 +846,19 @@ impl GossipTask {
 
 /// Reads the members remembered by an earlier run.
 pub fn remembered_members(path: &std::path::Path) -> Vec<SocketAddr> {
-    std::fs::read_to_string(path)
-        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
-        .unwrap_or_default()
+    use std::io::Read;
+    // The file holds one address a member: a file far larger is not one this node wrote.
+    const MEMBERS_FILE_BYTES_MAX: u64 = 16 << 20;
+    let mut text = String::new();
+    let read = std::fs::File::open(path)
+        .and_then(|file| file.take(MEMBERS_FILE_BYTES_MAX).read_to_string(&mut text));
+    if read.is_err() {
+        return Vec::new();
+    }
+    text.lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(crate::net::membership::member_address)
+        .collect()
 }
 
 /// The channel of a broadcast message. Changesets and what upkeeps the overlay go as

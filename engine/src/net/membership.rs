@@ -62,6 +62,15 @@ impl Identity for Actor {
     }
 }
 
+/// Whether a member may have `addr`: not unspecified, multicast or broadcast, nor port 0.
+/// Such an address, gossiped by a faulty peer, reached every node's view and members file,
+/// and a node bound to every interface would then advertise itself on loopback.
+pub fn member_address(addr: &SocketAddr) -> bool {
+    let ip = addr.ip();
+    let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    addr.port() != 0 && !ip.is_unspecified() && !ip.is_multicast() && !broadcast
+}
+
 /// A change of membership, for the broadcast core.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberEvent {
@@ -112,6 +121,9 @@ pub struct Membership {
     /// looks up its destination here, and an ordered map of hundreds of sites was 1.5% of a
     /// writing cluster's CPU (`loadgen live`, 800 agents).
     members: FastMap<SiteId, SocketAddr>,
+    /// The bump of the identity each of `members` is held under: an identity of the same
+    /// site at another address replaces it only if newer.
+    member_bumps: FastMap<SiteId, u64>,
     sized_for: u32,
     probe_period: std::time::Duration,
     /// Chooses the warm members that dissemination is moved to.
@@ -327,6 +339,7 @@ impl Membership {
             timers: BinaryHeap::new(),
             timer_seq: 0,
             members: FastMap::default(),
+            member_bumps: FastMap::default(),
             sized_for: 2,
             probe_period,
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed_0f3a_4d00),
@@ -742,6 +755,31 @@ impl Membership {
         }
     }
 
+    /// Holds `actor` as its site's member if it may be one: a real site at an address a
+    /// member can have, and, when the site is held at another address, a newer identity
+    /// (an older one, applied late from a feed or replayed, would take the site's traffic
+    /// to an address it left, and its going down would then remove the site). True if held.
+    fn take_up(&mut self, actor: &Actor) -> bool {
+        if actor.site == [0; 16] || !member_address(&actor.addr) {
+            return false;
+        }
+        let site = actor.site_id();
+        let held = match (self.members.get(&site), self.member_bumps.get(&site)) {
+            (Some(addr), Some(bump)) => Some((*addr, *bump)),
+            _ => None,
+        };
+        let (taken, bump) = match held {
+            Some((addr, bump)) if addr == actor.addr => (true, bump.max(actor.bump)),
+            Some((_, bump)) => (actor.bump > bump, actor.bump),
+            None => (true, actor.bump),
+        };
+        if taken {
+            self.members.insert(site, actor.addr);
+            self.member_bumps.insert(site, bump);
+        }
+        taken
+    }
+
     /// Collects what foca produced: packets to send (address, bytes) and member events.
     /// Schedules its timers. Call after every other method.
     pub fn drain(&mut self, now: Instant) -> (Vec<(SocketAddr, Vec<u8>)>, Vec<MemberEvent>) {
@@ -758,29 +796,42 @@ impl Membership {
         }
         while let Some(notification) = self.runtime.to_notify() {
             match notification {
-                OwnedNotification::MemberUp(actor) if actor.site != [0; 16] => {
-                    self.members.insert(actor.site_id(), actor.addr);
+                // (The guard holds the member, if it may be held.)
+                OwnedNotification::MemberUp(actor) if self.take_up(&actor) => {
                     events.push(MemberEvent::Up {
                         site: actor.site_id(),
                         addr: actor.addr,
                     });
                 }
                 OwnedNotification::Rename(old, new) => {
-                    if old.site != new.site && self.members.remove(&old.site_id()).is_some() {
+                    // Only the identity held goes (the site may have moved to another
+                    // address since, or the old address be another site's now).
+                    if old.site != new.site && self.members.get(&old.site_id()) == Some(&old.addr) {
+                        self.members.remove(&old.site_id());
+                        self.member_bumps.remove(&old.site_id());
                         events.push(MemberEvent::Down {
                             site: old.site_id(),
                         });
                     }
-                    self.members.insert(new.site_id(), new.addr);
-                    events.push(MemberEvent::Up {
-                        site: new.site_id(),
-                        addr: new.addr,
-                    });
+                    // foca renames whatever the state: a down identity renamed into another
+                    // down one is no member.
+                    let active = self.foca.iter_members().any(|m| m.id() == &new);
+                    if active && self.take_up(&new) {
+                        events.push(MemberEvent::Up {
+                            site: new.site_id(),
+                            addr: new.addr,
+                        });
+                    }
                 }
                 OwnedNotification::MemberDown(actor)
-                    if self.members.get(&actor.site_id()) == Some(&actor.addr) =>
+                    if self.members.get(&actor.site_id()) == Some(&actor.addr)
+                        && self
+                            .member_bumps
+                            .get(&actor.site_id())
+                            .is_none_or(|held| *held <= actor.bump) =>
                 {
                     self.members.remove(&actor.site_id());
+                    self.member_bumps.remove(&actor.site_id());
                     events.push(MemberEvent::Down {
                         site: actor.site_id(),
                     });
@@ -825,6 +876,59 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::time::Duration;
+
+    /// A site held at one address is not moved to another by an older identity of it (a
+    /// stale update from a feed, or one a faulty peer replays), whose going down would then
+    /// have removed the site; a newer one moves it. An address no member can have is never
+    /// taken, nor read back from the members file.
+    #[test]
+    fn only_a_newer_identity_moves_a_held_site_and_no_member_has_an_unusable_address() {
+        let me = Actor {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            site: [1; 16],
+            bump: 1,
+            cluster: 0,
+        };
+        let mut node = Membership::new(me, 1, Duration::from_secs(1));
+        let at = |port: u16, bump: u64| Actor {
+            addr: SocketAddr::from(([10, 0, 0, 1], port)),
+            site: [7; 16],
+            bump,
+            cluster: 0,
+        };
+        let site = SiteId([7; 16]);
+        assert!(node.take_up(&at(1, 10)));
+        assert!(!node.take_up(&at(2, 9)), "older, elsewhere");
+        assert_eq!(node.addr_of(&site), Some(at(1, 10).addr));
+        assert!(node.take_up(&at(1, 9)), "the same address: its renewal");
+        assert!(node.take_up(&at(3, 11)), "newer, elsewhere");
+        assert_eq!(node.addr_of(&site), Some(at(3, 11).addr));
+        for unusable in [
+            "0.0.0.0:5",
+            "224.0.0.1:5",
+            "255.255.255.255:5",
+            "10.0.0.1:0",
+            "[::]:5",
+        ] {
+            let addr: SocketAddr = unusable.parse().unwrap();
+            assert!(!member_address(&addr), "{addr}");
+            let mut other = at(9, 99);
+            other.site = [8; 16];
+            other.addr = addr;
+            assert!(!node.take_up(&other), "{addr}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("members");
+        std::fs::write(
+            &file,
+            "10.0.0.1:7\n0.0.0.0:7\nnonsense\n[ff02::1]:7\n10.0.0.2:0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            crate::net::gossip::remembered_members(&file),
+            vec![SocketAddr::from(([10, 0, 0, 1], 7))]
+        );
+    }
 
     #[test]
     fn packet_kinds_are_read_from_the_header() {

@@ -150,10 +150,11 @@ pub fn lock_database(db: &Path) -> Result<std::fs::File, StoreError> {
 /// What is installed is what was checked: the backup is copied through SQLite from the
 /// connection that checked it (with any WAL beside it), into a staging file made fresh, so a
 /// WAL or journal an earlier restore left there cannot be replayed onto it. The database it
-/// replaces is folded into one file and moved aside to `<db>.replaced` before the staged file
+/// replaces is folded into one file; one that cannot be is moved aside to `<db>.replaced` before the staged file
 /// takes its name, and removed once the new one is in place: a restore cut off between the
 /// two leaves no database at `db` and the previous one whole at `<db>.replaced`, never a
-/// database beside another's WAL.
+/// database beside another's WAL. Folded whole (the usual case), the old file is replaced in
+/// one rename, with no such moment.
 pub fn restore(from: &Path, db: &Path, keep_site: bool) -> Result<RestoreReport, StoreError> {
     let io = |e: std::io::Error| StoreError::Backup(format!("{}: {e}", db.display()));
     let dir = db.parent().filter(|d| !d.as_os_str().is_empty());
@@ -201,38 +202,60 @@ pub fn restore(from: &Path, db: &Path, keep_site: bool) -> Result<RestoreReport,
     for sidecar in ["-journal", "-wal", "-shm"] {
         remove_if_there(&with_suffix(&staged, sidecar))?;
     }
+    const SIDECARS: [&str; 4] = ["", "-journal", "-wal", "-shm"];
     let replaced = with_suffix(db, ".replaced");
-    if db.exists() {
-        // Folded into one file first (a database that cannot be opened keeps its WAL, moved
-        // with it under the same new name, so the two still belong together).
-        if let Ok(old) = Connection::open(db) {
-            if let Err(e) = old.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
-                tracing::warn!("folding the replaced database's WAL failed: {e}");
-            }
+    if db.exists() && fold_into_one_file(db) {
+        // The old database is whole in its file: its empty WAL goes, and the rename below
+        // replaces the file in one step.
+        for sidecar in &SIDECARS[1..] {
+            remove_if_there(&with_suffix(db, sidecar))?;
         }
-        for sidecar in ["", "-wal", "-shm"] {
+    } else {
+        // Not folded (it cannot be opened, or a reader held it): the file moves aside with
+        // whatever journal or WAL it has, under one new name, so they still belong together
+        // and no other database is ever opened beside them.
+        for sidecar in SIDECARS {
             remove_if_there(&with_suffix(&replaced, sidecar))?;
         }
-        for sidecar in ["", "-wal", "-shm"] {
+        for sidecar in SIDECARS {
             match std::fs::rename(with_suffix(db, sidecar), with_suffix(&replaced, sidecar)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
                 _ => {}
             }
         }
     }
-    for sidecar in ["", "-wal", "-shm"] {
+    for sidecar in SIDECARS {
         remove_if_there(&with_suffix(&with_suffix(db, ".subscriptions"), sidecar))?;
     }
     std::fs::rename(&staged, db).map_err(io)?;
-    if let Some(dir) = dir {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    for sidecar in ["", "-wal", "-shm"] {
+    std::fs::File::open(dir.unwrap_or(Path::new(".")))
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    for sidecar in SIDECARS {
         let _ = std::fs::remove_file(with_suffix(&replaced, sidecar));
     }
     Ok(report)
+}
+
+/// Folds the database at `db` into its one file: a hot journal rolled back, the WAL
+/// checkpointed and emptied. False if that could not be done whole.
+fn fold_into_one_file(db: &Path) -> bool {
+    let folded = Connection::open(db).and_then(|old| {
+        // A read rolls a hot journal back.
+        old.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
+        let (busy, left): (i64, i64) =
+            old.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        Ok(busy == 0 && left <= 0)
+    });
+    match folded {
+        Ok(folded) => folded,
+        Err(e) => {
+            tracing::warn!("folding the replaced database into one file failed: {e}");
+            false
+        }
+    }
 }
 
 /// Gives the database a new site id: the old one moves to a new ordinal as a remote site whose

@@ -180,14 +180,18 @@ pub(super) async fn backup(
             "a backup is running: one at a time (each holds a read snapshot while it copies)",
         );
     }
-    let running = state.clone();
-    // Cleared when the copy ends, also when the client leaves first (the copy goes on).
+    let (db, running) = (state.db_path.clone(), state.backup_running.clone());
+    // Cleared when the copy ends, however it ends, also when the client leaves first (the
+    // copy goes on).
     let done = tokio::task::spawn_blocking(move || {
-        let done = crate::store::backup::backup(&running.db_path, &to);
-        running
-            .backup_running
-            .store(false, std::sync::atomic::Ordering::Release);
-        done
+        struct Ends(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Ends {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _ends = Ends(running);
+        crate::store::backup::backup(&db, &to)
     })
     .await;
     match done {
