@@ -832,9 +832,23 @@ impl Membership {
                 {
                     self.members.remove(&actor.site_id());
                     self.member_bumps.remove(&actor.site_id());
-                    events.push(MemberEvent::Down {
-                        site: actor.site_id(),
-                    });
+                    // Another identity of the site that foca holds active (one not taken up
+                    // while this one was held: older, elsewhere) is the site's member now.
+                    let other = self
+                        .foca
+                        .iter_members()
+                        .map(|m| m.id().clone())
+                        .filter(|id| id.site == actor.site && *id != actor)
+                        .max_by_key(|id| id.bump);
+                    match other {
+                        Some(other) if self.take_up(&other) => events.push(MemberEvent::Up {
+                            site: other.site_id(),
+                            addr: other.addr,
+                        }),
+                        _ => events.push(MemberEvent::Down {
+                            site: actor.site_id(),
+                        }),
+                    }
                 }
                 OwnedNotification::Active => {
                     // Joined (again): the first announces keep the base interval.
