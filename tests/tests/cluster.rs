@@ -14,6 +14,33 @@ use patina_tests::{
 };
 use serde_json::{json, Value as Json};
 
+/// A bare QUIC endpoint on loopback, without TLS, that opens sync sessions by hand (agents
+/// started with `node_config` are plaintext too); the receiver of what it is sent, held as
+/// long as the endpoint is used.
+fn plaintext_peer() -> (
+    patina::net::transport::Transport,
+    tokio::sync::mpsc::Receiver<patina::net::transport::Received>,
+) {
+    use patina::net::transport::{TlsMode, Transport, TransportConfig};
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let transport = Transport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &TlsMode::Plaintext,
+        TransportConfig::default(),
+        tx,
+    )
+    .unwrap();
+    (transport, rx)
+}
+
+/// A sync request as a session's first frame: its length, then the encoded state.
+fn sync_request_frame(state: &patina_core::sync::SyncState) -> Vec<u8> {
+    let body = patina_core::wire::encode_sync_state(0, state, 0);
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend(body);
+    frame
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_one_node_is_readable_on_all() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -523,18 +550,10 @@ async fn a_large_transaction_travels_in_parts() {
 /// harms nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_sync_input_is_refused() {
-    use patina::net::transport::{TlsMode, Transport, TransportConfig};
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&node_config(dir.path(), &[])).await.unwrap();
     exec(&agent, "INSERT INTO kv (k, v) VALUES ('a', 'b')").await;
-    let (tx, _rx) = tokio::sync::mpsc::channel(8);
-    let hostile = Transport::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &TlsMode::Plaintext,
-        TransportConfig::default(),
-        tx,
-    )
-    .unwrap();
+    let (hostile, _inbox) = plaintext_peer();
     let requests: Vec<Vec<u8>> = vec![
         vec![5, 0, 0, 0, 1, 2, 3, 4, 5],   // five bytes of garbage
         (u32::MAX).to_le_bytes().to_vec(), // a frame claiming 4 GiB
@@ -545,10 +564,7 @@ async fn hostile_sync_input_is_refused() {
                 agent.site_id(),
                 (patina_core::DbVersion(1), vec![(1, 1 << 60)]),
             );
-            let body = patina_core::wire::encode_sync_state(0, &state, 0);
-            let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-            frame.extend(body);
-            frame
+            sync_request_frame(&state)
         },
         vec![1, 0, 0], // a truncated length
     ];
@@ -581,7 +597,6 @@ async fn hostile_sync_input_is_refused() {
 /// of it) still sends every version once, in order, a cleared one included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_answer_of_several_chunks_sends_every_version_once_in_order() {
-    use patina::net::transport::{TlsMode, Transport, TransportConfig};
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&node_config(dir.path(), &[])).await.unwrap();
     let big = "x".repeat(200_000);
@@ -596,22 +611,13 @@ async fn a_sync_answer_of_several_chunks_sends_every_version_once_in_order() {
     exec(&agent, "DELETE FROM kv WHERE k = '5'").await;
     assert!(12 * big.len() > 2 * patina::net::sync::SERVE_CHUNK_BYTES);
 
-    let (tx, _rx) = tokio::sync::mpsc::channel(8);
-    let peer = Transport::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &TlsMode::Plaintext,
-        TransportConfig::default(),
-        tx,
-    )
-    .unwrap();
+    let (peer, _inbox) = plaintext_peer();
     let (mut send, mut recv) = peer
         .open_session(agent.gossip_addr())
         .await
         .expect("session");
     // A peer that has nothing.
-    let body = patina_core::wire::encode_sync_state(0, &patina_core::sync::SyncState::default(), 0);
-    let mut request = (body.len() as u32).to_le_bytes().to_vec();
-    request.extend(body);
+    let request = sync_request_frame(&patina_core::sync::SyncState::default());
     send.write_all(&request).await.unwrap();
     let _ = send.finish();
     let answer = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(64 << 20))
@@ -652,7 +658,6 @@ async fn a_sync_answer_of_several_chunks_sends_every_version_once_in_order() {
 /// such a peer held a slot for as long as it liked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_session_read_too_slowly_is_cut_at_the_serve_cap() {
-    use patina::net::transport::{TlsMode, Transport, TransportConfig};
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = node_config(dir.path(), &[]);
     cfg.gossip.sync_serve_ms_max = 1_000;
@@ -666,23 +671,10 @@ async fn a_sync_session_read_too_slowly_is_cut_at_the_serve_cap() {
         )
         .await;
     }
-    let (tx, _rx) = tokio::sync::mpsc::channel(8);
-    let peer = Transport::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &TlsMode::Plaintext,
-        TransportConfig::default(),
-        tx,
-    )
-    .unwrap();
-    let request_of = |state: &patina_core::sync::SyncState| {
-        let body = patina_core::wire::encode_sync_state(0, state, 0);
-        let mut request = (body.len() as u32).to_le_bytes().to_vec();
-        request.extend(body);
-        request
-    };
+    let (peer, _inbox) = plaintext_peer();
     // A peer that has nothing; the answer (4 MB) is larger than a stream's flow-control
     // window, so the node waits on the reader.
-    let request = request_of(&patina_core::sync::SyncState::default());
+    let request = sync_request_frame(&patina_core::sync::SyncState::default());
     // Frames read (after the answer's first bytes, `read`) until the stream ends or fails;
     // whether the empty last frame came.
     let read_answer = |mut recv: quinn::RecvStream, read: Vec<u8>| async move {
@@ -734,7 +726,9 @@ async fn a_sync_session_read_too_slowly_is_cut_at_the_serve_cap() {
         .open_session(agent.gossip_addr())
         .await
         .expect("session");
-    send.write_all(&request_of(&lacks_one)).await.unwrap();
+    send.write_all(&sync_request_frame(&lacks_one))
+        .await
+        .unwrap();
     let _ = send.finish();
     let (frames, whole) = read_answer(recv, Vec::new()).await;
     assert!(whole && frames >= 2, "{frames} frames, whole: {whole}");
@@ -748,21 +742,13 @@ async fn a_sync_session_read_too_slowly_is_cut_at_the_serve_cap() {
 /// node's anti-entropy stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_sync_request_is_served_by_a_node_with_a_small_message_limit() {
-    use patina::net::transport::{TlsMode, Transport, TransportConfig};
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = node_config(dir.path(), &[]);
     cfg.gossip.message_bytes_max = 64 * 1024;
     cfg.gossip.part_bytes = 16 * 1024;
     let agent = Agent::start(&cfg).await.unwrap();
     exec(&agent, "INSERT INTO kv (k, v) VALUES ('1', 'one')").await;
-    let (tx, _rx) = tokio::sync::mpsc::channel(8);
-    let peer = Transport::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &TlsMode::Plaintext,
-        TransportConfig::default(),
-        tx,
-    )
-    .unwrap();
+    let (peer, _inbox) = plaintext_peer();
     // A peer that heard of 40,000 versions of the node and lacks every odd one, version 1
     // (the only one the node has) among them.
     let mut state = patina_core::sync::SyncState::default();
@@ -770,10 +756,9 @@ async fn a_large_sync_request_is_served_by_a_node_with_a_small_message_limit() {
     state
         .sites
         .insert(agent.site_id(), (patina_core::DbVersion(40_000), gaps));
-    let body = patina_core::wire::encode_sync_state(0, &state, 0);
-    assert!(body.len() > cfg.gossip.message_bytes_max, "{}", body.len());
-    let mut request = (body.len() as u32).to_le_bytes().to_vec();
-    request.extend(body);
+    let request = sync_request_frame(&state);
+    let body = request.len() - 4;
+    assert!(body > cfg.gossip.message_bytes_max, "{body}");
     let (mut send, mut recv) = peer
         .open_session(agent.gossip_addr())
         .await
