@@ -219,6 +219,10 @@ pub struct GossipConfig {
     /// of CPU for both ends): many agents on one machine (loadgen) need a longer period.
     /// Failure detection takes a few periods. 100..=60,000.
     pub swim_probe_period_ms: u64,
+    /// SWIM: member identities held at most, alive and down. Beyond, members new to this
+    /// node are refused (counted in `patina_member_updates_refused`), so a faulty or hostile
+    /// member cannot grow every node's member list without bound. 2..=1,000,000.
+    pub members_max: usize,
     /// QUIC connections pooled at most; the least recently active are closed beyond.
     /// 4..=65,536.
     pub connections_max: usize,
@@ -279,6 +283,7 @@ impl Default for GossipConfig {
             sync_sessions_max: 4,
             sync_serve_ms_max: 60_000,
             swim_probe_period_ms: 1_000,
+            members_max: crate::net::membership::MEMBERS_MAX_DEFAULT,
             connections_max: 128,
             connection_idle_ms: 20_000,
             sealed_datagrams: true,
@@ -734,6 +739,7 @@ impl Config {
         )?;
         within("gossip.probe_sample", self.gossip.probe_sample, 1, 1_024)?;
         within("gossip.origin_fanout", self.gossip.origin_fanout, 0, 256)?;
+        within("gossip.members_max", self.gossip.members_max, 2, 1_000_000)?;
         within(
             "gossip.swim_probe_period_ms",
             self.gossip.swim_probe_period_ms as usize,

@@ -552,6 +552,108 @@ async fn a_costly_subscription_does_not_hold_up_the_others() {
     }
 }
 
+/// A subscribe whose first rows wait behind other subscriptions' heavy queries is answered
+/// 503 at the statement timeout, instead of holding its request (and a stream slot) until
+/// they end; once they have, the same subscribe gets its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_waiting_behind_heavy_queries_ends_at_the_statement_timeout() {
+    let (_dirs, agents) = cluster(1, |c| {
+        c.api.statement_timeout_ms = 1_000;
+        c.subscriptions.pass_timeout_ms = 1_000;
+    })
+    .await;
+    let agent = &agents[0];
+    let rows: Vec<String> = (0..12).map(|i| format!("('{i}', 'x')")).collect();
+    exec(
+        agent,
+        &format!("INSERT INTO kv (k, v) VALUES {}", rows.join(", ")),
+    )
+    .await;
+    // Three queries of minutes each (as in the test above), so each runs into its 1 s pass
+    // deadline on the one heavy thread: a subscribe queued behind them waits about 3 s.
+    let api = agent.api_addr();
+    let costly: Vec<_> = ["never", "nowhere", "nohow"]
+        .into_iter()
+        .map(|word| {
+            let sql = format!(
+                "SELECT a.k FROM kv a, kv b, kv c, kv d, kv e, kv f, kv g, kv h, kv i \
+                 WHERE a.v || b.v || c.v || d.v || e.v || f.v || g.v || h.v || i.v = '{word}'"
+            );
+            tokio::spawn(async move {
+                request(
+                    &Target::Tcp(api),
+                    Method::POST,
+                    "/v1/subscriptions",
+                    None,
+                    serde_json::to_vec(&json!(sql)).unwrap(),
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    // Queued: the manager takes requests in order, so once it lists the three, their
+    // queries are ahead of the next subscribe's.
+    let admin = Target::Unix(agent.admin_path().to_path_buf());
+    wait_for("the costly subscriptions listed", || async {
+        let (_, listed) = request(&admin, Method::GET, "/subs", None, vec![])
+            .await
+            .unwrap();
+        let listed: Json = serde_json::from_slice(&listed).unwrap_or(Json::Null);
+        listed["subscriptions"].as_array().map(Vec::len) == Some(3)
+    })
+    .await;
+    let cheap = json!("SELECT k FROM kv WHERE k = '3'");
+    let asked = std::time::Instant::now();
+    // (Bounded, and only the head awaited: a stream, as it would be without the timeout,
+    // never ends.)
+    let (status, _, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        subscribe(agent, Method::POST, "/v1/subscriptions", cheap.clone()),
+    )
+    .await
+    .expect("an answer");
+    let waited = asked.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "after {waited:?}");
+    assert!(
+        waited >= std::time::Duration::from_millis(900),
+        "{waited:?}"
+    );
+    for costly in costly {
+        // Refused at its pass deadline, or 503 itself if it waited behind the other.
+        let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(30), costly)
+            .await
+            .expect("answered within the statement timeout")
+            .unwrap();
+        assert!(
+            [StatusCode::BAD_REQUEST, StatusCode::SERVICE_UNAVAILABLE].contains(&status),
+            "{status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    // The heavy thread frees itself within a few pass deadlines; then the same subscribe
+    // gets its rows.
+    let mut stream = None;
+    for _ in 0..20 {
+        let (status, _, lines) =
+            subscribe(agent, Method::POST, "/v1/subscriptions", cheap.clone()).await;
+        if status == StatusCode::OK {
+            stream = Some(lines);
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let mut stream = stream.expect("rows once the heavy queries ended");
+    let head = tokio::time::timeout(std::time::Duration::from_secs(30), stream.take(3))
+        .await
+        .expect("the rows");
+    assert_eq!(head[1]["row"][1], json!(["3"]), "{head:?}");
+    assert!(head[2].get("eoq").is_some(), "{head:?}");
+    for agent in agents {
+        agent.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_are_deleted_and_collected() {
     let (_dirs, agents) = cluster(1, |c| c.subscriptions.idle_timeout_ms = 1_000).await;

@@ -229,6 +229,13 @@ impl Collector for Counters {
         emit(e, "patina_handshake_failures", "QUIC handshakes refused or failed (peers without a certificate of the cluster CA among them)", C, &one(gossip.handshake_failures as f64))?;
         emit(
             e,
+            "patina_member_updates_refused",
+            "SWIM member updates left out, and SWIM packets refused for their sender: another cluster's, at an address no member can have, with a start time over a day ahead, or new beyond gossip.members_max",
+            C,
+            &one(gossip.members_refused as f64),
+        )?;
+        emit(
+            e,
             "patina_peer_messages_refused",
             "Malformed or foreign peer messages",
             C,

@@ -528,7 +528,12 @@ async fn start_gossip(
     Ok(GossipTask {
         site,
         cluster: config.cluster_id,
-        membership: Membership::new(me, seed, Duration::from_millis(config.swim_probe_period_ms)),
+        membership: {
+            let mut membership =
+                Membership::new(me, seed, Duration::from_millis(config.swim_probe_period_ms));
+            membership.set_members_max(config.members_max);
+            membership
+        },
         protocol: {
             let mut protocol = Protocol::new(site, config.protocol(), Millis(0), seed);
             // The sync checks' nonces from a random seed: one a peer could foresee from the

@@ -44,6 +44,9 @@ pub struct GossipSnapshot {
     pub refused: u64,
     /// Members as foca counts them.
     pub foca_members: usize,
+    /// Member updates and SWIM packets refused (another cluster's, unusable address, bump
+    /// from the future, beyond `gossip.members_max`).
+    pub members_refused: u64,
     /// How many times slower than configured SWIM runs on this loaded node (1 when healthy;
     /// see [`Membership::slowdown`]).
     pub swim_slowdown: u32,
@@ -373,6 +376,7 @@ impl GossipTask {
                         broadcast.kept_children().count(),
                     );
                     snapshot.foca_members = self.membership.foca_member_count();
+                    snapshot.members_refused = self.membership.refused();
                     snapshot.swim_slowdown = self.membership.slowdown();
                     let transport = self.transport.stats();
                     snapshot.transport_sent = transport.sent.load(std::sync::atomic::Ordering::Relaxed);

@@ -147,9 +147,38 @@ pub struct Membership {
     complete_feeds: u32,
     feeds_window: Option<Instant>,
     /// Packets handed to foca without the updates that repeat what it holds (see
-    /// [`Membership::without_known_updates`]).
+    /// [`Membership::prepared`]).
     packets_filtered: u64,
+    /// Identities foca holds at most, active and down (`gossip.members_max`): beyond, an
+    /// update or a sender new to it is refused (see [`Membership::prepared`]).
+    members_max: usize,
+    /// Updates and packets refused by [`Membership::prepared`].
+    refused: u64,
+    /// When a refusal was last logged at warn.
+    refusal_warned: Option<Instant>,
 }
+
+/// A packet as [`Membership::prepared`] hands it to foca.
+#[derive(Debug, Default)]
+struct Prepared {
+    /// The packet rewritten, if any update was left out.
+    packet: Option<Vec<u8>>,
+    /// Updates refused, and why the last one was.
+    refused: u16,
+    refused_why: Option<&'static str>,
+    /// Updates left out for repeating what foca holds.
+    repeats: u16,
+}
+
+/// How far ahead of this node's clock a member's bump (its start time in ms) may be. An
+/// identity's bump decides every address conflict (`win_addr_conflict`): one from the far
+/// future, gossiped by a faulty peer or a clock gone wrong, would take its address from the
+/// node that lives there until the clocks caught up with it, and at `u64::MAX` for good. A
+/// day is far beyond the skew of any clock a cluster runs with.
+pub const BUMP_AHEAD_MAX_MS: u64 = 24 * 3600 * 1000;
+
+/// Default of `gossip.members_max`: identities a node holds at most.
+pub const MEMBERS_MAX_DEFAULT: usize = 10_000;
 
 /// Highest local health score: an overloaded node runs SWIM up to this many times + 1 slower.
 pub const HEALTH_MAX: u32 = 7;
@@ -210,7 +239,7 @@ pub enum Reach {
 const PREFER_WARM_TRIES: usize = 64;
 
 /// Packets with fewer member updates than this go to foca as they came (see
-/// [`Membership::without_known_updates`]): building the index costs more than a few searches.
+/// [`Membership::prepared`]): building the index costs more than a few searches.
 pub const FILTER_UPDATES_MIN: u16 = 32;
 
 /// SWIM's message kinds, in the order of [`packet_kind`]'s answer: what a node sends, counted
@@ -351,7 +380,21 @@ impl Membership {
             complete_feeds: 0,
             feeds_window: None,
             packets_filtered: 0,
+            members_max: MEMBERS_MAX_DEFAULT,
+            refused: 0,
+            refusal_warned: None,
         }
+    }
+
+    /// Sets the most identities foca may hold (`gossip.members_max`).
+    pub fn set_members_max(&mut self, members_max: usize) {
+        self.members_max = members_max;
+    }
+
+    /// Member updates left out of packets, and packets refused for their sender, so far (see
+    /// [`Membership::prepared`]).
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     /// Live members, in no order.
@@ -399,84 +442,226 @@ impl Membership {
 
     /// A packet from the network.
     pub fn handle_packet(&mut self, packet: &[u8]) {
-        let filtered = self.without_known_updates(packet);
-        self.packets_filtered += u64::from(filtered.is_some());
-        let packet = filtered.as_deref().unwrap_or(packet);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        if self.foca.iter_membership_state().len() >= self.members_max {
+            self.forget_down_members();
+        }
+        let prepared = match self.prepared(packet, now_ms) {
+            Ok(prepared) => prepared,
+            Err(why) => {
+                self.refused += 1;
+                self.warn_refused(&format!("a SWIM packet whose sender has {why}"));
+                return;
+            }
+        };
+        self.packets_filtered += u64::from(prepared.repeats > 0);
+        if let Some(why) = prepared.refused_why {
+            self.refused += u64::from(prepared.refused);
+            self.warn_refused(&format!(
+                "{} member update(s), one with {why}",
+                prepared.refused
+            ));
+        }
+        let packet = prepared.packet.as_deref().unwrap_or(packet);
         if let Err(e) = self.foca.handle_data(packet, &mut self.runtime) {
             tracing::debug!("membership packet refused: {e}");
         }
     }
 
-    /// `packet` without the member updates it carries that repeat what foca holds already
-    /// (the same identity, incarnation and state), if it carries at least
-    /// [`FILTER_UPDATES_MIN`] and some repeat; `None` hands foca the packet as it came (also
-    /// when anything fails to decode, so foca reports it).
+    /// Logs a refusal at warn at most once a minute (a node whose clock is a day behind
+    /// refuses every peer, and a full member list every newcomer: say so), at debug otherwise.
+    fn warn_refused(&mut self, what: &str) {
+        let now = Instant::now();
+        if self
+            .refusal_warned
+            .is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(60))
+        {
+            self.refusal_warned = Some(now);
+            tracing::warn!(
+                "membership: refused {what} (patina_member_updates_refused counts them; \
+                 gossip.members_max = {}); the next minute's refusals are logged at debug",
+                self.members_max
+            );
+        } else {
+            tracing::debug!("membership: refused {what}");
+        }
+    }
+
+    /// Forgets the members foca holds down, when it holds `members_max` identities: foca keeps
+    /// a down member for a day (so a stale update cannot bring it back), and a day of churn
+    /// (or a faulty peer's made-up members, which go down once probed) would otherwise fill
+    /// the list and refuse every newcomer. One that comes back is probed and goes down again.
+    fn forget_down_members(&mut self) {
+        let down: Vec<Actor> = self
+            .foca
+            .iter_membership_state()
+            .filter(|member| member.state() == State::Down)
+            .map(|member| member.id().clone())
+            .collect();
+        for id in down {
+            if let Err(e) = self
+                .foca
+                .handle_timer(Timer::RemoveDown(id), &mut self.runtime)
+            {
+                tracing::debug!("forgetting a down member failed: {e}");
+            }
+        }
+    }
+
+    /// Why `actor` may not be a member here, if it may not: it belongs to another cluster,
+    /// has no site id (only an announce's placeholder has none), an address no member can have
+    /// ([`member_address`]), or a bump further ahead of `now_ms` than [`BUMP_AHEAD_MAX_MS`].
+    /// foca would hold any of them, probe it and gossip it on to every node.
+    fn refusal(&self, actor: &Actor, now_ms: u64) -> Option<&'static str> {
+        if actor.cluster != self.foca.identity().cluster {
+            Some("another cluster's id")
+        } else if actor.site == [0; 16] {
+            Some("no site id")
+        } else if !member_address(&actor.addr) {
+            Some("an address no member can have")
+        } else if actor.bump > now_ms.saturating_add(BUMP_AHEAD_MAX_MS) {
+            Some("a start time (bump) over a day ahead of this node's clock")
+        } else {
+            None
+        }
+    }
+
+    /// `packet` as foca should see it, in one pass over its updates:
     ///
-    /// Why: foca finds each update's member by a linear search of its member list, so a full
-    /// packet of ~470 updates costs ~470 x n comparisons (the 1,000-node formation test spent
-    /// 62% less CPU without them), and while a large cluster forms nearly every SWIM packet
-    /// is full (feeds, and the updates every joiner gossips about the members it learned).
-    /// Most of them repeat what the
-    /// receiver knows, which foca would apply as no-ops: dropped here with one hash map built
-    /// per packet. Updates about this node's own address always go through (foca refutes or
-    /// renames on them). The map is built before any update applies, which is safe because a
-    /// member's state only moves one way (an update equal to the state it left changes nothing
-    /// again); the one exception, two identities at one address with the same bump, already
-    /// flaps in foca.
-    fn without_known_updates(&self, packet: &[u8]) -> Option<Vec<u8>> {
+    /// - **Screened**: without the member updates foca must not take, identities no member may
+    ///   be ([`Membership::refusal`]) and, beyond `members_max` identities held, those at an
+    ///   address new to foca; `Err` with the reason when the sender itself may not be taken,
+    ///   since foca takes every packet's sender as an alive member. Why: foca takes whatever
+    ///   identity a peer names, so one faulty or hostile member could otherwise have every
+    ///   node hold, probe and gossip members of another cluster or at unusable addresses,
+    ///   take any address with a bump from the far future (`u64::MAX` for good), or grow
+    ///   every node's member list without bound.
+    /// - **Without repeats**: without the updates that repeat what foca holds already (the
+    ///   same identity, incarnation and state), if the packet carries at least
+    ///   [`FILTER_UPDATES_MIN`] (and is not an announce, or for another identity of this
+    ///   node, or from its address: foca drops those before it reads their updates). Why:
+    ///   foca finds each update's member by a linear search of its member list, so a full
+    ///   packet of ~470 updates costs ~470 x n comparisons (the 1,000-node formation test spent
+    ///   62% less CPU without them), and while a large cluster forms nearly every SWIM packet
+    ///   is full (feeds, and the updates every joiner gossips about the members it learned).
+    ///   Most of them repeat what the receiver knows, which foca would apply as no-ops:
+    ///   dropped here with one hash map built per packet. Updates about this node's own
+    ///   address always go through (foca refutes or renames on them). The map is built before
+    ///   any update applies, which is safe because a member's state only moves one way (an
+    ///   update equal to the state it left changes nothing again); the one exception, two
+    ///   identities at one address with the same bump, already flaps in foca.
+    ///
+    /// The packet goes as it came (`packet: None`) when nothing is left out, when it is
+    /// longer than foca takes, and when anything fails to decode (foca then reports it).
+    fn prepared(&self, packet: &[u8], now_ms: u64) -> Result<Prepared, &'static str> {
+        let mut prepared = Prepared::default();
         if packet.len() > SWIM_PACKET_BYTES {
-            return None;
+            return Ok(prepared);
         }
         let mut rest = packet;
-        let header: foca::Header<Actor> = PostcardCodec.decode_header(&mut rest).ok()?;
-        if matches!(
-            header.message,
-            Message::Announce | Message::Broadcast | Message::TurnUndead
-        ) || rest.len() < 2
-        {
-            return None;
+        let Ok(header) = PostcardCodec.decode_header(&mut rest) else {
+            return Ok(prepared);
+        };
+        if let Some(why) = self.refusal(&header.src, now_ms) {
+            return Err(why);
         }
+        let updates = header.message != Message::Broadcast && rest.len() >= 2;
+        let count = if updates {
+            u16::from_be_bytes([rest[0], rest[1]])
+        } else {
+            0
+        };
         let me = self.foca.identity().addr;
         // foca drops a packet for another identity of ours, or from our own address, before
         // it reads the updates: no search to save.
-        if header.dst != *self.foca.identity() || header.src.addr == me {
-            return None;
-        }
-        let head_len = packet.len() - rest.len();
-        let count = u16::from_be_bytes([rest[0], rest[1]]);
-        if count < FILTER_UPDATES_MIN {
-            return None;
-        }
-        rest = &rest[2..];
+        let skip_repeats = count >= FILTER_UPDATES_MIN
+            && !matches!(header.message, Message::Announce | Message::TurnUndead)
+            && header.dst == *self.foca.identity()
+            && header.src.addr != me;
+        let held_count = self.foca.iter_membership_state().len();
+        // Room for identities at new addresses; the members held are looked up only when the
+        // packet could fill it (a healthy cluster's never can).
+        let mut room = self.members_max.saturating_sub(held_count);
+        let near_full = room <= usize::from(count) + 1;
         // foldhash, not SipHash: built for every such packet, over every member (building it
         // with SipHash was about 1% of the CPU of 1,000 young agents writing).
-        let known: crate::store::FastMap<SocketAddr, &foca::Member<Actor>> = self
-            .foca
-            .iter_membership_state()
-            .map(|member| (member.id().addr, member))
-            .collect();
-        let mut out = Vec::with_capacity(packet.len());
-        out.extend_from_slice(&packet[..head_len + 2]);
+        let known: Option<crate::store::FastMap<SocketAddr, &foca::Member<Actor>>> =
+            (skip_repeats || near_full).then(|| {
+                self.foca
+                    .iter_membership_state()
+                    .map(|member| (member.id().addr, member))
+                    .collect()
+            });
+        let mut takes_new = |addr: &SocketAddr| -> bool {
+            let new = *addr != me
+                && near_full
+                && known
+                    .as_ref()
+                    .is_some_and(|known| !known.contains_key(addr));
+            if !new {
+                return true;
+            }
+            let fits = room > 0;
+            room = room.saturating_sub(1);
+            fits
+        };
+        if !takes_new(&header.src.addr) {
+            return Err("a new identity while this node holds gossip.members_max");
+        }
+        if !updates {
+            return Ok(prepared);
+        }
+        let head_len = packet.len() - rest.len();
+        rest = &rest[2..];
+        let mut out: Option<Vec<u8>> = None;
         let mut kept: u16 = 0;
         for _ in 0..count {
             let before = rest;
-            let update: foca::Member<Actor> = PostcardCodec.decode_member(&mut rest).ok()?;
-            let repeat = update.id().addr != me
+            let Ok(update): Result<foca::Member<Actor>, _> = PostcardCodec.decode_member(&mut rest)
+            else {
+                return Ok(Prepared::default());
+            };
+            let bytes = &before[..before.len() - rest.len()];
+            let addr = update.id().addr;
+            let refused = match self.refusal(update.id(), now_ms) {
+                Some(why) => Some(why),
+                None if !takes_new(&addr) => Some("a new address beyond gossip.members_max"),
+                None => None,
+            };
+            let repeat = refused.is_none()
+                && skip_repeats
+                && addr != me
                 && known
-                    .get(&update.id().addr)
+                    .as_ref()
+                    .and_then(|known| known.get(&addr))
                     .is_some_and(|held| **held == update);
-            if !repeat {
-                out.extend_from_slice(&before[..before.len() - rest.len()]);
-                kept += 1;
+            if let Some(why) = refused {
+                prepared.refused += 1;
+                prepared.refused_why = Some(why);
+            }
+            prepared.repeats += u16::from(repeat);
+            let keep = refused.is_none() && !repeat;
+            match &mut out {
+                Some(out) if keep => {
+                    out.extend_from_slice(bytes);
+                    kept += 1;
+                }
+                Some(_) => {}
+                None if keep => kept += 1,
+                // The first left out: copy what came before it.
+                None => out = Some(packet[..packet.len() - before.len()].to_vec()),
             }
         }
-        if kept == count {
-            return None;
+        if let Some(mut out) = out {
+            // Whatever follows the updates (custom broadcasts; none here) goes through as it
+            // came.
+            out.extend_from_slice(rest);
+            out[head_len..head_len + 2].copy_from_slice(&kept.to_be_bytes());
+            prepared.packet = Some(out);
         }
-        // Whatever follows the updates (custom broadcasts; none here) goes through as it came.
-        out.extend_from_slice(rest);
-        out[head_len..head_len + 2].copy_from_slice(&kept.to_be_bytes());
-        Some(out)
+        Ok(prepared)
     }
 
     /// `packet` cut to at most `max_len` bytes by leaving out its last member updates, when it
@@ -760,7 +945,10 @@ impl Membership {
     /// (an older one, applied late from a feed or replayed, would take the site's traffic
     /// to an address it left, and its going down would then remove the site). True if held.
     fn take_up(&mut self, actor: &Actor) -> bool {
-        if actor.site == [0; 16] || !member_address(&actor.addr) {
+        if actor.site == [0; 16]
+            || !member_address(&actor.addr)
+            || actor.cluster != self.foca.identity().cluster
+        {
             return false;
         }
         let site = actor.site_id();
@@ -1131,6 +1319,9 @@ mod tests {
         assert_eq!(node.slowdown(), before + 1);
     }
 
+    /// A wall clock for [`Membership::prepared`] (2027), after every test identity's bump.
+    const NOW_MS: u64 = 1_800_000_000_000;
+
     /// A member `i` of a large cluster (addresses 10.x.y.z, so thousands fit).
     fn big_actor(i: u32) -> Actor {
         Actor {
@@ -1269,8 +1460,13 @@ mod tests {
 
     /// A packet of updates from member 1 to member 0: `updates` after foca's header.
     fn gossip_packet(updates: &[foca::Member<Actor>]) -> Vec<u8> {
+        gossip_packet_from(big_actor(1), updates)
+    }
+
+    /// A packet of updates from `src` to member 0.
+    fn gossip_packet_from(src: Actor, updates: &[foca::Member<Actor>]) -> Vec<u8> {
         let header = foca::Header {
-            src: big_actor(1),
+            src,
             src_incarnation: 0,
             dst: big_actor(0),
             message: Message::Gossip,
@@ -1286,6 +1482,163 @@ mod tests {
                 .expect("member");
         }
         packet
+    }
+
+    /// Whether `node`'s foca holds exactly `actor`.
+    fn holds(node: &Membership, actor: &Actor) -> bool {
+        node.foca.iter_membership_state().any(|m| m.id() == actor)
+    }
+
+    /// Member updates no node may take are left out of a packet and the others taken: an
+    /// identity of another cluster, without a site, at an unusable address, with a bump from
+    /// the far future (one at a member's address would have taken that address from it for
+    /// good); a packet whose sender is such an identity is refused whole (foca takes every
+    /// sender as alive). Once the node holds `members_max` identities, a new address is
+    /// refused and a known member's renewal is still taken.
+    #[test]
+    fn member_updates_no_node_may_hold_are_refused_and_the_member_list_is_bounded() {
+        let now = Instant::now();
+        let mut node = node_knowing(10, now);
+        let other_cluster = Actor {
+            cluster: 1,
+            ..big_actor(12)
+        };
+        let no_site = Actor {
+            site: [0; 16],
+            ..big_actor(13)
+        };
+        let unusable = Actor {
+            addr: SocketAddr::from(([0, 0, 0, 0], 7000)),
+            ..big_actor(14)
+        };
+        let far_future = Actor {
+            bump: u64::MAX,
+            ..big_actor(15)
+        };
+        let takes_an_address = Actor {
+            site: [9; 16],
+            bump: u64::MAX,
+            ..big_actor(3)
+        };
+        let refused = [
+            other_cluster,
+            no_site,
+            unusable,
+            far_future,
+            takes_an_address,
+        ];
+        let mut updates = vec![foca::Member::alive(big_actor(11))];
+        updates.extend(refused.iter().cloned().map(foca::Member::alive));
+        updates.push(foca::Member::alive(big_actor(16)));
+        node.handle_packet(&gossip_packet(&updates));
+        node.drain(now);
+        assert!(holds(&node, &big_actor(11)) && holds(&node, &big_actor(16)));
+        for actor in &refused {
+            assert!(!holds(&node, actor), "{actor:?}");
+        }
+        assert!(holds(&node, &big_actor(3)), "member 3 keeps its address");
+        assert_eq!(node.refused(), refused.len() as u64);
+
+        // A sender no node may hold: nothing of its packet is taken.
+        for sender in &refused {
+            node.handle_packet(&gossip_packet_from(
+                sender.clone(),
+                &[foca::Member::alive(big_actor(17))],
+            ));
+            node.drain(now);
+            assert!(!holds(&node, &big_actor(17)) && !holds(&node, sender));
+        }
+        assert_eq!(node.refused(), 2 * refused.len() as u64);
+
+        // Full: members 1..=11 and 16.
+        node.set_members_max(12);
+        let renewed = Actor {
+            bump: big_actor(2).bump + 1,
+            ..big_actor(2)
+        };
+        node.handle_packet(&gossip_packet(&[
+            foca::Member::alive(big_actor(18)),
+            foca::Member::alive(renewed.clone()),
+        ]));
+        node.drain(now);
+        assert!(!holds(&node, &big_actor(18)), "new beyond the cap");
+        assert!(
+            holds(&node, &renewed),
+            "a renewal at a held address is taken"
+        );
+        node.handle_packet(&gossip_packet_from(big_actor(19), &[]));
+        node.drain(now);
+        assert!(!holds(&node, &big_actor(19)), "a new sender beyond the cap");
+        assert_eq!(node.refused(), 2 * refused.len() as u64 + 2);
+        // Full, foca forgets the members it holds down (for a day otherwise): room for one.
+        node.foca
+            .apply_many(
+                std::iter::once(foca::Member::down(big_actor(5))),
+                false,
+                &mut node.runtime,
+            )
+            .expect("applied");
+        node.drain(now);
+        node.handle_packet(&gossip_packet_from(big_actor(19), &[]));
+        node.drain(now);
+        assert!(
+            holds(&node, &big_actor(19)),
+            "in the room a down member left"
+        );
+        assert!(!node
+            .foca
+            .iter_membership_state()
+            .any(|member| member.id() == &big_actor(5)));
+        // One packet fills the room left, and no more.
+        let held = node.foca.iter_membership_state().len();
+        node.set_members_max(held + 2);
+        let new: Vec<_> = (20..25)
+            .map(|i| foca::Member::alive(big_actor(i)))
+            .collect();
+        node.handle_packet(&gossip_packet(&new));
+        node.drain(now);
+        let taken: Vec<bool> = (20..25).map(|i| holds(&node, &big_actor(i))).collect();
+        assert_eq!(taken, [true, true, false, false, false]);
+        assert_eq!(node.refused(), 2 * refused.len() as u64 + 5);
+    }
+
+    /// When the identity a site is held under goes down while foca holds another active
+    /// identity of the site (an older one elsewhere, not taken up while the newer was held),
+    /// that one becomes the site's member; when it goes down too, the site is down.
+    #[test]
+    fn when_a_sites_held_identity_goes_down_another_active_one_takes_its_place() {
+        let now = Instant::now();
+        let mut node = node_knowing(3, now);
+        let site = big_actor(2).site_id();
+        let older_elsewhere = Actor {
+            addr: SocketAddr::from(([10, 9, 9, 9], 7000)),
+            bump: big_actor(2).bump - 5,
+            ..big_actor(2)
+        };
+        let apply = |node: &mut Membership, update: foca::Member<Actor>| {
+            node.foca
+                .apply_many(std::iter::once(update), false, &mut node.runtime)
+                .expect("applied");
+            node.drain(now).1
+        };
+        let events = apply(&mut node, foca::Member::alive(older_elsewhere.clone()));
+        assert!(
+            events.is_empty(),
+            "older: not taken while the newer is held"
+        );
+        assert_eq!(node.addr_of(&site), Some(big_actor(2).addr));
+        let events = apply(&mut node, foca::Member::down(big_actor(2)));
+        assert_eq!(
+            events,
+            vec![MemberEvent::Up {
+                site,
+                addr: older_elsewhere.addr
+            }]
+        );
+        assert_eq!(node.addr_of(&site), Some(older_elsewhere.addr));
+        let events = apply(&mut node, foca::Member::down(older_elsewhere));
+        assert_eq!(events, vec![MemberEvent::Down { site }]);
+        assert_eq!(node.addr_of(&site), None);
     }
 
     /// A full packet for a member held under a kept key is cut to a datagram's room: its
@@ -1409,14 +1762,20 @@ mod tests {
         let packet = gossip_packet(&updates);
         let mut filtering = node_knowing(1_200, now);
         let filtered = filtering
-            .without_known_updates(&packet)
+            .prepared(&packet, NOW_MS)
+            .expect("taken")
+            .packet
             .expect("repeats dropped");
         // Few updates, or none repeated: the packet goes as it came.
         assert!(filtering
-            .without_known_updates(&gossip_packet(&updates[..31]))
+            .prepared(&gossip_packet(&updates[..31]), NOW_MS)
+            .expect("taken")
+            .packet
             .is_none());
         assert!(filtering
-            .without_known_updates(&gossip_packet(&updates[60..]))
+            .prepared(&gossip_packet(&updates[60..]), NOW_MS)
+            .expect("taken")
+            .packet
             .is_none());
         let mut rest = filtered.as_slice();
         let _: foca::Header<Actor> = PostcardCodec.decode_header(&mut rest).expect("header");

@@ -37,6 +37,19 @@ pub(super) struct Work {
     pub(super) keys: Vec<BTreeMap<Vec<u8>, Vec<Value>>>,
     /// Subscribers waiting for the rows.
     pub(super) waiting: Vec<Waiter>,
+    /// The last query sent was a whole pass (see [`Work::next`]).
+    pub(super) last_full: bool,
+}
+
+/// What a subscription's next query is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Next {
+    /// The whole result.
+    Full,
+    /// The rows in order, for the waiting subscribers.
+    Ordered,
+    /// The changed keys' rows.
+    Keys,
 }
 
 pub(super) struct Manager {
@@ -63,7 +76,29 @@ impl Work {
             full: false,
             keys: vec![BTreeMap::new(); aliases],
             waiting: Vec::new(),
+            last_full: false,
         }
+    }
+
+    /// What the next query is for, if there is work, as it goes out: a whole pass owed goes
+    /// first (it covers every changed key), then the waiting subscribers' rows, then the
+    /// changed keys. But subscribers waiting go before a whole pass that would follow another:
+    /// a stream of bulk writes, each owing a whole pass, kept them waiting until their request
+    /// timed out. Their rows are the data as it is then: the ordered pass turns what changed
+    /// into events first, and the whole pass after it the rest (rows gone).
+    pub(super) fn next(&mut self) -> Option<Next> {
+        let waiters_first = self.last_full && !self.waiting.is_empty();
+        let next = if self.full && !waiters_first {
+            Next::Full
+        } else if !self.waiting.is_empty() {
+            Next::Ordered
+        } else if self.keys.iter().any(|keys| !keys.is_empty()) {
+            Next::Keys
+        } else {
+            return None;
+        };
+        self.last_full = next == Next::Full;
+        Some(next)
     }
 }
 
@@ -438,17 +473,20 @@ impl Manager {
         if work.busy.is_some() || !matcher.ready {
             return;
         }
-        let (purpose, queries) = if work.full {
+        let Some(next) = work.next() else {
+            return;
+        };
+        let (purpose, queries) = if next == Next::Full {
             work.full = false;
             // The whole result covers every changed key.
             work.keys.iter_mut().for_each(BTreeMap::clear);
             let sql = matcher.plan.full_sql.clone();
             (Purpose::Full, vec![Query { sql, keys: None }])
-        } else if !work.waiting.is_empty() {
+        } else if next == Next::Ordered {
             let sql = matcher.plan.ordered_sql.clone();
             let waiters = std::mem::take(&mut work.waiting);
             (Purpose::Ordered(waiters), vec![Query { sql, keys: None }])
-        } else if work.keys.iter().any(|keys| !keys.is_empty()) {
+        } else {
             let mut scope = Vec::new();
             let mut queries = Vec::new();
             for (alias, keys) in work.keys.iter_mut().enumerate() {
@@ -464,8 +502,6 @@ impl Manager {
                 });
             }
             (Purpose::Keys(scope), queries)
-        } else {
-            return;
         };
         // Whole results and ordered answers may be large whatever the last pass cost.
         let heavy = work.slow || !matches!(purpose, Purpose::Keys(_));
@@ -836,5 +872,46 @@ impl Manager {
                 self.dispatch(index);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter() -> Waiter {
+        Waiter {
+            skip_rows: false,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// A whole pass owed goes first, then waiting subscribers, then changed keys; but when a
+    /// bulk write owes another whole pass while one runs, the waiting subscribers go first.
+    #[test]
+    fn waiting_subscribers_go_between_whole_passes() {
+        let mut work = Work::new(1);
+        assert_eq!(work.next(), None);
+        work.keys[0].insert(vec![1], vec![Value::Integer(1)]);
+        work.waiting.push(waiter());
+        work.full = true;
+        assert_eq!(work.next(), Some(Next::Full));
+        work.full = false;
+        // A bulk write during it owes another.
+        work.full = true;
+        assert_eq!(
+            work.next(),
+            Some(Next::Ordered),
+            "not a second whole pass first"
+        );
+        work.waiting.clear();
+        work.waiting.push(waiter());
+        assert_eq!(work.next(), Some(Next::Full));
+        work.full = false;
+        assert_eq!(work.next(), Some(Next::Ordered));
+        work.waiting.clear();
+        assert_eq!(work.next(), Some(Next::Keys));
+        work.keys[0].clear();
+        assert_eq!(work.next(), None);
     }
 }
