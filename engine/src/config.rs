@@ -439,12 +439,18 @@ pub struct AuthzConfig {
 pub struct AdminConfig {
     /// Unix socket of the admin API (`patina reload`).
     pub path: PathBuf,
+    /// Longest an online backup (`patina backup`) may run before it is stopped and its partial
+    /// file removed (ms): its read snapshot keeps the WAL from being reset, so a copy that
+    /// never ended would let the WAL grow until `db.max_db_bytes` refused writes.
+    /// 1,000..=86,400,000.
+    pub backup_timeout_ms: u64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             path: PathBuf::from("patina-data/admin.sock"),
+            backup_timeout_ms: 3_600_000,
         }
     }
 }
@@ -740,6 +746,12 @@ impl Config {
         within("gossip.probe_sample", self.gossip.probe_sample, 1, 1_024)?;
         within("gossip.origin_fanout", self.gossip.origin_fanout, 0, 256)?;
         within("gossip.members_max", self.gossip.members_max, 2, 1_000_000)?;
+        within(
+            "admin.backup_timeout_ms",
+            self.admin.backup_timeout_ms as usize,
+            1_000,
+            86_400_000,
+        )?;
         within(
             "gossip.swim_probe_period_ms",
             self.gossip.swim_probe_period_ms as usize,

@@ -109,6 +109,35 @@ pub async fn digest(agent: &Agent) -> Json {
     serde_json::from_slice(&out).unwrap()
 }
 
+/// A request to `agent`'s admin socket: its status and body (`Null` when not JSON).
+pub async fn admin(agent: &Agent, method: Method, path: &str, body: Json) -> (StatusCode, Json) {
+    let body = if body.is_null() {
+        vec![]
+    } else {
+        serde_json::to_vec(&body).unwrap()
+    };
+    let (status, out) = request(
+        &Target::Unix(agent.admin_path().to_path_buf()),
+        method,
+        path,
+        None,
+        body,
+    )
+    .await
+    .unwrap();
+    (status, serde_json::from_slice(&out).unwrap_or(Json::Null))
+}
+
+/// Asks `agent` to re-read its schema files (the admin socket's `/reload`): the status, and
+/// the error message if any.
+pub async fn reload(agent: &Agent) -> (StatusCode, String) {
+    let (status, body) = admin(agent, Method::POST, "/reload", Json::Null).await;
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
 /// Asserts that every agent's convergence digest is the first one's.
 pub async fn assert_same_digest(agents: &[Agent]) {
     let first = digest(&agents[0]).await;

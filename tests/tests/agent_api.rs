@@ -7,6 +7,7 @@ use std::time::Duration;
 use patina::agent::Agent;
 use patina::config::Config;
 use patina::http::client::{request, request_stream, Method, StatusCode, Target};
+use patina_tests::reload;
 use serde_json::{json, Value as Json};
 
 /// A statement that never ends on its own.
@@ -868,16 +869,8 @@ async fn reload_adds_tables_and_restart_keeps_rows() {
         "CREATE TABLE zones (name TEXT NOT NULL PRIMARY KEY, region TEXT);",
     )
     .unwrap();
-    let (status, _) = request(
-        &Target::Unix(agent.admin_path().to_path_buf()),
-        Method::POST,
-        "/reload",
-        None,
-        vec![],
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    let (status, error) = reload(&agent).await;
+    assert_eq!(status, StatusCode::OK, "{error}");
     let (status, out) = call(
         &agent,
         "/v1/transactions",
@@ -891,17 +884,9 @@ async fn reload_adds_tables_and_restart_keeps_rows() {
         "CREATE TABLE bad (x TEXT);",
     )
     .unwrap();
-    let (status, body) = request(
-        &Target::Unix(agent.admin_path().to_path_buf()),
-        Method::POST,
-        "/reload",
-        None,
-        vec![],
-    )
-    .await
-    .unwrap();
+    let (status, error) = reload(&agent).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(String::from_utf8_lossy(&body).contains("bad"), "{body:?}");
+    assert!(error.contains("bad"), "{error}");
     std::fs::remove_file(dir.path().join("schema/zz_bad.sql")).unwrap();
     agent.shutdown().await;
 

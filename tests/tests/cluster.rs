@@ -9,8 +9,8 @@ use patina::agent::Agent;
 use patina::http::client::{request, request_stream, Method, StatusCode, Target};
 use patina::net::tls::generate_ca;
 use patina_tests::{
-    exec, node_config, rows, start_cluster, start_cluster_with, wait_for, wait_members, with_tls,
-    WAIT,
+    admin, exec, node_config, rows, start_cluster, start_cluster_with, wait_for, wait_members,
+    with_tls, WAIT,
 };
 use serde_json::{json, Value as Json};
 
@@ -139,17 +139,8 @@ async fn a_write_on_one_node_is_readable_on_all() {
         }
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
-    let (status, members) = request(
-        &Target::Unix(agents[0].admin_path().to_path_buf()),
-        Method::GET,
-        "/members",
-        None,
-        vec![],
-    )
-    .await
-    .unwrap();
+    let (status, members) = admin(&agents[0], Method::GET, "/members", Json::Null).await;
     assert_eq!(status, StatusCode::OK);
-    let members: Json = serde_json::from_slice(&members).unwrap();
     let mut sites: Vec<String> = members["members"]
         .as_array()
         .unwrap()
@@ -880,23 +871,6 @@ async fn the_admin_socket_shows_members_and_subscriptions_and_reconciles_on_dema
     // Periodic sync out of the way: only an asked-for reconcile pulls.
     let agents = start_cluster_with(&dirs, None, |c| c.gossip.sync_interval_ms = 600_000).await;
     let (a, b) = (&agents[0], &agents[1]);
-    async fn admin(agent: &Agent, method: Method, path: &str, body: Json) -> (StatusCode, Json) {
-        let body = if body.is_null() {
-            vec![]
-        } else {
-            serde_json::to_vec(&body).unwrap()
-        };
-        let (status, out) = request(
-            &Target::Unix(agent.admin_path().to_path_buf()),
-            method,
-            path,
-            None,
-            body,
-        )
-        .await
-        .unwrap();
-        (status, serde_json::from_slice(&out).unwrap_or(Json::Null))
-    }
     let (status, states) = admin(b, Method::GET, "/membership-states", Json::Null).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(

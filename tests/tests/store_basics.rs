@@ -789,6 +789,42 @@ fn deferred_index_entries_are_served_and_a_crash_does_not_lose_them() {
     assert!(index_entries(&dir, "a.db").contains(&(0, 11)));
 }
 
+/// Long enough for any backup of a test's database.
+const BACKUP_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A backup still running at its deadline is stopped: no backup file, no partial one, and
+/// the database goes on (its snapshot's hold on the WAL ends with it).
+#[test]
+fn a_backup_past_its_deadline_is_stopped_and_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(&dir, "a.db");
+    let rows: Vec<String> = (1..=200).map(|id| format!("({id}, 'h{id}')")).collect();
+    a.transact(&[Statement::new(format!(
+        "INSERT INTO hosts (id, name) VALUES {}",
+        rows.join(", ")
+    ))])
+    .unwrap();
+    let copy = dir.path().join("a.backup");
+    let stopped =
+        patina::store::backup::backup(&dir.path().join("a.db"), &copy, std::time::Duration::ZERO);
+    assert!(
+        matches!(stopped, Err(StoreError::DeadlinePassed(_))),
+        "{stopped:?}"
+    );
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("a.backup"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    a.transact(&[Statement::new(
+        "INSERT INTO hosts (id, name) VALUES (201, 'h201')",
+    )])
+    .unwrap();
+    patina::store::backup::backup(&dir.path().join("a.db"), &copy, BACKUP_TIME_MAX).unwrap();
+    drop(a);
+}
+
 #[test]
 fn a_backup_with_deferred_entries_restores_under_a_new_identity_with_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -802,7 +838,7 @@ fn a_backup_with_deferred_entries_restores_under_a_new_identity_with_them() {
     }
     // Taken while `a` runs, with its entries deferred: the copy carries the mark.
     let copy = dir.path().join("a.backup");
-    patina::store::backup::backup(&dir.path().join("a.db"), &copy).unwrap();
+    patina::store::backup::backup(&dir.path().join("a.db"), &copy, BACKUP_TIME_MAX).unwrap();
     assert_eq!(unindexed_marks(&dir, "a.backup"), 1);
     patina::store::backup::restore(&copy, &dir.path().join("c.db"), false).unwrap();
     let c = open(&dir, "c.db");
@@ -830,7 +866,7 @@ fn a_restore_installs_what_it_checked_whatever_an_earlier_one_left() {
     )])
     .unwrap();
     let copy = dir.path().join("a.backup");
-    patina::store::backup::backup(&dir.path().join("a.db"), &copy).unwrap();
+    patina::store::backup::backup(&dir.path().join("a.db"), &copy, BACKUP_TIME_MAX).unwrap();
     drop(a);
 
     // Into a folder that does not exist, with junk where a cut-off restore stages.

@@ -6,7 +6,9 @@
 use patina::agent::Agent;
 use patina::config::Config;
 use patina::http::client::{request, request_stream_with_headers, Method, StatusCode, Target};
-use patina_tests::{exec, node_config_with, rows, start_cluster_with, wait_for, Ndjson};
+use patina_tests::{
+    admin, exec, node_config_with, reload, rows, start_cluster_with, wait_for, Ndjson,
+};
 use serde_json::{json, Value as Json};
 
 const SCHEMA: &str = "
@@ -594,12 +596,8 @@ async fn a_subscribe_waiting_behind_heavy_queries_ends_at_the_statement_timeout(
         .collect();
     // Queued: the manager takes requests in order, so once it lists the three, their
     // queries are ahead of the next subscribe's.
-    let admin = Target::Unix(agent.admin_path().to_path_buf());
     wait_for("the costly subscriptions listed", || async {
-        let (_, listed) = request(&admin, Method::GET, "/subs", None, vec![])
-            .await
-            .unwrap();
-        let listed: Json = serde_json::from_slice(&listed).unwrap_or(Json::Null);
+        let (_, listed) = admin(agent, Method::GET, "/subs", Json::Null).await;
         listed["subscriptions"].as_array().map(Vec::len) == Some(3)
     })
     .await;
@@ -898,16 +896,8 @@ async fn a_subscription_whose_columns_change_with_the_schema_ends() {
     let schema = add_column(SCHEMA, "hosts", "name TEXT NOT NULL DEFAULT ''");
     let schema = add_column(&schema, "services", "port INTEGER");
     std::fs::write(&schema_dir, &schema).unwrap();
-    let (status, body) = request(
-        &Target::Unix(agents[0].admin_path().to_path_buf()),
-        Method::POST,
-        "/reload",
-        None,
-        vec![],
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (status, error) = reload(&agents[0]).await;
+    assert_eq!(status, StatusCode::OK, "{error}");
 
     // The same SQL again: a new subscription, with the new column; the old one ends.
     let (_, again_id, mut again) =

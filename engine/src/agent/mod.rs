@@ -278,6 +278,7 @@ impl Agent {
             control: gossip_control,
             subs: admin_subs,
             backup_running: Default::default(),
+            backup_time_max: Duration::from_millis(config.admin.backup_timeout_ms),
         });
         let admin_task =
             crate::logging::spawn(serve(admin, admin_router, api_limits, shutdown_rx.clone()));

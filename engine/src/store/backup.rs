@@ -63,8 +63,12 @@ fn own_site(conn: &Connection) -> Result<SiteId, StoreError> {
     SiteId::from_slice(&id).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// Writes a consistent snapshot of the database at `db` to `to`, which must not exist.
-pub fn backup(db: &Path, to: &Path) -> Result<BackupReport, StoreError> {
+/// Writes a consistent snapshot of the database at `db` to `to`, which must not exist, within
+/// `time_max`: a copy still running then is stopped, its partial file removed
+/// ([`StoreError::DeadlinePassed`]). Why a deadline: the copy's read snapshot keeps the WAL
+/// from being reset behind it, so a copy that never ended (a stalled disk, a database far
+/// larger than expected) would let the WAL grow until `db.max_db_bytes` refused every write.
+pub fn backup(db: &Path, to: &Path, time_max: Duration) -> Result<BackupReport, StoreError> {
     let started = Instant::now();
     if to.exists() {
         return Err(StoreError::Backup(format!(
@@ -82,7 +86,7 @@ pub fn backup(db: &Path, to: &Path) -> Result<BackupReport, StoreError> {
             BACKUPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ),
     );
-    let conn = Connection::open_with_flags(
+    let mut conn = Connection::open_with_flags(
         db,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
@@ -90,10 +94,21 @@ pub fn backup(db: &Path, to: &Path) -> Result<BackupReport, StoreError> {
     let target = partial
         .to_str()
         .ok_or_else(|| StoreError::Backup("the backup path is not UTF-8".into()))?;
+    let deadline = started + time_max;
+    // Checked every thousand of SQLite's steps: far more often than a millisecond.
+    conn.progress_handler(1_000, Some(move || Instant::now() >= deadline))?;
     let written = conn.execute("VACUUM INTO ?1", [target]);
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
-        return Err(e.into());
+        let interrupted = matches!(
+            &e,
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::OperationInterrupted
+        );
+        return Err(if interrupted {
+            StoreError::DeadlinePassed(time_max)
+        } else {
+            e.into()
+        });
     }
     drop(conn);
     let io = |e: std::io::Error| StoreError::Backup(format!("{}: {e}", to.display()));
@@ -382,11 +397,21 @@ mod tests {
         write(&mut original, "DELETE FROM kv WHERE k = 'b'");
         let old_site = original.site_id();
         let backup_file = dir.path().join("backup.db");
-        let report = backup(&dir.path().join("a.db"), &backup_file).unwrap();
+        let report = backup(
+            &dir.path().join("a.db"),
+            &backup_file,
+            Duration::from_secs(600),
+        )
+        .unwrap();
         assert_eq!(report.site, old_site);
         assert!(report.bytes > 0);
         // A backup never overwrites.
-        assert!(backup(&dir.path().join("a.db"), &backup_file).is_err());
+        assert!(backup(
+            &dir.path().join("a.db"),
+            &backup_file,
+            Duration::from_secs(600)
+        )
+        .is_err());
 
         let restored_path = dir.path().join("b.db");
         let out = restore(&backup_file, &restored_path, false).unwrap();
@@ -428,7 +453,12 @@ mod tests {
         let mut node = open(dir.path(), "a.db");
         write(&mut node, "INSERT INTO kv (k, v) VALUES ('a', '1')");
         let backup_file = dir.path().join("backup.db");
-        backup(&dir.path().join("a.db"), &backup_file).unwrap();
+        backup(
+            &dir.path().join("a.db"),
+            &backup_file,
+            Duration::from_secs(600),
+        )
+        .unwrap();
         let held = lock_database(&dir.path().join("a.db")).unwrap();
         let e = lock_database(&dir.path().join("a.db")).unwrap_err();
         assert!(e.to_string().contains("in use"), "{e}");

@@ -19,6 +19,8 @@ pub struct AdminState {
     /// copy, and the WAL cannot be reset behind one, so several at once would hold it (and,
     /// under `db.max_db_bytes`, writes) for as long as they all take.
     pub backup_running: Arc<std::sync::atomic::AtomicBool>,
+    /// Longest a backup runs (`admin.backup_timeout_ms`).
+    pub backup_time_max: std::time::Duration,
 }
 
 /// The admin API on the unix socket: `POST /reload`, `GET /members`, `GET /membership-states`,
@@ -181,6 +183,7 @@ pub(super) async fn backup(
         );
     }
     let (db, running) = (state.db_path.clone(), state.backup_running.clone());
+    let time_max = state.backup_time_max;
     // Cleared when the copy ends, however it ends, also when the client leaves first (the
     // copy goes on).
     let done = tokio::task::spawn_blocking(move || {
@@ -191,7 +194,7 @@ pub(super) async fn backup(
             }
         }
         let _ends = Ends(running);
-        crate::store::backup::backup(&db, &to)
+        crate::store::backup::backup(&db, &to, time_max)
     })
     .await;
     match done {
@@ -210,6 +213,13 @@ pub(super) async fn backup(
             })
             .into_response()
         }
+        Ok(Err(StoreError::DeadlinePassed(time_max))) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the backup ran past admin.backup_timeout_ms ({time_max:?}) and was stopped; \
+                 no file was left"
+            ),
+        ),
         Ok(Err(e)) => error(store_status(&e), e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
