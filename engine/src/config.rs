@@ -441,7 +441,8 @@ pub struct AdminConfig {
     pub path: PathBuf,
     /// Longest an online backup (`patina backup`) may run before it is stopped and its partial
     /// file removed (ms): its read snapshot keeps the WAL from being reset, so a copy that
-    /// never ended would let the WAL grow until `db.max_db_bytes` refused writes.
+    /// went on would let the WAL grow until `db.max_db_bytes` refused writes. (Checked
+    /// between the copy's steps: a write that hangs in the disk is not interrupted.)
     /// 1,000..=86,400,000.
     pub backup_timeout_ms: u64,
 }

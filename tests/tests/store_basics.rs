@@ -798,7 +798,9 @@ const BACKUP_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(600)
 fn a_backup_past_its_deadline_is_stopped_and_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = open(&dir, "a.db");
-    let rows: Vec<String> = (1..=200).map(|id| format!("({id}, 'h{id}')")).collect();
+    // Thousands of rows: SQLite asks the handler only after a thousand steps of one statement,
+    // and each table is copied by a statement of its own (about five steps a row).
+    let rows: Vec<String> = (1..=5_000).map(|id| format!("({id}, 'h{id}')")).collect();
     a.transact(&[Statement::new(format!(
         "INSERT INTO hosts (id, name) VALUES {}",
         rows.join(", ")
@@ -818,7 +820,7 @@ fn a_backup_past_its_deadline_is_stopped_and_leaves_no_file() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
     a.transact(&[Statement::new(
-        "INSERT INTO hosts (id, name) VALUES (201, 'h201')",
+        "INSERT INTO hosts (id, name) VALUES (5001, 'h5001')",
     )])
     .unwrap();
     patina::store::backup::backup(&dir.path().join("a.db"), &copy, BACKUP_TIME_MAX).unwrap();

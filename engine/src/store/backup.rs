@@ -66,8 +66,10 @@ fn own_site(conn: &Connection) -> Result<SiteId, StoreError> {
 /// Writes a consistent snapshot of the database at `db` to `to`, which must not exist, within
 /// `time_max`: a copy still running then is stopped, its partial file removed
 /// ([`StoreError::DeadlinePassed`]). Why a deadline: the copy's read snapshot keeps the WAL
-/// from being reset behind it, so a copy that never ended (a stalled disk, a database far
-/// larger than expected) would let the WAL grow until `db.max_db_bytes` refused every write.
+/// from being reset behind it, so a copy that went on (a database far larger than expected,
+/// a slow destination) would let the WAL grow until `db.max_db_bytes` refused every write.
+/// SQLite checks the deadline between the steps of its copy; one write or sync that never
+/// returns (a hung disk) is not interrupted.
 pub fn backup(db: &Path, to: &Path, time_max: Duration) -> Result<BackupReport, StoreError> {
     let started = Instant::now();
     if to.exists() {
@@ -95,16 +97,28 @@ pub fn backup(db: &Path, to: &Path, time_max: Duration) -> Result<BackupReport, 
         .to_str()
         .ok_or_else(|| StoreError::Backup("the backup path is not UTF-8".into()))?;
     let deadline = started + time_max;
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stops = stopped.clone();
     // Checked every thousand of SQLite's steps: far more often than a millisecond.
-    conn.progress_handler(1_000, Some(move || Instant::now() >= deadline))?;
+    conn.progress_handler(
+        1_000,
+        Some(move || {
+            let late = Instant::now() >= deadline;
+            stops.fetch_or(late, std::sync::atomic::Ordering::Relaxed);
+            late
+        }),
+    )?;
     let written = conn.execute("VACUUM INTO ?1", [target]);
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&partial);
-        let interrupted = matches!(
-            &e,
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::OperationInterrupted
-        );
-        return Err(if interrupted {
+        if let Err(removing) = std::fs::remove_file(&partial) {
+            if removing.kind() != std::io::ErrorKind::NotFound {
+                return Err(StoreError::Backup(format!(
+                    "the backup failed ({e}), and its partial file {} could not be removed: {removing}",
+                    partial.display()
+                )));
+            }
+        }
+        return Err(if stopped.load(std::sync::atomic::Ordering::Relaxed) {
             StoreError::DeadlinePassed(time_max)
         } else {
             e.into()

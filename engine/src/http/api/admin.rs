@@ -217,7 +217,7 @@ pub(super) async fn backup(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "the backup ran past admin.backup_timeout_ms ({time_max:?}) and was stopped; \
-                 no file was left"
+                 its partial file was removed"
             ),
         ),
         Ok(Err(e)) => error(store_status(&e), e),
