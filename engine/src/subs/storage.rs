@@ -186,8 +186,13 @@ pub(super) fn open(db: &Path, path: &Path) -> Result<(Connection, Connection), S
     )?;
     reader.execute_batch("PRAGMA busy_timeout = 5000;")?;
     let storage = Connection::open(path)?;
+    // FULL: each batch of events is on disk before any subscriber sees it. Under NORMAL a
+    // power loss (not a process crash) could take back the last events, and their change ids
+    // would then be given to other events: a client that had seen them, resuming from its
+    // last id, would skip those without an error. Costs an fsync per batch: remote write to
+    // event p50 0.50 -> 0.66-0.76 ms, fan-out 800-840 -> 700-750 events/s (BENCHMARKS).
     storage.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
          CREATE TABLE IF NOT EXISTS subs (
            id TEXT PRIMARY KEY, sql TEXT NOT NULL, hash TEXT NOT NULL UNIQUE,
            last_change_id INTEGER NOT NULL, next_row_id INTEGER NOT NULL);
