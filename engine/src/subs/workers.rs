@@ -164,6 +164,10 @@ pub(super) struct Worker {
     config: SubsConfig,
     /// Arities of the TEMP key tables created so far.
     key_tables: std::collections::BTreeSet<usize>,
+    /// The keys the TEMP table of that arity holds now, if known. Every subscription reading
+    /// a changed table queries the same changed keys, one after another: filled once, not
+    /// once per subscription (a thousand fills per change, before).
+    filled: Option<(usize, Vec<Vec<Value>>)>,
 }
 
 impl Worker {
@@ -182,6 +186,7 @@ impl Worker {
             interrupt,
             config,
             key_tables: Default::default(),
+            filled: None,
         })
     }
 
@@ -280,6 +285,11 @@ impl Worker {
 
     /// Puts the changed keys into the TEMP table the restricted queries join.
     fn fill_keys(&mut self, arity: usize, keys: &[Vec<Value>]) -> Result<(), SubsError> {
+        if matches!(&self.filled, Some((held, filled)) if *held == arity && filled == keys) {
+            return Ok(());
+        }
+        // Unknown until the fill below is whole (the deadline may stop it midway).
+        self.filled = None;
         if !self.key_tables.contains(&arity) {
             let cols: Vec<String> = (0..arity).map(|j| format!("c{j}")).collect();
             self.reader.execute_batch(&format!(
@@ -299,6 +309,7 @@ impl Worker {
             let binds: Vec<SqlValue<'_>> = values.iter().map(SqlValue).collect();
             insert.execute(rusqlite::params_from_iter(binds))?;
         }
+        self.filled = Some((arity, keys.to_vec()));
         Ok(())
     }
 }
