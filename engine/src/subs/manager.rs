@@ -577,8 +577,10 @@ impl Manager {
             }),
             Purpose::Keys(scopes) => done.found.and_then(|found| {
                 // The differences first: most changed keys change nothing in most
-                // subscriptions, which then need no storage transaction. (A failure below
-                // reconciles the whole result next, as before, whatever the diff applied.)
+                // subscriptions, which then need no storage transaction. (A failure of the
+                // transaction below leaves the held rows ahead of the stored ones, and the
+                // events of this diff unsent, as a failure of `emit` or COMMIT did before;
+                // the whole pass that follows finds nothing more to send for them.)
                 let matcher = &mut self.matchers[index];
                 let mut changes = Vec::new();
                 for ((alias, keys), found) in scopes.into_iter().zip(found) {
@@ -762,7 +764,14 @@ impl Manager {
         self.storage.execute_batch("BEGIN")?;
         match body(self) {
             Ok(()) => {
-                self.storage.execute_batch("COMMIT")?;
+                if let Err(e) = self.storage.execute_batch("COMMIT") {
+                    // Not left open (every later BEGIN would fail), and its events never
+                    // sent: a later batch would send them, perhaps to subscriptions that
+                    // have moved to other indices since.
+                    let _ = self.storage.execute_batch("ROLLBACK");
+                    self.pending.clear();
+                    return Err(e.into());
+                }
                 for (index, events) in std::mem::take(&mut self.pending) {
                     for event in events {
                         // No subscriber attached is fine: the history keeps it.

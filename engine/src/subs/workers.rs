@@ -285,6 +285,10 @@ impl Worker {
 
     /// Puts the changed keys into the TEMP table the restricted queries join.
     fn fill_keys(&mut self, arity: usize, keys: &[Vec<Value>]) -> Result<(), SubsError> {
+        if !self.reader.is_autocommit() {
+            // A transaction left open (its COMMIT failed) may yet roll the table back.
+            self.filled = None;
+        }
         if matches!(&self.filled, Some((held, filled)) if *held == arity && filled == keys) {
             return Ok(());
         }
