@@ -53,6 +53,17 @@ async fn subscribe(
     (status, id, Ndjson::new(rx))
 }
 
+/// A subscription whose first query takes minutes over a dozen rows of kv: 12^9
+/// combinations, none matching `word`, so it always runs into its pass deadline (12^7 took
+/// about 3.9 s here, and on a fast day finished inside a 4 s deadline, answering 200 with a
+/// stream a test then waited on for ever).
+fn never_matching(word: &str) -> String {
+    format!(
+        "SELECT a.k FROM kv a, kv b, kv c, kv d, kv e, kv f, kv g, kv h, kv i \
+         WHERE a.v || b.v || c.v || d.v || e.v || f.v || g.v || h.v || i.v = '{word}'"
+    )
+}
+
 /// Waits until `agent` has the row count `n` in kv (the write replicated).
 async fn replicated(agent: &Agent, sql: &str, expected: Json) {
     wait_for("replication", || async {
@@ -506,11 +517,7 @@ async fn a_costly_subscription_does_not_hold_up_the_others() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert!(plain.take(14).await[13].get("eoq").is_some());
-    // 12^9 combinations, none matching: minutes of work, so its first query always runs
-    // into its pass deadline (12^7 took about 3.9 s here, and on a fast day finished inside
-    // the 4 s, answering 200 with a stream this test then waited on for ever).
-    let costly = "SELECT a.k FROM kv a, kv b, kv c, kv d, kv e, kv f, kv g, kv h, kv i \
-                  WHERE a.v || b.v || c.v || d.v || e.v || f.v || g.v || h.v || i.v = 'never'";
+    let costly = never_matching("never");
     let api = agent.api_addr();
     let slow = tokio::spawn(async move {
         request(
@@ -577,10 +584,7 @@ async fn a_subscribe_waiting_behind_heavy_queries_ends_at_the_statement_timeout(
     let costly: Vec<_> = ["never", "nowhere", "nohow"]
         .into_iter()
         .map(|word| {
-            let sql = format!(
-                "SELECT a.k FROM kv a, kv b, kv c, kv d, kv e, kv f, kv g, kv h, kv i \
-                 WHERE a.v || b.v || c.v || d.v || e.v || f.v || g.v || h.v || i.v = '{word}'"
-            );
+            let sql = never_matching(word);
             tokio::spawn(async move {
                 request(
                     &Target::Tcp(api),
