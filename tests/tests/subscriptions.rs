@@ -64,6 +64,26 @@ fn never_matching(word: &str) -> String {
     )
 }
 
+/// A subscribe sent from a task of its own, answered whole (status and body) when its
+/// query ends: for subscriptions whose first query is refused.
+fn subscribe_in_background(
+    agent: &Agent,
+    sql: String,
+) -> tokio::task::JoinHandle<(StatusCode, bytes::Bytes)> {
+    let api = agent.api_addr();
+    tokio::spawn(async move {
+        request(
+            &Target::Tcp(api),
+            Method::POST,
+            "/v1/subscriptions",
+            None,
+            serde_json::to_vec(&json!(sql)).unwrap(),
+        )
+        .await
+        .unwrap()
+    })
+}
+
 /// Waits until `agent` has the row count `n` in kv (the write replicated).
 async fn replicated(agent: &Agent, sql: &str, expected: Json) {
     wait_for("replication", || async {
@@ -517,19 +537,7 @@ async fn a_costly_subscription_does_not_hold_up_the_others() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert!(plain.take(14).await[13].get("eoq").is_some());
-    let costly = never_matching("never");
-    let api = agent.api_addr();
-    let slow = tokio::spawn(async move {
-        request(
-            &Target::Tcp(api),
-            Method::POST,
-            "/v1/subscriptions",
-            None,
-            serde_json::to_vec(&json!(costly)).unwrap(),
-        )
-        .await
-        .unwrap()
-    });
+    let slow = subscribe_in_background(agent, never_matching("never"));
     // Time for the request to reach the subscriptions (no way to see it there: before the
     // fix, the thread running it could not even list it).
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -580,23 +588,9 @@ async fn a_subscribe_waiting_behind_heavy_queries_ends_at_the_statement_timeout(
     .await;
     // Three queries of minutes each (as in the test above), so each runs into its 1 s pass
     // deadline on the one heavy thread: a subscribe queued behind them waits about 3 s.
-    let api = agent.api_addr();
     let costly: Vec<_> = ["never", "nowhere", "nohow"]
         .into_iter()
-        .map(|word| {
-            let sql = never_matching(word);
-            tokio::spawn(async move {
-                request(
-                    &Target::Tcp(api),
-                    Method::POST,
-                    "/v1/subscriptions",
-                    None,
-                    serde_json::to_vec(&json!(sql)).unwrap(),
-                )
-                .await
-                .unwrap()
-            })
-        })
+        .map(|word| subscribe_in_background(agent, never_matching(word)))
         .collect();
     // Queued: the manager takes requests in order, so once it lists the three, their
     // queries are ahead of the next subscribe's.

@@ -480,7 +480,7 @@ impl Membership {
         {
             self.refusal_warned = Some(now);
             tracing::warn!(
-                "membership: refused {what} (patina_member_updates_refused counts them; \
+                "membership: refused {what} (patina_member_updates_refused_total counts them; \
                  gossip.members_max = {}); the next minute's refusals are logged at debug",
                 self.members_max
             );
